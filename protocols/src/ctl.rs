@@ -1,0 +1,337 @@
+//! The control protocol `/flare/ctl/1`.
+//!
+//! # Wire format
+//! libp2p request-response: one request and one response per substream. Each is one frame:
+//!
+//! ```text
+//! frame    = length:u32be  body            (length <= MAX_CTL_FRAME = 1 MiB)
+//! body     = version:u16be cbor            (version = CTL_VERSION = 1)
+//! cbor     = CtlRequest | CtlResponse      (serde's default CBOR layout, via ciborium)
+//! ```
+//!
+//! Control messages are small by design: models never travel here, only [`BlobRef`]s, which
+//! peers then fetch over `/flare/blob/1`. The cap is checked before allocating; an unknown
+//! version, an oversize frame, malformed CBOR or trailing bytes is a typed [`FrameError`]
+//! (surfaced through libp2p as an `io::Error` of kind `InvalidData` that wraps it), never a
+//! panic.
+//!
+//! Every message names the job it belongs to; a node answers messages for jobs it has not
+//! joined with [`CtlResponse::Rejected`].
+
+use std::collections::BTreeMap;
+
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use crate::BlobRef;
+use crate::frame::{FrameError, encode_versioned, read_message, write_frame};
+
+/// Protocol name negotiated on the substream.
+pub const CTL_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/ctl/1");
+/// Version field of every control frame.
+pub const CTL_VERSION: u16 = 1;
+/// Largest control frame, request or response.
+pub const MAX_CTL_FRAME: u32 = 1 << 20;
+
+/// Names a federated job; every control message carries one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct JobId(pub String);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A small, self-describing value for task properties and metadata.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub enum Value {
+    /// A boolean.
+    Bool(bool),
+    /// A signed integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A UTF-8 string.
+    Str(String),
+    /// Raw bytes (small; large data goes in a blob).
+    Bytes(Vec<u8>),
+}
+
+/// How a task ended on the executor.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum TaskStatus {
+    /// The task produced its output.
+    Ok,
+    /// The task failed; details are in the result's metrics or logs.
+    Failed,
+    /// The executor gave up before finishing (abort, shutdown).
+    Aborted,
+}
+
+/// A control request: the job it belongs to and what is asked.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct CtlRequest {
+    /// The job this message belongs to.
+    pub job: JobId,
+    /// What is asked.
+    pub body: Request,
+}
+
+/// What a control request asks.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// A member asks to take part in a job.
+    Join {
+        /// The member's name in the topology.
+        member: String,
+    },
+    /// A controller hands a task to an executor.
+    Task {
+        /// Unique within the job.
+        task_id: u64,
+        /// Task name, e.g. `train` or `validate`.
+        name: String,
+        /// Workflow round the task belongs to.
+        round: u32,
+        /// Input model, fetched by the executor over `/flare/blob/1`.
+        input: Option<BlobRef>,
+        /// Task parameters.
+        props: BTreeMap<String, Value>,
+    },
+    /// An executor reports a finished task.
+    TaskResult {
+        /// The task this result answers.
+        task_id: u64,
+        /// How it ended.
+        status: TaskStatus,
+        /// Output model, fetched by the controller over `/flare/blob/1`.
+        output: Option<BlobRef>,
+        /// Named scalar metrics (loss, accuracy, ...).
+        metrics: BTreeMap<String, f64>,
+        /// Number of training samples behind the output (aggregation weight).
+        num_samples: u64,
+    },
+    /// The job is stopped.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Liveness probe within a job.
+    Heartbeat,
+}
+
+/// The answer to a [`CtlRequest`].
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub enum CtlResponse {
+    /// The join is accepted; `spec_hash` lets the member check it runs the same job spec.
+    Welcome {
+        /// The job.
+        job: JobId,
+        /// blake3 of the job specification.
+        spec_hash: [u8; 32],
+    },
+    /// The task was taken.
+    Accepted,
+    /// The request was refused, with a reason for the logs.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Received (results, aborts, heartbeats).
+    Ack,
+}
+
+/// ciborium codec for libp2p request-response, with a hard frame cap.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtlCodec;
+
+impl libp2p::request_response::Codec for CtlCodec {
+    type Protocol = StreamProtocol;
+    type Request = CtlRequest;
+    type Response = CtlResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<CtlRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(read_message(io, CTL_VERSION, MAX_CTL_FRAME).await?)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<CtlResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(read_message(io, CTL_VERSION, MAX_CTL_FRAME).await?)
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: CtlRequest) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_capped(io, &req).await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: CtlResponse) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_capped(io, &res).await
+    }
+}
+
+/// Refuses to send what the peer would refuse to read.
+async fn write_capped<W: AsyncWrite + Unpin, T: Serialize>(io: &mut W, msg: &T) -> std::io::Result<()> {
+    let body = encode_versioned(CTL_VERSION, msg);
+    if body.len() > MAX_CTL_FRAME as usize {
+        return Err(FrameError::TooLarge {
+            len: body.len() as u64,
+            max: MAX_CTL_FRAME.into(),
+        }
+        .into());
+    }
+    write_frame(io, &body).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Recovers our typed decode error from the `io::Error` libp2p hands back, when it is one.
+pub fn frame_error(e: &std::io::Error) -> Option<&FrameError> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<FrameError>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BlobId;
+    use futures::executor::block_on;
+    use libp2p::request_response::Codec;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (-1e9f64..1e9).prop_map(Value::Float),
+            ".{0,12}".prop_map(Value::Str),
+            proptest::collection::vec(any::<u8>(), 0..16).prop_map(Value::Bytes),
+        ]
+    }
+
+    fn blob_ref() -> impl Strategy<Value = BlobRef> {
+        (any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(|(id, len, chunk_size)| BlobRef {
+            id: BlobId(id),
+            len,
+            chunk_size,
+        })
+    }
+
+    fn request() -> impl Strategy<Value = CtlRequest> {
+        let body = prop_oneof![
+            ".{0,16}".prop_map(|member| Request::Join { member }),
+            (
+                any::<u64>(),
+                ".{0,8}",
+                any::<u32>(),
+                proptest::option::of(blob_ref()),
+                proptest::collection::btree_map(".{0,6}", value(), 0..4)
+            )
+                .prop_map(|(task_id, name, round, input, props)| Request::Task {
+                    task_id,
+                    name,
+                    round,
+                    input,
+                    props
+                }),
+            (
+                any::<u64>(),
+                prop_oneof![Just(TaskStatus::Ok), Just(TaskStatus::Failed), Just(TaskStatus::Aborted)],
+                proptest::option::of(blob_ref()),
+                proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(task_id, status, output, metrics, num_samples)| Request::TaskResult {
+                    task_id,
+                    status,
+                    output,
+                    metrics,
+                    num_samples
+                }),
+            ".{0,16}".prop_map(|reason| Request::Abort { reason }),
+            Just(Request::Heartbeat),
+        ];
+        (".{0,16}", body).prop_map(|(job, body)| CtlRequest { job: JobId(job), body })
+    }
+
+    fn response() -> impl Strategy<Value = CtlResponse> {
+        prop_oneof![
+            (".{0,8}", any::<[u8; 32]>()).prop_map(|(j, spec_hash)| CtlResponse::Welcome {
+                job: JobId(j),
+                spec_hash
+            }),
+            Just(CtlResponse::Accepted),
+            ".{0,16}".prop_map(|reason| CtlResponse::Rejected { reason }),
+            Just(CtlResponse::Ack),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request()) {
+            let mut buf = Vec::new();
+            block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req.clone())).expect("write");
+            let back = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
+            prop_assert_eq!(back, req);
+        }
+
+        #[test]
+        fn responses_round_trip(res in response()) {
+            let mut buf = Vec::new();
+            block_on(CtlCodec.write_response(&CTL_PROTOCOL, &mut buf, res.clone())).expect("write");
+            let back = block_on(CtlCodec.read_response(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
+            prop_assert_eq!(back, res);
+        }
+
+        #[test]
+        fn truncated_frames_are_errors(req in request(), cut in 0usize..1000) {
+            let mut buf = Vec::new();
+            block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
+            let cut = cut % buf.len();
+            let r = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut &buf[..cut]));
+            prop_assert!(r.is_err());
+        }
+
+        #[test]
+        fn random_bodies_are_typed_errors(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            // A well-framed but random body: always a typed error or (rarely) a valid message.
+            let mut buf = (body.len() as u32).to_be_bytes().to_vec();
+            buf.extend_from_slice(&body);
+            if let Err(e) = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())) {
+                prop_assert!(frame_error(&e).is_some(), "untyped error: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversize_and_wrong_version_are_typed() {
+        let mut big = (MAX_CTL_FRAME + 1).to_be_bytes().to_vec();
+        big.extend_from_slice(&[0; 16]);
+        let e = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut big.as_slice())).expect_err("big");
+        assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));
+
+        let mut buf = Vec::new();
+        let req = CtlRequest { job: JobId("j".into()), body: Request::Heartbeat };
+        block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
+        buf[5] = 9; // version low byte
+        let e = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect_err("version");
+        assert!(matches!(frame_error(&e), Some(FrameError::UnsupportedVersion { got: 9, .. })));
+
+        let huge = CtlRequest {
+            job: JobId("j".into()),
+            body: Request::Abort { reason: "x".repeat(MAX_CTL_FRAME as usize) },
+        };
+        let e = block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut Vec::new(), huge)).expect_err("cap");
+        assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,15 @@
+//! What crosses the wire between flare-node peers, and nothing else.
+//!
+//! - [`blob_id`]: how a blob is named and verified (chunk hashes, blob ids, manifests).
+//! - [`frame`]: the length-prefixed frame both protocols are built from, with its caps.
+//! - [`ctl`]: the control protocol `/flare/ctl/1` (request-response, CBOR).
+//! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
+//!
+//! Each protocol module starts with its wire specification in prose.
+
+pub mod blob;
+pub mod blob_id;
+pub mod ctl;
+pub mod frame;
+
+pub use blob_id::{BlobId, BlobRef, ChunkHash, Manifest, ManifestBuilder};
