@@ -1,0 +1,676 @@
+//! The receiver side of `/flare/blob/1`: pull a blob from one or more sources.
+//!
+//! 1. **Manifest**: unless the store already holds the blob's manifest (a resumed transfer),
+//!    ask the sources in turn for the hash list and keep the first one that hashes to the id.
+//! 2. **Plan**: the chunks still missing, cut into units of contiguous chunks, small enough
+//!    that every source gets several.
+//! 3. **Workers**: one per source; each takes a unit (the first unit of each source is fixed
+//!    in source order, so a test can tell which source serves what), pulls it over one stream
+//!    with a bounded window, and hands each verified chunk to the store. A unit that fails
+//!    goes back to the queue minus the chunks already stored, and the others pick it up.
+//! 4. **Faults**: a source that is gone is retried (reconnecting) a few times; one that sends
+//!    a chunk that does not match its hash, or breaks the protocol, is reported and not
+//!    trusted for that blob again, by this fetch or any later one on this node.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flare_protocols::blob::{
+    BLOB_PROTOCOL, BlobHeader, BlobRequest, ChunkFrame, DEFAULT_WINDOW, MAX_WINDOW, read_chunk_header, read_header,
+    write_credit, write_request,
+};
+use flare_protocols::blob_id::{BlobIdError, hashes_from_bytes};
+use flare_protocols::frame::{FrameError, read_frame};
+use flare_protocols::{BlobId, BlobRef, Manifest};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream};
+use tokio::sync::{Notify, mpsc};
+
+use crate::store::{BlobStore, StoreError};
+
+/// Called as chunks are stored, for progress bars and logs.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How far a fetch has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Chunks held now.
+    pub present: u64,
+    /// Chunks in the blob.
+    pub total: u64,
+}
+
+/// Knobs of a fetch.
+#[derive(Clone)]
+pub struct FetchOptions {
+    /// Chunks a source may send ahead of our credits (memory per source ≈ window × chunk).
+    pub window: u32,
+    /// Tries per source when the connection fails (the first try included).
+    pub attempts: u32,
+    /// A source that sends nothing for this long is treated as gone.
+    pub stall_timeout: Duration,
+    /// Largest unit of work handed to one source at a time, in chunks.
+    pub max_unit_chunks: u64,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_WINDOW,
+            attempts: 4,
+            stall_timeout: Duration::from_secs(30),
+            max_unit_chunks: 64,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("window", &self.window)
+            .field("attempts", &self.attempts)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("max_unit_chunks", &self.max_unit_chunks)
+            .finish()
+    }
+}
+
+/// Something one source did wrong; the fetch may still succeed from others.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The source does not hold the blob.
+    #[error("{peer} does not have the blob")]
+    NotFound {
+        /// The source.
+        peer: PeerId,
+    },
+    /// The source sent a chunk that does not match its hash; nothing of it was stored.
+    #[error("{peer} sent chunk {chunk} with the wrong hash")]
+    HashMismatch {
+        /// The chunk index.
+        chunk: u64,
+        /// The source.
+        peer: PeerId,
+    },
+    /// The connection failed or stalled.
+    #[error("{peer} is gone: {reason}")]
+    PeerGone {
+        /// The source.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The source refused the request.
+    #[error("{peer} refused: {reason}")]
+    Refused {
+        /// The source.
+        peer: PeerId,
+        /// Its reason.
+        reason: String,
+    },
+    /// The source sent a hash list that does not hash to the blob id.
+    #[error("{peer} sent a hash list that does not match the blob id")]
+    BadManifest {
+        /// The source.
+        peer: PeerId,
+    },
+    /// The source broke the wire protocol.
+    #[error("{peer} broke the protocol: {reason}")]
+    Protocol {
+        /// The source.
+        peer: PeerId,
+        /// What it did.
+        reason: String,
+    },
+}
+
+impl SourceError {
+    /// The source at fault.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            SourceError::NotFound { peer }
+            | SourceError::HashMismatch { peer, .. }
+            | SourceError::PeerGone { peer, .. }
+            | SourceError::Refused { peer, .. }
+            | SourceError::BadManifest { peer }
+            | SourceError::Protocol { peer, .. } => *peer,
+        }
+    }
+
+    /// Whether the source lied or broke the protocol (as opposed to being absent).
+    pub fn is_misbehaviour(&self) -> bool {
+        matches!(
+            self,
+            SourceError::HashMismatch { .. } | SourceError::BadManifest { .. } | SourceError::Protocol { .. }
+        )
+    }
+}
+
+/// Why a fetch did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No source was given, or every source given is distrusted for this blob.
+    #[error("no usable source for blob {0}")]
+    NoSources(BlobId),
+    /// The blob's shape is out of this node's limits.
+    #[error("blob too large: {0}")]
+    TooLarge(BlobIdError),
+    /// No source holds the blob.
+    #[error("blob {blob} not found on any source ({} asked)", tried.len())]
+    NotFound {
+        /// The blob.
+        blob: BlobId,
+        /// Sources asked.
+        tried: Vec<PeerId>,
+    },
+    /// Sources failed before every chunk arrived; what did arrive is kept for a later resume.
+    #[error("blob {blob} incomplete: {missing} chunks missing after {} source errors{}", errors.len(), first_error(errors))]
+    Incomplete {
+        /// The blob.
+        blob: BlobId,
+        /// Chunks still missing.
+        missing: u64,
+        /// What went wrong, per source.
+        errors: Vec<SourceError>,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn first_error(errors: &[SourceError]) -> String {
+    errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
+}
+
+/// What a completed fetch did.
+#[derive(Clone, Debug)]
+pub struct FetchReport {
+    /// The blob, now whole in the store.
+    pub blob: BlobRef,
+    /// Chunks that were already held when the fetch started.
+    pub already_present: u64,
+    /// Chunks stored by this fetch.
+    pub fetched: u64,
+    /// Chunks stored per source.
+    pub per_source: BTreeMap<PeerId, u64>,
+    /// Source failures along the way (the fetch worked around them).
+    pub source_errors: Vec<SourceError>,
+}
+
+/// Pulls blobs into a store; cheap to clone. Remembers sources that lied about a blob.
+#[derive(Clone)]
+pub struct Fetcher {
+    control: libp2p_stream::Control,
+    store: BlobStore,
+    distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Work shared by the workers of one fetch.
+struct Plan {
+    queue: Mutex<(VecDeque<Range<u64>>, usize)>,
+    changed: Notify,
+}
+
+impl Plan {
+    /// The next unit, waiting while other workers may still hand work back; `None` when done.
+    async fn next(&self) -> Option<Range<u64>> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut q = lock(&self.queue);
+                if let Some(u) = q.0.pop_front() {
+                    q.1 += 1;
+                    return Some(u);
+                }
+                if q.1 == 0 {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends a unit; `rest` goes back to the front of the queue.
+    fn finish(&self, rest: Vec<Range<u64>>) {
+        let mut q = lock(&self.queue);
+        for r in rest.into_iter().rev() {
+            q.0.push_front(r);
+        }
+        q.1 -= 1;
+        drop(q);
+        self.changed.notify_waiters();
+    }
+}
+
+enum RangeFail {
+    Source(SourceError),
+    /// The source holds the blob only in part and lacks this chunk.
+    Absent,
+    Store(StoreError),
+}
+
+impl From<SourceError> for RangeFail {
+    fn from(e: SourceError) -> Self {
+        RangeFail::Source(e)
+    }
+}
+
+/// Splits sorted chunk indices into contiguous runs of at most `max` chunks.
+fn units(missing: &[u64], max: u64) -> VecDeque<Range<u64>> {
+    let mut out = VecDeque::new();
+    let mut it = missing.iter().copied();
+    let Some(mut start) = it.next() else {
+        return out;
+    };
+    let mut end = start + 1;
+    for i in it {
+        if i == end && end - start < max {
+            end += 1;
+        } else {
+            out.push_back(start..end);
+            start = i;
+            end = i + 1;
+        }
+    }
+    out.push_back(start..end);
+    out
+}
+
+impl Fetcher {
+    /// A fetcher that stores into `store`, opening streams with `control`.
+    pub fn new(control: libp2p_stream::Control, store: BlobStore) -> Self {
+        Self {
+            control,
+            store,
+            distrust: Arc::default(),
+        }
+    }
+
+    /// Whether `peer` served bad data for `blob` before.
+    pub fn is_distrusted(&self, blob: &BlobId, peer: &PeerId) -> bool {
+        lock(&self.distrust).contains(&(*blob, *peer))
+    }
+
+    fn map_frame(peer: PeerId, e: FrameError) -> SourceError {
+        match e {
+            FrameError::Io(io) => SourceError::PeerGone {
+                peer,
+                reason: io.to_string(),
+            },
+            other => SourceError::Protocol {
+                peer,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        peer: PeerId,
+        opts: &FetchOptions,
+        f: impl Future<Output = Result<T, FrameError>>,
+    ) -> Result<T, SourceError> {
+        match tokio::time::timeout(opts.stall_timeout, f).await {
+            Ok(r) => r.map_err(|e| Self::map_frame(peer, e)),
+            Err(_) => Err(SourceError::PeerGone {
+                peer,
+                reason: format!("stalled for {:?}", opts.stall_timeout),
+            }),
+        }
+    }
+
+    /// Opens a stream, sends the request and reads the header.
+    async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
+        let mut control = self.control.clone();
+        let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(SourceError::PeerGone {
+                    peer,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(SourceError::PeerGone {
+                    peer,
+                    reason: "no stream within the stall timeout".into(),
+                });
+            }
+        };
+        self.timed(peer, opts, write_request(&mut stream, req)).await?;
+        match self.timed(peer, opts, read_header(&mut stream)).await? {
+            BlobHeader::Found => Ok(stream),
+            BlobHeader::NotFound => Err(SourceError::NotFound { peer }),
+            BlobHeader::Refused { reason } => Err(SourceError::Refused { peer, reason }),
+        }
+    }
+
+    async fn get_manifest(&self, peer: PeerId, blob: BlobRef, n: u64, opts: &FetchOptions) -> Result<Manifest, SourceError> {
+        let req = BlobRequest {
+            blob,
+            first: 0,
+            end: 0,
+            window: 1,
+            want_hashes: true,
+        };
+        let mut stream = self.open(peer, &req, opts).await?;
+        // The count is known from the id's shape, so the cap is exact.
+        let cap = u32::try_from(n * 32).map_err(|_| SourceError::Refused {
+            peer,
+            reason: "hash list too large".into(),
+        })?;
+        let bytes = self.timed(peer, opts, read_frame(&mut stream, cap)).await?;
+        let _ = stream.close().await;
+        let hashes = hashes_from_bytes(&bytes).ok_or(SourceError::BadManifest { peer })?;
+        Manifest::verified(&blob, hashes).map_err(|_| SourceError::BadManifest { peer })
+    }
+
+    /// Pulls `blob` from `sources` into the store. Chunks already held are not fetched again.
+    pub async fn fetch(&self, blob: BlobRef, sources: &[PeerId], opts: &FetchOptions) -> Result<FetchReport, FetchError> {
+        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+        let mut errors = Vec::new();
+        let mut trusted: Vec<PeerId> = Vec::new();
+        for p in sources {
+            if !self.is_distrusted(&blob.id, p) && !trusted.contains(p) {
+                trusted.push(*p);
+            }
+        }
+        let manifest = match self.store.manifest(&blob.id) {
+            Some(m) => m,
+            None => {
+                let mut found = None;
+                for &peer in &trusted {
+                    match self.with_retries(peer, opts, || self.get_manifest(peer, blob, n, opts)).await {
+                        Ok(m) => {
+                            found = Some(m);
+                            break;
+                        }
+                        Err(e) => self.note(&blob.id, e, &mut errors),
+                    }
+                }
+                let Some(m) = found else {
+                    if trusted.is_empty() {
+                        return Err(FetchError::NoSources(blob.id));
+                    }
+                    if errors.iter().all(|e| matches!(e, SourceError::NotFound { .. })) {
+                        return Err(FetchError::NotFound {
+                            blob: blob.id,
+                            tried: trusted,
+                        });
+                    }
+                    return Err(FetchError::Incomplete {
+                        blob: blob.id,
+                        missing: n,
+                        errors,
+                    });
+                };
+                self.store.begin(m)?
+            }
+        };
+        let missing = self.store.missing(&blob)?;
+        let already_present = n - missing.len() as u64;
+        let mut report = FetchReport {
+            blob,
+            already_present,
+            fetched: 0,
+            per_source: BTreeMap::new(),
+            source_errors: Vec::new(),
+        };
+        trusted.retain(|p| !self.is_distrusted(&blob.id, p));
+        if missing.is_empty() {
+            report.source_errors = errors;
+            return Ok(report);
+        }
+        if trusted.is_empty() {
+            return Err(FetchError::NoSources(blob.id));
+        }
+        let unit = (missing.len() as u64)
+            .div_ceil(4 * trusted.len() as u64)
+            .clamp(1, opts.max_unit_chunks.max(1));
+        let mut queue = units(&missing, unit);
+        // Fix each source's first unit in source order.
+        let first: Vec<Option<Range<u64>>> = trusted.iter().map(|_| queue.pop_front()).collect();
+        let active = first.iter().filter(|u| u.is_some()).count();
+        let plan = Arc::new(Plan {
+            queue: Mutex::new((queue, active)),
+            changed: Notify::new(),
+        });
+        let present = Arc::new(AtomicU64::new(already_present));
+        let results = futures::future::join_all(
+            trusted
+                .iter()
+                .zip(first)
+                .map(|(&peer, unit)| self.worker(peer, manifest.clone(), unit, plan.clone(), present.clone(), opts)),
+        )
+        .await;
+        errors.extend(results.iter().flat_map(|(_, _, e)| e.iter().flatten().cloned()));
+        for (peer, count, _) in &results {
+            report.fetched += count;
+            if *count > 0 {
+                report.per_source.insert(*peer, *count);
+            }
+        }
+        if let Some(e) = results.into_iter().find_map(|(_, _, r)| r.err()) {
+            return Err(e);
+        }
+        let left = self.store.missing(&blob)?.len() as u64;
+        if left > 0 {
+            return Err(FetchError::Incomplete {
+                blob: blob.id,
+                missing: left,
+                errors,
+            });
+        }
+        report.source_errors = errors;
+        Ok(report)
+    }
+
+    fn note(&self, blob: &BlobId, e: SourceError, errors: &mut Vec<SourceError>) {
+        tracing::warn!(blob = %blob, peer = %e.peer(), error = %e, "blob source failed");
+        if e.is_misbehaviour() {
+            lock(&self.distrust).insert((*blob, e.peer()));
+        }
+        errors.push(e);
+    }
+
+    async fn with_retries<T, F: Future<Output = Result<T, SourceError>>>(
+        &self,
+        peer: PeerId,
+        opts: &FetchOptions,
+        mut f: impl FnMut() -> F,
+    ) -> Result<T, SourceError> {
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Err(SourceError::PeerGone { reason, .. }) if attempt < opts.attempts => {
+                    tracing::debug!(%peer, attempt, %reason, "source gone, retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One source's worker. Returns (peer, chunks stored, errors met or a fatal store error).
+    async fn worker(
+        &self,
+        peer: PeerId,
+        manifest: Arc<Manifest>,
+        first: Option<Range<u64>>,
+        plan: Arc<Plan>,
+        present: Arc<AtomicU64>,
+        opts: &FetchOptions,
+    ) -> (PeerId, u64, Result<Vec<SourceError>, FetchError>) {
+        let stored = AtomicU64::new(0);
+        let mut errors = Vec::new();
+        let mut attempt = 1;
+        let mut next = first;
+        loop {
+            let unit = match next.take() {
+                Some(u) => u,
+                None => match plan.next().await {
+                    Some(u) => u,
+                    None => break,
+                },
+            };
+            let r = self.fetch_range(peer, &manifest, unit.clone(), &stored, &present, opts).await;
+            let rest = match &r {
+                Ok(()) => Vec::new(),
+                Err(_) => match self.store.missing(&manifest.blob_ref()) {
+                    Ok(m) => units(
+                        &m.into_iter().filter(|i| unit.contains(i)).collect::<Vec<_>>(),
+                        u64::MAX,
+                    )
+                    .into(),
+                    Err(e) => {
+                        plan.finish(vec![unit]);
+                        return (peer, stored.into_inner(), Err(e.into()));
+                    }
+                },
+            };
+            plan.finish(rest);
+            match r {
+                Ok(()) => attempt = 1,
+                Err(RangeFail::Absent) => break,
+                Err(RangeFail::Store(e)) => return (peer, stored.into_inner(), Err(e.into())),
+                Err(RangeFail::Source(e)) => {
+                    let retry = matches!(e, SourceError::PeerGone { .. }) && attempt < opts.attempts;
+                    self.note(&manifest.id(), e, &mut errors);
+                    if !retry {
+                        break;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+        (peer, stored.into_inner(), Ok(errors))
+    }
+
+    /// Pulls one contiguous range from one source: a reader that checks frames and a
+    /// persister that verifies and stores them, joined by a channel of `window` chunks.
+    async fn fetch_range(
+        &self,
+        peer: PeerId,
+        manifest: &Arc<Manifest>,
+        range: Range<u64>,
+        stored: &AtomicU64,
+        present: &AtomicU64,
+        opts: &FetchOptions,
+    ) -> Result<(), RangeFail> {
+        let window = opts.window.clamp(1, MAX_WINDOW);
+        let req = BlobRequest {
+            blob: manifest.blob_ref(),
+            first: range.start,
+            end: range.end,
+            window,
+            want_hashes: false,
+        };
+        let stream = self.open(peer, &req, opts).await?;
+        let (mut rd, mut wr) = stream.split();
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(window as usize);
+
+        let reader = async move {
+            for index in range {
+                let frame = self.timed(peer, opts, read_chunk_header(&mut rd)).await?;
+                let len = match frame {
+                    _ if frame.index() != index => {
+                        return Err(RangeFail::Source(SourceError::Protocol {
+                            peer,
+                            reason: format!("sent chunk {} where {index} was due", frame.index()),
+                        }));
+                    }
+                    ChunkFrame::Absent { .. } => return Err(RangeFail::Absent),
+                    ChunkFrame::Data { len, .. } => len as usize,
+                };
+                if len != manifest.chunk_len(index) {
+                    return Err(RangeFail::Source(SourceError::Protocol {
+                        peer,
+                        reason: format!("chunk {index} announced with {len} bytes, not {}", manifest.chunk_len(index)),
+                    }));
+                }
+                let mut buf = vec![0u8; len];
+                self.timed(peer, opts, async { Ok(rd.read_exact(&mut buf).await?) }).await?;
+                if tx.send((index, buf)).await.is_err() {
+                    break; // the persister stopped; its error is the one that counts
+                }
+            }
+            Ok(())
+        };
+        let persister = async {
+            let total = manifest.chunk_count();
+            while let Some((index, buf)) = rx.recv().await {
+                let store = self.store.clone();
+                let id = manifest.id();
+                let r = tokio::task::spawn_blocking(move || store.put_chunk(&id, index, &buf)).await;
+                match r {
+                    Ok(Ok(new)) => {
+                        if new {
+                            stored.fetch_add(1, Ordering::Relaxed);
+                            let p = present.fetch_add(1, Ordering::Relaxed) + 1;
+                            if let Some(cb) = &opts.progress {
+                                cb(Progress { present: p, total });
+                            }
+                        }
+                    }
+                    Ok(Err(StoreError::HashMismatch { index, .. })) => {
+                        return Err(RangeFail::Source(SourceError::HashMismatch { chunk: index, peer }));
+                    }
+                    Ok(Err(e)) => return Err(RangeFail::Store(e)),
+                    Err(e) => {
+                        return Err(RangeFail::Store(StoreError::Io {
+                            path: "<store task>".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        }));
+                    }
+                }
+                // The source may have closed after its last chunk: a lost credit is harmless.
+                let _ = write_credit(&mut wr, 1).await;
+            }
+            let _ = wr.close().await;
+            Ok(())
+        };
+        tokio::pin!(reader, persister);
+        let mut read_result = None;
+        loop {
+            tokio::select! {
+                r = &mut reader, if read_result.is_none() => read_result = Some(r),
+                p = &mut persister => {
+                    return match (p, read_result) {
+                        (Err(e), _) | (Ok(()), Some(Err(e))) => Err(e),
+                        (Ok(()), _) => Ok(()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64 << attempt.min(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::units;
+
+    #[test]
+    fn units_split_runs_and_respect_the_cap() {
+        let u: Vec<_> = units(&[0, 1, 2, 3, 4, 7, 8, 10], 2).into_iter().collect();
+        assert_eq!(u, vec![0..2, 2..4, 4..5, 7..9, 10..11]);
+        assert!(units(&[], 4).is_empty());
+    }
+}

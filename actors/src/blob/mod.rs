@@ -1,0 +1,14 @@
+//! Blob transfers over `/flare/blob/1` (wire format: `flare_protocols::blob`).
+//!
+//! - [`serve`]: answers other peers' pulls from the local store.
+//! - [`fetch`]: pulls a blob from one or more sources into the local store, verifying every
+//!   chunk, resuming from what is already held, and moving work away from sources that fail.
+//! - [`faults`]: switches that make a source misbehave, for tests of the above.
+
+pub mod faults;
+pub mod fetch;
+pub mod serve;
+
+pub use faults::{FaultPlan, ServeFaults};
+pub use fetch::{FetchError, FetchOptions, FetchReport, Progress, SourceError};
+pub use serve::ServeStats;

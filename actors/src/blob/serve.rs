@@ -1,0 +1,164 @@
+//! The source side of `/flare/blob/1`: one task per inbound stream, reading chunks from the
+//! store one ahead of the network and never sending beyond the receiver's credits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flare_protocols::BlobRef;
+use flare_protocols::blob::{
+    BlobHeader, BlobRequest, MAX_WINDOW, read_credit, read_request, write_absent, write_chunk, write_header,
+};
+use flare_protocols::frame::{FrameError, write_frame};
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
+
+use super::faults::ServeFaults;
+use crate::network::NetworkHandle;
+use crate::store::{BlobStore, StoreError};
+
+/// How long a source waits for a request or a credit before giving up on a stream.
+pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What this node has served, for logs, benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Data chunks sent.
+    pub chunks: AtomicU64,
+    /// Data bytes sent.
+    pub bytes: AtomicU64,
+    /// Streams that ended in an error (bad request, peer gone, ...).
+    pub failed_streams: AtomicU64,
+}
+
+/// Everything a serving task needs.
+#[derive(Clone)]
+pub(crate) struct Server {
+    pub store: BlobStore,
+    pub stats: Arc<ServeStats>,
+    pub faults: Arc<ServeFaults>,
+    pub net: NetworkHandle,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("timed out waiting for the receiver")]
+    Idle,
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// Accepts blob streams until the control is dropped.
+pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::IncomingStreams) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let s = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = s.serve(peer, stream).await {
+                s.stats.failed_streams.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %e, "blob stream failed");
+            }
+        });
+    }
+}
+
+async fn idle<T, E: Into<ServeError>>(f: impl Future<Output = Result<T, E>>) -> Result<T, ServeError> {
+    tokio::time::timeout(SERVE_IDLE_TIMEOUT, f)
+        .await
+        .map_err(|_| ServeError::Idle)?
+        .map_err(Into::into)
+}
+
+impl Server {
+    async fn serve(&self, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
+        let req = idle(read_request(&mut stream)).await?;
+        let blob = req.blob;
+        let manifest = match self.check(&req) {
+            Ok(m) => m,
+            Err(header) => {
+                tracing::debug!(%peer, blob = %blob.id, ?header, "blob request not served");
+                write_header(&mut stream, &header).await?;
+                stream.close().await.map_err(FrameError::from)?;
+                return Ok(());
+            }
+        };
+        write_header(&mut stream, &BlobHeader::Found).await?;
+        if req.want_hashes {
+            write_frame(&mut stream, &manifest.hash_bytes()).await?;
+        }
+        stream.flush().await.map_err(FrameError::from)?;
+        tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
+
+        let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
+        let mut next = (req.first < req.end).then(|| self.read_ahead(blob, req.first));
+        for index in req.first..req.end {
+            let chunk = match next.take() {
+                Some(h) => h.await.map_err(|e| ServeError::Join(e.to_string()))??,
+                None => None,
+            };
+            if index + 1 < req.end {
+                next = Some(self.read_ahead(blob, index + 1));
+            }
+            while credits == 0 {
+                credits += u64::from(idle(read_credit(&mut stream)).await?);
+            }
+            self.stall_if_armed().await;
+            match chunk {
+                Some(mut bytes) => {
+                    if self.faults.plan().corrupt_chunk == Some(index)
+                        && let Some(b) = bytes.first_mut()
+                    {
+                        *b ^= 0xff;
+                    }
+                    write_chunk(&mut stream, index, &bytes).await?;
+                    let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if self.faults.take_cut(served) {
+                        stream.flush().await.map_err(FrameError::from)?;
+                        tracing::warn!(%peer, index, "fault injection: cutting the connection");
+                        let _ = self.net.disconnect(peer);
+                        return Ok(());
+                    }
+                }
+                None => write_absent(&mut stream, index).await?,
+            }
+            credits -= 1;
+        }
+        stream.close().await.map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Validates a request against the store; the error is the header to answer with.
+    fn check(&self, req: &BlobRequest) -> Result<Arc<flare_protocols::Manifest>, BlobHeader> {
+        let refused = |reason: String| BlobHeader::Refused { reason };
+        let n = req.blob.chunk_count().map_err(|e| refused(e.to_string()))?;
+        let m = self.store.manifest(&req.blob.id).ok_or(BlobHeader::NotFound)?;
+        if m.len != req.blob.len || m.chunk_size != req.blob.chunk_size {
+            return Err(refused("length or chunk size does not match the blob id".into()));
+        }
+        if req.first > req.end || req.end > n {
+            return Err(refused(format!("chunk range {}..{} outside 0..{n}", req.first, req.end)));
+        }
+        Ok(m)
+    }
+
+    fn read_ahead(&self, blob: BlobRef, index: u64) -> tokio::task::JoinHandle<Result<Option<Vec<u8>>, StoreError>> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read_chunk(&blob.id, index))
+    }
+
+    async fn stall_if_armed(&self) {
+        // Bounded: a stalled source resumes by itself after a minute.
+        for _ in 0..6000 {
+            match self.faults.plan().stall_after {
+                Some(n) if self.stats.chunks.load(Ordering::Relaxed) >= n => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+}

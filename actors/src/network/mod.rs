@@ -1,0 +1,421 @@
+//! The network event loop: the only owner of the libp2p `Swarm`.
+//!
+//! The rest of the node talks to it through a cheap, cloneable [`NetworkHandle`] that sends
+//! commands over a channel; inbound control requests come out of another channel as
+//! [`InboundCtl`]. Bulk bytes never pass through here: blob streams are opened and accepted
+//! with the `libp2p_stream::Control` the loop hands out, and run on their own tasks.
+
+pub mod gate;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flare_protocols::ctl::{CTL_PROTOCOL, CtlCodec, CtlRequest, CtlResponse, JobId};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, identity::Keypair, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::membership::{Member, Members};
+use gate::MemberGate;
+
+/// How long a control request may wait for its response.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node's protocols, gate first so that a stranger is refused before any other protocol
+/// sees the connection.
+#[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+pub(crate) struct Behaviour {
+    gate: MemberGate,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    ctl: request_response::Behaviour<CtlCodec>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Why the network could not start or a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The transport could not be built.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The event loop has stopped.
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
+/// Why a control request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The peer could not be reached (including: it refused us, or we refuse it).
+    #[error("cannot reach {peer}: {reason}")]
+    Dial {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// No response within [`CTL_TIMEOUT`].
+    #[error("request to {0} timed out")]
+    Timeout(PeerId),
+    /// The connection closed before the response.
+    #[error("connection to {0} closed before the response")]
+    ConnectionClosed(PeerId),
+    /// The peer does not speak `/flare/ctl/1`.
+    #[error("{0} does not speak /flare/ctl/1")]
+    Unsupported(PeerId),
+    /// The exchange failed on the wire (e.g. a malformed or oversize frame).
+    #[error("control exchange with {peer} failed: {reason}")]
+    Io {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The event loop has stopped.
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
+/// A control request from a peer, waiting for its answer.
+#[derive(Debug)]
+pub struct InboundCtl {
+    /// Who sent it (always a member: strangers are refused at the gate).
+    pub peer: PeerId,
+    /// The request.
+    pub request: CtlRequest,
+    /// Where the answer goes; dropping it answers `Rejected`.
+    pub reply: oneshot::Sender<CtlResponse>,
+}
+
+enum Command {
+    Request {
+        peer: PeerId,
+        request: CtlRequest,
+        reply: oneshot::Sender<Result<CtlResponse, CtlError>>,
+    },
+    AddMember(Member),
+    Dial(PeerId),
+    Disconnect(PeerId),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Shutdown,
+}
+
+/// A cheap, cloneable handle to the event loop.
+#[derive(Clone, Debug)]
+pub struct NetworkHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    peer_id: PeerId,
+}
+
+impl NetworkHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    fn send(&self, c: Command) -> Result<(), NetworkError> {
+        self.tx.send(c).map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Sends a control request and waits for the response (dialing the member if needed).
+    pub async fn request(&self, peer: PeerId, request: CtlRequest) -> Result<CtlResponse, CtlError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request { peer, request, reply })
+            .map_err(|_| CtlError::Stopped)?;
+        rx.await.map_err(|_| CtlError::Stopped)?
+    }
+
+    /// Admits a member (or updates its addresses).
+    pub fn add_member(&self, m: Member) -> Result<(), NetworkError> {
+        self.send(Command::AddMember(m))
+    }
+
+    /// Dials a member at its listed addresses; the outcome is logged.
+    pub fn dial(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.send(Command::Dial(peer))
+    }
+
+    /// Closes every connection to `peer`.
+    pub fn disconnect(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.send(Command::Disconnect(peer))
+    }
+
+    /// Peers with an open connection.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers(tx))?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ListenAddrs(tx))?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Stops the event loop; every connection closes.
+    pub fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown);
+    }
+}
+
+/// A started network: the handle, the stream control for blob transfers, inbound control
+/// requests, and the event loop to spawn.
+pub struct Network {
+    /// Commands to the loop.
+    pub handle: NetworkHandle,
+    /// Opens and accepts raw streams (blob transfers).
+    pub control: libp2p_stream::Control,
+    /// Control requests from members.
+    pub inbound: mpsc::Receiver<InboundCtl>,
+    /// Listen addresses, known before this returns.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// The event loop; spawn it.
+    pub event_loop: EventLoop,
+}
+
+/// Builds the swarm (TCP + Noise + Yamux), starts listening and waits until every listen
+/// address is bound.
+pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
+    let peer_id = keypair.public().to_peer_id();
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetworkError::Transport(e.to_string()))?
+        .with_behaviour(|key| Behaviour {
+            gate: MemberGate::new(members),
+            identify: identify::Behaviour::new(identify::Config::new("/flare/1.0.0".into(), key.public())),
+            ping: ping::Behaviour::default(),
+            ctl: request_response::Behaviour::with_codec(
+                CtlCodec,
+                [(CTL_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(CTL_TIMEOUT),
+            ),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| NetworkError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    for addr in listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetworkError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let mut listen_addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listen_addrs.len() < listen.len() {
+        let ev = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| NetworkError::Listen {
+                addr: listen[listen_addrs.len()].clone(),
+                reason: "no listen address within 10 s".into(),
+            })?;
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                listen_addrs.push(address);
+            }
+            SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
+                return Err(NetworkError::Listen {
+                    addr: listen[listen_addrs.len()].clone(),
+                    reason: error.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    let control = swarm.behaviour().stream.new_control();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (in_tx, in_rx) = mpsc::channel(256);
+    Ok(Network {
+        handle: NetworkHandle { tx, peer_id },
+        control,
+        inbound: in_rx,
+        listen_addrs,
+        event_loop: EventLoop {
+            swarm,
+            commands: rx,
+            inbound: in_tx,
+            pending: HashMap::new(),
+            replies: FuturesUnordered::new(),
+        },
+    })
+}
+
+type PendingReply = futures::future::BoxFuture<'static, (ResponseChannel<CtlResponse>, CtlResponse)>;
+
+/// Owns the swarm and drives it; see the module doc.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    inbound: mpsc::Sender<InboundCtl>,
+    pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<CtlResponse, CtlError>>)>,
+    replies: FuturesUnordered<PendingReply>,
+}
+
+impl EventLoop {
+    /// Runs until [`NetworkHandle::shutdown`] or until every handle is dropped.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(c) => self.on_command(c),
+                },
+                Some((channel, response)) = self.replies.next(), if !self.replies.is_empty() => {
+                    if self.swarm.behaviour_mut().ctl.send_response(channel, response).is_err() {
+                        tracing::debug!("control response dropped: the requester is gone");
+                    }
+                }
+            }
+        }
+        for (_, (peer, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(CtlError::ConnectionClosed(peer)));
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Request { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().ctl.send_request(&peer, request);
+                self.pending.insert(id, (peer, reply));
+            }
+            Command::AddMember(m) => self.swarm.behaviour_mut().gate.insert(m),
+            Command::Dial(peer) => {
+                if let Err(e) = self.swarm.dial(peer) {
+                    tracing::debug!(%peer, error = %e, "dial failed");
+                }
+            }
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::ConnectedPeers(tx) => {
+                let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(tx) => {
+                let _ = tx.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Ctl(ev)) => self.on_ctl_event(ev),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                let name = self.member_name(&peer_id);
+                tracing::info!(peer = %peer_id, member = %name, addr = %endpoint.get_remote_address(), "connected");
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                let name = self.member_name(&peer_id);
+                tracing::info!(peer = %peer_id, member = %name, "disconnected");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(addr = %send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            _ => {}
+        }
+    }
+
+    fn member_name(&self, peer: &PeerId) -> String {
+        self.swarm
+            .behaviour()
+            .gate
+            .members()
+            .get(peer)
+            .map_or_else(|| "?".into(), |m| m.name.clone())
+    }
+
+    fn on_ctl_event(&mut self, ev: request_response::Event<CtlRequest, CtlResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message: Message::Request { request, channel, .. },
+                ..
+            } => {
+                tracing::debug!(%peer, job = %request.job, "control request");
+                let (reply, rx) = oneshot::channel();
+                let job = request.job.clone();
+                if let Err(e) = self.inbound.try_send(InboundCtl { peer, request, reply }) {
+                    // Nobody listens (no job here) or the handler is saturated: refuse now.
+                    let response = match e {
+                        mpsc::error::TrySendError::Full(_) => CtlResponse::Rejected {
+                            reason: "control queue full".into(),
+                        },
+                        mpsc::error::TrySendError::Closed(_) => not_joined(&job),
+                    };
+                    let _ = self.swarm.behaviour_mut().ctl.send_response(channel, response);
+                    return;
+                }
+                self.replies.push(Box::pin(async move {
+                    let response = rx.await.unwrap_or_else(|_| not_joined(&job));
+                    (channel, response)
+                }));
+            }
+            Event::Message {
+                message: Message::Response { request_id, response },
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer, request_id, error, ..
+            } => {
+                tracing::debug!(%peer, %error, "control request failed");
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(peer, error)));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, %error, "bad inbound control request");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+fn not_joined(job: &JobId) -> CtlResponse {
+    CtlResponse::Rejected {
+        reason: format!("this node has not joined job {job}"),
+    }
+}
+
+fn outbound_error(peer: PeerId, e: OutboundFailure) -> CtlError {
+    match e {
+        OutboundFailure::DialFailure => CtlError::Dial {
+            peer,
+            reason: "dial failed or refused".into(),
+        },
+        OutboundFailure::Timeout => CtlError::Timeout(peer),
+        OutboundFailure::ConnectionClosed => CtlError::ConnectionClosed(peer),
+        OutboundFailure::UnsupportedProtocols => CtlError::Unsupported(peer),
+        OutboundFailure::Io(e) => CtlError::Io {
+            peer,
+            reason: e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,151 @@
+//! A running peer: the network event loop, the blob server and the fetcher, wired together.
+//!
+//! This is what `flare-node run` starts and what multi-node tests start several of. It owns
+//! its tasks: dropping or shutting down a [`Node`] stops them all.
+
+use std::sync::Arc;
+
+use flare_protocols::BlobRef;
+use flare_protocols::blob::BLOB_PROTOCOL;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::blob::fetch::Fetcher;
+use crate::blob::serve::{Server, accept_loop};
+use crate::blob::{FetchError, FetchOptions, FetchReport, ServeFaults, ServeStats};
+use crate::membership::{Member, Members};
+use crate::network::{self, InboundCtl, NetworkError, NetworkHandle};
+use crate::store::BlobStore;
+
+/// What a node needs to start.
+pub struct NodeConfig {
+    /// The node's identity.
+    pub keypair: Keypair,
+    /// Who may connect.
+    pub members: Members,
+    /// Where to listen (e.g. `/ip4/127.0.0.1/tcp/0`).
+    pub listen: Vec<Multiaddr>,
+    /// Where blobs live.
+    pub store: BlobStore,
+}
+
+/// A running peer.
+pub struct Node {
+    net: NetworkHandle,
+    store: BlobStore,
+    fetcher: Fetcher,
+    control: libp2p_stream::Control,
+    listen_addrs: Vec<Multiaddr>,
+    inbound: Option<mpsc::Receiver<InboundCtl>>,
+    stats: Arc<ServeStats>,
+    faults: Arc<ServeFaults>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the network and the blob server; returns once listening.
+    pub async fn start(cfg: NodeConfig) -> Result<Self, NetworkError> {
+        let net = network::start(cfg.keypair, cfg.members, &cfg.listen).await?;
+        let mut control = net.control.clone();
+        let incoming = control
+            .accept(BLOB_PROTOCOL)
+            .map_err(|e| NetworkError::Transport(e.to_string()))?;
+        let stats = Arc::new(ServeStats::default());
+        let faults = Arc::new(ServeFaults::default());
+        let server = Server {
+            store: cfg.store.clone(),
+            stats: stats.clone(),
+            faults: faults.clone(),
+            net: net.handle.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(net.event_loop.run()),
+            tokio::spawn(accept_loop(server, incoming)),
+        ];
+        Ok(Self {
+            fetcher: Fetcher::new(net.control.clone(), cfg.store.clone()),
+            net: net.handle,
+            store: cfg.store,
+            control: net.control,
+            listen_addrs: net.listen_addrs,
+            inbound: Some(net.inbound),
+            stats,
+            faults,
+            tasks,
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.net.peer_id()
+    }
+
+    /// The addresses bound at start.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// This node as a member-table entry named `name`.
+    pub fn as_member(&self, name: &str) -> Member {
+        Member {
+            name: name.to_owned(),
+            peer_id: self.peer_id(),
+            addrs: self.listen_addrs.clone(),
+        }
+    }
+
+    /// The network handle (control requests, membership, connections).
+    pub fn net(&self) -> &NetworkHandle {
+        &self.net
+    }
+
+    /// The blob store.
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    /// Raw stream control, for protocols beyond ctl and blob (benchmarks, tests).
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// Takes the receiver of inbound control requests. Until it is taken (and after it is
+    /// dropped) the node answers every request `Rejected`: it has joined no job.
+    pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundCtl>> {
+        self.inbound.take()
+    }
+
+    /// What the blob server has sent.
+    pub fn serve_stats(&self) -> &ServeStats {
+        &self.stats
+    }
+
+    /// Fault injection for the blob server (tests).
+    pub fn faults(&self) -> &ServeFaults {
+        &self.faults
+    }
+
+    /// Pulls a blob from `sources` into the store; see [`Fetcher::fetch`].
+    pub async fn fetch(&self, blob: BlobRef, sources: &[PeerId], opts: &FetchOptions) -> Result<FetchReport, FetchError> {
+        self.fetcher.fetch(blob, sources, opts).await
+    }
+
+    /// Stops the node's tasks and closes its connections.
+    pub async fn shutdown(mut self) {
+        self.net.shutdown();
+        if let Some(t) = self.tasks.first_mut() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.net.shutdown();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! The blob store: content-addressed blobs, whole or in part, in memory or on disk.
+//!
+//! A blob enters the store either whole ([`BlobStore::import_reader`]: hashed as it is
+//! written, named by its id) or chunk by chunk from the network ([`BlobStore::begin`] with a
+//! verified manifest, then [`BlobStore::put_chunk`]). `put_chunk` checks every chunk against
+//! the manifest before writing it, so the store never holds a byte that does not belong to
+//! the blob it is filed under.
+//!
+//! # On disk (`--data-dir`)
+//! ```text
+//! DIR/blobs/<id>.manifest   b"flare-manifest/1" len:u64le chunk_size:u32le hashes (32 B each)
+//! DIR/blobs/<id>.data       the blob, pre-sized; chunks are written in place
+//! DIR/blobs/<id>.have       one byte per chunk, 1 = present; only while the blob is partial
+//! ```
+//! A partial blob survives a restart of the process: reopening the store reads the `.have`
+//! file, and a fetch asks only for the chunks still missing. The data is written before its
+//! `.have` byte, so a killed process never marks a chunk it did not write. (Neither file is
+//! fsynced per chunk: after a power loss, a partial blob's marks may be ahead of its data.)
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use flare_protocols::blob_id::{BlobIdError, chunk_count, hashes_from_bytes};
+use flare_protocols::{BlobId, BlobRef, Manifest, ManifestBuilder};
+
+const MANIFEST_MAGIC: &[u8] = b"flare-manifest/1";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Disk I/O failed.
+    #[error("blob store i/o at {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A chunk does not match its manifest hash; nothing was written.
+    #[error("chunk {index} of blob {id} does not match its hash")]
+    HashMismatch {
+        /// The blob.
+        id: BlobId,
+        /// The chunk.
+        index: u64,
+    },
+    /// The store has no manifest for this blob.
+    #[error("blob {0} is not in the store")]
+    NotFound(BlobId),
+    /// The chunk index is past the end of the blob.
+    #[error("chunk {index} is out of range for blob {id}")]
+    OutOfRange {
+        /// The blob.
+        id: BlobId,
+        /// The chunk.
+        index: u64,
+    },
+    /// A file in the data dir is not what the store wrote.
+    #[error("corrupt store file {path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The blob's shape is out of limits.
+    #[error(transparent)]
+    Shape(#[from] BlobIdError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How much of a blob the store holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Presence {
+    /// Chunks present.
+    pub present: u64,
+    /// Chunks in the blob.
+    pub total: u64,
+}
+
+impl Presence {
+    /// Whether every chunk is present.
+    pub fn is_complete(&self) -> bool {
+        self.present == self.total
+    }
+}
+
+enum Data {
+    Memory(RwLock<Vec<u8>>),
+    Disk { file: File, path: PathBuf },
+}
+
+struct Have {
+    bits: Vec<u8>,
+    present: u64,
+    /// The `.have` file while the blob is partial on disk.
+    file: Option<(File, PathBuf)>,
+}
+
+struct Entry {
+    manifest: Arc<Manifest>,
+    data: Data,
+    have: Mutex<Have>,
+}
+
+struct Inner {
+    dir: Option<PathBuf>,
+    blobs: Mutex<HashMap<BlobId, Arc<Entry>>>,
+}
+
+/// A content-addressed blob store; cheap to clone, safe to share between tasks.
+///
+/// Methods do blocking I/O: call them from `spawn_blocking` on hot paths.
+#[derive(Clone)]
+pub struct BlobStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("dir", &self.inner.dir).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the map or bitmap half-updated in a way
+    // that matters more than losing the node, so take the data as it is.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BlobStore {
+    /// A store that keeps everything in memory (tests, simulations, small models).
+    pub fn memory() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                dir: None,
+                blobs: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Opens (or creates) a store under `data_dir/blobs`, picking up whole and partial blobs.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let dir = data_dir.join("blobs");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut blobs = HashMap::new();
+        for ent in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = ent.map_err(io_err(&dir))?.path();
+            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".manifest")) else {
+                continue;
+            };
+            let Ok(id) = BlobId::from_hex(stem) else {
+                continue;
+            };
+            let entry = load_entry(&dir, id)?;
+            blobs.insert(id, Arc::new(entry));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: Some(dir),
+                blobs: Mutex::new(blobs),
+            }),
+        })
+    }
+
+    /// The directory blobs live in, for a disk store.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    fn entry(&self, id: &BlobId) -> Option<Arc<Entry>> {
+        lock(&self.inner.blobs).get(id).cloned()
+    }
+
+    /// The manifest of a blob held whole or in part.
+    pub fn manifest(&self, id: &BlobId) -> Option<Arc<Manifest>> {
+        self.entry(id).map(|e| e.manifest.clone())
+    }
+
+    /// How much of a blob is held, if any of it is.
+    pub fn presence(&self, id: &BlobId) -> Option<Presence> {
+        self.entry(id).map(|e| Presence {
+            present: lock(&e.have).present,
+            total: e.manifest.chunk_count(),
+        })
+    }
+
+    /// Whether the whole blob is held.
+    pub fn is_complete(&self, id: &BlobId) -> bool {
+        self.presence(id).is_some_and(|p| p.is_complete())
+    }
+
+    /// Indices of the chunks not held yet (all of them when the blob is unknown).
+    pub fn missing(&self, blob: &BlobRef) -> Result<Vec<u64>, StoreError> {
+        match self.entry(&blob.id) {
+            Some(e) => {
+                let have = lock(&e.have);
+                Ok((0..e.manifest.chunk_count()).filter(|&i| have.bits[i as usize] == 0).collect())
+            }
+            None => Ok((0..chunk_count(blob.len, blob.chunk_size)?).collect()),
+        }
+    }
+
+    /// Whether chunk `index` of blob `id` is held.
+    pub fn has_chunk(&self, id: &BlobId, index: u64) -> bool {
+        self.entry(id)
+            .is_some_and(|e| lock(&e.have).bits.get(index as usize).is_some_and(|&b| b != 0))
+    }
+
+    /// Makes room for a blob about to arrive chunk by chunk. The manifest must already be
+    /// verified against the id asked for ([`Manifest::verified`]). Idempotent.
+    pub fn begin(&self, manifest: Manifest) -> Result<Arc<Manifest>, StoreError> {
+        let id = manifest.id();
+        let mut blobs = lock(&self.inner.blobs);
+        if let Some(e) = blobs.get(&id) {
+            return Ok(e.manifest.clone());
+        }
+        let n = manifest.chunk_count() as usize;
+        let entry = match &self.inner.dir {
+            None => Entry {
+                data: Data::Memory(RwLock::new(vec![0u8; manifest.len as usize])),
+                have: Mutex::new(Have {
+                    bits: vec![0; n],
+                    present: 0,
+                    file: None,
+                }),
+                manifest: Arc::new(manifest),
+            },
+            Some(dir) => {
+                let data_path = dir.join(format!("{id}.data"));
+                let file = create_sized(&data_path, manifest.len)?;
+                let have_path = dir.join(format!("{id}.have"));
+                let have_file = create_sized(&have_path, n as u64)?;
+                write_manifest(dir, &manifest)?;
+                Entry {
+                    data: Data::Disk { file, path: data_path },
+                    have: Mutex::new(Have {
+                        bits: vec![0; n],
+                        present: 0,
+                        file: Some((have_file, have_path)),
+                    }),
+                    manifest: Arc::new(manifest),
+                }
+            }
+        };
+        let entry = Arc::new(entry);
+        let m = entry.manifest.clone();
+        // An empty blob is complete as soon as it exists.
+        if n == 0 {
+            finish_if_complete(&entry)?;
+        }
+        blobs.insert(id, entry);
+        Ok(m)
+    }
+
+    /// Verifies chunk `index` against the manifest and stores it. Returns whether it was new.
+    /// A chunk that does not match is refused with [`StoreError::HashMismatch`] and not written.
+    pub fn put_chunk(&self, id: &BlobId, index: u64, bytes: &[u8]) -> Result<bool, StoreError> {
+        let e = self.entry(id).ok_or(StoreError::NotFound(*id))?;
+        if index >= e.manifest.chunk_count() {
+            return Err(StoreError::OutOfRange { id: *id, index });
+        }
+        if !e.manifest.verify_chunk(index, bytes) {
+            return Err(StoreError::HashMismatch { id: *id, index });
+        }
+        if lock(&e.have).bits[index as usize] != 0 {
+            return Ok(false);
+        }
+        let off = index * u64::from(e.manifest.chunk_size);
+        match &e.data {
+            Data::Memory(buf) => {
+                let mut buf = buf.write().unwrap_or_else(|p| p.into_inner());
+                buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+            }
+            Data::Disk { file, path } => file.write_all_at(bytes, off).map_err(io_err(path))?,
+        }
+        let mut have = lock(&e.have);
+        if have.bits[index as usize] != 0 {
+            return Ok(false);
+        }
+        if let Some((f, p)) = &have.file {
+            f.write_all_at(&[1], index).map_err(io_err(p))?;
+        }
+        have.bits[index as usize] = 1;
+        have.present += 1;
+        drop(have);
+        finish_if_complete(&e)?;
+        Ok(true)
+    }
+
+    /// Reads chunk `index`, or `None` when the store does not hold it.
+    pub fn read_chunk(&self, id: &BlobId, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(e) = self.entry(id) else {
+            return Ok(None);
+        };
+        if !lock(&e.have).bits.get(index as usize).is_some_and(|&b| b != 0) {
+            return Ok(None);
+        }
+        let len = e.manifest.chunk_len(index);
+        let off = index * u64::from(e.manifest.chunk_size);
+        let mut out = vec![0u8; len];
+        match &e.data {
+            Data::Memory(buf) => {
+                let buf = buf.read().unwrap_or_else(|p| p.into_inner());
+                out.copy_from_slice(&buf[off as usize..off as usize + len]);
+            }
+            Data::Disk { file, path } => file.read_exact_at(&mut out, off).map_err(io_err(path))?,
+        }
+        Ok(Some(out))
+    }
+
+    /// Stores a whole blob read from `reader`, hashing it as it goes, and returns its manifest.
+    /// Memory use is one chunk, whatever the size. Storing bytes already held is a no-op.
+    pub fn import_reader(&self, reader: &mut impl Read, chunk_size: u32) -> Result<Manifest, StoreError> {
+        let mut builder = ManifestBuilder::new(chunk_size)?;
+        let mut chunk = vec![0u8; chunk_size as usize];
+        let tmp = match &self.inner.dir {
+            Some(dir) => {
+                let path = dir.join(format!("import-{}.tmp", unique_suffix()));
+                let file = File::create(&path).map_err(io_err(&path))?;
+                Some((std::io::BufWriter::with_capacity(1 << 20, file), path))
+            }
+            None => None,
+        };
+        let mut tmp = tmp;
+        let mut mem = Vec::new();
+        loop {
+            let n = read_full(reader, &mut chunk).map_err(io_err(Path::new("<import>")))?;
+            if n == 0 {
+                break;
+            }
+            builder.push_chunk(&chunk[..n]);
+            match &mut tmp {
+                Some((w, path)) => w.write_all(&chunk[..n]).map_err(io_err(path))?,
+                None => mem.extend_from_slice(&chunk[..n]),
+            }
+            if n < chunk.len() {
+                break;
+            }
+        }
+        let manifest = builder.finish()?;
+        let id = manifest.id();
+        let mut blobs = lock(&self.inner.blobs);
+        if blobs.get(&id).is_some_and(|e| lock(&e.have).present == manifest.chunk_count()) {
+            if let Some((_, path)) = tmp {
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(manifest);
+        }
+        let n = manifest.chunk_count() as usize;
+        let data = match (tmp, &self.inner.dir) {
+            (Some((w, tmp_path)), Some(dir)) => {
+                let file = w.into_inner().map_err(|e| StoreError::Io {
+                    path: tmp_path.clone(),
+                    source: e.into_error(),
+                })?;
+                drop(file);
+                let path = dir.join(format!("{id}.data"));
+                std::fs::rename(&tmp_path, &path).map_err(io_err(&path))?;
+                let _ = std::fs::remove_file(dir.join(format!("{id}.have")));
+                write_manifest(dir, &manifest)?;
+                let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+                Data::Disk { file, path }
+            }
+            _ => Data::Memory(RwLock::new(mem)),
+        };
+        blobs.insert(
+            id,
+            Arc::new(Entry {
+                manifest: Arc::new(manifest.clone()),
+                data,
+                have: Mutex::new(Have {
+                    bits: vec![1; n],
+                    present: n as u64,
+                    file: None,
+                }),
+            }),
+        );
+        Ok(manifest)
+    }
+
+    /// Stores a whole in-memory blob.
+    pub fn import_bytes(&self, bytes: &[u8], chunk_size: u32) -> Result<Manifest, StoreError> {
+        self.import_reader(&mut &bytes[..], chunk_size)
+    }
+
+    /// Stores a whole file.
+    pub fn import_file(&self, path: &Path, chunk_size: u32) -> Result<Manifest, StoreError> {
+        let mut f = File::open(path).map_err(io_err(path))?;
+        self.import_reader(&mut f, chunk_size)
+    }
+
+    /// Writes a whole blob to `out`, chunk by chunk.
+    pub fn export(&self, id: &BlobId, out: &mut impl Write) -> Result<u64, StoreError> {
+        let e = self.entry(id).ok_or(StoreError::NotFound(*id))?;
+        let mut written = 0;
+        for i in 0..e.manifest.chunk_count() {
+            let chunk = self.read_chunk(id, i)?.ok_or(StoreError::NotFound(*id))?;
+            out.write_all(&chunk).map_err(io_err(Path::new("<export>")))?;
+            written += chunk.len() as u64;
+        }
+        Ok(written)
+    }
+
+    /// Reads a whole blob into memory (small blobs, tests).
+    pub fn read_all(&self, id: &BlobId) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.export(id, &mut out)?;
+        Ok(out)
+    }
+
+    /// Re-hashes every held chunk and returns the indices that do not match (a scrub).
+    pub fn verify(&self, id: &BlobId) -> Result<Vec<u64>, StoreError> {
+        let e = self.entry(id).ok_or(StoreError::NotFound(*id))?;
+        let mut bad = Vec::new();
+        for i in 0..e.manifest.chunk_count() {
+            if let Some(c) = self.read_chunk(id, i)?
+                && !e.manifest.verify_chunk(i, &c)
+            {
+                bad.push(i);
+            }
+        }
+        Ok(bad)
+    }
+}
+
+/// Once every chunk is present, a disk blob drops its `.have` file: complete blobs are those
+/// with a manifest and no `.have`.
+fn finish_if_complete(e: &Entry) -> Result<(), StoreError> {
+    let mut have = lock(&e.have);
+    if have.present == e.manifest.chunk_count()
+        && let Some((_, path)) = have.file.take()
+    {
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn create_sized(path: &Path, len: u64) -> Result<File, StoreError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(len).map_err(io_err(path))?;
+    Ok(f)
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
+    let path = dir.join(format!("{}.manifest", m.id()));
+    let tmp = dir.join(format!("{}.manifest.tmp", m.id()));
+    let mut bytes = MANIFEST_MAGIC.to_vec();
+    bytes.extend_from_slice(&m.len.to_le_bytes());
+    bytes.extend_from_slice(&m.chunk_size.to_le_bytes());
+    bytes.extend_from_slice(&m.hash_bytes());
+    std::fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
+    let mpath = dir.join(format!("{id}.manifest"));
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        path: mpath.clone(),
+        reason: reason.to_owned(),
+    };
+    let bytes = std::fs::read(&mpath).map_err(io_err(&mpath))?;
+    let rest = bytes.strip_prefix(MANIFEST_MAGIC).ok_or_else(|| corrupt("bad magic"))?;
+    if rest.len() < 12 {
+        return Err(corrupt("truncated header"));
+    }
+    let (len, rest) = rest.split_at(8);
+    let (cs, hashes) = rest.split_at(4);
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| corrupt("length"))?);
+    let cs = u32::from_le_bytes(cs.try_into().map_err(|_| corrupt("chunk size"))?);
+    let hashes = hashes_from_bytes(hashes).ok_or_else(|| corrupt("hash list is not whole hashes"))?;
+    let manifest = Manifest::verified(
+        &BlobRef {
+            id,
+            len,
+            chunk_size: cs,
+        },
+        hashes,
+    )
+    .map_err(|e| corrupt(&e.to_string()))?;
+    let n = manifest.chunk_count() as usize;
+    let data_path = dir.join(format!("{id}.data"));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data_path)
+        .map_err(io_err(&data_path))?;
+    let actual = file.metadata().map_err(io_err(&data_path))?.len();
+    if actual != manifest.len {
+        return Err(StoreError::Corrupt {
+            path: data_path,
+            reason: format!("{actual} bytes, manifest says {}", manifest.len),
+        });
+    }
+    let have_path = dir.join(format!("{id}.have"));
+    let have = match OpenOptions::new().read(true).write(true).open(&have_path) {
+        Ok(f) => {
+            let mut bits = vec![0u8; n];
+            f.read_exact_at(&mut bits, 0).map_err(|e| StoreError::Corrupt {
+                path: have_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let present = bits.iter().filter(|&&b| b != 0).count() as u64;
+            Have {
+                bits,
+                present,
+                file: Some((f, have_path)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Have {
+            bits: vec![1; n],
+            present: n as u64,
+            file: None,
+        },
+        Err(e) => return Err(io_err(&have_path)(e)),
+    };
+    Ok(Entry {
+        manifest: Arc::new(manifest),
+        data: Data::Disk { file, path: data_path },
+        have: Mutex::new(have),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    fn round_trip(store: &BlobStore) {
+        for n in [0usize, 1, 99, 100, 101, 1000] {
+            let data = bytes(n);
+            let m = Manifest::of_bytes(&data, 100).expect("m");
+            store.begin(m.clone()).expect("begin");
+            // Out of order, with a duplicate and a corrupt chunk.
+            let chunks: Vec<&[u8]> = data.chunks(100).collect();
+            for i in (0..chunks.len()).rev() {
+                assert!(store.put_chunk(&m.id(), i as u64, chunks[i]).expect("put"));
+            }
+            if let Some(c) = chunks.first() {
+                assert!(!store.put_chunk(&m.id(), 0, c).expect("dup"));
+                let mut bad = c.to_vec();
+                bad[0] ^= 1;
+                assert!(matches!(
+                    store.put_chunk(&m.id(), 0, &bad),
+                    Err(StoreError::HashMismatch { index: 0, .. })
+                ));
+            }
+            assert!(store.is_complete(&m.id()));
+            assert_eq!(store.read_all(&m.id()).expect("read"), data);
+            let again = store.import_bytes(&data, 100).expect("import");
+            assert_eq!(again.id(), m.id());
+        }
+    }
+
+    #[test]
+    fn memory_store_round_trips() {
+        round_trip(&BlobStore::memory());
+    }
+
+    #[test]
+    fn disk_store_round_trips_and_partial_blobs_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        round_trip(&BlobStore::open(dir.path()).expect("open"));
+
+        let data = bytes(1050);
+        let m = Manifest::of_bytes(&data, 100).expect("m");
+        {
+            let s = BlobStore::open(dir.path()).expect("open");
+            s.begin(m.clone()).expect("begin");
+            s.put_chunk(&m.id(), 3, &data[300..400]).expect("put");
+            s.put_chunk(&m.id(), 10, &data[1000..]).expect("put");
+        }
+        let s = BlobStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.presence(&m.id()), Some(Presence { present: 2, total: 11 }));
+        let missing = s.missing(&m.blob_ref()).expect("missing");
+        assert_eq!(missing.len(), 9);
+        assert!(!missing.contains(&3) && !missing.contains(&10));
+        for i in missing {
+            let r = i as usize * 100..(i as usize * 100 + 100).min(data.len());
+            s.put_chunk(&m.id(), i, &data[r]).expect("put");
+        }
+        assert!(s.is_complete(&m.id()));
+        assert!(!dir.path().join(format!("blobs/{}.have", m.id())).exists());
+        let s = BlobStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.read_all(&m.id()).expect("read"), data);
+        assert!(s.verify(&m.id()).expect("verify").is_empty());
+    }
+
+    #[test]
+    fn corrupt_manifest_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = BlobStore::open(dir.path()).expect("open");
+        let m = s.import_bytes(&bytes(500), 100).expect("import");
+        let mpath = dir.path().join(format!("blobs/{}.manifest", m.id()));
+        let mut b = std::fs::read(&mpath).expect("read");
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&mpath, b).expect("write");
+        let e = BlobStore::open(dir.path()).expect_err("corrupt");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+}
