@@ -128,7 +128,12 @@ impl Node {
     }
 
     /// Pulls a blob from `sources` into the store; see [`Fetcher::fetch`].
-    pub async fn fetch(&self, blob: BlobRef, sources: &[PeerId], opts: &FetchOptions) -> Result<FetchReport, FetchError> {
+    pub async fn fetch(
+        &self,
+        blob: BlobRef,
+        sources: &[PeerId],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
         self.fetcher.fetch(blob, sources, opts).await
     }
 

@@ -156,7 +156,11 @@ impl BlobStore {
         let mut blobs = HashMap::new();
         for ent in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = ent.map_err(io_err(&dir))?.path();
-            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".manifest")) else {
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".manifest"))
+            else {
                 continue;
             };
             let Ok(id) = BlobId::from_hex(stem) else {
@@ -205,7 +209,9 @@ impl BlobStore {
         match self.entry(&blob.id) {
             Some(e) => {
                 let have = lock(&e.have);
-                Ok((0..e.manifest.chunk_count()).filter(|&i| have.bits[i as usize] == 0).collect())
+                Ok((0..e.manifest.chunk_count())
+                    .filter(|&i| have.bits[i as usize] == 0)
+                    .collect())
             }
             None => Ok((0..chunk_count(blob.len, blob.chunk_size)?).collect()),
         }
@@ -351,7 +357,10 @@ impl BlobStore {
         let manifest = builder.finish()?;
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        if blobs.get(&id).is_some_and(|e| lock(&e.have).present == manifest.chunk_count()) {
+        if blobs
+            .get(&id)
+            .is_some_and(|e| lock(&e.have).present == manifest.chunk_count())
+        {
             if let Some((_, path)) = tmp {
                 let _ = std::fs::remove_file(path);
             }
@@ -369,7 +378,11 @@ impl BlobStore {
                 std::fs::rename(&tmp_path, &path).map_err(io_err(&path))?;
                 let _ = std::fs::remove_file(dir.join(format!("{id}.have")));
                 write_manifest(dir, &manifest)?;
-                let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
                 Data::Disk { file, path }
             }
             _ => Data::Memory(RwLock::new(mem)),

@@ -28,13 +28,18 @@ pub fn write_key(out: &Path, key: &Keypair) -> anyhow::Result<()> {
         .mode(0o600)
         .open(out)
         .with_context(|| format!("writing {}", out.display()))?;
-    f.write_all(&bytes).with_context(|| format!("writing {}", out.display()))?;
+    f.write_all(&bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
 /// Reads a key written by [`keygen`].
 pub fn load_key(path: &Path) -> anyhow::Result<Keypair> {
     let bytes = std::fs::read(path).with_context(|| format!("reading key {}", path.display()))?;
-    Keypair::from_protobuf_encoding(&bytes)
-        .with_context(|| format!("{} is not a flare-node key (made by `flare-node keygen`)", path.display()))
+    Keypair::from_protobuf_encoding(&bytes).with_context(|| {
+        format!(
+            "{} is not a flare-node key (made by `flare-node keygen`)",
+            path.display()
+        )
+    })
 }

@@ -170,7 +170,9 @@ pub async fn read_chunk_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Chunk
     match head[0] {
         TAG_DATA => Ok(ChunkFrame::Data { index, len }),
         TAG_ABSENT if len == 0 => Ok(ChunkFrame::Absent { index }),
-        tag => Err(FrameError::Malformed(format!("chunk frame with tag {tag} and length {len}"))),
+        tag => Err(FrameError::Malformed(format!(
+            "chunk frame with tag {tag} and length {len}"
+        ))),
     }
 }
 
@@ -237,7 +239,11 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_truncation_fails() {
-        for h in [BlobHeader::Found, BlobHeader::NotFound, BlobHeader::Refused { reason: "x".into() }] {
+        for h in [
+            BlobHeader::Found,
+            BlobHeader::NotFound,
+            BlobHeader::Refused { reason: "x".into() },
+        ] {
             let mut buf = Vec::new();
             block_on(write_header(&mut buf, &h)).expect("write");
             assert_eq!(block_on(read_header(&mut buf.as_slice())).expect("read"), h);

@@ -246,7 +246,11 @@ mod tests {
                 }),
             (
                 any::<u64>(),
-                prop_oneof![Just(TaskStatus::Ok), Just(TaskStatus::Failed), Just(TaskStatus::Aborted)],
+                prop_oneof![
+                    Just(TaskStatus::Ok),
+                    Just(TaskStatus::Failed),
+                    Just(TaskStatus::Aborted)
+                ],
                 proptest::option::of(blob_ref()),
                 proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..4),
                 any::<u64>()
@@ -321,15 +325,23 @@ mod tests {
         assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));
 
         let mut buf = Vec::new();
-        let req = CtlRequest { job: JobId("j".into()), body: Request::Heartbeat };
+        let req = CtlRequest {
+            job: JobId("j".into()),
+            body: Request::Heartbeat,
+        };
         block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
         buf[5] = 9; // version low byte
         let e = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect_err("version");
-        assert!(matches!(frame_error(&e), Some(FrameError::UnsupportedVersion { got: 9, .. })));
+        assert!(matches!(
+            frame_error(&e),
+            Some(FrameError::UnsupportedVersion { got: 9, .. })
+        ));
 
         let huge = CtlRequest {
             job: JobId("j".into()),
-            body: Request::Abort { reason: "x".repeat(MAX_CTL_FRAME as usize) },
+            body: Request::Abort {
+                reason: "x".repeat(MAX_CTL_FRAME as usize),
+            },
         };
         let e = block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut Vec::new(), huge)).expect_err("cap");
         assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));

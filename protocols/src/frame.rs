@@ -135,7 +135,13 @@ mod tests {
     fn cap_is_checked_before_allocating() {
         let mut bytes: &[u8] = &[0xff, 0xff, 0xff, 0xff];
         let e = block_on(read_frame(&mut bytes, 1024)).expect_err("too large");
-        assert!(matches!(e, FrameError::TooLarge { len: 0xffff_ffff, max: 1024 }));
+        assert!(matches!(
+            e,
+            FrameError::TooLarge {
+                len: 0xffff_ffff,
+                max: 1024
+            }
+        ));
     }
 
     #[test]
@@ -147,7 +153,13 @@ mod tests {
             Err(FrameError::UnsupportedVersion { got: 1, supported: 2 })
         ));
         enc.push(0);
-        assert!(matches!(decode_versioned::<u32>(1, &enc), Err(FrameError::Malformed(_))));
-        assert!(matches!(decode_versioned::<u32>(1, &[1]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_versioned::<u32>(1, &enc),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_versioned::<u32>(1, &[1]),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

@@ -334,7 +334,8 @@ impl Fetcher {
     /// Opens a stream, sends the request and reads the header.
     async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
         let mut control = self.control.clone();
-        let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await {
+        let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Err(SourceError::PeerGone {
@@ -357,7 +358,13 @@ impl Fetcher {
         }
     }
 
-    async fn get_manifest(&self, peer: PeerId, blob: BlobRef, n: u64, opts: &FetchOptions) -> Result<Manifest, SourceError> {
+    async fn get_manifest(
+        &self,
+        peer: PeerId,
+        blob: BlobRef,
+        n: u64,
+        opts: &FetchOptions,
+    ) -> Result<Manifest, SourceError> {
         let req = BlobRequest {
             blob,
             first: 0,
@@ -378,7 +385,12 @@ impl Fetcher {
     }
 
     /// Pulls `blob` from `sources` into the store. Chunks already held are not fetched again.
-    pub async fn fetch(&self, blob: BlobRef, sources: &[PeerId], opts: &FetchOptions) -> Result<FetchReport, FetchError> {
+    pub async fn fetch(
+        &self,
+        blob: BlobRef,
+        sources: &[PeerId],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
         let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
         let mut errors = Vec::new();
         let mut trusted: Vec<PeerId> = Vec::new();
@@ -392,7 +404,10 @@ impl Fetcher {
             None => {
                 let mut found = None;
                 for &peer in &trusted {
-                    match self.with_retries(peer, opts, || self.get_manifest(peer, blob, n, opts)).await {
+                    match self
+                        .with_retries(peer, opts, || self.get_manifest(peer, blob, n, opts))
+                        .await
+                    {
                         Ok(m) => {
                             found = Some(m);
                             break;
@@ -526,7 +541,9 @@ impl Fetcher {
                     None => break,
                 },
             };
-            let r = self.fetch_range(peer, &manifest, unit.clone(), &stored, &present, opts).await;
+            let r = self
+                .fetch_range(peer, &manifest, unit.clone(), &stored, &present, opts)
+                .await;
             let rest = match &r {
                 Ok(()) => Vec::new(),
                 Err(_) => match self.store.missing(&manifest.blob_ref()) {
@@ -599,11 +616,15 @@ impl Fetcher {
                 if len != manifest.chunk_len(index) {
                     return Err(RangeFail::Source(SourceError::Protocol {
                         peer,
-                        reason: format!("chunk {index} announced with {len} bytes, not {}", manifest.chunk_len(index)),
+                        reason: format!(
+                            "chunk {index} announced with {len} bytes, not {}",
+                            manifest.chunk_len(index)
+                        ),
                     }));
                 }
                 let mut buf = vec![0u8; len];
-                self.timed(peer, opts, async { Ok(rd.read_exact(&mut buf).await?) }).await?;
+                self.timed(peer, opts, async { Ok(rd.read_exact(&mut buf).await?) })
+                    .await?;
                 if tx.send((index, buf)).await.is_err() {
                     break; // the persister stopped; its error is the one that counts
                 }

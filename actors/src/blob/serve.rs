@@ -140,7 +140,10 @@ impl Server {
             return Err(refused("length or chunk size does not match the blob id".into()));
         }
         if req.first > req.end || req.end > n {
-            return Err(refused(format!("chunk range {}..{} outside 0..{n}", req.first, req.end)));
+            return Err(refused(format!(
+                "chunk range {}..{} outside 0..{n}",
+                req.first, req.end
+            )));
         }
         Ok(m)
     }

@@ -194,7 +194,11 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
     let peer_id = keypair.public().to_peer_id();
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| NetworkError::Transport(e.to_string()))?
         .with_behaviour(|key| Behaviour {
             gate: MemberGate::new(members),
@@ -323,14 +327,20 @@ impl EventLoop {
                 let name = self.member_name(&peer_id);
                 tracing::info!(peer = %peer_id, member = %name, addr = %endpoint.get_remote_address(), "connected");
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 let name = self.member_name(&peer_id);
                 tracing::info!(peer = %peer_id, member = %name, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr, error, ..
+            } => {
                 tracing::debug!(addr = %send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
@@ -383,7 +393,10 @@ impl EventLoop {
                 }
             }
             Event::OutboundFailure {
-                peer, request_id, error, ..
+                peer,
+                request_id,
+                error,
+                ..
             } => {
                 tracing::debug!(%peer, %error, "control request failed");
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
