@@ -1,1 +1,11 @@
-//! x
+//! Multi-node tests: real flare-node peers on 127.0.0.1 with ephemeral ports, whole transfers,
+//! injected faults. One test binary (modules below) so CI links once.
+
+mod util;
+
+mod blob_transfer;
+mod child;
+mod control;
+mod faults;
+mod hostile_input;
+mod membership;

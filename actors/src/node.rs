@@ -38,7 +38,6 @@ pub struct Node {
     fetcher: Fetcher,
     control: libp2p_stream::Control,
     listen_addrs: Vec<Multiaddr>,
-    inbound: Option<mpsc::Receiver<InboundCtl>>,
     stats: Arc<ServeStats>,
     faults: Arc<ServeFaults>,
     tasks: Vec<JoinHandle<()>>,
@@ -65,12 +64,11 @@ impl Node {
             tokio::spawn(accept_loop(server, incoming)),
         ];
         Ok(Self {
-            fetcher: Fetcher::new(net.control.clone(), cfg.store.clone()),
+            fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone()),
             net: net.handle,
             store: cfg.store,
             control: net.control,
             listen_addrs: net.listen_addrs,
-            inbound: Some(net.inbound),
             stats,
             faults,
             tasks,
@@ -111,10 +109,9 @@ impl Node {
         self.control.clone()
     }
 
-    /// Takes the receiver of inbound control requests. Until it is taken (and after it is
-    /// dropped) the node answers every request `Rejected`: it has joined no job.
-    pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundCtl>> {
-        self.inbound.take()
+    /// Inbound control requests from now on; see [`NetworkHandle::subscribe_ctl`].
+    pub fn subscribe_ctl(&self) -> Result<mpsc::Receiver<InboundCtl>, NetworkError> {
+        self.net.subscribe_ctl()
     }
 
     /// What the blob server has sent.

@@ -29,6 +29,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{Notify, mpsc};
 
+use crate::network::NetworkHandle;
 use crate::store::{BlobStore, StoreError};
 
 /// Called as chunks are stored, for progress bars and logs.
@@ -207,6 +208,7 @@ pub struct FetchReport {
 #[derive(Clone)]
 pub struct Fetcher {
     control: libp2p_stream::Control,
+    net: NetworkHandle,
     store: BlobStore,
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
 }
@@ -290,9 +292,10 @@ fn units(missing: &[u64], max: u64) -> VecDeque<Range<u64>> {
 
 impl Fetcher {
     /// A fetcher that stores into `store`, opening streams with `control`.
-    pub fn new(control: libp2p_stream::Control, store: BlobStore) -> Self {
+    pub fn new(control: libp2p_stream::Control, net: NetworkHandle, store: BlobStore) -> Self {
         Self {
             control,
+            net,
             store,
             distrust: Arc::default(),
         }
@@ -333,6 +336,10 @@ impl Fetcher {
 
     /// Opens a stream, sends the request and reads the header.
     async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
+        // libp2p-stream drops a dial request when several streams to unconnected peers are
+        // opened at once (its dial queue holds one), so dial through the event loop first;
+        // the stream then rides the connection whichever dial made it.
+        let _ = self.net.dial(peer);
         let mut control = self.control.clone();
         let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await
         {

@@ -106,6 +106,7 @@ enum Command {
         reply: oneshot::Sender<Result<CtlResponse, CtlError>>,
     },
     AddMember(Member),
+    Subscribe(mpsc::Sender<InboundCtl>),
     Dial(PeerId),
     Disconnect(PeerId),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
@@ -136,6 +137,15 @@ impl NetworkHandle {
         self.send(Command::Request { peer, request, reply })
             .map_err(|_| CtlError::Stopped)?;
         rx.await.map_err(|_| CtlError::Stopped)?
+    }
+
+    /// Routes inbound control requests to the returned receiver (replacing any earlier one).
+    /// While nobody subscribes, or after the receiver is dropped, the node answers every
+    /// request `Rejected`: it has joined no job.
+    pub fn subscribe_ctl(&self) -> Result<mpsc::Receiver<InboundCtl>, NetworkError> {
+        let (tx, rx) = mpsc::channel(256);
+        self.send(Command::Subscribe(tx))?;
+        Ok(rx)
     }
 
     /// Admits a member (or updates its addresses).
@@ -173,15 +183,13 @@ impl NetworkHandle {
     }
 }
 
-/// A started network: the handle, the stream control for blob transfers, inbound control
-/// requests, and the event loop to spawn.
+/// A started network: the handle, the stream control for blob transfers, and the event loop
+/// to spawn.
 pub struct Network {
     /// Commands to the loop.
     pub handle: NetworkHandle,
     /// Opens and accepts raw streams (blob transfers).
     pub control: libp2p_stream::Control,
-    /// Control requests from members.
-    pub inbound: mpsc::Receiver<InboundCtl>,
     /// Listen addresses, known before this returns.
     pub listen_addrs: Vec<Multiaddr>,
     /// The event loop; spawn it.
@@ -245,16 +253,14 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
     }
     let control = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::unbounded_channel();
-    let (in_tx, in_rx) = mpsc::channel(256);
     Ok(Network {
         handle: NetworkHandle { tx, peer_id },
         control,
-        inbound: in_rx,
         listen_addrs,
         event_loop: EventLoop {
             swarm,
             commands: rx,
-            inbound: in_tx,
+            inbound: None,
             pending: HashMap::new(),
             replies: FuturesUnordered::new(),
         },
@@ -267,7 +273,7 @@ type PendingReply = futures::future::BoxFuture<'static, (ResponseChannel<CtlResp
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::UnboundedReceiver<Command>,
-    inbound: mpsc::Sender<InboundCtl>,
+    inbound: Option<mpsc::Sender<InboundCtl>>,
     pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<CtlResponse, CtlError>>)>,
     replies: FuturesUnordered<PendingReply>,
 }
@@ -302,6 +308,7 @@ impl EventLoop {
                 self.pending.insert(id, (peer, reply));
             }
             Command::AddMember(m) => self.swarm.behaviour_mut().gate.insert(m),
+            Command::Subscribe(tx) => self.inbound = Some(tx),
             Command::Dial(peer) => {
                 if let Err(e) = self.swarm.dial(peer) {
                     tracing::debug!(%peer, error = %e, "dial failed");
@@ -368,7 +375,11 @@ impl EventLoop {
                 tracing::debug!(%peer, job = %request.job, "control request");
                 let (reply, rx) = oneshot::channel();
                 let job = request.job.clone();
-                if let Err(e) = self.inbound.try_send(InboundCtl { peer, request, reply }) {
+                let sent = match &self.inbound {
+                    Some(tx) => tx.try_send(InboundCtl { peer, request, reply }),
+                    None => Err(mpsc::error::TrySendError::Closed(InboundCtl { peer, request, reply })),
+                };
+                if let Err(e) = sent {
                     // Nobody listens (no job here) or the handler is saturated: refuse now.
                     let response = match e {
                         mpsc::error::TrySendError::Full(_) => CtlResponse::Rejected {

@@ -1,22 +1,397 @@
-//! `flare-node bench`: placeholder, replaced by the benchmark module.
+//! `flare-node bench`: measure the runtime against baselines, between separate processes.
+//!
+//! # `bench blob`
+//! Moves `--size` bytes from a sender process to a receiver process over 127.0.0.1, three
+//! ways, each with a fresh pair of processes (this executable, run as the hidden
+//! `flare-node bench-peer <role>`), one after the other:
+//!
+//! 1. **plain TCP** (`baseline_tcp_mib_per_s`): a tokio socket; the sender writes 1 MiB
+//!    buffers, the receiver reads until EOF.
+//! 2. **bare libp2p** (`baseline_libp2p_mib_per_s`): two [`flare_actors::Node`]s (TCP + Noise
+//!    + Yamux, the node's own transport), one stream of the private protocol
+//!    `/flare/bench-raw/1`; the sender writes 1 MiB buffers and closes, the receiver reads
+//!    until EOF. No framing, no hashing, no disk.
+//! 3. **flare blob** (`mib_per_s`): the sender generates the bytes (seeded PRNG, streamed)
+//!    into its disk blob store, then the receiver pulls the blob with `Node::fetch` into its own
+//!    disk store over `/flare/blob/1`, and re-hashes what it stored (`verified`).
+//!
+//! Every time is taken **on the receiver, from the moment it has a connection to the moment
+//! it holds the last byte**: TCP from `accept` to EOF; bare libp2p from the stream's accept to
+//! EOF; blob from just before `fetch` (the connection already dialled) to `fetch`'s return,
+//! which includes asking for the manifest, every chunk verified and written, and the stream
+//! set-up of each unit of work. Data generation, import and the final re-hash are not timed.
+//! Rates are in MiB/s (2^20 bytes); with `--runs N` each figure is the median of N runs.
+//!
+//! `sender_peak_rss_bytes` / `receiver_peak_rss_bytes` are the `VmHWM` (peak resident set)
+//! of the two processes of phase 3, over their whole lives (the maximum over runs); page cache
+//! is not counted.
+//!
+//! Keys, stores and generated data live in one temporary directory removed at the end.
+//! Children report on stdout and log on stderr (forwarded with a `[role]` prefix); they are
+//! killed when the parent drops them and give up when their stdin closes, and every wait on
+//! either side has a timeout (`--timeout-secs`).
 
+mod child;
+mod peer;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Args, Subcommand};
+use flare_protocols::blob::{DEFAULT_WINDOW, MAX_WINDOW};
+use flare_protocols::blob_id::{MAX_CHUNK_SIZE, chunk_count};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use serde_json::json;
+use tokio::time::Instant;
+
+use child::{ChildProc, Event, wait_received};
+use util::{fmt_bytes, median, mib_per_s, parse_size};
 
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Blob transfer between two processes.
-    Blob,
+    /// Blob transfer between two processes, against plain-TCP and bare-libp2p baselines.
+    Blob(BlobArgs),
 }
 
-/// One process of a benchmark.
+/// Arguments of `flare-node bench blob`.
 #[derive(Args)]
-pub struct PeerArgs {}
-
-pub async fn run(_cmd: BenchCmd) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub struct BlobArgs {
+    /// Bytes to move: plain bytes or with a B/KiB/MiB/GiB suffix (e.g. 1GiB, 0.5MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    size: u64,
+    /// Chunk size of the blob.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    chunk_size: u64,
+    /// Chunks in flight per source during the fetch.
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
+    window: u32,
+    /// Repeat everything this many times and report medians.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Upper bound on any one wait, per phase, in seconds [default: 60 + 1 s per 4 MiB].
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Where to put the temporary directory [default: the system's temp dir].
+    #[arg(long)]
+    tmp_dir: Option<PathBuf>,
 }
 
-pub async fn peer(_args: PeerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+/// One process of a benchmark (`flare-node bench-peer`).
+#[derive(Args)]
+pub struct PeerArgs {
+    #[command(subcommand)]
+    role: peer::Role,
+}
+
+/// Runs a benchmark.
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Blob(args) => blob(args).await,
+    }
+}
+
+/// Runs one benchmark process.
+pub async fn peer(args: PeerArgs) -> anyhow::Result<()> {
+    peer::run(args.role).await
+}
+
+/// What the parent knows for every phase.
+struct Setup {
+    size: u64,
+    chunk_size: u32,
+    window: u32,
+    timeout: Duration,
+    root: PathBuf,
+    sender_key: PathBuf,
+    sender_id: PeerId,
+    receiver_key: PathBuf,
+    receiver_id: PeerId,
+}
+
+/// The figures of one run.
+#[derive(Clone, Debug)]
+struct RunResult {
+    tcp_secs: f64,
+    libp2p_secs: f64,
+    blob_secs: f64,
+    verified: bool,
+    sender_peak_rss_bytes: u64,
+    receiver_peak_rss_bytes: u64,
+    import_secs: f64,
+    verify_secs: f64,
+    source_errors: u64,
+}
+
+async fn blob(args: BlobArgs) -> anyhow::Result<()> {
+    ensure!(args.size > 0, "--size must be more than 0 bytes");
+    let chunk_size = u32::try_from(args.chunk_size)
+        .ok()
+        .filter(|&c| c > 0 && c <= MAX_CHUNK_SIZE)
+        .with_context(|| format!("--chunk-size must be 1 B to {}", fmt_bytes(MAX_CHUNK_SIZE.into())))?;
+    chunk_count(args.size, chunk_size).context("--size in chunks of --chunk-size")?;
+    ensure!(
+        (1..=MAX_WINDOW).contains(&args.window),
+        "--window must be 1 to {MAX_WINDOW} (a source honours no more)"
+    );
+    ensure!((1..=100).contains(&args.runs), "--runs must be 1 to 100");
+    let timeout = Duration::from_secs(args.timeout_secs.unwrap_or(60 + args.size / (4 << 20)).max(1));
+
+    let base = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("flare-bench-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a temporary directory in {}", base.display()))?;
+    let (sender_key, sender_id) = write_key(tmp.path(), "sender.key")?;
+    let (receiver_key, receiver_id) = write_key(tmp.path(), "receiver.key")?;
+    let setup = Setup {
+        size: args.size,
+        chunk_size,
+        window: args.window,
+        timeout,
+        root: tmp.path().to_owned(),
+        sender_key,
+        sender_id,
+        receiver_key,
+        receiver_id,
+    };
+
+    let mut results = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!(
+            "run {run}/{}: {} in chunks of {}, window {}",
+            args.runs,
+            fmt_bytes(args.size),
+            fmt_bytes(chunk_size.into()),
+            args.window
+        );
+        let r = one_run(&setup, run).await.with_context(|| format!("run {run}"))?;
+        eprintln!(
+            "run {run}: blob {:.0} MiB/s, bare libp2p {:.0} MiB/s, tcp {:.0} MiB/s",
+            mib_per_s(args.size, r.blob_secs),
+            mib_per_s(args.size, r.libp2p_secs),
+            mib_per_s(args.size, r.tcp_secs)
+        );
+        results.push(r);
+    }
+    tmp.close().context("removing the temporary directory")?;
+
+    let med = |f: fn(&RunResult) -> f64| median(&results.iter().map(f).collect::<Vec<_>>());
+    let secs = med(|r| r.blob_secs);
+    let tcp_secs = med(|r| r.tcp_secs);
+    let libp2p_secs = med(|r| r.libp2p_secs);
+    let rate = mib_per_s(args.size, secs);
+    let tcp_rate = mib_per_s(args.size, tcp_secs);
+    let libp2p_rate = mib_per_s(args.size, libp2p_secs);
+    let ratio = |base: f64| if base > 0.0 { rate / base } else { 0.0 };
+    let sender_rss = results.iter().map(|r| r.sender_peak_rss_bytes).max().unwrap_or(0);
+    let receiver_rss = results.iter().map(|r| r.receiver_peak_rss_bytes).max().unwrap_or(0);
+    let verified = results.iter().all(|r| r.verified);
+    let source_errors: u64 = results.iter().map(|r| r.source_errors).sum();
+
+    if args.json {
+        let out = json!({
+            "bench": "blob",
+            "bytes": args.size,
+            "secs": secs,
+            "mib_per_s": rate,
+            "baseline_tcp_mib_per_s": tcp_rate,
+            "baseline_libp2p_mib_per_s": libp2p_rate,
+            "sender_peak_rss_bytes": sender_rss,
+            "receiver_peak_rss_bytes": receiver_rss,
+            "verified": verified,
+            "ratio_to_libp2p": ratio(libp2p_rate),
+            "ratio_to_tcp": ratio(tcp_rate),
+            "baseline_tcp_secs": tcp_secs,
+            "baseline_libp2p_secs": libp2p_secs,
+            "chunk_size": chunk_size,
+            "window": args.window,
+            "runs": args.runs,
+            "runs_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.blob_secs)).collect::<Vec<_>>(),
+            "import_secs": med(|r| r.import_secs),
+            "verify_secs": med(|r| r.verify_secs),
+            "source_errors": source_errors,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "blob: {} in {secs:.3} s = {rate:.0} MiB/s ({:.2} x bare libp2p, {:.2} x plain TCP){}",
+            fmt_bytes(args.size),
+            ratio(libp2p_rate),
+            ratio(tcp_rate),
+            if args.runs > 1 {
+                format!(", median of {} runs", args.runs)
+            } else {
+                String::new()
+            }
+        );
+        println!("  bare libp2p: {libp2p_rate:.0} MiB/s   plain TCP: {tcp_rate:.0} MiB/s");
+        println!(
+            "  peak RSS: sender {}, receiver {}",
+            fmt_bytes(sender_rss),
+            fmt_bytes(receiver_rss)
+        );
+        println!(
+            "  received blob {}",
+            if verified { "verified" } else { "NOT VERIFIED" }
+        );
+    }
+    if !verified {
+        bail!("the received blob did not verify");
+    }
+    Ok(())
+}
+
+/// Writes a fresh identity key for one child (mode 0600).
+fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PeerId)> {
+    let key = Keypair::generate_ed25519();
+    let path = dir.join(name);
+    crate::keys::write_key(&path, &key)?;
+    Ok((path, key.public().to_peer_id()))
+}
+
+async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
+    let tcp_secs = tcp_phase(s).await.context("plain TCP baseline")?;
+    let libp2p_secs = libp2p_phase(s).await.context("bare libp2p baseline")?;
+    let mut r = blob_phase(s, run).await.context("blob transfer")?;
+    r.tcp_secs = tcp_secs;
+    r.libp2p_secs = libp2p_secs;
+    Ok(r)
+}
+
+fn common_args(s: &Setup, role: &str) -> Vec<String> {
+    vec![
+        role.into(),
+        "--size".into(),
+        s.size.to_string(),
+        "--timeout-secs".into(),
+        s.timeout.as_secs().to_string(),
+    ]
+}
+
+fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String]) -> Vec<String> {
+    let (key, peer) = if sender {
+        (&s.sender_key, s.receiver_id)
+    } else {
+        (&s.receiver_key, s.sender_id)
+    };
+    let mut a = common_args(s, role);
+    a.extend(["--key".into(), key.display().to_string(), "--peer".into(), peer.to_string()]);
+    for addr in peer_addrs {
+        a.extend(["--peer-addr".into(), addr.clone()]);
+    }
+    a
+}
+
+/// The `Ready` event's addresses (and blob, for a source).
+fn ready(ev: Event, who: &str) -> anyhow::Result<(Vec<String>, Option<child::BlobSpec>, Option<f64>)> {
+    match ev {
+        Event::Ready {
+            addrs,
+            blob,
+            import_secs,
+        } if !addrs.is_empty() => Ok((addrs, blob, import_secs)),
+        other => Err(anyhow!("the {who} sent {other:?} instead of its listen addresses")),
+    }
+}
+
+/// The measured seconds (and blob details) of a `Received` event.
+fn received(ev: &Event, size: u64) -> anyhow::Result<f64> {
+    match *ev {
+        Event::Received { bytes, secs, .. } if bytes == size => Ok(secs),
+        ref other => Err(anyhow!("unexpected result {other:?}")),
+    }
+}
+
+/// Stops both children; returns their peak RSS (sender, receiver).
+async fn stop_both(sender: ChildProc, receiver: ChildProc, deadline: Instant) -> anyhow::Result<(u64, u64)> {
+    let (s, r) = tokio::join!(sender.stop(deadline), receiver.stop(deadline));
+    Ok((s?, r?))
+}
+
+async fn tcp_phase(s: &Setup) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + s.timeout;
+    let mut receiver = ChildProc::spawn("tcp receiver", common_args(s, "tcp-recv"))?;
+    let (addrs, _, _) = ready(receiver.event(deadline).await?, "tcp receiver")?;
+    let mut a = common_args(s, "tcp-send");
+    a.extend(["--connect".into(), addrs[0].clone()]);
+    let mut sender = ChildProc::spawn("tcp sender", a)?;
+    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
+    let secs = received(&ev, s.size)?;
+    stop_both(sender, receiver, deadline).await?;
+    Ok(secs)
+}
+
+async fn libp2p_phase(s: &Setup) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + s.timeout;
+    let mut receiver = ChildProc::spawn("libp2p receiver", p2p_args(s, "raw-recv", false, &[]))?;
+    let (addrs, _, _) = ready(receiver.event(deadline).await?, "libp2p receiver")?;
+    let mut sender = ChildProc::spawn("libp2p sender", p2p_args(s, "raw-send", true, &addrs))?;
+    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
+    let secs = received(&ev, s.size)?;
+    stop_both(sender, receiver, deadline).await?;
+    Ok(secs)
+}
+
+async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
+    let deadline = Instant::now() + s.timeout;
+    let mut a = p2p_args(s, "blob-send", true, &[]);
+    a.extend([
+        "--dir".into(),
+        s.root.join(format!("run{run}-sender")).display().to_string(),
+        "--chunk-size".into(),
+        s.chunk_size.to_string(),
+        "--seed".into(),
+        rand::random::<u64>().to_string(),
+    ]);
+    let mut sender = ChildProc::spawn("blob sender", a)?;
+    let (addrs, blob, import_secs) = ready(sender.event(deadline).await?, "blob sender")?;
+    let blob = blob.context("the blob sender did not say which blob it holds")?;
+    ensure!(
+        blob.len == s.size && blob.chunk_size == s.chunk_size,
+        "the blob sender holds {blob:?}"
+    );
+
+    let mut a = p2p_args(s, "blob-recv", false, &addrs);
+    a.extend([
+        "--dir".into(),
+        s.root.join(format!("run{run}-receiver")).display().to_string(),
+        "--blob-id".into(),
+        blob.id.clone(),
+        "--chunk-size".into(),
+        blob.chunk_size.to_string(),
+        "--window".into(),
+        s.window.to_string(),
+    ]);
+    let mut receiver = ChildProc::spawn("blob receiver", a)?;
+    ready(receiver.event(deadline).await?, "blob receiver")?;
+    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
+    let blob_secs = received(&ev, s.size)?;
+    let Event::Received {
+        verified,
+        verify_secs,
+        source_errors,
+        ..
+    } = ev
+    else {
+        bail!("unexpected result {ev:?}");
+    };
+    let (sender_rss, receiver_rss) = stop_both(sender, receiver, deadline).await?;
+    Ok(RunResult {
+        tcp_secs: 0.0,
+        libp2p_secs: 0.0,
+        blob_secs,
+        verified: verified.unwrap_or(false),
+        sender_peak_rss_bytes: sender_rss,
+        receiver_peak_rss_bytes: receiver_rss,
+        import_secs: import_secs.unwrap_or(0.0),
+        verify_secs: verify_secs.unwrap_or(0.0),
+        source_errors: source_errors.unwrap_or(0),
+    })
 }

@@ -1,0 +1,70 @@
+//! Blobs arrive whole and byte-identical, from one source or several.
+
+use flare_actors::BlobStore;
+use flare_actors::blob::FetchOptions;
+
+use crate::util::{bytes, memory_stores, start_nodes, within};
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_of_edge_sizes_arrive_byte_identical() {
+    within(120, async {
+        let dir = tempfile::tempdir().expect("tmp");
+        let receiver_store = BlobStore::open(dir.path()).expect("disk store");
+        let nodes = start_nodes(vec![BlobStore::memory(), receiver_store.clone()]).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        for (i, len) in [0, 1, MIB - 1, MIB, MIB + 1, 64 * MIB + 3].into_iter().enumerate() {
+            let data = bytes(len, i as u64 + 1);
+            let m = src.store().import_bytes(&data, 1 << 20).expect("import");
+            let report = dst
+                .fetch(m.blob_ref(), &[src.peer_id()], &FetchOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+            assert_eq!(report.fetched, m.chunk_count(), "{len} bytes");
+            assert!(dst.store().is_complete(&m.id()));
+            assert!(dst.store().read_all(&m.id()).expect("read") == data, "{len} bytes differ");
+        }
+        // The disk store reopens with the same blobs.
+        let reopened = BlobStore::open(dir.path()).expect("reopen");
+        let m = flare_protocols::Manifest::of_bytes(&bytes(MIB + 1, 5), 1 << 20).expect("m");
+        assert!(reopened.read_all(&m.id()).expect("read") == bytes(MIB + 1, 5));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sources_share_one_fetch() {
+    within(60, async {
+        let nodes = start_nodes(memory_stores(4)).await;
+        let data = bytes(6 * MIB + 5, 7);
+        let mut blob = None;
+        for n in &nodes[..3] {
+            blob = Some(n.store().import_bytes(&data, 256 << 10).expect("import").blob_ref());
+        }
+        let blob = blob.expect("blob");
+        let sources: Vec<_> = nodes[..3].iter().map(|n| n.peer_id()).collect();
+        let report = nodes[3].fetch(blob, &sources, &FetchOptions::default()).await.expect("fetch");
+        assert_eq!(report.per_source.len(), 3, "every source served some chunks: {report:?}");
+        assert_eq!(report.per_source.values().sum::<u64>(), blob.chunk_count().expect("n"));
+        assert!(nodes[3].store().read_all(&blob.id).expect("read") == data);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_blob_is_not_found_on_every_source() {
+    within(30, async {
+        let nodes = start_nodes(memory_stores(3)).await;
+        let m = flare_protocols::Manifest::of_bytes(b"nobody has this", 4).expect("m");
+        let e = nodes[2]
+            .fetch(m.blob_ref(), &[nodes[0].peer_id(), nodes[1].peer_id()], &FetchOptions::default())
+            .await
+            .expect_err("not found");
+        assert!(
+            matches!(&e, flare_actors::blob::FetchError::NotFound { tried, .. } if tried.len() == 2),
+            "{e}"
+        );
+    })
+    .await;
+}
