@@ -113,6 +113,15 @@ struct Entry {
     have: Mutex<Have>,
 }
 
+impl Entry {
+    fn has(&self, index: u64) -> bool {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| lock(&self.have).bits.get(i).copied())
+            .is_some_and(|b| b != 0)
+    }
+}
+
 struct Inner {
     dir: Option<PathBuf>,
     blobs: Mutex<HashMap<BlobId, Arc<Entry>>>,
@@ -219,8 +228,7 @@ impl BlobStore {
 
     /// Whether chunk `index` of blob `id` is held.
     pub fn has_chunk(&self, id: &BlobId, index: u64) -> bool {
-        self.entry(id)
-            .is_some_and(|e| lock(&e.have).bits.get(index as usize).is_some_and(|&b| b != 0))
+        self.entry(id).is_some_and(|e| e.has(index))
     }
 
     /// Makes room for a blob about to arrive chunk by chunk. The manifest must already be
@@ -309,7 +317,7 @@ impl BlobStore {
         let Some(e) = self.entry(id) else {
             return Ok(None);
         };
-        if !lock(&e.have).bits.get(index as usize).is_some_and(|&b| b != 0) {
+        if !e.has(index) {
             return Ok(None);
         }
         let len = e.manifest.chunk_len(index);

@@ -223,7 +223,7 @@ impl Manifest {
 
 /// Splits a byte string of concatenated 32-byte hashes.
 pub fn hashes_from_bytes(bytes: &[u8]) -> Option<Vec<ChunkHash>> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return None;
     }
     Some(
