@@ -17,6 +17,8 @@ use tokio::process::{ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::util::Cpu;
+
 /// The line the parent writes to end a child.
 pub const STOP: &str = "stop";
 
@@ -66,11 +68,15 @@ pub enum Event {
         /// For a blob: source errors the fetch worked around.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source_errors: Option<u64>,
+        /// The receiver's CPU time over the measured interval.
+        cpu: Cpu,
     },
-    /// The answer to `stop`: the child's peak resident set size over its whole life.
+    /// The answer to `stop`.
     Final {
-        /// `VmHWM`, bytes.
+        /// Peak resident set size over the child's whole life (`VmHWM`), bytes.
         peak_rss_bytes: u64,
+        /// CPU time used since `Ready` (for a sender: the sending or serving).
+        cpu_since_ready: Cpu,
     },
 }
 
@@ -96,6 +102,10 @@ impl ChildProc {
             .kill_on_drop(true);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
+        }
+        if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+            // A child's error comes back with its context chain; a backtrace is noise.
+            cmd.env("RUST_LIB_BACKTRACE", "0");
         }
         let mut child = cmd
             .spawn()
@@ -146,8 +156,9 @@ impl ChildProc {
         }
     }
 
-    /// Ends the child: sends `stop`, reads its peak memory and waits for a clean exit.
-    pub async fn stop(mut self, deadline: Instant) -> anyhow::Result<u64> {
+    /// Ends the child: sends `stop`, reads its peak memory and CPU time since `Ready`, and
+    /// waits for a clean exit.
+    pub async fn stop(mut self, deadline: Instant) -> anyhow::Result<(u64, Cpu)> {
         let mut stdin = self.stdin.take().context("child already stopped")?;
         let line = format!("{STOP}\n");
         tokio::time::timeout_at(deadline, stdin.write_all(line.as_bytes()))
@@ -155,10 +166,22 @@ impl ChildProc {
             .map_err(|_| anyhow!("the {} does not read its input", self.name))?
             .with_context(|| format!("telling the {} to stop", self.name))?;
         drop(stdin);
-        let peak = match self.event(deadline).await? {
-            Event::Final { peak_rss_bytes } => peak_rss_bytes,
-            other => bail!("the {} answered stop with {other:?}", self.name),
-        };
+        // A sender's `Sent` may still be unread when the receiver is done: skip it.
+        let mut peak = None;
+        for _ in 0..2 {
+            match self.event(deadline).await? {
+                Event::Final {
+                    peak_rss_bytes,
+                    cpu_since_ready,
+                } => {
+                    peak = Some((peak_rss_bytes, cpu_since_ready));
+                    break;
+                }
+                Event::Sent { .. } => {}
+                other => bail!("the {} answered stop with {other:?}", self.name),
+            }
+        }
+        let peak = peak.with_context(|| format!("the {} did not report its memory", self.name))?;
         let status: ExitStatus = tokio::time::timeout_at(deadline, self.child.wait())
             .await
             .map_err(|_| anyhow!("the {} did not exit after stopping", self.name))?

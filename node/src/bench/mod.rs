@@ -7,8 +7,8 @@
 //!
 //! 1. **plain TCP** (`baseline_tcp_mib_per_s`): a tokio socket; the sender writes 1 MiB
 //!    buffers, the receiver reads until EOF.
-//! 2. **bare libp2p** (`baseline_libp2p_mib_per_s`): two [`flare_actors::Node`]s (TCP + Noise
-//!    + Yamux, the node's own transport), one stream of the private protocol
+//! 2. **bare libp2p** (`baseline_libp2p_mib_per_s`): two [`flare_actors::Node`]s with the
+//!    node's own transport (TCP, Noise, Yamux), one stream of the private protocol
 //!    `/flare/bench-raw/1`; the sender writes 1 MiB buffers and closes, the receiver reads
 //!    until EOF. No framing, no hashing, no disk.
 //! 3. **flare blob** (`mib_per_s`): the sender generates the bytes (seeded PRNG, streamed)
@@ -24,7 +24,12 @@
 //!
 //! `sender_peak_rss_bytes` / `receiver_peak_rss_bytes` are the `VmHWM` (peak resident set)
 //! of the two processes of phase 3, over their whole lives (the maximum over runs); page cache
-//! is not counted.
+//! is not counted. `*_cpu_user_secs` / `*_cpu_sys_secs` say where the time went: the
+//! receiver's CPU time over its measured interval, the sender's from its `Ready` to its end.
+//! A receiver whose system time far exceeds the bare-libp2p receiver's is paying for the page
+//! cache: on virtual machines that hand freed memory back to the host (virtio-balloon free
+//! page reporting), writing pages not touched for a few seconds costs several times a copy, so
+//! the blob figure depends on how recently the machine's memory was used.
 //!
 //! Keys, stores and generated data live in one temporary directory removed at the end.
 //! Children report on stdout and log on stderr (forwarded with a `[role]` prefix); they are
@@ -48,7 +53,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use child::{ChildProc, Event, wait_received};
-use util::{fmt_bytes, median, mib_per_s, parse_size};
+use util::{Cpu, fmt_bytes, median, mib_per_s, parse_size};
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -92,8 +97,19 @@ pub struct PeerArgs {
 
 /// Runs a benchmark.
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
-    match cmd {
-        BenchCmd::Blob(args) => blob(args).await,
+    let bench = async {
+        match cmd {
+            BenchCmd::Blob(args) => blob(args).await,
+        }
+    };
+    // On Ctrl-C or SIGTERM, drop the benchmark so that its children are killed and its
+    // temporary directory removed.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    tokio::select! {
+        r = bench => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
     }
 }
 
@@ -115,18 +131,30 @@ struct Setup {
     receiver_id: PeerId,
 }
 
-/// The figures of one run.
-#[derive(Clone, Debug)]
-struct RunResult {
-    tcp_secs: f64,
-    libp2p_secs: f64,
-    blob_secs: f64,
-    verified: bool,
+/// What one phase measured.
+#[derive(Clone, Debug, Default)]
+struct Phase {
+    /// Measured seconds (on the receiver).
+    secs: f64,
+    /// The receiver's CPU time over the measured interval.
+    receiver_cpu: Cpu,
+    /// The sender's CPU time from its `Ready` to its end (sending or serving, plus idling).
+    sender_cpu: Cpu,
     sender_peak_rss_bytes: u64,
     receiver_peak_rss_bytes: u64,
+    /// Blob phase only.
+    verified: bool,
     import_secs: f64,
     verify_secs: f64,
     source_errors: u64,
+}
+
+/// The figures of one run.
+#[derive(Clone, Debug)]
+struct RunResult {
+    tcp: Phase,
+    libp2p: Phase,
+    blob: Phase,
 }
 
 async fn blob(args: BlobArgs) -> anyhow::Result<()> {
@@ -174,26 +202,32 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         let r = one_run(&setup, run).await.with_context(|| format!("run {run}"))?;
         eprintln!(
             "run {run}: blob {:.0} MiB/s, bare libp2p {:.0} MiB/s, tcp {:.0} MiB/s",
-            mib_per_s(args.size, r.blob_secs),
-            mib_per_s(args.size, r.libp2p_secs),
-            mib_per_s(args.size, r.tcp_secs)
+            mib_per_s(args.size, r.blob.secs),
+            mib_per_s(args.size, r.libp2p.secs),
+            mib_per_s(args.size, r.tcp.secs)
         );
         results.push(r);
     }
     tmp.close().context("removing the temporary directory")?;
 
     let med = |f: fn(&RunResult) -> f64| median(&results.iter().map(f).collect::<Vec<_>>());
-    let secs = med(|r| r.blob_secs);
-    let tcp_secs = med(|r| r.tcp_secs);
-    let libp2p_secs = med(|r| r.libp2p_secs);
+    let secs = med(|r| r.blob.secs);
+    let tcp_secs = med(|r| r.tcp.secs);
+    let libp2p_secs = med(|r| r.libp2p.secs);
     let rate = mib_per_s(args.size, secs);
     let tcp_rate = mib_per_s(args.size, tcp_secs);
     let libp2p_rate = mib_per_s(args.size, libp2p_secs);
     let ratio = |base: f64| if base > 0.0 { rate / base } else { 0.0 };
-    let sender_rss = results.iter().map(|r| r.sender_peak_rss_bytes).max().unwrap_or(0);
-    let receiver_rss = results.iter().map(|r| r.receiver_peak_rss_bytes).max().unwrap_or(0);
-    let verified = results.iter().all(|r| r.verified);
-    let source_errors: u64 = results.iter().map(|r| r.source_errors).sum();
+    // CPU times come in 1/100 s ticks: keep two decimals.
+    let cs = |x: f64| (x * 100.0).round() / 100.0;
+    let sender_rss = results.iter().map(|r| r.blob.sender_peak_rss_bytes).max().unwrap_or(0);
+    let receiver_rss = results
+        .iter()
+        .map(|r| r.blob.receiver_peak_rss_bytes)
+        .max()
+        .unwrap_or(0);
+    let verified = results.iter().all(|r| r.blob.verified);
+    let source_errors: u64 = results.iter().map(|r| r.blob.source_errors).sum();
 
     if args.json {
         let out = json!({
@@ -213,10 +247,18 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "chunk_size": chunk_size,
             "window": args.window,
             "runs": args.runs,
-            "runs_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.blob_secs)).collect::<Vec<_>>(),
-            "import_secs": med(|r| r.import_secs),
-            "verify_secs": med(|r| r.verify_secs),
+            "runs_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.blob.secs)).collect::<Vec<_>>(),
+            "import_secs": med(|r| r.blob.import_secs),
+            "verify_secs": med(|r| r.blob.verify_secs),
             "source_errors": source_errors,
+            "receiver_cpu_user_secs": cs(med(|r| r.blob.receiver_cpu.user)),
+            "receiver_cpu_sys_secs": cs(med(|r| r.blob.receiver_cpu.sys)),
+            "sender_cpu_user_secs": cs(med(|r| r.blob.sender_cpu.user)),
+            "sender_cpu_sys_secs": cs(med(|r| r.blob.sender_cpu.sys)),
+            "baseline_libp2p_receiver_cpu_user_secs": cs(med(|r| r.libp2p.receiver_cpu.user)),
+            "baseline_libp2p_receiver_cpu_sys_secs": cs(med(|r| r.libp2p.receiver_cpu.sys)),
+            "baseline_libp2p_sender_cpu_user_secs": cs(med(|r| r.libp2p.sender_cpu.user)),
+            "baseline_libp2p_sender_cpu_sys_secs": cs(med(|r| r.libp2p.sender_cpu.sys)),
         });
         println!("{out}");
     } else {
@@ -237,10 +279,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             fmt_bytes(sender_rss),
             fmt_bytes(receiver_rss)
         );
-        println!(
-            "  received blob {}",
-            if verified { "verified" } else { "NOT VERIFIED" }
-        );
+        println!("  received blob {}", if verified { "verified" } else { "NOT VERIFIED" });
     }
     if !verified {
         bail!("the received blob did not verify");
@@ -257,12 +296,11 @@ fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PeerId)> {
 }
 
 async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
-    let tcp_secs = tcp_phase(s).await.context("plain TCP baseline")?;
-    let libp2p_secs = libp2p_phase(s).await.context("bare libp2p baseline")?;
-    let mut r = blob_phase(s, run).await.context("blob transfer")?;
-    r.tcp_secs = tcp_secs;
-    r.libp2p_secs = libp2p_secs;
-    Ok(r)
+    Ok(RunResult {
+        tcp: tcp_phase(s).await.context("plain TCP baseline")?,
+        libp2p: libp2p_phase(s).await.context("bare libp2p baseline")?,
+        blob: blob_phase(s, run).await.context("blob transfer")?,
+    })
 }
 
 fn common_args(s: &Setup, role: &str) -> Vec<String> {
@@ -282,7 +320,12 @@ fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String]) -> Vec<S
         (&s.receiver_key, s.sender_id)
     };
     let mut a = common_args(s, role);
-    a.extend(["--key".into(), key.display().to_string(), "--peer".into(), peer.to_string()]);
+    a.extend([
+        "--key".into(),
+        key.display().to_string(),
+        "--peer".into(),
+        peer.to_string(),
+    ]);
     for addr in peer_addrs {
         a.extend(["--peer-addr".into(), addr.clone()]);
     }
@@ -301,45 +344,60 @@ fn ready(ev: Event, who: &str) -> anyhow::Result<(Vec<String>, Option<child::Blo
     }
 }
 
-/// The measured seconds (and blob details) of a `Received` event.
-fn received(ev: &Event, size: u64) -> anyhow::Result<f64> {
-    match *ev {
-        Event::Received { bytes, secs, .. } if bytes == size => Ok(secs),
-        ref other => Err(anyhow!("unexpected result {other:?}")),
-    }
+/// Waits for the receiver's result, stops both children, and puts the figures together.
+async fn finish_phase(
+    s: &Setup,
+    mut sender: ChildProc,
+    mut receiver: ChildProc,
+    deadline: Instant,
+) -> anyhow::Result<Phase> {
+    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
+    let Event::Received {
+        bytes,
+        secs,
+        verified,
+        verify_secs,
+        source_errors,
+        cpu,
+    } = ev
+    else {
+        bail!("unexpected result {ev:?}");
+    };
+    ensure!(bytes == s.size, "the receiver got {bytes} of {} bytes", s.size);
+    let (sent, recvd) = tokio::join!(sender.stop(deadline), receiver.stop(deadline));
+    let ((sender_rss, sender_cpu), (receiver_rss, _)) = (sent?, recvd?);
+    Ok(Phase {
+        secs,
+        receiver_cpu: cpu,
+        sender_cpu,
+        sender_peak_rss_bytes: sender_rss,
+        receiver_peak_rss_bytes: receiver_rss,
+        verified: verified.unwrap_or(false),
+        import_secs: 0.0,
+        verify_secs: verify_secs.unwrap_or(0.0),
+        source_errors: source_errors.unwrap_or(0),
+    })
 }
 
-/// Stops both children; returns their peak RSS (sender, receiver).
-async fn stop_both(sender: ChildProc, receiver: ChildProc, deadline: Instant) -> anyhow::Result<(u64, u64)> {
-    let (s, r) = tokio::join!(sender.stop(deadline), receiver.stop(deadline));
-    Ok((s?, r?))
-}
-
-async fn tcp_phase(s: &Setup) -> anyhow::Result<f64> {
+async fn tcp_phase(s: &Setup) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
     let mut receiver = ChildProc::spawn("tcp receiver", common_args(s, "tcp-recv"))?;
     let (addrs, _, _) = ready(receiver.event(deadline).await?, "tcp receiver")?;
     let mut a = common_args(s, "tcp-send");
     a.extend(["--connect".into(), addrs[0].clone()]);
-    let mut sender = ChildProc::spawn("tcp sender", a)?;
-    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
-    let secs = received(&ev, s.size)?;
-    stop_both(sender, receiver, deadline).await?;
-    Ok(secs)
+    let sender = ChildProc::spawn("tcp sender", a)?;
+    finish_phase(s, sender, receiver, deadline).await
 }
 
-async fn libp2p_phase(s: &Setup) -> anyhow::Result<f64> {
+async fn libp2p_phase(s: &Setup) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
     let mut receiver = ChildProc::spawn("libp2p receiver", p2p_args(s, "raw-recv", false, &[]))?;
     let (addrs, _, _) = ready(receiver.event(deadline).await?, "libp2p receiver")?;
-    let mut sender = ChildProc::spawn("libp2p sender", p2p_args(s, "raw-send", true, &addrs))?;
-    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
-    let secs = received(&ev, s.size)?;
-    stop_both(sender, receiver, deadline).await?;
-    Ok(secs)
+    let sender = ChildProc::spawn("libp2p sender", p2p_args(s, "raw-send", true, &addrs))?;
+    finish_phase(s, sender, receiver, deadline).await
 }
 
-async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
+async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
     let mut a = p2p_args(s, "blob-send", true, &[]);
     a.extend([
@@ -371,27 +429,7 @@ async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
     ]);
     let mut receiver = ChildProc::spawn("blob receiver", a)?;
     ready(receiver.event(deadline).await?, "blob receiver")?;
-    let ev = wait_received(&mut receiver, &mut sender, deadline).await?;
-    let blob_secs = received(&ev, s.size)?;
-    let Event::Received {
-        verified,
-        verify_secs,
-        source_errors,
-        ..
-    } = ev
-    else {
-        bail!("unexpected result {ev:?}");
-    };
-    let (sender_rss, receiver_rss) = stop_both(sender, receiver, deadline).await?;
-    Ok(RunResult {
-        tcp_secs: 0.0,
-        libp2p_secs: 0.0,
-        blob_secs,
-        verified: verified.unwrap_or(false),
-        sender_peak_rss_bytes: sender_rss,
-        receiver_peak_rss_bytes: receiver_rss,
-        import_secs: import_secs.unwrap_or(0.0),
-        verify_secs: verify_secs.unwrap_or(0.0),
-        source_errors: source_errors.unwrap_or(0),
-    })
+    let mut phase = finish_phase(s, sender, receiver, deadline).await?;
+    phase.import_secs = import_secs.unwrap_or(0.0);
+    Ok(phase)
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::child::{BlobSpec, Event, STOP};
-use super::util::{HashingWriter, MIB, PrngReader, mib_per_s, peak_rss_bytes};
+use super::util::{Cpu, HashingWriter, MIB, PrngReader, mib_per_s, peak_rss_bytes};
 
 /// The private protocol of the bare-libp2p baseline: bytes, then EOF.
 pub const RAW_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/bench-raw/1");
@@ -156,10 +156,18 @@ pub async fn run(role: Role) -> anyhow::Result<()> {
     let work = role_main(role, parent, cancel.clone());
     tokio::select! {
         r = work => r,
-        _ = gone.wait_for(|p| *p == Parent::Gone) => {
+        () = parent_gone(&mut gone) => {
             cancel.store(true, Ordering::Relaxed);
             bail!("the parent process went away")
         }
+    }
+}
+
+/// Resolves once the parent is gone; never if it said `stop` first.
+async fn parent_gone(rx: &mut watch::Receiver<Parent>) {
+    if rx.wait_for(|p| *p == Parent::Gone).await.is_err() {
+        // The watcher ended without the parent going away: it said `stop`.
+        std::future::pending::<()>().await;
     }
 }
 
@@ -188,15 +196,15 @@ async fn role_main(role: Role, parent: watch::Receiver<Parent>, cancel: Arc<Atom
     let held = match role {
         Role::TcpRecv(c) => {
             tcp_recv(&c, timeout).await?;
-            Held::Nothing
+            None
         }
         Role::TcpSend { common, connect } => {
             tcp_send(&common, connect, timeout).await?;
-            Held::Nothing
+            None
         }
-        Role::RawRecv(p) => Held::Node(raw_recv(&p, timeout).await?),
-        Role::RawSend(p) => Held::Node(raw_send(&p, timeout).await?),
-        Role::BlobSend { p2p, chunk_size, seed } => Held::Node(blob_send(&p2p, chunk_size, seed, cancel).await?),
+        Role::RawRecv(p) => Some(raw_recv(&p, timeout).await?),
+        Role::RawSend(p) => Some(raw_send(&p, timeout).await?),
+        Role::BlobSend { p2p, chunk_size, seed } => Some(blob_send(&p2p, chunk_size, seed, cancel).await?),
         Role::BlobRecv {
             p2p,
             blob_id,
@@ -208,22 +216,19 @@ async fn role_main(role: Role, parent: watch::Receiver<Parent>, cancel: Arc<Atom
                 len: p2p.common.size,
                 chunk_size,
             };
-            Held::Node(blob_recv(&p2p, blob, window, timeout).await?)
+            Some(blob_recv(&p2p, blob, window, timeout).await?)
         }
     };
     wait_stop(parent, timeout).await?;
+    let ready_cpu = READY_CPU.get().copied().unwrap_or_default();
     emit(&Event::Final {
         peak_rss_bytes: peak_rss_bytes()?,
+        cpu_since_ready: Cpu::now()?.since(ready_cpu),
     })?;
-    if let Held::Node(node) = held {
+    if let Some(node) = held {
         node.shutdown().await;
     }
     Ok(())
-}
-
-enum Held {
-    Nothing,
-    Node(Node),
 }
 
 async fn wait_stop(mut parent: watch::Receiver<Parent>, timeout: Duration) -> anyhow::Result<()> {
@@ -238,8 +243,14 @@ async fn wait_stop(mut parent: watch::Receiver<Parent>, timeout: Duration) -> an
     }
 }
 
+/// CPU time used when `Ready` was sent.
+static READY_CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+
 /// Writes one event line on stdout.
 fn emit(ev: &Event) -> anyhow::Result<()> {
+    if matches!(ev, Event::Ready { .. }) {
+        let _ = READY_CPU.set(Cpu::now()?);
+    }
     let line = serde_json::to_string(ev).context("encoding an event")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").context("writing to the parent")?;
@@ -279,6 +290,7 @@ async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
     })?;
     let (mut sock, _) = within(timeout, "accepting the sender", listener.accept()).await?;
     let start = Instant::now();
+    let cpu0 = Cpu::now()?;
     let mut buf = vec![0u8; MIB as usize];
     let mut got = 0u64;
     loop {
@@ -298,11 +310,17 @@ async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
         verified: None,
         verify_secs: None,
         source_errors: None,
+        cpu: Cpu::now()?.since(cpu0),
     })
 }
 
 async fn tcp_send(c: &Common, connect: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let mut sock = within(timeout, "connecting to the receiver", tokio::net::TcpStream::connect(connect)).await?;
+    let mut sock = within(
+        timeout,
+        "connecting to the receiver",
+        tokio::net::TcpStream::connect(connect),
+    )
+    .await?;
     let buf = send_buffer();
     let mut left = c.size;
     while left > 0 {
@@ -355,6 +373,7 @@ async fn raw_recv(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
         .context("stream control closed")?;
     ensure!(from == p.peer, "stream from unexpected peer {from}");
     let start = Instant::now();
+    let cpu0 = Cpu::now()?;
     let mut buf = vec![0u8; MIB as usize];
     let mut got = 0u64;
     loop {
@@ -363,7 +382,11 @@ async fn raw_recv(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
             break;
         }
         got += n as u64;
-        ensure!(got <= p.common.size, "the sender sent more than {} bytes", p.common.size);
+        ensure!(
+            got <= p.common.size,
+            "the sender sent more than {} bytes",
+            p.common.size
+        );
     }
     let secs = start.elapsed().as_secs_f64();
     ensure!(got == p.common.size, "received {got} of {} bytes", p.common.size);
@@ -374,6 +397,7 @@ async fn raw_recv(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
         verified: None,
         verify_secs: None,
         source_errors: None,
+        cpu: Cpu::now()?.since(cpu0),
     })?;
     Ok(node)
 }
@@ -461,12 +485,14 @@ async fn blob_recv(p: &P2p, blob: BlobRef, window: u32, timeout: Duration) -> an
         progress: Some(Arc::new(progress)),
         ..FetchOptions::default()
     };
+    let cpu0 = Cpu::now()?;
     let start = Instant::now();
     let report = tokio::time::timeout(timeout, node.fetch(blob, &[p.peer], &opts))
         .await
         .map_err(|_| anyhow!("fetch did not finish within {timeout:?}"))?
         .context("fetching the blob")?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = Cpu::now()?.since(cpu0);
     eprintln!(
         "fetched {} chunks in {secs:.3} s ({:.0} MiB/s), {} source errors",
         report.fetched,
@@ -483,6 +509,7 @@ async fn blob_recv(p: &P2p, blob: BlobRef, window: u32, timeout: Duration) -> an
         verified: Some(verified),
         verify_secs: Some(verify_secs),
         source_errors: Some(report.source_errors.len() as u64),
+        cpu,
     })?;
     Ok(node)
 }
@@ -518,7 +545,10 @@ async fn verify(store: &BlobStore, blob: BlobRef) -> anyhow::Result<bool> {
     .context("verify task")??;
     let ok = id == blob.id && len == blob.len;
     if !ok {
-        eprintln!("verify: read back {len} bytes naming {id}, expected {} bytes naming {}", blob.len, blob.id);
+        eprintln!(
+            "verify: read back {len} bytes naming {id}, expected {} bytes naming {}",
+            blob.len, blob.id
+        );
     }
     Ok(ok)
 }

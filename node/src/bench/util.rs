@@ -61,7 +61,11 @@ pub fn fmt_bytes(n: u64) -> String {
 
 /// MiB per second, or 0 when no time was measured.
 pub fn mib_per_s(bytes: u64, secs: f64) -> f64 {
-    if secs > 0.0 { bytes as f64 / MIB as f64 / secs } else { 0.0 }
+    if secs > 0.0 {
+        bytes as f64 / MIB as f64 / secs
+    } else {
+        0.0
+    }
 }
 
 /// The median of `xs` (the mean of the middle two for an even count); 0 for none.
@@ -90,6 +94,47 @@ pub fn peak_rss_bytes() -> anyhow::Result<u64> {
         .parse()
         .with_context(|| format!("VmHWM value {line:?}"))?;
     Ok(kib * 1024)
+}
+
+/// CPU time a process has used, all threads together, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Cpu {
+    /// In user space.
+    pub user: f64,
+    /// In the kernel (system calls, page faults, the page cache, TCP).
+    pub sys: f64,
+}
+
+impl Cpu {
+    /// This process's CPU time so far (`utime` and `stime` of `/proc/self/stat`, in clock
+    /// ticks of 1/100 s: Linux's `USER_HZ`, fixed by its ABI).
+    pub fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+        // The command name may contain spaces; the fields after it may not.
+        let rest = stat.rsplit_once(')').context("no ')' in /proc/self/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Fields are numbered from 1 and `rest` starts at field 3; utime is 14, stime 15.
+        let tick = |i: usize| -> anyhow::Result<f64> {
+            let v: u64 = fields
+                .get(i - 3)
+                .context("/proc/self/stat is too short")?
+                .parse()
+                .context("/proc/self/stat field")?;
+            Ok(v as f64 / 100.0)
+        };
+        Ok(Self {
+            user: tick(14)?,
+            sys: tick(15)?,
+        })
+    }
+
+    /// The CPU time used since `earlier`.
+    pub fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - earlier.user,
+            sys: self.sys - earlier.sys,
+        }
+    }
 }
 
 /// `len` pseudo-random bytes from a seeded fast PRNG, produced as they are read: memory use
@@ -228,8 +273,16 @@ mod tests {
     }
 
     #[test]
-    fn peak_rss_is_readable() -> anyhow::Result<()> {
+    fn peak_rss_and_cpu_are_readable() -> anyhow::Result<()> {
         assert!(peak_rss_bytes()? > 0);
+        let a = Cpu::now()?;
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let d = Cpu::now()?.since(a);
+        assert!(d.user >= 0.0 && d.sys >= 0.0);
         Ok(())
     }
 }
