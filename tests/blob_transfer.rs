@@ -23,7 +23,10 @@ async fn blobs_of_edge_sizes_arrive_byte_identical() {
                 .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
             assert_eq!(report.fetched, m.chunk_count(), "{len} bytes");
             assert!(dst.store().is_complete(&m.id()));
-            assert!(dst.store().read_all(&m.id()).expect("read") == data, "{len} bytes differ");
+            assert!(
+                dst.store().read_all(&m.id()).expect("read") == data,
+                "{len} bytes differ"
+            );
         }
         // The disk store reopens with the same blobs.
         let reopened = BlobStore::open(dir.path()).expect("reopen");
@@ -44,8 +47,15 @@ async fn three_sources_share_one_fetch() {
         }
         let blob = blob.expect("blob");
         let sources: Vec<_> = nodes[..3].iter().map(|n| n.peer_id()).collect();
-        let report = nodes[3].fetch(blob, &sources, &FetchOptions::default()).await.expect("fetch");
-        assert_eq!(report.per_source.len(), 3, "every source served some chunks: {report:?}");
+        let report = nodes[3]
+            .fetch(blob, &sources, &FetchOptions::default())
+            .await
+            .expect("fetch");
+        assert_eq!(
+            report.per_source.len(),
+            3,
+            "every source served some chunks: {report:?}"
+        );
         assert_eq!(report.per_source.values().sum::<u64>(), blob.chunk_count().expect("n"));
         assert!(nodes[3].store().read_all(&blob.id).expect("read") == data);
     })
@@ -58,7 +68,11 @@ async fn unknown_blob_is_not_found_on_every_source() {
         let nodes = start_nodes(memory_stores(3)).await;
         let m = flare_protocols::Manifest::of_bytes(b"nobody has this", 4).expect("m");
         let e = nodes[2]
-            .fetch(m.blob_ref(), &[nodes[0].peer_id(), nodes[1].peer_id()], &FetchOptions::default())
+            .fetch(
+                m.blob_ref(),
+                &[nodes[0].peer_id(), nodes[1].peer_id()],
+                &FetchOptions::default(),
+            )
             .await
             .expect_err("not found");
         assert!(

@@ -69,7 +69,13 @@ fn fetch_in_child() {
 fn spawn_child(orders: &str) -> (Child, mpsc::Receiver<String>) {
     let exe = std::env::current_exe().expect("exe");
     let mut child = Command::new(exe)
-        .args(["--ignored", "--exact", "child::fetch_in_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child::fetch_in_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ENV, orders)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -141,7 +147,9 @@ async fn receiver_killed_mid_transfer_resumes_on_restart() {
         // First run: stalls after `stall_at` chunks; kill it once they are stored.
         let (mut child, rx) = spawn_child(&orders);
         assert_eq!(number(&wait_line(&rx, "present", |l| l.starts_with("present"))), 0);
-        wait_line(&rx, "its progress", |l| l.starts_with("progress") && number(l) >= stall_at);
+        wait_line(&rx, "its progress", |l| {
+            l.starts_with("progress") && number(l) >= stall_at
+        });
         child.kill().expect("kill");
         let _ = child.wait();
 
@@ -150,13 +158,20 @@ async fn receiver_killed_mid_transfer_resumes_on_restart() {
         let served_before = src.serve_stats().chunks.load(Ordering::Relaxed);
         let (mut child, rx) = spawn_child(&orders);
         let had = number(&wait_line(&rx, "present", |l| l.starts_with("present")));
-        assert!(had >= stall_at, "restart found {had} chunks, expected at least {stall_at}");
+        assert!(
+            had >= stall_at,
+            "restart found {had} chunks, expected at least {stall_at}"
+        );
         let fetched = number(&wait_line(&rx, "done", |l| l.starts_with("done")));
         let status = child.wait().expect("wait");
         assert!(status.success(), "child failed: {status}");
         let served_after = src.serve_stats().chunks.load(Ordering::Relaxed) - served_before;
         assert_eq!(fetched, m.chunk_count() - had, "only missing chunks were fetched");
-        assert_eq!(served_after, m.chunk_count() - had, "the source sent only what was missing");
+        assert_eq!(
+            served_after,
+            m.chunk_count() - had,
+            "the source sent only what was missing"
+        );
 
         let store = BlobStore::open(dir.path()).expect("reopen");
         assert!(store.read_all(&m.id()).expect("read") == data);

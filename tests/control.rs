@@ -17,8 +17,15 @@ async fn control_requests_are_answered_and_unknown_jobs_rejected() {
         let nodes = start_nodes(memory_stores(2)).await;
         let b_peer = nodes[1].peer_id();
         // No job on b yet: rejected, with the job named.
-        let r = nodes[0].net().request(b_peer, heartbeat("job-1")).await.expect("answered");
-        assert!(matches!(&r, CtlResponse::Rejected { reason } if reason.contains("job-1")), "{r:?}");
+        let r = nodes[0]
+            .net()
+            .request(b_peer, heartbeat("job-1"))
+            .await
+            .expect("answered");
+        assert!(
+            matches!(&r, CtlResponse::Rejected { reason } if reason.contains("job-1")),
+            "{r:?}"
+        );
 
         // b joins job-1: it answers that job's messages and rejects others.
         let mut inbound = nodes[1].subscribe_ctl().expect("inbound");
@@ -35,7 +42,10 @@ async fn control_requests_are_answered_and_unknown_jobs_rejected() {
             }
         });
         let a = nodes[0].net().clone();
-        assert_eq!(a.request(b_peer, heartbeat("job-1")).await.expect("ok"), CtlResponse::Ack);
+        assert_eq!(
+            a.request(b_peer, heartbeat("job-1")).await.expect("ok"),
+            CtlResponse::Ack
+        );
         assert!(matches!(
             a.request(b_peer, heartbeat("job-2")).await.expect("ok"),
             CtlResponse::Rejected { .. }
@@ -47,7 +57,10 @@ async fn control_requests_are_answered_and_unknown_jobs_rejected() {
             },
         };
         assert!(a.request(b_peer, big).await.is_err(), "oversize requests are refused");
-        assert_eq!(a.request(b_peer, heartbeat("job-1")).await.expect("ok"), CtlResponse::Ack);
+        assert_eq!(
+            a.request(b_peer, heartbeat("job-1")).await.expect("ok"),
+            CtlResponse::Ack
+        );
         handler.abort();
     })
     .await;

@@ -22,14 +22,23 @@ async fn cut_connection_resumes_and_resends_at_most_the_window() {
             window,
             ..FetchOptions::default()
         };
-        let report = dst.fetch(m.blob_ref(), &[src.peer_id()], &opts).await.expect("fetch resumes");
+        let report = dst
+            .fetch(m.blob_ref(), &[src.peer_id()], &opts)
+            .await
+            .expect("fetch resumes");
         let served = src.serve_stats().chunks.load(Ordering::Relaxed);
         let resent = served - m.chunk_count();
         assert!(
-            report.source_errors.iter().any(|e| matches!(e, SourceError::PeerGone { .. })),
+            report
+                .source_errors
+                .iter()
+                .any(|e| matches!(e, SourceError::PeerGone { .. })),
             "the cut was seen: {report:?}"
         );
-        assert!(resent <= u64::from(window), "{resent} chunks sent twice, window is {window}");
+        assert!(
+            resent <= u64::from(window),
+            "{resent} chunks sent twice, window is {window}"
+        );
         assert!(dst.store().read_all(&m.id()).expect("read") == data);
     })
     .await;
@@ -49,13 +58,18 @@ async fn corrupt_chunk_is_reported_and_fetched_from_an_honest_source() {
             ..FaultPlan::default()
         });
         let report = dst
-            .fetch(m.blob_ref(), &[liar.peer_id(), honest.peer_id()], &FetchOptions::default())
+            .fetch(
+                m.blob_ref(),
+                &[liar.peer_id(), honest.peer_id()],
+                &FetchOptions::default(),
+            )
             .await
             .expect("completes from the honest source");
         assert!(
-            report
-                .source_errors
-                .contains(&SourceError::HashMismatch { chunk: 0, peer: liar.peer_id() }),
+            report.source_errors.contains(&SourceError::HashMismatch {
+                chunk: 0,
+                peer: liar.peer_id()
+            }),
             "{report:?}"
         );
         assert!(report.per_source.get(&honest.peer_id()).is_some_and(|&n| n > 0));
@@ -90,12 +104,21 @@ async fn lone_liar_leaves_only_verified_chunks_and_a_typed_error() {
         match &e {
             FetchError::Incomplete { missing, errors, .. } => {
                 assert!(*missing >= 1);
-                assert!(errors.contains(&SourceError::HashMismatch { chunk: 5, peer: liar.peer_id() }), "{e}");
+                assert!(
+                    errors.contains(&SourceError::HashMismatch {
+                        chunk: 5,
+                        peer: liar.peer_id()
+                    }),
+                    "{e}"
+                );
             }
             other => panic!("unexpected error: {other}"),
         }
         assert!(!dst.store().has_chunk(&m.id(), 5));
-        assert!(dst.store().verify(&m.id()).expect("verify").is_empty(), "no stored chunk is wrong");
+        assert!(
+            dst.store().verify(&m.id()).expect("verify").is_empty(),
+            "no stored chunk is wrong"
+        );
         // Asked again, the liar is skipped: no usable source.
         let e = dst
             .fetch(m.blob_ref(), &[liar.peer_id()], &FetchOptions::default())

@@ -19,7 +19,11 @@ async fn throw(control: &mut libp2p_stream::Control, peer: PeerId, proto: Stream
     let _ = s.write_all(payload).await;
     let _ = s.close().await;
     let mut back = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), (&mut s).take(1 << 16).read_to_end(&mut back)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        (&mut s).take(1 << 16).read_to_end(&mut back),
+    )
+    .await;
     back
 }
 
@@ -60,7 +64,10 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
     within(120, async {
         let nodes = start_nodes(memory_stores(3)).await;
         let (victim, attacker, honest) = (&nodes[0], &nodes[1], &nodes[2]);
-        let m = victim.store().import_bytes(&bytes(2 << 20, 21), 256 << 10).expect("import");
+        let m = victim
+            .store()
+            .import_bytes(&bytes(2 << 20, 21), 256 << 10)
+            .expect("import");
         let mut control = attacker.stream_control();
 
         for (i, p) in random_payloads(0x5eed, 48).iter().enumerate() {
@@ -78,18 +85,37 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
         };
         let mut framed = Vec::new();
         write_request(&mut framed, &req).await.expect("encode");
-        throw(&mut control, victim.peer_id(), BLOB_PROTOCOL, &framed[..framed.len() - 3]).await;
+        throw(
+            &mut control,
+            victim.peer_id(),
+            BLOB_PROTOCOL,
+            &framed[..framed.len() - 3],
+        )
+        .await;
 
         // Well-framed but invalid requests get a typed refusal.
         for bad in [
-            BlobRequest { first: 5, end: 1, ..req.clone() },
-            BlobRequest { end: 1 << 40, ..req.clone() },
             BlobRequest {
-                blob: flare_protocols::BlobRef { len: m.len + 1, ..m.blob_ref() },
+                first: 5,
+                end: 1,
                 ..req.clone()
             },
             BlobRequest {
-                blob: flare_protocols::BlobRef { chunk_size: 0, ..m.blob_ref() },
+                end: 1 << 40,
+                ..req.clone()
+            },
+            BlobRequest {
+                blob: flare_protocols::BlobRef {
+                    len: m.len + 1,
+                    ..m.blob_ref()
+                },
+                ..req.clone()
+            },
+            BlobRequest {
+                blob: flare_protocols::BlobRef {
+                    chunk_size: 0,
+                    ..m.blob_ref()
+                },
                 ..req.clone()
             },
         ] {
@@ -106,7 +132,11 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
             body: Request::Heartbeat,
         };
         for peer in [attacker, honest] {
-            let r = peer.net().request(victim.peer_id(), hb.clone()).await.expect("answered");
+            let r = peer
+                .net()
+                .request(victim.peer_id(), hb.clone())
+                .await
+                .expect("answered");
             assert!(matches!(r, CtlResponse::Rejected { .. }));
         }
         let report = honest
@@ -114,7 +144,13 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
             .await
             .expect("honest fetch");
         assert_eq!(report.fetched, m.chunk_count());
-        assert!(victim.serve_stats().failed_streams.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(
+            victim
+                .serve_stats()
+                .failed_streams
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
     })
     .await;
 }

@@ -39,13 +39,19 @@ async fn stranger_can_neither_send_control_messages_nor_fetch_blobs() {
                 },
             )
             .await;
-        assert!(matches!(f, Err(FetchError::Incomplete { .. })), "stranger fetched: {f:?}");
+        assert!(
+            matches!(f, Err(FetchError::Incomplete { .. })),
+            "stranger fetched: {f:?}"
+        );
         assert!(!stranger.store().is_complete(&m.id()));
         assert!(a.serve_stats().chunks.load(std::sync::atomic::Ordering::Relaxed) == 0);
 
         // A member is still served.
         let r = member.net().request(a.peer_id(), hb).await.expect("member answered");
-        assert!(matches!(r, CtlResponse::Rejected { .. }), "no job here, but answered: {r:?}");
+        assert!(
+            matches!(r, CtlResponse::Rejected { .. }),
+            "no job here, but answered: {r:?}"
+        );
         member
             .fetch(m.blob_ref(), &[a.peer_id()], &FetchOptions::default())
             .await

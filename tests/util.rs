@@ -40,7 +40,11 @@ pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<
         .expect("node starts");
         nodes.push(node);
     }
-    let table: Vec<Member> = nodes.iter().enumerate().map(|(i, n)| n.as_member(&format!("n{i}"))).collect();
+    let table: Vec<Member> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.as_member(&format!("n{i}")))
+        .collect();
     for n in &nodes {
         for m in &table {
             n.net().add_member(m.clone()).expect("add member");

@@ -97,7 +97,35 @@ impl Presence {
 
 enum Data {
     Memory(RwLock<Vec<u8>>),
-    Disk { file: File, path: PathBuf },
+    Disk {
+        file: File,
+        path: PathBuf,
+        /// The same file opened with `O_DIRECT`, for arriving chunks whose buffer and offset
+        /// are block-aligned (see [`aligned_buffer`]); `None` where the file system refuses it.
+        direct: Option<File>,
+    },
+}
+
+/// Alignment that `O_DIRECT` writes need (buffer address, file offset and length).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned: `(storage, offset)`;
+/// the bytes are `storage[offset..offset + len]`. Chunks received into such buffers are
+/// written to disk with `O_DIRECT`, bypassing the page cache.
+pub fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let storage = vec![0u8; len + DIRECT_ALIGN];
+    let offset = storage.as_ptr().align_offset(DIRECT_ALIGN);
+    (storage, offset)
+}
+
+/// Opens `path` for direct (page-cache-bypassing) writes, when the file system allows it.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
 }
 
 struct Have {
@@ -257,7 +285,11 @@ impl BlobStore {
                 let have_file = create_sized(&have_path, n as u64)?;
                 write_manifest(dir, &manifest)?;
                 Entry {
-                    data: Data::Disk { file, path: data_path },
+                    data: Data::Disk {
+                        direct: open_direct(&data_path),
+                        file,
+                        path: data_path,
+                    },
                     have: Mutex::new(Have {
                         bits: vec![0; n],
                         present: 0,
@@ -296,7 +328,15 @@ impl BlobStore {
                 let mut buf = buf.write().unwrap_or_else(|p| p.into_inner());
                 buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
             }
-            Data::Disk { file, path } => file.write_all_at(bytes, off).map_err(io_err(path))?,
+            Data::Disk { file, path, direct } => {
+                let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
+                match direct {
+                    Some(d) if aligned(bytes.as_ptr() as usize) && aligned(bytes.len()) && aligned(off as usize) => {
+                        d.write_all_at(bytes, off).map_err(io_err(path))?
+                    }
+                    _ => file.write_all_at(bytes, off).map_err(io_err(path))?,
+                }
+            }
         }
         let mut have = lock(&e.have);
         if have.bits[index as usize] != 0 {
@@ -328,7 +368,7 @@ impl BlobStore {
                 let buf = buf.read().unwrap_or_else(|p| p.into_inner());
                 out.copy_from_slice(&buf[off as usize..off as usize + len]);
             }
-            Data::Disk { file, path } => file.read_exact_at(&mut out, off).map_err(io_err(path))?,
+            Data::Disk { file, path, .. } => file.read_exact_at(&mut out, off).map_err(io_err(path))?,
         }
         Ok(Some(out))
     }
@@ -391,7 +431,11 @@ impl BlobStore {
                     .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                Data::Disk { file, path }
+                Data::Disk {
+                    file,
+                    path,
+                    direct: None,
+                }
             }
             _ => Data::Memory(RwLock::new(mem)),
         };
@@ -570,9 +614,14 @@ fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
         },
         Err(e) => return Err(io_err(&have_path)(e)),
     };
+    let direct = have.file.as_ref().and_then(|_| open_direct(&data_path));
     Ok(Entry {
         manifest: Arc::new(manifest),
-        data: Data::Disk { file, path: data_path },
+        data: Data::Disk {
+            file,
+            path: data_path,
+            direct,
+        },
         have: Mutex::new(have),
     })
 }

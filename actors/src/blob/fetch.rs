@@ -30,7 +30,7 @@ use libp2p::{PeerId, Stream};
 use tokio::sync::{Notify, mpsc};
 
 use crate::network::NetworkHandle;
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, DIRECT_ALIGN, StoreError, aligned_buffer};
 
 /// Called as chunks are stored, for progress bars and logs.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
@@ -605,7 +605,11 @@ impl Fetcher {
         };
         let stream = self.open(peer, &req, opts).await?;
         let (mut rd, mut wr) = stream.split();
-        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(window as usize);
+        // Chunks travel reader -> persister in block-aligned buffers (so a disk store can
+        // write them with O_DIRECT), and the buffers come back for reuse: a transfer touches
+        // `window + 1` buffers however long it is.
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, usize)>(window as usize);
+        let (give_back, mut spare) = mpsc::channel::<Vec<u8>>(window as usize + 2);
 
         let reader = async move {
             for index in range {
@@ -629,10 +633,14 @@ impl Fetcher {
                         ),
                     }));
                 }
-                let mut buf = vec![0u8; len];
-                self.timed(peer, opts, async { Ok(rd.read_exact(&mut buf).await?) })
-                    .await?;
-                if tx.send((index, buf)).await.is_err() {
+                let mut buf = match spare.try_recv() {
+                    Ok(b) if b.len() >= len + DIRECT_ALIGN => b,
+                    _ => aligned_buffer(manifest.chunk_size as usize).0,
+                };
+                let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let slot = &mut buf[off..off + len];
+                self.timed(peer, opts, async { Ok(rd.read_exact(slot).await?) }).await?;
+                if tx.send((index, buf, len)).await.is_err() {
                     break; // the persister stopped; its error is the one that counts
                 }
             }
@@ -640,12 +648,17 @@ impl Fetcher {
         };
         let persister = async {
             let total = manifest.chunk_count();
-            while let Some((index, buf)) = rx.recv().await {
+            while let Some((index, buf, len)) = rx.recv().await {
                 let store = self.store.clone();
                 let id = manifest.id();
-                let r = tokio::task::spawn_blocking(move || store.put_chunk(&id, index, &buf)).await;
+                let r = tokio::task::spawn_blocking(move || {
+                    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                    store.put_chunk(&id, index, &buf[off..off + len]).map(|new| (new, buf))
+                })
+                .await;
                 match r {
-                    Ok(Ok(new)) => {
+                    Ok(Ok((new, buf))) => {
+                        let _ = give_back.try_send(buf);
                         if new {
                             stored.fetch_add(1, Ordering::Relaxed);
                             let p = present.fetch_add(1, Ordering::Relaxed) + 1;
