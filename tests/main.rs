@@ -5,6 +5,7 @@ mod util;
 
 mod blob_transfer;
 mod child;
+mod cli;
 mod control;
 mod faults;
 mod hostile_input;

@@ -1,0 +1,84 @@
+//! The `flare-node` process: CLI, process wiring, benchmarks. `main.rs` only calls
+//! [`main_with_args`], so tests can run the real CLI in a child process.
+
+mod bench;
+mod keys;
+mod run;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flare-node", version, about = "Peer-to-peer federated-learning runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a new ed25519 identity key and print its PeerId.
+    Keygen {
+        /// Where to write the key (protobuf-encoded libp2p keypair, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run one long-lived peer until Ctrl-C.
+    Run(run::RunArgs),
+    /// Measure the runtime against baselines; prints one JSON object on the last line.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Internal: one process of a multi-process benchmark.
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
+}
+
+fn init_tracing() {
+    // `try_init`: a second call (tests) keeps the first subscriber.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the CLI on `args` (the first is the program name): errors are printed as one line on
+/// stderr and give exit code 1; usage errors are clap's (exit code 2).
+pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Keygen { out, force } => keys::keygen(&out, force),
+            Command::Run(args) => run::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
+            Command::BenchPeer(args) => bench::peer(args).await,
+        }
+    })
+}

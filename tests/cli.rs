@@ -1,0 +1,225 @@
+//! The `flare-node` CLI as a user meets it: run in a child process (this test binary again,
+//! calling the same `main_with_args` as the real binary), with real files and signals.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const ENV: &str = "FLARE_TEST_CLI_ARGS";
+
+/// The child's side: run the CLI with the arguments in the environment.
+#[test]
+#[ignore = "run by the CLI tests as a child process"]
+fn cli_in_child() {
+    let Ok(args) = std::env::var(ENV) else {
+        return;
+    };
+    let args = std::iter::once("flare-node".into()).chain(args.split('\u{1f}').map(Into::into));
+    let code = flare_node::main_with_args(args);
+    // Report the CLI's exit code as the process's own.
+    std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("exe"));
+    c.args([
+        "--ignored",
+        "--exact",
+        "cli::cli_in_child",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env(ENV, args.join("\u{1f}"))
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null());
+    c
+}
+
+fn cli(args: &[&str]) -> Output {
+    command(args).output().expect("run child")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The peer id printed by `keygen` (libtest may print around it).
+fn peer_id_in(out: &Output) -> String {
+    text(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("12D3KooW"))
+        .unwrap_or_else(|| panic!("no peer id in {:?}", text(&out.stdout)))
+        .to_owned()
+}
+
+#[test]
+fn keygen_prints_the_peer_id_and_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("a.key");
+    let k = key.to_str().expect("utf8");
+    let first = cli(&["keygen", "--out", k]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let id = peer_id_in(&first);
+    let bytes = std::fs::read(&key).expect("key written");
+
+    let again = cli(&["keygen", "--out", k]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(&key).expect("key"), bytes, "key untouched");
+
+    let forced = cli(&["keygen", "--out", k, "--force"]);
+    assert!(forced.status.success());
+    assert_ne!(peer_id_in(&forced), id);
+}
+
+#[test]
+fn run_with_a_bad_members_file_names_file_line_and_field() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("a.key");
+    assert!(cli(&["keygen", "--out", key.to_str().expect("utf8")]).status.success());
+    let members = dir.path().join("members.toml");
+    std::fs::write(&members, "[[member]]\nname = \"a\"\npeer_id = \"not-a-peer-id\"\n").expect("write");
+    let out = cli(&[
+        "run",
+        "--key",
+        key.to_str().expect("utf8"),
+        "--members",
+        members.to_str().expect("utf8"),
+        "--data-dir",
+        dir.path().join("data").to_str().expect("utf8"),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("members.toml") && err.contains("line 3") && err.contains("peer_id"),
+        "{err}"
+    );
+}
+
+/// A running child whose stderr lines are collected.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let err = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a log line containing every one of `words`.
+    fn wait_for(&mut self, words: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if words.iter().all(|w| l.contains(w)) {
+                        return l;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {words:?}; saw:\n{}", self.seen.join("\n"));
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (bounded) for a clean exit.
+    fn interrupt(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "exit after Ctrl-C: {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no exit within 20 s of Ctrl-C");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_for(&["shutting down"]);
+    }
+}
+
+fn members_file(path: &Path, entries: &[(&str, &str, Option<&str>)]) {
+    let mut s = String::new();
+    for (name, id, addr) in entries {
+        let addrs = addr.map(|a| format!("\"{a}\"")).unwrap_or_default();
+        s.push_str(&format!(
+            "[[member]]\nname = \"{name}\"\npeer_id = \"{id}\"\naddrs = [{addrs}]\n\n"
+        ));
+    }
+    std::fs::write(path, s).expect("write members");
+}
+
+#[test]
+fn run_logs_its_address_dials_members_and_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let a = peer_id_in(&cli(&["keygen", "--out", &p("a.key")]));
+    let b = peer_id_in(&cli(&["keygen", "--out", &p("b.key")]));
+    members_file(&dir.path().join("a.toml"), &[("a", &a, None), ("b", &b, None)]);
+    let listen = "/ip4/127.0.0.1/tcp/0";
+    let mut node_a = Running::start(&[
+        "run",
+        "--key",
+        &p("a.key"),
+        "--members",
+        &p("a.toml"),
+        "--listen",
+        listen,
+        "--data-dir",
+        &p("a-data"),
+    ]);
+    let line = node_a.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .expect("address in the log line")
+        .to_owned();
+
+    // b learns a's address from its members file and dials it.
+    members_file(&dir.path().join("b.toml"), &[("a", &a, Some(&addr)), ("b", &b, None)]);
+    let mut node_b = Running::start(&[
+        "run",
+        "--key",
+        &p("b.key"),
+        "--members",
+        &p("b.toml"),
+        "--listen",
+        listen,
+        "--data-dir",
+        &p("b-data"),
+    ]);
+    node_b.wait_for(&["connected", "member=a"]);
+    node_a.wait_for(&["connected", "member=b"]);
+    node_b.interrupt();
+    node_a.wait_for(&["disconnected", "member=b"]);
+    node_a.interrupt();
+}
