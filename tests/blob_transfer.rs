@@ -82,3 +82,37 @@ async fn unknown_blob_is_not_found_on_every_source() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_refs_beyond_the_limits_are_refused_before_any_transfer() {
+    use flare_actors::blob::FetchError;
+    within(30, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let m = nodes[0]
+            .store()
+            .import_bytes(&bytes(3 * MIB, 9), 1 << 20)
+            .expect("import");
+        let src = [nodes[0].peer_id()];
+        let huge = flare_protocols::BlobRef {
+            len: u64::MAX,
+            ..m.blob_ref()
+        };
+        let e = nodes[1]
+            .fetch(huge, &src, &FetchOptions::default())
+            .await
+            .expect_err("huge");
+        assert!(matches!(e, FetchError::TooLarge(_)), "{e}");
+        let opts = FetchOptions {
+            max_len: MIB as u64,
+            ..FetchOptions::default()
+        };
+        let e = nodes[1].fetch(m.blob_ref(), &src, &opts).await.expect_err("over limit");
+        assert!(matches!(e, FetchError::OverLimit { .. }), "{e}");
+        assert_eq!(
+            nodes[0].serve_stats().chunks.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert!(nodes[1].store().presence(&m.id()).is_none(), "nothing was stored");
+    })
+    .await;
+}

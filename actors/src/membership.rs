@@ -96,7 +96,8 @@ impl Members {
     /// Parses the `[[member]]` table of TOML text; the error names line and field.
     pub fn parse(text: &str) -> Result<Self, String> {
         let raw: RawTable = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
-        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].lines().count().max(1);
+        let line_of =
+            |span: std::ops::Range<usize>| text.as_bytes().iter().take(span.start).filter(|&&b| b == b'\n').count() + 1;
         let mut out = Self::new();
         let mut names = BTreeMap::new();
         for m in raw.member {
@@ -223,6 +224,16 @@ mod tests {
         assert!(e.contains("line 4") && e.contains("addrs"), "{e}");
 
         let e = Members::parse("[[member]]\nname = \"a\"\npeer = 1\n").expect_err("unknown field");
-        assert!(e.contains("line 3") || e.contains("peer"), "{e}");
+        assert!(e.contains("line 3") && e.contains("peer"), "{e}");
+
+        let p = PeerId::random();
+        let q = PeerId::random();
+        let text =
+            format!("[[member]]\nname = \"a\"\npeer_id = \"{p}\"\n\n[[member]]\nname = \"a\"\npeer_id = \"{q}\"\n");
+        let e = Members::parse(&text).expect_err("duplicate name");
+        assert!(
+            e.contains("line 5") && e.contains("line 1") && e.contains("name"),
+            "{e}"
+        );
     }
 }

@@ -55,6 +55,9 @@ pub struct FetchOptions {
     pub stall_timeout: Duration,
     /// Largest unit of work handed to one source at a time, in chunks.
     pub max_unit_chunks: u64,
+    /// Largest blob this fetch accepts, in bytes: a blob reference can come from a peer, and
+    /// a memory store would try to hold whatever it names.
+    pub max_len: u64,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
 }
@@ -66,6 +69,7 @@ impl Default for FetchOptions {
             attempts: 4,
             stall_timeout: Duration::from_secs(30),
             max_unit_chunks: 64,
+            max_len: u64::MAX,
             progress: None,
         }
     }
@@ -78,6 +82,7 @@ impl std::fmt::Debug for FetchOptions {
             .field("attempts", &self.attempts)
             .field("stall_timeout", &self.stall_timeout)
             .field("max_unit_chunks", &self.max_unit_chunks)
+            .field("max_len", &self.max_len)
             .finish()
     }
 }
@@ -159,9 +164,17 @@ pub enum FetchError {
     /// No source was given, or every source given is distrusted for this blob.
     #[error("no usable source for blob {0}")]
     NoSources(BlobId),
-    /// The blob's shape is out of this node's limits.
+    /// The blob's shape is out of the protocol's limits.
     #[error("blob too large: {0}")]
     TooLarge(BlobIdError),
+    /// The blob is larger than [`FetchOptions::max_len`].
+    #[error("blob of {len} bytes exceeds this fetch's limit of {max} bytes")]
+    OverLimit {
+        /// The blob's length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// No source holds the blob.
     #[error("blob {blob} not found on any source ({} asked)", tried.len())]
     NotFound {
@@ -336,10 +349,25 @@ impl Fetcher {
 
     /// Opens a stream, sends the request and reads the header.
     async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
-        // libp2p-stream drops a dial request when several streams to unconnected peers are
-        // opened at once (its dial queue holds one), so dial through the event loop first;
-        // the stream then rides the connection whichever dial made it.
-        let _ = self.net.dial(peer);
+        // libp2p-stream 0.5.0-alpha can lose a stream request made while a connection is being
+        // set up (its dial queue holds one request, and a handler created just before the
+        // connection is registered misses the pending stream), so connect through the event
+        // loop first: once it reports the connection, the stream rides it.
+        match tokio::time::timeout(opts.stall_timeout, self.net.connect(peer)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(SourceError::PeerGone {
+                    peer,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(SourceError::PeerGone {
+                    peer,
+                    reason: "no connection within the stall timeout".into(),
+                });
+            }
+        }
         let mut control = self.control.clone();
         let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await
         {
@@ -399,6 +427,12 @@ impl Fetcher {
         opts: &FetchOptions,
     ) -> Result<FetchReport, FetchError> {
         let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+        if blob.len > opts.max_len {
+            return Err(FetchError::OverLimit {
+                len: blob.len,
+                max: opts.max_len,
+            });
+        }
         let mut errors = Vec::new();
         let mut trusted: Vec<PeerId> = Vec::new();
         for p in sources {

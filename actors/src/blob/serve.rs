@@ -52,15 +52,25 @@ enum ServeError {
     Join(String),
 }
 
+/// Most blob streams served at once; more are refused (dropped) until some end.
+pub const MAX_SERVING: usize = 256;
+
 /// Accepts blob streams until the control is dropped.
 pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::IncomingStreams) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
     while let Some((peer, stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            server.stats.failed_streams.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused a blob stream: {MAX_SERVING} already being served");
+            continue;
+        };
         let s = server.clone();
         tokio::spawn(async move {
             if let Err(e) = s.serve(peer, stream).await {
                 s.stats.failed_streams.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, error = %e, "blob stream failed");
             }
+            drop(slot);
         });
     }
 }
@@ -103,7 +113,7 @@ impl Server {
                 next = Some(self.read_ahead(blob, index + 1));
             }
             while credits == 0 {
-                credits += u64::from(idle(read_credit(&mut stream)).await?);
+                credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
             }
             self.stall_if_armed().await;
             match chunk {

@@ -88,6 +88,22 @@ pub enum CtlError {
     Stopped,
 }
 
+/// Why [`NetworkHandle::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The dial failed or was refused (by the peer's gate or ours).
+    #[error("cannot connect to {peer}: {reason}")]
+    Failed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The event loop has stopped.
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
 /// A control request from a peer, waiting for its answer.
 #[derive(Debug)]
 pub struct InboundCtl {
@@ -108,6 +124,7 @@ enum Command {
     AddMember(Member),
     Subscribe(mpsc::Sender<InboundCtl>),
     Dial(PeerId),
+    Connect(PeerId, oneshot::Sender<Result<(), String>>),
     Disconnect(PeerId),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -156,6 +173,17 @@ impl NetworkHandle {
     /// Dials a member at its listed addresses; the outcome is logged.
     pub fn dial(&self, peer: PeerId) -> Result<(), NetworkError> {
         self.send(Command::Dial(peer))
+    }
+
+    /// Connects to a member (dialing its listed addresses unless already connected) and
+    /// returns once the connection is up, or with the reason it could not be made.
+    pub async fn connect(&self, peer: PeerId) -> Result<(), ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Connect(peer, tx))
+            .map_err(|_| ConnectError::Stopped)?;
+        rx.await
+            .map_err(|_| ConnectError::Stopped)?
+            .map_err(|reason| ConnectError::Failed { peer, reason })
     }
 
     /// Closes every connection to `peer`.
@@ -262,6 +290,7 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
             commands: rx,
             inbound: None,
             pending: HashMap::new(),
+            connecting: HashMap::new(),
             replies: FuturesUnordered::new(),
         },
     })
@@ -275,6 +304,8 @@ pub struct EventLoop {
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: Option<mpsc::Sender<InboundCtl>>,
     pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<CtlResponse, CtlError>>)>,
+    /// Callers of [`NetworkHandle::connect`] waiting for a dial's outcome.
+    connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     replies: FuturesUnordered<PendingReply>,
 }
 
@@ -309,6 +340,21 @@ impl EventLoop {
             }
             Command::AddMember(m) => self.swarm.behaviour_mut().gate.insert(m),
             Command::Subscribe(tx) => self.inbound = Some(tx),
+            Command::Connect(peer, reply) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match self.swarm.dial(peer) {
+                    // Already dialing: wait for that dial's outcome.
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                        self.connecting.entry(peer).or_default().push(reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
             Command::Dial(peer) => {
                 if let Err(e) = self.swarm.dial(peer) {
                     tracing::debug!(%peer, error = %e, "dial failed");
@@ -331,6 +377,9 @@ impl EventLoop {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Ctl(ev)) => self.on_ctl_event(ev),
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                for waiter in self.connecting.remove(&peer_id).unwrap_or_default() {
+                    let _ = waiter.send(Ok(()));
+                }
                 let name = self.member_name(&peer_id);
                 tracing::info!(peer = %peer_id, member = %name, addr = %endpoint.get_remote_address(), "connected");
             }
@@ -343,6 +392,11 @@ impl EventLoop {
                 tracing::info!(peer = %peer_id, member = %name, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(peer) = peer_id {
+                    for waiter in self.connecting.remove(&peer).unwrap_or_default() {
+                        let _ = waiter.send(Err(error.to_string()));
+                    }
+                }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
             SwarmEvent::IncomingConnectionError {

@@ -516,16 +516,10 @@ async fn blob_recv(p: &P2p, blob: BlobRef, window: u32, timeout: Duration) -> an
 
 /// Dials `peer` and waits until the connection is up.
 async fn connect(node: &Node, peer: PeerId, timeout: Duration) -> anyhow::Result<()> {
-    node.net().dial(peer).context("dialing the source")?;
-    let deadline = Instant::now() + timeout;
-    // Bounded by the deadline; 10 ms apart.
-    while Instant::now() < deadline {
-        if node.net().connected_peers().await.context("network")?.contains(&peer) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("no connection to the source within {timeout:?}")
+    tokio::time::timeout(timeout, node.net().connect(peer))
+        .await
+        .map_err(|_| anyhow!("no connection to the source within {timeout:?}"))?
+        .context("connecting to the source")
 }
 
 /// Whether the store holds the whole blob and its bytes, read back from disk and hashed into
