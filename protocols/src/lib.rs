@@ -4,6 +4,7 @@
 //! - [`frame`]: the length-prefixed frame both protocols are built from, with its caps.
 //! - [`ctl`]: the control protocol `/flare/ctl/1` (request-response, CBOR).
 //! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
+//! - [`model`]: models as named tensors in a canonical safetensors layout, and the `FLModel` envelope.
 //!
 //! Each protocol module starts with its wire specification in prose.
 
@@ -11,5 +12,6 @@ pub mod blob;
 pub mod blob_id;
 pub mod ctl;
 pub mod frame;
+pub mod model;
 
 pub use blob_id::{BlobId, BlobRef, ChunkHash, Manifest, ManifestBuilder};

@@ -1,0 +1,552 @@
+//! Models: ordered maps `name -> tensor`, encoded as safetensors with a canonical layout.
+//!
+//! # Encoding
+//! A model blob is a safetensors file, so PyTorch (`safetensors.torch.load_file`) and Hugging
+//! Face tools read it directly:
+//!
+//! ```text
+//! header_len:u64le  header:JSON (padded with spaces to a multiple of 8)  data
+//! ```
+//! Tensors are laid out by descending dtype alignment, then by name (the `safetensors`
+//! crate's order), and the header carries no `__metadata__`. So two models of the same
+//! architecture (same names, dtypes and shapes) have byte-identical headers and every tensor at
+//! the same offset, whatever their values: chunk `i` of one client's model covers exactly the
+//! same tensor elements as chunk `i` of another's, and an aggregator can average them chunk
+//! by chunk without ever holding a whole model per client. The data section starts at a
+//! multiple of 8, so with a chunk size that is a multiple of 8 no element straddles two chunks.
+//!
+//! [`Layout`] reads that structure back from a header alone.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::BlobRef;
+use crate::ctl::Value;
+
+/// Largest header a peer's model may announce (the safetensors crate's own limit is 100 MB).
+pub const MAX_HEADER: u64 = 100_000_000;
+
+/// Element type of a tensor (the safetensors dtypes that federated models use).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 64-bit float.
+    F64,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 8-bit unsigned integer.
+    U8,
+    /// Boolean (one byte).
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    fn to_st(self) -> safetensors::Dtype {
+        use safetensors::Dtype as S;
+        match self {
+            DType::F32 => S::F32,
+            DType::F64 => S::F64,
+            DType::F16 => S::F16,
+            DType::BF16 => S::BF16,
+            DType::I64 => S::I64,
+            DType::I32 => S::I32,
+            DType::U8 => S::U8,
+            DType::Bool => S::BOOL,
+        }
+    }
+
+    fn from_st(d: safetensors::Dtype) -> Option<Self> {
+        use safetensors::Dtype as S;
+        Some(match d {
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::U8 => DType::U8,
+            S::BOOL => DType::Bool,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a model could not be built, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Data length does not match dtype and shape.
+    #[error("tensor {name:?}: {got} bytes of data, {dtype:?} {shape:?} needs {expected}")]
+    WrongLength {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Bytes given.
+        got: usize,
+        /// Bytes needed.
+        expected: usize,
+    },
+    /// The tensor is not of the dtype asked for.
+    #[error("tensor {name:?} is {got:?}, not {want:?}")]
+    WrongDType {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        got: DType,
+        /// The dtype asked for.
+        want: DType,
+    },
+    /// The bytes are not a valid safetensors model (truncated, corrupt, unsupported dtype).
+    #[error("not a valid safetensors model: {0}")]
+    Format(String),
+    /// Reading or writing a model file failed; the message names the file.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (including format errors).
+        reason: String,
+    },
+}
+
+/// One named tensor's element type, shape and little-endian bytes.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Tensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
+impl Tensor {
+    /// A tensor from raw little-endian bytes; the length must match dtype and shape.
+    pub fn new(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self, ModelError> {
+        let expected = element_count(&shape).and_then(|n| n.checked_mul(dtype.size()));
+        if expected != Some(data.len()) {
+            return Err(ModelError::WrongLength {
+                name: String::new(),
+                dtype,
+                shape,
+                got: data.len(),
+                expected: expected.unwrap_or(usize::MAX),
+            });
+        }
+        Ok(Self { dtype, shape, data })
+    }
+
+    /// An f32 tensor.
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Self, ModelError> {
+        Self::new(DType::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// The values of an f32 tensor.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Little-endian bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl safetensors::View for &Tensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.to_st()
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A model: named tensors, ordered by name.
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct Model {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Model {
+    /// An empty model.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) -> Option<Tensor> {
+        self.tensors.insert(name.into(), t)
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// Mutable access to the tensor called `name`.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.tensors.get_mut(name)
+    }
+
+    /// Tensors by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the model has no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Bytes of tensor data (without the header).
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.data.len() as u64).sum()
+    }
+
+    /// The f32 values of tensor `name`, or why not.
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let t = self
+            .get(name)
+            .ok_or_else(|| ModelError::Format(format!("no tensor named {name:?}")))?;
+        t.to_f32().ok_or_else(|| ModelError::WrongDType {
+            name: name.to_owned(),
+            got: t.dtype,
+            want: DType::F32,
+        })
+    }
+
+    /// Applies `f` to every f32 value of every f32 tensor, in place.
+    pub fn map_f32(&mut self, mut f: impl FnMut(f32) -> f32) {
+        for t in self.tensors.values_mut().filter(|t| t.dtype == DType::F32) {
+            for b in t.data.chunks_exact_mut(4) {
+                let v = f(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+
+    /// The canonical safetensors encoding (see the module doc).
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        match safetensors::serialize(self.tensors.iter(), None) {
+            Ok(b) => b,
+            // Only a header that fails to encode as JSON could fail; ours are plain.
+            Err(e) => unreachable!("safetensors encoding of a valid model failed: {e}"),
+        }
+    }
+
+    /// Decodes a safetensors model; corrupt, truncated or unsupported input is a typed error.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, ModelError> {
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(e.to_string()))?;
+        let mut m = Model::new();
+        for (name, view) in st.tensors() {
+            let dtype = DType::from_st(view.dtype())
+                .ok_or_else(|| ModelError::Format(format!("tensor {name:?} has unsupported dtype {}", view.dtype())))?;
+            let t = Tensor::new(dtype, view.shape().to_vec(), view.data().to_vec()).map_err(|e| match e {
+                ModelError::WrongLength { .. } => ModelError::Format(format!("tensor {name:?}: {e}")),
+                other => other,
+            })?;
+            m.insert(name, t);
+        }
+        Ok(m)
+    }
+
+    /// Writes the model to a `.safetensors` file.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        std::fs::write(path, self.to_safetensors()).map_err(|e| ModelError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads a `.safetensors` file; the error names the file and what is wrong with it.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::from_safetensors(&bytes).map_err(|e| ModelError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The byte layout of this model's encoding.
+    pub fn layout(&self) -> Layout {
+        let bytes = safetensors::serialize(self.tensors.iter().map(|(n, t)| (n, EmptyView(t))), None);
+        match bytes
+            .map_err(|e| ModelError::Format(e.to_string()))
+            .and_then(|b| Layout::parse(&b))
+        {
+            Ok(l) => l,
+            Err(e) => unreachable!("layout of a valid model failed: {e}"),
+        }
+    }
+}
+
+/// A view with the tensor's dtype and shape but no data, so a layout costs a header, not a copy.
+struct EmptyView<'a>(&'a Tensor);
+
+impl safetensors::View for EmptyView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.0.dtype.to_st()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len()
+    }
+}
+
+/// Where each tensor's bytes lie in a model blob, read from the header alone.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Layout {
+    /// The header bytes, length prefix included: identical in every copy of the architecture.
+    pub header: Vec<u8>,
+    /// Blob byte ranges of the tensors, in blob order, with name and dtype.
+    pub regions: Vec<Region>,
+    /// Total blob length.
+    pub len: u64,
+}
+
+/// One tensor's place in a blob.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Region {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Byte range in the blob.
+    pub bytes: Range<u64>,
+}
+
+impl Layout {
+    /// Length of the header (prefix included) announced by a blob's first 8 bytes.
+    pub fn header_len(prefix: [u8; 8]) -> Result<u64, ModelError> {
+        let n = u64::from_le_bytes(prefix);
+        if n > MAX_HEADER {
+            return Err(ModelError::Format(format!("header of {n} bytes exceeds {MAX_HEADER}")));
+        }
+        Ok(8 + n)
+    }
+
+    /// Reads the layout from the start of a blob (at least the whole header).
+    pub fn parse(start: &[u8]) -> Result<Self, ModelError> {
+        let prefix: [u8; 8] = start
+            .get(..8)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| ModelError::Format("shorter than the 8-byte header length".into()))?;
+        let header_len = Self::header_len(prefix)?;
+        let header = start
+            .get(..header_len as usize)
+            .ok_or_else(|| ModelError::Format("truncated header".into()))?;
+        let json: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header[8..]).map_err(|e| ModelError::Format(format!("header: {e}")))?;
+        let mut regions = Vec::new();
+        for (name, info) in json {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: safetensors::tensor::TensorInfo =
+                serde_json::from_value(info).map_err(|e| ModelError::Format(format!("tensor {name:?}: {e}")))?;
+            let dtype = DType::from_st(info.dtype)
+                .ok_or_else(|| ModelError::Format(format!("tensor {name:?} has unsupported dtype {}", info.dtype)))?;
+            let (s, e) = info.data_offsets;
+            let expected = element_count(&info.shape).and_then(|n| n.checked_mul(dtype.size()));
+            if e < s || expected != Some(e - s) {
+                return Err(ModelError::Format(format!("tensor {name:?} has inconsistent offsets")));
+            }
+            regions.push(Region {
+                name,
+                dtype,
+                bytes: header_len + s as u64..header_len + e as u64,
+            });
+        }
+        regions.sort_by_key(|r| r.bytes.start);
+        let mut at = header_len;
+        for r in &regions {
+            if r.bytes.start != at {
+                return Err(ModelError::Format(format!(
+                    "tensor {:?} leaves a gap or overlaps",
+                    r.name
+                )));
+            }
+            at = r.bytes.end;
+        }
+        Ok(Self {
+            header: header.to_vec(),
+            regions,
+            len: at,
+        })
+    }
+}
+
+/// Whether a model carries whole parameters or a difference from the global model.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ParamsType {
+    /// Full parameters.
+    Full,
+    /// Difference from the parameters the task carried.
+    Diff,
+}
+
+/// The envelope a task or result carries: the model travels as a blob reference.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct FLModel {
+    /// The parameters (a safetensors blob), if any.
+    pub params: Option<BlobRef>,
+    /// Full parameters or a difference.
+    pub params_type: ParamsType,
+    /// Named metrics (accuracy, loss, ...).
+    pub metrics: BTreeMap<String, f64>,
+    /// Anything else the workflow wants to pass along.
+    pub meta: BTreeMap<String, Value>,
+    /// Round this model belongs to.
+    pub current_round: u32,
+    /// Rounds in the job.
+    pub total_rounds: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(seed: f32) -> Model {
+        let mut m = Model::new();
+        m.insert("b.weight", Tensor::from_f32(vec![2, 3], &[seed; 6]).expect("t"));
+        m.insert("a.bias", Tensor::from_f32(vec![3], &[seed + 1.0; 3]).expect("t"));
+        m.insert(
+            "steps",
+            Tensor::new(DType::I64, vec![1], 7i64.to_le_bytes().to_vec()).expect("t"),
+        );
+        m
+    }
+
+    #[test]
+    fn round_trips_and_layout_is_value_independent() {
+        let a = model(1.0);
+        let b = model(-3.5);
+        let (ea, eb) = (a.to_safetensors(), b.to_safetensors());
+        assert_eq!(Model::from_safetensors(&ea).expect("decode"), a);
+        let (la, lb) = (Layout::parse(&ea).expect("layout"), Layout::parse(&eb).expect("layout"));
+        assert_eq!(la, lb, "same architecture, same layout");
+        assert_eq!(la, a.layout());
+        assert_eq!(la.len, ea.len() as u64);
+        assert_eq!(la.header.len() % 8, 0, "data starts 8-aligned");
+        // Within one dtype, names are sorted.
+        let f32_names: Vec<_> = la
+            .regions
+            .iter()
+            .filter(|r| r.dtype == DType::F32)
+            .map(|r| &r.name)
+            .collect();
+        assert_eq!(f32_names, ["a.bias", "b.weight"]);
+    }
+
+    #[test]
+    fn corrupt_and_truncated_models_are_typed_errors() {
+        let e = model(2.0).to_safetensors();
+        for cut in [0, 4, 8, 20, e.len() - 1] {
+            assert!(
+                matches!(Model::from_safetensors(&e[..cut]), Err(ModelError::Format(_))),
+                "cut {cut}"
+            );
+        }
+        let mut bad = e.clone();
+        bad[8] = b'#'; // the header's opening brace
+        assert!(matches!(Model::from_safetensors(&bad), Err(ModelError::Format(_))));
+        let mut huge = e;
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Model::from_safetensors(&huge).is_err());
+        assert!(Layout::parse(&huge).is_err());
+    }
+
+    #[test]
+    fn files_name_themselves_in_errors() {
+        let dir = std::env::temp_dir().join(format!("flare-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("m.safetensors");
+        model(0.5).save(&p).expect("save");
+        assert_eq!(Model::load(&p).expect("load"), model(0.5));
+        let bytes = std::fs::read(&p).expect("read");
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).expect("truncate");
+        let e = Model::load(&p).expect_err("truncated");
+        assert!(e.to_string().contains("m.safetensors"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn wrong_lengths_are_refused() {
+        assert!(Tensor::from_f32(vec![2, 2], &[1.0; 3]).is_err());
+        assert!(Tensor::new(DType::F32, vec![usize::MAX, 2], vec![]).is_err());
+        let mut m = model(1.0);
+        m.map_f32(|v| v + 1.0);
+        assert_eq!(m.f32("b.weight").expect("f32"), vec![2.0; 6]);
+        assert!(matches!(m.f32("steps"), Err(ModelError::WrongDType { .. })));
+    }
+}
