@@ -1,11 +1,13 @@
 //! The behaviour of a flare-node peer.
 //!
+//! - [`aggregate`]: streaming weighted averaging of model blobs, chunk by chunk.
 //! - [`membership`]: the consortium's member table (who may connect).
 //! - [`network`]: the event loop that owns the libp2p swarm, and its handle.
 //! - [`store`]: content-addressed blobs in memory or on disk, whole or partial.
 //! - [`blob`]: serving and fetching blobs over `/flare/blob/1`.
 //! - [`node`]: one running peer with all of the above wired together.
 
+pub mod aggregate;
 pub mod blob;
 pub mod membership;
 pub mod network;

@@ -1,0 +1,349 @@
+//! Streaming weighted averaging (FedAvg) over model blobs, chunk by chunk.
+//!
+//! Every client's model blob has the same layout (see `flare_protocols::model`), so chunk `i`
+//! of every blob holds the same tensor elements. The [`Accumulator`] keeps one running
+//! weighted mean in that layout and folds each client's chunk into it as it arrives, in any
+//! order across clients and chunks: memory is one model, whatever the number of clients.
+//!
+//! Per element, adding value `x` with weight `w` to a mean `m` of total weight `W` gives
+//! `m + (x - m) · w / (W + w)`. That is the weighted mean at every step, and it is exact when
+//! every client sends the same value (the add-one check). A contribution can be taken out
+//! again ([`Accumulator::remove_chunk`]) when a client fails mid-round after some of its
+//! chunks were folded in.
+
+use flare_protocols::model::{DType, Layout};
+
+/// Why a chunk could not be folded in, or the result is not ready.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AggregateError {
+    /// Chunk sizes must keep elements whole (the data section starts 8-aligned).
+    #[error("chunk size {0} is not a positive multiple of 8")]
+    ChunkSize(u32),
+    /// Only floating-point tensors are averaged.
+    #[error("tensor {name:?} is {dtype:?}; only F32 and F64 tensors can be averaged")]
+    Unsupported {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// The chunk's header bytes differ from the layout: another architecture.
+    #[error("chunk {0} does not match the model layout (different architecture)")]
+    LayoutMismatch(u64),
+    /// The chunk has the wrong length for its index.
+    #[error("chunk {index} has {got} bytes, expected {expected}")]
+    WrongLength {
+        /// Chunk index.
+        index: u64,
+        /// Bytes given.
+        got: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
+    /// Weights must be positive and finite.
+    #[error("weight {0} is not positive and finite")]
+    BadWeight(f64),
+    /// Taking out more weight than was added.
+    #[error("chunk {0} cannot lose weight it does not have")]
+    Underflow(u64),
+    /// Chunks carry different total weights: some client's contribution is partial.
+    #[error("chunk {index} has weight {got}, chunk 0 has {expected}: a contribution is incomplete")]
+    Incomplete {
+        /// Chunk index.
+        index: u64,
+        /// Its total weight.
+        got: f64,
+        /// Chunk 0's total weight.
+        expected: f64,
+    },
+}
+
+/// A running weighted mean of model blobs of one layout.
+#[derive(Debug)]
+pub struct Accumulator {
+    layout: Layout,
+    chunk_size: u32,
+    mean: Vec<u8>,
+    weights: Vec<f64>,
+}
+
+impl Accumulator {
+    /// An empty accumulator for blobs of `layout` cut into chunks of `chunk_size`.
+    pub fn new(layout: Layout, chunk_size: u32) -> Result<Self, AggregateError> {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
+            return Err(AggregateError::ChunkSize(chunk_size));
+        }
+        if let Some(r) = layout
+            .regions
+            .iter()
+            .find(|r| !matches!(r.dtype, DType::F32 | DType::F64))
+        {
+            return Err(AggregateError::Unsupported {
+                name: r.name.clone(),
+                dtype: r.dtype,
+            });
+        }
+        let mut mean = vec![0u8; layout.len as usize];
+        mean[..layout.header.len()].copy_from_slice(&layout.header);
+        let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
+        Ok(Self {
+            layout,
+            chunk_size,
+            mean,
+            weights: vec![0.0; chunks],
+        })
+    }
+
+    /// Number of chunks of a blob of this layout.
+    pub fn chunk_count(&self) -> u64 {
+        self.weights.len() as u64
+    }
+
+    /// Total weight folded into chunk `index` so far.
+    pub fn chunk_weight(&self, index: u64) -> f64 {
+        self.weights.get(index as usize).copied().unwrap_or(0.0)
+    }
+
+    fn check(&self, index: u64, bytes: &[u8], weight: f64) -> Result<std::ops::Range<usize>, AggregateError> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::BadWeight(weight));
+        }
+        let start = index.saturating_mul(u64::from(self.chunk_size));
+        let end = (start + u64::from(self.chunk_size)).min(self.layout.len);
+        let expected = end.saturating_sub(start) as usize;
+        if index >= self.chunk_count() || bytes.len() != expected {
+            return Err(AggregateError::WrongLength {
+                index,
+                got: bytes.len(),
+                expected,
+            });
+        }
+        let (start, end) = (start as usize, end as usize);
+        let header = &self.layout.header;
+        if start < header.len() && bytes[..header.len().min(end) - start] != header[start..header.len().min(end)] {
+            return Err(AggregateError::LayoutMismatch(index));
+        }
+        Ok(start..end)
+    }
+
+    /// Folds chunk `index` of one client's blob in with `weight` (e.g. its sample count).
+    pub fn add_chunk(&mut self, index: u64, bytes: &[u8], weight: f64) -> Result<(), AggregateError> {
+        let range = self.check(index, bytes, weight)?;
+        let total = self.weights[index as usize];
+        let share = weight / (total + weight);
+        self.fold(range, bytes, |m, x| m + (x - m) * share);
+        self.weights[index as usize] = total + weight;
+        Ok(())
+    }
+
+    /// Takes chunk `index` of a client's blob back out (it was added with `weight`).
+    pub fn remove_chunk(&mut self, index: u64, bytes: &[u8], weight: f64) -> Result<(), AggregateError> {
+        let range = self.check(index, bytes, weight)?;
+        let total = self.weights[index as usize];
+        let left = total - weight;
+        if left < -1e-9 * total.max(1.0) {
+            return Err(AggregateError::Underflow(index));
+        }
+        if left <= 1e-12 * total.max(1.0) {
+            self.fold(range, bytes, |_, _| 0.0);
+            self.weights[index as usize] = 0.0;
+        } else {
+            self.fold(range, bytes, |m, x| (m * total - x * weight) / left);
+            self.weights[index as usize] = left;
+        }
+        Ok(())
+    }
+
+    /// Applies `f(mean, x)` to every element of the chunk's tensor bytes (header left alone).
+    fn fold(&mut self, range: std::ops::Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) {
+        let base = range.start;
+        for r in &self.layout.regions {
+            let s = (r.bytes.start as usize).max(range.start);
+            let e = (r.bytes.end as usize).min(range.end);
+            if s >= e {
+                continue;
+            }
+            let mean = &mut self.mean[s..e];
+            let xs = &bytes[s - base..e - base];
+            match r.dtype {
+                DType::F32 => {
+                    for (m, x) in mean.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
+                        let mv = f32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+                        let xv = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                        let v = if mv == xv {
+                            mv
+                        } else {
+                            f(f64::from(mv), f64::from(xv)) as f32
+                        };
+                        m.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                DType::F64 => {
+                    for (m, x) in mean.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(m);
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(x);
+                        let (mv, xv) = (f64::from_le_bytes(a), f64::from_le_bytes(b));
+                        let v = if mv == xv { mv } else { f(mv, xv) };
+                        m.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                // `new` admits only F32 and F64.
+                _ => {}
+            }
+        }
+    }
+
+    /// The averaged blob, once every chunk carries the same total weight.
+    pub fn finish(self) -> Result<Vec<u8>, AggregateError> {
+        let expected = self.weights.first().copied().unwrap_or(0.0);
+        for (i, &w) in self.weights.iter().enumerate() {
+            if (w - expected).abs() > 1e-9 * expected.max(1.0) || w == 0.0 {
+                return Err(AggregateError::Incomplete {
+                    index: i as u64,
+                    got: w,
+                    expected,
+                });
+            }
+        }
+        Ok(self.mean)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flare_protocols::model::{Model, Tensor};
+    use proptest::prelude::*;
+
+    fn model(shapes: &[Vec<usize>], values: &[f32]) -> Model {
+        let mut m = Model::new();
+        let mut at = 0;
+        for (i, s) in shapes.iter().enumerate() {
+            let n: usize = s.iter().product();
+            m.insert(
+                format!("t{i}"),
+                Tensor::from_f32(s.clone(), &values[at..at + n]).expect("tensor"),
+            );
+            at += n;
+        }
+        m
+    }
+
+    fn chunks(bytes: &[u8], cs: u32) -> Vec<&[u8]> {
+        bytes.chunks(cs as usize).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn equals_the_in_memory_weighted_mean(
+            shapes in proptest::collection::vec(proptest::collection::vec(1usize..5, 1..3), 1..4),
+            clients in 1usize..5,
+            cs8 in 1u32..40,
+            seed: u64,
+        ) {
+            let cs = cs8 * 8;
+            let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+            let mut rng = seed;
+            let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let mut blobs = Vec::new();
+            let mut weights = Vec::new();
+            let mut values = Vec::new();
+            for _ in 0..clients {
+                let v: Vec<f32> = (0..n).map(|_| (next() % 20001) as f32 / 100.0 - 100.0).collect();
+                blobs.push(model(&shapes, &v).to_safetensors());
+                weights.push((next() % 1000 + 1) as f64);
+                values.push(v);
+            }
+            let layout = Layout::parse(&blobs[0]).expect("layout");
+            let mut acc = Accumulator::new(layout, cs).expect("acc");
+            // Every (client, chunk) pair, in a shuffled order.
+            let mut order: Vec<(usize, usize)> = (0..clients)
+                .flat_map(|c| (0..chunks(&blobs[c], cs).len()).map(move |i| (c, i)))
+                .collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (next() % (i as u64 + 1)) as usize);
+            }
+            for (c, i) in order {
+                acc.add_chunk(i as u64, chunks(&blobs[c], cs)[i], weights[c]).expect("add");
+            }
+            let got = Model::from_safetensors(&acc.finish().expect("finish")).expect("decode");
+            let total: f64 = weights.iter().sum();
+            let mut at = 0;
+            for (t, s) in shapes.iter().enumerate() {
+                let got = got.f32(&format!("t{t}")).expect("f32");
+                for (k, g) in got.iter().enumerate() {
+                    let want: f64 = (0..clients).map(|c| f64::from(values[c][at + k]) * weights[c]).sum::<f64>() / total;
+                    prop_assert!((f64::from(*g) - want).abs() <= 1e-4 * want.abs().max(1.0), "{g} vs {want}");
+                }
+                at += s.iter().product::<usize>();
+            }
+        }
+    }
+
+    #[test]
+    fn identical_inputs_give_exactly_that_input() {
+        let v: Vec<f32> = (0..100).map(|i| i as f32 * 0.1 + 1.0 / 3.0).collect();
+        let blob = model(&[vec![10, 10]], &v).to_safetensors();
+        let mut acc = Accumulator::new(Layout::parse(&blob).expect("layout"), 64).expect("acc");
+        for w in [3.0, 7.0, 11.0, 1.0] {
+            for (i, c) in chunks(&blob, 64).iter().enumerate() {
+                acc.add_chunk(i as u64, c, w).expect("add");
+            }
+        }
+        assert_eq!(acc.finish().expect("finish"), blob);
+    }
+
+    #[test]
+    fn a_partial_contribution_can_be_taken_back_out() {
+        let a = model(&[vec![40]], &[2.0; 40]).to_safetensors();
+        let b = model(&[vec![40]], &[4.0; 40]).to_safetensors();
+        let c = model(&[vec![40]], &[100.0; 40]).to_safetensors();
+        let mut acc = Accumulator::new(Layout::parse(&a).expect("layout"), 32).expect("acc");
+        for (i, ch) in chunks(&a, 32).iter().enumerate() {
+            acc.add_chunk(i as u64, ch, 1.0).expect("a");
+        }
+        // c fails after two chunks.
+        for (i, ch) in chunks(&c, 32).iter().enumerate().take(2) {
+            acc.add_chunk(i as u64, ch, 5.0).expect("c");
+        }
+        assert!(acc.chunk_count() > 2, "c's contribution really is partial");
+        for (i, ch) in chunks(&c, 32).iter().enumerate().take(2) {
+            acc.remove_chunk(i as u64, ch, 5.0).expect("remove c");
+        }
+        for (i, ch) in chunks(&b, 32).iter().enumerate() {
+            acc.add_chunk(i as u64, ch, 3.0).expect("b");
+        }
+        let m = Model::from_safetensors(&acc.finish().expect("finish")).expect("decode");
+        for v in m.f32("t0").expect("f32") {
+            assert!((v - 3.5).abs() < 1e-5, "{v}");
+        }
+    }
+
+    #[test]
+    fn mismatches_and_partial_results_are_errors() {
+        let a = model(&[vec![8]], &[1.0; 8]).to_safetensors();
+        let other = model(&[vec![2, 4]], &[1.0; 8]).to_safetensors();
+        let layout = Layout::parse(&a).expect("layout");
+        assert_eq!(
+            Accumulator::new(layout.clone(), 12).err(),
+            Some(AggregateError::ChunkSize(12))
+        );
+        let mut acc = Accumulator::new(layout, 16).expect("acc");
+        assert_eq!(
+            acc.add_chunk(0, chunks(&other, 16)[0], 1.0),
+            Err(AggregateError::LayoutMismatch(0))
+        );
+        assert!(matches!(
+            acc.add_chunk(0, &[0; 3], 1.0),
+            Err(AggregateError::WrongLength { .. })
+        ));
+        assert_eq!(
+            acc.add_chunk(0, chunks(&a, 16)[0], 0.0),
+            Err(AggregateError::BadWeight(0.0))
+        );
+        acc.add_chunk(0, chunks(&a, 16)[0], 1.0).expect("add");
+        assert!(matches!(acc.finish(), Err(AggregateError::Incomplete { .. })));
+    }
+}
