@@ -8,5 +8,6 @@ mod child;
 mod cli;
 mod control;
 mod faults;
+mod fedavg;
 mod hostile_input;
 mod membership;

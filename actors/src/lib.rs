@@ -6,9 +6,11 @@
 //! - [`store`]: content-addressed blobs in memory or on disk, whole or partial.
 //! - [`blob`]: serving and fetching blobs over `/flare/blob/1`.
 //! - [`node`]: one running peer with all of the above wired together.
+//! - [`job`]: controllers, executors, the communicator and the workflows.
 
 pub mod aggregate;
 pub mod blob;
+pub mod job;
 pub mod membership;
 pub mod network;
 pub mod node;

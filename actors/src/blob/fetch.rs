@@ -32,6 +32,12 @@ use tokio::sync::{Notify, mpsc};
 use crate::network::NetworkHandle;
 use crate::store::{BlobStore, DIRECT_ALIGN, StoreError, aligned_buffer};
 
+/// Called with each chunk this fetch stores (index, verified bytes), on a blocking thread, so
+/// work on the bytes (streaming aggregation) overlaps the transfer and needs no re-read.
+/// Chunks the store already held when the fetch started are not passed: read them from the
+/// store ([`FetchReport::already_present`] says how many there were).
+pub type ChunkFn = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
+
 /// Called as chunks are stored, for progress bars and logs.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
@@ -60,6 +66,8 @@ pub struct FetchOptions {
     pub max_len: u64,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Each newly stored chunk's bytes (see [`ChunkFn`]).
+    pub on_chunk: Option<ChunkFn>,
 }
 
 impl Default for FetchOptions {
@@ -71,6 +79,7 @@ impl Default for FetchOptions {
             max_unit_chunks: 64,
             max_len: u64::MAX,
             progress: None,
+            on_chunk: None,
         }
     }
 }
@@ -685,9 +694,15 @@ impl Fetcher {
             while let Some((index, buf, len)) = rx.recv().await {
                 let store = self.store.clone();
                 let id = manifest.id();
+                let on_chunk = opts.on_chunk.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                    store.put_chunk(&id, index, &buf[off..off + len]).map(|new| (new, buf))
+                    let bytes = &buf[off..off + len];
+                    let new = store.put_chunk(&id, index, bytes)?;
+                    if let (true, Some(f)) = (new, on_chunk) {
+                        f(index, bytes);
+                    }
+                    Ok((new, buf))
                 })
                 .await;
                 match r {

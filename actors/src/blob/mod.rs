@@ -10,5 +10,5 @@ pub mod fetch;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};
-pub use fetch::{FetchError, FetchOptions, FetchReport, Progress, SourceError};
+pub use fetch::{ChunkFn, FetchError, FetchOptions, FetchReport, Progress, SourceError};
 pub use serve::ServeStats;

@@ -1,0 +1,196 @@
+//! The Communicator: the only way a workflow talks to peers, so a workflow is plain async
+//! code that runs on any peer.
+//!
+//! It sends tasks over `/flare/ctl/1`, hands results over as they arrive (so aggregation can
+//! start with the first), publishes models into the local blob store for executors to pull,
+//! and pulls output models from executors over `/flare/blob/1`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flare_protocols::BlobRef;
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
+use flare_protocols::model::Model;
+use libp2p::PeerId;
+use tokio::sync::{Mutex, mpsc};
+use tokio::time::Instant;
+
+use super::host::JobHost;
+use super::{Task, TaskOutcome};
+use crate::Node;
+use crate::blob::{FetchError, FetchOptions, FetchReport};
+use crate::membership::Member;
+use crate::store::StoreError;
+
+/// Why the communicator could not do what a workflow asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Pulling a model failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A single-target task did not come back in time or was refused.
+    #[error("{member}: {reason}")]
+    Task {
+        /// The member.
+        member: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The tasks of one broadcast still owed a result.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Task id -> the member it was sent to.
+    pub waiting: HashMap<u64, Member>,
+    /// Members that refused the task or could not be reached, with why.
+    pub refused: Vec<(Member, String)>,
+}
+
+/// A workflow's view of the job's members.
+pub struct Communicator {
+    node: Arc<Node>,
+    job: JobId,
+    members: Vec<Member>,
+    results: Mutex<mpsc::UnboundedReceiver<TaskOutcome>>,
+    next_task: AtomicU64,
+    chunk_size: u32,
+}
+
+impl Communicator {
+    /// The controller side of `job` on `host`'s node, with the job's members.
+    pub fn new(host: &JobHost, job: JobId, members: Vec<Member>, chunk_size: u32) -> Self {
+        let results = host.host_controller(job.clone());
+        Self {
+            node: host.node().clone(),
+            job,
+            members,
+            results: Mutex::new(results),
+            next_task: AtomicU64::new(1),
+            chunk_size,
+        }
+    }
+
+    /// The job.
+    pub fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    /// The job's members.
+    pub fn peers(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The node this controller runs on.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    fn member(&self, peer: &PeerId) -> Member {
+        self.members
+            .iter()
+            .find(|m| m.peer_id == *peer)
+            .cloned()
+            .unwrap_or_else(|| Member {
+                name: peer.to_string(),
+                peer_id: *peer,
+                addrs: vec![],
+            })
+    }
+
+    /// Stores `model` locally so executors can pull it; returns its reference.
+    pub async fn publish(&self, model: &Model) -> Result<BlobRef, CommError> {
+        let bytes = model.to_safetensors();
+        let store = self.node.store().clone();
+        let cs = self.chunk_size;
+        let m = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, cs))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: "<publish>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        Ok(m.blob_ref())
+    }
+
+    /// Sends `task` to every target at once; results then come from [`Self::next_result`].
+    pub async fn broadcast(&self, task: &Task, targets: &[PeerId]) -> Pending {
+        let sends = targets.iter().map(|&peer| {
+            let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
+            let req = CtlRequest {
+                job: self.job.clone(),
+                body: Request::Task {
+                    task_id,
+                    name: task.name.clone(),
+                    round: task.round,
+                    input: task.input,
+                    props: task.props.clone(),
+                },
+            };
+            async move { (peer, task_id, self.node.net().request(peer, req).await) }
+        });
+        let mut pending = Pending::default();
+        for (peer, task_id, r) in futures::future::join_all(sends).await {
+            let member = self.member(&peer);
+            match r {
+                Ok(CtlResponse::Accepted) => {
+                    pending.waiting.insert(task_id, member);
+                }
+                Ok(CtlResponse::Rejected { reason }) => pending.refused.push((member, reason)),
+                Ok(other) => pending.refused.push((member, format!("unexpected answer {other:?}"))),
+                Err(e) => pending.refused.push((member, e.to_string())),
+            }
+        }
+        pending
+    }
+
+    /// The next result of `pending` to arrive before `deadline`; `None` at the deadline or
+    /// when nothing is owed. Results of other (earlier) tasks are dropped.
+    pub async fn next_result(&self, pending: &mut Pending, deadline: Instant) -> Option<TaskOutcome> {
+        let mut rx = self.results.lock().await;
+        while !pending.waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(mut outcome)) => {
+                    if let Some(member) = pending.waiting.remove(&outcome.task_id)
+                        && member.peer_id == outcome.peer
+                    {
+                        outcome.member = member.name;
+                        return Some(outcome);
+                    }
+                    tracing::debug!(job = %self.job, task = outcome.task_id, "late or unknown result dropped");
+                }
+                Ok(None) | Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Sends `task` to one member and waits for its result.
+    pub async fn send_and_wait(
+        &self,
+        task: &Task,
+        target: PeerId,
+        timeout: Duration,
+    ) -> Result<TaskOutcome, CommError> {
+        let deadline = Instant::now() + timeout;
+        let mut pending = self.broadcast(task, &[target]).await;
+        if let Some((m, reason)) = pending.refused.pop() {
+            return Err(CommError::Task { member: m.name, reason });
+        }
+        self.next_result(&mut pending, deadline)
+            .await
+            .ok_or_else(|| CommError::Task {
+                member: self.member(&target).name,
+                reason: format!("no result within {timeout:?}"),
+            })
+    }
+
+    /// Pulls an executor's output model into the local store.
+    pub async fn fetch(&self, blob: BlobRef, from: PeerId, opts: &FetchOptions) -> Result<FetchReport, CommError> {
+        Ok(self.node.fetch(blob, &[from], opts).await?)
+    }
+}

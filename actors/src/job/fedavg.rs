@@ -1,0 +1,341 @@
+//! FedAvg, server-centric: each round, send the global model to the clients, fold each
+//! result into one running weighted mean *while it is being pulled* (chunk by chunk, see
+//! [`crate::aggregate`]), and finish the round when every client has answered, or at the
+//! round timeout if at least `min_clients` have.
+//!
+//! A client whose pull fails midway is taken back out of the mean (its chunks are re-read
+//! from the local store and subtracted), so a result counts wholly or not at all. After each
+//! round the global model and a JSON record are written to the checkpoint directory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flare_protocols::BlobRef;
+use flare_protocols::ctl::{TaskStatus, Value};
+use flare_protocols::model::{Model, ModelError};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::communicator::{CommError, Communicator};
+use super::{Task, TaskOutcome};
+use crate::aggregate::{Accumulator, AggregateError};
+use crate::blob::FetchOptions;
+
+/// Parameters of a FedAvg job.
+#[derive(Clone, Debug)]
+pub struct FedAvgConfig {
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Fewest results a round may finish with (at its timeout).
+    pub min_clients: usize,
+    /// How long a round waits for results.
+    pub round_timeout: Duration,
+    /// The clients, in the order they are asked.
+    pub clients: Vec<PeerId>,
+    /// Where each round's checkpoint goes (none: no checkpoints).
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundReport {
+    /// Round number, from 0.
+    pub round: u32,
+    /// Members whose results were averaged.
+    pub contributors: Vec<String>,
+    /// Members that did not contribute, with why.
+    pub missing: Vec<(String, String)>,
+    /// Wall-clock seconds of the round.
+    pub secs: f64,
+    /// Clients' metrics, weighted by their sample counts.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The end of a FedAvg job.
+#[derive(Clone, Debug)]
+pub struct FedAvgOutcome {
+    /// The final global model.
+    pub model: Model,
+    /// One report per round.
+    pub rounds: Vec<RoundReport>,
+}
+
+/// Why a FedAvg job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FedAvgError {
+    /// The configuration cannot work.
+    #[error("bad FedAvg configuration: {0}")]
+    Config(String),
+    /// A round ended with fewer results than `min_clients`.
+    #[error(
+        "round {round}: {got} of the {need} required results; missing: {}",
+        fmt_missing(missing)
+    )]
+    TooFewClients {
+        /// The round.
+        round: u32,
+        /// Results averaged.
+        got: usize,
+        /// `min_clients`.
+        need: usize,
+        /// Who did not contribute, with why.
+        missing: Vec<(String, String)>,
+    },
+    /// Publishing or pulling failed locally.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The results could not be averaged.
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    /// The averaged model is not a valid model.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A bug: the accumulator was still shared when the round ended.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// The checkpoint could not be written.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn fmt_missing(m: &[(String, String)]) -> String {
+    m.iter()
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs FedAvg from `initial` for `cfg.rounds` rounds.
+pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Result<FedAvgOutcome, FedAvgError> {
+    if cfg.min_clients == 0 || cfg.min_clients > cfg.clients.len() {
+        return Err(FedAvgError::Config(format!(
+            "min_clients is {} with {} clients",
+            cfg.min_clients,
+            cfg.clients.len()
+        )));
+    }
+    let mut global = initial;
+    let mut reports = Vec::new();
+    for round in 0..cfg.rounds {
+        let (model, report) = one_round(comm, cfg, &global, round).await?;
+        tracing::info!(
+            job = %comm.job(),
+            round,
+            contributors = report.contributors.len(),
+            secs = report.secs,
+            "round done"
+        );
+        global = model;
+        reports.push(report);
+        if let Some(dir) = &cfg.checkpoint_dir {
+            checkpoint(dir, round, &global, &reports)?;
+        }
+    }
+    Ok(FedAvgOutcome {
+        model: global,
+        rounds: reports,
+    })
+}
+
+async fn one_round(
+    comm: &Communicator,
+    cfg: &FedAvgConfig,
+    global: &Model,
+    round: u32,
+) -> Result<(Model, RoundReport), FedAvgError> {
+    let start = Instant::now();
+    let deadline = start + cfg.round_timeout;
+    let blob = comm.publish(global).await?;
+    let acc = Arc::new(Mutex::new(Accumulator::new(global.layout(), blob.chunk_size)?));
+    let task = Task {
+        name: "train".into(),
+        round,
+        input: Some(blob),
+        props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
+    };
+    let mut pending = comm.broadcast(&task, &cfg.clients).await;
+    let mut missing: Vec<(String, String)> = std::mem::take(&mut pending.refused)
+        .into_iter()
+        .map(|(m, why)| (m.name, why))
+        .collect();
+    let mut contributors: Vec<TaskOutcome> = Vec::new();
+    let mut folds = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
+                Some(o) => match (o.status, o.output) {
+                    (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob)),
+                    (status, _) => missing.push((o.member, format!("task ended {status:?}"))),
+                },
+                None => {
+                    for (_, m) in pending.waiting.drain() {
+                        missing.push((m.name, format!("no result within {:?}", cfg.round_timeout)));
+                    }
+                }
+            },
+            Some(r) = folds.next(), if !folds.is_empty() => match r {
+                Ok(o) => contributors.push(o),
+                Err((o, why)) => missing.push((o.member, why)),
+            },
+            else => break,
+        }
+    }
+    if contributors.len() < cfg.min_clients {
+        return Err(FedAvgError::TooFewClients {
+            round,
+            got: contributors.len(),
+            need: cfg.min_clients,
+            missing,
+        });
+    }
+    let acc = Arc::try_unwrap(acc)
+        .map_err(|_| FedAvgError::Internal("accumulator still shared at the end of the round"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let bytes = tokio::task::spawn_blocking(move || acc.finish())
+        .await
+        .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
+    let model = Model::from_safetensors(&bytes)?;
+    let total: f64 = contributors.iter().map(|o| o.num_samples as f64).sum();
+    let mut metrics = BTreeMap::new();
+    for o in &contributors {
+        for (k, v) in &o.metrics {
+            *metrics.entry(k.clone()).or_insert(0.0) += v * o.num_samples as f64 / total;
+        }
+    }
+    let mut names: Vec<String> = contributors.into_iter().map(|o| o.member).collect();
+    names.sort();
+    missing.sort();
+    Ok((
+        model,
+        RoundReport {
+            round,
+            contributors: names,
+            missing,
+            secs: start.elapsed().as_secs_f64(),
+            metrics,
+        },
+    ))
+}
+
+/// Pulls one client's result and folds it into the mean as its chunks arrive; on failure,
+/// takes what was folded back out.
+async fn fold(
+    comm: &Communicator,
+    acc: Arc<Mutex<Accumulator>>,
+    o: TaskOutcome,
+    out: BlobRef,
+    global: BlobRef,
+) -> Result<TaskOutcome, (TaskOutcome, String)> {
+    if o.num_samples == 0 {
+        return Err((o, "reported 0 samples".into()));
+    }
+    if out.len != global.len || out.chunk_size != global.chunk_size {
+        return Err((o, "returned a model of another architecture".into()));
+    }
+    let weight = o.num_samples as f64;
+    let n = acc.lock().unwrap_or_else(|e| e.into_inner()).chunk_count() as usize;
+    let folded = Arc::new(Mutex::new(vec![false; n]));
+    let failure: Arc<Mutex<Option<AggregateError>>> = Arc::default();
+    let on_chunk = {
+        let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
+        move |i: u64, bytes: &[u8]| {
+            let r = acc
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_chunk(i, bytes, weight);
+            match r {
+                Ok(()) => folded.lock().unwrap_or_else(|e| e.into_inner())[i as usize] = true,
+                Err(e) => {
+                    failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                }
+            }
+        }
+    };
+    let opts = FetchOptions {
+        on_chunk: Some(Arc::new(on_chunk)),
+        max_len: global.len,
+        ..FetchOptions::default()
+    };
+    let fetched = comm.fetch(out, o.peer, &opts).await;
+    let store = comm.node().store().clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut folded = folded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acc = acc.lock().unwrap_or_else(|e| e.into_inner());
+        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let result = match (fetched, failed) {
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(_), Some(e)) => Err(e.to_string()),
+            // Chunks the store already held (e.g. an identical result from another client)
+            // were not passed to `on_chunk`: fold them from the store.
+            (Ok(_), None) => (0..folded.len()).try_for_each(|i| {
+                if folded[i] {
+                    return Ok(());
+                }
+                let bytes = store
+                    .read_chunk(&out.id, i as u64)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("chunk missing after the fetch")?;
+                acc.add_chunk(i as u64, &bytes, weight).map_err(|e| e.to_string())?;
+                folded[i] = true;
+                Ok::<(), String>(())
+            }),
+        };
+        if result.is_err() {
+            // All or nothing: take back whatever of this client was folded in.
+            for i in (0..folded.len()).filter(|&i| folded[i]) {
+                if let Ok(Some(bytes)) = store.read_chunk(&out.id, i as u64) {
+                    let _ = acc.remove_chunk(i as u64, &bytes, weight);
+                }
+            }
+        }
+        result
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match done {
+        Ok(()) => Ok(o),
+        Err(why) => Err((o, why)),
+    }
+}
+
+#[derive(Serialize)]
+struct Checkpoint<'a> {
+    round: u32,
+    model: &'a str,
+    rounds: &'a [RoundReport],
+}
+
+/// Writes the global model and the job's record so far; each file is replaced atomically.
+fn checkpoint(dir: &std::path::Path, round: u32, model: &Model, reports: &[RoundReport]) -> Result<(), FedAvgError> {
+    let err = |path: &std::path::Path, e: &dyn std::fmt::Display| FedAvgError::Checkpoint {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
+    };
+    write("global.safetensors", &model.to_safetensors())?;
+    let record = Checkpoint {
+        round,
+        model: "global.safetensors",
+        rounds: reports,
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| err(dir, &e))?;
+    write("checkpoint.json", &json)
+}

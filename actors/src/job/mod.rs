@@ -1,0 +1,56 @@
+//! Jobs: a Controller runs a workflow (plain async code) against a [`Communicator`];
+//! Executors on the members run its tasks through a [`Learner`].
+//!
+//! - [`host`]: one per node; routes the node's inbound control requests to its executor
+//!   (tasks) and to the controllers it hosts (task results), and refuses other jobs.
+//! - [`communicator`]: the only way a workflow talks to peers.
+//! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
+//! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
+
+pub mod communicator;
+pub mod executor;
+pub mod fedavg;
+pub mod host;
+
+use std::collections::BTreeMap;
+
+use flare_protocols::BlobRef;
+use flare_protocols::ctl::{TaskStatus, Value};
+use libp2p::PeerId;
+
+pub use communicator::{CommError, Communicator};
+pub use executor::{AddOne, Learner, TaskContext, TrainOutput};
+pub use fedavg::{FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
+pub use host::JobHost;
+
+/// A unit of work a controller hands to executors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    /// What to do: `train`, `validate`, ...
+    pub name: String,
+    /// Workflow round.
+    pub round: u32,
+    /// Input model.
+    pub input: Option<BlobRef>,
+    /// Parameters.
+    pub props: BTreeMap<String, Value>,
+}
+
+/// A finished task, as its controller receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOutcome {
+    /// The executor's peer.
+    pub peer: PeerId,
+    /// Its member name.
+    pub member: String,
+    /// The task it answers.
+    pub task_id: u64,
+    /// How it ended.
+    pub status: TaskStatus,
+    /// Output model, on the executor's node.
+    pub output: Option<BlobRef>,
+    /// Metrics the executor reported.
+    pub metrics: BTreeMap<String, f64>,
+    /// Samples behind the output (the aggregation weight).
+    pub num_samples: u64,
+}

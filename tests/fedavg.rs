@@ -1,0 +1,224 @@
+//! FedAvg over real nodes: exact add-one arithmetic, clients that vanish, too few clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_actors::job::{
+    AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, TaskContext, TrainOutput, fedavg,
+};
+use flare_actors::{Member, Node};
+use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
+use flare_protocols::ctl::JobId;
+use flare_protocols::model::{Model, Tensor};
+
+use crate::util::{memory_stores, start_nodes, within};
+
+/// A model of a few f32 tensors with fractional values, spanning several chunks.
+fn initial_model() -> Model {
+    let mut m = Model::new();
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    for (name, n) in [
+        ("layer.0.weight", 300_000),
+        ("layer.0.bias", 1000),
+        ("layer.1.weight", 400_000),
+    ] {
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 2_000_001) as f32 / 1000.0 - 1000.0
+            })
+            .collect();
+        m.insert(name, Tensor::from_f32(vec![n], &v).expect("tensor"));
+    }
+    m
+}
+
+struct Federation {
+    hosts: Vec<JobHost>,
+    members: Vec<Member>,
+}
+
+/// Node 0 hosts the controller; nodes 1.. are clients with add-one learners of weights
+/// 10, 20, 30, ...
+async fn federation(clients: usize, job: &JobId) -> Federation {
+    let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(clients + 1))
+        .await
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let members: Vec<Member> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.as_member(&format!("site-{i}")))
+        .collect();
+    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
+    for (i, h) in hosts.iter().enumerate().skip(1) {
+        h.join_as_executor(
+            job.clone(),
+            members[0].peer_id,
+            &members[i].name,
+            Box::new(AddOne {
+                num_samples: 10 * i as u64,
+            }),
+        )
+        .await
+        .expect("executor");
+    }
+    Federation { hosts, members }
+}
+
+fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) -> FedAvgConfig {
+    FedAvgConfig {
+        rounds,
+        min_clients,
+        round_timeout: timeout,
+        clients: f.members[1..].iter().map(|m| m.peer_id).collect(),
+        checkpoint_dir: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
+    within(120, async {
+        let job = JobId("add-one".into());
+        let f = federation(3, &job).await;
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = config(&f, 5, 3, Duration::from_secs(60));
+        cfg.checkpoint_dir = Some(dir.path().to_owned());
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        assert_eq!(out.rounds.len(), 5);
+        for r in &out.rounds {
+            assert_eq!(r.contributors, ["site-1", "site-2", "site-3"], "round {}", r.round);
+        }
+        let mut expected = initial;
+        for _ in 0..5 {
+            expected.map_f32(|v| v + 1.0);
+        }
+        assert!(out.model == expected, "every weight equals initial + 5, exactly");
+        let saved = Model::load(&dir.path().join("global.safetensors")).expect("checkpoint");
+        assert!(saved == expected);
+        let record = std::fs::read_to_string(dir.path().join("checkpoint.json")).expect("record");
+        assert!(record.contains("\"round\": 4"), "{record}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
+    within(120, async {
+        let job = JobId("vanish".into());
+        let f = federation(3, &job).await;
+        // site-3 leaves the job before the first round: its tasks are refused.
+        f.hosts[3].leave(&job);
+        let cfg = config(&f, 2, 2, Duration::from_secs(30));
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        for r in &out.rounds {
+            assert_eq!(r.contributors, ["site-1", "site-2"]);
+            assert_eq!(r.missing.len(), 1);
+            assert_eq!(r.missing[0].0, "site-3");
+        }
+        let mut expected = initial;
+        expected.map_f32(|v| v + 1.0);
+        expected.map_f32(|v| v + 1.0);
+        assert!(out.model == expected);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_clients_fail_the_job_naming_the_missing_members() {
+    within(60, async {
+        let job = JobId("too-few".into());
+        let f = federation(3, &job).await;
+        f.hosts[2].leave(&job);
+        // site-3's node goes away altogether.
+        f.hosts[3].node().net().shutdown();
+        let cfg = config(&f, 1, 2, Duration::from_secs(3));
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let e = fedavg::run(&comm, &cfg, initial_model()).await.expect_err("too few");
+        match &e {
+            FedAvgError::TooFewClients { got, need, missing, .. } => {
+                assert_eq!((*got, *need), (1, 2));
+                let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
+                assert_eq!(names, ["site-2", "site-3"], "{e}");
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+        assert!(e.to_string().contains("site-2") && e.to_string().contains("site-3"));
+    })
+    .await;
+}
+
+/// Add-one that tells the test when it starts, then takes a while.
+struct SlowAddOne {
+    started: std::sync::mpsc::Sender<()>,
+}
+
+impl Learner for SlowAddOne {
+    fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
+        let _ = self.started.send(());
+        std::thread::sleep(Duration::from_millis(500));
+        AddOne { num_samples: 5 }.train(global, ctx)
+    }
+
+    fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
+    within(120, async {
+        let job = JobId("killed".into());
+        let f = federation(2, &job).await;
+        // A third client that is killed while it trains.
+        let extra = Arc::new(start_nodes(memory_stores(1)).await.remove(0));
+        let extra_member = extra.as_member("site-3");
+        for h in &f.hosts {
+            h.node().net().add_member(extra_member.clone()).expect("admit");
+        }
+        for m in &f.members {
+            extra.net().add_member(m.clone()).expect("admit");
+        }
+        let extra_host = JobHost::start(extra.clone()).expect("host");
+        let (tx, started) = std::sync::mpsc::channel();
+        extra_host
+            .join_as_executor(
+                job.clone(),
+                f.members[0].peer_id,
+                "site-3",
+                Box::new(SlowAddOne { started: tx }),
+            )
+            .await
+            .expect("executor");
+        let mut members = f.members.clone();
+        members.push(extra_member.clone());
+        let mut cfg = config(&f, 1, 2, Duration::from_secs(5));
+        cfg.clients.push(extra_member.peer_id);
+        let comm = Communicator::new(&f.hosts[0], job, members, DEFAULT_CHUNK_SIZE);
+        let killer = tokio::task::spawn_blocking(move || {
+            started
+                .recv_timeout(Duration::from_secs(30))
+                .expect("site-3 starts training");
+            extra.net().shutdown();
+        });
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone())
+            .await
+            .expect("round completes");
+        killer.await.expect("killer");
+        assert_eq!(out.rounds[0].contributors, ["site-1", "site-2"]);
+        assert_eq!(out.rounds[0].missing.len(), 1);
+        assert_eq!(out.rounds[0].missing[0].0, "site-3");
+        let mut expected = initial;
+        expected.map_f32(|v| v + 1.0);
+        assert!(out.model == expected);
+    })
+    .await;
+}
