@@ -223,3 +223,107 @@ fn run_logs_its_address_dials_members_and_stops_cleanly_on_ctrl_c() {
     node_a.wait_for(&["disconnected", "member=b"]);
     node_a.interrupt();
 }
+
+impl Running {
+    /// Waits (bounded) for the process to exit; returns whether it succeeded.
+    fn wait_exit(mut self, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
+                panic!("no exit within {secs} s; saw:\n{}", self.seen.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn topology(path: &Path, members: &[(&str, &str, Option<&str>)]) {
+    let mut s = String::from(
+        "[job]\nname = \"mp-addone\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+         [fedavg]\nrounds = 5\nmin_clients = 3\nround_timeout_secs = 60\n\n\
+         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 9\n\n",
+    );
+    for (name, id, addr) in members {
+        let addrs = addr.map(|a| format!("\"{a}\"")).unwrap_or_default();
+        s.push_str(&format!(
+            "[[member]]\nname = \"{name}\"\npeer_id = \"{id}\"\naddrs = [{addrs}]\n\n"
+        ));
+    }
+    std::fs::write(path, s).expect("write topology");
+}
+
+#[test]
+fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let names = ["server", "site-1", "site-2", "site-3"];
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| peer_id_in(&cli(&["keygen", "--out", &p(&format!("{n}.key"))])))
+        .collect();
+    let no_addr: Vec<(&str, &str, Option<&str>)> =
+        names.iter().zip(&ids).map(|(n, i)| (*n, i.as_str(), None)).collect();
+    topology(&dir.path().join("server.toml"), &no_addr);
+    let listen = "/ip4/127.0.0.1/tcp/0";
+    let mut server = Running::start(&[
+        "run",
+        "--topology",
+        &p("server.toml"),
+        "--name",
+        "server",
+        "--key",
+        &p("server.key"),
+        "--listen",
+        listen,
+        "--data-dir",
+        &p("server-data"),
+    ]);
+    let line = server.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .expect("address")
+        .to_owned();
+    let mut with_addr = no_addr.clone();
+    with_addr[0].2 = Some(&addr);
+    topology(&dir.path().join("clients.toml"), &with_addr);
+    let clients: Vec<Running> = names[1..]
+        .iter()
+        .map(|n| {
+            Running::start(&[
+                "run",
+                "--topology",
+                &p("clients.toml"),
+                "--name",
+                n,
+                "--key",
+                &p(&format!("{n}.key")),
+                "--listen",
+                listen,
+                "--data-dir",
+                &p(&format!("{n}-data")),
+            ])
+        })
+        .collect();
+    server.wait_for(&["round done", "round=4"]);
+    assert!(server.wait_exit(60), "the controller finished the job");
+    for c in clients {
+        assert!(c.wait_exit(60), "a client exits once the job is over");
+    }
+
+    // The same topology in one process.
+    let sim = cli(&["sim", &p("clients.toml"), "--out", &p("sim-out")]);
+    assert!(sim.status.success(), "{}", text(&sim.stderr));
+    let multi = std::fs::read(dir.path().join("server-data/global.safetensors")).expect("run's model");
+    let single = std::fs::read(dir.path().join("sim-out/global.safetensors")).expect("sim's model");
+    assert!(multi == single, "run and sim give the same model, bit for bit");
+    let results = std::fs::read_to_string(dir.path().join("server-data/results.json")).expect("results");
+    assert!(results.contains("\"verified\": true"), "{results}");
+}

@@ -87,7 +87,7 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut cfg = config(&f, 5, 3, Duration::from_secs(60));
         cfg.checkpoint_dir = Some(dir.path().to_owned());
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
         let initial = initial_model();
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
         assert_eq!(out.rounds.len(), 5);
@@ -115,7 +115,7 @@ async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
         // site-3 leaves the job before the first round: its tasks are refused.
         f.hosts[3].leave(&job);
         let cfg = config(&f, 2, 2, Duration::from_secs(30));
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
         let initial = initial_model();
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
         for r in &out.rounds {
@@ -140,7 +140,7 @@ async fn too_few_clients_fail_the_job_naming_the_missing_members() {
         // site-3's node goes away altogether.
         f.hosts[3].node().net().shutdown();
         let cfg = config(&f, 1, 2, Duration::from_secs(3));
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE);
+        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
         let e = fedavg::run(&comm, &cfg, initial_model()).await.expect_err("too few");
         match &e {
             FedAvgError::TooFewClients { got, need, missing, .. } => {
@@ -201,7 +201,7 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         members.push(extra_member.clone());
         let mut cfg = config(&f, 1, 2, Duration::from_secs(5));
         cfg.clients.push(extra_member.peer_id);
-        let comm = Communicator::new(&f.hosts[0], job, members, DEFAULT_CHUNK_SIZE);
+        let comm = Communicator::new(&f.hosts[0], job, members, DEFAULT_CHUNK_SIZE, [0; 32]);
         let killer = tokio::task::spawn_blocking(move || {
             started
                 .recv_timeout(Duration::from_secs(30))

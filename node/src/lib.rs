@@ -2,8 +2,11 @@
 //! [`main_with_args`], so tests can run the real CLI in a child process.
 
 mod bench;
+mod job;
 mod keys;
 mod run;
+mod sim;
+mod topology;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -32,6 +35,8 @@ enum Command {
     },
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
+    /// Run a topology's whole job on a local swarm in this process.
+    Sim(sim::SimArgs),
     /// Measure the runtime against baselines; prints one JSON object on the last line.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -77,6 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Keygen { out, force } => keys::keygen(&out, force),
             Command::Run(args) => run::run(args).await,
+            Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::BenchPeer(args) => bench::peer(args).await,
         }

@@ -1,64 +1,203 @@
-//! `flare-node run`: one long-lived peer.
+//! `flare-node run`: one long-lived peer; with `--topology`, one member of a job.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
+use flare_actors::job::{Communicator, JobHost};
 use flare_actors::{BlobStore, Members, Node, NodeConfig};
-use libp2p::Multiaddr;
+use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
+use libp2p::{Multiaddr, PeerId};
+
+use crate::topology::Topology;
 
 /// Arguments of `flare-node run`.
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("table").required(true).args(["members", "topology"]))]
 pub struct RunArgs {
     /// Identity key written by `flare-node keygen`.
     #[arg(long)]
     key: PathBuf,
     /// Member table (TOML, `[[member]]` entries); only these peers may connect.
     #[arg(long)]
-    members: PathBuf,
-    /// Address to listen on (repeatable).
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    members: Option<PathBuf>,
+    /// Topology file: run this member's part of its job (the members come from it).
+    #[arg(long, requires = "name")]
+    topology: Option<PathBuf>,
+    /// This member's name in the topology.
+    #[arg(long)]
+    name: Option<String>,
+    /// Address to listen on (repeatable) [default: the member's addresses in the topology,
+    /// else /ip4/0.0.0.0/tcp/0].
+    #[arg(long)]
     listen: Vec<Multiaddr>,
-    /// Where blobs and state live.
+    /// Where blobs, checkpoints and results live.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Print the job's summary JSON as the last line of stdout (controller only).
+    #[arg(long)]
+    json: bool,
 }
 
 /// How often a running peer re-dials members it has no connection to.
 const REDIAL_EVERY: Duration = Duration::from_secs(10);
+/// How long a client keeps asking to join before it gives up.
+const JOIN_FOR: Duration = Duration::from_secs(600);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let keypair = crate::keys::load_key(&args.key)?;
-    let members = Members::load(&args.members)?;
     let me = keypair.public().to_peer_id();
-    if !members.contains(&me) {
+    let topo = args.topology.as_deref().map(Topology::load).transpose()?;
+    let members = match (&topo, &args.members) {
+        (Some(t), _) => t.member_table()?,
+        (None, Some(path)) => Members::load(path)?,
+        (None, None) => bail!("give --members or --topology"),
+    };
+    let mut listen = args.listen.clone();
+    if let (Some(t), Some(name)) = (&topo, &args.name) {
+        let m = members
+            .by_name(name)
+            .with_context(|| format!("{}: no member named {name:?}", t.path.display()))?;
+        if m.peer_id != me {
+            bail!(
+                "{} is the key of {me}, but {} says member {name:?} is {}",
+                args.key.display(),
+                t.path.display(),
+                m.peer_id
+            );
+        }
+        if listen.is_empty() {
+            listen = m.addrs.clone();
+        }
+    } else if !members.contains(&me) {
         tracing::warn!(peer = %me, "this node is not in its own member list");
+    }
+    if listen.is_empty() {
+        listen.push("/ip4/0.0.0.0/tcp/0".parse()?);
     }
     let store = BlobStore::open(&args.data_dir).with_context(|| format!("opening {}", args.data_dir.display()))?;
     let others: Vec<_> = members.iter().filter(|m| m.peer_id != me).cloned().collect();
-    let node = Node::start(NodeConfig {
-        keypair,
-        members,
-        listen: args.listen,
-        store,
-    })
-    .await?;
+    let node = Arc::new(
+        Node::start(NodeConfig {
+            keypair,
+            members,
+            listen,
+            store,
+        })
+        .await?,
+    );
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
+    let name = args.name.clone().unwrap_or_default();
+    let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json));
     let mut redial = tokio::time::interval(REDIAL_EVERY);
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = redial.tick() => {
-                let connected = node.net().connected_peers().await.unwrap_or_default();
-                for m in others.iter().filter(|m| !m.addrs.is_empty() && !connected.contains(&m.peer_id)) {
-                    tracing::debug!(member = %m.name, peer = %m.peer_id, "dialing member");
-                    let _ = node.net().dial(m.peer_id);
-                }
+    let result = match job {
+        Some(job) => {
+            tokio::select! {
+                r = job => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
             }
         }
-    }
+        None => loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break Ok(()),
+                _ = redial.tick() => {
+                    let connected = node.net().connected_peers().await.unwrap_or_default();
+                    for m in others.iter().filter(|m| !m.addrs.is_empty() && !connected.contains(&m.peer_id)) {
+                        tracing::debug!(member = %m.name, peer = %m.peer_id, "dialing member");
+                        let _ = node.net().dial(m.peer_id);
+                    }
+                }
+            }
+        },
+    };
     tracing::info!("shutting down");
-    node.shutdown().await;
+    node.net().shutdown();
+    result
+}
+
+/// This member's part of the topology's job: the controller runs the workflow once its
+/// clients have joined; a client joins and works until the controller ends the job.
+async fn member_of_job(
+    node: &Arc<Node>,
+    topo: Topology,
+    name: &str,
+    data_dir: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let host = JobHost::start(node.clone())?;
+    let table = topo.member_table()?;
+    let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
+    let job = JobId(topo.job.clone());
+    let controller = peer(&topo.controller)?;
+    if name == topo.controller {
+        let members: Vec<_> = table.iter().cloned().collect();
+        let comm = Communicator::new(&host, job, members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
+        let clients: Vec<PeerId> = topo.clients.iter().map(|c| peer(c)).collect::<Result<_, _>>()?;
+        tracing::info!(clients = clients.len(), "waiting for the clients to join");
+        let joined = comm.wait_for_joins(&clients, topo.round_timeout).await;
+        if joined.len() < topo.min_clients {
+            let missing: Vec<&str> = topo
+                .clients
+                .iter()
+                .zip(&clients)
+                .filter(|(_, p)| !joined.contains(p))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            bail!(
+                "only {} of the {} required clients joined within {:?}; missing: {}",
+                joined.len(),
+                topo.min_clients,
+                topo.round_timeout,
+                missing.join(", ")
+            );
+        }
+        let checkpoints = data_dir.join("checkpoints");
+        let (outcome, summary) = crate::job::control(&comm, &topo, joined, Some(&checkpoints)).await?;
+        crate::job::write_outputs(data_dir, &outcome, &summary)?;
+        return crate::job::report(&summary, json);
+    }
+    if !topo.clients.iter().any(|c| c == name) {
+        bail!(
+            "member {name:?} is neither the controller nor a client of job {}",
+            topo.job
+        );
+    }
+    host.join_as_executor(job.clone(), controller, name, crate::job::learner(&topo, name)?)
+        .await
+        .context("starting the executor")?;
+    join(node, &job, controller, name, topo.spec_hash()).await?;
+    let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
+    tracing::info!(%reason, "job over");
     Ok(())
+}
+
+/// Asks the controller to admit this member, until it answers (bounded by [`JOIN_FOR`]).
+async fn join(node: &Node, job: &JobId, controller: PeerId, name: &str, spec: [u8; 32]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + JOIN_FOR;
+    loop {
+        let req = CtlRequest {
+            job: job.clone(),
+            body: Request::Join {
+                member: name.to_owned(),
+            },
+        };
+        match node.net().request(controller, req).await {
+            Ok(CtlResponse::Welcome { spec_hash, .. }) if spec_hash == spec => {
+                tracing::info!(job = %job, "joined");
+                return Ok(());
+            }
+            Ok(CtlResponse::Welcome { .. }) => {
+                bail!("the controller runs a different specification of job {job}: check both use the same topology")
+            }
+            Ok(other) => tracing::debug!(?other, "controller not ready"),
+            Err(e) => tracing::debug!(error = %e, "controller not reachable yet"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the controller did not admit this member within {JOIN_FOR:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

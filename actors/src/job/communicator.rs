@@ -58,19 +58,23 @@ pub struct Communicator {
     job: JobId,
     members: Vec<Member>,
     results: Mutex<mpsc::UnboundedReceiver<TaskOutcome>>,
+    joins: Mutex<mpsc::UnboundedReceiver<PeerId>>,
     next_task: AtomicU64,
     chunk_size: u32,
 }
 
 impl Communicator {
-    /// The controller side of `job` on `host`'s node, with the job's members.
-    pub fn new(host: &JobHost, job: JobId, members: Vec<Member>, chunk_size: u32) -> Self {
-        let results = host.host_controller(job.clone());
+    /// The controller side of `job` on `host`'s node, with the job's members. Members that
+    /// join get `spec_hash` (a hash of the job's specification) back, to check they run the
+    /// same job.
+    pub fn new(host: &JobHost, job: JobId, members: Vec<Member>, chunk_size: u32, spec_hash: [u8; 32]) -> Self {
+        let inbox = host.host_controller(job.clone(), spec_hash);
         Self {
             node: host.node().clone(),
             job,
             members,
-            results: Mutex::new(results),
+            results: Mutex::new(inbox.outcomes),
+            joins: Mutex::new(inbox.joins),
             next_task: AtomicU64::new(1),
             chunk_size,
         }
@@ -187,6 +191,41 @@ impl Communicator {
                 member: self.member(&target).name,
                 reason: format!("no result within {timeout:?}"),
             })
+    }
+
+    /// Waits until every peer of `expected` has joined, or `timeout` has passed; returns
+    /// those that joined, in the order of `expected`.
+    pub async fn wait_for_joins(&self, expected: &[PeerId], timeout: Duration) -> Vec<PeerId> {
+        let deadline = Instant::now() + timeout;
+        let mut joined = std::collections::HashSet::new();
+        let mut rx = self.joins.lock().await;
+        while !expected.iter().all(|p| joined.contains(p)) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(peer)) => {
+                    joined.insert(peer);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        expected.iter().copied().filter(|p| joined.contains(p)).collect()
+    }
+
+    /// Tells `targets` the job is over (best effort: an unreachable member is only logged).
+    pub async fn end_job(&self, targets: &[PeerId], reason: &str) {
+        let sends = targets.iter().map(|&peer| {
+            let req = CtlRequest {
+                job: self.job.clone(),
+                body: Request::Abort {
+                    reason: reason.to_owned(),
+                },
+            };
+            async move { (peer, self.node.net().request(peer, req).await) }
+        });
+        for (peer, r) in futures::future::join_all(sends).await {
+            if let Err(e) = r {
+                tracing::debug!(job = %self.job, %peer, error = %e, "could not tell a member the job ended");
+            }
+        }
     }
 
     /// Pulls an executor's output model into the local store.

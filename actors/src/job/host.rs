@@ -9,20 +9,38 @@ use std::sync::{Arc, Mutex};
 use flare_protocols::ctl::{CtlResponse, JobId, Request};
 use libp2p::PeerId;
 use ractor::{Actor, ActorRef};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
 use super::{Task, TaskOutcome};
 use crate::Node;
 use crate::network::NetworkError;
 
-/// A task result on its way to the controller of its job.
-pub(crate) type Outcomes = mpsc::UnboundedSender<TaskOutcome>;
+/// What the controller of a job receives from its members.
+pub(crate) struct ControllerInbox {
+    /// Task results.
+    pub outcomes: mpsc::UnboundedReceiver<TaskOutcome>,
+    /// Members that joined (sent `Join`).
+    pub joins: mpsc::UnboundedReceiver<PeerId>,
+}
+
+struct ControllerRoute {
+    outcomes: mpsc::UnboundedSender<TaskOutcome>,
+    joins: mpsc::UnboundedSender<PeerId>,
+    spec_hash: [u8; 32],
+}
+
+struct ExecutorRoute {
+    actor: ActorRef<ExecutorMsg>,
+    controller: PeerId,
+    /// Set to the controller's reason when it ends the job.
+    ended: watch::Sender<Option<String>>,
+}
 
 #[derive(Default)]
 struct Routes {
-    executors: HashMap<JobId, (ActorRef<ExecutorMsg>, PeerId)>,
-    controllers: HashMap<JobId, Outcomes>,
+    executors: HashMap<JobId, ExecutorRoute>,
+    controllers: HashMap<JobId, ControllerRoute>,
 }
 
 /// The node's job table and the task that routes control requests by it.
@@ -75,22 +93,45 @@ impl JobHost {
             },
         )
         .await?;
-        lock(&self.routes).executors.insert(job, (actor.clone(), controller));
+        let (ended, _) = watch::channel(None);
+        lock(&self.routes).executors.insert(
+            job,
+            ExecutorRoute {
+                actor: actor.clone(),
+                controller,
+                ended,
+            },
+        );
         Ok(actor)
     }
 
-    /// Hosts the controller of `job`: results for it arrive on the returned receiver.
-    pub(crate) fn host_controller(&self, job: JobId) -> mpsc::UnboundedReceiver<TaskOutcome> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.routes).controllers.insert(job, tx);
-        rx
+    /// Resolves with the controller's reason once it ends `job` (`Abort`), or `None` when
+    /// this node is not an executor of `job` or leaves it first.
+    pub async fn job_ended(&self, job: &JobId) -> Option<String> {
+        let mut rx = lock(&self.routes).executors.get(job)?.ended.subscribe();
+        rx.wait_for(Option::is_some).await.ok()?.clone()
+    }
+
+    /// Hosts the controller of `job`; members that join get `spec_hash` back in `Welcome`.
+    pub(crate) fn host_controller(&self, job: JobId, spec_hash: [u8; 32]) -> ControllerInbox {
+        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+        let (joins_tx, joins) = mpsc::unbounded_channel();
+        lock(&self.routes).controllers.insert(
+            job,
+            ControllerRoute {
+                outcomes: outcomes_tx,
+                joins: joins_tx,
+                spec_hash,
+            },
+        );
+        ControllerInbox { outcomes, joins }
     }
 
     /// Leaves `job`: its executor stops and its results are no longer taken.
     pub fn leave(&self, job: &JobId) {
         let mut r = lock(&self.routes);
-        if let Some((actor, _)) = r.executors.remove(job) {
-            actor.stop(None);
+        if let Some(e) = r.executors.remove(job) {
+            e.actor.stop(None);
         }
         r.controllers.remove(job);
     }
@@ -99,8 +140,8 @@ impl JobHost {
 impl Drop for JobHost {
     fn drop(&mut self) {
         self.router.abort();
-        for (actor, _) in lock(&self.routes).executors.values() {
-            actor.stop(None);
+        for e in lock(&self.routes).executors.values() {
+            e.actor.stop(None);
         }
     }
 }
@@ -109,7 +150,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
     let not_joined = |job: &JobId| CtlResponse::Rejected {
         reason: format!("this node has not joined job {job}"),
     };
-    let r = lock(routes);
+    let mut r = lock(routes);
     match body {
         Request::Task {
             task_id,
@@ -118,7 +159,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             input,
             props,
         } => match r.executors.get(&job) {
-            Some((actor, controller)) if *controller == peer => {
+            Some(ExecutorRoute { actor, controller, .. }) if *controller == peer => {
                 let task = Task {
                     name,
                     round,
@@ -149,7 +190,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             metrics,
             num_samples,
         } => match r.controllers.get(&job) {
-            Some(tx) => {
+            Some(ControllerRoute { outcomes: tx, .. }) => {
                 // The communicator names the member from its own table.
                 let outcome = TaskOutcome {
                     peer,
@@ -167,7 +208,32 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             }
             None => not_joined(&job),
         },
-        Request::Heartbeat | Request::Join { .. } | Request::Abort { .. } => {
+        Request::Join { member } => match r.controllers.get(&job) {
+            Some(c) => {
+                tracing::info!(job = %job, %member, %peer, "member joined");
+                let _ = c.joins.send(peer);
+                CtlResponse::Welcome {
+                    job,
+                    spec_hash: c.spec_hash,
+                }
+            }
+            None => not_joined(&job),
+        },
+        Request::Abort { reason } => match r.executors.get(&job) {
+            Some(e) if e.controller == peer => {
+                tracing::info!(job = %job, %reason, "the controller ended the job");
+                e.ended.send_replace(Some(reason));
+                if let Some(e) = r.executors.remove(&job) {
+                    e.actor.stop(None);
+                }
+                CtlResponse::Ack
+            }
+            Some(_) => CtlResponse::Rejected {
+                reason: format!("{peer} is not the controller of job {job}"),
+            },
+            None => not_joined(&job),
+        },
+        Request::Heartbeat => {
             if r.executors.contains_key(&job) || r.controllers.contains_key(&job) {
                 CtlResponse::Ack
             } else {

@@ -1,0 +1,474 @@
+//! Topology files: who the members are, which one hosts the controller, which workflow runs
+//! with which learner and data. The format is documented in `topologies/README.md`.
+//!
+//! Errors name the file, the line and the field.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flare_actors::{Member, Members};
+use libp2p::{Multiaddr, PeerId};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Why a topology file was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct TopologyError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong, with line and field.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    job: Spanned<RawJob>,
+    #[serde(default)]
+    fedavg: Option<Spanned<RawFedAvg>>,
+    learner: Spanned<RawLearner>,
+    #[serde(default)]
+    model: Option<RawModel>,
+    #[serde(default)]
+    data: Option<RawData>,
+    #[serde(default)]
+    member: Vec<Spanned<RawMember>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: String,
+    workflow: Spanned<String>,
+    controller: Spanned<String>,
+    #[serde(default)]
+    clients: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFedAvg {
+    rounds: Spanned<u32>,
+    min_clients: Spanned<usize>,
+    #[serde(default = "default_timeout")]
+    round_timeout_secs: Spanned<f64>,
+}
+
+fn default_timeout() -> Spanned<f64> {
+    Spanned::new(0..0, 120.0)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLearner {
+    kind: Spanned<String>,
+    #[serde(default)]
+    hidden: Vec<usize>,
+    #[serde(default = "default_lr")]
+    lr: f32,
+    #[serde(default = "one")]
+    epochs: u32,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+}
+
+fn default_lr() -> f32 {
+    0.1
+}
+fn one() -> u32 {
+    1
+}
+fn default_batch() -> usize {
+    32
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    #[serde(default = "default_tensors")]
+    tensors: usize,
+    #[serde(default = "default_elements")]
+    elements: usize,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_tensors() -> usize {
+    4
+}
+fn default_elements() -> usize {
+    1024
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    #[serde(default = "default_alpha")]
+    alpha: f64,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "default_test_fraction")]
+    test_fraction: f64,
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    name: String,
+    #[serde(default)]
+    peer_id: Option<Spanned<String>>,
+    #[serde(default)]
+    addrs: Vec<Spanned<String>>,
+}
+
+/// The learner every client runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LearnerSpec {
+    /// Adds 1.0 to every weight.
+    AddOne,
+    /// The pure-Rust MLP on the digits data.
+    Mlp {
+        /// Hidden layer sizes (empty: softmax regression).
+        hidden: Vec<usize>,
+        /// SGD learning rate.
+        lr: f32,
+        /// Local epochs per round.
+        epochs: u32,
+        /// Mini-batch size.
+        batch_size: usize,
+    },
+}
+
+/// The initial model of the add-one job: `tensors` f32 tensors of `elements` values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Elements per tensor.
+    pub elements: usize,
+    /// Seed of the values.
+    pub seed: u64,
+}
+
+/// How the data is dealt to members.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataSpec {
+    /// Dirichlet concentration of the label split (small: very non-IID).
+    pub alpha: f64,
+    /// Seed of the split.
+    pub seed: u64,
+    /// Share of the data held out as the common test set.
+    pub test_fraction: f64,
+}
+
+/// A parsed, checked topology.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Job name.
+    pub job: String,
+    /// Members, in file order: (name, peer id and addresses when given).
+    pub members: Vec<(String, Option<Member>)>,
+    /// The member that hosts the controller.
+    pub controller: String,
+    /// The members that train.
+    pub clients: Vec<String>,
+    /// FedAvg parameters.
+    pub rounds: u32,
+    /// Fewest results a round may finish with.
+    pub min_clients: usize,
+    /// How long a round waits.
+    pub round_timeout: Duration,
+    /// The learner.
+    pub learner: LearnerSpec,
+    /// The add-one initial model.
+    pub model: ModelSpec,
+    /// The data split.
+    pub data: DataSpec,
+}
+
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
+}
+
+impl Topology {
+    /// Reads and checks a topology file.
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks topology text (`path` names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, TopologyError> {
+        let fail = |at: usize, field: &str, msg: String| TopologyError {
+            path: path.to_owned(),
+            message: format!("line {}: field `{field}`: {msg}", line_of(text, at)),
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| TopologyError {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let job_span = raw.job.span();
+        let job = raw.job.into_inner();
+        if job.workflow.get_ref() != "fedavg" {
+            return Err(fail(
+                job.workflow.span().start,
+                "job.workflow",
+                format!("unknown workflow {:?} (known: \"fedavg\")", job.workflow.get_ref()),
+            ));
+        }
+        let mut members = Vec::new();
+        for m in raw.member {
+            let at = m.span().start;
+            let m = m.into_inner();
+            if members.iter().any(|(n, _): &(String, Option<Member>)| *n == m.name) {
+                return Err(fail(at, "member.name", format!("member {:?} is listed twice", m.name)));
+            }
+            let full =
+                match &m.peer_id {
+                    None => None,
+                    Some(p) => {
+                        let peer_id: PeerId = p
+                            .get_ref()
+                            .parse()
+                            .map_err(|e| fail(p.span().start, "member.peer_id", format!("{:?}: {e}", p.get_ref())))?;
+                        let mut addrs = Vec::new();
+                        for a in &m.addrs {
+                            addrs.push(a.get_ref().parse::<Multiaddr>().map_err(|e| {
+                                fail(a.span().start, "member.addrs", format!("{:?}: {e}", a.get_ref()))
+                            })?);
+                        }
+                        Some(Member {
+                            name: m.name.clone(),
+                            peer_id,
+                            addrs,
+                        })
+                    }
+                };
+            members.push((m.name, full));
+        }
+        if members.len() < 2 {
+            return Err(fail(
+                job_span.start,
+                "member",
+                "a job needs at least two members".into(),
+            ));
+        }
+        let known = |n: &str| members.iter().any(|(m, _)| m == n);
+        if !known(job.controller.get_ref()) {
+            return Err(fail(
+                job.controller.span().start,
+                "job.controller",
+                format!("{:?} is not a member", job.controller.get_ref()),
+            ));
+        }
+        let controller = job.controller.into_inner();
+        let clients = match job.clients {
+            Some(c) => {
+                for n in c.get_ref() {
+                    if !known(n) {
+                        return Err(fail(c.span().start, "job.clients", format!("{n:?} is not a member")));
+                    }
+                }
+                c.into_inner()
+            }
+            None => members
+                .iter()
+                .map(|(n, _)| n.clone())
+                .filter(|n| *n != controller)
+                .collect(),
+        };
+        if clients.is_empty() {
+            return Err(fail(job_span.start, "job.clients", "no member trains".into()));
+        }
+        let Some(fedavg) = raw.fedavg else {
+            return Err(fail(
+                job_span.start,
+                "fedavg",
+                "the fedavg workflow needs a [fedavg] table".into(),
+            ));
+        };
+        let fedavg = fedavg.into_inner();
+        if *fedavg.rounds.get_ref() == 0 {
+            return Err(fail(
+                fedavg.rounds.span().start,
+                "fedavg.rounds",
+                "must be at least 1".into(),
+            ));
+        }
+        let min = *fedavg.min_clients.get_ref();
+        if min == 0 || min > clients.len() {
+            return Err(fail(
+                fedavg.min_clients.span().start,
+                "fedavg.min_clients",
+                format!("{min} is not between 1 and the {} clients", clients.len()),
+            ));
+        }
+        let t = *fedavg.round_timeout_secs.get_ref();
+        if !(t.is_finite() && t > 0.0) {
+            return Err(fail(
+                fedavg.round_timeout_secs.span().start,
+                "fedavg.round_timeout_secs",
+                format!("{t} is not a positive number of seconds"),
+            ));
+        }
+        let l = raw.learner.into_inner();
+        let learner = match l.kind.get_ref().as_str() {
+            "add-one" => LearnerSpec::AddOne,
+            "mlp" => LearnerSpec::Mlp {
+                hidden: l.hidden,
+                lr: l.lr,
+                epochs: l.epochs,
+                batch_size: l.batch_size,
+            },
+            other => {
+                return Err(fail(
+                    l.kind.span().start,
+                    "learner.kind",
+                    format!("unknown learner {other:?} (known: \"add-one\", \"mlp\")"),
+                ));
+            }
+        };
+        let model = raw.model.map_or(
+            ModelSpec {
+                tensors: default_tensors(),
+                elements: default_elements(),
+                seed: 0,
+            },
+            |m| ModelSpec {
+                tensors: m.tensors,
+                elements: m.elements,
+                seed: m.seed,
+            },
+        );
+        let data = raw.data.map_or(
+            DataSpec {
+                alpha: default_alpha(),
+                seed: 0,
+                test_fraction: default_test_fraction(),
+            },
+            |d| DataSpec {
+                alpha: d.alpha,
+                seed: d.seed,
+                test_fraction: d.test_fraction,
+            },
+        );
+        Ok(Self {
+            path: path.to_owned(),
+            job: job.name,
+            members,
+            controller,
+            clients,
+            rounds: *fedavg.rounds.get_ref(),
+            min_clients: min,
+            round_timeout: Duration::from_secs_f64(t),
+            learner,
+            model,
+            data,
+        })
+    }
+
+    /// A hash of everything that defines the job (not the members' addresses), exchanged at
+    /// `Join` so a member can tell that it runs the same job as its controller.
+    pub fn spec_hash(&self) -> [u8; 32] {
+        let spec = format!(
+            "{}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+            self.job,
+            self.controller,
+            self.clients,
+            self.rounds,
+            self.min_clients,
+            self.round_timeout,
+            self.learner,
+            self.model,
+            self.data
+        );
+        flare_protocols::ChunkHash::of(spec.as_bytes()).0
+    }
+
+    /// The member table for `run`: every member must carry its peer id.
+    pub fn member_table(&self) -> Result<Members, TopologyError> {
+        let mut out = Vec::new();
+        for (name, m) in &self.members {
+            out.push(m.clone().ok_or_else(|| TopologyError {
+                path: self.path.clone(),
+                message: format!("member {name:?} has no `peer_id` (needed to run one member per process)"),
+            })?);
+        }
+        Ok(Members::from_members(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[job]
+name = "t"
+workflow = "fedavg"
+controller = "server"
+
+[fedavg]
+rounds = 2
+min_clients = 2
+
+[learner]
+kind = "add-one"
+
+[[member]]
+name = "server"
+[[member]]
+name = "a"
+[[member]]
+name = "b"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let t = Topology::parse(Path::new("t.toml"), GOOD).expect("parse");
+        assert_eq!(t.clients, ["a", "b"]);
+        assert_eq!(t.learner, LearnerSpec::AddOne);
+        assert_eq!(t.round_timeout, Duration::from_secs(120));
+    }
+
+    fn err(text: &str) -> String {
+        Topology::parse(Path::new("bad.toml"), text)
+            .expect_err("bad")
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err(&GOOD.replace("min_clients = 2", "min_clients = 5"));
+        assert!(
+            e.starts_with("bad.toml") && e.contains("line 9") && e.contains("fedavg.min_clients"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("controller = \"server\"", "controller = \"nobody\""));
+        assert!(e.contains("line 5") && e.contains("job.controller"), "{e}");
+        let e = err(&GOOD.replace("kind = \"add-one\"", "kind = \"svm\""));
+        assert!(e.contains("line 12") && e.contains("learner.kind"), "{e}");
+        let e = err(&GOOD.replace("rounds = 2", "rounds = \"two\""));
+        assert!(e.contains("bad.toml") && e.contains("line 8"), "{e}");
+        let e = err(&GOOD.replace("name = \"b\"", "name = \"a\""));
+        assert!(e.contains("member.name") && e.contains("listed twice"), "{e}");
+        let e = err(&GOOD.replace(
+            "[[member]]\nname = \"a\"",
+            "[[member]]\nname = \"a\"\npeer_id = \"xyz\"",
+        ));
+        assert!(e.contains("member.peer_id"), "{e}");
+    }
+}
