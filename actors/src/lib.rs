@@ -7,10 +7,14 @@
 //! - [`blob`]: serving and fetching blobs over `/flare/blob/1`.
 //! - [`node`]: one running peer with all of the above wired together.
 //! - [`job`]: controllers, executors, the communicator and the workflows.
+//! - [`data`]: the shipped digits data set, seeded train/test and Dirichlet(α) member splits.
+//! - [`learner`]: built-in pure-Rust learners (add-one, MLP) and named-tensor models.
 
 pub mod aggregate;
 pub mod blob;
+pub mod data;
 pub mod job;
+pub mod learner;
 pub mod membership;
 pub mod network;
 pub mod node;
