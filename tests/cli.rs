@@ -327,3 +327,41 @@ fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
     let results = std::fs::read_to_string(dir.path().join("server-data/results.json")).expect("results");
     assert!(results.contains("\"verified\": true"), "{results}");
 }
+
+fn topology_file(name: &str) -> String {
+    format!("{}/../topologies/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The summary JSON a command printed as its last line of stdout.
+fn summary(out: &Output) -> serde_json::Value {
+    let stdout = text(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("no summary JSON ({e}) in {stdout:?}"))
+}
+
+#[test]
+fn fedavg_on_digits_beats_local_only_training_and_reaches_90_percent() {
+    let out = cli(&["sim", &topology_file("fedavg-digits.toml"), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    assert_eq!(s["clients"].as_array().map(Vec::len), Some(4));
+    let global = s["global"].as_array().expect("per-round global metrics");
+    assert_eq!(global.len(), 20);
+    let last = global.last().and_then(|g| g["accuracy"].as_f64()).expect("accuracy");
+    let local = s["local_only"]["mean_accuracy"].as_f64().expect("local-only accuracy");
+    assert!(last >= 0.90, "global accuracy {last}");
+    assert!(last > local, "global {last} vs mean local-only {local}");
+}
+
+#[test]
+fn sim_json_reports_the_exact_add_one_result() {
+    let out = cli(&["sim", &topology_file("fedavg-addone.toml"), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    assert_eq!(s["verified"], serde_json::Value::Bool(true));
+    assert_eq!(s["round_secs"].as_array().map(Vec::len), Some(5));
+}

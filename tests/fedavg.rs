@@ -76,6 +76,7 @@ fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) ->
         round_timeout: timeout,
         clients: f.members[1..].iter().map(|m| m.peer_id).collect(),
         checkpoint_dir: None,
+        evaluate: None,
     }
 }
 

@@ -1,10 +1,13 @@
 //! What `sim` and `run` share to drive a topology's job: the initial model, the learners,
 //! the controller's run of the workflow, and its outputs.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
-use flare_actors::job::{AddOne, Communicator, FedAvgConfig, FedAvgOutcome, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, FedAvgOutcome, Learner, fedavg};
+use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
 use flare_protocols::model::{Model, Tensor};
 use libp2p::PeerId;
 use serde_json::{Value, json};
@@ -12,7 +15,7 @@ use serde_json::{Value, json};
 use crate::topology::{LearnerSpec, ModelSpec, Topology};
 
 /// The add-one job's initial model: seeded fractional values, so exactness means something.
-pub fn initial_model(spec: &ModelSpec) -> anyhow::Result<Model> {
+pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
     let mut m = Model::new();
     let mut x = spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     for t in 0..spec.tensors {
@@ -32,14 +35,66 @@ pub fn initial_model(spec: &ModelSpec) -> anyhow::Result<Model> {
     Ok(m)
 }
 
-/// The learner of client `member`.
-pub fn learner(topo: &Topology, _member: &str) -> anyhow::Result<Box<dyn Learner>> {
-    match &topo.learner {
-        LearnerSpec::AddOne => Ok(Box::new(AddOne { num_samples: 1 })),
-        other => anyhow::bail!(
-            "{}: learner {other:?} is not available yet (only \"add-one\")",
-            topo.path.display()
-        ),
+/// Everything every member derives from the topology alone, identically.
+pub struct Setup {
+    /// The initial global model.
+    pub initial: Model,
+    /// The MLP and the dealt data, for the digits learner.
+    pub digits: Option<(MlpSpec, Arc<DigitsFederation>)>,
+}
+
+impl Setup {
+    /// Builds the setup of `topo` (deals the data for the digits learner).
+    pub fn new(topo: &Topology) -> anyhow::Result<Self> {
+        match &topo.learner {
+            LearnerSpec::AddOne => Ok(Self {
+                initial: add_one_model(&topo.model)?,
+                digits: None,
+            }),
+            LearnerSpec::Mlp {
+                hidden,
+                lr,
+                epochs,
+                batch_size,
+            } => {
+                let spec = MlpSpec {
+                    hidden: hidden.clone(),
+                    lr: *lr,
+                    batch_size: *batch_size,
+                    epochs: *epochs,
+                    seed: topo.model.seed,
+                };
+                let d = &topo.data;
+                let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
+                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+                let initial = model_of(&spec.build()?.params()).map_err(anyhow::Error::msg)?;
+                Ok(Self {
+                    initial,
+                    digits: Some((spec, Arc::new(fed))),
+                })
+            }
+        }
+    }
+
+    /// The learner of client `member`.
+    pub fn learner(&self, topo: &Topology, member: &str) -> anyhow::Result<Box<dyn Learner>> {
+        let Some((spec, fed)) = &self.digits else {
+            return Ok(Box::new(AddOne { num_samples: 1 }));
+        };
+        let i = topo
+            .clients
+            .iter()
+            .position(|c| c == member)
+            .with_context(|| format!("{member} is not a client"))?;
+        let shard = fed.shards.get(i).context("no shard for this client")?.clone();
+        Ok(Box::new(DigitsLearner::new(spec.clone(), shard, i)?))
+    }
+}
+
+fn learner_name(topo: &Topology) -> &'static str {
+    match topo.learner {
+        LearnerSpec::AddOne => "add-one",
+        LearnerSpec::Mlp { .. } => "mlp",
     }
 }
 
@@ -48,41 +103,84 @@ pub fn learner(topo: &Topology, _member: &str) -> anyhow::Result<Box<dyn Learner
 pub async fn control(
     comm: &Communicator,
     topo: &Topology,
+    setup: &Setup,
     clients: Vec<PeerId>,
     checkpoint_dir: Option<&Path>,
 ) -> anyhow::Result<(FedAvgOutcome, Value)> {
-    let initial = initial_model(&topo.model)?;
+    let evaluate: Option<Evaluator> = setup.digits.as_ref().map(|(spec, fed)| {
+        let (spec, fed) = (spec.clone(), fed.clone());
+        let f: Evaluator = Arc::new(move |m: &Model| {
+            let (accuracy, loss) = evaluate(&spec, m, &fed.test)?;
+            Ok(BTreeMap::from([
+                ("accuracy".to_owned(), accuracy),
+                ("loss".to_owned(), loss),
+            ]))
+        });
+        f
+    });
     let cfg = FedAvgConfig {
         rounds: topo.rounds,
         min_clients: topo.min_clients,
         round_timeout: topo.round_timeout,
         clients,
         checkpoint_dir: checkpoint_dir.map(Path::to_owned),
+        evaluate,
     };
-    let outcome = fedavg::run(comm, &cfg, initial.clone()).await;
+    let started = std::time::Instant::now();
+    let outcome = fedavg::run(comm, &cfg, setup.initial.clone()).await;
+    let total_secs = started.elapsed().as_secs_f64();
     comm.end_job(
         &cfg.clients,
         if outcome.is_ok() { "job finished" } else { "job failed" },
     )
     .await;
     let outcome = outcome?;
-    let mut expected = initial;
-    for _ in 0..topo.rounds {
-        expected.map_f32(|v| v + 1.0);
-    }
     let round_secs: Vec<f64> = outcome.rounds.iter().map(|r| r.secs).collect();
-    let summary = json!({
+    let mut summary = json!({
         "workflow": "fedavg",
         "job": topo.job,
-        "learner": "add-one",
+        "learner": learner_name(topo),
         "controller": topo.controller,
         "clients": topo.clients,
         "rounds": topo.rounds,
         "round_secs": round_secs,
+        "total_secs": total_secs,
         "contributors_per_round": outcome.rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>(),
         "model_bytes": outcome.model.data_bytes(),
-        "verified": outcome.model == expected,
     });
+    match &setup.digits {
+        None => {
+            let mut expected = setup.initial.clone();
+            for _ in 0..topo.rounds {
+                expected.map_f32(|v| v + 1.0);
+            }
+            summary["verified"] = json!(outcome.model == expected);
+        }
+        Some((spec, fed)) => {
+            summary["global"] = json!(
+                outcome
+                    .rounds
+                    .iter()
+                    .map(|r| json!({ "round": r.round, "accuracy": r.global.get("accuracy"), "loss": r.global.get("loss") }))
+                    .collect::<Vec<_>>()
+            );
+            // The baseline, in the same run: each client's model trained on its shard alone
+            // for as many epochs as it trained in the whole job.
+            let (spec, fed) = (spec.clone(), fed.clone());
+            let epochs = spec.epochs * topo.rounds;
+            let local = tokio::task::spawn_blocking(move || fed.local_only(&spec, epochs))
+                .await
+                .context("local-only training")??;
+            let per_member: serde_json::Map<String, Value> = topo
+                .clients
+                .iter()
+                .zip(&local)
+                .map(|(n, (acc, loss))| (n.clone(), json!({ "accuracy": acc, "loss": loss })))
+                .collect();
+            let mean = local.iter().map(|(a, _)| a).sum::<f64>() / local.len().max(1) as f64;
+            summary["local_only"] = json!({ "epochs": epochs, "members": per_member, "mean_accuracy": mean });
+        }
+    }
     Ok((outcome, summary))
 }
 
@@ -101,20 +199,39 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
-    let verified = summary["verified"].as_bool() == Some(true);
-    eprintln!(
-        "done: {} rounds, {:.3} s per round on average; add-one result {}",
-        secs.len(),
-        secs.iter().sum::<f64>() / secs.len().max(1) as f64,
-        if verified {
-            "exact (every weight = initial + rounds)"
-        } else {
-            "WRONG"
+    let mean_secs = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
+    match summary["verified"].as_bool() {
+        Some(verified) => eprintln!(
+            "done: {} rounds, {mean_secs:.3} s per round on average; add-one result {}",
+            secs.len(),
+            if verified {
+                "exact (every weight = initial + rounds)"
+            } else {
+                "WRONG"
+            }
+        ),
+        None => {
+            let last = summary["global"]
+                .as_array()
+                .and_then(|g| g.last())
+                .cloned()
+                .unwrap_or_default();
+            eprintln!(
+                "done: {} rounds, {mean_secs:.3} s per round on average; global model: test accuracy {:.4}, loss {:.4}; \
+                 local-only training: mean test accuracy {:.4}",
+                secs.len(),
+                last["accuracy"].as_f64().unwrap_or(f64::NAN),
+                last["loss"].as_f64().unwrap_or(f64::NAN),
+                summary["local_only"]["mean_accuracy"].as_f64().unwrap_or(f64::NAN)
+            );
         }
-    );
+    }
     if json {
         println!("{summary}");
     }
-    anyhow::ensure!(verified, "the add-one result is not initial + rounds");
+    anyhow::ensure!(
+        summary["verified"].as_bool() != Some(false),
+        "the add-one result is not initial + rounds"
+    );
     Ok(())
 }

@@ -113,7 +113,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         },
     };
-    tracing::info!("shutting down");
+    match crate::bench::peak_rss_bytes() {
+        Ok(b) => tracing::info!(peak_rss_bytes = b, "shutting down"),
+        Err(_) => tracing::info!("shutting down"),
+    }
     node.net().shutdown();
     result
 }
@@ -128,6 +131,7 @@ async fn member_of_job(
     json: bool,
 ) -> anyhow::Result<()> {
     let host = JobHost::start(node.clone())?;
+    let setup = crate::job::Setup::new(&topo)?;
     let table = topo.member_table()?;
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
     let job = JobId(topo.job.clone());
@@ -155,7 +159,7 @@ async fn member_of_job(
             );
         }
         let checkpoints = data_dir.join("checkpoints");
-        let (outcome, summary) = crate::job::control(&comm, &topo, joined, Some(&checkpoints)).await?;
+        let (outcome, summary) = crate::job::control(&comm, &topo, &setup, joined, Some(&checkpoints)).await?;
         crate::job::write_outputs(data_dir, &outcome, &summary)?;
         return crate::job::report(&summary, json);
     }
@@ -165,7 +169,7 @@ async fn member_of_job(
             topo.job
         );
     }
-    host.join_as_executor(job.clone(), controller, name, crate::job::learner(&topo, name)?)
+    host.join_as_executor(job.clone(), controller, name, setup.learner(&topo, name)?)
         .await
         .context("starting the executor")?;
     join(node, &job, controller, name, topo.spec_hash()).await?;

@@ -30,6 +30,7 @@ pub struct SimArgs {
 /// Runs the topology's job on a local swarm.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let topo = Topology::load(&args.file)?;
+    let setup = crate::job::Setup::new(&topo)?;
     eprintln!(
         "sim {}: {} members, controller {}, {} rounds of fedavg",
         topo.path.display(),
@@ -72,7 +73,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let controller = index(&topo.controller)?;
     for client in &topo.clients {
         let i = index(client)?;
-        let learner = crate::job::learner(&topo, client)?;
+        let learner = setup.learner(&topo, client)?;
         hosts[i]
             .join_as_executor(job.clone(), members[controller].peer_id, client, learner)
             .await
@@ -92,7 +93,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         topo.spec_hash(),
     );
     let checkpoints = args.out.as_ref().map(|d| d.join("checkpoints"));
-    let (outcome, summary) = crate::job::control(&comm, &topo, clients, checkpoints.as_deref()).await?;
+    let (outcome, summary) = crate::job::control(&comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
     if let Some(dir) = &args.out {
         crate::job::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());

@@ -291,6 +291,9 @@ impl From<SourceError> for RangeFail {
     }
 }
 
+/// A stream that ended before its header: the source dropped it (or the connection went).
+struct Dropped(String);
+
 /// Splits sorted chunk indices into contiguous runs of at most `max` chunks.
 fn units(missing: &[u64], max: u64) -> VecDeque<Range<u64>> {
     let mut out = VecDeque::new();
@@ -357,48 +360,61 @@ impl Fetcher {
     }
 
     /// Opens a stream, sends the request and reads the header.
+    ///
+    /// A source drops an inbound stream it cannot take at once (libp2p-stream hands inbound
+    /// streams over a channel of one slot, so a burst of receivers, say every client at the
+    /// start of a round, can overflow it). A stream lost that way, before any header, is
+    /// opened again after a short random pause while the connection is up, until the stall
+    /// timeout; it does not count as a failure of the source.
     async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
+        let deadline = tokio::time::Instant::now() + opts.stall_timeout;
+        loop {
+            match self.try_open(peer, req, opts).await {
+                Err(Dropped(reason)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%peer, %reason, "blob stream dropped before its header; opening another");
+                    let pause = rand::random_range(2..20);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(Dropped(reason)) => return Err(SourceError::PeerGone { peer, reason }),
+                Ok(r) => return r,
+            }
+        }
+    }
+
+    async fn try_open(
+        &self,
+        peer: PeerId,
+        req: &BlobRequest,
+        opts: &FetchOptions,
+    ) -> Result<Result<Stream, SourceError>, Dropped> {
+        let gone = |reason: String| Ok(Err(SourceError::PeerGone { peer, reason }));
         // libp2p-stream 0.5.0-alpha can lose a stream request made while a connection is being
         // set up (its dial queue holds one request, and a handler created just before the
         // connection is registered misses the pending stream), so connect through the event
         // loop first: once it reports the connection, the stream rides it.
         match tokio::time::timeout(opts.stall_timeout, self.net.connect(peer)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(SourceError::PeerGone {
-                    peer,
-                    reason: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(SourceError::PeerGone {
-                    peer,
-                    reason: "no connection within the stall timeout".into(),
-                });
-            }
+            Ok(Err(e)) => return gone(e.to_string()),
+            Err(_) => return gone("no connection within the stall timeout".into()),
         }
         let mut control = self.control.clone();
         let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(SourceError::PeerGone {
-                    peer,
-                    reason: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(SourceError::PeerGone {
-                    peer,
-                    reason: "no stream within the stall timeout".into(),
-                });
-            }
+            Ok(Err(e)) => return gone(e.to_string()),
+            Err(_) => return gone("no stream within the stall timeout".into()),
         };
-        self.timed(peer, opts, write_request(&mut stream, req)).await?;
-        match self.timed(peer, opts, read_header(&mut stream)).await? {
-            BlobHeader::Found => Ok(stream),
-            BlobHeader::NotFound => Err(SourceError::NotFound { peer }),
-            BlobHeader::Refused { reason } => Err(SourceError::Refused { peer, reason }),
+        let header = async {
+            write_request(&mut stream, req).await?;
+            read_header(&mut stream).await
+        };
+        match tokio::time::timeout(opts.stall_timeout, header).await {
+            Ok(Ok(BlobHeader::Found)) => Ok(Ok(stream)),
+            Ok(Ok(BlobHeader::NotFound)) => Ok(Err(SourceError::NotFound { peer })),
+            Ok(Ok(BlobHeader::Refused { reason })) => Ok(Err(SourceError::Refused { peer, reason })),
+            Ok(Err(FrameError::Io(e))) => Err(Dropped(e.to_string())),
+            Ok(Err(e)) => Ok(Err(Self::map_frame(peer, e))),
+            Err(_) => gone(format!("no answer within {:?}", opts.stall_timeout)),
         }
     }
 

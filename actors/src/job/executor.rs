@@ -13,6 +13,7 @@ use flare_protocols::model::Model;
 use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 use crate::Node;
 use crate::blob::FetchOptions;
@@ -143,8 +144,8 @@ impl Actor for Executor {
             props: task.props.clone(),
         };
         let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.name, peer = %from);
-        let _enter = span.enter();
-        let (status, output, metrics, num_samples) = match run(state, &ctx, &task, from).await {
+        let (status, output, metrics, num_samples) = match run(state, &ctx, &task, from).instrument(span.clone()).await
+        {
             Ok((output, metrics, n)) => (TaskStatus::Ok, output, metrics, n),
             Err(e) => {
                 tracing::warn!(error = %e, "task failed");
@@ -161,11 +162,12 @@ impl Actor for Executor {
                 num_samples,
             },
         };
-        match state.node.net().request(from, report).await {
+        let reported = state.node.net().request(from, report).instrument(span.clone()).await;
+        span.in_scope(|| match reported {
             Ok(CtlResponse::Ack) => {}
             Ok(other) => tracing::warn!(?other, "controller did not take the result"),
             Err(e) => tracing::warn!(error = %e, "cannot report the result"),
-        }
+        });
         Ok(())
     }
 }

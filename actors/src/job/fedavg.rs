@@ -26,8 +26,12 @@ use super::{Task, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
 
+/// Measures a global model (e.g. on a held-out test set) after each round; runs on a
+/// blocking thread.
+pub type Evaluator = Arc<dyn Fn(&Model) -> Result<BTreeMap<String, f64>, String> + Send + Sync>;
+
 /// Parameters of a FedAvg job.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FedAvgConfig {
     /// Rounds to run.
     pub rounds: u32,
@@ -39,6 +43,8 @@ pub struct FedAvgConfig {
     pub clients: Vec<PeerId>,
     /// Where each round's checkpoint goes (none: no checkpoints).
     pub checkpoint_dir: Option<PathBuf>,
+    /// Measures each round's global model (none: no global metrics).
+    pub evaluate: Option<Evaluator>,
 }
 
 /// What one round did.
@@ -54,6 +60,8 @@ pub struct RoundReport {
     pub secs: f64,
     /// Clients' metrics, weighted by their sample counts.
     pub metrics: BTreeMap<String, f64>,
+    /// The new global model's metrics, from [`FedAvgConfig::evaluate`].
+    pub global: BTreeMap<String, f64>,
 }
 
 /// The end of a FedAvg job.
@@ -95,6 +103,9 @@ pub enum FedAvgError {
     /// The averaged model is not a valid model.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The global model could not be measured.
+    #[error("evaluating the global model: {0}")]
+    Evaluate(String),
     /// A bug: the accumulator was still shared when the round ended.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -133,6 +144,7 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             round,
             contributors = report.contributors.len(),
             secs = report.secs,
+            global = ?report.global,
             "round done"
         );
         global = model;
@@ -206,6 +218,16 @@ async fn one_round(
         .await
         .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
     let model = Model::from_safetensors(&bytes)?;
+    let global = match &cfg.evaluate {
+        Some(f) => {
+            let (f, m) = (f.clone(), model.clone());
+            tokio::task::spawn_blocking(move || f(&m))
+                .await
+                .map_err(|_| FedAvgError::Internal("evaluation task failed"))?
+                .map_err(FedAvgError::Evaluate)?
+        }
+        None => BTreeMap::new(),
+    };
     let total: f64 = contributors.iter().map(|o| o.num_samples as f64).sum();
     let mut metrics = BTreeMap::new();
     for o in &contributors {
@@ -224,6 +246,7 @@ async fn one_round(
             missing,
             secs: start.elapsed().as_secs_f64(),
             metrics,
+            global,
         },
     ))
 }

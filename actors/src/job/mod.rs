@@ -20,7 +20,7 @@ use libp2p::PeerId;
 
 pub use communicator::{CommError, Communicator};
 pub use executor::{AddOne, Learner, TaskContext, TrainOutput};
-pub use fedavg::{FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
+pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;
 
 /// A unit of work a controller hands to executors.

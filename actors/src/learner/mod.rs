@@ -4,7 +4,10 @@
 //!   canonical order the safetensors encoding uses.
 //! - [`add_one`]: the exact-arithmetic check learner (every weight + 1.0 per round).
 //! - [`Mlp`]: a multi-layer perceptron classifier trained with mini-batch SGD.
+//! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
+//!   the members.
 
+pub mod digits;
 mod mlp;
 
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};

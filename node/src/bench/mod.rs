@@ -37,8 +37,11 @@
 //! either side has a timeout (`--timeout-secs`).
 
 mod child;
+mod fedavg;
 mod peer;
 mod util;
+
+pub use util::peak_rss_bytes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,6 +63,8 @@ use util::{Cpu, fmt_bytes, median, mib_per_s, parse_size};
 pub enum BenchCmd {
     /// Blob transfer between two processes, against plain-TCP and bare-libp2p baselines.
     Blob(BlobArgs),
+    /// A FedAvg add-one job with every member in its own process.
+    Fedavg(fedavg::FedAvgArgs),
 }
 
 /// Arguments of `flare-node bench blob`.
@@ -100,6 +105,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     let bench = async {
         match cmd {
             BenchCmd::Blob(args) => blob(args).await,
+            BenchCmd::Fedavg(args) => fedavg::run(args).await,
         }
     };
     // On Ctrl-C or SIGTERM, drop the benchmark so that its children are killed and its

@@ -1,0 +1,253 @@
+//! `flare-node bench fedavg`: the add-one FedAvg job with every member in its own OS process
+//! (`flare-node run --topology`), over 127.0.0.1.
+//!
+//! The parent writes keys and a topology (`--keys` f32 tensors making `--model-mib` MiB),
+//! starts the controller, reads its listen address from its log, starts the clients, and
+//! waits for everyone to finish. Figures: the controller's own per-round wall-clock times and
+//! its check of the exact result (from its summary JSON), and each process's peak resident
+//! set (`VmHWM`, logged by `run` as it exits).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail, ensure};
+use clap::Args;
+use libp2p::identity::Keypair;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Arguments of `flare-node bench fedavg`.
+#[derive(Args)]
+pub struct FedAvgArgs {
+    /// Model size in MiB (fractions allowed, e.g. 0.004).
+    #[arg(long, default_value_t = 256.0)]
+    model_mib: f64,
+    /// Number of tensors the model is cut into.
+    #[arg(long, default_value_t = 64)]
+    keys: usize,
+    /// Clients (each its own process; the controller is one more).
+    #[arg(long, default_value_t = 2)]
+    clients: usize,
+    /// Rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Upper bound on the whole job, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+/// One child process and the lines of its stderr.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String], stdout: bool) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating flare-node")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "info,libp2p_swarm=warn")
+            .stdin(Stdio::null())
+            .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let err = child.stderr.take().context("child stderr")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(err).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits for a stderr line containing `word`, echoing progress lines.
+    async fn wait_for(&mut self, word: &str, deadline: tokio::time::Instant) -> anyhow::Result<String> {
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(l)) => {
+                    if l.contains("round done") {
+                        eprintln!("[{}] {}", self.name, l);
+                    }
+                    self.seen.push(l.clone());
+                    if l.contains(word) {
+                        return Ok(l);
+                    }
+                }
+                Ok(None) => bail!("{} ended before logging {word:?}:\n{}", self.name, self.tail()),
+                Err(_) => bail!("{} did not log {word:?} in time:\n{}", self.name, self.tail()),
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        let from = self.seen.len().saturating_sub(15);
+        self.seen[from..].join("\n")
+    }
+
+    /// Waits for the exit and returns the peak RSS the process logged.
+    async fn finish(mut self, deadline: tokio::time::Instant) -> anyhow::Result<(u64, Option<String>)> {
+        let mut stdout = self.child.stdout.take();
+        let line = self.wait_for("peak_rss_bytes=", deadline).await?;
+        let rss = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("peak_rss_bytes="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("{}: no peak_rss_bytes in {line:?}", self.name))?;
+        let status = tokio::time::timeout_at(deadline, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit in time", self.name))??;
+        let out = match stdout.as_mut() {
+            Some(s) => {
+                let mut text = String::new();
+                tokio::io::AsyncReadExt::read_to_string(s, &mut text).await?;
+                text.lines().last().map(str::to_owned)
+            }
+            None => None,
+        };
+        ensure!(status.success(), "{} failed ({status}):\n{}", self.name, self.tail());
+        Ok((rss, out))
+    }
+}
+
+fn topology(
+    path: &Path,
+    a: &FedAvgArgs,
+    elements: usize,
+    members: &[(String, String, Option<String>)],
+) -> anyhow::Result<()> {
+    let mut s = format!(
+        "[job]\nname = \"bench-fedavg\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+         [fedavg]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\n\n\
+         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = {}\nelements = {elements}\nseed = 1\n\n",
+        a.rounds, a.clients, a.timeout_secs, a.keys
+    );
+    for (name, id, addr) in members {
+        let addrs = addr.as_ref().map(|x| format!("\"{x}\"")).unwrap_or_default();
+        s.push_str(&format!(
+            "[[member]]\nname = \"{name}\"\npeer_id = \"{id}\"\naddrs = [{addrs}]\n\n"
+        ));
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs the benchmark.
+pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
+    ensure!(a.clients >= 1 && a.clients <= 64, "--clients must be 1 to 64");
+    ensure!(a.keys >= 1, "--keys must be at least 1");
+    ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    ensure!(
+        a.model_mib.is_finite() && a.model_mib > 0.0,
+        "--model-mib must be positive"
+    );
+    let elements = ((a.model_mib * 1024.0 * 1024.0 / 4.0 / a.keys as f64).round() as usize).max(1);
+    let model_bytes = (elements * a.keys * 4) as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let tmp = tempfile::Builder::new()
+        .prefix("flare-bench-fedavg-")
+        .tempdir()
+        .context("temporary directory")?;
+    let dir = tmp.path();
+    let names: Vec<String> = std::iter::once("server".to_owned())
+        .chain((1..=a.clients).map(|i| format!("site-{i}")))
+        .collect();
+    let mut members = Vec::new();
+    for n in &names {
+        let key = Keypair::generate_ed25519();
+        crate::keys::write_key(&dir.join(format!("{n}.key")), &key)?;
+        members.push((n.clone(), key.public().to_peer_id().to_string(), None));
+    }
+    eprintln!(
+        "fedavg: {} MiB model in {} tensors, {} clients, {} rounds, one process per member",
+        model_bytes as f64 / (1 << 20) as f64,
+        a.keys,
+        a.clients,
+        a.rounds
+    );
+    topology(&dir.join("server.toml"), &a, elements, &members)?;
+    let p = |s: &str| dir.join(s).display().to_string();
+    let args = |name: &str, topo: &str| {
+        vec![
+            "run".to_owned(),
+            "--topology".into(),
+            p(topo),
+            "--name".into(),
+            name.into(),
+            "--key".into(),
+            p(&format!("{name}.key")),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--data-dir".into(),
+            p(&format!("{name}-data")),
+        ]
+    };
+    let mut server_args = args("server", "server.toml");
+    server_args.push("--json".into());
+    let mut server = Proc::spawn("server", &server_args, true)?;
+    let line = server.wait_for("listening", deadline).await?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .context("the controller logged no address")?
+        .to_owned();
+    members[0].2 = Some(addr);
+    topology(&dir.join("clients.toml"), &a, elements, &members)?;
+    let clients: Vec<Proc> = names[1..]
+        .iter()
+        .map(|n| Proc::spawn(n, &args(n, "clients.toml"), false))
+        .collect::<anyhow::Result<_>>()?;
+    let (server_rss, summary) = server.finish(deadline).await?;
+    let mut client_rss = 0;
+    for c in clients {
+        client_rss = client_rss.max(c.finish(deadline).await?.0);
+    }
+    let summary: Value = serde_json::from_str(summary.as_deref().unwrap_or_default())
+        .context("the controller printed no summary JSON")?;
+    let round_secs = summary["round_secs"].clone();
+    let out = json!({
+        "bench": "fedavg",
+        "model_bytes": model_bytes,
+        "keys": a.keys,
+        "clients": a.clients,
+        "rounds": a.rounds,
+        "round_secs": round_secs,
+        "total_secs": summary["total_secs"],
+        "controller_peak_rss_bytes": server_rss,
+        "client_peak_rss_bytes": client_rss,
+        "controller_rss_per_model": server_rss as f64 / model_bytes as f64,
+        "client_rss_per_model": client_rss as f64 / model_bytes as f64,
+        "verified": summary["verified"],
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "fedavg: rounds {round_secs}, controller peak {:.2} x model, client peak {:.2} x model, verified {}",
+            server_rss as f64 / model_bytes as f64,
+            client_rss as f64 / model_bytes as f64,
+            summary["verified"]
+        );
+    }
+    ensure!(
+        summary["verified"].as_bool() == Some(true),
+        "the add-one result is wrong"
+    );
+    Ok(())
+}
