@@ -235,3 +235,59 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Draws the global model's test accuracy per round against the local-only baselines.
+pub fn draw(topo: &Topology, summary: &Value, path: &Path) -> anyhow::Result<()> {
+    use crate::plot::{Series, chart};
+    let global: Vec<f64> = summary["global"]
+        .as_array()
+        .context("this job has no test-set metrics to draw")?
+        .iter()
+        .filter_map(|g| g["accuracy"].as_f64())
+        .collect();
+    let mean = summary["local_only"]["mean_accuracy"]
+        .as_f64()
+        .context("no local-only baseline")?;
+    let members: Vec<(String, f64)> = summary["local_only"]["members"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v["accuracy"].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let flat = |v: f64| vec![v; global.len()];
+    let mean_line = flat(mean);
+    let colors = ["#bbb", "#999", "#777", "#555", "#333"];
+    let member_lines: Vec<(String, Vec<f64>)> = members
+        .iter()
+        .map(|(n, a)| (format!("{n} alone ({a:.2})"), flat(*a)))
+        .collect();
+    let fl_label = format!("federated ({:.2})", global.last().copied().unwrap_or(f64::NAN));
+    let mean_label = format!("local-only mean ({mean:.2})");
+    let mut series = vec![
+        Series {
+            label: &fl_label,
+            values: &global,
+            color: "#d62728",
+            dashed: false,
+        },
+        Series {
+            label: &mean_label,
+            values: &mean_line,
+            color: "#1f77b4",
+            dashed: true,
+        },
+    ];
+    for (i, (label, values)) in member_lines.iter().enumerate() {
+        series.push(Series {
+            label,
+            values,
+            color: colors[i % colors.len()],
+            dashed: true,
+        });
+    }
+    let title = format!("{}: test accuracy of the global model per round", topo.job);
+    let svg = chart(&title, "round", "test accuracy", 0.3, &series);
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+}

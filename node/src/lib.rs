@@ -4,6 +4,7 @@
 mod bench;
 mod job;
 mod keys;
+mod plot;
 mod run;
 mod sim;
 mod topology;

@@ -25,6 +25,10 @@ pub struct SimArgs {
     /// Where to write the final model, the results and the controller's checkpoints.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Draw the global model's test accuracy per round against local-only training (SVG;
+    /// learners with a test set only).
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 /// Runs the topology's job on a local swarm.
@@ -97,6 +101,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         crate::job::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());
+    }
+    if let Some(path) = &args.svg {
+        crate::job::draw(&topo, &summary, path)?;
+        eprintln!("wrote {}", path.display());
     }
     drop(hosts);
     crate::job::report(&summary, args.json)
