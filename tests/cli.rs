@@ -244,12 +244,17 @@ impl Running {
     }
 }
 
-fn topology(path: &Path, members: &[(&str, &str, Option<&str>)]) {
-    let mut s = String::from(
-        "[job]\nname = \"mp-addone\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
-         [fedavg]\nrounds = 5\nmin_clients = 3\nround_timeout_secs = 60\n\n\
-         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 9\n\n",
-    );
+const ADD_ONE_JOB: &str = "[job]\nname = \"mp-addone\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+     [fedavg]\nrounds = 5\nmin_clients = 3\nround_timeout_secs = 60\n\n\
+     [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 9\n\n";
+
+const DIGITS_JOB: &str = "[job]\nname = \"mp-digits\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+     [fedavg]\nrounds = 10\nmin_clients = 3\nround_timeout_secs = 60\n\n\
+     [learner]\nkind = \"mlp\"\nhidden = [32]\nepochs = 2\n\n[model]\nseed = 1\n\n\
+     [data]\nalpha = 0.5\nseed = 3\n\n";
+
+fn topology(path: &Path, job: &str, members: &[(&str, &str, Option<&str>)]) {
+    let mut s = job.to_owned();
     for (name, id, addr) in members {
         let addrs = addr.map(|a| format!("\"{a}\"")).unwrap_or_default();
         s.push_str(&format!(
@@ -259,10 +264,11 @@ fn topology(path: &Path, members: &[(&str, &str, Option<&str>)]) {
     std::fs::write(path, s).expect("write topology");
 }
 
-#[test]
-fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+/// Runs `job` with one `flare-node run` process per member (a server and three sites) in
+/// `dir`; the controller's outputs land in `dir/server-data`, and `dir/clients.toml` is the
+/// topology with every member's peer id (and the server's address).
+fn run_per_process(dir: &Path, job: &str, last_round: u32) {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let names = ["server", "site-1", "site-2", "site-3"];
     let ids: Vec<String> = names
         .iter()
@@ -270,7 +276,7 @@ fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
         .collect();
     let no_addr: Vec<(&str, &str, Option<&str>)> =
         names.iter().zip(&ids).map(|(n, i)| (*n, i.as_str(), None)).collect();
-    topology(&dir.path().join("server.toml"), &no_addr);
+    topology(&dir.join("server.toml"), job, &no_addr);
     let listen = "/ip4/127.0.0.1/tcp/0";
     let mut server = Running::start(&[
         "run",
@@ -293,7 +299,7 @@ fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
         .to_owned();
     let mut with_addr = no_addr.clone();
     with_addr[0].2 = Some(&addr);
-    topology(&dir.path().join("clients.toml"), &with_addr);
+    topology(&dir.join("clients.toml"), job, &with_addr);
     let clients: Vec<Running> = names[1..]
         .iter()
         .map(|n| {
@@ -312,11 +318,18 @@ fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
             ])
         })
         .collect();
-    server.wait_for(&["round done", "round=4"]);
+    server.wait_for(&["round done", &format!("round={last_round}")]);
     assert!(server.wait_exit(60), "the controller finished the job");
     for c in clients {
         assert!(c.wait_exit(60), "a client exits once the job is over");
     }
+}
+
+#[test]
+fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    run_per_process(dir.path(), ADD_ONE_JOB, 4);
 
     // The same topology in one process.
     let sim = cli(&["sim", &p("clients.toml"), "--out", &p("sim-out")]);
@@ -364,4 +377,20 @@ fn sim_json_reports_the_exact_add_one_result() {
     let s = summary(&out);
     assert_eq!(s["verified"], serde_json::Value::Bool(true));
     assert_eq!(s["round_secs"].as_array().map(Vec::len), Some(5));
+}
+
+#[test]
+fn fedavg_on_digits_in_one_process_per_member_matches_sim_within_half_a_point() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    run_per_process(dir.path(), DIGITS_JOB, 9);
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("server-data/results.json")).expect("results"))
+            .expect("json");
+    let multi = results["summary"]["global"][9]["accuracy"].as_f64().expect("accuracy");
+    let sim = cli(&["sim", &p("clients.toml"), "--json"]);
+    assert!(sim.status.success(), "{}", text(&sim.stderr));
+    let single = summary(&sim)["global"][9]["accuracy"].as_f64().expect("accuracy");
+    assert!((multi - single).abs() <= 0.005, "run {multi} vs sim {single}");
+    assert!(multi > 0.85, "the federated model learned: {multi}");
 }
