@@ -15,24 +15,25 @@ use crate::util::{memory_stores, start_nodes, within};
 
 /// A model of a few f32 tensors with fractional values, spanning several chunks.
 fn initial_model() -> Model {
-    let mut m = Model::new();
     let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    for (name, n) in [
-        ("layer.0.weight", 300_000),
-        ("layer.0.bias", 1000),
-        ("layer.1.weight", 400_000),
-    ] {
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % 2_000_001) as f32 / 1000.0 - 1000.0
-            })
-            .collect();
-        m.insert(name, Tensor::from_f32(vec![n], &v).expect("tensor"));
-    }
-    m
+    Model::from_tensors(
+        [
+            ("layer.0.weight", 300_000),
+            ("layer.0.bias", 1000),
+            ("layer.1.weight", 400_000),
+        ]
+        .map(|(name, n)| {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 2_000_001) as f32 / 1000.0 - 1000.0
+                })
+                .collect();
+            (name, Tensor::from_f32(vec![n], &v).expect("tensor"))
+        }),
+    )
 }
 
 struct Federation {

@@ -218,17 +218,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn model(shapes: &[Vec<usize>], values: &[f32]) -> Model {
-        let mut m = Model::new();
         let mut at = 0;
-        for (i, s) in shapes.iter().enumerate() {
+        Model::from_tensors(shapes.iter().enumerate().map(|(i, s)| {
             let n: usize = s.iter().product();
-            m.insert(
-                format!("t{i}"),
-                Tensor::from_f32(s.clone(), &values[at..at + n]).expect("tensor"),
-            );
             at += n;
-        }
-        m
+            (
+                format!("t{i}"),
+                Tensor::from_f32(s.clone(), &values[at - n..at]).expect("tensor"),
+            )
+        }))
     }
 
     fn chunks(bytes: &[u8], cs: u32) -> Vec<&[u8]> {

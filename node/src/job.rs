@@ -16,8 +16,8 @@ use crate::topology::{LearnerSpec, ModelSpec, Topology};
 
 /// The add-one job's initial model: seeded fractional values, so exactness means something.
 pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
-    let mut m = Model::new();
     let mut x = spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut tensors = Vec::with_capacity(spec.tensors);
     for t in 0..spec.tensors {
         let values: Vec<f32> = (0..spec.elements)
             .map(|_| {
@@ -27,18 +27,16 @@ pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
                 (x % 2_000_001) as f32 / 1000.0 - 1000.0
             })
             .collect();
-        m.insert(
+        tensors.push((
             format!("tensor.{t:04}"),
             Tensor::from_f32(vec![spec.elements], &values)?,
-        );
+        ));
     }
-    Ok(m)
+    Ok(Model::from_tensors(tensors))
 }
 
 /// Everything every member derives from the topology alone, identically.
 pub struct Setup {
-    /// The initial global model.
-    pub initial: Model,
     /// The MLP and the dealt data, for the digits learner.
     pub digits: Option<(MlpSpec, Arc<DigitsFederation>)>,
 }
@@ -47,10 +45,7 @@ impl Setup {
     /// Builds the setup of `topo` (deals the data for the digits learner).
     pub fn new(topo: &Topology) -> anyhow::Result<Self> {
         match &topo.learner {
-            LearnerSpec::AddOne => Ok(Self {
-                initial: add_one_model(&topo.model)?,
-                digits: None,
-            }),
+            LearnerSpec::AddOne => Ok(Self { digits: None }),
             LearnerSpec::Mlp {
                 hidden,
                 lr,
@@ -67,12 +62,18 @@ impl Setup {
                 let d = &topo.data;
                 let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
                     .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
-                let initial = model_of(&spec.build()?.params()).map_err(anyhow::Error::msg)?;
                 Ok(Self {
-                    initial,
                     digits: Some((spec, Arc::new(fed))),
                 })
             }
+        }
+    }
+
+    /// The initial global model (made afresh on each call, so nobody holds a spare copy).
+    pub fn initial_model(&self, topo: &Topology) -> anyhow::Result<Model> {
+        match &self.digits {
+            None => add_one_model(&topo.model),
+            Some((spec, _)) => model_of(&spec.build()?.params()).map_err(anyhow::Error::msg),
         }
     }
 
@@ -127,7 +128,7 @@ pub async fn control(
         evaluate,
     };
     let started = std::time::Instant::now();
-    let outcome = fedavg::run(comm, &cfg, setup.initial.clone()).await;
+    let outcome = fedavg::run(comm, &cfg, setup.initial_model(topo)?).await;
     let total_secs = started.elapsed().as_secs_f64();
     comm.end_job(
         &cfg.clients,
@@ -150,7 +151,7 @@ pub async fn control(
     });
     match &setup.digits {
         None => {
-            let mut expected = setup.initial.clone();
+            let mut expected = setup.initial_model(topo)?;
             for _ in 0..topo.rounds {
                 expected.map_f32(|v| v + 1.0);
             }

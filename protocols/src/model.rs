@@ -218,10 +218,70 @@ impl safetensors::View for &Tensor {
     }
 }
 
-/// A model: named tensors, ordered by name.
-#[derive(Clone, PartialEq, Debug, Default)]
+/// A tensor inside a [`Model`]: its dtype, shape and bytes, borrowed from the model's buffer.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct TensorRef<'a> {
+    dtype: DType,
+    shape: &'a [usize],
+    data: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    /// Little-endian bytes.
+    pub fn data(&self) -> &[u8] {
+        self.data
+    }
+
+    /// The values of an f32 tensor.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+    }
+}
+
+#[derive(Clone, PartialEq, Debug)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// A model: named tensors, held as their canonical safetensors encoding.
+///
+/// The encoding *is* the storage: one buffer, so sending a model, storing it as a blob and
+/// decoding a received one cost no copy, and equal models are equal bytes.
+#[derive(Clone, PartialEq)]
 pub struct Model {
-    tensors: BTreeMap<String, Tensor>,
+    bytes: Vec<u8>,
+    index: BTreeMap<String, Entry>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::from_tensors(std::iter::empty::<(String, Tensor)>())
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.index.iter().map(|(n, e)| (n, (e.dtype, &e.shape))))
+            .finish()
+    }
 }
 
 impl Model {
@@ -230,39 +290,81 @@ impl Model {
         Self::default()
     }
 
-    /// Adds or replaces a tensor.
-    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) -> Option<Tensor> {
-        self.tensors.insert(name.into(), t)
+    /// A model of these tensors (a later duplicate name replaces an earlier one).
+    pub fn from_tensors<S: Into<String>>(tensors: impl IntoIterator<Item = (S, Tensor)>) -> Self {
+        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
+        let bytes = match safetensors::serialize(tensors.iter(), None) {
+            Ok(b) => b,
+            // Only a header that fails to encode as JSON could fail; ours are plain.
+            Err(e) => unreachable!("safetensors encoding of a valid model failed: {e}"),
+        };
+        match Self::indexed(bytes) {
+            Ok(m) => m,
+            Err(e) => unreachable!("a freshly encoded model failed to index: {e}"),
+        }
+    }
+
+    /// Indexes a buffer already known to be a canonical encoding.
+    fn indexed(bytes: Vec<u8>) -> Result<Self, ModelError> {
+        let layout = Layout::parse(&bytes)?;
+        if layout.len != bytes.len() as u64 {
+            return Err(ModelError::Format(format!(
+                "{} bytes after the last tensor",
+                bytes.len() as u64 - layout.len.min(bytes.len() as u64)
+            )));
+        }
+        let json: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&layout.header[8..]).map_err(|e| ModelError::Format(format!("header: {e}")))?;
+        let mut index = BTreeMap::new();
+        for r in layout.regions {
+            let shape = json
+                .get(&r.name)
+                .and_then(|v| serde_json::from_value::<safetensors::tensor::TensorInfo>(v.clone()).ok())
+                .map(|i| i.shape)
+                .ok_or_else(|| ModelError::Format(format!("tensor {:?} has no shape", r.name)))?;
+            index.insert(
+                r.name,
+                Entry {
+                    dtype: r.dtype,
+                    shape,
+                    range: r.bytes.start as usize..r.bytes.end as usize,
+                },
+            );
+        }
+        Ok(Self { bytes, index })
     }
 
     /// The tensor called `name`.
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.get(name)
+    pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
+        self.index.get(name).map(|e| self.tensor_ref(e))
     }
 
-    /// Mutable access to the tensor called `name`.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.tensors.get_mut(name)
+    fn tensor_ref<'a>(&'a self, e: &'a Entry) -> TensorRef<'a> {
+        TensorRef {
+            dtype: e.dtype,
+            shape: &e.shape,
+            data: &self.bytes[e.range.clone()],
+        }
     }
 
     /// Tensors by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
-        self.tensors.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&String, TensorRef<'_>)> {
+        self.index.iter().map(|(n, e)| (n, self.tensor_ref(e)))
     }
 
     /// Number of tensors.
     pub fn len(&self) -> usize {
-        self.tensors.len()
+        self.index.len()
     }
 
     /// Whether the model has no tensors.
     pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
+        self.index.is_empty()
     }
 
     /// Bytes of tensor data (without the header).
     pub fn data_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| t.data.len() as u64).sum()
+        self.index.values().map(|e| e.range.len() as u64).sum()
     }
 
     /// The f32 values of tensor `name`, or why not.
@@ -279,42 +381,82 @@ impl Model {
 
     /// Applies `f` to every f32 value of every f32 tensor, in place.
     pub fn map_f32(&mut self, mut f: impl FnMut(f32) -> f32) {
-        for t in self.tensors.values_mut().filter(|t| t.dtype == DType::F32) {
-            for b in t.data.chunks_exact_mut(4) {
+        for e in self.index.values().filter(|e| e.dtype == DType::F32) {
+            for b in self.bytes[e.range.clone()].chunks_exact_mut(4) {
                 let v = f(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                 b.copy_from_slice(&v.to_le_bytes());
             }
         }
     }
 
-    /// The canonical safetensors encoding (see the module doc).
+    /// The canonical safetensors encoding (see the module doc), borrowed.
+    pub fn as_safetensors(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The canonical safetensors encoding, copied.
     pub fn to_safetensors(&self) -> Vec<u8> {
-        match safetensors::serialize(self.tensors.iter(), None) {
-            Ok(b) => b,
-            // Only a header that fails to encode as JSON could fail; ours are plain.
-            Err(e) => unreachable!("safetensors encoding of a valid model failed: {e}"),
-        }
+        self.bytes.clone()
+    }
+
+    /// The canonical safetensors encoding, without a copy.
+    pub fn into_safetensors(self) -> Vec<u8> {
+        self.bytes
     }
 
     /// Decodes a safetensors model; corrupt, truncated or unsupported input is a typed error.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, ModelError> {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(e.to_string()))?;
-        let mut m = Model::new();
+        Self::from_safetensors_vec(bytes.to_vec())
+    }
+
+    /// Decodes a safetensors model, keeping the buffer when it is already canonical (files
+    /// written by other tools are re-encoded once).
+    pub fn from_safetensors_vec(bytes: Vec<u8>) -> Result<Self, ModelError> {
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format(e.to_string()))?;
+        let mut tensors = Vec::new();
         for (name, view) in st.tensors() {
             let dtype = DType::from_st(view.dtype())
                 .ok_or_else(|| ModelError::Format(format!("tensor {name:?} has unsupported dtype {}", view.dtype())))?;
-            let t = Tensor::new(dtype, view.shape().to_vec(), view.data().to_vec()).map_err(|e| match e {
-                ModelError::WrongLength { .. } => ModelError::Format(format!("tensor {name:?}: {e}")),
-                other => other,
-            })?;
-            m.insert(name, t);
+            tensors.push((name, dtype, view.shape().to_vec()));
         }
-        Ok(m)
+        drop(st);
+        // Canonical iff re-encoding the same names, dtypes and shapes gives the same header.
+        let shape_only: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, d, s)| {
+                (
+                    n.clone(),
+                    Tensor {
+                        dtype: *d,
+                        shape: s.clone(),
+                        data: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let expected = safetensors::serialize(shape_only.iter().map(|(n, t)| (n, EmptyView(t))), None)
+            .map_err(|e| ModelError::Format(e.to_string()))?;
+        let header_len = Layout::header_len(
+            expected[..8]
+                .try_into()
+                .map_err(|_| ModelError::Format("header".into()))?,
+        )? as usize;
+        if bytes.get(..header_len) == Some(&expected[..header_len]) {
+            return Self::indexed(bytes);
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format(e.to_string()))?;
+        let mut owned = Vec::new();
+        for (name, view) in st.tensors() {
+            let dtype = DType::from_st(view.dtype())
+                .ok_or_else(|| ModelError::Format(format!("tensor {name:?} has unsupported dtype {}", view.dtype())))?;
+            owned.push((name, Tensor::new(dtype, view.shape().to_vec(), view.data().to_vec())?));
+        }
+        Ok(Self::from_tensors(owned))
     }
 
     /// Writes the model to a `.safetensors` file.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        std::fs::write(path, self.to_safetensors()).map_err(|e| ModelError::File {
+        std::fs::write(path, &self.bytes).map_err(|e| ModelError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })
@@ -326,7 +468,7 @@ impl Model {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        Self::from_safetensors(&bytes).map_err(|e| ModelError::File {
+        Self::from_safetensors_vec(bytes).map_err(|e| ModelError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })
@@ -334,18 +476,14 @@ impl Model {
 
     /// The byte layout of this model's encoding.
     pub fn layout(&self) -> Layout {
-        let bytes = safetensors::serialize(self.tensors.iter().map(|(n, t)| (n, EmptyView(t))), None);
-        match bytes
-            .map_err(|e| ModelError::Format(e.to_string()))
-            .and_then(|b| Layout::parse(&b))
-        {
+        match Layout::parse(&self.bytes) {
             Ok(l) => l,
             Err(e) => unreachable!("layout of a valid model failed: {e}"),
         }
     }
 }
 
-/// A view with the tensor's dtype and shape but no data, so a layout costs a header, not a copy.
+/// A view with a tensor's dtype and shape but no data, so a header costs no copy of the data.
 struct EmptyView<'a>(&'a Tensor);
 
 impl safetensors::View for EmptyView<'_> {
@@ -359,7 +497,7 @@ impl safetensors::View for EmptyView<'_> {
         std::borrow::Cow::Borrowed(&[])
     }
     fn data_len(&self) -> usize {
-        self.0.data.len()
+        element_count(&self.0.shape).map_or(0, |n| n.saturating_mul(self.0.dtype.size()))
     }
 }
 
@@ -477,14 +615,35 @@ mod tests {
     use super::*;
 
     fn model(seed: f32) -> Model {
-        let mut m = Model::new();
-        m.insert("b.weight", Tensor::from_f32(vec![2, 3], &[seed; 6]).expect("t"));
-        m.insert("a.bias", Tensor::from_f32(vec![3], &[seed + 1.0; 3]).expect("t"));
-        m.insert(
-            "steps",
-            Tensor::new(DType::I64, vec![1], 7i64.to_le_bytes().to_vec()).expect("t"),
-        );
-        m
+        Model::from_tensors([
+            ("b.weight", Tensor::from_f32(vec![2, 3], &[seed; 6]).expect("t")),
+            ("a.bias", Tensor::from_f32(vec![3], &[seed + 1.0; 3]).expect("t")),
+            (
+                "steps",
+                Tensor::new(DType::I64, vec![1], 7i64.to_le_bytes().to_vec()).expect("t"),
+            ),
+        ])
+    }
+
+    #[test]
+    fn foreign_layouts_are_made_canonical() {
+        // The same tensors written with metadata (as other tools may) decode to the canonical
+        // model.
+        let m = model(1.5);
+        let owned: Vec<(String, Tensor)> = m
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    Tensor::new(t.dtype(), t.shape().to_vec(), t.data().to_vec()).expect("t"),
+                )
+            })
+            .collect();
+        let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        let with_meta = safetensors::serialize(owned.iter().map(|(n, t)| (n, t)), Some(meta)).expect("encode");
+        assert_ne!(with_meta, m.to_safetensors());
+        assert_eq!(Model::from_safetensors(&with_meta).expect("decode"), m);
+        assert_eq!(Model::from_safetensors_vec(m.to_safetensors()).expect("decode"), m);
     }
 
     #[test]

@@ -108,11 +108,10 @@ impl Communicator {
     }
 
     /// Stores `model` locally so executors can pull it; returns its reference.
-    pub async fn publish(&self, model: &Model) -> Result<BlobRef, CommError> {
-        let bytes = model.to_safetensors();
+    pub async fn publish(&self, model: Arc<Model>) -> Result<BlobRef, CommError> {
         let store = self.node.store().clone();
         let cs = self.chunk_size;
-        let m = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, cs))
+        let m = tokio::task::spawn_blocking(move || store.import_bytes(model.as_safetensors(), cs))
             .await
             .map_err(|e| StoreError::Io {
                 path: "<publish>".into(),

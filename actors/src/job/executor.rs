@@ -192,7 +192,7 @@ async fn run(
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            Some(Model::from_safetensors(&bytes).map_err(|e| format!("input model: {e}"))?)
+            Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
         }
         None => None,
     };
@@ -223,7 +223,7 @@ async fn run(
         return Ok((None, out.metrics, 0));
     }
     let store = state.node.store().clone();
-    let bytes = out.model.to_safetensors();
+    let bytes = out.model.into_safetensors();
     let manifest = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, DEFAULT_CHUNK_SIZE))
         .await
         .map_err(|e| e.to_string())?

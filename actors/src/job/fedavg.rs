@@ -135,10 +135,10 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             cfg.clients.len()
         )));
     }
-    let mut global = initial;
+    let mut global = Arc::new(initial);
     let mut reports = Vec::new();
     for round in 0..cfg.rounds {
-        let (model, report) = one_round(comm, cfg, &global, round).await?;
+        let (model, report) = one_round(comm, cfg, global, round).await?;
         tracing::info!(
             job = %comm.job(),
             round,
@@ -147,14 +147,14 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             global = ?report.global,
             "round done"
         );
-        global = model;
+        global = Arc::new(model);
         reports.push(report);
         if let Some(dir) = &cfg.checkpoint_dir {
             checkpoint(dir, round, &global, &reports)?;
         }
     }
     Ok(FedAvgOutcome {
-        model: global,
+        model: Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone()),
         rounds: reports,
     })
 }
@@ -162,13 +162,14 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
 async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
-    global: &Model,
+    global: Arc<Model>,
     round: u32,
 ) -> Result<(Model, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
+    let layout = global.layout();
     let blob = comm.publish(global).await?;
-    let acc = Arc::new(Mutex::new(Accumulator::new(global.layout(), blob.chunk_size)?));
+    let acc = Arc::new(Mutex::new(Accumulator::new(layout, blob.chunk_size)?));
     let task = Task {
         name: "train".into(),
         round,
@@ -217,7 +218,7 @@ async fn one_round(
     let bytes = tokio::task::spawn_blocking(move || acc.finish())
         .await
         .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
-    let model = Model::from_safetensors(&bytes)?;
+    let model = Model::from_safetensors_vec(bytes)?;
     let global = match &cfg.evaluate {
         Some(f) => {
             let (f, m) = (f.clone(), model.clone());
@@ -353,7 +354,7 @@ fn checkpoint(dir: &std::path::Path, round: u32, model: &Model, reports: &[Round
         std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
         std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
     };
-    write("global.safetensors", &model.to_safetensors())?;
+    write("global.safetensors", model.as_safetensors())?;
     let record = Checkpoint {
         round,
         model: "global.safetensors",

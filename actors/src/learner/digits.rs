@@ -37,14 +37,16 @@ pub fn params_of(model: &Model) -> Result<Vec<NamedTensor>, String> {
 
 /// Named tensors as a model.
 pub fn model_of(params: &[NamedTensor]) -> Result<Model, String> {
-    let mut m = Model::new();
-    for p in params {
-        m.insert(
-            p.name.clone(),
-            Tensor::from_f32(p.shape.clone(), &p.values).map_err(|e| e.to_string())?,
-        );
-    }
-    Ok(m)
+    let tensors = params
+        .iter()
+        .map(|p| {
+            Ok((
+                p.name.clone(),
+                Tensor::from_f32(p.shape.clone(), &p.values).map_err(|e| e.to_string())?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Model::from_tensors(tensors))
 }
 
 /// How the MLP is built and trained.
