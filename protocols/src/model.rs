@@ -304,6 +304,43 @@ impl Model {
         }
     }
 
+    /// A model of zero-filled tensors, built straight into its encoding (fill it with
+    /// [`Model::map_f32`]): a large model costs one buffer, not two.
+    pub fn zeros<S: Into<String>>(
+        tensors: impl IntoIterator<Item = (S, DType, Vec<usize>)>,
+    ) -> Result<Self, ModelError> {
+        let shapes: BTreeMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(n, dtype, shape)| {
+                let name = n.into();
+                if element_count(&shape)
+                    .and_then(|c| c.checked_mul(dtype.size()))
+                    .is_none()
+                {
+                    return Err(ModelError::Format(format!(
+                        "tensor {name:?}: shape {shape:?} is too large"
+                    )));
+                }
+                Ok((
+                    name,
+                    Tensor {
+                        dtype,
+                        shape,
+                        data: Vec::new(),
+                    },
+                ))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut bytes = safetensors::serialize(shapes.iter().map(|(n, t)| (n, EmptyView(t))), None)
+            .map_err(|e| ModelError::Format(e.to_string()))?;
+        let data: usize = shapes
+            .values()
+            .map(|t| safetensors::View::data_len(&EmptyView(t)))
+            .sum();
+        bytes.resize(bytes.len() + data, 0);
+        Self::indexed(bytes)
+    }
+
     /// Indexes a buffer already known to be a canonical encoding.
     fn indexed(bytes: Vec<u8>) -> Result<Self, ModelError> {
         let layout = Layout::parse(&bytes)?;
@@ -623,6 +660,17 @@ mod tests {
                 Tensor::new(DType::I64, vec![1], 7i64.to_le_bytes().to_vec()).expect("t"),
             ),
         ])
+    }
+
+    #[test]
+    fn zeros_match_an_encoded_model_of_zeros() {
+        let z = Model::zeros([("b", DType::F32, vec![2, 3]), ("a", DType::F64, vec![4])]).expect("zeros");
+        let m = Model::from_tensors([
+            ("b", Tensor::from_f32(vec![2, 3], &[0.0; 6]).expect("t")),
+            ("a", Tensor::new(DType::F64, vec![4], vec![0; 32]).expect("t")),
+        ]);
+        assert_eq!(z, m);
+        assert!(Model::zeros([("x", DType::F32, vec![usize::MAX, 2])]).is_err());
     }
 
     #[test]
