@@ -174,6 +174,53 @@ impl Actor for Executor {
 
 type RunOutput = (Option<BlobRef>, BTreeMap<String, f64>, u64);
 
+/// Largest input model an executor accepts (the controller names it; a bound keeps a bad
+/// reference from exhausting memory).
+pub const MAX_INPUT_MODEL: u64 = 1 << 40;
+
+/// Pulls a model into the store and into memory at once: chunks are copied into the buffer
+/// as they arrive (no read back from disk); chunks the store already held are read from it.
+async fn fetch_model(node: &Node, blob: BlobRef, from: PeerId) -> Result<Vec<u8>, String> {
+    let len = usize::try_from(blob.len).map_err(|_| "input model too large for this machine".to_owned())?;
+    let cs = blob.chunk_size as usize;
+    let n = blob.chunk_count().map_err(|e| e.to_string())? as usize;
+    let buf = Arc::new(std::sync::Mutex::new((vec![0u8; len], vec![false; n])));
+    let sink = buf.clone();
+    let opts = FetchOptions {
+        max_len: MAX_INPUT_MODEL,
+        on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
+            let mut b = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let at = i as usize * cs;
+            if let Some(dst) = b.0.get_mut(at..at + bytes.len()) {
+                dst.copy_from_slice(bytes);
+                b.1[i as usize] = true;
+            }
+        })),
+        ..FetchOptions::default()
+    };
+    node.fetch(blob, &[from], &opts)
+        .await
+        .map_err(|e| format!("fetching the input model: {e}"))?;
+    drop(opts);
+    let (mut bytes, got) = Arc::try_unwrap(buf)
+        .map_err(|_| "input buffer still shared".to_owned())?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let store = node.store().clone();
+    tokio::task::spawn_blocking(move || {
+        for (i, _) in got.iter().enumerate().filter(|(_, g)| !**g) {
+            let chunk = store
+                .read_chunk(&blob.id, i as u64)
+                .map_err(|e| e.to_string())?
+                .ok_or("chunk missing after the fetch")?;
+            bytes[i * cs..i * cs + chunk.len()].copy_from_slice(&chunk);
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 async fn run(
     state: &mut ExecutorState,
     ctx: &TaskContext,
@@ -182,16 +229,7 @@ async fn run(
 ) -> Result<RunOutput, String> {
     let input = match task.input {
         Some(blob) => {
-            state
-                .node
-                .fetch(blob, &[from], &FetchOptions::default())
-                .await
-                .map_err(|e| format!("fetching the input model: {e}"))?;
-            let store = state.node.store().clone();
-            let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let bytes = fetch_model(&state.node, blob, from).await?;
             Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
         }
         None => None,

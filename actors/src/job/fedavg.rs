@@ -5,7 +5,9 @@
 //!
 //! A client whose pull fails midway is taken back out of the mean (its chunks are re-read
 //! from the local store and subtracted), so a result counts wholly or not at all. After each
-//! round the global model and a JSON record are written to the checkpoint directory.
+//! round the global model and a JSON record are written to the checkpoint directory (the
+//! model hard-linked from the blob store when it is on disk). Between rounds the global model
+//! lives only in the blob store, so the controller holds one model-sized buffer at a time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
-use flare_protocols::model::{Model, ModelError};
+use flare_protocols::model::{Layout, Model, ModelError};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
@@ -25,6 +27,7 @@ use super::communicator::{CommError, Communicator};
 use super::{Task, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
+use crate::store::BlobStore;
 
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
 /// blocking thread.
@@ -56,7 +59,8 @@ pub struct RoundReport {
     pub contributors: Vec<String>,
     /// Members that did not contribute, with why.
     pub missing: Vec<(String, String)>,
-    /// Wall-clock seconds of the round.
+    /// Wall-clock seconds of the round, from sending the tasks to the new global model being
+    /// stored (checkpoint excluded).
     pub secs: f64,
     /// Clients' metrics, weighted by their sample counts.
     pub metrics: BTreeMap<String, f64>,
@@ -135,10 +139,17 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             cfg.clients.len()
         )));
     }
-    let mut global = Arc::new(initial);
+    // The global model lives in the blob store between rounds: the controller holds one
+    // model-sized buffer at a time (the accumulator during a round).
+    let layout = initial.layout();
+    let mut blob = comm.publish(Arc::new(initial)).await?;
     let mut reports = Vec::new();
     for round in 0..cfg.rounds {
-        let (model, report) = one_round(comm, cfg, global, round).await?;
+        let started = Instant::now();
+        let (model, mut report) = one_round(comm, cfg, blob, layout.clone(), round).await?;
+        blob = comm.publish(Arc::new(model)).await?;
+        // A round's time covers publishing its result (what the next round starts from).
+        report.secs = started.elapsed().as_secs_f64();
         tracing::info!(
             job = %comm.job(),
             round,
@@ -147,14 +158,18 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             global = ?report.global,
             "round done"
         );
-        global = Arc::new(model);
         reports.push(report);
         if let Some(dir) = &cfg.checkpoint_dir {
-            checkpoint(dir, round, &global, &reports)?;
+            checkpoint(dir, round, comm.node().store(), blob, &reports)?;
         }
     }
+    let store = comm.node().store().clone();
+    let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
+        .await
+        .map_err(|_| FedAvgError::Internal("reading the final model failed"))?
+        .map_err(CommError::from)?;
     Ok(FedAvgOutcome {
-        model: Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone()),
+        model: Model::from_safetensors_vec(bytes)?,
         rounds: reports,
     })
 }
@@ -162,13 +177,12 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
 async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
-    global: Arc<Model>,
+    blob: BlobRef,
+    layout: Layout,
     round: u32,
 ) -> Result<(Model, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
-    let layout = global.layout();
-    let blob = comm.publish(global).await?;
     let acc = Arc::new(Mutex::new(Accumulator::new(layout, blob.chunk_size)?));
     let task = Task {
         name: "train".into(),
@@ -342,7 +356,13 @@ struct Checkpoint<'a> {
 }
 
 /// Writes the global model and the job's record so far; each file is replaced atomically.
-fn checkpoint(dir: &std::path::Path, round: u32, model: &Model, reports: &[RoundReport]) -> Result<(), FedAvgError> {
+fn checkpoint(
+    dir: &std::path::Path,
+    round: u32,
+    store: &BlobStore,
+    blob: BlobRef,
+    reports: &[RoundReport],
+) -> Result<(), FedAvgError> {
     let err = |path: &std::path::Path, e: &dyn std::fmt::Display| FedAvgError::Checkpoint {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -354,7 +374,19 @@ fn checkpoint(dir: &std::path::Path, round: u32, model: &Model, reports: &[Round
         std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
         std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
     };
-    write("global.safetensors", model.as_safetensors())?;
+    // The model is already a blob in the store: link its file in when the store is on disk
+    // (no copy), write it out otherwise.
+    let model = dir.join("global.safetensors");
+    let tmp = dir.join("global.safetensors.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    match store.data_path(&blob.id) {
+        Some(src) if std::fs::hard_link(&src, &tmp).is_ok() => {}
+        _ => {
+            let bytes = store.read_all(&blob.id).map_err(|e| err(&tmp, &e))?;
+            std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
+        }
+    }
+    std::fs::rename(&tmp, &model).map_err(|e| err(&model, &e))?;
     let record = Checkpoint {
         round,
         model: "global.safetensors",
