@@ -20,6 +20,9 @@ use crate::store::{BlobStore, StoreError};
 /// How long a source waits for a request or a credit before giving up on a stream.
 pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Chunks a source reads ahead of what it sends, per stream.
+pub const READ_AHEAD: u64 = 4;
+
 /// What this node has served, for logs, benchmarks and tests.
 #[derive(Debug, Default)]
 pub struct ServeStats {
@@ -103,15 +106,19 @@ impl Server {
         tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
 
         let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
-        let mut next = (req.first < req.end).then(|| self.read_ahead(blob, req.first));
+        // Reads run ahead of the network by a few chunks, so a blob that is on disk rather
+        // than in the page cache still streams at network speed.
+        let mut ahead = std::collections::VecDeque::new();
+        let mut next_read = req.first;
         for index in req.first..req.end {
-            let chunk = match next.take() {
+            while next_read < req.end && next_read < index + READ_AHEAD {
+                ahead.push_back(self.read_ahead(blob, next_read));
+                next_read += 1;
+            }
+            let chunk = match ahead.pop_front() {
                 Some(h) => h.await.map_err(|e| ServeError::Join(e.to_string()))??,
                 None => None,
             };
-            if index + 1 < req.end {
-                next = Some(self.read_ahead(blob, index + 1));
-            }
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
             }
