@@ -164,16 +164,6 @@ impl Tensor {
         Self::new(DType::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
-    /// The values of an f32 tensor.
-    pub fn to_f32(&self) -> Option<Vec<f32>> {
-        (self.dtype == DType::F32).then(|| {
-            self.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
-        })
-    }
-
     /// Element type.
     pub fn dtype(&self) -> DType {
         self.dtype
