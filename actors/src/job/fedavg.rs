@@ -29,6 +29,9 @@ use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
 use crate::store::BlobStore;
 
+/// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
+pub const RESULT_WINDOW: u32 = 4;
+
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
 /// blocking thread.
 pub type Evaluator = Arc<dyn Fn(&Model) -> Result<BTreeMap<String, f64>, String> + Send + Sync>;
@@ -303,6 +306,9 @@ async fn fold(
     let opts = FetchOptions {
         on_chunk: Some(Arc::new(on_chunk)),
         max_len: global.len,
+        // Every client's result is pulled at once: a smaller window per pull keeps the
+        // controller's buffers from growing with the number of clients.
+        window: RESULT_WINDOW,
         ..FetchOptions::default()
     };
     let fetched = comm.fetch(out, o.peer, &opts).await;
