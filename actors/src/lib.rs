@@ -21,5 +21,12 @@ pub mod node;
 pub mod store;
 
 pub use membership::{Member, Members};
+
+/// Locks a mutex, taking the data as it is if a thread panicked while holding it: every
+/// mutex here guards state that stays consistent between statements (maps, bitmaps, an
+/// accumulator), and losing the node would be worse than a poisoned flag.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 pub use node::{Node, NodeConfig};
 pub use store::BlobStore;

@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use flare_protocols::blob_id::{BlobIdError, chunk_count, hashes_from_bytes};
 use flare_protocols::{BlobId, BlobRef, Manifest, ManifestBuilder};
 
+use crate::lock;
+
 const MANIFEST_MAGIC: &[u8] = b"flare-manifest/1";
 
 /// Why a store operation failed.
@@ -167,12 +169,6 @@ impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobStore").field("dir", &self.inner.dir).finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the map or bitmap half-updated in a way
-    // that matters more than losing the node, so take the data as it is.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BlobStore {

@@ -3,6 +3,8 @@
 
 use std::sync::Mutex;
 
+use crate::lock;
+
 /// What a source should do wrong. Counts are chunks served by this node since arming.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
@@ -23,17 +25,17 @@ pub struct ServeFaults {
 impl ServeFaults {
     /// Replaces the plan.
     pub fn arm(&self, plan: FaultPlan) {
-        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
+        *lock(&self.plan) = plan;
     }
 
     /// The plan in force.
     pub fn plan(&self) -> FaultPlan {
-        self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.plan).clone()
     }
 
     /// Whether to cut after `served` chunks; disarms the cut when it fires.
     pub(crate) fn take_cut(&self, served: u64) -> bool {
-        let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = lock(&self.plan);
         if p.cut_after.is_some_and(|n| served >= n) {
             p.cut_after = None;
             return true;

@@ -29,6 +29,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{Notify, mpsc};
 
+use crate::lock;
 use crate::network::NetworkHandle;
 use crate::store::{BlobStore, DIRECT_ALIGN, StoreError, aligned_buffer};
 
@@ -233,10 +234,6 @@ pub struct Fetcher {
     net: NetworkHandle,
     store: BlobStore,
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Work shared by the workers of one fetch.

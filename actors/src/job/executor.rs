@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::Node;
 use crate::blob::FetchOptions;
+use crate::lock;
 
 /// What a learner knows about the task it runs.
 #[derive(Clone, Debug)]
@@ -189,7 +190,7 @@ async fn fetch_model(node: &Node, blob: BlobRef, from: PeerId) -> Result<Vec<u8>
     let opts = FetchOptions {
         max_len: MAX_INPUT_MODEL,
         on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
-            let mut b = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = lock(&sink);
             let at = i as usize * cs;
             if let Some(dst) = b.0.get_mut(at..at + bytes.len()) {
                 dst.copy_from_slice(bytes);

@@ -27,6 +27,7 @@ use super::communicator::{CommError, Communicator};
 use super::{Task, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
+use crate::lock;
 use crate::store::BlobStore;
 
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
@@ -285,20 +286,17 @@ async fn fold(
         return Err((o, "returned a model of another architecture".into()));
     }
     let weight = o.num_samples as f64;
-    let n = acc.lock().unwrap_or_else(|e| e.into_inner()).chunk_count() as usize;
+    let n = lock(&acc).chunk_count() as usize;
     let folded = Arc::new(Mutex::new(vec![false; n]));
     let failure: Arc<Mutex<Option<AggregateError>>> = Arc::default();
     let on_chunk = {
         let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
         move |i: u64, bytes: &[u8]| {
-            let r = acc
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_chunk(i, bytes, weight);
+            let r = lock(&acc).add_chunk(i, bytes, weight);
             match r {
-                Ok(()) => folded.lock().unwrap_or_else(|e| e.into_inner())[i as usize] = true,
+                Ok(()) => lock(&folded)[i as usize] = true,
                 Err(e) => {
-                    failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    lock(&failure).get_or_insert(e);
                 }
             }
         }
@@ -314,9 +312,9 @@ async fn fold(
     let fetched = comm.fetch(out, o.peer, &opts).await;
     let store = comm.node().store().clone();
     let done = tokio::task::spawn_blocking(move || {
-        let mut folded = folded.lock().unwrap_or_else(|e| e.into_inner());
-        let mut acc = acc.lock().unwrap_or_else(|e| e.into_inner());
-        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut folded = lock(&folded);
+        let mut acc = lock(&acc);
+        let failed = lock(&failure).take();
         let result = match (fetched, failed) {
             (Err(e), _) => Err(e.to_string()),
             (Ok(_), Some(e)) => Err(e.to_string()),

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
 use super::{Task, TaskOutcome};
 use crate::Node;
+use crate::lock;
 use crate::network::NetworkError;
 
 /// What the controller of a job receives from its members.
@@ -48,10 +49,6 @@ pub struct JobHost {
     node: Arc<Node>,
     routes: Arc<Mutex<Routes>>,
     router: tokio::task::JoinHandle<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl JobHost {
