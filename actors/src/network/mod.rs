@@ -314,11 +314,15 @@ impl EventLoop {
     pub async fn run(mut self) {
         loop {
             tokio::select! {
-                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                // Commands first: a command sent before a peer's message arrives takes effect
+                // before that message is handled (e.g. a control subscription made just
+                // before a member is asked to send to this node).
+                biased;
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Shutdown) | None => break,
                     Some(c) => self.on_command(c),
                 },
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 Some((channel, response)) = self.replies.next(), if !self.replies.is_empty() => {
                     if self.swarm.behaviour_mut().ctl.send_response(channel, response).is_err() {
                         tracing::debug!("control response dropped: the requester is gone");
