@@ -58,7 +58,7 @@ async fn federation(clients: usize, job: &JobId) -> Federation {
     for (i, h) in hosts.iter().enumerate().skip(1) {
         h.join_as_executor(
             job.clone(),
-            members[0].peer_id,
+            Some(members[0].peer_id),
             &members[i].name,
             Box::new(AddOne {
                 num_samples: 10 * i as u64,
@@ -193,7 +193,7 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         extra_host
             .join_as_executor(
                 job.clone(),
-                f.members[0].peer_id,
+                Some(f.members[0].peer_id),
                 "site-3",
                 Box::new(SlowAddOne { started: tx }),
             )

@@ -28,5 +28,5 @@ pub use membership::{Member, Members};
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
-pub use node::{Node, NodeConfig};
+pub use node::{Node, NodeConfig, Traffic};
 pub use store::BlobStore;

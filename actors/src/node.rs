@@ -31,6 +31,30 @@ pub struct NodeConfig {
     pub store: BlobStore,
 }
 
+/// Bytes a node has sent, from its own protocol handlers (payload, not transport overhead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Control messages written (requests and responses).
+    pub ctl_bytes: u64,
+    /// Blob chunk bytes served.
+    pub blob_bytes: u64,
+}
+
+impl Traffic {
+    /// Everything sent.
+    pub fn total(&self) -> u64 {
+        self.ctl_bytes + self.blob_bytes
+    }
+
+    /// What was sent since `earlier`.
+    pub fn since(&self, earlier: Traffic) -> Traffic {
+        Traffic {
+            ctl_bytes: self.ctl_bytes.saturating_sub(earlier.ctl_bytes),
+            blob_bytes: self.blob_bytes.saturating_sub(earlier.blob_bytes),
+        }
+    }
+}
+
 /// A running peer.
 pub struct Node {
     net: NetworkHandle,
@@ -73,6 +97,14 @@ impl Node {
             faults,
             tasks,
         })
+    }
+
+    /// What this node has sent so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            ctl_bytes: self.net.ctl_bytes_sent(),
+            blob_bytes: self.stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// This node's peer id.

@@ -169,7 +169,7 @@ async fn member_of_job(
             topo.job
         );
     }
-    host.join_as_executor(job.clone(), controller, name, setup.learner(&topo, name)?)
+    host.join_as_executor(job.clone(), Some(controller), name, setup.learner(&topo, name)?)
         .await
         .context("starting the executor")?;
     join(node, &job, controller, name, topo.spec_hash()).await?;

@@ -79,7 +79,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         let i = index(client)?;
         let learner = setup.learner(&topo, client)?;
         hosts[i]
-            .join_as_executor(job.clone(), members[controller].peer_id, client, learner)
+            .join_as_executor(job.clone(), Some(members[controller].peer_id), client, learner)
             .await
             .with_context(|| format!("starting the executor of {client}"))?;
     }

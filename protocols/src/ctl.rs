@@ -19,9 +19,11 @@
 //! joined with [`CtlResponse::Rejected`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use crate::BlobRef;
@@ -97,6 +99,10 @@ pub enum Request {
         round: u32,
         /// Input model, fetched by the executor over `/flare/blob/1`.
         input: Option<BlobRef>,
+        /// Where the input is pulled from; empty means the sender of the task. Lets a model
+        /// go from member to member directly (cyclic, swarm) instead of through the sender.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        input_from: Vec<PeerId>,
         /// Task parameters.
         props: BTreeMap<String, Value>,
     },
@@ -112,6 +118,10 @@ pub enum Request {
         metrics: BTreeMap<String, f64>,
         /// Number of training samples behind the output (aggregation weight).
         num_samples: u64,
+        /// Small named outputs that are not a model (e.g. split learning's activations);
+        /// large data goes in a blob.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        values: BTreeMap<String, Value>,
     },
     /// The job is stopped.
     Abort {
@@ -143,9 +153,13 @@ pub enum CtlResponse {
     Ack,
 }
 
-/// ciborium codec for libp2p request-response, with a hard frame cap.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CtlCodec;
+/// ciborium codec for libp2p request-response, with a hard frame cap. Counts the bytes it
+/// writes (requests and responses), so a node can report its control traffic.
+#[derive(Clone, Debug, Default)]
+pub struct CtlCodec {
+    /// Bytes written, shared by every clone of the codec.
+    pub sent: Arc<AtomicU64>,
+}
 
 impl libp2p::request_response::Codec for CtlCodec {
     type Protocol = StreamProtocol;
@@ -170,19 +184,23 @@ impl libp2p::request_response::Codec for CtlCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_capped(io, &req).await
+        let n = write_capped(io, &req).await?;
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: CtlResponse) -> std::io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_capped(io, &res).await
+        let n = write_capped(io, &res).await?;
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
 }
 
-/// Refuses to send what the peer would refuse to read.
-async fn write_capped<W: AsyncWrite + Unpin, T: Serialize>(io: &mut W, msg: &T) -> std::io::Result<()> {
+/// Refuses to send what the peer would refuse to read; returns the bytes written.
+async fn write_capped<W: AsyncWrite + Unpin, T: Serialize>(io: &mut W, msg: &T) -> std::io::Result<u64> {
     let body = encode_versioned(CTL_VERSION, msg);
     if body.len() > MAX_CTL_FRAME as usize {
         return Err(FrameError::TooLarge {
@@ -193,7 +211,7 @@ async fn write_capped<W: AsyncWrite + Unpin, T: Serialize>(io: &mut W, msg: &T) 
     }
     write_frame(io, &body).await?;
     io.flush().await?;
-    Ok(())
+    Ok(body.len() as u64 + 4)
 }
 
 /// Recovers our typed decode error from the `io::Error` libp2p hands back, when it is one.
@@ -219,6 +237,12 @@ mod tests {
         ]
     }
 
+    /// A peer id from 32 seed bytes (an ed25519 key, so the id is a real one).
+    fn peer(seed: [u8; 32]) -> PeerId {
+        let key = libp2p::identity::Keypair::ed25519_from_bytes(seed).expect("32 bytes");
+        key.public().to_peer_id()
+    }
+
     fn blob_ref() -> impl Strategy<Value = BlobRef> {
         (any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(|(id, len, chunk_size)| BlobRef {
             id: BlobId(id),
@@ -235,13 +259,15 @@ mod tests {
                 ".{0,8}",
                 any::<u32>(),
                 proptest::option::of(blob_ref()),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..3),
                 proptest::collection::btree_map(".{0,6}", value(), 0..4)
             )
-                .prop_map(|(task_id, name, round, input, props)| Request::Task {
+                .prop_map(|(task_id, name, round, input, from, props)| Request::Task {
                     task_id,
                     name,
                     round,
                     input,
+                    input_from: from.into_iter().map(peer).collect(),
                     props
                 }),
             (
@@ -253,15 +279,19 @@ mod tests {
                 ],
                 proptest::option::of(blob_ref()),
                 proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..4),
-                any::<u64>()
+                any::<u64>(),
+                proptest::collection::btree_map(".{0,6}", value(), 0..3)
             )
-                .prop_map(|(task_id, status, output, metrics, num_samples)| Request::TaskResult {
-                    task_id,
-                    status,
-                    output,
-                    metrics,
-                    num_samples
-                }),
+                .prop_map(
+                    |(task_id, status, output, metrics, num_samples, values)| Request::TaskResult {
+                        task_id,
+                        status,
+                        output,
+                        metrics,
+                        num_samples,
+                        values
+                    }
+                ),
             ".{0,16}".prop_map(|reason| Request::Abort { reason }),
             Just(Request::Heartbeat),
         ];
@@ -284,25 +314,25 @@ mod tests {
         #[test]
         fn requests_round_trip(req in request()) {
             let mut buf = Vec::new();
-            block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req.clone())).expect("write");
-            let back = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
+            block_on(CtlCodec::default().write_request(&CTL_PROTOCOL, &mut buf, req.clone())).expect("write");
+            let back = block_on(CtlCodec::default().read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
             prop_assert_eq!(back, req);
         }
 
         #[test]
         fn responses_round_trip(res in response()) {
             let mut buf = Vec::new();
-            block_on(CtlCodec.write_response(&CTL_PROTOCOL, &mut buf, res.clone())).expect("write");
-            let back = block_on(CtlCodec.read_response(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
+            block_on(CtlCodec::default().write_response(&CTL_PROTOCOL, &mut buf, res.clone())).expect("write");
+            let back = block_on(CtlCodec::default().read_response(&CTL_PROTOCOL, &mut buf.as_slice())).expect("read");
             prop_assert_eq!(back, res);
         }
 
         #[test]
         fn truncated_frames_are_errors(req in request(), cut in 0usize..1000) {
             let mut buf = Vec::new();
-            block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
+            block_on(CtlCodec::default().write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
             let cut = cut % buf.len();
-            let r = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut &buf[..cut]));
+            let r = block_on(CtlCodec::default().read_request(&CTL_PROTOCOL, &mut &buf[..cut]));
             prop_assert!(r.is_err());
         }
 
@@ -311,7 +341,7 @@ mod tests {
             // A well-framed but random body: always a typed error or (rarely) a valid message.
             let mut buf = (body.len() as u32).to_be_bytes().to_vec();
             buf.extend_from_slice(&body);
-            if let Err(e) = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())) {
+            if let Err(e) = block_on(CtlCodec::default().read_request(&CTL_PROTOCOL, &mut buf.as_slice())) {
                 prop_assert!(frame_error(&e).is_some(), "untyped error: {e}");
             }
         }
@@ -321,7 +351,7 @@ mod tests {
     fn oversize_and_wrong_version_are_typed() {
         let mut big = (MAX_CTL_FRAME + 1).to_be_bytes().to_vec();
         big.extend_from_slice(&[0; 16]);
-        let e = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut big.as_slice())).expect_err("big");
+        let e = block_on(CtlCodec::default().read_request(&CTL_PROTOCOL, &mut big.as_slice())).expect_err("big");
         assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));
 
         let mut buf = Vec::new();
@@ -329,9 +359,9 @@ mod tests {
             job: JobId("j".into()),
             body: Request::Heartbeat,
         };
-        block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
+        block_on(CtlCodec::default().write_request(&CTL_PROTOCOL, &mut buf, req)).expect("write");
         buf[5] = 9; // version low byte
-        let e = block_on(CtlCodec.read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect_err("version");
+        let e = block_on(CtlCodec::default().read_request(&CTL_PROTOCOL, &mut buf.as_slice())).expect_err("version");
         assert!(matches!(
             frame_error(&e),
             Some(FrameError::UnsupportedVersion { got: 9, .. })
@@ -343,7 +373,7 @@ mod tests {
                 reason: "x".repeat(MAX_CTL_FRAME as usize),
             },
         };
-        let e = block_on(CtlCodec.write_request(&CTL_PROTOCOL, &mut Vec::new(), huge)).expect_err("cap");
+        let e = block_on(CtlCodec::default().write_request(&CTL_PROTOCOL, &mut Vec::new(), huge)).expect_err("cap");
         assert!(matches!(frame_error(&e), Some(FrameError::TooLarge { .. })));
     }
 }

@@ -131,6 +131,7 @@ impl Communicator {
                     name: task.name.clone(),
                     round: task.round,
                     input: task.input,
+                    input_from: task.input_from.clone(),
                     props: task.props.clone(),
                 },
             };

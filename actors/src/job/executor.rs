@@ -45,6 +45,19 @@ pub struct TrainOutput {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What a task other than `train` and `validate` produced (see [`Learner::run_task`]).
+#[derive(Clone, Debug, Default)]
+pub struct TaskReply {
+    /// An output model, stored as a blob for the requester to pull.
+    pub model: Option<Model>,
+    /// Its aggregation weight.
+    pub num_samples: u64,
+    /// Metrics to report.
+    pub metrics: BTreeMap<String, f64>,
+    /// Small named outputs carried in the result message itself.
+    pub values: BTreeMap<String, Value>,
+}
+
 /// Local training code behind one interface, so every workflow can drive any learner.
 /// Runs on a blocking thread: it may take as long as training takes.
 pub trait Learner: Send + 'static {
@@ -53,6 +66,19 @@ pub trait Learner: Send + 'static {
 
     /// Measures `model` on local validation data.
     fn validate(&mut self, model: &Model, ctx: &TaskContext) -> Result<BTreeMap<String, f64>, String>;
+
+    /// Runs a workflow-specific task (`ctx.task` names it; e.g. split learning's forward
+    /// and backward steps). Learners that only train and validate refuse it.
+    fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
+        let _ = input;
+        Err(format!("this learner cannot run task {:?}", ctx.task))
+    }
+
+    /// The model this member holds now (its latest local state), for workflows that
+    /// evaluate or share members' own models; `None` when it has none yet.
+    fn local_model(&self) -> Option<Model> {
+        None
+    }
 }
 
 /// Adds 1.0 to every f32 weight: the exact-arithmetic check of every workflow.
@@ -145,12 +171,13 @@ impl Actor for Executor {
             props: task.props.clone(),
         };
         let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.name, peer = %from);
-        let (status, output, metrics, num_samples) = match run(state, &ctx, &task, from).instrument(span.clone()).await
-        {
-            Ok((output, metrics, n)) => (TaskStatus::Ok, output, metrics, n),
+        let (status, out) = match run(state, &ctx, &task, from).instrument(span.clone()).await {
+            Ok(out) => (TaskStatus::Ok, out),
             Err(e) => {
-                tracing::warn!(error = %e, "task failed");
-                (TaskStatus::Failed, None, BTreeMap::new(), 0)
+                span.in_scope(|| tracing::warn!(error = %e, "task failed"));
+                let mut out = RunOutput::default();
+                out.values.insert("error".into(), Value::Str(e));
+                (TaskStatus::Failed, out)
             }
         };
         let report = CtlRequest {
@@ -158,9 +185,10 @@ impl Actor for Executor {
             body: Request::TaskResult {
                 task_id,
                 status,
-                output,
-                metrics,
-                num_samples,
+                output: out.output,
+                metrics: out.metrics,
+                num_samples: out.num_samples,
+                values: out.values,
             },
         };
         let reported = state.node.net().request(from, report).instrument(span.clone()).await;
@@ -173,7 +201,14 @@ impl Actor for Executor {
     }
 }
 
-type RunOutput = (Option<BlobRef>, BTreeMap<String, f64>, u64);
+/// What a task hands back in its result message.
+#[derive(Default)]
+struct RunOutput {
+    output: Option<BlobRef>,
+    metrics: BTreeMap<String, f64>,
+    num_samples: u64,
+    values: BTreeMap<String, Value>,
+}
 
 /// Largest input model an executor accepts (the controller names it; a bound keeps a bad
 /// reference from exhausting memory).
@@ -181,7 +216,7 @@ pub const MAX_INPUT_MODEL: u64 = 1 << 40;
 
 /// Pulls a model into the store and into memory at once: chunks are copied into the buffer
 /// as they arrive (no read back from disk); chunks the store already held are read from it.
-async fn fetch_model(node: &Node, blob: BlobRef, from: PeerId) -> Result<Vec<u8>, String> {
+async fn fetch_model(node: &Node, blob: BlobRef, from: &[PeerId]) -> Result<Vec<u8>, String> {
     let len = usize::try_from(blob.len).map_err(|_| "input model too large for this machine".to_owned())?;
     let cs = blob.chunk_size as usize;
     let n = blob.chunk_count().map_err(|e| e.to_string())? as usize;
@@ -199,7 +234,7 @@ async fn fetch_model(node: &Node, blob: BlobRef, from: PeerId) -> Result<Vec<u8>
         })),
         ..FetchOptions::default()
     };
-    node.fetch(blob, &[from], &opts)
+    node.fetch(blob, from, &opts)
         .await
         .map_err(|e| format!("fetching the input model: {e}"))?;
     drop(opts);
@@ -230,42 +265,62 @@ async fn run(
 ) -> Result<RunOutput, String> {
     let input = match task.input {
         Some(blob) => {
-            let bytes = fetch_model(&state.node, blob, from).await?;
+            let sources = if task.input_from.is_empty() {
+                vec![from]
+            } else {
+                task.input_from.clone()
+            };
+            let bytes = fetch_model(&state.node, blob, &sources).await?;
             Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
         }
         None => None,
     };
     let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
     let ctx2 = ctx.clone();
-    let name = task.name.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = match (name.as_str(), input) {
-            ("train", Some(m)) => learner.train(m, &ctx2).map(Some),
-            ("validate", Some(m)) => learner.validate(&m, &ctx2).map(|metrics| {
-                Some(TrainOutput {
-                    model: Model::new(),
-                    num_samples: 0,
-                    metrics,
-                })
+        let r = match (ctx2.task.as_str(), input) {
+            ("train", Some(m)) => learner.train(m, &ctx2).map(|out| TaskReply {
+                model: Some(out.model),
+                num_samples: out.num_samples,
+                metrics: out.metrics,
+                values: BTreeMap::new(),
             }),
-            (other, _) => Err(format!("unknown task {other:?} or missing input")),
+            ("train" | "validate", None) => Err(format!("task {:?} needs an input model", ctx2.task)),
+            ("validate", Some(m)) => learner.validate(&m, &ctx2).map(|metrics| TaskReply {
+                metrics,
+                ..TaskReply::default()
+            }),
+            ("submit_model", _) => match learner.local_model() {
+                Some(model) => Ok(TaskReply {
+                    model: Some(model),
+                    ..TaskReply::default()
+                }),
+                None => Err("this member has no local model to submit".into()),
+            },
+            (_, input) => learner.run_task(input, &ctx2),
         };
         (learner, r)
     })
     .await;
     let (learner, r) = joined.map_err(|e| format!("learner panicked: {e}"))?;
     state.learner = Some(learner);
-    let Some(out) = r? else {
-        return Ok((None, BTreeMap::new(), 0));
+    let reply = r?;
+    let output = match reply.model {
+        Some(model) => {
+            let store = state.node.store().clone();
+            let bytes = model.into_safetensors();
+            let manifest = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, DEFAULT_CHUNK_SIZE))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("storing the output model: {e}"))?;
+            Some(manifest.blob_ref())
+        }
+        None => None,
     };
-    if task.name != "train" {
-        return Ok((None, out.metrics, 0));
-    }
-    let store = state.node.store().clone();
-    let bytes = out.model.into_safetensors();
-    let manifest = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, DEFAULT_CHUNK_SIZE))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("storing the output model: {e}"))?;
-    Ok((Some(manifest.blob_ref()), out.metrics, out.num_samples))
+    Ok(RunOutput {
+        output,
+        metrics: reply.metrics,
+        num_samples: reply.num_samples,
+        values: reply.values,
+    })
 }

@@ -192,6 +192,7 @@ async fn one_round(
         name: "train".into(),
         round,
         input: Some(blob),
+        input_from: vec![],
         props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
     };
     let mut pending = comm.broadcast(&task, &cfg.clients).await;

@@ -33,7 +33,9 @@ struct ControllerRoute {
 
 struct ExecutorRoute {
     actor: ActorRef<ExecutorMsg>,
-    controller: PeerId,
+    /// Who may send tasks and end the job; `None`: any member (swarm jobs, where the
+    /// aggregator changes from round to round).
+    controller: Option<PeerId>,
     /// Set to the controller's reason when it ends the job.
     ended: watch::Sender<Option<String>>,
 }
@@ -72,11 +74,12 @@ impl JobHost {
         &self.node
     }
 
-    /// Joins `job` as an executor that takes tasks from the controller at `controller`.
+    /// Joins `job` as an executor that takes tasks from the controller at `controller`
+    /// (`None`: from any member of the job).
     pub async fn join_as_executor(
         &self,
         job: JobId,
-        controller: PeerId,
+        controller: Option<PeerId>,
         member: &str,
         learner: Box<dyn Learner>,
     ) -> Result<ActorRef<ExecutorMsg>, ractor::SpawnErr> {
@@ -154,13 +157,15 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             name,
             round,
             input,
+            input_from,
             props,
         } => match r.executors.get(&job) {
-            Some(ExecutorRoute { actor, controller, .. }) if *controller == peer => {
+            Some(ExecutorRoute { actor, controller, .. }) if controller.is_none_or(|c| c == peer) => {
                 let task = Task {
                     name,
                     round,
                     input,
+                    input_from,
                     props,
                 };
                 match actor.cast(ExecutorMsg::Run {
@@ -186,6 +191,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             output,
             metrics,
             num_samples,
+            values,
         } => match r.controllers.get(&job) {
             Some(ControllerRoute { outcomes: tx, .. }) => {
                 // The communicator names the member from its own table.
@@ -197,6 +203,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                     output,
                     metrics,
                     num_samples,
+                    values,
                 };
                 match tx.send(outcome) {
                     Ok(()) => CtlResponse::Ack,
@@ -217,7 +224,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             None => not_joined(&job),
         },
         Request::Abort { reason } => match r.executors.get(&job) {
-            Some(e) if e.controller == peer => {
+            Some(e) if e.controller.is_none_or(|c| c == peer) => {
                 tracing::info!(job = %job, %reason, "the controller ended the job");
                 e.ended.send_replace(Some(reason));
                 if let Some(e) = r.executors.remove(&job) {

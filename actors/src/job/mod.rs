@@ -19,7 +19,7 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use communicator::{CommError, Communicator};
-pub use executor::{AddOne, Learner, TaskContext, TrainOutput};
+pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;
 
@@ -32,6 +32,8 @@ pub struct Task {
     pub round: u32,
     /// Input model.
     pub input: Option<BlobRef>,
+    /// Where the input is pulled from; empty: from the sender of the task.
+    pub input_from: Vec<PeerId>,
     /// Parameters.
     pub props: BTreeMap<String, Value>,
 }
@@ -53,4 +55,6 @@ pub struct TaskOutcome {
     pub metrics: BTreeMap<String, f64>,
     /// Samples behind the output (the aggregation weight).
     pub num_samples: u64,
+    /// Small named outputs that are not a model.
+    pub values: BTreeMap<String, Value>,
 }

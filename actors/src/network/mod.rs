@@ -8,6 +8,8 @@
 pub mod gate;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flare_protocols::ctl::{CTL_PROTOCOL, CtlCodec, CtlRequest, CtlResponse, JobId};
@@ -136,6 +138,7 @@ enum Command {
 pub struct NetworkHandle {
     tx: mpsc::UnboundedSender<Command>,
     peer_id: PeerId,
+    ctl_sent: Arc<AtomicU64>,
 }
 
 impl NetworkHandle {
@@ -144,11 +147,19 @@ impl NetworkHandle {
         self.peer_id
     }
 
+    /// Control-protocol bytes this node has written (requests and responses), for traffic
+    /// reports.
+    pub fn ctl_bytes_sent(&self) -> u64 {
+        self.ctl_sent.load(Ordering::Relaxed)
+    }
+
     fn send(&self, c: Command) -> Result<(), NetworkError> {
         self.tx.send(c).map_err(|_| NetworkError::Stopped)
     }
 
     /// Sends a control request and waits for the response (dialing the member if needed).
+    /// A request to this node itself is handed to its own subscriber without touching the
+    /// network, so a controller can also be one of its job's executors.
     pub async fn request(&self, peer: PeerId, request: CtlRequest) -> Result<CtlResponse, CtlError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request { peer, request, reply })
@@ -228,6 +239,8 @@ pub struct Network {
 /// address is bound.
 pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
     let peer_id = keypair.public().to_peer_id();
+    let ctl_sent = Arc::new(AtomicU64::new(0));
+    let codec = CtlCodec { sent: ctl_sent.clone() };
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -241,7 +254,7 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
             identify: identify::Behaviour::new(identify::Config::new("/flare/1.0.0".into(), key.public())),
             ping: ping::Behaviour::default(),
             ctl: request_response::Behaviour::with_codec(
-                CtlCodec,
+                codec,
                 [(CTL_PROTOCOL, ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(CTL_TIMEOUT),
             ),
@@ -282,7 +295,7 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
     let control = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::unbounded_channel();
     Ok(Network {
-        handle: NetworkHandle { tx, peer_id },
+        handle: NetworkHandle { tx, peer_id, ctl_sent },
         control,
         listen_addrs,
         event_loop: EventLoop {
@@ -338,6 +351,9 @@ impl EventLoop {
 
     fn on_command(&mut self, c: Command) {
         match c {
+            Command::Request { peer, request, reply } if peer == *self.swarm.local_peer_id() => {
+                self.request_self(request, reply);
+            }
             Command::Request { peer, request, reply } => {
                 let id = self.swarm.behaviour_mut().ctl.send_request(&peer, request);
                 self.pending.insert(id, (peer, reply));
@@ -374,6 +390,40 @@ impl EventLoop {
                 let _ = tx.send(self.swarm.listeners().cloned().collect());
             }
             Command::Shutdown => {}
+        }
+    }
+
+    /// Hands a request addressed to this node to its own subscriber, as if it had come in.
+    fn request_self(&mut self, request: CtlRequest, reply: oneshot::Sender<Result<CtlResponse, CtlError>>) {
+        let peer = *self.swarm.local_peer_id();
+        let job = request.job.clone();
+        let (tx, rx) = oneshot::channel();
+        let sent = match &self.inbound {
+            Some(inbound) => inbound.try_send(InboundCtl {
+                peer,
+                request,
+                reply: tx,
+            }),
+            None => Err(mpsc::error::TrySendError::Closed(InboundCtl {
+                peer,
+                request,
+                reply: tx,
+            })),
+        };
+        match sent {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(Ok(rx.await.unwrap_or_else(|_| not_joined(&job))));
+                });
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let _ = reply.send(Ok(CtlResponse::Rejected {
+                    reason: "control queue full".into(),
+                }));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let _ = reply.send(Ok(not_joined(&job)));
+            }
         }
     }
 
