@@ -6,13 +6,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, FedAvgOutcome, Learner, fedavg};
+use flare_actors::Member;
+use flare_actors::job::cyclic::{self, CyclicConfig};
+use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
+use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
 use flare_protocols::model::{DType, Model};
 use libp2p::PeerId;
 use serde_json::{Value, json};
 
-use crate::topology::{LearnerSpec, ModelSpec, Topology};
+use crate::topology::{CyclicOrder, LearnerSpec, ModelSpec, Topology, Workflow};
 
 /// The add-one job's values: seeded fractional numbers, so exactness means something.
 fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
@@ -119,16 +122,25 @@ fn learner_name(topo: &Topology) -> &'static str {
     }
 }
 
-/// Runs the workflow as the controller, tells the clients the job is over, and returns the
-/// outcome with its JSON summary.
-pub async fn control(
-    comm: &Communicator,
-    topo: &Topology,
-    setup: &Setup,
-    clients: Vec<PeerId>,
-    checkpoint_dir: Option<&Path>,
-) -> anyhow::Result<(FedAvgOutcome, Value)> {
-    let evaluate: Option<Evaluator> = setup.digits.as_ref().map(|(spec, fed)| {
+/// What any workflow's run leaves behind, in the shape the summary and outputs need.
+pub struct JobOutcome {
+    /// The final model.
+    pub model: Model,
+    /// Seconds per round.
+    pub round_secs: Vec<f64>,
+    /// The model's test-set metrics after each round (empty maps without a test set).
+    pub global: Vec<BTreeMap<String, f64>>,
+    /// How many training steps the add-one check expects (rounds for averaging workflows,
+    /// successful visits for cyclic).
+    pub train_steps: u32,
+    /// The workflow's own per-round records, for results.json.
+    pub rounds: Value,
+    /// Workflow-specific summary fields.
+    pub extra: serde_json::Map<String, Value>,
+}
+
+fn evaluator(setup: &Setup) -> Option<Evaluator> {
+    setup.digits.as_ref().map(|(spec, fed)| {
         let (spec, fed) = (spec.clone(), fed.clone());
         let f: Evaluator = Arc::new(move |m: &Model| {
             let (accuracy, loss) = evaluate(&spec, m, &fed.test)?;
@@ -138,47 +150,210 @@ pub async fn control(
             ]))
         });
         f
-    });
-    let cfg = FedAvgConfig {
+    })
+}
+
+/// Runs the topology's workflow as its controller.
+async fn run_workflow(
+    comm: &Communicator,
+    topo: &Topology,
+    setup: &Setup,
+    clients: Vec<PeerId>,
+    checkpoint_dir: Option<&Path>,
+) -> anyhow::Result<JobOutcome> {
+    let evaluate = evaluator(setup);
+    let initial = setup.initial_model(topo)?;
+    match &topo.workflow {
+        Workflow::FedAvg => {
+            let cfg = FedAvgConfig {
+                rounds: topo.rounds,
+                min_clients: topo.min_clients,
+                round_timeout: topo.round_timeout,
+                clients,
+                checkpoint_dir: checkpoint_dir.map(Path::to_owned),
+                evaluate,
+            };
+            let o = fedavg::run(comm, &cfg, initial).await?;
+            let mut extra = serde_json::Map::new();
+            extra.insert(
+                "contributors_per_round".into(),
+                json!(o.rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>()),
+            );
+            Ok(JobOutcome {
+                round_secs: o.rounds.iter().map(|r| r.secs).collect(),
+                global: o.rounds.iter().map(|r| r.global.clone()).collect(),
+                train_steps: topo.rounds,
+                rounds: json!(o.rounds),
+                extra,
+                model: o.model,
+            })
+        }
+        Workflow::Cyclic(order) => {
+            let cfg = CyclicConfig {
+                rounds: topo.rounds,
+                order: match order {
+                    CyclicOrder::Fixed(names) => names
+                        .iter()
+                        .map(|n| {
+                            let i = topo
+                                .clients
+                                .iter()
+                                .position(|c| c == n)
+                                .context("order names a non-client")?;
+                            clients.get(i).copied().context("client vanished")
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                    CyclicOrder::Shuffled(_) => clients,
+                },
+                shuffle_seed: match order {
+                    CyclicOrder::Shuffled(seed) => Some(*seed),
+                    CyclicOrder::Fixed(_) => None,
+                },
+                task_timeout: topo.round_timeout,
+                evaluate,
+            };
+            let o = cyclic::run(comm, &cfg, initial).await?;
+            let visits: usize = o.rounds.iter().map(|r| r.visited.len()).sum();
+            let mut extra = serde_json::Map::new();
+            extra.insert(
+                "visited_per_round".into(),
+                json!(o.rounds.iter().map(|r| r.visited.clone()).collect::<Vec<_>>()),
+            );
+            extra.insert(
+                "skipped_per_round".into(),
+                json!(o.rounds.iter().map(|r| r.skipped.clone()).collect::<Vec<_>>()),
+            );
+            Ok(JobOutcome {
+                round_secs: o.rounds.iter().map(|r| r.secs).collect(),
+                global: o.rounds.iter().map(|r| r.global.clone()).collect(),
+                train_steps: u32::try_from(visits).context("too many visits")?,
+                rounds: json!(o.rounds),
+                extra,
+                model: o.model,
+            })
+        }
+        Workflow::Swarm => anyhow::bail!("a swarm job has no controller"),
+    }
+}
+
+/// A swarm member's configuration, from the topology; `members` in topology order.
+pub fn swarm_config(topo: &Topology, setup: &Setup, members: &[Member], name: &str) -> SwarmConfig {
+    SwarmConfig {
         rounds: topo.rounds,
         min_clients: topo.min_clients,
         round_timeout: topo.round_timeout,
-        clients,
-        checkpoint_dir: checkpoint_dir.map(Path::to_owned),
-        evaluate,
+        members: members.iter().map(|m| m.peer_id).collect(),
+        name: name.to_owned(),
+        spec_hash: topo.spec_hash(),
+        heartbeat: std::time::Duration::from_millis(500),
+        evaluate: evaluator(setup),
+        crash_in_round: None,
+    }
+}
+
+/// One member's swarm run in the shape of any job's outcome.
+pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
+    let name = |p: &PeerId| {
+        members
+            .iter()
+            .find(|m| m.peer_id == *p)
+            .map_or_else(|| p.to_string(), |m| m.name.clone())
     };
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "aggregator_per_round".into(),
+        json!(o.rounds.iter().map(|r| name(&r.aggregator)).collect::<Vec<_>>()),
+    );
+    extra.insert(
+        "contributors_per_round".into(),
+        json!(
+            o.rounds
+                .iter()
+                .map(|r| r.contributors.iter().map(name).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        ),
+    );
+    extra.insert(
+        "failovers".into(),
+        json!(
+            o.rounds
+                .iter()
+                .flat_map(|r| r.failovers.iter().map(move |(dead, next)| {
+                    json!({ "round": r.round, "dead": name(dead), "successor": name(next) })
+                }))
+                .collect::<Vec<_>>()
+        ),
+    );
+    let rounds = json!(
+        o.rounds
+            .iter()
+            .map(|r| json!({
+                "round": r.round,
+                "aggregator": name(&r.aggregator),
+                "contributors": r.contributors.iter().map(name).collect::<Vec<_>>(),
+                "secs": r.secs,
+                "global": r.global,
+            }))
+            .collect::<Vec<_>>()
+    );
+    JobOutcome {
+        round_secs: o.rounds.iter().map(|r| r.secs).collect(),
+        global: o.rounds.iter().map(|r| r.global.clone()).collect(),
+        train_steps: u32::try_from(o.rounds.len()).unwrap_or(u32::MAX),
+        rounds,
+        extra,
+        model: o.model,
+    }
+}
+
+/// Runs the workflow as the controller, tells the clients the job is over, and returns the
+/// outcome with its JSON summary.
+pub async fn control(
+    comm: &Communicator,
+    topo: &Topology,
+    setup: &Setup,
+    clients: Vec<PeerId>,
+    checkpoint_dir: Option<&Path>,
+) -> anyhow::Result<(JobOutcome, Value)> {
     let started = std::time::Instant::now();
-    let outcome = fedavg::run(comm, &cfg, setup.initial_model(topo)?).await;
+    let outcome = run_workflow(comm, topo, setup, clients.clone(), checkpoint_dir).await;
     let total_secs = started.elapsed().as_secs_f64();
-    comm.end_job(
-        &cfg.clients,
-        if outcome.is_ok() { "job finished" } else { "job failed" },
-    )
-    .await;
+    comm.end_job(&clients, if outcome.is_ok() { "job finished" } else { "job failed" })
+        .await;
     let outcome = outcome?;
-    let round_secs: Vec<f64> = outcome.rounds.iter().map(|r| r.secs).collect();
+    let summary = summarize(topo, setup, &outcome, total_secs).await?;
+    Ok((outcome, summary))
+}
+
+/// The job's summary JSON: timing, the global model's metrics per round, and the baseline
+/// (local-only training for the MLP, exactness for add-one).
+pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, total_secs: f64) -> anyhow::Result<Value> {
     let mut summary = json!({
-        "workflow": "fedavg",
+        "workflow": topo.workflow.name(),
         "job": topo.job,
         "learner": learner_name(topo),
         "controller": topo.controller,
         "clients": topo.clients,
         "rounds": topo.rounds,
-        "round_secs": round_secs,
+        "round_secs": outcome.round_secs,
         "total_secs": total_secs,
-        "contributors_per_round": outcome.rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>(),
         "model_bytes": outcome.model.data_bytes(),
     });
+    for (k, v) in &outcome.extra {
+        summary[k] = v.clone();
+    }
     match &setup.digits {
         None => {
-            summary["verified"] = json!(add_one_exact(&outcome.model, &topo.model, topo.rounds));
+            summary["verified"] = json!(add_one_exact(&outcome.model, &topo.model, outcome.train_steps));
+            summary["add_one_steps"] = json!(outcome.train_steps);
         }
         Some((spec, fed)) => {
             summary["global"] = json!(
                 outcome
-                    .rounds
+                    .global
                     .iter()
-                    .map(|r| json!({ "round": r.round, "accuracy": r.global.get("accuracy"), "loss": r.global.get("loss") }))
+                    .enumerate()
+                    .map(|(round, g)| json!({ "round": round, "accuracy": g.get("accuracy"), "loss": g.get("loss") }))
                     .collect::<Vec<_>>()
             );
             // The baseline, in the same run: each client's model trained on its shard alone
@@ -198,11 +373,11 @@ pub async fn control(
             summary["local_only"] = json!({ "epochs": epochs, "members": per_member, "mean_accuracy": mean });
         }
     }
-    Ok((outcome, summary))
+    Ok(summary)
 }
 
 /// Writes `global.safetensors` and `results.json` into `dir`.
-pub fn write_outputs(dir: &Path, outcome: &FedAvgOutcome, summary: &Value) -> anyhow::Result<()> {
+pub fn write_outputs(dir: &Path, outcome: &JobOutcome, summary: &Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     outcome.model.save(&dir.join("global.safetensors"))?;
     let results = json!({ "summary": summary, "rounds": outcome.rounds });
@@ -219,13 +394,11 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
     let mean_secs = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
     match summary["verified"].as_bool() {
         Some(verified) => eprintln!(
-            "done: {} rounds, {mean_secs:.3} s per round on average; add-one result {}",
+            "done: {} rounds, {mean_secs:.3} s per round on average; add-one result {} (every weight = initial + {} \
+             training steps)",
             secs.len(),
-            if verified {
-                "exact (every weight = initial + rounds)"
-            } else {
-                "WRONG"
-            }
+            if verified { "exact" } else { "WRONG" },
+            summary["add_one_steps"]
         ),
         None => {
             let last = summary["global"]
@@ -248,7 +421,7 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         summary["verified"].as_bool() != Some(false),
-        "the add-one result is not initial + rounds"
+        "the add-one result is not initial + the number of training steps"
     );
     Ok(())
 }

@@ -114,8 +114,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     };
     match crate::bench::peak_rss_bytes() {
-        Ok(b) => tracing::info!(peak_rss_bytes = b, "shutting down"),
-        Err(_) => tracing::info!("shutting down"),
+        Ok(b) => tracing::info!(peak_rss_bytes = b, bytes_sent = node.traffic().total(), "shutting down"),
+        Err(_) => tracing::info!(bytes_sent = node.traffic().total(), "shutting down"),
     }
     node.net().shutdown();
     result
@@ -135,13 +135,29 @@ async fn member_of_job(
     let table = topo.member_table()?;
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
     let job = JobId(topo.job.clone());
-    let controller = peer(&topo.controller)?;
-    if name == topo.controller {
+    let Some(controller_name) = topo.controller.clone() else {
+        bail!("swarm jobs are not wired into run yet");
+    };
+    let controller = peer(&controller_name)?;
+    let is_client = topo.clients.iter().any(|c| c == name);
+    if is_client {
+        host.join_as_executor(job.clone(), Some(controller), name, setup.learner(&topo, name)?)
+            .await
+            .context("starting the executor")?;
+    }
+    if name == controller_name {
         let members: Vec<_> = table.iter().cloned().collect();
         let comm = Communicator::new(&host, job, members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
         let clients: Vec<PeerId> = topo.clients.iter().map(|c| peer(c)).collect::<Result<_, _>>()?;
         tracing::info!(clients = clients.len(), "waiting for the clients to join");
-        let joined = comm.wait_for_joins(&clients, topo.round_timeout).await;
+        // The controller's own executor (when it trains too) is there already.
+        let others: Vec<PeerId> = clients.iter().copied().filter(|p| *p != controller).collect();
+        let arrived = comm.wait_for_joins(&others, topo.round_timeout).await;
+        let joined: Vec<PeerId> = clients
+            .iter()
+            .copied()
+            .filter(|p| *p == controller || arrived.contains(p))
+            .collect();
         if joined.len() < topo.min_clients {
             let missing: Vec<&str> = topo
                 .clients
@@ -159,7 +175,10 @@ async fn member_of_job(
             );
         }
         let checkpoints = data_dir.join("checkpoints");
-        let (outcome, summary) = crate::job::control(&comm, &topo, &setup, joined, Some(&checkpoints)).await?;
+        let (outcome, mut summary) = crate::job::control(&comm, &topo, &setup, joined, Some(&checkpoints)).await?;
+        // Only this process's counters are known here; each member logs its own at exit.
+        summary["bytes_sent_per_member"] =
+            serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
         crate::job::write_outputs(data_dir, &outcome, &summary)?;
         return crate::job::report(&summary, json);
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use flare_actors::job::{Communicator, JobHost};
+use flare_actors::job::{Communicator, JobHost, swarm};
 use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::ctl::JobId;
@@ -31,16 +31,104 @@ pub struct SimArgs {
     svg: Option<PathBuf>,
 }
 
+/// A swarm job: every member runs the same loop; the summary comes from the first member
+/// (in topology order) that finishes, and every finisher must hold the same final model.
+async fn swarm(
+    args: &SimArgs,
+    topo: &Topology,
+    setup: &crate::job::Setup,
+    hosts: Vec<JobHost>,
+    members: &[Member],
+    nodes: &[Arc<Node>],
+) -> anyhow::Result<()> {
+    let job = JobId(topo.job.clone());
+    let mut runs = Vec::new();
+    for (host, m) in hosts.into_iter().zip(members) {
+        host.join_as_executor(job.clone(), None, &m.name, setup.learner(topo, &m.name)?)
+            .await
+            .with_context(|| format!("starting the executor of {}", m.name))?;
+        let comm = Communicator::new(
+            &host,
+            job.clone(),
+            members.to_vec(),
+            DEFAULT_CHUNK_SIZE,
+            topo.spec_hash(),
+        );
+        let mut cfg = crate::job::swarm_config(topo, setup, members, &m.name);
+        cfg.crash_in_round = topo.crash_aggregator_in_round;
+        let initial = setup.initial_model(topo)?;
+        let job = job.clone();
+        runs.push(tokio::spawn(async move {
+            let r = swarm::run(&comm, &cfg, initial).await;
+            // A member that stopped, for whatever reason, stops answering for the job, so
+            // the others fail over instead of waiting for it.
+            host.leave(&job);
+            r
+        }));
+    }
+    let started = std::time::Instant::now();
+    let mut finished = Vec::new();
+    for (run, m) in runs.into_iter().zip(members) {
+        match run.await.context("swarm member task")? {
+            Ok(o) => finished.push((m.name.clone(), o)),
+            Err(e) => eprintln!("{}: {e}", m.name),
+        }
+    }
+    let total_secs = started.elapsed().as_secs_f64();
+    let Some((reporter, first)) = finished.first() else {
+        anyhow::bail!("no member finished the swarm job");
+    };
+    let agree = finished
+        .iter()
+        .all(|(_, o)| o.model.as_safetensors() == first.model.as_safetensors());
+    anyhow::ensure!(agree, "the members that finished hold different final models");
+    let finishers: Vec<String> = finished.iter().map(|(n, _)| n.clone()).collect();
+    let reporter = reporter.clone();
+    let outcome = crate::job::swarm_outcome(finished.swap_remove(0).1, members);
+    let mut summary = crate::job::summarize(topo, setup, &outcome, total_secs).await?;
+    summary["reporter"] = serde_json::json!(reporter);
+    summary["finished"] = serde_json::json!(finishers);
+    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    summary["bytes_sent_per_member"] = bytes_per_round(&names, nodes, topo.rounds);
+    if let Some(dir) = &args.out {
+        crate::job::write_outputs(dir, &outcome, &summary)?;
+        eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());
+    }
+    if let Some(path) = &args.svg {
+        crate::job::draw(topo, &summary, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    crate::job::report(&summary, args.json)
+}
+
+/// Each member's traffic over the job, per round on average, from its node's own counters.
+fn bytes_per_round(names: &[String], nodes: &[Arc<Node>], rounds: u32) -> serde_json::Value {
+    let per: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(nodes)
+        .map(|(n, node)| {
+            (
+                n.clone(),
+                serde_json::json!(node.traffic().total() / u64::from(rounds.max(1))),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(per)
+}
+
 /// Runs the topology's job on a local swarm.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let topo = Topology::load(&args.file)?;
     let setup = crate::job::Setup::new(&topo)?;
     eprintln!(
-        "sim {}: {} members, controller {}, {} rounds of fedavg",
+        "sim {}: {} members, {}, {} rounds of {}",
         topo.path.display(),
         topo.members.len(),
-        topo.controller,
-        topo.rounds
+        topo.controller
+            .as_ref()
+            .map_or_else(|| "no controller".to_owned(), |c| format!("controller {c}")),
+        topo.rounds,
+        topo.workflow.name()
     );
 
     // One node per member, each on its own ephemeral loopback port.
@@ -74,7 +162,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let index = |name: &str| names.iter().position(|n| n == name).context("member vanished");
     let job = JobId(topo.job.clone());
-    let controller = index(&topo.controller)?;
+    let Some(controller) = &topo.controller else {
+        return swarm(&args, &topo, &setup, hosts, &members, &nodes).await;
+    };
+    let controller = index(controller)?;
     for client in &topo.clients {
         let i = index(client)?;
         let learner = setup.learner(&topo, client)?;
@@ -97,7 +188,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         topo.spec_hash(),
     );
     let checkpoints = args.out.as_ref().map(|d| d.join("checkpoints"));
-    let (outcome, summary) = crate::job::control(&comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
+    let (outcome, mut summary) = crate::job::control(&comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
+    summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);
     if let Some(dir) = &args.out {
         crate::job::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());

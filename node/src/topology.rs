@@ -27,6 +27,10 @@ struct Raw {
     job: Spanned<RawJob>,
     #[serde(default)]
     fedavg: Option<Spanned<RawFedAvg>>,
+    #[serde(default)]
+    cyclic: Option<Spanned<RawCyclic>>,
+    #[serde(default)]
+    swarm: Option<Spanned<RawSwarm>>,
     learner: Spanned<RawLearner>,
     #[serde(default)]
     model: Option<RawModel>,
@@ -41,7 +45,8 @@ struct Raw {
 struct RawJob {
     name: String,
     workflow: Spanned<String>,
-    controller: Spanned<String>,
+    #[serde(default)]
+    controller: Option<Spanned<String>>,
     #[serde(default)]
     clients: Option<Spanned<Vec<String>>>,
 }
@@ -53,6 +58,29 @@ struct RawFedAvg {
     min_clients: Spanned<usize>,
     #[serde(default = "default_timeout")]
     round_timeout_secs: Spanned<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwarm {
+    rounds: Spanned<u32>,
+    min_clients: Spanned<usize>,
+    #[serde(default = "default_timeout")]
+    round_timeout_secs: Spanned<f64>,
+    #[serde(default)]
+    crash_aggregator_in_round: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCyclic {
+    rounds: Spanned<u32>,
+    #[serde(default)]
+    order: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    shuffle_seed: Option<u64>,
+    #[serde(default = "default_timeout")]
+    task_timeout_secs: Spanned<f64>,
 }
 
 fn default_timeout() -> Spanned<f64> {
@@ -169,6 +197,39 @@ pub struct DataSpec {
     pub test_fraction: f64,
 }
 
+/// How the model goes round the members of a cyclic job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CyclicOrder {
+    /// The same order every round.
+    Fixed(Vec<String>),
+    /// The clients shuffled afresh each round, from this seed and the round number.
+    Shuffled(u64),
+}
+
+/// Which way the members collaborate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Workflow {
+    /// Server-centric FedAvg: the controller averages the clients' results each round.
+    FedAvg,
+    /// Cyclic weight transfer: the model visits the clients one after another, each
+    /// handing it to the next directly.
+    Cyclic(CyclicOrder),
+    /// Swarm learning: no fixed controller; each round's aggregator is chosen from the
+    /// live members, and another takes over if it dies.
+    Swarm,
+}
+
+impl Workflow {
+    /// The name used in topology files and summaries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workflow::FedAvg => "fedavg",
+            Workflow::Cyclic(_) => "cyclic",
+            Workflow::Swarm => "swarm",
+        }
+    }
+}
+
 /// A parsed, checked topology.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -178,16 +239,21 @@ pub struct Topology {
     pub job: String,
     /// Members, in file order: (name, peer id and addresses when given).
     pub members: Vec<(String, Option<Member>)>,
-    /// The member that hosts the controller.
-    pub controller: String,
-    /// The members that train.
+    /// The member that hosts the controller (none in a swarm: every member takes turns).
+    pub controller: Option<String>,
+    /// The members that train (the controller's member too when it is listed).
     pub clients: Vec<String>,
-    /// FedAvg parameters.
+    /// The workflow.
+    pub workflow: Workflow,
+    /// Rounds to run.
     pub rounds: u32,
-    /// Fewest results a round may finish with.
+    /// Fewest results a round may finish with (cyclic: 1, a round needs one visit).
     pub min_clients: usize,
-    /// How long a round waits.
+    /// How long a round waits (cyclic: how long one member's turn may take).
     pub round_timeout: Duration,
+    /// Swarm fault injection (honoured by `sim`): the aggregator of this round drops off
+    /// the network right after sending its tasks, to show the failover.
+    pub crash_aggregator_in_round: Option<u32>,
     /// The learner.
     pub learner: LearnerSpec,
     /// The add-one initial model.
@@ -222,11 +288,13 @@ impl Topology {
         })?;
         let job_span = raw.job.span();
         let job = raw.job.into_inner();
-        if job.workflow.get_ref() != "fedavg" {
+        let workflow_at = job.workflow.span().start;
+        let kind = job.workflow.get_ref().as_str();
+        if !matches!(kind, "fedavg" | "cyclic" | "swarm") {
             return Err(fail(
-                job.workflow.span().start,
+                workflow_at,
                 "job.workflow",
-                format!("unknown workflow {:?} (known: \"fedavg\")", job.workflow.get_ref()),
+                format!("unknown workflow {kind:?} (known: \"fedavg\", \"cyclic\", \"swarm\")"),
             ));
         }
         let mut members = Vec::new();
@@ -267,14 +335,33 @@ impl Topology {
             ));
         }
         let known = |n: &str| members.iter().any(|(m, _)| m == n);
-        if !known(job.controller.get_ref()) {
-            return Err(fail(
-                job.controller.span().start,
-                "job.controller",
-                format!("{:?} is not a member", job.controller.get_ref()),
-            ));
-        }
-        let controller = job.controller.into_inner();
+        let controller = match (kind, job.controller) {
+            ("swarm", Some(c)) => {
+                return Err(fail(
+                    c.span().start,
+                    "job.controller",
+                    "a swarm has no controller: each round's aggregator is chosen among the live members".into(),
+                ));
+            }
+            ("swarm", None) => None,
+            (_, None) => {
+                return Err(fail(
+                    job_span.start,
+                    "job.controller",
+                    format!("workflow {kind:?} needs a controller member"),
+                ));
+            }
+            (_, Some(c)) => {
+                if !known(c.get_ref()) {
+                    return Err(fail(
+                        c.span().start,
+                        "job.controller",
+                        format!("{:?} is not a member", c.get_ref()),
+                    ));
+                }
+                Some(c.into_inner())
+            }
+        };
         let clients = match job.clients {
             Some(c) => {
                 for n in c.get_ref() {
@@ -282,48 +369,140 @@ impl Topology {
                         return Err(fail(c.span().start, "job.clients", format!("{n:?} is not a member")));
                     }
                 }
+                let mut seen = std::collections::HashSet::new();
+                if let Some(n) = c.get_ref().iter().find(|n| !seen.insert(n.as_str())) {
+                    return Err(fail(c.span().start, "job.clients", format!("{n:?} is listed twice")));
+                }
                 c.into_inner()
             }
             None => members
                 .iter()
                 .map(|(n, _)| n.clone())
-                .filter(|n| *n != controller)
+                .filter(|n| Some(n) != controller.as_ref())
                 .collect(),
         };
         if clients.is_empty() {
             return Err(fail(job_span.start, "job.clients", "no member trains".into()));
         }
-        let Some(fedavg) = raw.fedavg else {
-            return Err(fail(
-                job_span.start,
-                "fedavg",
-                "the fedavg workflow needs a [fedavg] table".into(),
-            ));
+        // Exactly the table of the chosen workflow.
+        for (table, at) in [
+            ("fedavg", raw.fedavg.as_ref().map(|t| t.span().start)),
+            ("cyclic", raw.cyclic.as_ref().map(|t| t.span().start)),
+            ("swarm", raw.swarm.as_ref().map(|t| t.span().start)),
+        ] {
+            if let Some(at) = at
+                && table != kind
+            {
+                return Err(fail(
+                    at,
+                    table,
+                    format!("a [{table}] table does not apply to workflow {kind:?}"),
+                ));
+            }
+        }
+        let check_rounds = |r: &Spanned<u32>, table: &str| {
+            if *r.get_ref() == 0 {
+                Err(fail(
+                    r.span().start,
+                    &format!("{table}.rounds"),
+                    "must be at least 1".into(),
+                ))
+            } else {
+                Ok(*r.get_ref())
+            }
         };
-        let fedavg = fedavg.into_inner();
-        if *fedavg.rounds.get_ref() == 0 {
-            return Err(fail(
-                fedavg.rounds.span().start,
-                "fedavg.rounds",
-                "must be at least 1".into(),
-            ));
-        }
-        let min = *fedavg.min_clients.get_ref();
-        if min == 0 || min > clients.len() {
-            return Err(fail(
-                fedavg.min_clients.span().start,
-                "fedavg.min_clients",
-                format!("{min} is not between 1 and the {} clients", clients.len()),
-            ));
-        }
-        let t = *fedavg.round_timeout_secs.get_ref();
-        if !(t.is_finite() && t > 0.0) {
-            return Err(fail(
-                fedavg.round_timeout_secs.span().start,
-                "fedavg.round_timeout_secs",
-                format!("{t} is not a positive number of seconds"),
-            ));
-        }
+        let check_timeout = |t: &Spanned<f64>, field: &str| {
+            let v = *t.get_ref();
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(fail(
+                    t.span().start,
+                    field,
+                    format!("{v} is not a positive number of seconds"),
+                ))
+            }
+        };
+        let check_min = |m: &Spanned<usize>, table: &str| {
+            let min = *m.get_ref();
+            if min == 0 || min > clients.len() {
+                Err(fail(
+                    m.span().start,
+                    &format!("{table}.min_clients"),
+                    format!("{min} is not between 1 and the {} clients", clients.len()),
+                ))
+            } else {
+                Ok(min)
+            }
+        };
+        let mut crash = None;
+        let (workflow, rounds, min_clients, round_timeout) = match kind {
+            "cyclic" => {
+                let Some(c) = raw.cyclic else {
+                    return Err(fail(
+                        job_span.start,
+                        "cyclic",
+                        "the cyclic workflow needs a [cyclic] table".into(),
+                    ));
+                };
+                let c = c.into_inner();
+                let rounds = check_rounds(&c.rounds, "cyclic")?;
+                let timeout = check_timeout(&c.task_timeout_secs, "cyclic.task_timeout_secs")?;
+                let order = match (c.order, c.shuffle_seed) {
+                    (Some(o), Some(_)) => {
+                        return Err(fail(
+                            o.span().start,
+                            "cyclic.order",
+                            "give either `order` or `shuffle_seed`, not both".into(),
+                        ));
+                    }
+                    (Some(o), None) => {
+                        let mut seen = std::collections::HashSet::new();
+                        for n in o.get_ref() {
+                            if !clients.contains(n) {
+                                return Err(fail(o.span().start, "cyclic.order", format!("{n:?} is not a client")));
+                            }
+                            if !seen.insert(n.clone()) {
+                                return Err(fail(o.span().start, "cyclic.order", format!("{n:?} is listed twice")));
+                            }
+                        }
+                        CyclicOrder::Fixed(o.into_inner())
+                    }
+                    (None, Some(seed)) => CyclicOrder::Shuffled(seed),
+                    (None, None) => CyclicOrder::Fixed(clients.clone()),
+                };
+                (Workflow::Cyclic(order), rounds, 1, timeout)
+            }
+            "swarm" => {
+                let Some(f) = raw.swarm else {
+                    return Err(fail(
+                        job_span.start,
+                        "swarm",
+                        "the swarm workflow needs a [swarm] table".into(),
+                    ));
+                };
+                let f = f.into_inner();
+                let rounds = check_rounds(&f.rounds, "swarm")?;
+                let min = check_min(&f.min_clients, "swarm")?;
+                let timeout = check_timeout(&f.round_timeout_secs, "swarm.round_timeout_secs")?;
+                crash = f.crash_aggregator_in_round;
+                (Workflow::Swarm, rounds, min, timeout)
+            }
+            _ => {
+                let Some(f) = raw.fedavg else {
+                    return Err(fail(
+                        job_span.start,
+                        "fedavg",
+                        "the fedavg workflow needs a [fedavg] table".into(),
+                    ));
+                };
+                let f = f.into_inner();
+                let rounds = check_rounds(&f.rounds, "fedavg")?;
+                let min = check_min(&f.min_clients, "fedavg")?;
+                let timeout = check_timeout(&f.round_timeout_secs, "fedavg.round_timeout_secs")?;
+                (Workflow::FedAvg, rounds, min, timeout)
+            }
+        };
         let l = raw.learner.into_inner();
         let learner = match l.kind.get_ref().as_str() {
             "add-one" => LearnerSpec::AddOne,
@@ -371,9 +550,11 @@ impl Topology {
             members,
             controller,
             clients,
-            rounds: *fedavg.rounds.get_ref(),
-            min_clients: min,
-            round_timeout: Duration::from_secs_f64(t),
+            workflow,
+            rounds,
+            min_clients,
+            round_timeout,
+            crash_aggregator_in_round: crash,
             learner,
             model,
             data,
@@ -384,10 +565,11 @@ impl Topology {
     /// `Join` so a member can tell that it runs the same job as its controller.
     pub fn spec_hash(&self) -> [u8; 32] {
         let spec = format!(
-            "{}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+            "{}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
             self.job,
             self.controller,
             self.clients,
+            self.workflow,
             self.rounds,
             self.min_clients,
             self.round_timeout,

@@ -130,6 +130,27 @@ pub enum Request {
     },
     /// Liveness probe within a job.
     Heartbeat,
+    /// A peer tells the job's members where the job stands: used where no fixed
+    /// controller keeps that state (swarm learning).
+    Progress(Progress),
+}
+
+/// Where a job without a fixed controller stands: `round` rounds are done and their model is
+/// `model`, held by `holders`.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    /// Rounds completed.
+    pub round: u32,
+    /// The model after them.
+    pub model: BlobRef,
+    /// Peers that hold it.
+    pub holders: Vec<PeerId>,
+    /// Who aggregated the last round.
+    pub aggregator: PeerId,
+    /// Members whose results went into the last round.
+    pub contributors: Vec<PeerId>,
+    /// The model's metrics (e.g. on a test set), if measured.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The answer to a [`CtlRequest`].
@@ -141,6 +162,10 @@ pub enum CtlResponse {
         job: JobId,
         /// blake3 of the job specification.
         spec_hash: [u8; 32],
+        /// Where the job stands, when the member answering keeps that (swarm learning): a
+        /// member that comes back picks up from there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<Box<Progress>>,
     },
     /// The task was taken.
     Accepted,
@@ -294,15 +319,41 @@ mod tests {
                 ),
             ".{0,16}".prop_map(|reason| Request::Abort { reason }),
             Just(Request::Heartbeat),
+            (
+                any::<u32>(),
+                blob_ref(),
+                any::<[u8; 32]>(),
+                proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..3)
+            )
+                .prop_map(|(round, model, seed, metrics)| Request::Progress(Progress {
+                    round,
+                    model,
+                    holders: vec![peer(seed)],
+                    aggregator: peer(seed),
+                    contributors: vec![peer(seed)],
+                    metrics
+                })),
         ];
         (".{0,16}", body).prop_map(|(job, body)| CtlRequest { job: JobId(job), body })
     }
 
     fn response() -> impl Strategy<Value = CtlResponse> {
         prop_oneof![
-            (".{0,8}", any::<[u8; 32]>()).prop_map(|(j, spec_hash)| CtlResponse::Welcome {
-                job: JobId(j),
-                spec_hash
+            (".{0,8}", any::<[u8; 32]>(), any::<bool>(), blob_ref()).prop_map(|(j, spec_hash, with, model)| {
+                CtlResponse::Welcome {
+                    job: JobId(j),
+                    spec_hash,
+                    progress: with.then(|| {
+                        Box::new(Progress {
+                            round: 3,
+                            model,
+                            holders: vec![peer(spec_hash)],
+                            aggregator: peer(spec_hash),
+                            contributors: vec![],
+                            metrics: BTreeMap::new(),
+                        })
+                    }),
+                }
             }),
             Just(CtlResponse::Accepted),
             ".{0,16}".prop_map(|reason| CtlResponse::Rejected { reason }),

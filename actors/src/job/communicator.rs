@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flare_protocols::BlobRef;
-use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Progress, Request};
 use flare_protocols::model::Model;
 use libp2p::PeerId;
 use tokio::sync::{Mutex, mpsc};
@@ -52,6 +52,28 @@ pub struct Pending {
     pub refused: Vec<(Member, String)>,
 }
 
+/// Where a relay ended: the last good model and who holds it, and each member's turn.
+#[derive(Debug)]
+pub struct RelayOutcome {
+    /// The last model produced (the input if no member produced one).
+    pub model: Option<BlobRef>,
+    /// The peer holding it.
+    pub holder: PeerId,
+    /// The members' results, in the order they ran.
+    pub visits: Vec<TaskOutcome>,
+    /// Members skipped, with why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Why a task that came back did not succeed, from its status and its `error` value.
+pub fn task_failure(o: &TaskOutcome) -> String {
+    match o.values.get("error") {
+        Some(flare_protocols::ctl::Value::Str(e)) => format!("task ended {:?}: {e}", o.status),
+        _ if o.status == super::TaskStatus::Ok => "task returned no model".into(),
+        _ => format!("task ended {:?}", o.status),
+    }
+}
+
 /// A workflow's view of the job's members.
 pub struct Communicator {
     node: Arc<Node>,
@@ -59,6 +81,8 @@ pub struct Communicator {
     members: Vec<Member>,
     results: Mutex<mpsc::UnboundedReceiver<TaskOutcome>>,
     joins: Mutex<mpsc::UnboundedReceiver<PeerId>>,
+    progress: Mutex<mpsc::UnboundedReceiver<(PeerId, Progress)>>,
+    state: Arc<std::sync::Mutex<Option<Progress>>>,
     next_task: AtomicU64,
     chunk_size: u32,
 }
@@ -75,6 +99,8 @@ impl Communicator {
             members,
             results: Mutex::new(inbox.outcomes),
             joins: Mutex::new(inbox.joins),
+            progress: Mutex::new(inbox.progress),
+            state: inbox.state,
             next_task: AtomicU64::new(1),
             chunk_size,
         }
@@ -93,6 +119,11 @@ impl Communicator {
     /// The node this controller runs on.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// The member name of `peer` (its peer id when it is not a member), for logs and reports.
+    pub fn name_of(&self, peer: &PeerId) -> String {
+        self.member(peer).name
     }
 
     fn member(&self, peer: &PeerId) -> Member {
@@ -193,6 +224,49 @@ impl Communicator {
             })
     }
 
+    /// Hands a model along `order`: each member gets `task` with the previous member's output
+    /// as input, pulled straight from that member (the first pulls `input` from
+    /// `input_from`). A member that refuses, fails or takes longer than `timeout` is skipped
+    /// (the next one starts from the last good model) and listed in the outcome.
+    pub async fn relay_and_wait(
+        &self,
+        task: &Task,
+        order: &[PeerId],
+        timeout: Duration,
+    ) -> Result<RelayOutcome, CommError> {
+        let mut step = task.clone();
+        let mut out = RelayOutcome {
+            model: task.input,
+            holder: task.input_from.first().copied().unwrap_or_else(|| self.node.peer_id()),
+            visits: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for &peer in order {
+            step.input = out.model;
+            step.input_from = vec![out.holder];
+            match self.send_and_wait(&step, peer, timeout).await {
+                Ok(o) if o.status == super::TaskStatus::Ok && (o.output.is_some() || task.input.is_none()) => {
+                    if let Some(model) = o.output {
+                        out.model = Some(model);
+                        out.holder = peer;
+                    }
+                    out.visits.push(o);
+                }
+                Ok(o) => {
+                    let why = task_failure(&o);
+                    tracing::warn!(job = %self.job, member = %o.member, %why, "skipped");
+                    out.skipped.push((o.member, why));
+                }
+                Err(CommError::Task { member, reason }) => {
+                    tracing::warn!(job = %self.job, %member, %reason, "skipped");
+                    out.skipped.push((member, reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// Waits until every peer of `expected` has joined, or `timeout` has passed; returns
     /// those that joined, in the order of `expected`.
     pub async fn wait_for_joins(&self, expected: &[PeerId], timeout: Duration) -> Vec<PeerId> {
@@ -208,6 +282,67 @@ impl Communicator {
             }
         }
         expected.iter().copied().filter(|p| joined.contains(p)).collect()
+    }
+
+    /// Records where the job stands, as this member sees it: members that join are told.
+    pub fn set_progress(&self, p: Progress) {
+        *crate::lock(&self.state) = Some(p);
+    }
+
+    /// Tells `targets` where the job stands; returns those that could not be told, with why.
+    pub async fn announce(&self, targets: &[PeerId], p: &Progress) -> Vec<(PeerId, String)> {
+        let sends = targets.iter().map(|&peer| {
+            let req = CtlRequest {
+                job: self.job.clone(),
+                body: Request::Progress(p.clone()),
+            };
+            async move { (peer, self.node.net().request(peer, req).await) }
+        });
+        let mut failed = Vec::new();
+        for (peer, r) in futures::future::join_all(sends).await {
+            match r {
+                Ok(CtlResponse::Ack) => {}
+                Ok(other) => failed.push((peer, format!("answered {other:?}"))),
+                Err(e) => failed.push((peer, e.to_string())),
+            }
+        }
+        failed
+    }
+
+    /// The next progress another member announced, before `deadline`.
+    pub async fn next_progress(&self, deadline: Instant) -> Option<(PeerId, Progress)> {
+        let mut rx = self.progress.lock().await;
+        tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+    }
+
+    /// Asks `peer` to admit this member to the job; returns where the job stands by its
+    /// account (`Ok(None)`: it keeps no progress), or why it did not answer `Welcome`.
+    pub async fn join(&self, peer: PeerId, member: &str, spec_hash: [u8; 32]) -> Result<Option<Progress>, String> {
+        let req = CtlRequest {
+            job: self.job.clone(),
+            body: Request::Join {
+                member: member.to_owned(),
+            },
+        };
+        match self.node.net().request(peer, req).await {
+            Ok(CtlResponse::Welcome {
+                spec_hash: theirs,
+                progress,
+                ..
+            }) if theirs == spec_hash => Ok(progress.map(|p| *p)),
+            Ok(CtlResponse::Welcome { .. }) => Err("runs a different specification of the job".into()),
+            Ok(other) => Err(format!("answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Whether `peer` answers a heartbeat for this job.
+    pub async fn is_alive(&self, peer: PeerId) -> bool {
+        let req = CtlRequest {
+            job: self.job.clone(),
+            body: Request::Heartbeat,
+        };
+        matches!(self.node.net().request(peer, req).await, Ok(CtlResponse::Ack))
     }
 
     /// Tells `targets` the job is over (best effort: an unreachable member is only logged).
@@ -226,6 +361,22 @@ impl Communicator {
                 tracing::debug!(job = %self.job, %peer, error = %e, "could not tell a member the job ended");
             }
         }
+    }
+
+    /// Pulls a model from `from` (unless held already) and reads it into memory.
+    pub async fn pull_model(&self, blob: BlobRef, from: &[PeerId]) -> Result<Model, CommError> {
+        self.node.fetch(blob, from, &FetchOptions::default()).await?;
+        let store = self.node.store().clone();
+        let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: "<pull>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        Model::from_safetensors_vec(bytes).map_err(|e| CommError::Task {
+            member: from.first().map_or_else(String::new, |p| self.member(p).name),
+            reason: format!("its model: {e}"),
+        })
     }
 
     /// Pulls an executor's output model into the local store.

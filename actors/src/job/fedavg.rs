@@ -150,7 +150,7 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     let mut reports = Vec::new();
     for round in 0..cfg.rounds {
         let started = Instant::now();
-        let (model, mut report) = one_round(comm, cfg, blob, layout.clone(), round).await?;
+        let (model, mut report) = one_round(comm, cfg, blob, &[], layout.clone(), round, None).await?;
         blob = comm.publish(Arc::new(model)).await?;
         // A round's time covers publishing its result (what the next round starts from).
         report.secs = started.elapsed().as_secs_f64();
@@ -178,12 +178,17 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     })
 }
 
-async fn one_round(
+/// One round: send `blob` (pulled from `input_from`, or from this node when empty) to the
+/// clients, fold their results as they stream in, and return the new model. `sent` is
+/// notified once the tasks are out.
+pub(crate) async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
     blob: BlobRef,
+    input_from: &[PeerId],
     layout: Layout,
     round: u32,
+    sent: Option<&tokio::sync::Notify>,
 ) -> Result<(Model, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
@@ -192,10 +197,13 @@ async fn one_round(
         name: "train".into(),
         round,
         input: Some(blob),
-        input_from: vec![],
+        input_from: input_from.to_vec(),
         props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
     };
     let mut pending = comm.broadcast(&task, &cfg.clients).await;
+    if let Some(n) = sent {
+        n.notify_one();
+    }
     let mut missing: Vec<(String, String)> = std::mem::take(&mut pending.refused)
         .into_iter()
         .map(|(m, why)| (m.name, why))
@@ -207,7 +215,7 @@ async fn one_round(
             r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
                 Some(o) => match (o.status, o.output) {
                     (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob)),
-                    (status, _) => missing.push((o.member, format!("task ended {status:?}"))),
+                    _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
                 },
                 None => {
                     for (_, m) in pending.waiting.drain() {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use flare_protocols::ctl::{CtlResponse, JobId, Request};
+use flare_protocols::ctl::{CtlResponse, JobId, Progress, Request};
 use libp2p::PeerId;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
@@ -23,11 +23,17 @@ pub(crate) struct ControllerInbox {
     pub outcomes: mpsc::UnboundedReceiver<TaskOutcome>,
     /// Members that joined (sent `Join`).
     pub joins: mpsc::UnboundedReceiver<PeerId>,
+    /// Progress announced by other members (jobs without a fixed controller).
+    pub progress: mpsc::UnboundedReceiver<(PeerId, Progress)>,
+    /// Where this member says the job stands, told to members that join.
+    pub state: Arc<Mutex<Option<Progress>>>,
 }
 
 struct ControllerRoute {
     outcomes: mpsc::UnboundedSender<TaskOutcome>,
     joins: mpsc::UnboundedSender<PeerId>,
+    progress: mpsc::UnboundedSender<(PeerId, Progress)>,
+    state: Arc<Mutex<Option<Progress>>>,
     spec_hash: [u8; 32],
 }
 
@@ -116,15 +122,24 @@ impl JobHost {
     pub(crate) fn host_controller(&self, job: JobId, spec_hash: [u8; 32]) -> ControllerInbox {
         let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
         let (joins_tx, joins) = mpsc::unbounded_channel();
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let state: Arc<Mutex<Option<Progress>>> = Arc::default();
         lock(&self.routes).controllers.insert(
             job,
             ControllerRoute {
                 outcomes: outcomes_tx,
                 joins: joins_tx,
+                progress: progress_tx,
+                state: state.clone(),
                 spec_hash,
             },
         );
-        ControllerInbox { outcomes, joins }
+        ControllerInbox {
+            outcomes,
+            joins,
+            progress,
+            state,
+        }
     }
 
     /// Leaves `job`: its executor stops and its results are no longer taken.
@@ -219,6 +234,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                 CtlResponse::Welcome {
                     job,
                     spec_hash: c.spec_hash,
+                    progress: lock(&c.state).clone().map(Box::new),
                 }
             }
             None => not_joined(&job),
@@ -235,6 +251,13 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             Some(_) => CtlResponse::Rejected {
                 reason: format!("{peer} is not the controller of job {job}"),
             },
+            None => not_joined(&job),
+        },
+        Request::Progress(p) => match r.controllers.get(&job) {
+            Some(c) => {
+                let _ = c.progress.send((peer, p));
+                CtlResponse::Ack
+            }
             None => not_joined(&job),
         },
         Request::Heartbeat => {

@@ -6,11 +6,15 @@
 //! - [`communicator`]: the only way a workflow talks to peers.
 //! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
+//! - [`cyclic`]: cyclic weight transfer, the model handed from member to member.
+//! - [`swarm`]: swarm learning, a rotating aggregator with failover.
 
 pub mod communicator;
+pub mod cyclic;
 pub mod executor;
 pub mod fedavg;
 pub mod host;
+pub mod swarm;
 
 use std::collections::BTreeMap;
 
@@ -18,7 +22,7 @@ use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
-pub use communicator::{CommError, Communicator};
+pub use communicator::{CommError, Communicator, RelayOutcome};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;

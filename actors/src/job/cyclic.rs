@@ -1,0 +1,147 @@
+//! Cyclic weight transfer: each round the model visits the clients one after another, each
+//! training it and handing it to the next *directly* (the next member pulls it from the
+//! previous one; the controller only sends tasks and, when it measures rounds, pulls a copy).
+//!
+//! A member that refuses, fails or exceeds the task timeout is skipped: the next member starts
+//! from the last good model, and the round's report names the skipped member and why.
+//! Known limit: if the member holding the latest model dies before the next one pulls it,
+//! the next pull fails too and is skipped in turn, until the round ends; the job then fails
+//! if the model cannot be reached.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_protocols::ctl::Value;
+use flare_protocols::model::Model;
+use libp2p::PeerId;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::Task;
+use super::communicator::{CommError, Communicator};
+use super::fedavg::Evaluator;
+
+/// Parameters of a cyclic job.
+#[derive(Clone)]
+pub struct CyclicConfig {
+    /// Rounds to run (each visits every client once).
+    pub rounds: u32,
+    /// The clients, in visiting order.
+    pub order: Vec<PeerId>,
+    /// Shuffle the order afresh each round with this seed (and the round number).
+    pub shuffle_seed: Option<u64>,
+    /// How long one member's turn may take before it is skipped.
+    pub task_timeout: Duration,
+    /// Measures the model after each round (pulls a copy to the controller).
+    pub evaluate: Option<Evaluator>,
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CyclicRound {
+    /// Round number, from 0.
+    pub round: u32,
+    /// Members that trained the model, in order.
+    pub visited: Vec<String>,
+    /// Members skipped, with why.
+    pub skipped: Vec<(String, String)>,
+    /// Wall-clock seconds of the round.
+    pub secs: f64,
+    /// The round's model's metrics, from [`CyclicConfig::evaluate`].
+    pub global: BTreeMap<String, f64>,
+}
+
+/// The end of a cyclic job.
+#[derive(Clone, Debug)]
+pub struct CyclicOutcome {
+    /// The final model.
+    pub model: Model,
+    /// One report per round.
+    pub rounds: Vec<CyclicRound>,
+}
+
+/// Why a cyclic job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CyclicError {
+    /// The configuration cannot work.
+    #[error("bad cyclic configuration: {0}")]
+    Config(String),
+    /// Publishing or pulling failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The model could not be measured.
+    #[error("evaluating the model: {0}")]
+    Evaluate(String),
+}
+
+/// The visiting order of `round`.
+pub fn round_order(cfg: &CyclicConfig, round: u32) -> Vec<PeerId> {
+    let mut order = cfg.order.clone();
+    if let Some(seed) = cfg.shuffle_seed {
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            seed ^ u64::from(round).wrapping_mul(0x9e37_79b9),
+        ));
+    }
+    order
+}
+
+/// Runs cyclic weight transfer from `initial` for `cfg.rounds` rounds.
+pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Result<CyclicOutcome, CyclicError> {
+    if cfg.order.is_empty() {
+        return Err(CyclicError::Config("no member to visit".into()));
+    }
+    let me = comm.node().peer_id();
+    let mut blob = comm.publish(Arc::new(initial)).await?;
+    let mut holder = me;
+    let mut reports = Vec::new();
+    for round in 0..cfg.rounds {
+        let started = Instant::now();
+        let order = round_order(cfg, round);
+        let task = Task {
+            name: "train".into(),
+            round,
+            input: Some(blob),
+            input_from: vec![holder],
+            props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
+        };
+        let relay = comm.relay_and_wait(&task, &order, cfg.task_timeout).await?;
+        if let Some(b) = relay.model {
+            blob = b;
+            holder = relay.holder;
+        }
+        let global = match &cfg.evaluate {
+            Some(f) => {
+                let model = comm.pull_model(blob, &[holder]).await?;
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f(&model))
+                    .await
+                    .map_err(|e| CyclicError::Evaluate(e.to_string()))?
+                    .map_err(CyclicError::Evaluate)?
+            }
+            None => BTreeMap::new(),
+        };
+        let report = CyclicRound {
+            round,
+            visited: relay.visits.into_iter().map(|o| o.member).collect(),
+            skipped: relay.skipped,
+            secs: started.elapsed().as_secs_f64(),
+            global,
+        };
+        tracing::info!(
+            job = %comm.job(),
+            round,
+            visited = ?report.visited,
+            skipped = report.skipped.len(),
+            secs = report.secs,
+            global = ?report.global,
+            "round done"
+        );
+        reports.push(report);
+    }
+    let model = comm.pull_model(blob, &[holder]).await?;
+    Ok(CyclicOutcome { model, rounds: reports })
+}

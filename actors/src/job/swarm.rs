@@ -1,0 +1,354 @@
+//! Swarm learning: no fixed controller. Every member trains, and each round one of them
+//! aggregates; every member runs this same loop.
+//!
+//! **Who aggregates round r**: the first member, in the job's member order rotated to start
+//! at `r mod n`, that answers a heartbeat. Every member applies the same rule, so all agree
+//! without a vote, and the work moves round the members.
+//!
+//! **A round**: the aggregator pulls the current model (from whoever holds it), sends the
+//! train task to every member that answers, folds the results as they stream in (as FedAvg
+//! does), stores the new model and announces it ([`Progress`]); members pull it peer to
+//! peer when their next task names it.
+//!
+//! **Failover**: members waiting for round r watch its aggregator with heartbeats; when it
+//! misses [`MISSES`] in a row they apply the rule again, and the member it now names runs
+//! round r afresh from the last announced model. Results sent to the dead aggregator are
+//! lost with it, so the round's model is the weighted mean of the results the successor
+//! collects (for add-one: still exactly the previous model plus one).
+//!
+//! **Coming back**: a member that (re)starts asks the others where the job stands
+//! ([`Communicator::join`]) and picks up at the current round; since aggregators send tasks
+//! to every member that answers, it trains again from the next broadcast.
+//!
+//! **The end**: the last round's aggregator announces the final model and stays until every
+//! member it told has pulled it (or a round timeout passes).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_protocols::ctl::Progress;
+use flare_protocols::model::Model;
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::communicator::{CommError, Communicator};
+use super::fedavg::{self, Evaluator, FedAvgConfig, FedAvgError};
+use crate::blob::FetchOptions;
+
+/// Missed heartbeats after which a member treats an aggregator as gone.
+pub const MISSES: u32 = 2;
+
+/// Parameters of a swarm job, the same on every member.
+#[derive(Clone)]
+pub struct SwarmConfig {
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Fewest results a round may finish with.
+    pub min_clients: usize,
+    /// How long a round waits for results.
+    pub round_timeout: Duration,
+    /// Every member, in the job's order (the rotation).
+    pub members: Vec<PeerId>,
+    /// This member's name.
+    pub name: String,
+    /// Hash of the job's specification, checked when members join each other.
+    pub spec_hash: [u8; 32],
+    /// How often a waiting member checks that the aggregator is alive.
+    pub heartbeat: Duration,
+    /// Measures each new model (the aggregator runs it and announces the metrics).
+    pub evaluate: Option<Evaluator>,
+    /// Fault injection for demonstrations and tests: if this member is the first choice to
+    /// aggregate this round, it drops off the network right after sending the round's
+    /// tasks, like a crash (its successor then runs the round normally).
+    pub crash_in_round: Option<u32>,
+}
+
+/// One round, as this member saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwarmRound {
+    /// Round number, from 0.
+    pub round: u32,
+    /// The member that aggregated it.
+    pub aggregator: PeerId,
+    /// Members whose results it averaged.
+    pub contributors: Vec<PeerId>,
+    /// Aggregators found dead during this round, each with its successor.
+    pub failovers: Vec<(PeerId, PeerId)>,
+    /// Seconds from this member starting the round to it learning the result.
+    pub secs: f64,
+    /// The new model's metrics.
+    pub global: BTreeMap<String, f64>,
+}
+
+/// The end of a swarm job on one member.
+#[derive(Clone, Debug)]
+pub struct SwarmOutcome {
+    /// The final model (the same on every member).
+    pub model: Model,
+    /// The rounds this member saw completed (a member that came back misses some).
+    pub rounds: Vec<SwarmRound>,
+}
+
+/// Why a member's swarm job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    /// The configuration cannot work.
+    #[error("bad swarm configuration: {0}")]
+    Config(String),
+    /// No member answered: nobody can aggregate.
+    #[error("round {0}: no member is alive to aggregate")]
+    NoAggregator(u32),
+    /// Communicating failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// A round this member aggregated failed.
+    #[error(transparent)]
+    Round(#[from] FedAvgError),
+    /// Fault injection: this member played a crash.
+    #[error("round {0}: crashed on purpose (fault injection)")]
+    Crashed(u32),
+}
+
+/// The aggregator of `round` by the rule in the module doc, probing from the rotation start.
+async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Result<PeerId, SwarmError> {
+    let n = cfg.members.len();
+    let me = comm.node().peer_id();
+    for k in 0..n {
+        let peer = cfg.members[(round as usize + k) % n];
+        if peer == me || comm.is_alive(peer).await {
+            return Ok(peer);
+        }
+    }
+    Err(SwarmError::NoAggregator(round))
+}
+
+/// Runs this member's part of a swarm job from `initial` (the same model on every member).
+pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Result<SwarmOutcome, SwarmError> {
+    let me = comm.node().peer_id();
+    if !cfg.members.contains(&me) {
+        return Err(SwarmError::Config("this node is not a member of the job".into()));
+    }
+    if cfg.min_clients == 0 || cfg.min_clients > cfg.members.len() {
+        return Err(SwarmError::Config(format!(
+            "min_clients is {} with {} members",
+            cfg.min_clients,
+            cfg.members.len()
+        )));
+    }
+    let layout = initial.layout();
+    let start = comm.publish(Arc::new(initial)).await?;
+    let mut state = Progress {
+        round: 0,
+        model: start,
+        holders: vec![me],
+        aggregator: me,
+        contributors: vec![],
+        metrics: BTreeMap::new(),
+    };
+    // Meet the others (bounded by a round timeout); a member that comes back learns the
+    // current round from them.
+    let others: Vec<PeerId> = cfg.members.iter().copied().filter(|p| *p != me).collect();
+    let deadline = Instant::now() + cfg.round_timeout;
+    let mut met = HashSet::new();
+    while met.len() < others.len() && Instant::now() < deadline {
+        let unmet: Vec<PeerId> = others.iter().copied().filter(|p| !met.contains(p)).collect();
+        for peer in unmet {
+            match comm.join(peer, &cfg.name, cfg.spec_hash).await {
+                Ok(progress) => {
+                    met.insert(peer);
+                    if let Some(p) = progress.filter(|p| p.round > state.round) {
+                        tracing::info!(job = %comm.job(), round = p.round, from = %peer, "picking up where the job stands");
+                        state = p;
+                    }
+                }
+                Err(e) => tracing::debug!(job = %comm.job(), %peer, error = %e, "member not there yet"),
+            }
+        }
+        if met.len() < others.len() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    comm.set_progress(state.clone());
+    let mut reports = Vec::new();
+    let mut failovers = Vec::new();
+    let mut round_started = Instant::now();
+    while state.round < cfg.rounds {
+        let round = state.round;
+        let agg = aggregator(comm, cfg, round).await?;
+        if agg == me {
+            let (next, report) = aggregate(comm, cfg, &state, layout.clone()).await?;
+            state = next;
+            comm.set_progress(state.clone());
+            let targets: Vec<PeerId> = others.clone();
+            let failed = comm.announce(&targets, &state).await;
+            for (peer, why) in &failed {
+                tracing::debug!(job = %comm.job(), round, %peer, %why, "could not announce the round");
+            }
+            reports.push(SwarmRound {
+                failovers: std::mem::take(&mut failovers),
+                secs: round_started.elapsed().as_secs_f64(),
+                ..report
+            });
+            round_started = Instant::now();
+            if state.round == cfg.rounds {
+                let told: Vec<PeerId> = targets
+                    .into_iter()
+                    .filter(|p| !failed.iter().any(|(f, _)| f == p))
+                    .collect();
+                wait_for_pulls(comm, cfg, &told).await;
+            }
+            continue;
+        }
+        // Wait for round `round`'s result, watching its aggregator.
+        let mut misses = 0;
+        loop {
+            match comm.next_progress(Instant::now() + cfg.heartbeat).await {
+                Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
+                    tracing::info!(
+                        job = %comm.job(),
+                        round = p.round - 1,
+                        aggregator = %comm.name_of(&p.aggregator),
+                        from = %comm.name_of(&from),
+                        "round announced"
+                    );
+                    reports.push(SwarmRound {
+                        round: p.round - 1,
+                        aggregator: p.aggregator,
+                        contributors: p.contributors.clone(),
+                        failovers: std::mem::take(&mut failovers),
+                        secs: round_started.elapsed().as_secs_f64(),
+                        global: p.metrics.clone(),
+                    });
+                    round_started = Instant::now();
+                    state = p;
+                    comm.set_progress(state.clone());
+                    break;
+                }
+                Some(_) => continue,
+                None => {
+                    if comm.is_alive(agg).await {
+                        misses = 0;
+                        continue;
+                    }
+                    misses += 1;
+                    if misses >= MISSES {
+                        let successor = aggregator(comm, cfg, round).await?;
+                        tracing::warn!(
+                            job = %comm.job(),
+                            round,
+                            dead = %comm.name_of(&agg),
+                            successor = %comm.name_of(&successor),
+                            "aggregator is gone; its successor takes over the round"
+                        );
+                        failovers.push((agg, successor));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    // Everyone ends with the final model; tell its holder we have it.
+    let holders = state.holders.clone();
+    let model = comm.pull_model(state.model, &holders).await?;
+    if !holders.contains(&me) {
+        let mut got = state.clone();
+        got.holders = vec![me];
+        comm.announce(&holders, &got).await;
+    }
+    Ok(SwarmOutcome { model, rounds: reports })
+}
+
+/// Runs round `state.round` as its aggregator; returns the new progress and the round.
+async fn aggregate(
+    comm: &Communicator,
+    cfg: &SwarmConfig,
+    state: &Progress,
+    layout: flare_protocols::model::Layout,
+) -> Result<(Progress, SwarmRound), SwarmError> {
+    let me = comm.node().peer_id();
+    let round = state.round;
+    tracing::info!(job = %comm.job(), round, "aggregating this round");
+    // Hold the round's input first, so members can pull it from here too.
+    comm.node()
+        .fetch(state.model, &state.holders, &FetchOptions::default())
+        .await
+        .map_err(CommError::from)?;
+    let mut input_from = vec![me];
+    input_from.extend(state.holders.iter().copied().filter(|p| *p != me));
+    let fcfg = FedAvgConfig {
+        rounds: cfg.rounds,
+        min_clients: cfg.min_clients,
+        round_timeout: cfg.round_timeout,
+        clients: cfg.members.clone(),
+        checkpoint_dir: None,
+        evaluate: cfg.evaluate.clone(),
+    };
+    let sent = tokio::sync::Notify::new();
+    let work = fedavg::one_round(comm, &fcfg, state.model, &input_from, layout, round, Some(&sent));
+    let first_choice = cfg.members.get(round as usize % cfg.members.len().max(1)) == Some(&me);
+    let (model, report) = match cfg.crash_in_round {
+        Some(r) if r == round && first_choice => {
+            tokio::select! {
+                r = work => r?,
+                _ = sent.notified() => {
+                    tracing::warn!(job = %comm.job(), round, "fault injection: this aggregator crashes now");
+                    comm.node().net().shutdown();
+                    return Err(SwarmError::Crashed(round));
+                }
+            }
+        }
+        _ => work.await?,
+    };
+    let blob = comm.publish(Arc::new(model)).await?;
+    let contributors: Vec<PeerId> = cfg
+        .members
+        .iter()
+        .copied()
+        .filter(|p| {
+            comm.peers()
+                .iter()
+                .any(|m| m.peer_id == *p && report.contributors.contains(&m.name))
+        })
+        .collect();
+    let next = Progress {
+        round: round + 1,
+        model: blob,
+        holders: vec![me],
+        aggregator: me,
+        contributors: contributors.clone(),
+        metrics: report.global.clone(),
+    };
+    tracing::info!(job = %comm.job(), round, contributors = report.contributors.len(), global = ?report.global, "round aggregated");
+    Ok((
+        next,
+        SwarmRound {
+            round,
+            aggregator: me,
+            contributors,
+            failovers: vec![],
+            secs: 0.0,
+            global: report.global,
+        },
+    ))
+}
+
+/// The last aggregator stays until every member it told has pulled the final model (each
+/// says so with a [`Progress`] naming itself a holder), or a round timeout passes.
+async fn wait_for_pulls(comm: &Communicator, cfg: &SwarmConfig, told: &[PeerId]) {
+    let mut waiting: HashSet<PeerId> = told.iter().copied().collect();
+    let deadline = Instant::now() + cfg.round_timeout;
+    while !waiting.is_empty() {
+        match comm.next_progress(deadline).await {
+            Some((from, p)) if p.round == cfg.rounds && p.holders.contains(&from) => {
+                waiting.remove(&from);
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(job = %comm.job(), missing = waiting.len(), "members did not confirm the final model");
+                return;
+            }
+        }
+    }
+}
