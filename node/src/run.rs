@@ -136,7 +136,7 @@ async fn member_of_job(
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
     let job = JobId(topo.job.clone());
     let Some(controller_name) = topo.controller.clone() else {
-        bail!("swarm jobs are not wired into run yet");
+        return swarm_member(node, &host, &topo, &setup, name, data_dir, json).await;
     };
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
@@ -195,6 +195,42 @@ async fn member_of_job(
     let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
     tracing::info!(%reason, "job over");
     Ok(())
+}
+
+/// This member's part of a swarm job: the same loop as every other member; each member
+/// writes the final model and its view of the rounds to its data dir.
+async fn swarm_member(
+    node: &Arc<Node>,
+    host: &JobHost,
+    topo: &Topology,
+    setup: &crate::job::Setup,
+    name: &str,
+    data_dir: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let table = topo.member_table()?;
+    // The rotation follows the topology's member order.
+    let members: Vec<flare_actors::Member> = topo
+        .members
+        .iter()
+        .map(|(n, _)| table.by_name(n).cloned().context("member vanished"))
+        .collect::<Result<_, _>>()?;
+    let job = JobId(topo.job.clone());
+    host.join_as_executor(job.clone(), None, name, setup.learner(topo, name)?)
+        .await
+        .context("starting the executor")?;
+    let comm = Communicator::new(host, job.clone(), members.clone(), DEFAULT_CHUNK_SIZE, topo.spec_hash());
+    let cfg = crate::job::swarm_config(topo, setup, &members, name);
+    let started = std::time::Instant::now();
+    let outcome = flare_actors::job::swarm::run(&comm, &cfg, setup.initial_model(topo)?).await;
+    host.leave(&job);
+    let outcome = crate::job::swarm_outcome(outcome?, &members);
+    let mut summary = crate::job::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
+    summary["reporter"] = serde_json::json!(name);
+    summary["bytes_sent_per_member"] =
+        serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
+    crate::job::write_outputs(data_dir, &outcome, &summary)?;
+    crate::job::report(&summary, json)
 }
 
 /// Asks the controller to admit this member, until it answers (bounded by [`JOIN_FOR`]).
