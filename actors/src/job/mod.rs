@@ -11,6 +11,7 @@ pub mod communicator;
 pub mod executor;
 pub mod fedavg;
 pub mod host;
+pub mod split;
 
 use std::collections::BTreeMap;
 

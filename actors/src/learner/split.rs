@@ -63,7 +63,11 @@ impl SplitSpec {
             return bad(format!("learning rate {} must be finite and positive", self.lr));
         }
         if self.batch_size == 0 || self.batch_size > wire::MAX_ROWS {
-            return bad(format!("batch size {} is not in 1..={}", self.batch_size, wire::MAX_ROWS));
+            return bad(format!(
+                "batch size {} is not in 1..={}",
+                self.batch_size,
+                wire::MAX_ROWS
+            ));
         }
         Ok(())
     }

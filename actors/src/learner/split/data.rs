@@ -98,7 +98,9 @@ impl VerticalDigits {
 }
 
 fn band(data: &Dataset, party: usize, parties: usize) -> PartyFeatures {
-    let pixels: Vec<usize> = (0..DIGITS_DIM).filter(|&i| (i % SIDE) * parties / SIDE == party).collect();
+    let pixels: Vec<usize> = (0..DIGITS_DIM)
+        .filter(|&i| (i % SIDE) * parties / SIDE == party)
+        .collect();
     let features = data
         .features()
         .chunks_exact(DIGITS_DIM)

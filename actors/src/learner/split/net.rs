@@ -126,7 +126,11 @@ impl Stack {
             let x = &outs[l];
             let mut z = vec![0.0f32; rows * layer.outputs];
             for (xi, zi) in x.chunks_exact(layer.inputs).zip(z.chunks_exact_mut(layer.outputs)) {
-                for ((zo, w), b) in zi.iter_mut().zip(layer.weight.chunks_exact(layer.inputs)).zip(&layer.bias) {
+                for ((zo, w), b) in zi
+                    .iter_mut()
+                    .zip(layer.weight.chunks_exact(layer.inputs))
+                    .zip(&layer.bias)
+                {
                     let v = b + dot(xi, w);
                     *zo = if relu { v.max(0.0) } else { v };
                 }
@@ -161,7 +165,10 @@ impl Stack {
                 }
             }
             let mut back = vec![0.0f32; rows * layer.inputs];
-            for (bi, di) in back.chunks_exact_mut(layer.inputs).zip(delta.chunks_exact(layer.outputs)) {
+            for (bi, di) in back
+                .chunks_exact_mut(layer.inputs)
+                .zip(delta.chunks_exact(layer.outputs))
+            {
                 for (w, &d) in layer.weight.chunks_exact(layer.inputs).zip(di) {
                     if d != 0.0 {
                         axpy(bi, d, w);
@@ -223,7 +230,11 @@ pub fn softmax_xent(logits: &[f32], labels: &[u8], classes: usize) -> (f64, usiz
     let scale = 1.0 / rows.max(1) as f32;
     let mut grad = vec![0.0f32; logits.len()];
     let (mut loss, mut correct) = (0.0f64, 0);
-    for ((z, g), &y) in logits.chunks_exact(classes).zip(grad.chunks_exact_mut(classes)).zip(labels) {
+    for ((z, g), &y) in logits
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
         let y = usize::from(y);
         let (mut best, mut max) = (0, f32::NEG_INFINITY);
         for (c, &v) in z.iter().enumerate() {

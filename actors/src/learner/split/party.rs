@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use flare_protocols::ctl::Value;
 use flare_protocols::model::Model;
 
+use super::SplitSpec;
 use super::data::PartyFeatures;
 use super::net::{Stack, Trace};
 use super::wire;
-use super::SplitSpec;
 use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::learner::LearnerError;
 use crate::learner::digits::model_of;
@@ -54,7 +54,10 @@ impl SplitDataParty {
         let inline_max = wire::int_prop(&ctx.props, wire::INLINE_MAX).map_or(wire::DEFAULT_INLINE_MAX, |v| {
             usize::try_from(v).unwrap_or(usize::MAX).min(wire::MAX_INLINE)
         });
-        let x = self.features.rows(&ids).ok_or("a row id is past the end of this party's data")?;
+        let x = self
+            .features
+            .rows(&ids)
+            .ok_or("a row id is past the end of this party's data")?;
         let trace = self.bottom.forward(x).map_err(|e| e.to_string())?;
         let (rows, width) = (trace.rows(), self.bottom.outputs());
         let mut reply = TaskReply::default();
@@ -79,7 +82,10 @@ impl SplitDataParty {
         };
         let pending = self.pending.take().ok_or("backward without a training forward")?;
         if pending.step != step {
-            return Err(format!("gradient for step {step}, the last training forward was step {}", pending.step));
+            return Err(format!(
+                "gradient for step {step}, the last training forward was step {}",
+                pending.step
+            ));
         }
         let (rows, width) = (pending.trace.rows(), self.bottom.outputs());
         let grad = match (&input, ctx.props.get(wire::GRADIENT)) {

@@ -82,7 +82,11 @@ fn same_weights(net: &CentralSplit, mlp: &Mlp, data: &VerticalDigits, spec: &Spl
     let got = mlp.params();
     for (e, g) in expected.iter().zip(&got) {
         assert_eq!(e.name, g.name);
-        let l: usize = e.name["layers.".len()..].split('.').next().and_then(|s| s.parse().ok()).expect("l");
+        let l: usize = e.name["layers.".len()..]
+            .split('.')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("l");
         for (k, (&ev, &gv)) in e.values.iter().zip(&g.values).enumerate() {
             // Off-block weights of a bottom layer are not part of the split network.
             let off_block = l < spec.bottom.len() && e.name.ends_with("weight") && ev == 0.0;
@@ -114,7 +118,10 @@ fn split_network_forward_and_sgd_step_equal_the_joined_mlp() {
         same_weights(&net, &mlp, &data, &spec).expect("same weights after one step");
         // The comparison can fail: one more step on the split side alone is caught.
         net.train_batch(&data, &ids, spec.lr).expect("step");
-        assert!(same_weights(&net, &mlp, &data, &spec).is_err(), "a second step went unnoticed");
+        assert!(
+            same_weights(&net, &mlp, &data, &spec).is_err(),
+            "a second step went unnoticed"
+        );
     }
 }
 
@@ -229,7 +236,11 @@ fn the_data_party_refuses_bad_steps() {
         assert!(e.contains(why), "{e}");
         assert_eq!(party.bottom(), &before, "a refused gradient changes nothing");
     }
-    assert!(party.train(flare_protocols::model::Model::new(), &ctx("train", BTreeMap::new())).is_err());
+    assert!(
+        party
+            .train(flare_protocols::model::Model::new(), &ctx("train", BTreeMap::new()))
+            .is_err()
+    );
     assert!(party.run_task(None, &ctx("infer", BTreeMap::new())).is_err());
     assert!(party.local_model().is_some());
 }
