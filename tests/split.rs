@@ -99,6 +99,15 @@ async fn split_learning_on_two_column_halves_matches_the_central_network() {
             (split_acc - central_acc).abs() <= 0.02,
             "split {split_acc} vs central {central_acc}"
         );
+        // In fact the same: the same f32 code on the same bits, whether or not a wire is between.
+        for (s, c) in out.epochs.iter().zip(&out.central) {
+            assert_eq!(
+                (s.train_loss, s.test_loss),
+                (c.train_loss, c.test_loss),
+                "epoch {}",
+                s.epoch
+            );
+        }
         assert!(out.epochs[7].test_loss < out.epochs[0].test_loss);
         // Every training sample's activations came once per epoch and each test sample's once,
         // from each party; each training activation got its gradient back.
@@ -124,6 +133,7 @@ async fn payloads_above_the_inline_limit_go_as_blobs_with_the_same_result() {
             results.push(split::run(&f.comm(job), &cfg, &data.label).await.expect("split job"));
         }
         let (inline, blobs) = (&results[0], &results[1]);
+        eprintln!("one party, all pixels: {:?}", inline.epochs);
         assert_eq!(inline.blob_payloads, 0);
         // Every activation and gradient matrix went as a blob: 45 batches and 1 test batch
         // forward, 45 backward, per epoch.

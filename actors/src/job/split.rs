@@ -77,7 +77,8 @@ pub struct SplitConfig {
     /// How long one exchange (forward or backward, all parties) may take.
     pub step_timeout: Duration,
     /// Largest payload sent inline in a control message (bytes); larger ones go as blobs. At
-    /// most [`wire::MAX_INLINE`]; 0 sends every payload as a blob.
+    /// most [`wire::MAX_INLINE`]; 0 sends every payload as a blob. Blob payloads stay in the
+    /// stores of both sides until those are cleared (one per step and party).
     pub inline_max: usize,
     /// Test rows per evaluation forward.
     pub eval_batch: usize,

@@ -52,7 +52,7 @@ impl Trace {
 
 impl Stack {
     /// A seeded stack of layers `widths[0] → widths[1] → …`: He-uniform weights for layers followed
-    /// by ReLU, Glorot-uniform for a last linear layer, zero biases (the [`super::super::Mlp`]
+    /// by ReLU, Glorot-uniform for a last linear layer, zero biases (the [`crate::learner::Mlp`]
     /// initialisation), so every party builds the same start from the same seed.
     pub fn new(widths: &[usize], relu_last: bool, seed: u64) -> Result<Self, LearnerError> {
         if widths.len() < 2 || widths.contains(&0) {
@@ -112,7 +112,7 @@ impl Stack {
     /// hold whole rows of the stack's width.
     pub fn forward(&self, input: Vec<f32>) -> Result<Trace, LearnerError> {
         let width = self.inputs();
-        if width == 0 || input.len() % width != 0 {
+        if width == 0 || !input.len().is_multiple_of(width) {
             return Err(LearnerError::DataMismatch(format!(
                 "{} values are not whole rows of {width}",
                 input.len()
