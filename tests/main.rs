@@ -11,3 +11,4 @@ mod faults;
 mod fedavg;
 mod hostile_input;
 mod membership;
+mod split;

@@ -8,12 +8,14 @@
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
 //! - [`cyclic`]: cyclic weight transfer, the model handed from member to member.
 //! - [`swarm`]: swarm learning, a rotating aggregator with failover.
+//! - [`split`]: split learning, activations and gradients across a vertical data split.
 
 pub mod communicator;
 pub mod cyclic;
 pub mod executor;
 pub mod fedavg;
 pub mod host;
+pub mod split;
 pub mod swarm;
 
 use std::collections::BTreeMap;

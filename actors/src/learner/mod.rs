@@ -6,9 +6,12 @@
 //! - [`Mlp`]: a multi-layer perceptron classifier trained with mini-batch SGD.
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
+//! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
+//!   party's top, the central baseline).
 
 pub mod digits;
 mod mlp;
+pub mod split;
 
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};
 

@@ -1,0 +1,511 @@
+//! Split learning, run by the label party: it holds the labels and the top of the network and
+//! hosts this workflow; each data party is an executor whose learner
+//! ([`crate::learner::split::SplitDataParty`]) holds a band of feature columns and the bottom.
+//!
+//! The exchange, per training batch (step `s` of epoch `e`; `e` is the task's round):
+//!
+//! ```text
+//! label -> every data party   split_forward  { rows: ids as u32 LE, step: s, train: true, inline_max }
+//! data party -> label         result         values.activations = rows × cut f32 LE
+//!                                            (or, above inline_max, an output blob holding the
+//!                                            one-tensor model "activations" [rows, cut])
+//! label -> data party p       split_backward { step: s, lr, gradient: rows × cut f32 LE }
+//!                                            (or, above the label party's inline limit, an input
+//!                                            blob holding the one-tensor model "gradient")
+//! data party -> label         result         (empty: the bottom took its step)
+//! ```
+//!
+//! After each epoch the held-out samples are measured the same way: `split_forward` with
+//! `train: false` over the test ids, in batches of [`SplitConfig::eval_batch`], and no backward.
+//!
+//! What crosses the wire: the data parties receive sample ids, step numbers, the step size and
+//! the gradient w.r.t. their own activations, never a label; the label party receives
+//! activations, never features. (The gradient is a function of the labels, as in every split
+//! learning scheme; protecting it, e.g. with noise, would be a filter on top of this.) Control
+//! messages are capped at 1 MiB, so payloads above the inline limit travel over `/flare/blob/1`.
+//!
+//! The central baseline ([`SplitConfig::baseline`]) trains the same network in one process on
+//! the same batches, alongside, when the caller holds all the data (sim and tests).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_protocols::ctl::{TaskStatus, Value};
+use flare_protocols::model::Model;
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::communicator::{CommError, Communicator, Pending};
+use super::{Task, TaskOutcome};
+use crate::blob::FetchOptions;
+use crate::learner::LearnerError;
+use crate::learner::split::{EpochEval, LabelData, SplitSpec, Stack, Top, VerticalDigits, central_baseline, wire};
+
+/// Test rows per evaluation step unless configured otherwise.
+pub const DEFAULT_EVAL_BATCH: usize = 512;
+
+/// What the label party received from a data party in one forward result, as it arrived:
+/// handed to [`SplitConfig::audit`] before it is checked or used.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// The data party's index (its column band).
+    pub party: usize,
+    /// Its member name.
+    pub member: String,
+    /// The step.
+    pub step: u64,
+    /// The sample ids the forward named.
+    pub rows: Vec<usize>,
+    /// The values of the result message.
+    pub values: BTreeMap<String, Value>,
+    /// The model pulled over `/flare/blob/1`, when the payload came that way.
+    pub pulled: Option<Model>,
+}
+
+/// Sees every forward result the label party receives (to audit what crosses the wire).
+pub type Audit = Arc<dyn Fn(&Received) + Send + Sync>;
+
+/// Parameters of a split-learning job.
+#[derive(Clone)]
+pub struct SplitConfig {
+    /// The network and its training settings (the data parties build theirs from the same).
+    pub spec: SplitSpec,
+    /// The data parties, in band order: `parties[p]` holds band `p`.
+    pub parties: Vec<PeerId>,
+    /// How long one exchange (forward or backward, all parties) may take.
+    pub step_timeout: Duration,
+    /// Largest payload sent inline in a control message (bytes); larger ones go as blobs. At
+    /// most [`wire::MAX_INLINE`]; 0 sends every payload as a blob. Blob payloads stay in the
+    /// stores of both sides until those are cleared (one per step and party).
+    pub inline_max: usize,
+    /// Test rows per evaluation forward.
+    pub eval_batch: usize,
+    /// All the data, to train the central baseline alongside (sim and tests only: a real label
+    /// party holds no features).
+    pub baseline: Option<Arc<VerticalDigits>>,
+    /// Called with every forward result as it arrives.
+    pub audit: Option<Audit>,
+}
+
+impl SplitConfig {
+    /// A configuration with default limits: 60 s a step, payloads up to 512 KiB inline, test
+    /// rows 512 at a time, no baseline, no audit.
+    pub fn new(spec: SplitSpec, parties: Vec<PeerId>) -> Self {
+        Self {
+            spec,
+            parties,
+            step_timeout: Duration::from_secs(60),
+            inline_max: wire::DEFAULT_INLINE_MAX,
+            eval_batch: DEFAULT_EVAL_BATCH,
+            baseline: None,
+            audit: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SplitError> {
+        self.spec.validate()?;
+        let bad = |m: String| Err(SplitError::Config(m));
+        if self.parties.len() != self.spec.parties {
+            return bad(format!(
+                "{} data parties named, the spec has {}",
+                self.parties.len(),
+                self.spec.parties
+            ));
+        }
+        if self.inline_max > wire::MAX_INLINE {
+            return bad(format!(
+                "inline limit {} is above the control-message room of {} bytes",
+                self.inline_max,
+                wire::MAX_INLINE
+            ));
+        }
+        if self.eval_batch == 0 || self.eval_batch > wire::MAX_ROWS {
+            return bad(format!(
+                "eval batch {} is not in 1..={}",
+                self.eval_batch,
+                wire::MAX_ROWS
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One epoch of the split model.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EpochReport {
+    /// Epoch, from 0.
+    pub epoch: u32,
+    /// Mean cross-entropy over the epoch's training batches, as measured while training.
+    pub train_loss: f64,
+    /// Accuracy on the held-out samples after the epoch.
+    pub test_accuracy: f64,
+    /// Mean cross-entropy on them.
+    pub test_loss: f64,
+    /// Wall-clock seconds of the epoch, evaluation included.
+    pub secs: f64,
+}
+
+/// The end of a split-learning job.
+#[derive(Clone, Debug)]
+pub struct SplitOutcome {
+    /// One report per epoch.
+    pub epochs: Vec<EpochReport>,
+    /// The central baseline's epochs (empty without [`SplitConfig::baseline`]).
+    pub central: Vec<EpochEval>,
+    /// Activation bytes received from the data parties (payload only).
+    pub activation_bytes: u64,
+    /// Gradient bytes sent to them (payload only).
+    pub gradient_bytes: u64,
+    /// Payloads (either way) that went as blobs because they were above the inline limit.
+    pub blob_payloads: u64,
+    /// The trained top (the bottoms stay with their data parties).
+    pub top: Stack,
+}
+
+impl SplitOutcome {
+    /// The split model's final test accuracy.
+    pub fn test_accuracy(&self) -> Option<f64> {
+        self.epochs.last().map(|e| e.test_accuracy)
+    }
+
+    /// The central baseline's final test accuracy.
+    pub fn central_accuracy(&self) -> Option<f64> {
+        self.central.last().map(|e| e.test_accuracy)
+    }
+}
+
+/// Why a split-learning job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    /// The configuration cannot work.
+    #[error("bad split-learning configuration: {0}")]
+    Config(String),
+    /// The network could not be built or a batch did not fit it.
+    #[error(transparent)]
+    Learner(#[from] LearnerError),
+    /// Publishing or pulling a payload failed locally.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// A data party refused or failed a step, or answered with a bad payload.
+    #[error("{member}, step {step}: {reason}")]
+    Party {
+        /// The member.
+        member: String,
+        /// The step.
+        step: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Some data parties did not answer a step in time.
+    #[error("step {step}: no result within the step timeout from {}", missing.join(", "))]
+    Timeout {
+        /// The step.
+        step: u64,
+        /// Who did not answer.
+        missing: Vec<String>,
+    },
+    /// The central baseline failed.
+    #[error("central baseline: {0}")]
+    Baseline(String),
+}
+
+/// Payload counters.
+#[derive(Default)]
+struct Traffic {
+    activations: u64,
+    gradients: u64,
+    blobs: u64,
+}
+
+/// Runs split learning for `cfg.spec.epochs` epochs with the label party's `labels`.
+pub async fn run(comm: &Communicator, cfg: &SplitConfig, labels: &LabelData) -> Result<SplitOutcome, SplitError> {
+    cfg.validate()?;
+    let spec = &cfg.spec;
+    let mut top = spec.top_net()?;
+    let baseline = cfg.baseline.clone().map(|data| {
+        let (spec, eval_batch) = (spec.clone(), cfg.eval_batch);
+        tokio::task::spawn_blocking(move || central_baseline(&spec, &data, eval_batch))
+    });
+    let mut traffic = Traffic::default();
+    let mut epochs = Vec::new();
+    let mut step = 0u64;
+    for epoch in 0..spec.epochs {
+        let started = Instant::now();
+        let mut loss = 0.0;
+        for ids in spec.epoch_batches(&labels.train, epoch) {
+            let y = labels
+                .labels_of(&ids)
+                .ok_or_else(|| SplitError::Config("a training id has no label".into()))?;
+            let acts = forward(comm, cfg, epoch, step, &ids, true, &mut traffic).await?;
+            // The top is small next to a round trip: it runs here, between the two exchanges.
+            let (score, grads) = top.train_batch(&acts, &y, spec.lr)?;
+            backward(comm, cfg, epoch, step, grads, &mut traffic).await?;
+            loss += score.loss;
+            step += 1;
+        }
+        let (test_loss, correct) = evaluate(comm, cfg, &top, labels, epoch, &mut step, &mut traffic).await?;
+        let n = labels.test.len().max(1) as f64;
+        let report = EpochReport {
+            epoch,
+            train_loss: loss / labels.train.len().max(1) as f64,
+            test_accuracy: correct as f64 / n,
+            test_loss: test_loss / n,
+            secs: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            job = %comm.job(),
+            round = epoch,
+            train_loss = report.train_loss,
+            test_accuracy = report.test_accuracy,
+            test_loss = report.test_loss,
+            secs = report.secs,
+            "split epoch done"
+        );
+        epochs.push(report);
+    }
+    let central = match baseline {
+        Some(h) => h
+            .await
+            .map_err(|e| SplitError::Baseline(e.to_string()))?
+            .map_err(|e| SplitError::Baseline(e.to_string()))?,
+        None => Vec::new(),
+    };
+    if let (Some(split), Some(c)) = (epochs.last(), central.last()) {
+        tracing::info!(
+            job = %comm.job(),
+            split = split.test_accuracy,
+            central = c.test_accuracy,
+            activation_bytes = traffic.activations,
+            gradient_bytes = traffic.gradients,
+            "split learning done"
+        );
+    }
+    Ok(SplitOutcome {
+        epochs,
+        central,
+        activation_bytes: traffic.activations,
+        gradient_bytes: traffic.gradients,
+        blob_payloads: traffic.blobs,
+        top: top.net().clone(),
+    })
+}
+
+/// Loss sum and hits of the top on the test samples, batch by batch.
+async fn evaluate(
+    comm: &Communicator,
+    cfg: &SplitConfig,
+    top: &Top,
+    labels: &LabelData,
+    epoch: u32,
+    step: &mut u64,
+    traffic: &mut Traffic,
+) -> Result<(f64, usize), SplitError> {
+    let (mut loss, mut correct) = (0.0, 0);
+    for ids in labels.test.chunks(cfg.eval_batch) {
+        let y = labels
+            .labels_of(ids)
+            .ok_or_else(|| SplitError::Config("a test id has no label".into()))?;
+        let acts = forward(comm, cfg, epoch, *step, ids, false, traffic).await?;
+        let s = top.score(&acts, &y)?;
+        loss += s.loss;
+        correct += s.correct;
+        *step += 1;
+    }
+    Ok((loss, correct))
+}
+
+/// Asks every data party for its activations on `ids`; returns them in party order.
+async fn forward(
+    comm: &Communicator,
+    cfg: &SplitConfig,
+    epoch: u32,
+    step: u64,
+    ids: &[usize],
+    train: bool,
+    traffic: &mut Traffic,
+) -> Result<Vec<Vec<f32>>, SplitError> {
+    let rows = wire::id_bytes(ids).ok_or_else(|| SplitError::Config("a sample id does not fit a u32".into()))?;
+    let task = Task {
+        name: wire::FORWARD.into(),
+        round: epoch,
+        input: None,
+        input_from: vec![],
+        props: BTreeMap::from([
+            (wire::ROWS.to_owned(), Value::Bytes(rows)),
+            (wire::STEP.to_owned(), Value::Int(step as i64)),
+            (wire::TRAIN.to_owned(), Value::Bool(train)),
+            (wire::INLINE_MAX.to_owned(), Value::Int(cfg.inline_max as i64)),
+        ]),
+    };
+    let pending = comm.broadcast(&task, &cfg.parties).await;
+    let outcomes = collect(comm, cfg, pending, step).await?;
+    let (n, cut) = (ids.len(), cfg.spec.cut_width());
+    let mut acts = vec![Vec::new(); cfg.parties.len()];
+    for (party, o) in outcomes {
+        let pulled = match o.output {
+            Some(blob) => Some(pull(comm, &o, blob, n * cut * 4, step).await?),
+            None => None,
+        };
+        if let Some(audit) = &cfg.audit {
+            audit(&Received {
+                party,
+                member: o.member.clone(),
+                step,
+                rows: ids.to_vec(),
+                values: o.values.clone(),
+                pulled: pulled.clone(),
+            });
+        }
+        let bad = |reason: String| SplitError::Party {
+            member: o.member.clone(),
+            step,
+            reason,
+        };
+        let a = match (pulled, o.values.get(wire::ACTIVATIONS), o.values.len()) {
+            (None, Some(Value::Bytes(b)), 1) => {
+                wire::f32s(b).ok_or_else(|| bad("activations are not whole f32s".into()))?
+            }
+            (Some(m), None, 0) => {
+                traffic.blobs += 1;
+                wire::matrix_of(&m, wire::ACTIVATIONS, n, cut).map_err(bad)?
+            }
+            _ => {
+                return Err(bad(
+                    "a forward result holds exactly the activations, inline or as a blob".into(),
+                ));
+            }
+        };
+        if a.len() != n * cut {
+            return Err(bad(format!("{} activations for {n} rows of {cut}", a.len())));
+        }
+        if a.iter().any(|v| !v.is_finite()) {
+            return Err(bad("activations hold a value that is not finite".into()));
+        }
+        traffic.activations += a.len() as u64 * 4;
+        acts[party] = a;
+    }
+    tracing::debug!(job = %comm.job(), round = epoch, step, rows = n, train, "forward done");
+    Ok(acts)
+}
+
+/// Sends each data party the gradient of its activations and waits until every bottom stepped.
+async fn backward(
+    comm: &Communicator,
+    cfg: &SplitConfig,
+    epoch: u32,
+    step: u64,
+    grads: Vec<Vec<f32>>,
+    traffic: &mut Traffic,
+) -> Result<(), SplitError> {
+    let (cut, lr) = (cfg.spec.cut_width(), f64::from(cfg.spec.lr));
+    let mut tasks = Vec::with_capacity(grads.len());
+    for g in &grads {
+        let bytes = g.len() * 4;
+        traffic.gradients += bytes as u64;
+        let mut task = Task {
+            name: wire::BACKWARD.into(),
+            round: epoch,
+            input: None,
+            input_from: vec![],
+            props: BTreeMap::from([
+                (wire::STEP.to_owned(), Value::Int(step as i64)),
+                (wire::LR.to_owned(), Value::Float(lr)),
+            ]),
+        };
+        if bytes <= cfg.inline_max {
+            task.props
+                .insert(wire::GRADIENT.into(), Value::Bytes(wire::f32_bytes(g)));
+        } else {
+            let model = wire::matrix_model(wire::GRADIENT, g.len() / cut.max(1), cut, g).map_err(SplitError::Config)?;
+            task.input = Some(comm.publish(Arc::new(model)).await?);
+            traffic.blobs += 1;
+        }
+        tasks.push(task);
+    }
+    let sends = tasks
+        .iter()
+        .zip(&cfg.parties)
+        .map(|(task, peer)| comm.broadcast(task, std::slice::from_ref(peer)));
+    let mut pending = Pending::default();
+    for p in futures::future::join_all(sends).await {
+        pending.waiting.extend(p.waiting);
+        pending.refused.extend(p.refused);
+    }
+    collect(comm, cfg, pending, step).await?;
+    tracing::debug!(job = %comm.job(), round = epoch, step, "backward done");
+    Ok(())
+}
+
+/// Waits for every result of `pending`; returns them with their party index. A refusal, a
+/// failed task or a missing result ends the job.
+async fn collect(
+    comm: &Communicator,
+    cfg: &SplitConfig,
+    mut pending: Pending,
+    step: u64,
+) -> Result<Vec<(usize, TaskOutcome)>, SplitError> {
+    if let Some((m, reason)) = pending.refused.pop() {
+        return Err(SplitError::Party {
+            member: m.name,
+            step,
+            reason,
+        });
+    }
+    let index: HashMap<PeerId, usize> = cfg.parties.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let deadline = Instant::now() + cfg.step_timeout;
+    let mut out = Vec::with_capacity(pending.waiting.len());
+    while !pending.waiting.is_empty() {
+        let Some(o) = comm.next_result(&mut pending, deadline).await else {
+            let mut missing: Vec<String> = pending.waiting.values().map(|m| m.name.clone()).collect();
+            missing.sort();
+            return Err(SplitError::Timeout { step, missing });
+        };
+        if o.status != TaskStatus::Ok {
+            let reason = match o.values.get("error") {
+                Some(Value::Str(e)) => e.clone(),
+                _ => format!("task ended {:?}", o.status),
+            };
+            return Err(SplitError::Party {
+                member: o.member,
+                step,
+                reason,
+            });
+        }
+        let party = *index.get(&o.peer).ok_or_else(|| SplitError::Party {
+            member: o.member.clone(),
+            step,
+            reason: "answered but is not a data party".into(),
+        })?;
+        out.push((party, o));
+    }
+    Ok(out)
+}
+
+/// Pulls a payload blob from the data party that produced it and decodes it as a model; the
+/// blob may be no larger than the payload expected plus room for its header.
+async fn pull(
+    comm: &Communicator,
+    o: &TaskOutcome,
+    blob: flare_protocols::BlobRef,
+    payload: usize,
+    step: u64,
+) -> Result<Model, SplitError> {
+    let bad = |reason: String| SplitError::Party {
+        member: o.member.clone(),
+        step,
+        reason,
+    };
+    let opts = FetchOptions {
+        max_len: payload as u64 + 4096,
+        ..FetchOptions::default()
+    };
+    comm.fetch(blob, o.peer, &opts).await?;
+    let store = comm.node().store().clone();
+    let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .map_err(CommError::from)?;
+    Model::from_safetensors_vec(bytes).map_err(|e| bad(format!("activations blob: {e}")))
+}
