@@ -6,8 +6,10 @@
 //! - [`communicator`]: the only way a workflow talks to peers.
 //! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
+//! - [`cross_site`]: cross-site evaluation, every model on every site's validation data.
 
 pub mod communicator;
+pub mod cross_site;
 pub mod executor;
 pub mod fedavg;
 pub mod host;
@@ -19,6 +21,7 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use communicator::{CommError, Communicator};
+pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;
