@@ -187,29 +187,43 @@ impl CrossSiteOutcome {
     /// model marked `*`, and the reasons for the empty cells below it.
     pub fn table(&self) -> String {
         let best = self.best.as_ref().map(|b| b.name.as_str());
-        let name_w = self.models.iter().map(|m| m.len() + 2).max().unwrap_or(0).max(7);
-        let col_w: Vec<usize> = self.sites.iter().map(|s| s.len().max(6)).collect();
+        let num = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        // Rows of text: the header, then one per model; the last column is the mean.
+        let mut grid: Vec<Vec<String>> = vec![
+            std::iter::once("model".to_owned())
+                .chain(self.sites.iter().cloned())
+                .chain(std::iter::once("mean".to_owned()))
+                .collect(),
+        ];
+        for (r, m) in self.models.iter().enumerate() {
+            let mark = if Some(m.as_str()) == best { "* " } else { "  " };
+            grid.push(
+                std::iter::once(format!("{mark}{m}"))
+                    .chain((0..self.sites.len()).map(|c| num(self.value(r, c))))
+                    .chain(std::iter::once(num(self.mean(r))))
+                    .collect(),
+            );
+        }
+        let widths: Vec<usize> = (0..self.sites.len() + 2)
+            .map(|c| grid.iter().map(|row| row[c].len()).max().unwrap_or(0))
+            .collect();
         let mut out = format!(
             "cross-site {} ({}; rows: models, columns: sites, * best by mean)\n",
             self.metric,
-            if self.higher_is_better { "higher is better" } else { "lower is better" }
-        );
-        out += &format!("{:<name_w$}", "model");
-        for (s, w) in self.sites.iter().zip(&col_w) {
-            out += &format!("  {s:>w$}");
-        }
-        out += &format!("  {:>6}\n", "mean");
-        let num = |v: Option<f64>, w: usize| match v {
-            Some(v) => format!("  {v:>w$.4}"),
-            None => format!("  {:>w$}", "-"),
-        };
-        for (r, m) in self.models.iter().enumerate() {
-            let mark = if Some(m.as_str()) == best { "* " } else { "  " };
-            out += &format!("{:<name_w$}", format!("{mark}{m}"));
-            for (c, w) in col_w.iter().enumerate() {
-                out += &num(self.value(r, c), *w);
+            if self.higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
             }
-            out += &num(self.mean(r), 6);
+        );
+        for row in &grid {
+            for (c, (cell, w)) in row.iter().zip(&widths).enumerate() {
+                out += &if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("  {cell:>w$}")
+                };
+            }
             out.push('\n');
         }
         let missing: Vec<String> = self
@@ -281,7 +295,9 @@ pub async fn run(comm: &Communicator, cfg: &CrossSiteConfig) -> Result<CrossSite
                 });
                 break;
             }
-            Err(why) => tracing::warn!(job = %job, model = %row.name, error = %why, "cannot pull a candidate best model"),
+            Err(why) => {
+                tracing::warn!(job = %job, model = %row.name, error = %why, "cannot pull a candidate best model")
+            }
         }
     }
     let filled = outcome.cells.iter().flatten().filter(|c| c.is_ok()).count();
@@ -475,7 +491,9 @@ async fn fill_matrix(
                     .collect();
                 for id in expired {
                     pending.waiting.remove(&id);
-                    let Some((r, c, _)) = in_flight.remove(&id) else { continue };
+                    let Some((r, c, _)) = in_flight.remove(&id) else {
+                        continue;
+                    };
                     busy[c] = false;
                     let why = format!("{} did not answer within {:?}", names[c], cfg.task_timeout);
                     tracing::warn!(job = %job, site = %names[c], model = %rows[r].name, "validation timed out");
@@ -565,7 +583,10 @@ mod tests {
     }
 
     fn acc(v: f64) -> Cell {
-        Ok(BTreeMap::from([("accuracy".to_owned(), v), ("loss".to_owned(), 1.0 - v)]))
+        Ok(BTreeMap::from([
+            ("accuracy".to_owned(), v),
+            ("loss".to_owned(), 1.0 - v),
+        ]))
     }
 
     #[test]

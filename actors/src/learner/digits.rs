@@ -55,7 +55,11 @@ impl LocalData {
         let (validation, train) = rows.split_at_mut(k);
         validation.sort_unstable();
         train.sort_unstable();
-        let cut = |rows: &[usize]| shard.subset(rows).map_err(|e| LearnerError::DataMismatch(e.to_string()));
+        let cut = |rows: &[usize]| {
+            shard
+                .subset(rows)
+                .map_err(|e| LearnerError::DataMismatch(e.to_string()))
+        };
         Ok(Self {
             train: cut(train)?,
             validation: cut(validation)?,
@@ -381,6 +385,9 @@ mod tests {
         let local_mean = local.iter().map(|(a, _)| a).sum::<f64>() / local.len() as f64;
         eprintln!("in-process FedAvg: global {accuracy:.4}; local-only {local:?}, mean {local_mean:.4}");
         assert!(accuracy >= 0.90, "global accuracy {accuracy}");
-        assert!(accuracy > local_mean, "global {accuracy} vs local-only mean {local_mean}");
+        assert!(
+            accuracy > local_mean,
+            "global {accuracy} vs local-only mean {local_mean}"
+        );
     }
 }
