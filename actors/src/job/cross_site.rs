@@ -132,9 +132,10 @@ impl CrossSiteOutcome {
         (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     }
 
-    /// The selection rule: models ranked by [`Self::mean`] (highest first, or lowest when
-    /// `higher_is_better` is false), models without a mean left out, ties kept in row order
-    /// (so the global model wins a tie). The best model is the first that could be pulled.
+    /// The selection rule, as `(row, mean)` pairs: models ranked by [`Self::mean`] (highest
+    /// first, or lowest when `higher_is_better` is false), models without a mean left out,
+    /// ties kept in row order (so the global model wins a tie). The best model is the first
+    /// of them that could be pulled.
     pub fn ranking(&self) -> Vec<(usize, f64)> {
         let mut ranked: Vec<(usize, f64)> = (0..self.models.len())
             .filter_map(|r| self.mean(r).map(|m| (r, m)))
@@ -366,7 +367,8 @@ async fn collect_models(
         props: BTreeMap::new(),
     };
     let index = |peer: &PeerId| cfg.sites.iter().position(|p| p == peer);
-    let mut blobs: Vec<Result<BlobRef, String>> = vec![Err(String::new()); cfg.sites.len()];
+    let mut blobs: Vec<Result<BlobRef, String>> =
+        names.iter().map(|n| Err(format!("{n} submitted no model"))).collect();
     let mut pending = comm.broadcast(&task, &cfg.sites).await;
     for (m, why) in std::mem::take(&mut pending.refused) {
         if let Some(i) = index(&m.peer_id) {
