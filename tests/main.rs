@@ -7,6 +7,7 @@ mod blob_transfer;
 mod child;
 mod cli;
 mod control;
+mod cross_site;
 mod faults;
 mod fedavg;
 mod hostile_input;

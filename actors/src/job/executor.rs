@@ -98,8 +98,25 @@ impl Learner for AddOne {
         })
     }
 
-    fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
-        Ok(BTreeMap::new())
+    /// The model's mean f32 weight (`mean_weight`, exact for small integers, so a cross-site
+    /// matrix of add-one models can be checked to the bit) and this member's weight
+    /// (`samples`, which tells the sites apart).
+    fn validate(&mut self, model: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
+        let (mut sum, mut n) = (0.0f64, 0u64);
+        for (name, t) in model.iter() {
+            let values = t
+                .to_f32()
+                .ok_or_else(|| format!("tensor {name:?} is {:?}, not F32", t.dtype()))?;
+            sum += values.iter().map(|&v| f64::from(v)).sum::<f64>();
+            n += values.len() as u64;
+        }
+        if n == 0 {
+            return Err("the model has no weights".into());
+        }
+        Ok(BTreeMap::from([
+            ("mean_weight".to_owned(), sum / n as f64),
+            ("samples".to_owned(), self.num_samples as f64),
+        ]))
     }
 }
 

@@ -9,8 +9,10 @@
 //! - [`cyclic`]: cyclic weight transfer, the model handed from member to member.
 //! - [`swarm`]: swarm learning, a rotating aggregator with failover.
 //! - [`split`]: split learning, activations and gradients across a vertical data split.
+//! - [`cross_site`]: cross-site evaluation, every model on every site's validation data.
 
 pub mod communicator;
+pub mod cross_site;
 pub mod cyclic;
 pub mod executor;
 pub mod fedavg;
@@ -25,6 +27,7 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use communicator::{CommError, Communicator, RelayOutcome};
+pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;
