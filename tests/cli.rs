@@ -38,16 +38,16 @@ fn command(args: &[&str]) -> Command {
     c
 }
 
-fn cli(args: &[&str]) -> Output {
+pub(crate) fn cli(args: &[&str]) -> Output {
     command(args).output().expect("run child")
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 /// The peer id printed by `keygen` (libtest may print around it).
-fn peer_id_in(out: &Output) -> String {
+pub(crate) fn peer_id_in(out: &Output) -> String {
     text(&out.stdout)
         .split_whitespace()
         .find(|w| w.starts_with("12D3KooW"))
@@ -100,14 +100,14 @@ fn run_with_a_bad_members_file_names_file_line_and_field() {
 }
 
 /// A running child whose stderr lines are collected.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
 impl Running {
-    fn start(args: &[&str]) -> Self {
+    pub(crate) fn start(args: &[&str]) -> Self {
         let mut child = command(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -128,7 +128,7 @@ impl Running {
     }
 
     /// Waits (bounded) for a log line containing every one of `words`.
-    fn wait_for(&mut self, words: &[&str]) -> String {
+    pub(crate) fn wait_for(&mut self, words: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
@@ -226,7 +226,40 @@ fn run_logs_its_address_dials_members_and_stops_cleanly_on_ctrl_c() {
 
 impl Running {
     /// Waits (bounded) for the process to exit; returns whether it succeeded.
-    fn wait_exit(mut self, secs: u64) -> bool {
+    /// Kills the process outright (SIGKILL: no chance to say goodbye), and reaps it.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Every log line seen so far, and any waiting.
+    pub(crate) fn log(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Like [`Self::wait_exit`], with every log line the process wrote.
+    pub(crate) fn finish(mut self, secs: u64) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Its stderr is at EOF now, or soon: collect the rest.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+                    self.seen.push(l);
+                }
+                return (status.success(), self.seen.join("\n"));
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                return (false, format!("no exit within {secs} s\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn wait_exit(mut self, secs: u64) -> bool {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -341,12 +374,12 @@ fn fedavg_add_one_in_one_process_per_member_matches_sim_bit_for_bit() {
     assert!(results.contains("\"verified\": true"), "{results}");
 }
 
-fn topology_file(name: &str) -> String {
+pub(crate) fn topology_file(name: &str) -> String {
     format!("{}/../topologies/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The summary JSON a command printed as its last line of stdout.
-fn summary(out: &Output) -> serde_json::Value {
+pub(crate) fn summary(out: &Output) -> serde_json::Value {
     let stdout = text(&out.stdout);
     let last = stdout
         .lines()

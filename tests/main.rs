@@ -13,3 +13,4 @@ mod fedavg;
 mod hostile_input;
 mod membership;
 mod split;
+mod workflows;

@@ -9,7 +9,8 @@ use anyhow::Context;
 use flare_actors::Member;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, KeepLastModel, Learner, fedavg};
+use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
 use flare_protocols::model::{DType, Model};
 use libp2p::PeerId;
@@ -68,7 +69,7 @@ impl Setup {
     /// Builds the setup of `topo` (deals the data for the digits learner).
     pub fn new(topo: &Topology) -> anyhow::Result<Self> {
         match &topo.learner {
-            LearnerSpec::AddOne => Ok(Self { digits: None }),
+            LearnerSpec::AddOne { .. } => Ok(Self { digits: None }),
             LearnerSpec::Mlp {
                 hidden,
                 lr,
@@ -103,7 +104,15 @@ impl Setup {
     /// The learner of client `member`.
     pub fn learner(&self, topo: &Topology, member: &str) -> anyhow::Result<Box<dyn Learner>> {
         let Some((spec, fed)) = &self.digits else {
-            return Ok(Box::new(AddOne { num_samples: 1 }));
+            let delay = match topo.learner {
+                LearnerSpec::AddOne { delay } => delay,
+                LearnerSpec::Mlp { .. } => std::time::Duration::ZERO,
+            };
+            // Remembers its last output, so cross-site evaluation can ask for it.
+            return Ok(Box::new(KeepLastModel::new(Paced::new(
+                AddOne { num_samples: 1 },
+                delay,
+            ))));
         };
         let i = topo
             .clients
@@ -117,7 +126,7 @@ impl Setup {
 
 fn learner_name(topo: &Topology) -> &'static str {
     match topo.learner {
-        LearnerSpec::AddOne => "add-one",
+        LearnerSpec::AddOne { .. } => "add-one",
         LearnerSpec::Mlp { .. } => "mlp",
     }
 }
@@ -213,7 +222,6 @@ async fn run_workflow(
                 evaluate,
             };
             let o = cyclic::run(comm, &cfg, initial).await?;
-            let visits: usize = o.rounds.iter().map(|r| r.visited.len()).sum();
             let mut extra = serde_json::Map::new();
             extra.insert(
                 "visited_per_round".into(),
@@ -223,10 +231,14 @@ async fn run_workflow(
                 "skipped_per_round".into(),
                 json!(o.rounds.iter().map(|r| r.skipped.clone()).collect::<Vec<_>>()),
             );
+            extra.insert(
+                "lost_per_round".into(),
+                json!(o.rounds.iter().map(|r| r.lost.clone()).collect::<Vec<_>>()),
+            );
             Ok(JobOutcome {
                 round_secs: o.rounds.iter().map(|r| r.secs).collect(),
                 global: o.rounds.iter().map(|r| r.global.clone()).collect(),
-                train_steps: u32::try_from(visits).context("too many visits")?,
+                train_steps: o.steps,
                 rounds: json!(o.rounds),
                 extra,
                 model: o.model,
@@ -278,8 +290,8 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
         json!(
             o.rounds
                 .iter()
-                .flat_map(|r| r.failovers.iter().map(move |(dead, next)| {
-                    json!({ "round": r.round, "dead": name(dead), "successor": name(next) })
+                .flat_map(|r| r.passed_over.iter().map(move |dead| {
+                    json!({ "round": r.round, "dead": name(dead), "successor": name(&r.aggregator) })
                 }))
                 .collect::<Vec<_>>()
         ),

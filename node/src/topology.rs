@@ -99,6 +99,8 @@ struct RawLearner {
     epochs: u32,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    #[serde(default)]
+    delay_secs: Option<Spanned<f64>>,
 }
 
 fn default_lr() -> f32 {
@@ -160,8 +162,12 @@ struct RawMember {
 /// The learner every client runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LearnerSpec {
-    /// Adds 1.0 to every weight.
-    AddOne,
+    /// Adds 1.0 to every weight (taking at least `delay` per step: slow training, to place a
+    /// fault mid-round in demonstrations and tests).
+    AddOne {
+        /// Least time per training step.
+        delay: Duration,
+    },
     /// The pure-Rust MLP on the digits data.
     Mlp {
         /// Hidden layer sizes (empty: softmax regression).
@@ -505,7 +511,19 @@ impl Topology {
         };
         let l = raw.learner.into_inner();
         let learner = match l.kind.get_ref().as_str() {
-            "add-one" => LearnerSpec::AddOne,
+            "add-one" => LearnerSpec::AddOne {
+                delay: match &l.delay_secs {
+                    None => Duration::ZERO,
+                    Some(d) if d.get_ref().is_finite() && *d.get_ref() >= 0.0 => Duration::from_secs_f64(*d.get_ref()),
+                    Some(d) => {
+                        return Err(fail(
+                            d.span().start,
+                            "learner.delay_secs",
+                            format!("{} is not a number of seconds >= 0", d.get_ref()),
+                        ));
+                    }
+                },
+            },
             "mlp" => LearnerSpec::Mlp {
                 hidden: l.hidden,
                 lr: l.lr,
@@ -622,7 +640,7 @@ name = "b"
     fn parses_a_good_file() {
         let t = Topology::parse(Path::new("t.toml"), GOOD).expect("parse");
         assert_eq!(t.clients, ["a", "b"]);
-        assert_eq!(t.learner, LearnerSpec::AddOne);
+        assert_eq!(t.learner, LearnerSpec::AddOne { delay: Duration::ZERO });
         assert_eq!(t.round_timeout, Duration::from_secs(120));
     }
 

@@ -151,6 +151,10 @@ pub struct Progress {
     pub contributors: Vec<PeerId>,
     /// The model's metrics (e.g. on a test set), if measured.
     pub metrics: BTreeMap<String, f64>,
+    /// Members that were due to aggregate the last round before `aggregator` but did not
+    /// answer (a failover, when one of them died mid-round).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed_over: Vec<PeerId>,
 }
 
 /// The answer to a [`CtlRequest`].
@@ -331,7 +335,8 @@ mod tests {
                     holders: vec![peer(seed)],
                     aggregator: peer(seed),
                     contributors: vec![peer(seed)],
-                    metrics
+                    metrics,
+                    passed_over: vec![peer(seed)],
                 })),
         ];
         (".{0,16}", body).prop_map(|(job, body)| CtlRequest { job: JobId(job), body })
@@ -351,6 +356,7 @@ mod tests {
                             aggregator: peer(spec_hash),
                             contributors: vec![],
                             metrics: BTreeMap::new(),
+                            passed_over: vec![],
                         })
                     }),
                 }

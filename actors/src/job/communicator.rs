@@ -52,17 +52,27 @@ pub struct Pending {
     pub refused: Vec<(Member, String)>,
 }
 
-/// Where a relay ended: the last good model and who holds it, and each member's turn.
-#[derive(Debug)]
-pub struct RelayOutcome {
-    /// The last model produced (the input if no member produced one).
-    pub model: Option<BlobRef>,
-    /// The peer holding it.
+/// One link of a relay's chain: a model, the member holding it, and how many training steps
+/// it is from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The model.
+    pub model: BlobRef,
+    /// Who holds it.
     pub holder: PeerId,
+    /// Training steps behind it.
+    pub steps: u32,
+}
+
+/// What a relay did: each member's turn, who was skipped, and models lost with their holder.
+#[derive(Debug, Default)]
+pub struct RelayOutcome {
     /// The members' results, in the order they ran.
     pub visits: Vec<TaskOutcome>,
     /// Members skipped, with why.
     pub skipped: Vec<(String, String)>,
+    /// Members that died holding the newest model: work since the previous copy is lost.
+    pub lost: Vec<String>,
 }
 
 /// Why a task that came back did not succeed, from its status and its `error` value.
@@ -224,44 +234,61 @@ impl Communicator {
             })
     }
 
-    /// Hands a model along `order`: each member gets `task` with the previous member's output
-    /// as input, pulled straight from that member (the first pulls `input` from
-    /// `input_from`). A member that refuses, fails or takes longer than `timeout` is skipped
-    /// (the next one starts from the last good model) and listed in the outcome.
+    /// Hands a model along `order`: each member gets `task` with the newest model of `chain`
+    /// as input, pulled straight from the member holding it, and its output becomes the
+    /// newest link. A member that refuses, fails or takes longer than `timeout` is skipped.
+    /// If the member holding the newest model is gone, that model is lost: the chain falls
+    /// back to the previous copy (its holder still alive) and the member is asked again.
     pub async fn relay_and_wait(
         &self,
         task: &Task,
         order: &[PeerId],
         timeout: Duration,
+        chain: &mut Vec<Link>,
     ) -> Result<RelayOutcome, CommError> {
+        let mut out = RelayOutcome::default();
         let mut step = task.clone();
-        let mut out = RelayOutcome {
-            model: task.input,
-            holder: task.input_from.first().copied().unwrap_or_else(|| self.node.peer_id()),
-            visits: Vec::new(),
-            skipped: Vec::new(),
-        };
         for &peer in order {
-            step.input = out.model;
-            step.input_from = vec![out.holder];
-            match self.send_and_wait(&step, peer, timeout).await {
-                Ok(o) if o.status == super::TaskStatus::Ok && (o.output.is_some() || task.input.is_none()) => {
-                    if let Some(model) = o.output {
-                        out.model = Some(model);
-                        out.holder = peer;
+            loop {
+                let Some(&newest) = chain.last() else {
+                    return Err(CommError::Task {
+                        member: self.member(&peer).name,
+                        reason: "no model left to hand on".into(),
+                    });
+                };
+                step.input = Some(newest.model);
+                step.input_from = vec![newest.holder];
+                let why = match self.send_and_wait(&step, peer, timeout).await {
+                    Ok(o) if o.status == super::TaskStatus::Ok && o.output.is_some() => {
+                        if let Some(model) = o.output {
+                            chain.push(Link {
+                                model,
+                                holder: peer,
+                                steps: newest.steps + 1,
+                            });
+                        }
+                        out.visits.push(o);
+                        break;
                     }
-                    out.visits.push(o);
+                    Ok(o) => task_failure(&o),
+                    Err(CommError::Task { reason, .. }) => reason,
+                    Err(e) => return Err(e),
+                };
+                let holder_gone = newest.holder != peer
+                    && newest.holder != self.node.peer_id()
+                    && chain.len() > 1
+                    && !self.is_alive(newest.holder).await;
+                if holder_gone {
+                    let name = self.member(&newest.holder).name;
+                    tracing::warn!(job = %self.job, holder = %name, "the newest model died with its holder; going back one step");
+                    out.lost.push(name);
+                    chain.pop();
+                    continue;
                 }
-                Ok(o) => {
-                    let why = task_failure(&o);
-                    tracing::warn!(job = %self.job, member = %o.member, %why, "skipped");
-                    out.skipped.push((o.member, why));
-                }
-                Err(CommError::Task { member, reason }) => {
-                    tracing::warn!(job = %self.job, %member, %reason, "skipped");
-                    out.skipped.push((member, reason));
-                }
-                Err(e) => return Err(e),
+                let member = self.member(&peer).name;
+                tracing::warn!(job = %self.job, %member, %why, "skipped");
+                out.skipped.push((member, why));
+                break;
             }
         }
         Ok(out)

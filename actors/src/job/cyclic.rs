@@ -3,10 +3,11 @@
 //! previous one; the controller only sends tasks and, when it measures rounds, pulls a copy).
 //!
 //! A member that refuses, fails or exceeds the task timeout is skipped: the next member starts
-//! from the last good model, and the round's report names the skipped member and why.
-//! Known limit: if the member holding the latest model dies before the next one pulls it,
-//! the next pull fails too and is skipped in turn, until the round ends; the job then fails
-//! if the model cannot be reached.
+//! from the last good model, and the round's report names the skipped member and why. If a
+//! member dies holding the newest model before the next one pulled it, that step is lost: the
+//! relay goes back to the previous copy (held by a live member, ultimately the controller's
+//! initial model) and the report says so. The final model's `steps` counts the training
+//! steps actually behind it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::Task;
-use super::communicator::{CommError, Communicator};
+use super::communicator::{CommError, Communicator, Link};
 use super::fedavg::Evaluator;
 
 /// Parameters of a cyclic job.
@@ -49,6 +50,8 @@ pub struct CyclicRound {
     pub visited: Vec<String>,
     /// Members skipped, with why.
     pub skipped: Vec<(String, String)>,
+    /// Members that died holding the newest model (the step they trained is lost).
+    pub lost: Vec<String>,
     /// Wall-clock seconds of the round.
     pub secs: f64,
     /// The round's model's metrics, from [`CyclicConfig::evaluate`].
@@ -62,6 +65,8 @@ pub struct CyclicOutcome {
     pub model: Model,
     /// One report per round.
     pub rounds: Vec<CyclicRound>,
+    /// Training steps behind the final model.
+    pub steps: u32,
 }
 
 /// Why a cyclic job stopped.
@@ -95,8 +100,11 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         return Err(CyclicError::Config("no member to visit".into()));
     }
     let me = comm.node().peer_id();
-    let mut blob = comm.publish(Arc::new(initial)).await?;
-    let mut holder = me;
+    let mut chain = vec![Link {
+        model: comm.publish(Arc::new(initial)).await?,
+        holder: me,
+        steps: 0,
+    }];
     let mut reports = Vec::new();
     for round in 0..cfg.rounds {
         let started = Instant::now();
@@ -104,18 +112,17 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         let task = Task {
             name: "train".into(),
             round,
-            input: Some(blob),
-            input_from: vec![holder],
+            input: None,
+            input_from: vec![],
             props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
         };
-        let relay = comm.relay_and_wait(&task, &order, cfg.task_timeout).await?;
-        if let Some(b) = relay.model {
-            blob = b;
-            holder = relay.holder;
-        }
+        let relay = comm.relay_and_wait(&task, &order, cfg.task_timeout, &mut chain).await?;
+        let newest = *chain
+            .last()
+            .ok_or(CyclicError::Config("the relay lost every model".into()))?;
         let global = match &cfg.evaluate {
             Some(f) => {
-                let model = comm.pull_model(blob, &[holder]).await?;
+                let model = comm.pull_model(newest.model, &[newest.holder]).await?;
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || f(&model))
                     .await
@@ -128,6 +135,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
             round,
             visited: relay.visits.into_iter().map(|o| o.member).collect(),
             skipped: relay.skipped,
+            lost: relay.lost,
             secs: started.elapsed().as_secs_f64(),
             global,
         };
@@ -142,6 +150,13 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         );
         reports.push(report);
     }
-    let model = comm.pull_model(blob, &[holder]).await?;
-    Ok(CyclicOutcome { model, rounds: reports })
+    let newest = *chain
+        .last()
+        .ok_or(CyclicError::Config("the relay lost every model".into()))?;
+    let model = comm.pull_model(newest.model, &[newest.holder]).await?;
+    Ok(CyclicOutcome {
+        model,
+        rounds: reports,
+        steps: newest.steps,
+    })
 }

@@ -26,7 +26,7 @@ use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
-pub use communicator::{CommError, Communicator, RelayOutcome};
+pub use communicator::{CommError, Communicator, Link, RelayOutcome};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};

@@ -74,8 +74,9 @@ pub struct SwarmRound {
     pub aggregator: PeerId,
     /// Members whose results it averaged.
     pub contributors: Vec<PeerId>,
-    /// Aggregators found dead during this round, each with its successor.
-    pub failovers: Vec<(PeerId, PeerId)>,
+    /// Members due to aggregate this round that did not answer (dead or gone), so
+    /// `aggregator` took over.
+    pub passed_over: Vec<PeerId>,
     /// Seconds from this member starting the round to it learning the result.
     pub secs: f64,
     /// The new model's metrics.
@@ -111,15 +112,18 @@ pub enum SwarmError {
     Crashed(u32),
 }
 
-/// The aggregator of `round` by the rule in the module doc, probing from the rotation start.
-async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Result<PeerId, SwarmError> {
+/// The aggregator of `round` by the rule in the module doc, probing from the rotation start;
+/// also the members passed over because they did not answer.
+async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Result<(PeerId, Vec<PeerId>), SwarmError> {
     let n = cfg.members.len();
     let me = comm.node().peer_id();
+    let mut passed_over = Vec::new();
     for k in 0..n {
         let peer = cfg.members[(round as usize + k) % n];
         if peer == me || comm.is_alive(peer).await {
-            return Ok(peer);
+            return Ok((peer, passed_over));
         }
+        passed_over.push(peer);
     }
     Err(SwarmError::NoAggregator(round))
 }
@@ -146,6 +150,7 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         aggregator: me,
         contributors: vec![],
         metrics: BTreeMap::new(),
+        passed_over: vec![],
     };
     // Meet the others (bounded by a round timeout); a member that comes back learns the
     // current round from them.
@@ -172,13 +177,12 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
     }
     comm.set_progress(state.clone());
     let mut reports = Vec::new();
-    let mut failovers = Vec::new();
     let mut round_started = Instant::now();
     while state.round < cfg.rounds {
         let round = state.round;
-        let agg = aggregator(comm, cfg, round).await?;
+        let (agg, passed_over) = aggregator(comm, cfg, round).await?;
         if agg == me {
-            let (next, report) = aggregate(comm, cfg, &state, layout.clone()).await?;
+            let (next, report) = aggregate(comm, cfg, &state, layout.clone(), passed_over).await?;
             state = next;
             comm.set_progress(state.clone());
             let targets: Vec<PeerId> = others.clone();
@@ -187,7 +191,6 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                 tracing::debug!(job = %comm.job(), round, %peer, %why, "could not announce the round");
             }
             reports.push(SwarmRound {
-                failovers: std::mem::take(&mut failovers),
                 secs: round_started.elapsed().as_secs_f64(),
                 ..report
             });
@@ -217,7 +220,7 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                         round: p.round - 1,
                         aggregator: p.aggregator,
                         contributors: p.contributors.clone(),
-                        failovers: std::mem::take(&mut failovers),
+                        passed_over: p.passed_over.clone(),
                         secs: round_started.elapsed().as_secs_f64(),
                         global: p.metrics.clone(),
                     });
@@ -234,7 +237,7 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                     }
                     misses += 1;
                     if misses >= MISSES {
-                        let successor = aggregator(comm, cfg, round).await?;
+                        let (successor, _) = aggregator(comm, cfg, round).await?;
                         tracing::warn!(
                             job = %comm.job(),
                             round,
@@ -242,7 +245,6 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                             successor = %comm.name_of(&successor),
                             "aggregator is gone; its successor takes over the round"
                         );
-                        failovers.push((agg, successor));
                         break;
                     }
                 }
@@ -266,6 +268,7 @@ async fn aggregate(
     cfg: &SwarmConfig,
     state: &Progress,
     layout: flare_protocols::model::Layout,
+    passed_over: Vec<PeerId>,
 ) -> Result<(Progress, SwarmRound), SwarmError> {
     let me = comm.node().peer_id();
     let round = state.round;
@@ -319,6 +322,7 @@ async fn aggregate(
         aggregator: me,
         contributors: contributors.clone(),
         metrics: report.global.clone(),
+        passed_over: passed_over.clone(),
     };
     tracing::info!(job = %comm.job(), round, contributors = report.contributors.len(), global = ?report.global, "round aggregated");
     Ok((
@@ -327,7 +331,7 @@ async fn aggregate(
             round,
             aggregator: me,
             contributors,
-            failovers: vec![],
+            passed_over,
             secs: 0.0,
             global: report.global,
         },

@@ -1,0 +1,288 @@
+//! The workflows beyond a dedicated server, as users run them: `sim` in one process, and one
+//! `flare-node run` process per member (every member listed with its loopback address, so
+//! any member can reach any other directly).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Running, cli, peer_id_in, summary, text, topology_file};
+
+/// Members of a job run one process each, in `dir`.
+struct Cluster {
+    dir: PathBuf,
+    topology: PathBuf,
+    names: Vec<String>,
+}
+
+/// A loopback port free right now (the OS picks it; the member binds it moments later).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Cluster {
+    /// Keys for `names`, and `job` written as a topology listing every member's peer id and
+    /// address.
+    fn new(dir: &Path, job: &str, names: &[&str]) -> Self {
+        let mut toml = job.to_owned();
+        for n in names {
+            let key = dir.join(format!("{n}.key"));
+            let id = peer_id_in(&cli(&["keygen", "--out", key.to_str().expect("utf8")]));
+            toml.push_str(&format!(
+                "[[member]]\nname = \"{n}\"\npeer_id = \"{id}\"\naddrs = [\"/ip4/127.0.0.1/tcp/{}\"]\n\n",
+                free_port()
+            ));
+        }
+        let topology = dir.join("topology.toml");
+        std::fs::write(&topology, toml).expect("write topology");
+        Self {
+            dir: dir.to_owned(),
+            topology,
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().expect("utf8").to_owned()
+    }
+
+    /// Starts member `name`'s process.
+    fn start(&self, name: &str) -> Running {
+        Running::start(&[
+            "run",
+            "--topology",
+            self.topology.to_str().expect("utf8"),
+            "--name",
+            name,
+            "--key",
+            &self.path(&format!("{name}.key")),
+            "--data-dir",
+            &self.path(&format!("{name}-data")),
+        ])
+    }
+
+    /// Starts every member.
+    fn start_all(&self) -> Vec<Running> {
+        self.names.iter().map(|n| self.start(n)).collect()
+    }
+
+    /// The final model member `name` wrote.
+    fn model(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(format!("{name}-data/global.safetensors")))
+            .unwrap_or_else(|e| panic!("{name}'s model: {e}"))
+    }
+
+    /// The summary member `name` wrote.
+    fn results(&self, name: &str) -> serde_json::Value {
+        let bytes = std::fs::read(self.dir.join(format!("{name}-data/results.json")))
+            .unwrap_or_else(|e| panic!("{name}'s results: {e}"));
+        serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")["summary"].clone()
+    }
+
+    /// `sim` of the same topology; returns its summary and final model.
+    fn sim(&self) -> (serde_json::Value, Vec<u8>) {
+        let out = self.path("sim-out");
+        let run = cli(&["sim", self.topology.to_str().expect("utf8"), "--json", "--out", &out]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let model = std::fs::read(self.dir.join("sim-out/global.safetensors")).expect("sim's model");
+        (summary(&run), model)
+    }
+}
+
+fn wait_all(members: Vec<Running>) {
+    for m in members {
+        let (ok, log) = m.finish(120);
+        assert!(ok, "a member failed:\n{log}");
+    }
+}
+
+const FEDAVG_ON_A_CLIENT: &str = "[job]\nname = \"fedavg-on-a-client\"\nworkflow = \"fedavg\"\n\
+     controller = \"site-1\"\nclients = [\"site-1\", \"site-2\", \"site-3\"]\n\n\
+     [fedavg]\nrounds = 4\nmin_clients = 3\nround_timeout_secs = 60\n\n\
+     [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 5\n\n";
+
+#[test]
+fn fedavg_with_the_controller_on_a_training_member_equals_a_dedicated_controller() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let on_client = Cluster::new(dir.path(), FEDAVG_ON_A_CLIENT, &["site-1", "site-2", "site-3"]);
+    let (s, sim_model) = on_client.sim();
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["contributors_per_round"], serde_json::json!([3, 3, 3, 3]), "{s}");
+
+    // The same job with a dedicated controller gives the same bits.
+    let dedicated_dir = tempfile::tempdir().expect("tmp");
+    let job = FEDAVG_ON_A_CLIENT
+        .replace("controller = \"site-1\"", "controller = \"server\"")
+        .replace("fedavg-on-a-client", "fedavg-dedicated");
+    let dedicated = Cluster::new(dedicated_dir.path(), &job, &["server", "site-1", "site-2", "site-3"]);
+    let (d, dedicated_model) = dedicated.sim();
+    assert_eq!(d["verified"], true);
+    assert!(
+        sim_model == dedicated_model,
+        "controller on a client and on a server: same model"
+    );
+
+    // And one process per member gives the same bits again.
+    wait_all(on_client.start_all());
+    assert!(on_client.model("site-1") == sim_model, "run and sim agree bit for bit");
+    assert_eq!(on_client.results("site-1")["verified"], true);
+}
+
+const CYCLIC: &str = "[job]\nname = \"cyclic-mp\"\nworkflow = \"cyclic\"\ncontroller = \"coordinator\"\n\n\
+     [cyclic]\nrounds = 3\norder = [\"site-3\", \"site-1\", \"site-2\"]\ntask_timeout_secs = 20\n\n\
+     [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 6\n\n";
+
+#[test]
+fn cyclic_add_one_is_exact_in_sim_and_in_one_process_per_member() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Cluster::new(dir.path(), CYCLIC, &["coordinator", "site-1", "site-2", "site-3"]);
+    let (s, sim_model) = c.sim();
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["add_one_steps"], 9, "3 rounds x 3 members: {s}");
+    assert_eq!(
+        s["visited_per_round"][0],
+        serde_json::json!(["site-3", "site-1", "site-2"])
+    );
+    // The model goes member to member: the coordinator sends it once and pulls it once, so
+    // it sends about one model (the initial one) in the whole job; each site about one per
+    // round (to the next site).
+    let model_bytes = s["model_bytes"].as_u64().expect("model bytes");
+    let per_round = |m: &str| s["bytes_sent_per_member"][m].as_u64().expect("traffic");
+    assert!(per_round("coordinator") * 3 < model_bytes * 3 / 2, "{s}");
+    for site in ["site-1", "site-2", "site-3"] {
+        assert!(
+            per_round(site) >= model_bytes && per_round(site) < model_bytes * 3 / 2,
+            "{s}"
+        );
+    }
+
+    wait_all(c.start_all());
+    assert!(c.model("coordinator") == sim_model, "run and sim agree bit for bit");
+    assert_eq!(c.results("coordinator")["verified"], true);
+}
+
+#[test]
+fn cyclic_skips_a_member_that_was_killed_and_says_so() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // site-2 is in the middle of the order, so the model never sits only on it between rounds.
+    let job = CYCLIC
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.3")
+        .replace(
+            "[\"site-3\", \"site-1\", \"site-2\"]",
+            "[\"site-1\", \"site-2\", \"site-3\"]",
+        );
+    let c = Cluster::new(dir.path(), &job, &["coordinator", "site-1", "site-2", "site-3"]);
+    let mut coordinator = c.start("coordinator");
+    let sites: Vec<Running> = ["site-1", "site-2", "site-3"].iter().map(|n| c.start(n)).collect();
+    coordinator.wait_for(&["round done", "round=0"]);
+    let mut sites = sites.into_iter();
+    let (s1, s2, s3) = (sites.next(), sites.next(), sites.next());
+    s2.expect("site-2").kill();
+    let (ok, log) = coordinator.finish(120);
+    assert!(ok, "the job finishes without site-2:\n{log}");
+    for s in [s1, s3].into_iter().flatten() {
+        assert!(s.wait_exit(60));
+    }
+    let r = c.results("coordinator");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["add_one_steps"], 3 + 2 + 2, "{r}");
+    for round in [1, 2] {
+        let skipped = r["skipped_per_round"][round].to_string();
+        assert!(
+            skipped.contains("site-2"),
+            "round {round} names the skipped member: {r}"
+        );
+        assert_eq!(
+            r["visited_per_round"][round],
+            serde_json::json!(["site-1", "site-3"]),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn swarm_sim_fails_over_when_its_aggregator_crashes_and_stays_exact() {
+    let out = cli(&["sim", &topology_file("swarm-addone.toml"), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["aggregator_per_round"].as_array().map(Vec::len), Some(5), "{s}");
+    // lab-c is round 2's first choice and crashes after sending the tasks: lab-d takes over.
+    assert_eq!(
+        s["failovers"],
+        serde_json::json!([{ "round": 2, "dead": "lab-c", "successor": "lab-d" }])
+    );
+    assert_eq!(s["aggregator_per_round"][2], "lab-d");
+    assert_eq!(
+        s["contributors_per_round"][2],
+        serde_json::json!(["lab-a", "lab-b", "lab-d"]),
+        "{s}"
+    );
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("aggregator is gone") && log.contains("dead=lab-c") && log.contains("successor=lab-d"),
+        "the failover is logged with both names"
+    );
+}
+
+const SWARM: &str = "[job]\nname = \"swarm-mp\"\nworkflow = \"swarm\"\n\n\
+     [swarm]\nrounds = 5\nmin_clients = 2\nround_timeout_secs = 30\n\n\
+     [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 8\n\n";
+
+#[test]
+fn swarm_add_one_is_exact_in_sim_and_in_one_process_per_member() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let names = ["lab-a", "lab-b", "lab-c"];
+    let c = Cluster::new(dir.path(), SWARM, &names);
+    let (s, sim_model) = c.sim();
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(
+        s["aggregator_per_round"],
+        serde_json::json!(["lab-a", "lab-b", "lab-c", "lab-a", "lab-b"]),
+        "the aggregator rotates: {s}"
+    );
+    wait_all(c.start_all());
+    for n in names {
+        assert!(c.model(n) == sim_model, "{n}: run and sim agree bit for bit");
+        assert_eq!(c.results(n)["verified"], true);
+    }
+}
+
+#[test]
+fn swarm_finishes_exactly_when_its_aggregator_process_is_killed_mid_round() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let names = ["lab-a", "lab-b", "lab-c", "lab-d"];
+    // Training takes a second, so the kill lands while round 2 is under way.
+    let job = SWARM.replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 1.0");
+    let c = Cluster::new(dir.path(), &job, &names);
+    let mut members = c.start_all();
+    // Round 2's aggregator is lab-c (the rotation starts at member 2 mod 4).
+    let mut lab_c = members.remove(2);
+    lab_c.wait_for(&["aggregating this round", "round=2"]);
+    lab_c.kill();
+    for (m, n) in members.into_iter().zip(["lab-a", "lab-b", "lab-d"]) {
+        let (ok, log) = m.finish(120);
+        assert!(ok, "{n} finishes:\n{log}");
+    }
+    // The rule: a round's model is the mean of the results its (last) aggregator collected;
+    // results sent to the dead aggregator die with it. For add-one every result is the
+    // round's input plus one, so the survivors end exactly at initial + rounds.
+    for n in ["lab-a", "lab-b", "lab-d"] {
+        let r = c.results(n);
+        assert_eq!(r["verified"], true, "{n}: {r}");
+        assert_eq!(r["aggregator_per_round"][2], "lab-d", "{n}: {r}");
+        assert_eq!(
+            r["contributors_per_round"][2],
+            serde_json::json!(["lab-a", "lab-b", "lab-d"]),
+            "{n}: {r}"
+        );
+    }
+    assert!(c.model("lab-a") == c.model("lab-b") && c.model("lab-b") == c.model("lab-d"));
+    let failovers = c.results("lab-a")["failovers"].to_string();
+    assert!(
+        failovers.contains("lab-c") && failovers.contains("lab-d"),
+        "the failover is recorded: {failovers}"
+    );
+}
