@@ -132,7 +132,7 @@ pub enum Request {
     Heartbeat,
     /// A peer tells the job's members where the job stands: used where no fixed
     /// controller keeps that state (swarm learning).
-    Progress(Progress),
+    Progress(Box<Progress>),
 }
 
 /// Where a job without a fixed controller stands: `round` rounds are done and their model is
@@ -329,7 +329,7 @@ mod tests {
                 any::<[u8; 32]>(),
                 proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..3)
             )
-                .prop_map(|(round, model, seed, metrics)| Request::Progress(Progress {
+                .prop_map(|(round, model, seed, metrics)| Request::Progress(Box::new(Progress {
                     round,
                     model,
                     holders: vec![peer(seed)],
@@ -337,7 +337,7 @@ mod tests {
                     contributors: vec![peer(seed)],
                     metrics,
                     passed_over: vec![peer(seed)],
-                })),
+                }))),
         ];
         (".{0,16}", body).prop_map(|(job, body)| CtlRequest { job: JobId(job), body })
     }

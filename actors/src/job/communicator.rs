@@ -321,7 +321,7 @@ impl Communicator {
         let sends = targets.iter().map(|&peer| {
             let req = CtlRequest {
                 job: self.job.clone(),
-                body: Request::Progress(p.clone()),
+                body: Request::Progress(Box::new(p.clone())),
             };
             async move { (peer, self.node.net().request(peer, req).await) }
         });

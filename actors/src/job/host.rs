@@ -255,7 +255,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         },
         Request::Progress(p) => match r.controllers.get(&job) {
             Some(c) => {
-                let _ = c.progress.send((peer, p));
+                let _ = c.progress.send((peer, *p));
                 CtlResponse::Ack
             }
             None => not_joined(&job),
