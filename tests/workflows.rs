@@ -286,3 +286,66 @@ fn swarm_finishes_exactly_when_its_aggregator_process_is_killed_mid_round() {
         "the failover is recorded: {failovers}"
     );
 }
+
+#[test]
+fn split_learning_in_sim_and_one_process_per_member_matches_the_central_network() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let job = std::fs::read_to_string(topology_file("split-digits.toml")).expect("topology");
+    // The shipped file without its members (the cluster lists them with keys and ports).
+    let job = job.split("[[member]]").next().expect("job part").to_owned();
+    let c = Cluster::new(dir.path(), &job, &["lab", "hospital-left", "hospital-right"]);
+    let (s, _) = c.sim();
+    let split = s["test_accuracy"].as_f64().expect("split accuracy");
+    let central = s["central_accuracy"].as_f64().expect("central accuracy");
+    assert!((split - central).abs() <= 0.02, "split {split} vs central {central}");
+    assert!(split >= 0.85, "split learning learned: {split}");
+    assert!(s["activation_bytes"].as_u64() > Some(0) && s["gradient_bytes"].as_u64() > Some(0));
+
+    wait_all(c.start_all());
+    let r = c.results("lab");
+    assert_eq!(
+        r["test_accuracy"], s["test_accuracy"],
+        "run and sim train the same network: {r}"
+    );
+}
+
+#[test]
+fn cross_site_evaluation_has_a_row_per_model_and_a_column_per_site_and_saves_the_best() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("out");
+    let run = cli(&[
+        "sim",
+        &topology_file("cross-site-digits.toml"),
+        "--json",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let s = summary(&run);
+    let m = &s["cross_site"];
+    let sites = ["hospital-1", "hospital-2", "hospital-3", "hospital-4"];
+    assert_eq!(m["sites"], serde_json::json!(sites), "{m}");
+    assert_eq!(
+        m["models"],
+        serde_json::json!(["global", "hospital-1", "hospital-2", "hospital-3", "hospital-4"]),
+        "{m}"
+    );
+    let rows = m["accuracy"].as_array().expect("matrix");
+    assert_eq!(rows.len(), 5);
+    let mut best = (f64::MIN, String::new());
+    for (row, name) in rows.iter().zip(m["models"].as_array().expect("models")) {
+        let cells: Vec<f64> = row.as_array().expect("row").iter().filter_map(|v| v.as_f64()).collect();
+        assert_eq!(cells.len(), sites.len(), "every cell filled: {m}");
+        assert!(cells.iter().all(|a| (0.0..=1.0).contains(a)));
+        let mean = cells.iter().sum::<f64>() / cells.len() as f64;
+        if mean > best.0 {
+            best = (mean, name.as_str().expect("name").to_owned());
+        }
+    }
+    assert_eq!(m["best"], best.1.as_str(), "the best model is the best mean: {m}");
+    assert!(out.join("best.safetensors").is_file(), "the best model is saved");
+    assert!(
+        text(&run.stderr).contains("cross-site accuracy"),
+        "the table is printed"
+    );
+}

@@ -7,11 +7,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use flare_actors::Member;
+use flare_actors::job::CrossSiteConfig;
+use flare_actors::job::cross_site;
 use flare_actors::job::cyclic::{self, CyclicConfig};
+use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
 use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, KeepLastModel, Learner, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
+use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
 use libp2p::PeerId;
 use serde_json::{Value, json};
@@ -63,13 +67,30 @@ fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
 pub struct Setup {
     /// The MLP and the dealt data, for the digits learner.
     pub digits: Option<(MlpSpec, Arc<DigitsFederation>)>,
+    /// The vertically split data, for split learning.
+    pub split: Option<(SplitSpec, Arc<VerticalDigits>)>,
 }
 
 impl Setup {
     /// Builds the setup of `topo` (deals the data for the digits learner).
     pub fn new(topo: &Topology) -> anyhow::Result<Self> {
         match &topo.learner {
-            LearnerSpec::AddOne { .. } => Ok(Self { digits: None }),
+            LearnerSpec::AddOne { .. } => Ok(Self {
+                digits: None,
+                split: None,
+            }),
+            LearnerSpec::Split => {
+                let Workflow::Split(spec) = &topo.workflow else {
+                    anyhow::bail!("{}: the split learner needs the split workflow", topo.path.display());
+                };
+                let d = &topo.data;
+                let data = VerticalDigits::deal(spec.parties, d.test_fraction, d.seed)
+                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+                Ok(Self {
+                    digits: None,
+                    split: Some((spec.clone(), Arc::new(data))),
+                })
+            }
             LearnerSpec::Mlp {
                 hidden,
                 lr,
@@ -88,6 +109,7 @@ impl Setup {
                     .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
                 Ok(Self {
                     digits: Some((spec, Arc::new(fed))),
+                    split: None,
                 })
             }
         }
@@ -95,6 +117,7 @@ impl Setup {
 
     /// The initial global model (made afresh on each call, so nobody holds a spare copy).
     pub fn initial_model(&self, topo: &Topology) -> anyhow::Result<Model> {
+        anyhow::ensure!(self.split.is_none(), "split learning starts from no shared model");
         match &self.digits {
             None => add_one_model(&topo.model),
             Some((spec, _)) => model_of(&spec.build()?.params()).map_err(anyhow::Error::msg),
@@ -103,10 +126,19 @@ impl Setup {
 
     /// The learner of client `member`.
     pub fn learner(&self, topo: &Topology, member: &str) -> anyhow::Result<Box<dyn Learner>> {
+        if let Some((spec, data)) = &self.split {
+            let p = topo
+                .clients
+                .iter()
+                .position(|c| c == member)
+                .with_context(|| format!("{member} is not a data party"))?;
+            let features = data.parties.get(p).context("no features for this party")?.clone();
+            return Ok(Box::new(SplitDataParty::new(spec, p, features)?));
+        }
         let Some((spec, fed)) = &self.digits else {
             let delay = match topo.learner {
                 LearnerSpec::AddOne { delay } => delay,
-                LearnerSpec::Mlp { .. } => std::time::Duration::ZERO,
+                LearnerSpec::Mlp { .. } | LearnerSpec::Split => std::time::Duration::ZERO,
             };
             // Remembers its last output, so cross-site evaluation can ask for it.
             return Ok(Box::new(KeepLastModel::new(Paced::new(
@@ -127,6 +159,7 @@ impl Setup {
 fn learner_name(topo: &Topology) -> &'static str {
     match topo.learner {
         LearnerSpec::AddOne { .. } => "add-one",
+        LearnerSpec::Split => "split",
         LearnerSpec::Mlp { .. } => "mlp",
     }
 }
@@ -146,6 +179,8 @@ pub struct JobOutcome {
     pub rounds: Value,
     /// Workflow-specific summary fields.
     pub extra: serde_json::Map<String, Value>,
+    /// The best model by cross-site evaluation, when it ran: its name and the model.
+    pub best: Option<(String, Model)>,
 }
 
 fn evaluator(setup: &Setup) -> Option<Evaluator> {
@@ -171,9 +206,9 @@ async fn run_workflow(
     checkpoint_dir: Option<&Path>,
 ) -> anyhow::Result<JobOutcome> {
     let evaluate = evaluator(setup);
-    let initial = setup.initial_model(topo)?;
     match &topo.workflow {
         Workflow::FedAvg => {
+            let initial = setup.initial_model(topo)?;
             let cfg = FedAvgConfig {
                 rounds: topo.rounds,
                 min_clients: topo.min_clients,
@@ -195,9 +230,11 @@ async fn run_workflow(
                 rounds: json!(o.rounds),
                 extra,
                 model: o.model,
+                best: None,
             })
         }
         Workflow::Cyclic(order) => {
+            let initial = setup.initial_model(topo)?;
             let cfg = CyclicConfig {
                 rounds: topo.rounds,
                 order: match order {
@@ -242,6 +279,37 @@ async fn run_workflow(
                 rounds: json!(o.rounds),
                 extra,
                 model: o.model,
+                best: None,
+            })
+        }
+        Workflow::Split(spec) => {
+            let (_, data) = setup.split.as_ref().context("no split data dealt")?;
+            let mut cfg = SplitConfig::new(spec.clone(), clients);
+            cfg.step_timeout = topo.round_timeout;
+            // The label party here deals the same public data set the parties do, so it can
+            // train the central baseline alongside (a simulation's privilege).
+            cfg.baseline = Some(data.clone());
+            let o = split::run(comm, &cfg, &data.label).await?;
+            let mut extra = serde_json::Map::new();
+            extra.insert("epochs".into(), json!(o.epochs));
+            extra.insert("central".into(), json!(o.central));
+            extra.insert("test_accuracy".into(), json!(o.test_accuracy()));
+            extra.insert("central_accuracy".into(), json!(o.central_accuracy()));
+            extra.insert("activation_bytes".into(), json!(o.activation_bytes));
+            extra.insert("gradient_bytes".into(), json!(o.gradient_bytes));
+            extra.insert("parties".into(), json!(spec.parties));
+            Ok(JobOutcome {
+                round_secs: o.epochs.iter().map(|e| e.secs).collect(),
+                global: o
+                    .epochs
+                    .iter()
+                    .map(|e| BTreeMap::from([("accuracy".into(), e.test_accuracy), ("loss".into(), e.test_loss)]))
+                    .collect(),
+                train_steps: 0,
+                rounds: json!(o.epochs),
+                extra,
+                model: model_of(&o.top.params("top")).map_err(anyhow::Error::msg)?,
+                best: None,
             })
         }
         Workflow::Swarm => anyhow::bail!("a swarm job has no controller"),
@@ -315,6 +383,7 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
         rounds,
         extra,
         model: o.model,
+        best: None,
     }
 }
 
@@ -328,13 +397,40 @@ pub async fn control(
     checkpoint_dir: Option<&Path>,
 ) -> anyhow::Result<(JobOutcome, Value)> {
     let started = std::time::Instant::now();
-    let outcome = run_workflow(comm, topo, setup, clients.clone(), checkpoint_dir).await;
+    let mut outcome = run_workflow(comm, topo, setup, clients.clone(), checkpoint_dir).await;
     let total_secs = started.elapsed().as_secs_f64();
+    let mut matrix = None;
+    if let (Ok(o), Some(timeout)) = (&mut outcome, topo.cross_site) {
+        match cross_site_eval(comm, o, clients.clone(), timeout).await {
+            Ok(m) => matrix = Some(m),
+            Err(e) => outcome = Err(e),
+        }
+    }
     comm.end_job(&clients, if outcome.is_ok() { "job finished" } else { "job failed" })
         .await;
     let outcome = outcome?;
-    let summary = summarize(topo, setup, &outcome, total_secs).await?;
+    let mut summary = summarize(topo, setup, &outcome, total_secs).await?;
+    if let Some(m) = matrix {
+        summary["cross_site"] = m;
+    }
     Ok((outcome, summary))
+}
+
+/// Cross-site evaluation after training: every client's latest model and the final one on
+/// every client's validation data; prints the table and keeps the best model.
+async fn cross_site_eval(
+    comm: &Communicator,
+    outcome: &mut JobOutcome,
+    sites: Vec<PeerId>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Value> {
+    let global = comm.publish(Arc::new(outcome.model.clone())).await?;
+    let mut cfg = CrossSiteConfig::new(sites, Some(global));
+    cfg.task_timeout = timeout;
+    let m = cross_site::run(comm, &cfg).await?;
+    eprintln!("{}", m.table());
+    outcome.best = m.best.as_ref().map(|b| (b.name.clone(), b.model.clone()));
+    Ok(m.to_json())
 }
 
 /// The job's summary JSON: timing, the global model's metrics per round, and the baseline
@@ -354,20 +450,26 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
     for (k, v) in &outcome.extra {
         summary[k] = v.clone();
     }
+    let global = json!(
+        outcome
+            .global
+            .iter()
+            .enumerate()
+            .map(|(round, g)| json!({ "round": round, "accuracy": g.get("accuracy"), "loss": g.get("loss") }))
+            .collect::<Vec<_>>()
+    );
+    if setup.split.is_some() {
+        // Split learning's baseline is the central network, in the workflow's own fields.
+        summary["global"] = global;
+        return Ok(summary);
+    }
     match &setup.digits {
         None => {
             summary["verified"] = json!(add_one_exact(&outcome.model, &topo.model, outcome.train_steps));
             summary["add_one_steps"] = json!(outcome.train_steps);
         }
         Some((spec, fed)) => {
-            summary["global"] = json!(
-                outcome
-                    .global
-                    .iter()
-                    .enumerate()
-                    .map(|(round, g)| json!({ "round": round, "accuracy": g.get("accuracy"), "loss": g.get("loss") }))
-                    .collect::<Vec<_>>()
-            );
+            summary["global"] = global;
             // The baseline, in the same run: each client's model trained on its shard alone
             // for as many epochs as it trained in the whole job.
             let (spec, fed) = (spec.clone(), fed.clone());
@@ -392,6 +494,9 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
 pub fn write_outputs(dir: &Path, outcome: &JobOutcome, summary: &Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     outcome.model.save(&dir.join("global.safetensors"))?;
+    if let Some((_, best)) = &outcome.best {
+        best.save(&dir.join("best.safetensors"))?;
+    }
     let results = json!({ "summary": summary, "rounds": outcome.rounds });
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?).with_context(|| format!("writing {}", path.display()))
@@ -404,6 +509,27 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
     let mean_secs = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
+    if let Some(acc) = summary["test_accuracy"].as_f64() {
+        eprintln!(
+            "done: {} epochs of split learning, {mean_secs:.3} s per epoch; test accuracy {acc:.4}; the same network \
+             trained centrally: {:.4}",
+            secs.len(),
+            summary["central_accuracy"].as_f64().unwrap_or(f64::NAN)
+        );
+    } else {
+        report_training(summary, &secs, mean_secs);
+    }
+    if json {
+        println!("{summary}");
+    }
+    anyhow::ensure!(
+        summary["verified"].as_bool() != Some(false),
+        "the add-one result is not initial + the number of training steps"
+    );
+    Ok(())
+}
+
+fn report_training(summary: &Value, secs: &[f64], mean_secs: f64) {
     match summary["verified"].as_bool() {
         Some(verified) => eprintln!(
             "done: {} rounds, {mean_secs:.3} s per round on average; add-one result {} (every weight = initial + {} \
@@ -428,14 +554,6 @@ pub fn report(summary: &Value, json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    if json {
-        println!("{summary}");
-    }
-    anyhow::ensure!(
-        summary["verified"].as_bool() != Some(false),
-        "the add-one result is not initial + the number of training steps"
-    );
-    Ok(())
 }
 
 /// Draws the global model's test accuracy per round against the local-only baselines.

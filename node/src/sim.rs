@@ -121,13 +121,18 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let topo = Topology::load(&args.file)?;
     let setup = crate::job::Setup::new(&topo)?;
     eprintln!(
-        "sim {}: {} members, {}, {} rounds of {}",
+        "sim {}: {} members, {}, {} {} of {}",
         topo.path.display(),
         topo.members.len(),
         topo.controller
             .as_ref()
             .map_or_else(|| "no controller".to_owned(), |c| format!("controller {c}")),
         topo.rounds,
+        if matches!(topo.workflow, crate::topology::Workflow::Split(_)) {
+            "epochs"
+        } else {
+            "rounds"
+        },
         topo.workflow.name()
     );
 

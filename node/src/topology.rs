@@ -31,7 +31,12 @@ struct Raw {
     cyclic: Option<Spanned<RawCyclic>>,
     #[serde(default)]
     swarm: Option<Spanned<RawSwarm>>,
-    learner: Spanned<RawLearner>,
+    #[serde(default)]
+    learner: Option<Spanned<RawLearner>>,
+    #[serde(default)]
+    split: Option<Spanned<RawSplit>>,
+    #[serde(default)]
+    cross_site: Option<Spanned<RawCrossSite>>,
     #[serde(default)]
     model: Option<RawModel>,
     #[serde(default)]
@@ -58,6 +63,35 @@ struct RawFedAvg {
     min_clients: Spanned<usize>,
     #[serde(default = "default_timeout")]
     round_timeout_secs: Spanned<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    #[serde(default = "default_bottom")]
+    bottom: Vec<usize>,
+    #[serde(default)]
+    top: Vec<usize>,
+    #[serde(default = "default_lr")]
+    lr: f32,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+    epochs: Spanned<u32>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "default_timeout")]
+    step_timeout_secs: Spanned<f64>,
+}
+
+fn default_bottom() -> Vec<usize> {
+    vec![16]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCrossSite {
+    #[serde(default = "default_timeout")]
+    task_timeout_secs: Spanned<f64>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +202,8 @@ pub enum LearnerSpec {
         /// Least time per training step.
         delay: Duration,
     },
+    /// Split learning's data parties (the networks are set by the workflow).
+    Split,
     /// The pure-Rust MLP on the digits data.
     Mlp {
         /// Hidden layer sizes (empty: softmax regression).
@@ -223,6 +259,9 @@ pub enum Workflow {
     /// Swarm learning: no fixed controller; each round's aggregator is chosen from the
     /// live members, and another takes over if it dies.
     Swarm,
+    /// Split learning: the controller holds the labels and the top of the network, the
+    /// clients (in order) hold bands of feature columns and the bottoms.
+    Split(flare_actors::learner::split::SplitSpec),
 }
 
 impl Workflow {
@@ -232,6 +271,7 @@ impl Workflow {
             Workflow::FedAvg => "fedavg",
             Workflow::Cyclic(_) => "cyclic",
             Workflow::Swarm => "swarm",
+            Workflow::Split(_) => "split",
         }
     }
 }
@@ -257,6 +297,9 @@ pub struct Topology {
     pub min_clients: usize,
     /// How long a round waits (cyclic: how long one member's turn may take).
     pub round_timeout: Duration,
+    /// After training, evaluate every member's model and the final one on every member's
+    /// validation data, with this timeout per task.
+    pub cross_site: Option<Duration>,
     /// Swarm fault injection (honoured by `sim`): the aggregator of this round drops off
     /// the network right after sending its tasks, to show the failover.
     pub crash_aggregator_in_round: Option<u32>,
@@ -270,6 +313,41 @@ pub struct Topology {
 
 fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The `[learner]` table of a training workflow.
+fn learner_spec(
+    l: RawLearner,
+    fail: &dyn Fn(usize, &str, String) -> TopologyError,
+) -> Result<LearnerSpec, TopologyError> {
+    Ok(match l.kind.get_ref().as_str() {
+        "add-one" => LearnerSpec::AddOne {
+            delay: match &l.delay_secs {
+                None => Duration::ZERO,
+                Some(d) if d.get_ref().is_finite() && *d.get_ref() >= 0.0 => Duration::from_secs_f64(*d.get_ref()),
+                Some(d) => {
+                    return Err(fail(
+                        d.span().start,
+                        "learner.delay_secs",
+                        format!("{} is not a number of seconds >= 0", d.get_ref()),
+                    ));
+                }
+            },
+        },
+        "mlp" => LearnerSpec::Mlp {
+            hidden: l.hidden,
+            lr: l.lr,
+            epochs: l.epochs,
+            batch_size: l.batch_size,
+        },
+        other => {
+            return Err(fail(
+                l.kind.span().start,
+                "learner.kind",
+                format!("unknown learner {other:?} (known: \"add-one\", \"mlp\")"),
+            ));
+        }
+    })
 }
 
 impl Topology {
@@ -296,11 +374,11 @@ impl Topology {
         let job = raw.job.into_inner();
         let workflow_at = job.workflow.span().start;
         let kind = job.workflow.get_ref().as_str();
-        if !matches!(kind, "fedavg" | "cyclic" | "swarm") {
+        if !matches!(kind, "fedavg" | "cyclic" | "swarm" | "split") {
             return Err(fail(
                 workflow_at,
                 "job.workflow",
-                format!("unknown workflow {kind:?} (known: \"fedavg\", \"cyclic\", \"swarm\")"),
+                format!("unknown workflow {kind:?} (known: \"fedavg\", \"cyclic\", \"swarm\", \"split\")"),
             ));
         }
         let mut members = Vec::new();
@@ -395,6 +473,7 @@ impl Topology {
             ("fedavg", raw.fedavg.as_ref().map(|t| t.span().start)),
             ("cyclic", raw.cyclic.as_ref().map(|t| t.span().start)),
             ("swarm", raw.swarm.as_ref().map(|t| t.span().start)),
+            ("split", raw.split.as_ref().map(|t| t.span().start)),
         ] {
             if let Some(at) = at
                 && table != kind
@@ -479,6 +558,30 @@ impl Topology {
                 };
                 (Workflow::Cyclic(order), rounds, 1, timeout)
             }
+            "split" => {
+                let Some(t) = raw.split else {
+                    return Err(fail(
+                        job_span.start,
+                        "split",
+                        "the split workflow needs a [split] table".into(),
+                    ));
+                };
+                let at = t.span().start;
+                let t = t.into_inner();
+                let rounds = check_rounds(&t.epochs, "split")?;
+                let timeout = check_timeout(&t.step_timeout_secs, "split.step_timeout_secs")?;
+                let spec = flare_actors::learner::split::SplitSpec {
+                    parties: clients.len(),
+                    bottom: t.bottom,
+                    top: t.top,
+                    lr: t.lr,
+                    batch_size: t.batch_size,
+                    epochs: rounds,
+                    seed: t.seed,
+                };
+                spec.validate().map_err(|e| fail(at, "split", e.to_string()))?;
+                (Workflow::Split(spec), rounds, clients.len(), timeout)
+            }
             "swarm" => {
                 let Some(f) = raw.swarm else {
                     return Err(fail(
@@ -509,34 +612,31 @@ impl Topology {
                 (Workflow::FedAvg, rounds, min, timeout)
             }
         };
-        let l = raw.learner.into_inner();
-        let learner = match l.kind.get_ref().as_str() {
-            "add-one" => LearnerSpec::AddOne {
-                delay: match &l.delay_secs {
-                    None => Duration::ZERO,
-                    Some(d) if d.get_ref().is_finite() && *d.get_ref() >= 0.0 => Duration::from_secs_f64(*d.get_ref()),
-                    Some(d) => {
-                        return Err(fail(
-                            d.span().start,
-                            "learner.delay_secs",
-                            format!("{} is not a number of seconds >= 0", d.get_ref()),
-                        ));
-                    }
-                },
-            },
-            "mlp" => LearnerSpec::Mlp {
-                hidden: l.hidden,
-                lr: l.lr,
-                epochs: l.epochs,
-                batch_size: l.batch_size,
-            },
-            other => {
+        let cross_site = match raw.cross_site {
+            None => None,
+            Some(c) if matches!(kind, "fedavg" | "cyclic") => Some(check_timeout(
+                &c.get_ref().task_timeout_secs,
+                "cross_site.task_timeout_secs",
+            )?),
+            Some(c) => {
                 return Err(fail(
-                    l.kind.span().start,
-                    "learner.kind",
-                    format!("unknown learner {other:?} (known: \"add-one\", \"mlp\")"),
+                    c.span().start,
+                    "cross_site",
+                    format!("cross-site evaluation follows a fedavg or cyclic job, not {kind:?}"),
                 ));
             }
+        };
+        let learner = match (kind, raw.learner) {
+            ("split", None) => LearnerSpec::Split,
+            ("split", Some(l)) => {
+                return Err(fail(
+                    l.span().start,
+                    "learner",
+                    "split learning's networks are set in [split], not [learner]".into(),
+                ));
+            }
+            (_, None) => return Err(fail(job_span.start, "learner", "missing [learner] table".into())),
+            (_, Some(l)) => learner_spec(l.into_inner(), &fail)?,
         };
         let model = raw.model.map_or(
             ModelSpec {
@@ -572,6 +672,7 @@ impl Topology {
             rounds,
             min_clients,
             round_timeout,
+            cross_site,
             crash_aggregator_in_round: crash,
             learner,
             model,
