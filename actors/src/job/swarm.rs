@@ -182,6 +182,15 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         let round = state.round;
         let (agg, passed_over) = aggregator(comm, cfg, round).await?;
         if agg == me {
+            for dead in &passed_over {
+                tracing::warn!(
+                    job = %comm.job(),
+                    round,
+                    dead = %comm.name_of(dead),
+                    successor = %comm.name_of(&me),
+                    "aggregator is gone; its successor takes over the round"
+                );
+            }
             let (next, report) = aggregate(comm, cfg, &state, layout.clone(), passed_over).await?;
             state = next;
             comm.set_progress(state.clone());
