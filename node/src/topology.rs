@@ -772,4 +772,46 @@ name = "b"
         ));
         assert!(e.contains("member.peer_id"), "{e}");
     }
+
+    #[test]
+    fn each_workflow_takes_its_own_table_and_refuses_the_others() {
+        let cyclic = GOOD.replace("workflow = \"fedavg\"", "workflow = \"cyclic\"").replace(
+            "[fedavg]\nrounds = 2\nmin_clients = 2",
+            "[cyclic]\nrounds = 2\norder = [\"b\", \"a\"]",
+        );
+        let t = Topology::parse(Path::new("c.toml"), &cyclic).expect("cyclic");
+        assert_eq!(
+            t.workflow,
+            Workflow::Cyclic(CyclicOrder::Fixed(vec!["b".into(), "a".into()]))
+        );
+        let e = err(&cyclic.replace("order = [\"b\", \"a\"]", "order = [\"b\", \"server\"]"));
+        assert!(e.contains("cyclic.order") && e.contains("not a client"), "{e}");
+        let e = err(&format!("{cyclic}\n[fedavg]\nrounds = 1\nmin_clients = 1\n"));
+        assert!(e.contains("[fedavg] table does not apply"), "{e}");
+
+        let swarm = GOOD
+            .replace("workflow = \"fedavg\"", "workflow = \"swarm\"")
+            .replace("[fedavg]", "[swarm]");
+        let e = err(&swarm);
+        assert!(e.contains("job.controller") && e.contains("no controller"), "{e}");
+        let swarm = swarm.replace("controller = \"server\"\n", "");
+        let t = Topology::parse(Path::new("s.toml"), &swarm).expect("swarm");
+        assert_eq!((t.workflow, t.controller, t.clients.len()), (Workflow::Swarm, None, 3));
+        let e = err(&format!("{swarm}\n[cross_site]\n"));
+        assert!(
+            e.contains("cross_site") && e.contains("follows a fedavg or cyclic job"),
+            "{e}"
+        );
+
+        let split = GOOD
+            .replace("workflow = \"fedavg\"", "workflow = \"split\"")
+            .replace("[fedavg]\nrounds = 2\nmin_clients = 2", "[split]\nepochs = 3");
+        let e = err(&split);
+        assert!(e.contains("field `learner`") && e.contains("set in [split]"), "{e}");
+        let split = split.replace("[learner]\nkind = \"add-one\"\n", "");
+        let t = Topology::parse(Path::new("p.toml"), &split).expect("split");
+        assert!(matches!(t.workflow, Workflow::Split(ref s) if s.parties == 2 && s.epochs == 3));
+        let e = err(&split.replace("epochs = 3", "epochs = 3\nbottom = []"));
+        assert!(e.contains("field `split`") && e.contains("cut layer"), "{e}");
+    }
 }
