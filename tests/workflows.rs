@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::cli::{Running, cli, peer_id_in, summary, text, topology_file};
 
@@ -348,4 +349,79 @@ fn cross_site_evaluation_has_a_row_per_model_and_a_column_per_site_and_saves_the
         text(&run.stderr).contains("cross-site accuracy"),
         "the table is printed"
     );
+}
+
+/// A relay whose newest model died with its holder goes back to the previous copy, asks the
+/// member again, and counts only the training steps behind the model it ends with.
+#[tokio::test]
+async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
+    use std::sync::Arc;
+
+    use flare_actors::job::{AddOne, Communicator, JobHost, Link, Task};
+    use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
+    use flare_protocols::ctl::JobId;
+    use flare_protocols::model::{DType, Model};
+
+    use crate::util::{memory_stores, start_nodes, within};
+
+    let nodes: Vec<Arc<flare_actors::Node>> = start_nodes(memory_stores(3)).await.into_iter().map(Arc::new).collect();
+    let members: Vec<flare_actors::Member> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.as_member(&format!("n{i}")))
+        .collect();
+    let job = JobId("relay-fallback".into());
+    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
+    hosts[1]
+        .join_as_executor(
+            job.clone(),
+            Some(members[0].peer_id),
+            "n1",
+            Box::new(AddOne { num_samples: 1 }),
+        )
+        .await
+        .expect("executor");
+    let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+    let mut model = Model::zeros([("w".to_owned(), DType::F32, vec![1000])]).expect("model");
+    model.map_f32(|_| 0.5);
+    let start = comm.publish(Arc::new(model.clone())).await.expect("publish");
+    // The newest link: a later model, held only by n2, which is now gone.
+    model.map_f32(|v| v + 7.0);
+    let later = nodes[2]
+        .store()
+        .import_bytes(model.as_safetensors(), DEFAULT_CHUNK_SIZE)
+        .expect("import");
+    nodes[2].net().shutdown();
+    let mut chain = vec![
+        Link {
+            model: start,
+            holder: members[0].peer_id,
+            steps: 0,
+        },
+        Link {
+            model: later.blob_ref(),
+            holder: members[2].peer_id,
+            steps: 7,
+        },
+    ];
+    let task = Task {
+        name: "train".into(),
+        round: 0,
+        input: None,
+        input_from: vec![],
+        props: Default::default(),
+    };
+    let out = within(
+        60,
+        comm.relay_and_wait(&task, &[members[1].peer_id], Duration::from_secs(20), &mut chain),
+    )
+    .await
+    .expect("relay");
+    assert_eq!(out.lost, ["n2"], "the lost model is reported with its holder");
+    assert_eq!(out.visits.len(), 1, "n1 was asked again and trained: {out:?}");
+    let newest = *chain.last().expect("a model");
+    assert_eq!((newest.holder, newest.steps), (members[1].peer_id, 1));
+    let result = comm.pull_model(newest.model, &[newest.holder]).await.expect("pull");
+    let t = result.get("w").expect("tensor").to_f32().expect("f32");
+    assert!(t.iter().all(|v| *v == 1.5), "trained from the previous copy (0.5 + 1)");
 }
