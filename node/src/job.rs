@@ -12,7 +12,7 @@ use flare_actors::job::cross_site;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, KeepLastModel, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
@@ -140,11 +140,8 @@ impl Setup {
                 LearnerSpec::AddOne { delay } => delay,
                 LearnerSpec::Mlp { .. } | LearnerSpec::Split => std::time::Duration::ZERO,
             };
-            // Remembers its last output, so cross-site evaluation can ask for it.
-            return Ok(Box::new(KeepLastModel::new(Paced::new(
-                AddOne { num_samples: 1 },
-                delay,
-            ))));
+            // Cross-site evaluation gets its last output from the executor's store.
+            return Ok(Box::new(Paced::new(AddOne { num_samples: 1 }, delay)));
         };
         let i = topo
             .clients
@@ -401,7 +398,13 @@ pub async fn control(
     let total_secs = started.elapsed().as_secs_f64();
     let mut matrix = None;
     if let (Ok(o), Some(timeout)) = (&mut outcome, topo.cross_site) {
-        match cross_site_eval(comm, o, clients.clone(), timeout).await {
+        // Add-one has no accuracy to rank by: its validation reports the mean weight.
+        let metric = if setup.digits.is_some() {
+            "accuracy"
+        } else {
+            "mean_weight"
+        };
+        match cross_site_eval(comm, o, clients.clone(), timeout, metric).await {
             Ok(m) => matrix = Some(m),
             Err(e) => outcome = Err(e),
         }
@@ -423,10 +426,12 @@ async fn cross_site_eval(
     outcome: &mut JobOutcome,
     sites: Vec<PeerId>,
     timeout: std::time::Duration,
+    metric: &str,
 ) -> anyhow::Result<Value> {
     let global = comm.publish(Arc::new(outcome.model.clone())).await?;
     let mut cfg = CrossSiteConfig::new(sites, Some(global));
     cfg.task_timeout = timeout;
+    metric.clone_into(&mut cfg.metric);
     let m = cross_site::run(comm, &cfg).await?;
     eprintln!("{}", m.table());
     outcome.best = m.best.as_ref().map(|b| (b.name.clone(), b.model.clone()));

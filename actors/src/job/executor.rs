@@ -143,6 +143,9 @@ pub struct ExecutorState {
     node: Arc<Node>,
     member: String,
     learner: Option<Box<dyn Learner>>,
+    /// The blob of the last `train` output: what `submit_model` hands over when the
+    /// learner keeps no model of its own (no second copy in memory).
+    last_output: Option<BlobRef>,
 }
 
 /// What the executor actor starts with.
@@ -165,6 +168,7 @@ impl Actor for Executor {
             node: args.node,
             member: args.member,
             learner: Some(args.learner),
+            last_output: None,
         })
     }
 
@@ -292,6 +296,16 @@ async fn run(
         }
         None => None,
     };
+    if task.name == "submit_model" {
+        let learner = state.learner.as_ref().ok_or("learner lost by an earlier task")?;
+        if learner.local_model().is_none() {
+            let output = state.last_output.ok_or("this member has no local model to submit")?;
+            return Ok(RunOutput {
+                output: Some(output),
+                ..RunOutput::default()
+            });
+        }
+    }
     let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
     let ctx2 = ctx.clone();
     let joined = tokio::task::spawn_blocking(move || {
@@ -334,6 +348,9 @@ async fn run(
         }
         None => None,
     };
+    if task.name == "train" && output.is_some() {
+        state.last_output = output;
+    }
     Ok(RunOutput {
         output,
         metrics: reply.metrics,
