@@ -33,6 +33,11 @@ use crate::store::BlobStore;
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
 
+/// Results pulled at once: their transfer windows are the controller's memory beyond the
+/// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
+/// on the controller anyway, so more at once would not finish sooner).
+pub const MAX_CONCURRENT_PULLS: usize = 4;
+
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
 /// blocking thread.
 pub type Evaluator = Arc<dyn Fn(&Model) -> Result<BTreeMap<String, f64>, String> + Send + Sync>;
@@ -209,12 +214,13 @@ pub(crate) async fn one_round(
         .map(|(m, why)| (m.name, why))
         .collect();
     let mut contributors: Vec<TaskOutcome> = Vec::new();
+    let pulls = tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS);
     let mut folds = FuturesUnordered::new();
     loop {
         tokio::select! {
             r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
                 Some(o) => match (o.status, o.output) {
-                    (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob)),
+                    (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob, &pulls)),
                     _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
                 },
                 None => {
@@ -287,6 +293,7 @@ async fn fold(
     o: TaskOutcome,
     out: BlobRef,
     global: BlobRef,
+    pulls: &tokio::sync::Semaphore,
 ) -> Result<TaskOutcome, (TaskOutcome, String)> {
     if o.num_samples == 0 {
         return Err((o, "reported 0 samples".into()));
@@ -317,6 +324,9 @@ async fn fold(
         // controller's buffers from growing with the number of clients.
         window: RESULT_WINDOW,
         ..FetchOptions::default()
+    };
+    let Ok(_permit) = pulls.acquire().await else {
+        return Err((o, "internal error: the pull limit was closed".into()));
     };
     let fetched = comm.fetch(out, o.peer, &opts).await;
     let store = comm.node().store().clone();
