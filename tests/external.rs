@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flare_actors::job::{AddOne, Communicator, FedAvgConfig, FedAvgOutcome, JobHost, fedavg};
+use flare_actors::job::{AddOne, Communicator, FedAvgConfig, FedAvgOutcome, JobHost, Learner, fedavg};
+use flare_actors::learner::digits::{self, DigitsFederation, DigitsLearner, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
 use flare_actors::{Member, Node};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
@@ -62,6 +63,24 @@ struct Federation {
 }
 
 async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> Federation {
+    let add_one = |i: usize| -> Box<dyn Learner> {
+        Box::new(AddOne {
+            num_samples: 10 * i as u64,
+        })
+    };
+    federation_with(job, dir, script, timeout, add_one, &[]).await
+}
+
+/// Like [`federation`], with other learners on sites 1 and 2 and extra environment for the
+/// script.
+async fn federation_with(
+    job: &str,
+    dir: &Path,
+    script: &Path,
+    timeout: Duration,
+    rust: impl Fn(usize) -> Box<dyn Learner>,
+    env: &[(&str, String)],
+) -> Federation {
     let job = JobId(job.into());
     let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(4)).await.into_iter().map(Arc::new).collect();
     let members: Vec<Member> = nodes
@@ -76,9 +95,7 @@ async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> 
                 job.clone(),
                 Some(members[0].peer_id),
                 &members[i].name,
-                Box::new(AddOne {
-                    num_samples: 10 * i as u64,
-                }),
+                rust(i),
             )
             .await
             .expect("executor");
@@ -92,6 +109,9 @@ async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> 
     cfg.task_timeout = timeout;
     cfg.env
         .insert("PYTHONPATH".into(), python_dir().to_string_lossy().into_owned());
+    for (k, v) in env {
+        cfg.env.insert((*k).to_owned(), v.clone());
+    }
     let learner = ExternalLearner::new(cfg).expect("external learner");
     hosts[3]
         .join_as_executor(job.clone(), Some(members[0].peer_id), "site-3", Box::new(learner))
@@ -106,6 +126,10 @@ async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> 
 }
 
 async fn run_fedavg(f: &Federation, rounds: u32, min_clients: usize) -> FedAvgOutcome {
+    run_fedavg_from(f, rounds, min_clients, initial_model()).await
+}
+
+async fn run_fedavg_from(f: &Federation, rounds: u32, min_clients: usize, initial: Model) -> FedAvgOutcome {
     let cfg = FedAvgConfig {
         rounds,
         min_clients,
@@ -115,7 +139,7 @@ async fn run_fedavg(f: &Federation, rounds: u32, min_clients: usize) -> FedAvgOu
         evaluate: None,
     };
     let comm = Communicator::new(&f.hosts[0], f.job.clone(), f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
-    fedavg::run(&comm, &cfg, initial_model()).await.expect("job")
+    fedavg::run(&comm, &cfg, initial).await.expect("job")
 }
 
 fn plus(n: u32) -> Model {
@@ -278,6 +302,55 @@ time.sleep(300)
         assert_eq!(who, "site-3");
         assert!(why.contains("malformed message from the learner process"), "{why}");
         assert!(out.model == plus(1));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_python_digits_learner_trains_with_rust_learners_past_the_accuracy_bar() {
+    if !python_ok() {
+        return;
+    }
+    within(180, async {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Softmax regression: the model the pure-Python script trains.
+        let spec = MlpSpec {
+            hidden: vec![],
+            lr: 0.1,
+            batch_size: 32,
+            epochs: 2,
+            seed: 1,
+        };
+        let fed = Arc::new(DigitsFederation::deal(3, 0.5, 0.2, 0).expect("deal"));
+        // Site 3's training rows, as its DigitsLearner would cut them, in a CSV for the script.
+        let rows = fed.local_data(&spec, 2).expect("local data").train;
+        let mut csv = String::new();
+        for i in 0..rows.len() {
+            let x = rows.row(i).expect("row");
+            for v in x {
+                csv.push_str(&format!("{v},"));
+            }
+            csv.push_str(&format!("{}\n", rows.labels()[i]));
+        }
+        let data = dir.path().join("site-3.csv");
+        std::fs::write(&data, csv).expect("csv");
+        let (s, d) = (spec.clone(), fed.clone());
+        let rust = move |i: usize| -> Box<dyn Learner> {
+            Box::new(DigitsLearner::new(s.clone(), d.shards[i - 1].clone(), i - 1).expect("learner"))
+        };
+        let script = python_dir().join("examples/digits_mlp.py");
+        let env = [("DIGITS_CSV", data.to_string_lossy().into_owned())];
+        let f = federation_with("ext-digits", dir.path(), &script, Duration::from_secs(60), rust, &env).await;
+        let initial = model_of(&spec.build().expect("mlp").params()).expect("model");
+        let started = Instant::now();
+        let out = run_fedavg_from(&f, 8, 3, initial).await;
+        let secs = started.elapsed().as_secs_f64();
+        for r in &out.rounds {
+            assert_eq!(r.contributors, ["site-1", "site-2", "site-3"], "round {}: {:?}", r.round, r.missing);
+        }
+        let (accuracy, loss) = digits::evaluate(&spec, &out.model, &fed.test).expect("evaluate");
+        println!("digits with a Python site: test accuracy {accuracy:.3}, loss {loss:.3}, {secs:.1} s for 8 rounds");
+        assert!(accuracy > 0.85, "the global model learned: accuracy {accuracy}");
     })
     .await;
 }
