@@ -91,12 +91,7 @@ async fn federation_with(
     let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
     for i in 1..=2 {
         hosts[i]
-            .join_as_executor(
-                job.clone(),
-                Some(members[0].peer_id),
-                &members[i].name,
-                rust(i),
-            )
+            .join_as_executor(job.clone(), Some(members[0].peer_id), &members[i].name, rust(i))
             .await
             .expect("executor");
     }
@@ -138,7 +133,13 @@ async fn run_fedavg_from(f: &Federation, rounds: u32, min_clients: usize, initia
         checkpoint_dir: None,
         evaluate: None,
     };
-    let comm = Communicator::new(&f.hosts[0], f.job.clone(), f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+    let comm = Communicator::new(
+        &f.hosts[0],
+        f.job.clone(),
+        f.members.clone(),
+        DEFAULT_CHUNK_SIZE,
+        [0; 32],
+    );
     fedavg::run(&comm, &cfg, initial).await.expect("job")
 }
 
@@ -173,7 +174,13 @@ async fn external_python_learner_joins_fedavg_and_add_one_is_exact() {
         let f = federation("ext-add-one", dir.path(), &add_one, Duration::from_secs(30)).await;
         let out = run_fedavg(&f, 3, 3).await;
         for r in &out.rounds {
-            assert_eq!(r.contributors, ["site-1", "site-2", "site-3"], "round {}: {:?}", r.round, r.missing);
+            assert_eq!(
+                r.contributors,
+                ["site-1", "site-2", "site-3"],
+                "round {}: {:?}",
+                r.round,
+                r.missing
+            );
         }
         assert!(out.model == plus(3), "every weight equals initial + 3, exactly");
         // The script's metric travelled back (weighted by its 7 samples among 10 + 20 + 7).
@@ -263,7 +270,10 @@ time.sleep(300)
         assert_eq!(who, "site-3");
         assert!(why.contains("learner process did not answer within 2s"), "{why}");
         assert!(why.contains("killed"), "{why}");
-        assert!(secs < 20.0, "the round ended at the task timeout, not the round timeout ({secs} s)");
+        assert!(
+            secs < 20.0,
+            "the round ended at the task timeout, not the round timeout ({secs} s)"
+        );
         let pid: u32 = std::fs::read_to_string(f.work_dir.join("pid"))
             .expect("pid")
             .trim()
@@ -346,7 +356,13 @@ async fn external_python_digits_learner_trains_with_rust_learners_past_the_accur
         let out = run_fedavg_from(&f, 8, 3, initial).await;
         let secs = started.elapsed().as_secs_f64();
         for r in &out.rounds {
-            assert_eq!(r.contributors, ["site-1", "site-2", "site-3"], "round {}: {:?}", r.round, r.missing);
+            assert_eq!(
+                r.contributors,
+                ["site-1", "site-2", "site-3"],
+                "round {}: {:?}",
+                r.round,
+                r.missing
+            );
         }
         let (accuracy, loss) = digits::evaluate(&spec, &out.model, &fed.test).expect("evaluate");
         println!("digits with a Python site: test accuracy {accuracy:.3}, loss {loss:.3}, {secs:.1} s for 8 rounds");

@@ -20,8 +20,9 @@ A script that a flare-node executor starts (a topology names it as a learner com
 The aggregation weight is ``meta["num_samples"]`` (or ``meta["NUM_STEPS_CURRENT_ROUND"]``),
 1 if absent. ``params_type=ParamsType.DIFF`` sends the difference from the received model.
 
-Install with ``pip install --no-build-isolation ./python`` (works offline), or put
-``python/`` on ``PYTHONPATH``. No dependencies; numpy is optional.
+Install with ``pip install ./python`` (building needs setuptools and wheel, fetched by pip
+unless ``--no-build-isolation`` finds them installed), or put ``python/`` on ``PYTHONPATH``.
+No dependencies; numpy is optional.
 
 The wire protocol (CBOR messages over the Unix socket named by ``FLARE_CLIENT_SOCKET``, models
 as safetensors files) is specified in flare-node's ``protocols/src/client_api.rs``.

@@ -92,6 +92,8 @@ pub enum ExternalError {
     Exited {
         /// Exit code or signal, in words.
         status: String,
+        /// The exit code, when it exited by itself.
+        code: Option<i32>,
         /// Its last lines of stderr.
         stderr: String,
     },
@@ -191,6 +193,7 @@ impl Process {
         let _ = self.stderr_done.recv_timeout(Duration::from_secs(1));
         ExternalError::Exited {
             status: describe(status),
+            code: status.code(),
             stderr: self.stderr.text(),
         }
     }
@@ -411,6 +414,7 @@ impl ExternalLearner {
                 let _ = stderr_done.recv_timeout(Duration::from_secs(1));
                 break Err(ExternalError::Exited {
                     status: describe(status),
+                    code: status.code(),
                     stderr: stderr.text(),
                 });
             }
@@ -483,9 +487,21 @@ impl ExternalLearner {
         if let Some(m) = input {
             m.save(&input_path).map_err(|e| ExternalError::Io(e.to_string()))?;
         }
-        let mut process = match self.process.take() {
-            Some(p) => p,
-            None => self.start(ctx)?,
+        // A process that ended between tasks (e.g. a script that serves one task and
+        // returns) is replaced without failing the task.
+        if let Some(mut p) = self.process.take() {
+            match p.child.try_wait() {
+                Ok(None) => self.process = Some(p),
+                status => {
+                    tracing::info!(job = %ctx.job, round = ctx.round, member = %self.cfg.member, ?status,
+                        "learner process ended between tasks; starting a new one");
+                    p.kill();
+                }
+            }
+        }
+        let (mut process, reused) = match self.process.take() {
+            Some(p) => (p, true),
+            None => (self.start(ctx)?, false),
         };
         let total_rounds = match ctx.props.get("total_rounds") {
             Some(Value::Int(n)) => u32::try_from(*n).unwrap_or(0),
@@ -499,11 +515,27 @@ impl ExternalLearner {
             member: self.cfg.member.clone(),
             input_path: input.map(|_| input_path.to_string_lossy().into_owned()),
             output_path: output_path.to_string_lossy().into_owned(),
-            meta: ctx.props.iter().map(|(k, v)| (k.clone(), MetaValue::from(v.clone()))).collect(),
+            meta: ctx
+                .props
+                .iter()
+                .map(|(k, v)| (k.clone(), MetaValue::from(v.clone())))
+                .collect(),
         };
         let deadline = Instant::now() + self.cfg.task_timeout;
         let waiting_for = format!("the answer to task {:?} of round {}", ctx.task, ctx.round);
-        let answer = process.send(&task).and_then(|_| process.receive(deadline, &waiting_for));
+        let mut answer = process
+            .send(&task)
+            .and_then(|_| process.receive(deadline, &waiting_for));
+        // A kept process that exits cleanly instead of answering was done (it returned after
+        // its last task just as this one was sent): a fresh process gets the task once more.
+        if reused && matches!(&answer, Err(ExternalError::Exited { code: Some(0), .. })) {
+            process.kill();
+            process = self.start(ctx)?;
+            let deadline = Instant::now() + self.cfg.task_timeout;
+            answer = process
+                .send(&task)
+                .and_then(|_| process.receive(deadline, &waiting_for));
+        }
         match answer {
             Err(e) => {
                 process.kill();
@@ -611,7 +643,10 @@ fn add_diff(base: &Model, diff: &Model) -> Result<Model, String> {
                 .collect(),
             other => return Err(format!("tensor {name:?} is {other:?}: a DIFF can only add F32 or F64")),
         };
-        out.push((name.clone(), Tensor::new(b.dtype(), b.shape().to_vec(), data).map_err(|e| e.to_string())?));
+        out.push((
+            name.clone(),
+            Tensor::new(b.dtype(), b.shape().to_vec(), data).map_err(|e| e.to_string())?,
+        ));
     }
     Ok(Model::from_tensors(out))
 }
@@ -677,13 +712,19 @@ mod tests {
 
     fn model() -> Model {
         Model::from_tensors([
-            ("w", Tensor::from_f32(vec![2, 3], &[0.5, -1.25, 2.0, 3.0, 4.0, -7.5]).expect("t")),
+            (
+                "w",
+                Tensor::from_f32(vec![2, 3], &[0.5, -1.25, 2.0, 3.0, 4.0, -7.5]).expect("t"),
+            ),
             ("b", Tensor::from_f32(vec![3], &[1.0, 2.0, 3.0]).expect("t")),
         ])
     }
 
     fn python_ok() -> bool {
-        let ok = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+        let ok = Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !ok {
             eprintln!("SKIPPED: python3 is not available");
         }
@@ -721,7 +762,10 @@ mod tests {
         assert!(l.local_model() == Some(m));
         l.stop();
         assert!(l.pid().is_none());
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process is gone");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process is gone"
+        );
     }
 
     #[test]
@@ -760,5 +804,17 @@ mod tests {
         assert!(e.contains("does not fit the input"), "{e}");
         let e = l.train(model(), &ctx("train", 1)).expect_err("learner error");
         assert_eq!(e, "learner process reported an error: no data here");
+        // A script that serves one task and returns: each task gets a new process.
+        let once = "import flare_client as flare\n\
+                    m = flare.receive()\n\
+                    flare.send(flare.FLModel(params={k: v + 1.0 for k, v in m.params.items()}))\n";
+        let mut l = learner(dir.path(), &["python3", "-c", once]);
+        let mut m = model();
+        for round in 0..3 {
+            m = l.train(m, &ctx("train", round)).expect("one task per process").model;
+        }
+        let mut expected = model();
+        (0..3).for_each(|_| expected.map_f32(|v| v + 1.0));
+        assert!(m == expected);
     }
 }
