@@ -8,6 +8,7 @@ mod child;
 mod cli;
 mod control;
 mod cross_site;
+mod external;
 mod faults;
 mod fedavg;
 mod hostile_input;

@@ -4,12 +4,14 @@
 //! - [`frame`]: the length-prefixed frame both protocols are built from, with its caps.
 //! - [`ctl`]: the control protocol `/flare/ctl/1` (request-response, CBOR).
 //! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
+//! - [`client_api`]: the Client API, executor <-> external learner process over a local socket.
 //! - [`model`]: models as named tensors in a canonical safetensors layout, and the `FLModel` envelope.
 //!
 //! Each protocol module starts with its wire specification in prose.
 
 pub mod blob;
 pub mod blob_id;
+pub mod client_api;
 pub mod ctl;
 pub mod frame;
 pub mod model;

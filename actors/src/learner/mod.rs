@@ -6,10 +6,12 @@
 //! - [`Mlp`]: a multi-layer perceptron classifier trained with mini-batch SGD.
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
+//! - [`external`]: a learner that is a separate process (any language) speaking the Client API.
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
 pub mod digits;
+pub mod external;
 mod mlp;
 mod paced;
 pub mod split;

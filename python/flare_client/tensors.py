@@ -1,0 +1,201 @@
+"""Safetensors files in pure Python, and a small tensor type for when numpy is absent.
+
+A safetensors file is ``header_len: u64 little-endian``, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [start, end]}}`` (optionally ``__metadata__``),
+then the raw little-endian tensor data.
+
+With numpy importable (and ``FLARE_CLIENT_NO_NUMPY`` unset), tensors are ``numpy.ndarray``;
+otherwise they are :class:`Tensor` objects holding an ``array.array``. Supported dtypes:
+F32, F64, F16, I64, I32, U8, BOOL; others (e.g. BF16) are refused with a clear error.
+"""
+
+import array
+import json
+import os
+import struct
+import sys
+
+try:
+    if os.environ.get("FLARE_CLIENT_NO_NUMPY"):
+        raise ImportError("disabled by FLARE_CLIENT_NO_NUMPY")
+    import numpy as _np
+except ImportError:
+    _np = None
+
+HAS_NUMPY = _np is not None
+"""Whether params are numpy arrays (True) or :class:`Tensor` objects (False)."""
+
+# dtype -> (array typecode, numpy dtype, bytes per element)
+_DTYPES = {
+    "F32": ("f", "<f4", 4),
+    "F64": ("d", "<f8", 8),
+    "F16": ("f", "<f2", 2),  # widened to single precision in an array.array
+    "I64": ("q", "<i8", 8),
+    "I32": ("i", "<i4", 4),
+    "U8": ("B", "u1", 1),
+    "BOOL": ("B", "?", 1),
+}
+_NP_TO_ST = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32",
+             "uint8": "U8", "bool": "BOOL"}
+_MAX_HEADER = 100_000_000
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Tensor:
+    """A tensor without numpy: ``shape`` (list of ints), ``dtype`` (a safetensors dtype name)
+    and ``values`` (a flat, row-major ``array.array``). Supports ``+ - * /`` with a number or
+    a tensor of the same shape, so ``params[k] + 1.0`` works as it does for numpy arrays."""
+
+    __slots__ = ("shape", "dtype", "values")
+
+    def __init__(self, shape, dtype="F32", values=None):
+        if dtype not in _DTYPES:
+            raise ValueError("unsupported dtype %r" % dtype)
+        self.shape = [int(d) for d in shape]
+        self.dtype = dtype
+        code = _DTYPES[dtype][0]
+        if values is None:
+            values = array.array(code, bytes(array.array(code).itemsize * _numel(self.shape)))
+        elif not isinstance(values, array.array) or values.typecode != code:
+            values = array.array(code, values)
+        if len(values) != _numel(self.shape):
+            raise ValueError("%d values for shape %s" % (len(values), self.shape))
+        self.values = values
+
+    def __len__(self):
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def size(self):
+        """Number of elements."""
+        return len(self.values)
+
+    def tolist(self):
+        """The values as a flat list."""
+        return self.values.tolist()
+
+    def copy(self):
+        """An independent copy."""
+        return Tensor(self.shape, self.dtype, array.array(self.values.typecode, self.values))
+
+    def _zip(self, other, op):
+        if isinstance(other, Tensor):
+            if other.shape != self.shape:
+                raise ValueError("shapes %s and %s differ" % (self.shape, other.shape))
+            vals = [op(a, b) for a, b in zip(self.values, other.values)]
+        else:
+            vals = [op(a, other) for a in self.values]
+        return Tensor(self.shape, self.dtype, vals)
+
+    def __add__(self, o):
+        return self._zip(o, lambda a, b: a + b)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return self._zip(o, lambda a, b: a - b)
+
+    def __rsub__(self, o):
+        return self._zip(o, lambda a, b: b - a)
+
+    def __mul__(self, o):
+        return self._zip(o, lambda a, b: a * b)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        return self._zip(o, lambda a, b: a / b)
+
+    def __eq__(self, o):
+        return isinstance(o, Tensor) and (self.shape, self.dtype, self.values) == (o.shape, o.dtype, o.values)
+
+    def __repr__(self):
+        head = self.values[:6].tolist()
+        more = ", ..." if len(self.values) > 6 else ""
+        return "Tensor(shape=%s, dtype=%s, values=%s%s)" % (self.shape, self.dtype, str(head)[:-1], more + "]")
+
+
+def _to_le(a):
+    if sys.byteorder == "big":
+        a = array.array(a.typecode, a)
+        a.byteswap()
+    return a
+
+
+def _decode(dtype, shape, raw):
+    if dtype not in _DTYPES:
+        raise ValueError("tensor dtype %s is not supported by flare_client" % dtype)
+    code, np_dtype, size = _DTYPES[dtype]
+    if len(raw) != _numel(shape) * size:
+        raise ValueError("tensor data length does not match its shape")
+    if _np is not None:
+        return _np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
+    if dtype == "F16":
+        vals = array.array("f", struct.unpack("<%de" % _numel(shape), raw))
+    else:
+        vals = array.array(code)
+        vals.frombytes(raw)
+        vals = _to_le(vals)
+    return Tensor(shape, dtype, vals)
+
+
+def _encode(name, t):
+    if isinstance(t, Tensor):
+        if t.dtype == "F16":
+            return "F16", list(t.shape), struct.pack("<%de" % len(t.values), *t.values)
+        return t.dtype, list(t.shape), _to_le(t.values).tobytes()
+    if _np is not None and isinstance(t, (_np.ndarray, _np.generic)):
+        a = _np.asarray(t)
+        st = _NP_TO_ST.get(a.dtype.name)
+        if st is None:
+            raise ValueError("param %r has unsupported dtype %s" % (name, a.dtype))
+        return st, list(a.shape), _np.ascontiguousarray(a, dtype=_DTYPES[st][1]).tobytes()
+    if hasattr(t, "detach") and hasattr(t, "cpu") and hasattr(t, "numpy"):  # a torch tensor
+        return _encode(name, t.detach().cpu().numpy())
+    raise ValueError("param %r is a %s, not a tensor" % (name, type(t).__name__))
+
+
+def load(path):
+    """Reads a safetensors file into ``{name: tensor}``."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError("%s: shorter than a safetensors header" % path)
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or 8 + n > len(data):
+        raise ValueError("%s: bad safetensors header length %d" % (path, n))
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = info["data_offsets"]
+        out[name] = _decode(info["dtype"], info["shape"], data[base + s:base + e])
+    return out
+
+
+def save(params, path):
+    """Writes ``{name: tensor}`` (numpy arrays, :class:`Tensor` objects or torch tensors) as a
+    safetensors file, atomically (written aside, then renamed)."""
+    header, blobs, at = {}, [], 0
+    for name in sorted(params):
+        dtype, shape, raw = _encode(name, params[name])
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    tmp = str(path) + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
