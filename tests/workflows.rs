@@ -425,3 +425,51 @@ async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     let t = result.get("w").expect("tensor").to_f32().expect("f32");
     assert!(t.iter().all(|v| *v == 1.5), "trained from the previous copy (0.5 + 1)");
 }
+
+/// A shipped topology with its relative `python/...` paths made absolute (tests do not run
+/// from the repository root).
+fn with_repo_paths(name: &str, dir: &Path) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = repo.canonicalize().expect("repo root");
+    let text = std::fs::read_to_string(topology_file(name))
+        .expect("topology")
+        .replace("\"python/", &format!("\"{}/python/", repo.display()))
+        .replace("\"python\"", &format!("\"{}/python\"", repo.display()));
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write topology");
+    path.to_str().expect("utf8").to_owned()
+}
+
+#[test]
+fn python_learners_take_part_in_fedavg_next_to_rust_learners() {
+    if std::process::Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no python3 on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = cli(&[
+        "sim",
+        &with_repo_paths("fedavg-python-addone.toml", dir.path()),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(
+        s["contributors_per_round"],
+        serde_json::json!([3, 3, 3]),
+        "the Python site counted: {s}"
+    );
+
+    let out = cli(&[
+        "sim",
+        &with_repo_paths("fedavg-python-digits.toml", dir.path()),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    let last = s["global"][7]["accuracy"].as_f64().expect("accuracy");
+    let local = s["local_only"]["mean_accuracy"].as_f64().expect("local-only");
+    assert!(last >= 0.90 && last > local, "global {last} vs local-only {local}");
+    assert_eq!(s["contributors_per_round"][7], 3, "{s}");
+}

@@ -15,12 +15,13 @@ use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
 use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
+use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
 use libp2p::PeerId;
 use serde_json::{Value, json};
 
-use crate::topology::{CyclicOrder, LearnerSpec, ModelSpec, Topology, Workflow};
+use crate::topology::{CyclicOrder, ExternalSpec, LearnerSpec, ModelSpec, Topology, Workflow};
 
 /// The add-one job's values: seeded fractional numbers, so exactness means something.
 fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
@@ -125,7 +126,12 @@ impl Setup {
     }
 
     /// The learner of client `member`.
-    pub fn learner(&self, topo: &Topology, member: &str) -> anyhow::Result<Box<dyn Learner>> {
+    /// `work_dir` is where an external learner's socket and model files go (one per member
+    /// and job; keep its path short: a Unix socket path has at most ~100 bytes).
+    pub fn learner(&self, topo: &Topology, member: &str, work_dir: &Path) -> anyhow::Result<Box<dyn Learner>> {
+        if let Some(ext) = topo.external.get(member) {
+            return self.external_learner(topo, member, ext, work_dir);
+        }
         if let Some((spec, data)) = &self.split {
             let p = topo
                 .clients
@@ -150,6 +156,43 @@ impl Setup {
             .with_context(|| format!("{member} is not a client"))?;
         let shard = fed.shards.get(i).context("no shard for this client")?.clone();
         Ok(Box::new(DigitsLearner::new(spec.clone(), shard, i)?))
+    }
+}
+
+impl Setup {
+    /// The external learner of `member`: the command of its topology entry, run with the
+    /// job's round timeout per task; with the digits learner it gets its training shard as a
+    /// CSV (64 features in [0, 1], then the label) named by `DIGITS_CSV`.
+    fn external_learner(
+        &self,
+        topo: &Topology,
+        member: &str,
+        ext: &ExternalSpec,
+        work_dir: &Path,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        std::fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        let mut cfg = ExternalConfig::new(ext.command.clone(), work_dir, member);
+        cfg.task_timeout = topo.round_timeout;
+        cfg.env = ext.env.clone();
+        if let Some((_, fed)) = &self.digits {
+            let i = topo
+                .clients
+                .iter()
+                .position(|c| c == member)
+                .with_context(|| format!("{member} is not a client"))?;
+            let shard = fed.shards.get(i).context("no shard for this client")?;
+            let path = work_dir.join("train.csv");
+            let mut csv = String::new();
+            for (row, label) in shard.features().chunks(shard.dim()).zip(shard.labels()) {
+                for v in row {
+                    csv.push_str(&format!("{v},"));
+                }
+                csv.push_str(&format!("{label}\n"));
+            }
+            std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+            cfg.env.insert("DIGITS_CSV".into(), path.to_string_lossy().into_owned());
+        }
+        Ok(Box::new(ExternalLearner::new(cfg)?))
     }
 }
 

@@ -141,9 +141,14 @@ async fn member_of_job(
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
     if is_client {
-        host.join_as_executor(job.clone(), Some(controller), name, setup.learner(&topo, name)?)
-            .await
-            .context("starting the executor")?;
+        host.join_as_executor(
+            job.clone(),
+            Some(controller),
+            name,
+            setup.learner(&topo, name, &data_dir.join("learner"))?,
+        )
+        .await
+        .context("starting the executor")?;
     }
     if name == controller_name {
         let members: Vec<_> = table.iter().cloned().collect();
@@ -182,15 +187,12 @@ async fn member_of_job(
         crate::job::write_outputs(data_dir, &outcome, &summary)?;
         return crate::job::report(&summary, json);
     }
-    if !topo.clients.iter().any(|c| c == name) {
+    if !is_client {
         bail!(
             "member {name:?} is neither the controller nor a client of job {}",
             topo.job
         );
     }
-    host.join_as_executor(job.clone(), Some(controller), name, setup.learner(&topo, name)?)
-        .await
-        .context("starting the executor")?;
     join(node, &job, controller, name, topo.spec_hash()).await?;
     let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
     tracing::info!(%reason, "job over");
@@ -216,9 +218,14 @@ async fn swarm_member(
         .map(|(n, _)| table.by_name(n).cloned().context("member vanished"))
         .collect::<Result<_, _>>()?;
     let job = JobId(topo.job.clone());
-    host.join_as_executor(job.clone(), None, name, setup.learner(topo, name)?)
-        .await
-        .context("starting the executor")?;
+    host.join_as_executor(
+        job.clone(),
+        None,
+        name,
+        setup.learner(topo, name, &data_dir.join("learner"))?,
+    )
+    .await
+    .context("starting the executor")?;
     let comm = Communicator::new(host, job.clone(), members.clone(), DEFAULT_CHUNK_SIZE, topo.spec_hash());
     let cfg = crate::job::swarm_config(topo, setup, &members, name);
     let started = std::time::Instant::now();

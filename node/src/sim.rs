@@ -40,13 +40,19 @@ async fn swarm(
     hosts: Vec<JobHost>,
     members: &[Member],
     nodes: &[Arc<Node>],
+    work: &std::path::Path,
 ) -> anyhow::Result<()> {
     let job = JobId(topo.job.clone());
     let mut runs = Vec::new();
     for (host, m) in hosts.into_iter().zip(members) {
-        host.join_as_executor(job.clone(), None, &m.name, setup.learner(topo, &m.name)?)
-            .await
-            .with_context(|| format!("starting the executor of {}", m.name))?;
+        host.join_as_executor(
+            job.clone(),
+            None,
+            &m.name,
+            setup.learner(topo, &m.name, &work.join(&m.name))?,
+        )
+        .await
+        .with_context(|| format!("starting the executor of {}", m.name))?;
         let comm = Communicator::new(
             &host,
             job.clone(),
@@ -120,6 +126,11 @@ fn bytes_per_round(names: &[String], nodes: &[Arc<Node>], rounds: u32) -> serde_
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let topo = Topology::load(&args.file)?;
     let setup = crate::job::Setup::new(&topo)?;
+    // External learners' work dirs (sockets, model files), gone when the job is.
+    let work = tempfile::Builder::new()
+        .prefix("flare-sim-")
+        .tempdir()
+        .context("creating a work directory")?;
     eprintln!(
         "sim {}: {} members, {}, {} {} of {}",
         topo.path.display(),
@@ -168,12 +179,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let index = |name: &str| names.iter().position(|n| n == name).context("member vanished");
     let job = JobId(topo.job.clone());
     let Some(controller) = &topo.controller else {
-        return swarm(&args, &topo, &setup, hosts, &members, &nodes).await;
+        return swarm(&args, &topo, &setup, hosts, &members, &nodes, work.path()).await;
     };
     let controller = index(controller)?;
     for client in &topo.clients {
         let i = index(client)?;
-        let learner = setup.learner(&topo, client)?;
+        let learner = setup.learner(&topo, client, &work.path().join(client))?;
         hosts[i]
             .join_as_executor(job.clone(), Some(members[controller].peer_id), client, learner)
             .await

@@ -191,6 +191,20 @@ struct RawMember {
     peer_id: Option<Spanned<String>>,
     #[serde(default)]
     addrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+}
+
+/// A member whose learner is an external process (e.g. a Python script using the
+/// `flare_client` package) instead of the job's built-in learner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExternalSpec {
+    /// Program and arguments, run from the node's working directory.
+    pub command: Vec<String>,
+    /// Extra environment for it (e.g. `PYTHONPATH = "python"`).
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// The learner every client runs.
@@ -285,6 +299,8 @@ pub struct Topology {
     pub job: String,
     /// Members, in file order: (name, peer id and addresses when given).
     pub members: Vec<(String, Option<Member>)>,
+    /// Members whose learner is an external process, by name.
+    pub external: std::collections::BTreeMap<String, ExternalSpec>,
     /// The member that hosts the controller (none in a swarm: every member takes turns).
     pub controller: Option<String>,
     /// The members that train (the controller's member too when it is listed).
@@ -382,6 +398,7 @@ impl Topology {
             ));
         }
         let mut members = Vec::new();
+        let mut external = std::collections::BTreeMap::new();
         for m in raw.member {
             let at = m.span().start;
             let m = m.into_inner();
@@ -409,6 +426,18 @@ impl Topology {
                         })
                     }
                 };
+            if let Some(c) = &m.command {
+                if c.get_ref().is_empty() {
+                    return Err(fail(c.span().start, "member.command", "is empty".into()));
+                }
+                external.insert(
+                    m.name.clone(),
+                    ExternalSpec {
+                        command: c.get_ref().clone(),
+                        env: m.env.clone(),
+                    },
+                );
+            }
             members.push((m.name, full));
         }
         if members.len() < 2 {
@@ -666,6 +695,7 @@ impl Topology {
             path: path.to_owned(),
             job: job.name,
             members,
+            external,
             controller,
             clients,
             workflow,
@@ -684,8 +714,9 @@ impl Topology {
     /// `Join` so a member can tell that it runs the same job as its controller.
     pub fn spec_hash(&self) -> [u8; 32] {
         let spec = format!(
-            "{}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+            "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
             self.job,
+            self.external,
             self.controller,
             self.clients,
             self.workflow,
