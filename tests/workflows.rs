@@ -473,3 +473,39 @@ fn python_learners_take_part_in_fedavg_next_to_rust_learners() {
     assert!(last >= 0.90 && last > local, "global {last} vs local-only {local}");
     assert_eq!(s["contributors_per_round"][7], 3, "{s}");
 }
+
+#[test]
+fn a_swarm_member_that_comes_back_picks_up_at_the_current_round() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let names = ["lab-a", "lab-b", "lab-c"];
+    let job = SWARM
+        .replace("rounds = 5", "rounds = 8")
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.4");
+    let c = Cluster::new(dir.path(), &job, &names);
+    let mut members = c.start_all();
+    let mut lab_b = members.remove(1);
+    // lab-b aggregates round 1; it hears of round 2 from lab-c.
+    lab_b.wait_for(&["round announced", "round=2"]);
+    lab_b.kill();
+    // Back on the same data dir a moment later, as after a crash and a restart.
+    let mut lab_b = c.start("lab-b");
+    lab_b.wait_for(&["picking up where the job stands"]);
+    let (ok, log) = lab_b.finish(120);
+    assert!(ok, "lab-b finishes after coming back:\n{log}");
+    for (m, n) in members.into_iter().zip(["lab-a", "lab-c"]) {
+        let (ok, log) = m.finish(120);
+        assert!(ok, "{n} finishes:\n{log}");
+    }
+    let back = c.results("lab-b");
+    assert_eq!(back["verified"], true, "{back}");
+    assert!(
+        c.model("lab-b") == c.model("lab-a"),
+        "every member ends with the same model"
+    );
+    // It saw only the rounds after its return, and trained again in the last ones.
+    let seen = back["aggregator_per_round"].as_array().map_or(0, Vec::len);
+    assert!(seen < 8, "lab-b missed rounds while away: {back}");
+    let full = c.results("lab-a");
+    let last = full["contributors_per_round"][7].to_string();
+    assert!(last.contains("lab-b"), "lab-b contributes again: {full}");
+}

@@ -419,7 +419,7 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
     JobOutcome {
         round_secs: o.rounds.iter().map(|r| r.secs).collect(),
         global: o.rounds.iter().map(|r| r.global.clone()).collect(),
-        train_steps: u32::try_from(o.rounds.len()).unwrap_or(u32::MAX),
+        train_steps: o.completed,
         rounds,
         extra,
         model: o.model,

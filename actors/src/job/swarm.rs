@@ -90,6 +90,8 @@ pub struct SwarmOutcome {
     pub model: Model,
     /// The rounds this member saw completed (a member that came back misses some).
     pub rounds: Vec<SwarmRound>,
+    /// Rounds behind the final model (all of them, also for a member that came back).
+    pub completed: u32,
 }
 
 /// Why a member's swarm job stopped.
@@ -164,24 +166,36 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                 Ok(progress) => {
                     met.insert(peer);
                     if let Some(p) = progress.filter(|p| p.round > state.round) {
-                        tracing::info!(job = %comm.job(), round = p.round, from = %peer, "picking up where the job stands");
+                        tracing::info!(
+                            job = %comm.job(),
+                            round = p.round,
+                            from = %comm.name_of(&peer),
+                            "picking up where the job stands"
+                        );
                         state = p;
                     }
                 }
                 Err(e) => tracing::debug!(job = %comm.job(), %peer, error = %e, "member not there yet"),
             }
         }
+        // The job is under way: this member came back and need not wait for everyone.
+        if state.round > 0 {
+            break;
+        }
         if met.len() < others.len() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     comm.set_progress(state.clone());
+    // A member that came back watches one round complete before it aggregates, so it does
+    // not start a round the others already gave to someone else while it was away.
+    let mut observing = state.round > 0;
     let mut reports = Vec::new();
     let mut round_started = Instant::now();
     while state.round < cfg.rounds {
         let round = state.round;
         let (agg, passed_over) = aggregator(comm, cfg, round).await?;
-        if agg == me {
+        if agg == me && !observing {
             for dead in &passed_over {
                 tracing::warn!(
                     job = %comm.job(),
@@ -213,8 +227,10 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
             }
             continue;
         }
-        // Wait for round `round`'s result, watching its aggregator.
+        // Wait for round `round`'s result, watching its aggregator (a member that came back
+        // and would be its own choice waits for whoever runs the round, up to two timeouts).
         let mut misses = 0;
+        let give_up = Instant::now() + 2 * cfg.round_timeout;
         loop {
             match comm.next_progress(Instant::now() + cfg.heartbeat).await {
                 Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
@@ -236,9 +252,16 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                     round_started = Instant::now();
                     state = p;
                     comm.set_progress(state.clone());
+                    observing = false;
                     break;
                 }
                 Some(_) => continue,
+                None if agg == me => {
+                    if Instant::now() >= give_up {
+                        observing = false;
+                        break;
+                    }
+                }
                 None => {
                     if comm.is_alive(agg).await {
                         misses = 0;
@@ -268,7 +291,11 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         got.holders = vec![me];
         comm.announce(&holders, &got).await;
     }
-    Ok(SwarmOutcome { model, rounds: reports })
+    Ok(SwarmOutcome {
+        model,
+        rounds: reports,
+        completed: state.round,
+    })
 }
 
 /// Runs round `state.round` as its aggregator; returns the new progress and the round.
