@@ -160,3 +160,41 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         steps: newest.steps,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(seed: Option<u64>) -> CyclicConfig {
+        CyclicConfig {
+            rounds: 10,
+            order: (0..6).map(|_| PeerId::random()).collect(),
+            shuffle_seed: seed,
+            task_timeout: Duration::from_secs(1),
+            evaluate: None,
+        }
+    }
+
+    #[test]
+    fn a_seeded_order_is_a_fresh_permutation_each_round_and_reproducible() {
+        let c = cfg(Some(7));
+        let orders: Vec<Vec<PeerId>> = (0..10).map(|r| round_order(&c, r)).collect();
+        for o in &orders {
+            let mut sorted = o.clone();
+            sorted.sort();
+            let mut all = c.order.clone();
+            all.sort();
+            assert_eq!(sorted, all, "every member once");
+        }
+        assert!(
+            orders.windows(2).any(|w| w[0] != w[1]),
+            "the order changes between rounds"
+        );
+        assert_eq!(orders[3], round_order(&c, 3), "same seed and round, same order");
+        let fixed = cfg(None);
+        assert!(
+            (0..10).all(|r| round_order(&fixed, r) == fixed.order),
+            "no seed: the given order"
+        );
+    }
+}
