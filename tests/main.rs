@@ -6,6 +6,7 @@ mod util;
 mod blob_transfer;
 mod child;
 mod cli;
+mod client_api;
 mod control;
 mod cross_site;
 mod faults;
@@ -13,4 +14,6 @@ mod fedavg;
 mod hostile_input;
 mod membership;
 mod split;
+#[cfg(feature = "torch")]
+mod torch;
 mod workflows;

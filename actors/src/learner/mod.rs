@@ -6,13 +6,17 @@
 //! - [`Mlp`]: a multi-layer perceptron classifier trained with mini-batch SGD.
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
+//! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
+//!   [`torch`]).
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
 pub mod digits;
 mod mlp;
 mod paced;
+pub mod recipe;
 pub mod split;
+pub mod torch;
 
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};
 pub use paced::Paced;
