@@ -75,7 +75,7 @@ pub fn model_of_tensors<S: AsRef<str>>(tensors: &[(S, tch::Tensor)]) -> Result<M
                 .f_to_device(Device::Cpu)?
                 .f_to_kind(Kind::Float)?
                 .f_contiguous()?
-                .f_view([-1])?;
+                .f_reshape([-1i64])?;
             let values = Vec::<f32>::try_from(&flat)?;
             let shape = t.size().iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
             Ok((name.as_ref().to_owned(), Tensor::from_f32(shape, &values)?))

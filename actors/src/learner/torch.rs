@@ -53,7 +53,7 @@ mod imp {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use tch::nn::{self, Module, OptimizerConfig};
-    use tch::{Device, Kind, Tensor};
+    use tch::{Device, Tensor};
 
     use super::{TchArch, TchSpec};
     use crate::client::torch::{load_into, model_of_vars};
@@ -306,6 +306,56 @@ mod imp {
 
         fn learner(&self, shard: Dataset, member_index: usize) -> Result<Box<dyn Learner>, String> {
             Ok(Box::new(TchDigitsLearner::new(self.clone(), &shard, member_index)?))
+        }
+    }
+}
+
+#[cfg(all(test, feature = "torch"))]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::job::{Learner, TaskContext};
+    use crate::learner::digits::DigitsFederation;
+    use crate::learner::recipe::DigitsRecipe;
+
+    #[test]
+    fn tch_learners_start_alike_everywhere_and_train_on_their_shard() {
+        let fed = DigitsFederation::deal(2, 0.5, 0.2, 0).expect("deal");
+        for arch in [TchArch::Mlp { hidden: vec![32] }, TchArch::Cnn { channels: 4 }] {
+            let spec = TchSpec {
+                arch,
+                lr: 0.1,
+                batch_size: 32,
+                epochs: 2,
+                seed: 1,
+            };
+            let initial = spec.initial_model().expect("initial");
+            assert!(initial == spec.initial_model().expect("again"), "seeded, not libtorch's generator");
+            let (before, _) = spec.evaluate(&initial, &fed.test).expect("evaluate");
+            let mut l = spec.learner(fed.shards[0].clone(), 0).expect("learner");
+            let ctx = TaskContext {
+                job: flare_protocols::ctl::JobId("j".into()),
+                member: "m0".into(),
+                task: "train".into(),
+                round: 0,
+                props: BTreeMap::new(),
+            };
+            let out = l.train(initial.clone(), &ctx).expect("train");
+            assert_eq!(
+                out.model.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>(),
+                initial.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>()
+            );
+            let (after, _) = spec.evaluate(&out.model, &fed.test).expect("evaluate");
+            assert!(after > before, "{}: {before} -> {after}", spec.name());
+            let m = l.validate(&out.model, &ctx).expect("validate");
+            assert!((0.0..=1.0).contains(&m["accuracy"]) && m["rows"] > 0.0);
+            assert!(l.local_model() == Some(out.model));
+            let wrong = TchSpec {
+                arch: TchArch::Mlp { hidden: vec![8] },
+                ..spec.clone()
+            };
+            assert!(l.train(wrong.initial_model().expect("other"), &ctx).is_err());
         }
     }
 }
