@@ -331,7 +331,10 @@ mod tests {
                 seed: 1,
             };
             let initial = spec.initial_model().expect("initial");
-            assert!(initial == spec.initial_model().expect("again"), "seeded, not libtorch's generator");
+            assert!(
+                initial == spec.initial_model().expect("again"),
+                "seeded, not libtorch's generator"
+            );
             let (before, _) = spec.evaluate(&initial, &fed.test).expect("evaluate");
             let mut l = spec.learner(fed.shards[0].clone(), 0).expect("learner");
             let ctx = TaskContext {
@@ -343,8 +346,14 @@ mod tests {
             };
             let out = l.train(initial.clone(), &ctx).expect("train");
             assert_eq!(
-                out.model.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>(),
-                initial.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>()
+                out.model
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+                    .collect::<Vec<_>>(),
+                initial
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+                    .collect::<Vec<_>>()
             );
             let (after, _) = spec.evaluate(&out.model, &fed.test).expect("evaluate");
             assert!(after > before, "{}: {before} -> {after}", spec.name());
