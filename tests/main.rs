@@ -14,6 +14,5 @@ mod fedavg;
 mod hostile_input;
 mod membership;
 mod split;
-#[cfg(feature = "torch")]
 mod torch;
 mod workflows;
