@@ -147,7 +147,9 @@ async fn member_of_job(
     };
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
-    if is_client {
+    // A controller that trains needs its executor before the workflow starts; a plain client
+    // joins below.
+    if is_client && name == controller_name {
         host.join_as_executor(
             job.clone(),
             Some(controller),

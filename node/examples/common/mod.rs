@@ -41,6 +41,8 @@ fn tensors(data: &Dataset, cnn: bool, device: Device) -> anyhow::Result<(Tensor,
 
 /// Site `site`'s training rows (of four) and the test set.
 pub fn site_data(site: usize, cnn: bool, device: Device) -> anyhow::Result<SiteData> {
+    // A reproducible batch order (and initial weights) per site.
+    tch::manual_seed(1 + i64::try_from(site)?);
     let fed = DigitsFederation::deal(4, 0.5, 0.2, 0)?;
     let shard = fed
         .shards
