@@ -315,7 +315,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::job::{Learner, TaskContext};
+    use crate::job::TaskContext;
     use crate::learner::digits::DigitsFederation;
     use crate::learner::recipe::DigitsRecipe;
 
