@@ -9,9 +9,11 @@
 //! - [`job`]: controllers, executors, the communicator and the workflows.
 //! - [`data`]: the shipped digits data set, seeded train/test and Dirichlet(α) member splits.
 //! - [`learner`]: built-in pure-Rust learners (add-one, MLP) and named-tensor models.
+//! - [`client`]: the Rust Client API, training loops that drive themselves (`tch` with `torch`).
 
 pub mod aggregate;
 pub mod blob;
+pub mod client;
 pub mod data;
 pub mod job;
 pub mod learner;

@@ -14,8 +14,9 @@ use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
 use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
 use flare_actors::learner::Paced;
-use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
+use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
+use flare_actors::learner::recipe::DigitsRecipe;
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
 use libp2p::PeerId;
@@ -66,8 +67,8 @@ fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
 
 /// Everything every member derives from the topology alone, identically.
 pub struct Setup {
-    /// The MLP and the dealt data, for the digits learner.
-    pub digits: Option<(MlpSpec, Arc<DigitsFederation>)>,
+    /// The kind of digits model (pure-Rust MLP or `tch`) and the dealt data.
+    pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsFederation>)>,
     /// The vertically split data, for split learning.
     pub split: Option<(SplitSpec, Arc<VerticalDigits>)>,
 }
@@ -97,23 +98,29 @@ impl Setup {
                 lr,
                 epochs,
                 batch_size,
-            } => {
-                let spec = MlpSpec {
+            } => Self::digits(
+                topo,
+                Arc::new(MlpSpec {
                     hidden: hidden.clone(),
                     lr: *lr,
                     batch_size: *batch_size,
                     epochs: *epochs,
                     seed: topo.model.seed,
-                };
-                let d = &topo.data;
-                let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
-                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
-                Ok(Self {
-                    digits: Some((spec, Arc::new(fed))),
-                    split: None,
-                })
-            }
+                }),
+            ),
+            LearnerSpec::Tch { .. } => Self::digits(topo, crate::torch::recipe(topo)?),
         }
+    }
+
+    /// Deals the digits data for a digits model `recipe`.
+    fn digits(topo: &Topology, recipe: Arc<dyn DigitsRecipe>) -> anyhow::Result<Self> {
+        let d = &topo.data;
+        let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
+            .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+        Ok(Self {
+            digits: Some((recipe, Arc::new(fed))),
+            split: None,
+        })
     }
 
     /// The initial global model (made afresh on each call, so nobody holds a spare copy).
@@ -121,7 +128,7 @@ impl Setup {
         anyhow::ensure!(self.split.is_none(), "split learning starts from no shared model");
         match &self.digits {
             None => add_one_model(&topo.model),
-            Some((spec, _)) => model_of(&spec.build()?.params()).map_err(anyhow::Error::msg),
+            Some((recipe, _)) => recipe.initial_model().map_err(anyhow::Error::msg),
         }
     }
 
@@ -141,10 +148,10 @@ impl Setup {
             let features = data.parties.get(p).context("no features for this party")?.clone();
             return Ok(Box::new(SplitDataParty::new(spec, p, features)?));
         }
-        let Some((spec, fed)) = &self.digits else {
+        let Some((recipe, fed)) = &self.digits else {
             let delay = match topo.learner {
                 LearnerSpec::AddOne { delay } => delay,
-                LearnerSpec::Mlp { .. } | LearnerSpec::Split => std::time::Duration::ZERO,
+                LearnerSpec::Mlp { .. } | LearnerSpec::Split | LearnerSpec::Tch { .. } => std::time::Duration::ZERO,
             };
             // Cross-site evaluation gets its last output from the executor's store.
             return Ok(Box::new(Paced::new(AddOne { num_samples: 1 }, delay)));
@@ -155,7 +162,7 @@ impl Setup {
             .position(|c| c == member)
             .with_context(|| format!("{member} is not a client"))?;
         let shard = fed.shards.get(i).context("no shard for this client")?.clone();
-        Ok(Box::new(DigitsLearner::new(spec.clone(), shard, i)?))
+        recipe.learner(shard, i).map_err(anyhow::Error::msg)
     }
 }
 
@@ -196,11 +203,14 @@ impl Setup {
     }
 }
 
-fn learner_name(topo: &Topology) -> &'static str {
+fn learner_name(topo: &Topology, setup: &Setup) -> &'static str {
+    if let Some((recipe, _)) = &setup.digits {
+        return recipe.name();
+    }
     match topo.learner {
         LearnerSpec::AddOne { .. } => "add-one",
         LearnerSpec::Split => "split",
-        LearnerSpec::Mlp { .. } => "mlp",
+        LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => "mlp",
     }
 }
 
@@ -224,10 +234,10 @@ pub struct JobOutcome {
 }
 
 fn evaluator(setup: &Setup) -> Option<Evaluator> {
-    setup.digits.as_ref().map(|(spec, fed)| {
-        let (spec, fed) = (spec.clone(), fed.clone());
+    setup.digits.as_ref().map(|(recipe, fed)| {
+        let (recipe, fed) = (recipe.clone(), fed.clone());
         let f: Evaluator = Arc::new(move |m: &Model| {
-            let (accuracy, loss) = evaluate(&spec, m, &fed.test)?;
+            let (accuracy, loss) = recipe.evaluate(m, &fed.test)?;
             Ok(BTreeMap::from([
                 ("accuracy".to_owned(), accuracy),
                 ("loss".to_owned(), loss),
@@ -487,7 +497,7 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
     let mut summary = json!({
         "workflow": topo.workflow.name(),
         "job": topo.job,
-        "learner": learner_name(topo),
+        "learner": learner_name(topo, setup),
         "controller": topo.controller,
         "clients": topo.clients,
         "rounds": topo.rounds,
@@ -516,15 +526,16 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
             summary["verified"] = json!(add_one_exact(&outcome.model, &topo.model, outcome.train_steps));
             summary["add_one_steps"] = json!(outcome.train_steps);
         }
-        Some((spec, fed)) => {
+        Some((recipe, fed)) => {
             summary["global"] = global;
             // The baseline, in the same run: each client's model trained on its shard alone
             // for as many epochs as it trained in the whole job.
-            let (spec, fed) = (spec.clone(), fed.clone());
-            let epochs = spec.epochs * topo.rounds;
-            let local = tokio::task::spawn_blocking(move || fed.local_only(&spec, epochs))
+            let (recipe, fed) = (recipe.clone(), fed.clone());
+            let epochs = recipe.epochs() * topo.rounds;
+            let local = tokio::task::spawn_blocking(move || recipe.local_only(&fed, epochs))
                 .await
-                .context("local-only training")??;
+                .context("local-only training")?
+                .map_err(anyhow::Error::msg)?;
             let per_member: serde_json::Map<String, Value> = topo
                 .clients
                 .iter()

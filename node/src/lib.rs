@@ -1,13 +1,17 @@
 //! The `flare-node` process: CLI, process wiring, benchmarks. `main.rs` only calls
 //! [`main_with_args`], so tests can run the real CLI in a child process.
+//!
+//! [`client`] is the Rust Client API: a training loop in this process as a job's member.
 
 mod bench;
+pub mod client;
 mod job;
 mod keys;
 mod plot;
 mod run;
 mod sim;
 mod topology;
+mod torch;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -46,7 +50,7 @@ enum Command {
     BenchPeer(bench::PeerArgs),
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     // `try_init`: a second call (tests) keeps the first subscriber.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));

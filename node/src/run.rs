@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use flare_actors::job::{Communicator, JobHost};
+use flare_actors::job::{Communicator, JobHost, Learner};
 use flare_actors::{BlobStore, Members, Node, NodeConfig};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
@@ -48,6 +48,12 @@ const REDIAL_EVERY: Duration = Duration::from_secs(10);
 const JOIN_FOR: Duration = Duration::from_secs(600);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    run_with(args, None).await
+}
+
+/// [`run`], with `learner` (when given) in place of the one the topology names: how the
+/// Client API's `init` puts the training code behind this member's executor.
+pub async fn run_with(args: RunArgs, mut learner: Option<Box<dyn Learner>>) -> anyhow::Result<()> {
     let keypair = crate::keys::load_key(&args.key)?;
     let me = keypair.public().to_peer_id();
     let topo = args.topology.as_deref().map(Topology::load).transpose()?;
@@ -91,7 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
     let name = args.name.clone().unwrap_or_default();
-    let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json));
+    let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json, &mut learner));
     let mut redial = tokio::time::interval(REDIAL_EVERY);
     let result = match job {
         Some(job) => {
@@ -129,6 +135,7 @@ async fn member_of_job(
     name: &str,
     data_dir: &std::path::Path,
     json: bool,
+    given: &mut Option<Box<dyn Learner>>,
 ) -> anyhow::Result<()> {
     let host = JobHost::start(node.clone())?;
     let setup = crate::job::Setup::new(&topo)?;
@@ -136,16 +143,18 @@ async fn member_of_job(
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
     let job = JobId(topo.job.clone());
     let Some(controller_name) = topo.controller.clone() else {
-        return swarm_member(node, &host, &topo, &setup, name, data_dir, json).await;
+        return swarm_member(node, &host, &topo, &setup, name, data_dir, json, given).await;
     };
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
-    if is_client {
+    // A controller that trains needs its executor before the workflow starts; a plain client
+    // joins below.
+    if is_client && name == controller_name {
         host.join_as_executor(
             job.clone(),
             Some(controller),
             name,
-            setup.learner(&topo, name, &data_dir.join("learner"))?,
+            learner_of(given, &setup, &topo, name, data_dir)?,
         )
         .await
         .context("starting the executor")?;
@@ -193,6 +202,14 @@ async fn member_of_job(
             topo.job
         );
     }
+    host.join_as_executor(
+        job.clone(),
+        Some(controller),
+        name,
+        learner_of(given, &setup, &topo, name, data_dir)?,
+    )
+    .await
+    .context("starting the executor")?;
     join(node, &job, controller, name, topo.spec_hash()).await?;
     let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
     tracing::info!(%reason, "job over");
@@ -201,6 +218,7 @@ async fn member_of_job(
 
 /// This member's part of a swarm job: the same loop as every other member; each member
 /// writes the final model and its view of the rounds to its data dir.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different thing
 async fn swarm_member(
     node: &Arc<Node>,
     host: &JobHost,
@@ -209,6 +227,7 @@ async fn swarm_member(
     name: &str,
     data_dir: &std::path::Path,
     json: bool,
+    given: &mut Option<Box<dyn Learner>>,
 ) -> anyhow::Result<()> {
     let table = topo.member_table()?;
     // The rotation follows the topology's member order.
@@ -218,14 +237,9 @@ async fn swarm_member(
         .map(|(n, _)| table.by_name(n).cloned().context("member vanished"))
         .collect::<Result<_, _>>()?;
     let job = JobId(topo.job.clone());
-    host.join_as_executor(
-        job.clone(),
-        None,
-        name,
-        setup.learner(topo, name, &data_dir.join("learner"))?,
-    )
-    .await
-    .context("starting the executor")?;
+    host.join_as_executor(job.clone(), None, name, learner_of(given, setup, topo, name, data_dir)?)
+        .await
+        .context("starting the executor")?;
     let comm = Communicator::new(host, job.clone(), members.clone(), DEFAULT_CHUNK_SIZE, topo.spec_hash());
     let cfg = crate::job::swarm_config(topo, setup, &members, name);
     let started = std::time::Instant::now();
@@ -238,6 +252,19 @@ async fn swarm_member(
         serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
     crate::job::write_outputs(data_dir, &outcome, &summary)?;
     crate::job::report(&summary, json)
+}
+
+/// The learner given to [`run_with`], else the topology's.
+fn learner_of(
+    given: &mut Option<Box<dyn Learner>>,
+    setup: &crate::job::Setup,
+    topo: &Topology,
+    name: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Box<dyn Learner>> {
+    given
+        .take()
+        .map_or_else(|| setup.learner(topo, name, &data_dir.join("learner")), Ok)
 }
 
 /// Asks the controller to admit this member, until it answers (bounded by [`JOIN_FOR`]).

@@ -135,6 +135,12 @@ struct RawLearner {
     batch_size: usize,
     #[serde(default)]
     delay_secs: Option<Spanned<f64>>,
+    #[serde(default = "default_channels")]
+    channels: usize,
+}
+
+fn default_channels() -> usize {
+    16
 }
 
 fn default_lr() -> f32 {
@@ -224,6 +230,17 @@ pub enum LearnerSpec {
         hidden: Vec<usize>,
         /// SGD learning rate.
         lr: f32,
+        /// Local epochs per round.
+        epochs: u32,
+        /// Mini-batch size.
+        batch_size: usize,
+    },
+    /// A `tch` network on the digits data (`tch-mlp`, `tch-cnn`; the `torch` feature).
+    Tch {
+        /// The network.
+        arch: flare_actors::learner::torch::TchArch,
+        /// SGD learning rate.
+        lr: f64,
         /// Local epochs per round.
         epochs: u32,
         /// Mini-batch size.
@@ -356,11 +373,28 @@ fn learner_spec(
             epochs: l.epochs,
             batch_size: l.batch_size,
         },
+        kind @ ("tch-mlp" | "tch-cnn") if !cfg!(feature = "torch") => {
+            return Err(fail(
+                l.kind.span().start,
+                "learner.kind",
+                format!("learner {kind:?} needs a build with `--features torch` (see scripts/install-libtorch.sh)"),
+            ));
+        }
+        kind @ ("tch-mlp" | "tch-cnn") => LearnerSpec::Tch {
+            arch: if kind == "tch-cnn" {
+                flare_actors::learner::torch::TchArch::Cnn { channels: l.channels }
+            } else {
+                flare_actors::learner::torch::TchArch::Mlp { hidden: l.hidden }
+            },
+            lr: f64::from(l.lr),
+            epochs: l.epochs,
+            batch_size: l.batch_size,
+        },
         other => {
             return Err(fail(
                 l.kind.span().start,
                 "learner.kind",
-                format!("unknown learner {other:?} (known: \"add-one\", \"mlp\")"),
+                format!("unknown learner {other:?} (known: \"add-one\", \"mlp\", \"tch-mlp\", \"tch-cnn\")"),
             ));
         }
     })

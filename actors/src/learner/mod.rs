@@ -7,6 +7,8 @@
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
 //! - [`external`]: a learner that is a separate process (any language) speaking the Client API.
+//! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
+//!   [`torch`]).
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
@@ -14,7 +16,9 @@ pub mod digits;
 pub mod external;
 mod mlp;
 mod paced;
+pub mod recipe;
 pub mod split;
+pub mod torch;
 
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};
 pub use paced::Paced;

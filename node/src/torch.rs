@@ -1,0 +1,41 @@
+//! The `tch` learners of topologies (`kind = "tch-mlp"`, `"tch-cnn"`): present only in builds
+//! with the `torch` feature, a clear error otherwise.
+
+use std::sync::Arc;
+
+use flare_actors::learner::recipe::DigitsRecipe;
+
+use crate::topology::Topology;
+
+/// The digits recipe of a topology whose learner is a `tch` network.
+#[cfg(feature = "torch")]
+pub fn recipe(topo: &Topology) -> anyhow::Result<Arc<dyn DigitsRecipe>> {
+    use flare_actors::learner::torch::TchSpec;
+
+    use crate::topology::LearnerSpec;
+    let LearnerSpec::Tch {
+        arch,
+        lr,
+        epochs,
+        batch_size,
+    } = &topo.learner
+    else {
+        anyhow::bail!("{}: not a tch learner", topo.path.display());
+    };
+    Ok(Arc::new(TchSpec {
+        arch: arch.clone(),
+        lr: *lr,
+        batch_size: *batch_size,
+        epochs: *epochs,
+        seed: topo.model.seed,
+    }))
+}
+
+/// Without the `torch` feature there are no `tch` learners.
+#[cfg(not(feature = "torch"))]
+pub fn recipe(topo: &Topology) -> anyhow::Result<Arc<dyn DigitsRecipe>> {
+    anyhow::bail!(
+        "{}: tch learners need flare-node built with `--features torch` (see scripts/install-libtorch.sh)",
+        topo.path.display()
+    )
+}
