@@ -149,9 +149,10 @@ impl Dense {
     }
 }
 
-/// A fixed-order dot product with eight independent partial sums (vectorisable, reproducible).
+/// A fixed-order dot product with eight independent partial sums (vectorisable, reproducible;
+/// the split networks use it too, so they compute bit for bit what the joined MLP does).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
@@ -165,7 +166,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += a · x`.
 #[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }

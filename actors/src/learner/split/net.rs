@@ -8,6 +8,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::super::mlp::{axpy, dot};
 use super::super::{LearnerError, NamedTensor};
 
 /// Largest parameter count a stack may have (4 GiB of `f32`), checked before allocating.
@@ -251,26 +252,4 @@ pub fn softmax_xent(logits: &[f32], labels: &[u8], classes: usize) -> (f64, usiz
         g[y] -= scale;
     }
     (loss, correct, grad)
-}
-
-/// A fixed-order dot product with eight partial sums (vectorisable, reproducible).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// `y += a · x`.
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }
