@@ -24,7 +24,10 @@ fn federated_head_on_frozen_embeddings_beats_local_only_and_keeps_the_rows_home(
     // together are the training rows of the dealt data (the topology's [data] table).
     let fed = DigitsFederation::deal(4, 0.5, 0.2, 0).expect("deal");
     let rows = s["embedded_rows_per_member"].as_object().expect("rows per member");
-    for (i, name) in ["hospital-1", "hospital-2", "hospital-3", "hospital-4"].iter().enumerate() {
+    for (i, name) in ["hospital-1", "hospital-2", "hospital-3", "hospital-4"]
+        .iter()
+        .enumerate()
+    {
         assert_eq!(rows[*name].as_u64(), Some(fed.shards[i].len() as u64), "{name}");
     }
     let total: u64 = rows.values().filter_map(serde_json::Value::as_u64).sum();

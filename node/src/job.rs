@@ -441,7 +441,11 @@ async fn embed(
     }
     if !pending.waiting.is_empty() {
         let late: Vec<&str> = pending.waiting.values().map(|m| m.name.as_str()).collect();
-        anyhow::bail!("no embed result within {:?} from {}", topo.round_timeout, late.join(", "));
+        anyhow::bail!(
+            "no embed result within {:?} from {}",
+            topo.round_timeout,
+            late.join(", ")
+        );
     }
     let mut extra = serde_json::Map::new();
     extra.insert("embedding_dim".into(), json!(frozen.embed_dim));

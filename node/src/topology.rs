@@ -753,7 +753,10 @@ impl Topology {
                 return Err(fail(
                     l.get_ref().kind.span().start,
                     "learner.kind",
-                    format!("federated inference trains an \"mlp\" head, not {:?}", l.get_ref().kind.get_ref()),
+                    format!(
+                        "federated inference trains an \"mlp\" head, not {:?}",
+                        l.get_ref().kind.get_ref()
+                    ),
                 ));
             }
             (_, Some(l)) => learner_spec(l.into_inner(), &fail)?,
@@ -943,7 +946,10 @@ name = "b"
             .replace("workflow = \"fedavg\"", "workflow = \"inference-then-fedavg\"")
             .replace("kind = \"add-one\"", "kind = \"mlp\"");
         let t = Topology::parse(Path::new("i.toml"), &inf).expect("defaults");
-        let want = flare_actors::learner::inference::FrozenSpec { embed_dim: 128, seed: 0 };
+        let want = flare_actors::learner::inference::FrozenSpec {
+            embed_dim: 128,
+            seed: 0,
+        };
         assert_eq!(t.workflow, Workflow::InferenceThenFedAvg(want));
         assert_eq!(t.workflow.name(), "inference-then-fedavg");
         let with = format!("{inf}\n[inference]\nembed_dim = 64\nseed = 3\n");

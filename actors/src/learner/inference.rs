@@ -40,11 +40,16 @@ impl FrozenSpec {
     /// biases (random ReLU features of the 64 pixels).
     pub fn model(&self) -> Result<Model, String> {
         if self.embed_dim == 0 || self.embed_dim > MAX_EMBED_DIM {
-            return Err(format!("embed_dim {} is not between 1 and {MAX_EMBED_DIM}", self.embed_dim));
+            return Err(format!(
+                "embed_dim {} is not between 1 and {MAX_EMBED_DIM}",
+                self.embed_dim
+            ));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0xf202_e11e);
         let a = (6.0 / DIGITS_DIM as f32).sqrt();
-        let weight = (0..self.embed_dim * DIGITS_DIM).map(|_| rng.random_range(-a..a)).collect();
+        let weight = (0..self.embed_dim * DIGITS_DIM)
+            .map(|_| rng.random_range(-a..a))
+            .collect();
         let bias = (0..self.embed_dim).map(|_| rng.random_range(-0.1..0.1)).collect();
         model_of(&[
             NamedTensor {
@@ -81,7 +86,12 @@ impl FrozenNet {
             let b = get(&format!("frozen.{i}.bias")).ok_or_else(|| format!("frozen.{i}.bias is missing"))?;
             let out = match w.shape[..] {
                 [out, inp] if inp == width && out > 0 && out <= MAX_EMBED_DIM => out,
-                _ => return Err(format!("frozen.{i}.weight has shape {:?}, expected [_, {width}]", w.shape)),
+                _ => {
+                    return Err(format!(
+                        "frozen.{i}.weight has shape {:?}, expected [_, {width}]",
+                        w.shape
+                    ));
+                }
             };
             if b.shape != [out] || w.values.len() != out * width || b.values.len() != out {
                 return Err(format!("frozen.{i}.bias has shape {:?}, expected [{out}]", b.shape));
@@ -107,7 +117,10 @@ impl FrozenNet {
     pub fn embed(&self, data: &Dataset) -> Result<Dataset, String> {
         let first = self.layers.first().map_or(0, |l| l.3);
         if data.dim() != first {
-            return Err(format!("data has {} features, the frozen network takes {first}", data.dim()));
+            return Err(format!(
+                "data has {} features, the frozen network takes {first}",
+                data.dim()
+            ));
         }
         let mut out = Vec::with_capacity(data.len() * self.dim());
         for row in data.features().chunks_exact(data.dim()) {
@@ -183,7 +196,8 @@ impl DigitsRecipe for InferenceSpec {
                 let train = net.embed(&data.train)?;
                 let mut head = self.build_head().map_err(|e| e.to_string())?;
                 let mut rng = ChaCha8Rng::seed_from_u64(self.head.seed ^ 0x10ca1 ^ i as u64);
-                head.train(&train, epochs as usize, &mut rng).map_err(|e| e.to_string())?;
+                head.train(&train, epochs as usize, &mut rng)
+                    .map_err(|e| e.to_string())?;
                 let e = head.evaluate(&test).map_err(|e| e.to_string())?;
                 Ok((e.accuracy, e.loss))
             })
@@ -226,7 +240,6 @@ impl InferenceLearner {
     pub fn embeddings(&self) -> Option<&LocalData> {
         self.embedded.as_ref()
     }
-
 }
 
 fn embedded(e: &Option<LocalData>) -> Result<&LocalData, String> {
@@ -342,7 +355,11 @@ mod tests {
         assert!(e.contains("embed"), "{e}");
         assert!(l.run_task(None, &ctx(EMBED_TASK)).is_err(), "needs the frozen network");
         let frozen = spec.frozen.model().expect("frozen");
-        assert_eq!(frozen, spec.frozen.model().expect("frozen"), "seeded: the same every time");
+        assert_eq!(
+            frozen,
+            spec.frozen.model().expect("frozen"),
+            "seeded: the same every time"
+        );
         let reply = l.run_task(Some(frozen), &ctx(EMBED_TASK)).expect("embed");
         assert!(reply.model.is_none(), "the embeddings stay on the member");
         let kept = l.embeddings().expect("kept");
@@ -351,7 +368,10 @@ mod tests {
         assert_eq!((kept.train.len(), kept.train.dim()), (local.train.len(), 32));
         assert_eq!(kept.train.labels(), local.train.labels());
         assert_eq!(reply.values["train_rows"], Value::Int(local.train.len() as i64));
-        assert_eq!(reply.values["validation_rows"], Value::Int(local.validation.len() as i64));
+        assert_eq!(
+            reply.values["validation_rows"],
+            Value::Int(local.validation.len() as i64)
+        );
         assert_eq!(reply.values["dim"], Value::Int(32));
         assert_eq!(reply.num_samples as usize, local.train.len());
         // Now the head trains on the embeddings and validates on the embedded held-out rows.
