@@ -957,7 +957,7 @@ name = "b"
         let want = flare_actors::learner::inference::FrozenSpec { embed_dim: 64, seed: 3 };
         assert_eq!((t.workflow, t.rounds), (Workflow::InferenceThenFedAvg(want), 2));
         let e = err(&with.replace("embed_dim = 64", "embed_dim = 0"));
-        assert!(e.contains("inference.embed_dim") && e.contains("line 23"), "{e}");
+        assert!(e.contains("inference.embed_dim") && e.contains("line 22"), "{e}");
         let e = err(&inf.replace("kind = \"mlp\"", "kind = \"add-one\""));
         assert!(e.contains("learner.kind") && e.contains("head"), "{e}");
         let e = err(&inf.replace("[fedavg]\nrounds = 2\nmin_clients = 2", ""));
