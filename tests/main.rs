@@ -13,6 +13,7 @@ mod external;
 mod faults;
 mod fedavg;
 mod hostile_input;
+mod inference;
 mod membership;
 mod split;
 mod torch;

@@ -16,6 +16,7 @@ use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, 
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
+use flare_actors::learner::inference::{self, FrozenSpec, InferenceSpec};
 use flare_actors::learner::recipe::DigitsRecipe;
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
@@ -98,16 +99,26 @@ impl Setup {
                 lr,
                 epochs,
                 batch_size,
-            } => Self::digits(
-                topo,
-                Arc::new(MlpSpec {
+            } => {
+                let mlp = MlpSpec {
                     hidden: hidden.clone(),
                     lr: *lr,
                     batch_size: *batch_size,
                     epochs: *epochs,
                     seed: topo.model.seed,
-                }),
-            ),
+                };
+                match &topo.workflow {
+                    // The MLP is the head on the frozen network's embeddings.
+                    Workflow::InferenceThenFedAvg(frozen) => Self::digits(
+                        topo,
+                        Arc::new(InferenceSpec {
+                            head: mlp,
+                            frozen: frozen.clone(),
+                        }),
+                    ),
+                    _ => Self::digits(topo, Arc::new(mlp)),
+                }
+            }
             LearnerSpec::Tch { .. } => Self::digits(topo, crate::torch::recipe(topo)?),
         }
     }
@@ -257,7 +268,11 @@ async fn run_workflow(
 ) -> anyhow::Result<JobOutcome> {
     let evaluate = evaluator(setup);
     match &topo.workflow {
-        Workflow::FedAvg => {
+        Workflow::FedAvg | Workflow::InferenceThenFedAvg(_) => {
+            let embedded = match &topo.workflow {
+                Workflow::InferenceThenFedAvg(frozen) => Some(embed(comm, topo, frozen, &clients).await?),
+                _ => None,
+            };
             let initial = setup.initial_model(topo)?;
             let cfg = FedAvgConfig {
                 rounds: topo.rounds,
@@ -273,6 +288,7 @@ async fn run_workflow(
                 "contributors_per_round".into(),
                 json!(o.rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>()),
             );
+            extra.extend(embedded.unwrap_or_default());
             Ok(JobOutcome {
                 round_secs: o.rounds.iter().map(|r| r.secs).collect(),
                 global: o.rounds.iter().map(|r| r.global.clone()).collect(),
@@ -364,6 +380,79 @@ async fn run_workflow(
         }
         Workflow::Swarm => anyhow::bail!("a swarm job has no controller"),
     }
+}
+
+/// Federated inference: ships the frozen network to every client as the input of the
+/// `embed` task and waits until each has embedded its rows (kept there). Returns the summary
+/// fields: the embedding width, rows embedded per member, and the bytes that crossed the wire
+/// (the frozen network out; what came back, which must be no model).
+async fn embed(
+    comm: &Communicator,
+    topo: &Topology,
+    frozen: &FrozenSpec,
+    clients: &[PeerId],
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    use flare_actors::job::Task;
+    use flare_protocols::ctl::{TaskStatus, Value as CtlValue};
+    let model = frozen.model().map_err(anyhow::Error::msg)?;
+    let blob = comm.publish(Arc::new(model)).await?;
+    let task = Task {
+        name: inference::EMBED_TASK.into(),
+        round: 0,
+        input: Some(blob),
+        input_from: vec![],
+        props: BTreeMap::new(),
+    };
+    let deadline = tokio::time::Instant::now() + topo.round_timeout;
+    let mut pending = comm.broadcast(&task, clients).await;
+    if let Some((m, why)) = pending.refused.first() {
+        anyhow::bail!("{} refused the embed task: {why}", m.name);
+    }
+    let count = |v: Option<&CtlValue>| match v {
+        Some(CtlValue::Int(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let (mut rows, mut returned_bytes) = (serde_json::Map::new(), 0u64);
+    while let Some(o) = comm.next_result(&mut pending, deadline).await {
+        anyhow::ensure!(
+            o.status == TaskStatus::Ok,
+            "{} could not embed its data: {}",
+            o.member,
+            flare_actors::job::communicator::task_failure(&o)
+        );
+        // Only counts come back; a member that returned a model broke the contract.
+        returned_bytes += o.output.map_or(0, |b| b.len);
+        anyhow::ensure!(o.output.is_none(), "{} sent a model back from the embed task", o.member);
+        let (train, validation, dim) = (
+            count(o.values.get("train_rows")),
+            count(o.values.get("validation_rows")),
+            count(o.values.get("dim")),
+        );
+        let (Some(train), Some(validation)) = (train, validation) else {
+            anyhow::bail!("{} answered the embed task without its row counts", o.member);
+        };
+        anyhow::ensure!(
+            dim == Some(frozen.embed_dim as u64),
+            "{} embedded in {dim:?} dimensions, not {}",
+            o.member,
+            frozen.embed_dim
+        );
+        rows.insert(o.member.clone(), json!(train + validation));
+    }
+    if !pending.waiting.is_empty() {
+        let late: Vec<&str> = pending.waiting.values().map(|m| m.name.as_str()).collect();
+        anyhow::bail!(
+            "no embed result within {:?} from {}",
+            topo.round_timeout,
+            late.join(", ")
+        );
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("embedding_dim".into(), json!(frozen.embed_dim));
+    extra.insert("embedded_rows_per_member".into(), Value::Object(rows));
+    extra.insert("frozen_model_bytes".into(), json!(blob.len));
+    extra.insert("embed_returned_bytes".into(), json!(returned_bytes));
+    Ok(extra)
 }
 
 /// A swarm member's configuration, from the topology; `members` in topology order.

@@ -36,6 +36,8 @@ struct Raw {
     #[serde(default)]
     split: Option<Spanned<RawSplit>>,
     #[serde(default)]
+    inference: Option<Spanned<RawInference>>,
+    #[serde(default)]
     cross_site: Option<Spanned<RawCrossSite>>,
     #[serde(default)]
     model: Option<RawModel>,
@@ -85,6 +87,19 @@ struct RawSplit {
 
 fn default_bottom() -> Vec<usize> {
     vec![16]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInference {
+    #[serde(default = "default_embed_dim")]
+    embed_dim: Spanned<usize>,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_embed_dim() -> Spanned<usize> {
+    Spanned::new(0..0, 128)
 }
 
 #[derive(Deserialize)]
@@ -293,6 +308,9 @@ pub enum Workflow {
     /// Split learning: the controller holds the labels and the top of the network, the
     /// clients (in order) hold bands of feature columns and the bottoms.
     Split(flare_actors::learner::split::SplitSpec),
+    /// Federated inference, then FedAvg: each client runs the frozen network over its own
+    /// data and keeps the embeddings; FedAvg then trains an MLP head on them.
+    InferenceThenFedAvg(flare_actors::learner::inference::FrozenSpec),
 }
 
 impl Workflow {
@@ -303,6 +321,7 @@ impl Workflow {
             Workflow::Cyclic(_) => "cyclic",
             Workflow::Swarm => "swarm",
             Workflow::Split(_) => "split",
+            Workflow::InferenceThenFedAvg(_) => INFERENCE,
         }
     }
 }
@@ -343,6 +362,9 @@ pub struct Topology {
     /// The data split.
     pub data: DataSpec,
 }
+
+/// The federated-inference workflow's name.
+const INFERENCE: &str = "inference-then-fedavg";
 
 fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
@@ -424,11 +446,13 @@ impl Topology {
         let job = raw.job.into_inner();
         let workflow_at = job.workflow.span().start;
         let kind = job.workflow.get_ref().as_str();
-        if !matches!(kind, "fedavg" | "cyclic" | "swarm" | "split") {
+        if !matches!(kind, "fedavg" | "cyclic" | "swarm" | "split" | INFERENCE) {
             return Err(fail(
                 workflow_at,
                 "job.workflow",
-                format!("unknown workflow {kind:?} (known: \"fedavg\", \"cyclic\", \"swarm\", \"split\")"),
+                format!(
+                    "unknown workflow {kind:?} (known: \"fedavg\", \"cyclic\", \"swarm\", \"split\", \"{INFERENCE}\")"
+                ),
             ));
         }
         let mut members = Vec::new();
@@ -537,9 +561,12 @@ impl Topology {
             ("cyclic", raw.cyclic.as_ref().map(|t| t.span().start)),
             ("swarm", raw.swarm.as_ref().map(|t| t.span().start)),
             ("split", raw.split.as_ref().map(|t| t.span().start)),
+            ("inference", raw.inference.as_ref().map(|t| t.span().start)),
         ] {
+            // Federated inference takes an [inference] table and FedAvg's for the head.
+            let applies = table == kind || (kind == INFERENCE && matches!(table, "fedavg" | "inference"));
             if let Some(at) = at
-                && table != kind
+                && !applies
             {
                 return Err(fail(
                     at,
@@ -665,14 +692,37 @@ impl Topology {
                     return Err(fail(
                         job_span.start,
                         "fedavg",
-                        "the fedavg workflow needs a [fedavg] table".into(),
+                        format!("the {kind} workflow needs a [fedavg] table"),
                     ));
                 };
                 let f = f.into_inner();
                 let rounds = check_rounds(&f.rounds, "fedavg")?;
                 let min = check_min(&f.min_clients, "fedavg")?;
                 let timeout = check_timeout(&f.round_timeout_secs, "fedavg.round_timeout_secs")?;
-                (Workflow::FedAvg, rounds, min, timeout)
+                if kind != INFERENCE {
+                    (Workflow::FedAvg, rounds, min, timeout)
+                } else {
+                    let i = raw.inference.map(Spanned::into_inner).unwrap_or(RawInference {
+                        embed_dim: default_embed_dim(),
+                        seed: 0,
+                    });
+                    let dim = *i.embed_dim.get_ref();
+                    if dim == 0 || dim > flare_actors::learner::inference::MAX_EMBED_DIM {
+                        return Err(fail(
+                            i.embed_dim.span().start,
+                            "inference.embed_dim",
+                            format!(
+                                "{dim} is not between 1 and {}",
+                                flare_actors::learner::inference::MAX_EMBED_DIM
+                            ),
+                        ));
+                    }
+                    let frozen = flare_actors::learner::inference::FrozenSpec {
+                        embed_dim: dim,
+                        seed: i.seed,
+                    };
+                    (Workflow::InferenceThenFedAvg(frozen), rounds, min, timeout)
+                }
             }
         };
         let cross_site = match raw.cross_site {
@@ -699,6 +749,16 @@ impl Topology {
                 ));
             }
             (_, None) => return Err(fail(job_span.start, "learner", "missing [learner] table".into())),
+            (INFERENCE, Some(l)) if l.get_ref().kind.get_ref() != "mlp" => {
+                return Err(fail(
+                    l.get_ref().kind.span().start,
+                    "learner.kind",
+                    format!(
+                        "federated inference trains an \"mlp\" head, not {:?}",
+                        l.get_ref().kind.get_ref()
+                    ),
+                ));
+            }
             (_, Some(l)) => learner_spec(l.into_inner(), &fail)?,
         };
         let model = raw.model.map_or(
@@ -878,5 +938,31 @@ name = "b"
         assert!(matches!(t.workflow, Workflow::Split(ref s) if s.parties == 2 && s.epochs == 3));
         let e = err(&split.replace("epochs = 3", "epochs = 3\nbottom = []"));
         assert!(e.contains("field `split`") && e.contains("cut layer"), "{e}");
+    }
+
+    #[test]
+    fn inference_takes_its_table_and_fedavgs_and_an_mlp_head() {
+        let inf = GOOD
+            .replace("workflow = \"fedavg\"", "workflow = \"inference-then-fedavg\"")
+            .replace("kind = \"add-one\"", "kind = \"mlp\"");
+        let t = Topology::parse(Path::new("i.toml"), &inf).expect("defaults");
+        let want = flare_actors::learner::inference::FrozenSpec {
+            embed_dim: 128,
+            seed: 0,
+        };
+        assert_eq!(t.workflow, Workflow::InferenceThenFedAvg(want));
+        assert_eq!(t.workflow.name(), "inference-then-fedavg");
+        let with = format!("{inf}\n[inference]\nembed_dim = 64\nseed = 3\n");
+        let t = Topology::parse(Path::new("i.toml"), &with).expect("table");
+        let want = flare_actors::learner::inference::FrozenSpec { embed_dim: 64, seed: 3 };
+        assert_eq!((t.workflow, t.rounds), (Workflow::InferenceThenFedAvg(want), 2));
+        let e = err(&with.replace("embed_dim = 64", "embed_dim = 0"));
+        assert!(e.contains("inference.embed_dim") && e.contains("line 22"), "{e}");
+        let e = err(&inf.replace("kind = \"mlp\"", "kind = \"add-one\""));
+        assert!(e.contains("learner.kind") && e.contains("head"), "{e}");
+        let e = err(&inf.replace("[fedavg]\nrounds = 2\nmin_clients = 2", ""));
+        assert!(e.contains("needs a [fedavg] table"), "{e}");
+        let e = err(&format!("{GOOD}\n[inference]\n"));
+        assert!(e.contains("[inference] table does not apply"), "{e}");
     }
 }

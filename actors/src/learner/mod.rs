@@ -7,6 +7,8 @@
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
 //! - [`external`]: a learner that is a separate process (any language) speaking the Client API.
+//! - [`inference`]: federated inference with a frozen network, then FedAvg of a head on the
+//!   embeddings each member keeps.
 //! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
 //!   [`torch`]).
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
@@ -14,6 +16,7 @@
 
 pub mod digits;
 pub mod external;
+pub mod inference;
 mod mlp;
 mod paced;
 pub mod recipe;
