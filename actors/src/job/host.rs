@@ -17,22 +17,28 @@ use crate::Node;
 use crate::lock;
 use crate::network::NetworkError;
 
+/// Announcements a job's controller side holds before its workflow reads them.
+const PROGRESS_QUEUE: usize = 64;
+/// Task results it holds before its workflow reads them (far more than tasks in flight; a
+/// member flooding results is refused rather than queued without end).
+const RESULT_QUEUE: usize = 4096;
+
 /// What the controller of a job receives from its members.
 pub(crate) struct ControllerInbox {
     /// Task results.
-    pub outcomes: mpsc::UnboundedReceiver<TaskOutcome>,
+    pub outcomes: mpsc::Receiver<TaskOutcome>,
     /// Members that joined (sent `Join`).
     pub joins: mpsc::UnboundedReceiver<PeerId>,
     /// Progress announced by other members (jobs without a fixed controller).
-    pub progress: mpsc::UnboundedReceiver<(PeerId, Progress)>,
+    pub progress: mpsc::Receiver<(PeerId, Progress)>,
     /// Where this member says the job stands, told to members that join.
     pub state: Arc<Mutex<Option<Progress>>>,
 }
 
 struct ControllerRoute {
-    outcomes: mpsc::UnboundedSender<TaskOutcome>,
+    outcomes: mpsc::Sender<TaskOutcome>,
     joins: mpsc::UnboundedSender<PeerId>,
-    progress: mpsc::UnboundedSender<(PeerId, Progress)>,
+    progress: mpsc::Sender<(PeerId, Progress)>,
     state: Arc<Mutex<Option<Progress>>>,
     spec_hash: [u8; 32],
 }
@@ -120,9 +126,10 @@ impl JobHost {
 
     /// Hosts the controller of `job`; members that join get `spec_hash` back in `Welcome`.
     pub(crate) fn host_controller(&self, job: JobId, spec_hash: [u8; 32]) -> ControllerInbox {
-        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+        let (outcomes_tx, outcomes) = mpsc::channel(RESULT_QUEUE);
         let (joins_tx, joins) = mpsc::unbounded_channel();
-        let (progress_tx, progress) = mpsc::unbounded_channel();
+        // Bounded: a member that floods announcements is refused, not queued without end.
+        let (progress_tx, progress) = mpsc::channel(PROGRESS_QUEUE);
         let state: Arc<Mutex<Option<Progress>>> = Arc::default();
         lock(&self.routes).controllers.insert(
             job,
@@ -220,9 +227,12 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                     num_samples,
                     values,
                 };
-                match tx.send(outcome) {
+                match tx.try_send(outcome) {
                     Ok(()) => CtlResponse::Ack,
-                    Err(_) => not_joined(&job),
+                    Err(mpsc::error::TrySendError::Full(_)) => CtlResponse::Rejected {
+                        reason: "result queue full".into(),
+                    },
+                    Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
                 }
             }
             None => not_joined(&job),
@@ -254,10 +264,13 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             None => not_joined(&job),
         },
         Request::Progress(p) => match r.controllers.get(&job) {
-            Some(c) => {
-                let _ = c.progress.send((peer, *p));
-                CtlResponse::Ack
-            }
+            Some(c) => match c.progress.try_send((peer, *p)) {
+                Ok(()) => CtlResponse::Ack,
+                Err(mpsc::error::TrySendError::Full(_)) => CtlResponse::Rejected {
+                    reason: "progress queue full".into(),
+                },
+                Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
+            },
             None => not_joined(&job),
         },
         Request::Heartbeat => {
