@@ -36,7 +36,7 @@ pub const RESULT_WINDOW: u32 = 4;
 /// Results pulled at once: their transfer windows are the controller's memory beyond the
 /// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
 /// on the controller anyway, so more at once would not finish sooner).
-pub const MAX_CONCURRENT_PULLS: usize = 4;
+pub const MAX_CONCURRENT_PULLS: usize = 2;
 
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
 /// blocking thread.
