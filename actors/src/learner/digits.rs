@@ -201,38 +201,61 @@ impl DigitsLearner {
 
 impl Learner for DigitsLearner {
     fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
-        self.mlp.set_params(&params_of(&global)?).map_err(|e| e.to_string())?;
-        // Seeded by member and round, so every run of the same topology trains the same.
-        let seed = self.spec.seed ^ (u64::from(ctx.round) << 32) ^ (self.member_index << 16);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let stats = self
-            .mlp
-            .train(&self.data.train, self.spec.epochs as usize, &mut rng)
-            .map_err(|e| e.to_string())?;
-        let model = model_of(&self.mlp.params())?;
-        self.last = Some(model.clone());
-        Ok(TrainOutput {
-            model,
-            num_samples: stats.samples as u64,
-            metrics: BTreeMap::from([("train_loss".to_owned(), stats.loss)]),
-        })
+        let out = train_from(
+            &mut self.mlp,
+            &global,
+            &self.data.train,
+            &self.spec,
+            self.member_index,
+            ctx.round,
+        )?;
+        self.last = Some(out.model.clone());
+        Ok(out)
     }
 
     /// Accuracy and loss of `model` on this member's held-out rows, plus their count.
     fn validate(&mut self, model: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
-        self.mlp.set_params(&params_of(model)?).map_err(|e| e.to_string())?;
-        let e = self.mlp.evaluate(&self.data.validation).map_err(|e| e.to_string())?;
-        Ok(BTreeMap::from([
-            ("accuracy".to_owned(), e.accuracy),
-            ("loss".to_owned(), e.loss),
-            ("rows".to_owned(), self.data.validation.len() as f64),
-        ]))
+        validate_on(&mut self.mlp, model, &self.data.validation)
     }
 
     /// The model of the last `train` task (`None` before the first).
     fn local_model(&self) -> Option<Model> {
         self.last.clone()
     }
+}
+
+/// One local training step of an MLP learner: `global`'s weights trained on `train` for
+/// `spec.epochs`, seeded by member and round (so every run of a topology trains the same).
+pub(crate) fn train_from(
+    mlp: &mut Mlp,
+    global: &Model,
+    train: &Dataset,
+    spec: &MlpSpec,
+    member_index: u64,
+    round: u32,
+) -> Result<TrainOutput, String> {
+    mlp.set_params(&params_of(global)?).map_err(|e| e.to_string())?;
+    let seed = spec.seed ^ (u64::from(round) << 32) ^ (member_index << 16);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let stats = mlp
+        .train(train, spec.epochs as usize, &mut rng)
+        .map_err(|e| e.to_string())?;
+    Ok(TrainOutput {
+        model: model_of(&mlp.params())?,
+        num_samples: stats.samples as u64,
+        metrics: BTreeMap::from([("train_loss".to_owned(), stats.loss)]),
+    })
+}
+
+/// An MLP learner's `validate`: accuracy and loss of `model` on `rows`, and their count.
+pub(crate) fn validate_on(mlp: &mut Mlp, model: &Model, rows: &Dataset) -> Result<BTreeMap<String, f64>, String> {
+    mlp.set_params(&params_of(model)?).map_err(|e| e.to_string())?;
+    let e = mlp.evaluate(rows).map_err(|e| e.to_string())?;
+    Ok(BTreeMap::from([
+        ("accuracy".to_owned(), e.accuracy),
+        ("loss".to_owned(), e.loss),
+        ("rows".to_owned(), rows.len() as f64),
+    ]))
 }
 
 /// Measures a model on a data set (the controller's view of the global model).

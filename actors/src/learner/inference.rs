@@ -14,7 +14,7 @@ use flare_protocols::model::Model;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::digits::{DigitsFederation, LocalData, MlpSpec, model_of, params_of};
+use super::digits::{DigitsFederation, LocalData, MlpSpec, model_of, params_of, train_from, validate_on};
 use super::recipe::DigitsRecipe;
 use super::{LearnerError, Mlp, MlpConfig, NamedTensor};
 use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset};
@@ -249,33 +249,22 @@ fn embedded(e: &Option<LocalData>) -> Result<&LocalData, String> {
 
 impl Learner for InferenceLearner {
     fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
-        self.head.set_params(&params_of(&global)?).map_err(|e| e.to_string())?;
-        let seed = self.spec.head.seed ^ (u64::from(ctx.round) << 32) ^ (self.member_index << 16);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let train = &embedded(&self.embedded)?.train;
-        let stats = self
-            .head
-            .train(train, self.spec.head.epochs as usize, &mut rng)
-            .map_err(|e| e.to_string())?;
-        let model = model_of(&self.head.params())?;
-        self.last = Some(model.clone());
-        Ok(TrainOutput {
-            model,
-            num_samples: stats.samples as u64,
-            metrics: BTreeMap::from([("train_loss".to_owned(), stats.loss)]),
-        })
+        let out = train_from(
+            &mut self.head,
+            &global,
+            train,
+            &self.spec.head,
+            self.member_index,
+            ctx.round,
+        )?;
+        self.last = Some(out.model.clone());
+        Ok(out)
     }
 
     /// The head's accuracy and loss on this member's embedded validation rows.
     fn validate(&mut self, model: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
-        self.head.set_params(&params_of(model)?).map_err(|e| e.to_string())?;
-        let validation = &embedded(&self.embedded)?.validation;
-        let e = self.head.evaluate(validation).map_err(|e| e.to_string())?;
-        Ok(BTreeMap::from([
-            ("accuracy".to_owned(), e.accuracy),
-            ("loss".to_owned(), e.loss),
-            ("rows".to_owned(), validation.len() as f64),
-        ]))
+        validate_on(&mut self.head, model, &embedded(&self.embedded)?.validation)
     }
 
     /// The `embed` task: runs the input frozen network over the training and validation rows
