@@ -1,8 +1,9 @@
 //! The blob store: content-addressed blobs, whole or in part, in memory or on disk.
 //!
 //! A blob enters the store either whole ([`BlobStore::import_reader`]: hashed as it is
-//! written, named by its id) or chunk by chunk from the network ([`BlobStore::begin`] with a
-//! verified manifest, then [`BlobStore::put_chunk`]). `put_chunk` checks every chunk against
+//! written, named by its id; [`BlobStore::import_shared`]: hashed, served from its producer's
+//! memory at once and written to disk behind) or chunk by chunk from the network
+//! ([`BlobStore::begin`] with a verified manifest, then [`BlobStore::put_chunk`]). `put_chunk` checks every chunk against
 //! the manifest before writing it, so the store never holds a byte that does not belong to
 //! the blob it is filed under.
 //!
@@ -22,7 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use flare_protocols::blob_id::{BlobIdError, chunk_count, hashes_from_bytes};
 use flare_protocols::{BlobId, BlobRef, Manifest, ManifestBuilder};
@@ -99,6 +100,9 @@ impl Presence {
 
 enum Data {
     Memory(RwLock<Vec<u8>>),
+    /// A whole blob whose bytes its producer shares ([`BlobStore::import_shared`]): in a disk
+    /// store only until the background write has put it on disk.
+    Shared(Arc<Vec<u8>>),
     Disk {
         file: File,
         path: PathBuf,
@@ -141,10 +145,34 @@ struct Entry {
     manifest: Arc<Manifest>,
     data: Data,
     have: Mutex<Have>,
+    /// The blob's bytes in memory while their producer still holds them (after a shared
+    /// import was written to disk): reads come from there rather than the disk.
+    hot: Weak<Vec<u8>>,
 }
 
 impl Entry {
-    fn has(&self, index: u64) -> bool {
+    fn new(data: Data, have: Have, manifest: Manifest) -> Self {
+        Self {
+            manifest: Arc::new(manifest),
+            data,
+            have: Mutex::new(have),
+            hot: Weak::new(),
+        }
+    }
+
+    fn complete(manifest: Manifest, data: Data) -> Self {
+        let n = manifest.chunk_count() as usize;
+        let have = Have {
+            bits: vec![1; n],
+            present: n as u64,
+            file: None,
+        };
+        Self::new(data, have, manifest)
+    }
+}
+
+impl Entry {
+    fn has_chunk(&self, index: u64) -> bool {
         usize::try_from(index)
             .ok()
             .and_then(|i| lock(&self.have).bits.get(i).copied())
@@ -252,7 +280,7 @@ impl BlobStore {
 
     /// Whether chunk `index` of blob `id` is held.
     pub fn has_chunk(&self, id: &BlobId, index: u64) -> bool {
-        self.entry(id).is_some_and(|e| e.has(index))
+        self.entry(id).is_some_and(|e| e.has_chunk(index))
     }
 
     /// Makes room for a blob about to arrive chunk by chunk. The manifest must already be
@@ -265,34 +293,34 @@ impl BlobStore {
         }
         let n = manifest.chunk_count() as usize;
         let entry = match &self.inner.dir {
-            None => Entry {
-                data: Data::Memory(RwLock::new(vec![0u8; manifest.len as usize])),
-                have: Mutex::new(Have {
+            None => Entry::new(
+                Data::Memory(RwLock::new(vec![0u8; manifest.len as usize])),
+                Have {
                     bits: vec![0; n],
                     present: 0,
                     file: None,
-                }),
-                manifest: Arc::new(manifest),
-            },
+                },
+                manifest,
+            ),
             Some(dir) => {
                 let data_path = dir.join(format!("{id}.data"));
                 let file = create_sized(&data_path, manifest.len)?;
                 let have_path = dir.join(format!("{id}.have"));
                 let have_file = create_sized(&have_path, n as u64)?;
                 write_manifest(dir, &manifest)?;
-                Entry {
-                    data: Data::Disk {
+                Entry::new(
+                    Data::Disk {
                         direct: open_direct(&data_path),
                         file,
                         path: data_path,
                     },
-                    have: Mutex::new(Have {
+                    Have {
                         bits: vec![0; n],
                         present: 0,
                         file: Some((have_file, have_path)),
-                    }),
-                    manifest: Arc::new(manifest),
-                }
+                    },
+                    manifest,
+                )
             }
         };
         let entry = Arc::new(entry);
@@ -324,6 +352,8 @@ impl BlobStore {
                 let mut buf = buf.write().unwrap_or_else(|p| p.into_inner());
                 buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
             }
+            // A shared blob is whole: its chunks were all present above.
+            Data::Shared(_) => return Ok(false),
             Data::Disk { file, path, direct } => {
                 let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
                 match direct {
@@ -353,19 +383,24 @@ impl BlobStore {
         let Some(e) = self.entry(id) else {
             return Ok(None);
         };
-        if !e.has(index) {
+        if !e.has_chunk(index) {
             return Ok(None);
         }
         let len = e.manifest.chunk_len(index);
         let off = index * u64::from(e.manifest.chunk_size);
-        let mut out = vec![0u8; len];
-        match &e.data {
-            Data::Memory(buf) => {
-                let buf = buf.read().unwrap_or_else(|p| p.into_inner());
-                out.copy_from_slice(&buf[off as usize..off as usize + len]);
-            }
-            Data::Disk { file, path, .. } => file.read_exact_at(&mut out, off).map_err(io_err(path))?,
-        }
+        let range = off as usize..off as usize + len;
+        let out = match &e.data {
+            Data::Memory(buf) => buf.read().unwrap_or_else(|p| p.into_inner())[range].to_vec(),
+            Data::Shared(bytes) => bytes[range].to_vec(),
+            Data::Disk { file, path, .. } => match e.hot.upgrade() {
+                Some(bytes) => bytes[range].to_vec(),
+                None => {
+                    let mut out = vec![0u8; len];
+                    file.read_exact_at(&mut out, off).map_err(io_err(path))?;
+                    out
+                }
+            },
+        };
         Ok(Some(out))
     }
 
@@ -422,7 +457,6 @@ impl BlobStore {
             }
             return Ok(manifest);
         }
-        let n = manifest.chunk_count() as usize;
         let data = match (tmp, &self.inner.dir) {
             (Some((file, direct, tmp_path)), Some(dir)) => {
                 drop((file, direct));
@@ -443,19 +477,100 @@ impl BlobStore {
             }
             _ => Data::Memory(RwLock::new(mem)),
         };
-        blobs.insert(
-            id,
-            Arc::new(Entry {
-                manifest: Arc::new(manifest.clone()),
-                data,
-                have: Mutex::new(Have {
-                    bits: vec![1; n],
-                    present: n as u64,
-                    file: None,
-                }),
-            }),
-        );
+        blobs.insert(id, Arc::new(Entry::complete(manifest.clone(), data)));
         Ok(manifest)
+    }
+
+    /// Stores a whole in-memory blob that its producer goes on holding, without waiting for
+    /// the disk: it is hashed, served from `bytes` at once, and written to disk on a
+    /// background thread. Once written, reads still come from memory for as long as anyone
+    /// else holds `bytes`, and from disk after that.
+    ///
+    /// For a task's result: the member can report it (and serve it) as soon as it is hashed,
+    /// not after the disk write, and its first reader does not read it back from disk. A
+    /// process that ends before the write is done leaves no trace of the blob on disk (only a
+    /// temporary file that the next [`BlobStore::open`] ignores).
+    pub fn import_shared(&self, bytes: Arc<Vec<u8>>, chunk_size: u32) -> Result<Manifest, StoreError> {
+        let manifest = Manifest::of_bytes(&bytes, chunk_size)?;
+        let id = manifest.id();
+        let entry = {
+            let mut blobs = lock(&self.inner.blobs);
+            if blobs
+                .get(&id)
+                .is_some_and(|e| lock(&e.have).present == manifest.chunk_count())
+            {
+                return Ok(manifest);
+            }
+            let entry = Arc::new(Entry::complete(manifest.clone(), Data::Shared(bytes.clone())));
+            blobs.insert(id, entry.clone());
+            entry
+        };
+        let Some(dir) = self.inner.dir.clone() else {
+            return Ok(manifest);
+        };
+        let store = self.clone();
+        let spawned = std::thread::Builder::new().name("blob-write".into()).spawn(move || {
+            if let Err(e) = store.persist_shared(&dir, &entry, bytes) {
+                // The blob stays served from memory for the life of the process.
+                tracing::warn!(blob = %entry.manifest.id(), error = %e, "writing a shared blob to disk failed");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(blob = %id, error = %e, "no thread to write a shared blob; it stays in memory");
+        }
+        Ok(manifest)
+    }
+
+    /// Writes a shared blob's bytes to disk, then files it as a disk blob whose reads come
+    /// from `bytes` while someone else holds them.
+    fn persist_shared(&self, dir: &Path, shared: &Arc<Entry>, bytes: Arc<Vec<u8>>) -> Result<(), StoreError> {
+        let manifest = &shared.manifest;
+        let id = manifest.id();
+        let tmp = dir.join(format!("import-{}.tmp", unique_suffix()));
+        let written = (|| {
+            let file = File::create(&tmp).map_err(io_err(&tmp))?;
+            let direct = open_direct(&tmp);
+            let cs = manifest.chunk_size as usize;
+            let (mut storage, off) = aligned_buffer(cs);
+            for (i, chunk) in bytes.chunks(cs).enumerate() {
+                let at = (i * cs) as u64;
+                match &direct {
+                    Some(d) if chunk.len().is_multiple_of(DIRECT_ALIGN) => {
+                        let buf = &mut storage[off..off + chunk.len()];
+                        buf.copy_from_slice(chunk);
+                        d.write_all_at(buf, at).map_err(io_err(&tmp))?;
+                    }
+                    _ => file.write_all_at(chunk, at).map_err(io_err(&tmp))?,
+                }
+            }
+            Ok::<_, StoreError>(file)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let path = dir.join(format!("{id}.data"));
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        write_manifest(dir, manifest)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut disk = Entry::complete(
+            (**manifest).clone(),
+            Data::Disk {
+                file,
+                path,
+                direct: None,
+            },
+        );
+        disk.hot = Arc::downgrade(&bytes);
+        let mut blobs = lock(&self.inner.blobs);
+        if blobs.get(&id).is_some_and(|e| Arc::ptr_eq(e, shared)) {
+            blobs.insert(id, Arc::new(disk));
+        }
+        Ok(())
     }
 
     /// Stores a whole in-memory blob.
@@ -497,7 +612,7 @@ impl BlobStore {
         }
         match &e.data {
             Data::Disk { path, .. } => Some(path.clone()),
-            Data::Memory(_) => None,
+            Data::Memory(_) | Data::Shared(_) => None,
         }
     }
 
@@ -632,15 +747,15 @@ fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
         Err(e) => return Err(io_err(&have_path)(e)),
     };
     let direct = have.file.as_ref().and_then(|_| open_direct(&data_path));
-    Ok(Entry {
-        manifest: Arc::new(manifest),
-        data: Data::Disk {
+    Ok(Entry::new(
+        Data::Disk {
             file,
             path: data_path,
             direct,
         },
-        have: Mutex::new(have),
-    })
+        have,
+        manifest,
+    ))
 }
 
 #[cfg(test)]
@@ -709,6 +824,61 @@ mod tests {
         let s = BlobStore::open(dir.path()).expect("reopen");
         assert_eq!(s.read_all(&m.id()).expect("read"), data);
         assert!(s.verify(&m.id()).expect("verify").is_empty());
+    }
+
+    /// Waits (bounded) until a shared import of `id` is filed as a disk blob.
+    fn wait_on_disk(store: &BlobStore, id: &BlobId) -> PathBuf {
+        for _ in 0..500 {
+            if let Some(p) = store.data_path(id) {
+                return p;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the shared blob never reached the disk");
+    }
+
+    #[test]
+    fn shared_import_is_served_at_once_then_written_and_read_from_memory_while_held() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        // 4096-byte chunks take the O_DIRECT path where the file system allows it; the short
+        // last chunk takes the ordinary one.
+        let data = Arc::new(bytes(3 * 4096 + 10));
+        let m = store.import_shared(data.clone(), 4096).expect("import");
+        assert_eq!(m, Manifest::of_bytes(&data, 4096).expect("m"));
+        assert!(store.is_complete(&m.id()));
+        assert_eq!(store.read_all(&m.id()).expect("read"), *data);
+        let path = wait_on_disk(&store, &m.id());
+        assert_eq!(std::fs::read(&path).expect("file"), *data, "the file holds the blob");
+        // While the producer holds the bytes, reads come from memory: spoil the file to tell.
+        std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
+        assert_eq!(
+            store.read_chunk(&m.id(), 1).expect("read"),
+            Some(data[4096..8192].to_vec())
+        );
+        drop(data);
+        assert_eq!(
+            store.read_chunk(&m.id(), 1).expect("read"),
+            Some(vec![0u8; 4096]),
+            "released: read from disk"
+        );
+        // A reopened store finds it whole.
+        let again = BlobStore::open(dir.path()).expect("reopen");
+        assert!(again.is_complete(&m.id()));
+    }
+
+    #[test]
+    fn shared_import_into_a_memory_store_and_of_a_blob_already_held() {
+        let store = BlobStore::memory();
+        let data = Arc::new(bytes(1000));
+        let m = store.import_shared(data.clone(), 100).expect("import");
+        assert_eq!(store.import_shared(data.clone(), 100).expect("again"), m);
+        assert_eq!(store.import_bytes(&data, 100).expect("bytes"), m);
+        assert_eq!(store.read_all(&m.id()).expect("read"), *data);
+        assert!(
+            !store.put_chunk(&m.id(), 0, &data[..100]).expect("put"),
+            "already whole"
+        );
     }
 
     #[test]

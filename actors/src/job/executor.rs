@@ -146,6 +146,10 @@ pub struct ExecutorState {
     /// The blob of the last `train` output: what `submit_model` hands over when the
     /// learner keeps no model of its own (no second copy in memory).
     last_output: Option<BlobRef>,
+    /// The bytes of the last output model, shared with the store so that whoever pulls the
+    /// result soon after the task (the controller, the next member) reads it from memory;
+    /// released when the next task needs the memory.
+    held_output: Option<(BlobRef, Arc<Vec<u8>>)>,
 }
 
 /// What the executor actor starts with.
@@ -169,6 +173,7 @@ impl Actor for Executor {
             member: args.member,
             learner: Some(args.learner),
             last_output: None,
+            held_output: None,
         })
     }
 
@@ -286,12 +291,20 @@ async fn run(
 ) -> Result<RunOutput, String> {
     let input = match task.input {
         Some(blob) => {
-            let sources = if task.input_from.is_empty() {
-                vec![from]
-            } else {
-                task.input_from.clone()
+            let bytes = match state.held_output.take() {
+                // The input is this member's own last output (e.g. the only result of a
+                // round, or every result the same): no pull, and no copy when the store is
+                // done with it.
+                Some((held, bytes)) if held.id == blob.id => Arc::try_unwrap(bytes).unwrap_or_else(|b| (*b).clone()),
+                _ => {
+                    let sources = if task.input_from.is_empty() {
+                        vec![from]
+                    } else {
+                        task.input_from.clone()
+                    };
+                    fetch_model(&state.node, blob, &sources).await?
+                }
             };
-            let bytes = fetch_model(&state.node, blob, &sources).await?;
             Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
         }
         None => None,
@@ -338,13 +351,17 @@ async fn run(
     let reply = r?;
     let output = match reply.model {
         Some(model) => {
+            state.held_output = None;
             let store = state.node.store().clone();
-            let bytes = model.into_safetensors();
-            let manifest = tokio::task::spawn_blocking(move || store.import_bytes(&bytes, DEFAULT_CHUNK_SIZE))
+            let bytes = Arc::new(model.into_safetensors());
+            let shared = bytes.clone();
+            let manifest = tokio::task::spawn_blocking(move || store.import_shared(shared, DEFAULT_CHUNK_SIZE))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("storing the output model: {e}"))?;
-            Some(manifest.blob_ref())
+            let blob = manifest.blob_ref();
+            state.held_output = Some((blob, bytes));
+            Some(blob)
         }
         None => None,
     };
