@@ -4,9 +4,13 @@
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use flare_actors::job::{Communicator, JobHost, Learner};
 use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
+use flare_protocols::ctl::JobId;
+use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
 use crate::cli::{Running, cli, peer_id_in, summary, text, topology_file};
@@ -56,6 +60,73 @@ pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<
         }
     }
     nodes
+}
+
+/// A job's members in this process: one node each on loopback, each with a job host. Member 0
+/// hosts the workflow (the controller); the others (the clients) join the job as executors
+/// with the learners a test gives them. The workflow tests all start this way, so the wiring
+/// is written once and a test states only names and learners.
+pub struct Federation {
+    /// One host per member, in member order.
+    pub hosts: Vec<JobHost>,
+    /// The members, the controller first.
+    pub members: Vec<Member>,
+    /// The job the clients join.
+    pub job: JobId,
+}
+
+impl Federation {
+    /// Starts a node and a host for `controller` and each of `clients`, every node admitting
+    /// every other; no one has joined `job` yet.
+    pub async fn start(job: &str, controller: &str, clients: impl IntoIterator<Item = String>) -> Self {
+        let names: Vec<String> = std::iter::once(controller.to_owned()).chain(clients).collect();
+        let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(names.len()))
+            .await
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Self {
+            members: nodes.iter().zip(&names).map(|(n, name)| n.as_member(name)).collect(),
+            hosts: nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect(),
+            job: JobId(job.into()),
+        }
+    }
+
+    /// Member `i` joins the job as an executor running `learner`, taking tasks from member 0.
+    pub async fn join(&self, i: usize, learner: Box<dyn Learner>) {
+        self.hosts[i]
+            .join_as_executor(
+                self.job.clone(),
+                Some(self.members[0].peer_id),
+                &self.members[i].name,
+                learner,
+            )
+            .await
+            .expect("executor");
+    }
+
+    /// Every client joins, member `i` running `learner(i)`.
+    pub async fn join_all(&self, learner: impl Fn(usize) -> Box<dyn Learner>) {
+        for i in 1..self.members.len() {
+            self.join(i, learner(i)).await;
+        }
+    }
+
+    /// The clients' peer ids, as a workflow's configuration lists them.
+    pub fn clients(&self) -> Vec<PeerId> {
+        self.members[1..].iter().map(|m| m.peer_id).collect()
+    }
+
+    /// The controller's side of the job, publishing models in chunks of `chunk_size`.
+    pub fn comm(&self, chunk_size: u32) -> Communicator {
+        Communicator::new(
+            &self.hosts[0],
+            self.job.clone(),
+            self.members.clone(),
+            chunk_size,
+            [0; 32],
+        )
+    }
 }
 
 /// An ephemeral TCP port on loopback.

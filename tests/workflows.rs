@@ -264,41 +264,26 @@ fn cross_site_evaluation_has_a_row_per_model_and_a_column_per_site_and_saves_the
 async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     use std::sync::Arc;
 
-    use flare_actors::job::{AddOne, Communicator, JobHost, Link, Task};
+    use flare_actors::job::{AddOne, Link, Task};
     use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-    use flare_protocols::ctl::JobId;
     use flare_protocols::model::{DType, Model};
 
-    use crate::util::{memory_stores, start_nodes, within};
+    use crate::util::{Federation, within};
 
-    let nodes: Vec<Arc<flare_actors::Node>> = start_nodes(memory_stores(3)).await.into_iter().map(Arc::new).collect();
-    let members: Vec<flare_actors::Member> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.as_member(&format!("n{i}")))
-        .collect();
-    let job = JobId("relay-fallback".into());
-    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-    hosts[1]
-        .join_as_executor(
-            job.clone(),
-            Some(members[0].peer_id),
-            "n1",
-            Box::new(AddOne { num_samples: 1 }),
-        )
-        .await
-        .expect("executor");
-    let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+    let f = Federation::start("relay-fallback", "n0", (1..3).map(|i| format!("n{i}"))).await;
+    f.join(1, Box::new(AddOne { num_samples: 1 })).await;
+    let (members, n2) = (&f.members, f.hosts[2].node());
+    let comm = f.comm(DEFAULT_CHUNK_SIZE);
     let mut model = Model::zeros([("w".to_owned(), DType::F32, vec![1000])]).expect("model");
     model.map_f32(|_| 0.5);
     let start = comm.publish(Arc::new(model.clone())).await.expect("publish");
     // The newest link: a later model, held only by n2, which is now gone.
     model.map_f32(|v| v + 7.0);
-    let later = nodes[2]
+    let later = n2
         .store()
         .import_bytes(model.as_safetensors(), DEFAULT_CHUNK_SIZE)
         .expect("import");
-    nodes[2].net().shutdown();
+    n2.net().shutdown();
     let mut chain = vec![
         Link {
             model: start,
