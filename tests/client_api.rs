@@ -1,43 +1,24 @@
 //! The Rust Client API in a real job: a training loop that drives itself (receive, send)
 //! beside an ordinary learner, and the job's end reaching it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use flare_actors::client::{Client, FLModel};
-use flare_actors::job::{AddOne, Communicator, FedAvgConfig, JobHost, fedavg};
-use flare_actors::{Member, Node};
+use flare_actors::job::{AddOne, FedAvgConfig, fedavg};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::JobId;
 use flare_protocols::model::{Model, Tensor};
 
-use crate::util::{memory_stores, start_nodes, within};
+use crate::util::{Federation, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_result() {
     within(120, async {
-        let job = JobId("client-api".into());
-        let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(3)).await.into_iter().map(Arc::new).collect();
-        let members: Vec<Member> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| n.as_member(&format!("site-{i}")))
-            .collect();
-        let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-        let controller = members[0].peer_id;
-        hosts[1]
-            .join_as_executor(
-                job.clone(),
-                Some(controller),
-                "site-1",
-                Box::new(AddOne { num_samples: 10 }),
-            )
-            .await
-            .expect("executor");
+        let f = Federation::start("client-api", "site-0", (1..3).map(|i| format!("site-{i}"))).await;
+        f.join(1, Box::new(AddOne { num_samples: 10 })).await;
         let client = Client::attach(
-            &hosts[2],
-            job.clone(),
-            Some(controller),
+            &f.hosts[2],
+            f.job.clone(),
+            Some(f.members[0].peer_id),
             "site-2",
             Duration::from_secs(60),
         )
@@ -70,7 +51,7 @@ async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_resu
             ),
             ("layer.bias", Tensor::from_f32(vec![2], &[-3.5, 100.0]).expect("t")),
         ]);
-        let clients: Vec<_> = members[1..].iter().map(|m| m.peer_id).collect();
+        let clients = f.clients();
         let cfg = FedAvgConfig {
             rounds: 4,
             min_clients: 2,
@@ -79,7 +60,7 @@ async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_resu
             checkpoint_dir: None,
             evaluate: None,
         };
-        let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
         for r in &out.rounds {
             assert_eq!(r.contributors, ["site-1", "site-2"], "round {}", r.round);

@@ -8,56 +8,22 @@ use std::time::Duration;
 
 use flare_actors::job::cross_site::{self, CrossSiteConfig, GLOBAL};
 use flare_actors::job::{
-    AddOne, Communicator, FedAvgConfig, JobHost, KeepLastModel, Learner, Task, TaskContext, TrainOutput, fedavg,
+    AddOne, Communicator, FedAvgConfig, KeepLastModel, Learner, Task, TaskContext, TrainOutput, fedavg,
 };
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, model_of};
-use flare_actors::{Member, Node};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::JobId;
 use flare_protocols::model::{Model, Tensor};
-use libp2p::PeerId;
 
-use crate::util::{memory_stores, start_nodes, within};
+use crate::util::{Federation, within};
 
 /// Small chunks for what the controller publishes, so the global model spans many.
 const CHUNK: u32 = 64 * 1024;
 
-struct Federation {
-    hosts: Vec<JobHost>,
-    members: Vec<Member>,
-}
-
-impl Federation {
-    fn sites(&self) -> Vec<PeerId> {
-        self.members[1..].iter().map(|m| m.peer_id).collect()
-    }
-}
-
-/// Node 0 hosts the controller; node `i` (1..) is member `site-i` with `learner(i)`.
-async fn federation(sites: usize, job: &JobId, learner: impl Fn(usize) -> Box<dyn Learner>) -> Federation {
-    let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(sites + 1))
-        .await
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let members: Vec<Member> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            n.as_member(&if i == 0 {
-                "controller".into()
-            } else {
-                format!("site-{i}")
-            })
-        })
-        .collect();
-    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-    for (i, h) in hosts.iter().enumerate().skip(1) {
-        h.join_as_executor(job.clone(), Some(members[0].peer_id), &members[i].name, learner(i))
-            .await
-            .expect("executor");
-    }
-    Federation { hosts, members }
+/// Member 0 hosts the controller; member `i` (1..) is `site-i` with `learner(i)`.
+async fn federation(sites: usize, job: &str, learner: impl Fn(usize) -> Box<dyn Learner>) -> Federation {
+    let f = Federation::start(job, "controller", (1..=sites).map(|i| format!("site-{i}"))).await;
+    f.join_all(learner).await;
+    f
 }
 
 /// Add-one learners of weight 10 x i that keep their last trained model.
@@ -98,7 +64,7 @@ async fn train_add_one(comm: &Communicator, f: &Federation, sites: &[usize]) {
 }
 
 fn add_one_config(f: &Federation, global: flare_protocols::BlobRef) -> CrossSiteConfig {
-    let mut cfg = CrossSiteConfig::new(f.sites(), Some(global));
+    let mut cfg = CrossSiteConfig::new(f.clients(), Some(global));
     cfg.metric = "mean_weight".into();
     cfg.concurrency = 4;
     cfg.task_timeout = Duration::from_secs(10);
@@ -108,9 +74,8 @@ fn add_one_config(f: &Federation, global: flare_protocols::BlobRef) -> CrossSite
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_matrix_has_one_row_per_model_and_one_column_per_site() {
     within(120, async {
-        let job = JobId("xsite-add-one".into());
-        let f = federation(3, &job, add_one).await;
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), CHUNK, [0; 32]);
+        let f = federation(3, "xsite-add-one", add_one).await;
+        let comm = f.comm(CHUNK);
         train_add_one(&comm, &f, &[1, 2, 3]).await;
         let global = comm.publish(Arc::new(constant(5.0))).await.expect("publish");
         let mut cfg = add_one_config(&f, global);
@@ -147,7 +112,6 @@ async fn cross_site_matrix_has_one_row_per_model_and_one_column_per_site() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_after_fedavg_on_digits_selects_the_model_with_the_best_mean_accuracy() {
     within(180, async {
-        let job = JobId("xsite-digits".into());
         let spec = MlpSpec {
             hidden: vec![32],
             lr: 0.1,
@@ -157,24 +121,24 @@ async fn cross_site_after_fedavg_on_digits_selects_the_model_with_the_best_mean_
         };
         let fed = Arc::new(DigitsFederation::deal(3, 0.5, 0.2, 0).expect("deal"));
         let (s, d) = (spec.clone(), fed.clone());
-        let f = federation(3, &job, move |i| {
+        let f = federation(3, "xsite-digits", move |i| {
             Box::new(DigitsLearner::new(s.clone(), d.shards[i - 1].clone(), i - 1).expect("learner"))
         })
         .await;
         // FedAvg averages only results of the global model's chunk size.
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let cfg = FedAvgConfig {
             rounds: 8,
             min_clients: 3,
             round_timeout: Duration::from_secs(60),
-            clients: f.sites(),
+            clients: f.clients(),
             checkpoint_dir: None,
             evaluate: None,
         };
         let initial = model_of(&spec.build().expect("mlp").params()).expect("model");
         let trained = fedavg::run(&comm, &cfg, initial).await.expect("fedavg");
         let global = comm.publish(Arc::new(trained.model.clone())).await.expect("publish");
-        let out = cross_site::run(&comm, &CrossSiteConfig::new(f.sites(), Some(global)))
+        let out = cross_site::run(&comm, &CrossSiteConfig::new(f.clients(), Some(global)))
             .await
             .expect("cross-site");
         println!("{}", out.table());
@@ -212,9 +176,8 @@ async fn cross_site_after_fedavg_on_digits_selects_the_model_with_the_best_mean_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_with_a_site_down_leaves_empty_cells_naming_it_and_fills_the_rest() {
     within(120, async {
-        let job = JobId("xsite-down".into());
-        let f = federation(4, &job, add_one).await;
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), CHUNK, [0; 32]);
+        let f = federation(4, "xsite-down", add_one).await;
+        let comm = f.comm(CHUNK);
         // site-4 never trains: it has no model of its own, but still validates the others'.
         train_add_one(&comm, &f, &[1, 2, 3]).await;
         // site-3's node goes away.
@@ -273,8 +236,7 @@ impl Learner for SlowValidate {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_gives_up_on_a_site_that_does_not_answer_in_time() {
     within(120, async {
-        let job = JobId("xsite-slow".into());
-        let f = federation(3, &job, |i| {
+        let f = federation(3, "xsite-slow", |i| {
             if i == 3 {
                 Box::new(KeepLastModel::new(SlowValidate(AddOne { num_samples: 30 })))
             } else {
@@ -282,7 +244,7 @@ async fn cross_site_gives_up_on_a_site_that_does_not_answer_in_time() {
             }
         })
         .await;
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), CHUNK, [0; 32]);
+        let comm = f.comm(CHUNK);
         train_add_one(&comm, &f, &[1, 2, 3]).await;
         let global = comm.publish(Arc::new(constant(5.0))).await.expect("publish");
         let mut cfg = add_one_config(&f, global);

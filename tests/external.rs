@@ -6,15 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flare_actors::job::{AddOne, Communicator, FedAvgConfig, FedAvgOutcome, JobHost, Learner, fedavg};
+use flare_actors::job::{AddOne, FedAvgConfig, FedAvgOutcome, Learner, fedavg};
 use flare_actors::learner::digits::{self, DigitsFederation, DigitsLearner, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
-use flare_actors::{Member, Node};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::JobId;
 use flare_protocols::model::{Model, Tensor};
 
-use crate::util::{memory_stores, start_nodes, within};
+use crate::util::{Federation, within};
 
 /// The Python package and examples.
 fn python_dir() -> PathBuf {
@@ -53,15 +51,8 @@ fn initial_model() -> Model {
     ])
 }
 
-/// Node 0 hosts the controller; sites 1 and 2 run Rust add-one learners; site 3 runs
+/// Member 0 hosts the controller; sites 1 and 2 run Rust add-one learners; site 3 runs
 /// `script` (a file in `dir`, or a path) as an external learner with `timeout` per task.
-struct Federation {
-    hosts: Vec<JobHost>,
-    members: Vec<Member>,
-    job: JobId,
-    work_dir: PathBuf,
-}
-
 async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> Federation {
     let add_one = |i: usize| -> Box<dyn Learner> {
         Box::new(AddOne {
@@ -69,6 +60,11 @@ async fn federation(job: &str, dir: &Path, script: &Path, timeout: Duration) -> 
         })
     };
     federation_with(job, dir, script, timeout, add_one, &[]).await
+}
+
+/// The external learner's work dir (its socket, model files, and what test scripts write).
+fn work_dir(dir: &Path) -> PathBuf {
+    dir.join("site-3")
 }
 
 /// Like [`federation`], with other learners on sites 1 and 2 and extra environment for the
@@ -81,24 +77,13 @@ async fn federation_with(
     rust: impl Fn(usize) -> Box<dyn Learner>,
     env: &[(&str, String)],
 ) -> Federation {
-    let job = JobId(job.into());
-    let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(4)).await.into_iter().map(Arc::new).collect();
-    let members: Vec<Member> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.as_member(&format!("site-{i}")))
-        .collect();
-    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
+    let f = Federation::start(job, "site-0", (1..=3).map(|i| format!("site-{i}"))).await;
     for i in 1..=2 {
-        hosts[i]
-            .join_as_executor(job.clone(), Some(members[0].peer_id), &members[i].name, rust(i))
-            .await
-            .expect("executor");
+        f.join(i, rust(i)).await;
     }
-    let work_dir = dir.join("site-3");
     let mut cfg = ExternalConfig::new(
         vec!["python3".into(), script.to_string_lossy().into_owned()],
-        &work_dir,
+        work_dir(dir),
         "site-3",
     );
     cfg.task_timeout = timeout;
@@ -108,16 +93,8 @@ async fn federation_with(
         cfg.env.insert((*k).to_owned(), v.clone());
     }
     let learner = ExternalLearner::new(cfg).expect("external learner");
-    hosts[3]
-        .join_as_executor(job.clone(), Some(members[0].peer_id), "site-3", Box::new(learner))
-        .await
-        .expect("executor");
-    Federation {
-        hosts,
-        members,
-        job,
-        work_dir,
-    }
+    f.join(3, Box::new(learner)).await;
+    f
 }
 
 async fn run_fedavg(f: &Federation, rounds: u32, min_clients: usize) -> FedAvgOutcome {
@@ -129,18 +106,13 @@ async fn run_fedavg_from(f: &Federation, rounds: u32, min_clients: usize, initia
         rounds,
         min_clients,
         round_timeout: Duration::from_secs(30),
-        clients: f.members[1..].iter().map(|m| m.peer_id).collect(),
+        clients: f.clients(),
         checkpoint_dir: None,
         evaluate: None,
     };
-    let comm = Communicator::new(
-        &f.hosts[0],
-        f.job.clone(),
-        f.members.clone(),
-        DEFAULT_CHUNK_SIZE,
-        [0; 32],
-    );
-    fedavg::run(&comm, &cfg, initial).await.expect("job")
+    fedavg::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, initial)
+        .await
+        .expect("job")
 }
 
 fn plus(n: u32) -> Model {
@@ -233,7 +205,7 @@ while flare.is_running():
         );
         assert_eq!(out.rounds[1].contributors, ["site-1", "site-2", "site-3"]);
         assert!(out.model == plus(2));
-        let pids = std::fs::read_to_string(f.work_dir.join("pids")).expect("pids");
+        let pids = std::fs::read_to_string(work_dir(dir.path()).join("pids")).expect("pids");
         let pids: Vec<&str> = pids.lines().collect();
         assert_eq!(pids.len(), 2, "a fresh process for the second round: {pids:?}");
         assert_ne!(pids[0], pids[1]);
@@ -274,7 +246,7 @@ time.sleep(300)
             secs < 20.0,
             "the round ended at the task timeout, not the round timeout ({secs} s)"
         );
-        let pid: u32 = std::fs::read_to_string(f.work_dir.join("pid"))
+        let pid: u32 = std::fs::read_to_string(work_dir(dir.path()).join("pid"))
             .expect("pid")
             .trim()
             .parse()

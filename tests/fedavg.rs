@@ -6,12 +6,10 @@ use std::time::Duration;
 use flare_actors::job::{
     AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, TaskContext, TrainOutput, fedavg,
 };
-use flare_actors::{Member, Node};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::JobId;
 use flare_protocols::model::{Model, Tensor};
 
-use crate::util::{memory_stores, start_nodes, within};
+use crate::util::{Federation, memory_stores, start_nodes, within};
 
 /// A model of a few f32 tensors with fractional values, spanning several chunks.
 fn initial_model() -> Model {
@@ -36,38 +34,17 @@ fn initial_model() -> Model {
     )
 }
 
-struct Federation {
-    hosts: Vec<JobHost>,
-    members: Vec<Member>,
-}
-
-/// Node 0 hosts the controller; nodes 1.. are clients with add-one learners of weights
+/// Node 0 hosts the controller; `site-1`.. are clients with add-one learners of weights
 /// 10, 20, 30, ...
-async fn federation(clients: usize, job: &JobId) -> Federation {
-    let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(clients + 1))
-        .await
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let members: Vec<Member> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.as_member(&format!("site-{i}")))
-        .collect();
-    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-    for (i, h) in hosts.iter().enumerate().skip(1) {
-        h.join_as_executor(
-            job.clone(),
-            Some(members[0].peer_id),
-            &members[i].name,
-            Box::new(AddOne {
-                num_samples: 10 * i as u64,
-            }),
-        )
-        .await
-        .expect("executor");
-    }
-    Federation { hosts, members }
+async fn federation(clients: usize, job: &str) -> Federation {
+    let f = Federation::start(job, "site-0", (1..=clients).map(|i| format!("site-{i}"))).await;
+    f.join_all(|i| {
+        Box::new(AddOne {
+            num_samples: 10 * i as u64,
+        })
+    })
+    .await;
+    f
 }
 
 fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) -> FedAvgConfig {
@@ -75,7 +52,7 @@ fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) ->
         rounds,
         min_clients,
         round_timeout: timeout,
-        clients: f.members[1..].iter().map(|m| m.peer_id).collect(),
+        clients: f.clients(),
         checkpoint_dir: None,
         evaluate: None,
     }
@@ -84,12 +61,11 @@ fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
     within(120, async {
-        let job = JobId("add-one".into());
-        let f = federation(3, &job).await;
+        let f = federation(3, "add-one").await;
         let dir = tempfile::tempdir().expect("tmp");
         let mut cfg = config(&f, 5, 3, Duration::from_secs(60));
         cfg.checkpoint_dir = Some(dir.path().to_owned());
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let initial = initial_model();
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
         assert_eq!(out.rounds.len(), 5);
@@ -112,12 +88,11 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
     within(120, async {
-        let job = JobId("vanish".into());
-        let f = federation(3, &job).await;
+        let f = federation(3, "vanish").await;
         // site-3 leaves the job before the first round: its tasks are refused.
-        f.hosts[3].leave(&job);
+        f.hosts[3].leave(&f.job);
         let cfg = config(&f, 2, 2, Duration::from_secs(30));
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let initial = initial_model();
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
         for r in &out.rounds {
@@ -136,13 +111,12 @@ async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_few_clients_fail_the_job_naming_the_missing_members() {
     within(60, async {
-        let job = JobId("too-few".into());
-        let f = federation(3, &job).await;
-        f.hosts[2].leave(&job);
+        let f = federation(3, "too-few").await;
+        f.hosts[2].leave(&f.job);
         // site-3's node goes away altogether.
         f.hosts[3].node().net().shutdown();
         let cfg = config(&f, 1, 2, Duration::from_secs(3));
-        let comm = Communicator::new(&f.hosts[0], job, f.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let e = fedavg::run(&comm, &cfg, initial_model()).await.expect_err("too few");
         match &e {
             FedAvgError::TooFewClients { got, need, missing, .. } => {
@@ -177,8 +151,7 @@ impl Learner for SlowAddOne {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
     within(120, async {
-        let job = JobId("killed".into());
-        let f = federation(2, &job).await;
+        let f = federation(2, "killed").await;
         // A third client that is killed while it trains.
         let extra = Arc::new(start_nodes(memory_stores(1)).await.remove(0));
         let extra_member = extra.as_member("site-3");
@@ -192,7 +165,7 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         let (tx, started) = std::sync::mpsc::channel();
         extra_host
             .join_as_executor(
-                job.clone(),
+                f.job.clone(),
                 Some(f.members[0].peer_id),
                 "site-3",
                 Box::new(SlowAddOne { started: tx }),
@@ -203,7 +176,7 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         members.push(extra_member.clone());
         let mut cfg = config(&f, 1, 2, Duration::from_secs(5));
         cfg.clients.push(extra_member.peer_id);
-        let comm = Communicator::new(&f.hosts[0], job, members, DEFAULT_CHUNK_SIZE, [0; 32]);
+        let comm = Communicator::new(&f.hosts[0], f.job.clone(), members, DEFAULT_CHUNK_SIZE, [0; 32]);
         let killer = tokio::task::spawn_blocking(move || {
             started
                 .recv_timeout(Duration::from_secs(30))

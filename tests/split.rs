@@ -6,58 +6,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_actors::job::split::{self, Received, SplitConfig, SplitError};
-use flare_actors::job::{Communicator, JobHost, Learner, TaskContext, TaskReply, TrainOutput};
+use flare_actors::job::{Learner, TaskContext, TaskReply, TrainOutput};
 use flare_actors::learner::split::{PartyFeatures, SplitDataParty, SplitSpec, VerticalDigits, wire};
-use flare_actors::{Member, Node};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::{JobId, Value};
+use flare_protocols::ctl::Value;
 use flare_protocols::model::{DType, Model};
 
-use crate::util::{memory_stores, start_nodes, within};
+use crate::util::{Federation, within};
 
-/// Node 0 is the label party (it hosts the workflow); nodes 1.. are the data parties.
-struct SplitJob {
-    hosts: Vec<JobHost>,
-    members: Vec<Member>,
+/// Member 0 is the label party (it hosts the workflow); `data-0`.. are the data parties,
+/// party `p` with `learner(p)`.
+async fn split_job(job: &str, parties: usize, learner: impl Fn(usize) -> Box<dyn Learner>) -> Federation {
+    let f = Federation::start(job, "label", (0..parties).map(|p| format!("data-{p}"))).await;
+    f.join_all(|i| learner(i - 1)).await;
+    f
 }
 
-impl SplitJob {
-    async fn start(job: &JobId, parties: usize, learner: impl Fn(usize) -> Box<dyn Learner>) -> Self {
-        let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(parties + 1))
-            .await
-            .into_iter()
-            .map(Arc::new)
-            .collect();
-        let members: Vec<Member> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                n.as_member(&if i == 0 {
-                    "label".into()
-                } else {
-                    format!("data-{}", i - 1)
-                })
-            })
-            .collect();
-        let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-        for p in 0..parties {
-            hosts[p + 1]
-                .join_as_executor(job.clone(), Some(members[0].peer_id), &members[p + 1].name, learner(p))
-                .await
-                .expect("executor");
-        }
-        Self { hosts, members }
-    }
-
-    fn config(&self, spec: SplitSpec) -> SplitConfig {
-        let mut cfg = SplitConfig::new(spec, self.members[1..].iter().map(|m| m.peer_id).collect());
-        cfg.step_timeout = Duration::from_secs(20);
-        cfg
-    }
-
-    fn comm(&self, job: JobId) -> Communicator {
-        Communicator::new(&self.hosts[0], job, self.members.clone(), DEFAULT_CHUNK_SIZE, [0; 32])
-    }
+/// The job's configuration, with a step timeout that fails a stuck test in time.
+fn config(f: &Federation, spec: SplitSpec) -> SplitConfig {
+    let mut cfg = SplitConfig::new(spec, f.clients());
+    cfg.step_timeout = Duration::from_secs(20);
+    cfg
 }
 
 fn spec(parties: usize, cut: usize, epochs: u32) -> SplitSpec {
@@ -80,13 +49,14 @@ fn party_learner(spec: &SplitSpec, data: &VerticalDigits) -> impl Fn(usize) -> B
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_learning_on_two_column_halves_matches_the_central_network() {
     within(120, async {
-        let job = JobId("split".into());
         let data = Arc::new(VerticalDigits::deal(2, 0.2, 0).expect("deal"));
         let spec = spec(2, 16, 8);
-        let f = SplitJob::start(&job, 2, party_learner(&spec, &data)).await;
-        let mut cfg = f.config(spec);
+        let f = split_job("split", 2, party_learner(&spec, &data)).await;
+        let mut cfg = config(&f, spec);
         cfg.baseline = Some(data.clone());
-        let out = split::run(&f.comm(job), &cfg, &data.label).await.expect("split job");
+        let out = split::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, &data.label)
+            .await
+            .expect("split job");
         let split_acc = out.test_accuracy().expect("epochs");
         let central_acc = out.central_accuracy().expect("baseline");
         eprintln!(
@@ -126,11 +96,14 @@ async fn payloads_above_the_inline_limit_go_as_blobs_with_the_same_result() {
         let spec = spec(1, 24, 2);
         let mut results = Vec::new();
         for inline_max in [wire::DEFAULT_INLINE_MAX, 0] {
-            let job = JobId(format!("split-inline-{inline_max}"));
-            let f = SplitJob::start(&job, 1, party_learner(&spec, &data)).await;
-            let mut cfg = f.config(spec.clone());
+            let f = split_job(&format!("split-inline-{inline_max}"), 1, party_learner(&spec, &data)).await;
+            let mut cfg = config(&f, spec.clone());
             cfg.inline_max = inline_max;
-            results.push(split::run(&f.comm(job), &cfg, &data.label).await.expect("split job"));
+            results.push(
+                split::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, &data.label)
+                    .await
+                    .expect("split job"),
+            );
         }
         let (inline, blobs) = (&results[0], &results[1]);
         eprintln!("one party, all pixels: {:?}", inline.epochs);
@@ -149,12 +122,11 @@ async fn payloads_above_the_inline_limit_go_as_blobs_with_the_same_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_job_names_a_data_party_that_is_gone() {
     within(60, async {
-        let job = JobId("split-gone".into());
         let data = Arc::new(VerticalDigits::deal(2, 0.2, 0).expect("deal"));
         let spec = spec(2, 8, 1);
-        let f = SplitJob::start(&job, 2, party_learner(&spec, &data)).await;
-        f.hosts[2].leave(&job);
-        let e = split::run(&f.comm(job), &f.config(spec), &data.label)
+        let f = split_job("split-gone", 2, party_learner(&spec, &data)).await;
+        f.hosts[2].leave(&f.job);
+        let e = split::run(&f.comm(DEFAULT_CHUNK_SIZE), &config(&f, spec), &data.label)
             .await
             .expect_err("a party is gone");
         assert!(
@@ -370,10 +342,9 @@ async fn recorded_run(
     inline_max: usize,
     learner: impl Fn(usize) -> Box<dyn Learner>,
 ) -> (Result<split::SplitOutcome, SplitError>, Vec<Seen>, Vec<Received>) {
-    let job = JobId(job.into());
     let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let l2 = log.clone();
-    let f = SplitJob::start(&job, spec.parties, move |p| {
+    let f = split_job(job, spec.parties, move |p| {
         Box::new(Recording {
             party: p,
             inner: learner(p),
@@ -383,10 +354,10 @@ async fn recorded_run(
     .await;
     let received: Arc<Mutex<Vec<Received>>> = Arc::default();
     let r2 = received.clone();
-    let mut cfg = f.config(spec.clone());
+    let mut cfg = config(&f, spec.clone());
     cfg.inline_max = inline_max;
     cfg.audit = Some(Arc::new(move |r: &Received| r2.lock().expect("log").push(r.clone())));
-    let out = split::run(&f.comm(job), &cfg, &data.label).await;
+    let out = split::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, &data.label).await;
     let seen = log.lock().expect("log").clone();
     let received = received.lock().expect("log").clone();
     (out, seen, received)

@@ -1,10 +1,19 @@
-//! The harness: start nodes that know each other, bound every wait.
+//! The harness: start nodes that know each other (in this process, or one `flare-node run`
+//! process per member), bound every wait.
 
 use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use flare_actors::job::{Communicator, JobHost, Learner};
 use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
+use flare_protocols::ctl::JobId;
+use libp2p::PeerId;
 use libp2p::identity::Keypair;
+
+use crate::cli::{Running, cli, peer_id_in, summary, text, topology_file};
 
 /// Fails the test instead of hanging when `f` takes longer than `secs`.
 pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
@@ -53,6 +62,73 @@ pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<
     nodes
 }
 
+/// A job's members in this process: one node each on loopback, each with a job host. Member 0
+/// hosts the workflow (the controller); the others (the clients) join the job as executors
+/// with the learners a test gives them. The workflow tests all start this way, so the wiring
+/// is written once and a test states only names and learners.
+pub struct Federation {
+    /// One host per member, in member order.
+    pub hosts: Vec<JobHost>,
+    /// The members, the controller first.
+    pub members: Vec<Member>,
+    /// The job the clients join.
+    pub job: JobId,
+}
+
+impl Federation {
+    /// Starts a node and a host for `controller` and each of `clients`, every node admitting
+    /// every other; no one has joined `job` yet.
+    pub async fn start(job: &str, controller: &str, clients: impl IntoIterator<Item = String>) -> Self {
+        let names: Vec<String> = std::iter::once(controller.to_owned()).chain(clients).collect();
+        let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(names.len()))
+            .await
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Self {
+            members: nodes.iter().zip(&names).map(|(n, name)| n.as_member(name)).collect(),
+            hosts: nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect(),
+            job: JobId(job.into()),
+        }
+    }
+
+    /// Member `i` joins the job as an executor running `learner`, taking tasks from member 0.
+    pub async fn join(&self, i: usize, learner: Box<dyn Learner>) {
+        self.hosts[i]
+            .join_as_executor(
+                self.job.clone(),
+                Some(self.members[0].peer_id),
+                &self.members[i].name,
+                learner,
+            )
+            .await
+            .expect("executor");
+    }
+
+    /// Every client joins, member `i` running `learner(i)`.
+    pub async fn join_all(&self, learner: impl Fn(usize) -> Box<dyn Learner>) {
+        for i in 1..self.members.len() {
+            self.join(i, learner(i)).await;
+        }
+    }
+
+    /// The clients' peer ids, as a workflow's configuration lists them.
+    pub fn clients(&self) -> Vec<PeerId> {
+        self.members[1..].iter().map(|m| m.peer_id).collect()
+    }
+
+    /// The controller's side of the job, publishing models in chunks of `chunk_size`.
+    pub fn comm(&self, chunk_size: u32) -> Communicator {
+        Communicator::new(
+            &self.hosts[0],
+            self.job.clone(),
+            self.members.clone(),
+            chunk_size,
+            [0; 32],
+        )
+    }
+}
+
 /// An ephemeral TCP port on loopback.
 pub fn loopback() -> libp2p::Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")
@@ -75,4 +151,120 @@ pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
 /// Memory stores, one per node.
 pub fn memory_stores(n: usize) -> Vec<BlobStore> {
     (0..n).map(|_| BlobStore::memory()).collect()
+}
+
+/// A job whose members run one `flare-node run` process each, in `dir`, every member listed
+/// with its loopback address so any member can reach any other directly.
+pub struct Cluster {
+    dir: PathBuf,
+    topology: PathBuf,
+    names: Vec<String>,
+}
+
+/// A loopback port free right now (the OS picks it; the member binds it moments later).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Cluster {
+    /// Keys for `names`, and `job` written as a topology listing every member's peer id and
+    /// address.
+    pub fn new(dir: &Path, job: &str, names: &[&str]) -> Self {
+        let mut toml = job.to_owned();
+        for n in names {
+            let key = dir.join(format!("{n}.key"));
+            let id = peer_id_in(&cli(&["keygen", "--out", key.to_str().expect("utf8")]));
+            toml.push_str(&format!(
+                "[[member]]\nname = \"{n}\"\npeer_id = \"{id}\"\naddrs = [\"/ip4/127.0.0.1/tcp/{}\"]\n\n",
+                free_port()
+            ));
+        }
+        let topology = dir.join("topology.toml");
+        std::fs::write(&topology, toml).expect("write topology");
+        Self {
+            dir: dir.to_owned(),
+            topology,
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().expect("utf8").to_owned()
+    }
+
+    /// Starts member `name`'s process.
+    pub fn start(&self, name: &str) -> Running {
+        Running::start(&[
+            "run",
+            "--topology",
+            self.topology.to_str().expect("utf8"),
+            "--name",
+            name,
+            "--key",
+            &self.path(&format!("{name}.key")),
+            "--data-dir",
+            &self.path(&format!("{name}-data")),
+        ])
+    }
+
+    /// Starts every member.
+    pub fn start_all(&self) -> Vec<Running> {
+        self.names.iter().map(|n| self.start(n)).collect()
+    }
+
+    /// The final model member `name` wrote.
+    pub fn model(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(format!("{name}-data/global.safetensors")))
+            .unwrap_or_else(|e| panic!("{name}'s model: {e}"))
+    }
+
+    /// The summary member `name` wrote.
+    pub fn results(&self, name: &str) -> serde_json::Value {
+        let bytes = std::fs::read(self.dir.join(format!("{name}-data/results.json")))
+            .unwrap_or_else(|e| panic!("{name}'s results: {e}"));
+        serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")["summary"].clone()
+    }
+
+    /// `sim` of the same topology; returns its summary and final model.
+    pub fn sim(&self) -> (serde_json::Value, Vec<u8>) {
+        let out = self.path("sim-out");
+        let run = cli(&["sim", self.topology.to_str().expect("utf8"), "--json", "--out", &out]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let model = std::fs::read(self.dir.join("sim-out/global.safetensors")).expect("sim's model");
+        (summary(&run), model)
+    }
+}
+
+/// Waits (bounded) for every member to exit successfully; returns their logs, in order.
+pub fn wait_all(members: Vec<Running>) -> Vec<String> {
+    members
+        .into_iter()
+        .map(|m| {
+            let (ok, log) = m.finish(120);
+            assert!(ok, "a member failed:\n{log}");
+            log
+        })
+        .collect()
+}
+
+/// The job part of a shipped topology: its tables before the first `[[member]]` (a
+/// [`Cluster`] lists the members with keys and ports).
+pub fn job_of(file: &str) -> String {
+    let text = std::fs::read_to_string(topology_file(file)).expect("topology");
+    text.split("[[member]]").next().expect("job part").to_owned()
+}
+
+/// The bytes a `flare-node run` process sent over the whole job, from the `bytes_sent` field
+/// of its last log line ("shutting down"): its own protocol handlers' count of every control
+/// message and blob chunk it wrote.
+pub fn bytes_sent(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("shutting down"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("bytes_sent=")))
+        .next_back()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes_sent in the shutdown line of:\n{log}"))
 }

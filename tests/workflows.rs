@@ -2,102 +2,11 @@
 //! `flare-node run` process per member (every member listed with its loopback address, so
 //! any member can reach any other directly).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::cli::{Running, cli, peer_id_in, summary, text, topology_file};
-
-/// Members of a job run one process each, in `dir`.
-struct Cluster {
-    dir: PathBuf,
-    topology: PathBuf,
-    names: Vec<String>,
-}
-
-/// A loopback port free right now (the OS picks it; the member binds it moments later).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-impl Cluster {
-    /// Keys for `names`, and `job` written as a topology listing every member's peer id and
-    /// address.
-    fn new(dir: &Path, job: &str, names: &[&str]) -> Self {
-        let mut toml = job.to_owned();
-        for n in names {
-            let key = dir.join(format!("{n}.key"));
-            let id = peer_id_in(&cli(&["keygen", "--out", key.to_str().expect("utf8")]));
-            toml.push_str(&format!(
-                "[[member]]\nname = \"{n}\"\npeer_id = \"{id}\"\naddrs = [\"/ip4/127.0.0.1/tcp/{}\"]\n\n",
-                free_port()
-            ));
-        }
-        let topology = dir.join("topology.toml");
-        std::fs::write(&topology, toml).expect("write topology");
-        Self {
-            dir: dir.to_owned(),
-            topology,
-            names: names.iter().map(|n| n.to_string()).collect(),
-        }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_str().expect("utf8").to_owned()
-    }
-
-    /// Starts member `name`'s process.
-    fn start(&self, name: &str) -> Running {
-        Running::start(&[
-            "run",
-            "--topology",
-            self.topology.to_str().expect("utf8"),
-            "--name",
-            name,
-            "--key",
-            &self.path(&format!("{name}.key")),
-            "--data-dir",
-            &self.path(&format!("{name}-data")),
-        ])
-    }
-
-    /// Starts every member.
-    fn start_all(&self) -> Vec<Running> {
-        self.names.iter().map(|n| self.start(n)).collect()
-    }
-
-    /// The final model member `name` wrote.
-    fn model(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(format!("{name}-data/global.safetensors")))
-            .unwrap_or_else(|e| panic!("{name}'s model: {e}"))
-    }
-
-    /// The summary member `name` wrote.
-    fn results(&self, name: &str) -> serde_json::Value {
-        let bytes = std::fs::read(self.dir.join(format!("{name}-data/results.json")))
-            .unwrap_or_else(|e| panic!("{name}'s results: {e}"));
-        serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")["summary"].clone()
-    }
-
-    /// `sim` of the same topology; returns its summary and final model.
-    fn sim(&self) -> (serde_json::Value, Vec<u8>) {
-        let out = self.path("sim-out");
-        let run = cli(&["sim", self.topology.to_str().expect("utf8"), "--json", "--out", &out]);
-        assert!(run.status.success(), "{}", text(&run.stderr));
-        let model = std::fs::read(self.dir.join("sim-out/global.safetensors")).expect("sim's model");
-        (summary(&run), model)
-    }
-}
-
-fn wait_all(members: Vec<Running>) {
-    for m in members {
-        let (ok, log) = m.finish(120);
-        assert!(ok, "a member failed:\n{log}");
-    }
-}
+use crate::cli::{Running, cli, summary, text, topology_file};
+use crate::util::{Cluster, job_of, wait_all};
 
 const FEDAVG_ON_A_CLIENT: &str = "[job]\nname = \"fedavg-on-a-client\"\nworkflow = \"fedavg\"\n\
      controller = \"site-1\"\nclients = [\"site-1\", \"site-2\", \"site-3\"]\n\n\
@@ -291,9 +200,7 @@ fn swarm_finishes_exactly_when_its_aggregator_process_is_killed_mid_round() {
 #[test]
 fn split_learning_in_sim_and_one_process_per_member_matches_the_central_network() {
     let dir = tempfile::tempdir().expect("tmp");
-    let job = std::fs::read_to_string(topology_file("split-digits.toml")).expect("topology");
-    // The shipped file without its members (the cluster lists them with keys and ports).
-    let job = job.split("[[member]]").next().expect("job part").to_owned();
+    let job = job_of("split-digits.toml");
     let c = Cluster::new(dir.path(), &job, &["lab", "hospital-left", "hospital-right"]);
     let (s, _) = c.sim();
     let split = s["test_accuracy"].as_f64().expect("split accuracy");
@@ -357,41 +264,26 @@ fn cross_site_evaluation_has_a_row_per_model_and_a_column_per_site_and_saves_the
 async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     use std::sync::Arc;
 
-    use flare_actors::job::{AddOne, Communicator, JobHost, Link, Task};
+    use flare_actors::job::{AddOne, Link, Task};
     use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-    use flare_protocols::ctl::JobId;
     use flare_protocols::model::{DType, Model};
 
-    use crate::util::{memory_stores, start_nodes, within};
+    use crate::util::{Federation, within};
 
-    let nodes: Vec<Arc<flare_actors::Node>> = start_nodes(memory_stores(3)).await.into_iter().map(Arc::new).collect();
-    let members: Vec<flare_actors::Member> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.as_member(&format!("n{i}")))
-        .collect();
-    let job = JobId("relay-fallback".into());
-    let hosts: Vec<JobHost> = nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect();
-    hosts[1]
-        .join_as_executor(
-            job.clone(),
-            Some(members[0].peer_id),
-            "n1",
-            Box::new(AddOne { num_samples: 1 }),
-        )
-        .await
-        .expect("executor");
-    let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
+    let f = Federation::start("relay-fallback", "n0", (1..3).map(|i| format!("n{i}"))).await;
+    f.join(1, Box::new(AddOne { num_samples: 1 })).await;
+    let (members, n2) = (&f.members, f.hosts[2].node());
+    let comm = f.comm(DEFAULT_CHUNK_SIZE);
     let mut model = Model::zeros([("w".to_owned(), DType::F32, vec![1000])]).expect("model");
     model.map_f32(|_| 0.5);
     let start = comm.publish(Arc::new(model.clone())).await.expect("publish");
     // The newest link: a later model, held only by n2, which is now gone.
     model.map_f32(|v| v + 7.0);
-    let later = nodes[2]
+    let later = n2
         .store()
         .import_bytes(model.as_safetensors(), DEFAULT_CHUNK_SIZE)
         .expect("import");
-    nodes[2].net().shutdown();
+    n2.net().shutdown();
     let mut chain = vec![
         Link {
             model: start,
