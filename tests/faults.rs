@@ -128,3 +128,38 @@ async fn lone_liar_leaves_only_verified_chunks_and_a_typed_error() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_fetch_hands_every_chunk_over_once_and_stores_none() {
+    within(60, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        let data = bytes(40 << 16, 13);
+        let m = src.store().import_bytes(&data, 64 << 10).expect("import");
+        // The connection is cut midway: the chunks sent again must not be handed over twice.
+        src.faults().arm(FaultPlan {
+            cut_after: Some(13),
+            ..FaultPlan::default()
+        });
+        let got = std::sync::Arc::new(std::sync::Mutex::new(vec![None::<Vec<u8>>; 40]));
+        let sink = got.clone();
+        let opts = FetchOptions {
+            window: 4,
+            keep: false,
+            on_chunk: Some(std::sync::Arc::new(move |i: u64, b: &[u8]| {
+                let mut g = sink.lock().expect("lock");
+                assert!(
+                    g[i as usize].replace(b.to_vec()).is_none(),
+                    "chunk {i} handed over twice"
+                );
+            })),
+            ..FetchOptions::default()
+        };
+        let report = dst.fetch(m.blob_ref(), &[src.peer_id()], &opts).await.expect("fetch");
+        assert_eq!(report.fetched, 40);
+        let got: Vec<u8> = got.lock().expect("lock").iter().flatten().flatten().copied().collect();
+        assert!(got == data, "every chunk, verified, in place");
+        assert!(dst.store().manifest(&m.id()).is_none(), "nothing stored");
+    })
+    .await;
+}

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flare_actors::blob::FaultPlan;
 use flare_actors::job::{
     AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, TaskContext, TrainOutput, fedavg,
 };
@@ -81,6 +82,38 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
         assert!(saved == expected);
         let record = std::fs::read_to_string(dir.path().join("checkpoint.json")).expect("record");
         assert!(record.contains("\"round\": 4"), "{record}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
+    within(120, async {
+        let f = federation(3, "broken-pull").await;
+        // site-3 serves its result with chunk 1 corrupted: the controller folds chunk 0, then
+        // the pull fails. Results are not stored, so the round must fold the others again.
+        f.hosts[3].node().faults().arm(FaultPlan {
+            corrupt_chunk: Some(1),
+            ..FaultPlan::default()
+        });
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        assert!(
+            initial.as_safetensors().len() > 2 * DEFAULT_CHUNK_SIZE as usize,
+            "several chunks"
+        );
+        let out = fedavg::run(&comm, &config(&f, 2, 2, Duration::from_secs(60)), initial.clone())
+            .await
+            .expect("the rounds complete without site-3");
+        for r in &out.rounds {
+            assert_eq!(r.contributors, ["site-1", "site-2"], "round {}", r.round);
+            assert_eq!(r.missing.len(), 1, "round {}", r.round);
+            assert_eq!(r.missing[0].0, "site-3");
+            assert!(r.missing[0].1.contains("wrong hash"), "{:?}", r.missing[0]);
+        }
+        let mut expected = initial;
+        expected.map_f32(|v| v + 2.0);
+        assert!(out.model == expected, "every weight equals initial + 2, exactly");
     })
     .await;
 }

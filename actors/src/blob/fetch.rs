@@ -69,6 +69,11 @@ pub struct FetchOptions {
     pub progress: Option<ProgressFn>,
     /// Each newly stored chunk's bytes (see [`ChunkFn`]).
     pub on_chunk: Option<ChunkFn>,
+    /// Whether verified chunks go into the store. When false they go only to `on_chunk`,
+    /// for a caller that consumes them as they come (an aggregator folding a result it will
+    /// not serve again): no disk write per chunk, and the blob is not in the store after.
+    /// A blob the store already holds whole is still read from there (nothing is fetched).
+    pub keep: bool,
 }
 
 impl Default for FetchOptions {
@@ -81,6 +86,7 @@ impl Default for FetchOptions {
             max_len: u64::MAX,
             progress: None,
             on_chunk: None,
+            keep: true,
         }
     }
 }
@@ -93,6 +99,7 @@ impl std::fmt::Debug for FetchOptions {
             .field("stall_timeout", &self.stall_timeout)
             .field("max_unit_chunks", &self.max_unit_chunks)
             .field("max_len", &self.max_len)
+            .field("keep", &self.keep)
             .finish()
     }
 }
@@ -215,7 +222,7 @@ fn first_error(errors: &[SourceError]) -> String {
 /// What a completed fetch did.
 #[derive(Clone, Debug)]
 pub struct FetchReport {
-    /// The blob, now whole in the store.
+    /// The blob, now whole in the store (unless [`FetchOptions::keep`] was false).
     pub blob: BlobRef,
     /// Chunks that were already held when the fetch started.
     pub already_present: u64,
@@ -234,6 +241,50 @@ pub struct Fetcher {
     net: NetworkHandle,
     store: BlobStore,
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
+}
+
+/// Where one fetch puts the chunks it verified.
+enum Target {
+    /// Into the store (and to `on_chunk`).
+    Store(BlobStore),
+    /// Only to `on_chunk`; which chunks arrived is kept here.
+    Pass {
+        manifest: Arc<Manifest>,
+        have: Mutex<Vec<bool>>,
+    },
+}
+
+impl Target {
+    /// Verifies chunk `index` and files it; whether it was new.
+    fn put(&self, manifest: &Manifest, index: u64, bytes: &[u8]) -> Result<bool, StoreError> {
+        match self {
+            Target::Store(store) => store.put_chunk(&manifest.id(), index, bytes),
+            Target::Pass { manifest, have } => {
+                let id = manifest.id();
+                let slot = usize::try_from(index).map_err(|_| StoreError::OutOfRange { id, index })?;
+                if index >= manifest.chunk_count() {
+                    return Err(StoreError::OutOfRange { id, index });
+                }
+                if !manifest.verify_chunk(index, bytes) {
+                    return Err(StoreError::HashMismatch { id, index });
+                }
+                Ok(!std::mem::replace(&mut lock(have)[slot], true))
+            }
+        }
+    }
+
+    /// The chunks not filed yet.
+    fn missing(&self, blob: &BlobRef) -> Result<Vec<u64>, StoreError> {
+        match self {
+            Target::Store(store) => store.missing(blob),
+            Target::Pass { have, .. } => Ok(lock(have)
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !**h)
+                .map(|(i, _)| i as u64)
+                .collect()),
+        }
+    }
 }
 
 /// Work shared by the workers of one fetch.
@@ -441,7 +492,8 @@ impl Fetcher {
         Manifest::verified(&blob, hashes).map_err(|_| SourceError::BadManifest { peer })
     }
 
-    /// Pulls `blob` from `sources` into the store. Chunks already held are not fetched again.
+    /// Pulls `blob` from `sources` into the store (or only through `on_chunk`, see
+    /// [`FetchOptions::keep`]). Chunks already held are not fetched again.
     pub async fn fetch(
         &self,
         blob: BlobRef,
@@ -462,7 +514,9 @@ impl Fetcher {
                 trusted.push(*p);
             }
         }
-        let manifest = match self.store.manifest(&blob.id) {
+        let held = self.store.manifest(&blob.id);
+        let keep = opts.keep || self.store.is_complete(&blob.id);
+        let manifest = match held {
             Some(m) => m,
             None => {
                 let mut found = None;
@@ -494,10 +548,18 @@ impl Fetcher {
                         errors,
                     });
                 };
-                self.store.begin(m)?
+                if keep { self.store.begin(m)? } else { Arc::new(m) }
             }
         };
-        let missing = self.store.missing(&blob)?;
+        let target = Arc::new(if keep {
+            Target::Store(self.store.clone())
+        } else {
+            Target::Pass {
+                manifest: manifest.clone(),
+                have: Mutex::new(vec![false; n as usize]),
+            }
+        });
+        let missing = target.missing(&blob)?;
         let already_present = n - missing.len() as u64;
         let mut report = FetchReport {
             blob,
@@ -526,12 +588,17 @@ impl Fetcher {
             changed: Notify::new(),
         });
         let present = Arc::new(AtomicU64::new(already_present));
-        let results = futures::future::join_all(
-            trusted
-                .iter()
-                .zip(first)
-                .map(|(&peer, unit)| self.worker(peer, manifest.clone(), unit, plan.clone(), present.clone(), opts)),
-        )
+        let results = futures::future::join_all(trusted.iter().zip(first).map(|(&peer, unit)| {
+            self.worker(
+                peer,
+                &target,
+                manifest.clone(),
+                unit,
+                plan.clone(),
+                present.clone(),
+                opts,
+            )
+        }))
         .await;
         errors.extend(results.iter().flat_map(|(_, _, e)| e.iter().flatten().cloned()));
         for (peer, count, _) in &results {
@@ -543,7 +610,7 @@ impl Fetcher {
         if let Some(e) = results.into_iter().find_map(|(_, _, r)| r.err()) {
             return Err(e);
         }
-        let left = self.store.missing(&blob)?.len() as u64;
+        let left = target.missing(&blob)?.len() as u64;
         if left > 0 {
             return Err(FetchError::Incomplete {
                 blob: blob.id,
@@ -583,9 +650,11 @@ impl Fetcher {
     }
 
     /// One source's worker. Returns (peer, chunks stored, errors met or a fatal store error).
+    #[allow(clippy::too_many_arguments)]
     async fn worker(
         &self,
         peer: PeerId,
+        target: &Arc<Target>,
         manifest: Arc<Manifest>,
         first: Option<Range<u64>>,
         plan: Arc<Plan>,
@@ -605,11 +674,11 @@ impl Fetcher {
                 },
             };
             let r = self
-                .fetch_range(peer, &manifest, unit.clone(), &stored, &present, opts)
+                .fetch_range(peer, target, &manifest, unit.clone(), &stored, &present, opts)
                 .await;
             let rest = match &r {
                 Ok(()) => Vec::new(),
-                Err(_) => match self.store.missing(&manifest.blob_ref()) {
+                Err(_) => match target.missing(&manifest.blob_ref()) {
                     Ok(m) => units(
                         &m.into_iter().filter(|i| unit.contains(i)).collect::<Vec<_>>(),
                         u64::MAX,
@@ -642,9 +711,11 @@ impl Fetcher {
 
     /// Pulls one contiguous range from one source: a reader that checks frames and a
     /// persister that verifies and stores them, joined by a channel of `window` chunks.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_range(
         &self,
         peer: PeerId,
+        target: &Arc<Target>,
         manifest: &Arc<Manifest>,
         range: Range<u64>,
         stored: &AtomicU64,
@@ -705,13 +776,12 @@ impl Fetcher {
         let persister = async {
             let total = manifest.chunk_count();
             while let Some((index, buf, len)) = rx.recv().await {
-                let store = self.store.clone();
-                let id = manifest.id();
+                let (target, manifest) = (target.clone(), manifest.clone());
                 let on_chunk = opts.on_chunk.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
                     let bytes = &buf[off..off + len];
-                    let new = store.put_chunk(&id, index, bytes)?;
+                    let new = target.put(&manifest, index, bytes)?;
                     if let (true, Some(f)) = (new, on_chunk) {
                         f(index, bytes);
                     }

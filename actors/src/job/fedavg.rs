@@ -3,8 +3,10 @@
 //! [`crate::aggregate`]), and finish the round when every client has answered, or at the
 //! round timeout if at least `min_clients` have.
 //!
-//! A client whose pull fails midway is taken back out of the mean (its chunks are re-read
-//! from the local store and subtracted), so a result counts wholly or not at all. After each
+//! Results are folded as they stream in and never stored: the controller writes no client's
+//! result to disk, whatever the number of clients. A result counts wholly or not at all: when
+//! a pull fails midway, after part of it was folded in, the round folds the other results
+//! again from their clients into a fresh mean (see [`refold`]). After each
 //! round the global model and a JSON record are written to the checkpoint directory (the
 //! model hard-linked from the blob store when it is on disk). Between rounds the global model
 //! lives only in the blob store, so the controller holds one model-sized buffer at a time.
@@ -197,7 +199,7 @@ pub(crate) async fn one_round(
 ) -> Result<(Model, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
-    let acc = Arc::new(Mutex::new(Accumulator::new(layout, blob.chunk_size)?));
+    let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), blob.chunk_size)?));
     let task = Task {
         name: "train".into(),
         round,
@@ -216,6 +218,7 @@ pub(crate) async fn one_round(
     let mut contributors: Vec<TaskOutcome> = Vec::new();
     let pulls = tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS);
     let mut folds = FuturesUnordered::new();
+    let mut tainted = false;
     loop {
         tokio::select! {
             r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
@@ -231,11 +234,21 @@ pub(crate) async fn one_round(
             },
             Some(r) = folds.next(), if !folds.is_empty() => match r {
                 Ok(o) => contributors.push(o),
-                Err((o, why)) => missing.push((o.member, why)),
+                Err(f) => {
+                    tainted |= f.tainted;
+                    missing.push((f.outcome.member, f.why));
+                }
             },
             else => break,
         }
     }
+    drop(folds);
+    let acc = if tainted {
+        drop(acc);
+        refold(comm, round, &mut contributors, &mut missing, &layout, blob, &pulls).await?
+    } else {
+        acc
+    };
     if contributors.len() < cfg.min_clients {
         return Err(FedAvgError::TooFewClients {
             round,
@@ -285,8 +298,63 @@ pub(crate) async fn one_round(
     ))
 }
 
-/// Pulls one client's result and folds it into the mean as its chunks arrive; on failure,
-/// takes what was folded back out.
+/// Folds the contributors' results again into a fresh mean, after a pull that failed midway
+/// left part of a result in the old one (results are not stored, so it cannot be taken back
+/// out): each result is pulled again from its client. One that fails now is left out too, and
+/// if it, in turn, left a part behind, the refold starts over without it; every pass leaves
+/// out at least one more client, so this ends. Costs a second pull of the surviving results,
+/// only in a round where a pull broke.
+async fn refold(
+    comm: &Communicator,
+    round: u32,
+    contributors: &mut Vec<TaskOutcome>,
+    missing: &mut Vec<(String, String)>,
+    layout: &Layout,
+    global: BlobRef,
+    pulls: &tokio::sync::Semaphore,
+) -> Result<Arc<Mutex<Accumulator>>, FedAvgError> {
+    loop {
+        tracing::warn!(
+            job = %comm.job(),
+            round,
+            results = contributors.len(),
+            "a result broke off midway; folding the others again"
+        );
+        let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), global.chunk_size)?));
+        let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
+            .into_iter()
+            .filter_map(|o| {
+                let out = o.output?;
+                Some(fold(comm, acc.clone(), o, out, global, pulls))
+            })
+            .collect();
+        let mut tainted = false;
+        while let Some(r) = folds.next().await {
+            match r {
+                Ok(o) => contributors.push(o),
+                Err(f) => {
+                    tainted |= f.tainted;
+                    missing.push((f.outcome.member, f.why));
+                }
+            }
+        }
+        if !tainted {
+            return Ok(acc);
+        }
+    }
+}
+
+/// A result that was not folded in.
+struct FoldFailure {
+    outcome: TaskOutcome,
+    why: String,
+    /// Part of it is in the mean and could not be taken back out.
+    tainted: bool,
+}
+
+/// Pulls one client's result and folds it into the mean as its chunks arrive, without
+/// storing them; on failure, takes what was folded back out where the store holds those
+/// chunks, and says so where it does not.
 async fn fold(
     comm: &Communicator,
     acc: Arc<Mutex<Accumulator>>,
@@ -294,12 +362,17 @@ async fn fold(
     out: BlobRef,
     global: BlobRef,
     pulls: &tokio::sync::Semaphore,
-) -> Result<TaskOutcome, (TaskOutcome, String)> {
+) -> Result<TaskOutcome, FoldFailure> {
+    let fail = |outcome, why: &str| FoldFailure {
+        outcome,
+        why: why.to_owned(),
+        tainted: false,
+    };
     if o.num_samples == 0 {
-        return Err((o, "reported 0 samples".into()));
+        return Err(fail(o, "reported 0 samples"));
     }
     if out.len != global.len || out.chunk_size != global.chunk_size {
-        return Err((o, "returned a model of another architecture".into()));
+        return Err(fail(o, "returned a model of another architecture"));
     }
     let weight = o.num_samples as f64;
     let n = lock(&acc).chunk_count() as usize;
@@ -323,10 +396,12 @@ async fn fold(
         // Every client's result is pulled at once: a smaller window per pull keeps the
         // controller's buffers from growing with the number of clients.
         window: RESULT_WINDOW,
+        // Folded and forgotten: no disk write per result.
+        keep: false,
         ..FetchOptions::default()
     };
     let Ok(_permit) = pulls.acquire().await else {
-        return Err((o, "internal error: the pull limit was closed".into()));
+        return Err(fail(o, "internal error: the pull limit was closed"));
     };
     let fetched = comm.fetch(out, o.peer, &opts).await;
     let store = comm.node().store().clone();
@@ -352,22 +427,34 @@ async fn fold(
                 Ok::<(), String>(())
             }),
         };
+        let mut tainted = false;
         if result.is_err() {
-            // All or nothing: take back whatever of this client was folded in.
+            // All or nothing: take back whatever of this client was folded in, where the
+            // store has the bytes (a result it held whole); otherwise the round refolds.
             for i in (0..folded.len()).filter(|&i| folded[i]) {
-                if let Ok(Some(bytes)) = store.read_chunk(&out.id, i as u64) {
-                    let _ = acc.remove_chunk(i as u64, &bytes, weight);
-                }
+                let removed = match store.read_chunk(&out.id, i as u64) {
+                    Ok(Some(bytes)) => acc.remove_chunk(i as u64, &bytes, weight).is_ok(),
+                    _ => false,
+                };
+                tainted |= !removed;
             }
         }
-        result
+        (result, tainted)
     })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
+    .await;
     match done {
-        Ok(()) => Ok(o),
-        Err(why) => Err((o, why)),
+        Ok((Ok(()), _)) => Ok(o),
+        Ok((Err(why), tainted)) => Err(FoldFailure {
+            outcome: o,
+            why,
+            tainted,
+        }),
+        Err(e) => Err(FoldFailure {
+            outcome: o,
+            why: e.to_string(),
+            // The fold task died: nothing tells what it left in the mean.
+            tainted: true,
+        }),
     }
 }
 
