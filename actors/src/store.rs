@@ -145,9 +145,10 @@ struct Entry {
     manifest: Arc<Manifest>,
     data: Data,
     have: Mutex<Have>,
-    /// The blob's bytes in memory while their producer still holds them (after a shared
-    /// import was written to disk): reads come from there rather than the disk.
-    hot: Weak<Vec<u8>>,
+    /// The blob's bytes in memory while their producer still holds them (a shared import
+    /// written to disk, or a blob [`BlobStore::lend`] was called for): reads come from there
+    /// rather than the disk.
+    hot: Mutex<Weak<Vec<u8>>>,
 }
 
 impl Entry {
@@ -156,7 +157,7 @@ impl Entry {
             manifest: Arc::new(manifest),
             data,
             have: Mutex::new(have),
-            hot: Weak::new(),
+            hot: Mutex::new(Weak::new()),
         }
     }
 
@@ -392,7 +393,7 @@ impl BlobStore {
         let out = match &e.data {
             Data::Memory(buf) => buf.read().unwrap_or_else(|p| p.into_inner())[range].to_vec(),
             Data::Shared(bytes) => bytes[range].to_vec(),
-            Data::Disk { file, path, .. } => match e.hot.upgrade() {
+            Data::Disk { file, path, .. } => match lock(&e.hot).upgrade() {
                 Some(bytes) => bytes[range].to_vec(),
                 None => {
                     let mut out = vec![0u8; len];
@@ -521,6 +522,22 @@ impl BlobStore {
         Ok(manifest)
     }
 
+    /// Lets reads of blob `id` come from `bytes` (the blob's content, which the caller holds in
+    /// memory anyway) for as long as the caller holds them, instead of from disk. For a model
+    /// that is about to be pulled by many peers at once: serving it from memory saves a disk
+    /// read per peer. Returns whether the store holds the blob whole and `bytes` match its
+    /// length (nothing is lent otherwise).
+    pub fn lend(&self, id: &BlobId, bytes: &Arc<Vec<u8>>) -> bool {
+        let Some(e) = self.entry(id) else {
+            return false;
+        };
+        if e.manifest.len != bytes.len() as u64 || lock(&e.have).present != e.manifest.chunk_count() {
+            return false;
+        }
+        *lock(&e.hot) = Arc::downgrade(bytes);
+        true
+    }
+
     /// Writes a shared blob's bytes to disk, then files it as a disk blob whose reads come
     /// from `bytes` while someone else holds them.
     fn persist_shared(&self, dir: &Path, shared: &Arc<Entry>, bytes: Arc<Vec<u8>>) -> Result<(), StoreError> {
@@ -557,7 +574,7 @@ impl BlobStore {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        let mut disk = Entry::complete(
+        let disk = Entry::complete(
             (**manifest).clone(),
             Data::Disk {
                 file,
@@ -565,7 +582,7 @@ impl BlobStore {
                 direct: None,
             },
         );
-        disk.hot = Arc::downgrade(&bytes);
+        *lock(&disk.hot) = Arc::downgrade(&bytes);
         let mut blobs = lock(&self.inner.blobs);
         if blobs.get(&id).is_some_and(|e| Arc::ptr_eq(e, shared)) {
             blobs.insert(id, Arc::new(disk));
@@ -865,6 +882,21 @@ mod tests {
         // A reopened store finds it whole.
         let again = BlobStore::open(dir.path()).expect("reopen");
         assert!(again.is_complete(&m.id()));
+    }
+
+    #[test]
+    fn a_lent_blob_is_read_from_memory_while_the_lender_holds_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096));
+        let m = store.import_bytes(&data, 4096).expect("import");
+        assert!(!store.lend(&m.id(), &Arc::new(bytes(10))), "not the blob's length");
+        assert!(store.lend(&m.id(), &data));
+        let path = store.data_path(&m.id()).expect("on disk");
+        std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
+        assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(data[8192..].to_vec()));
+        drop(data);
+        assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(vec![0u8; 4096]));
     }
 
     #[test]

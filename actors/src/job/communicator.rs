@@ -161,6 +161,27 @@ impl Communicator {
         Ok(m.blob_ref())
     }
 
+    /// Stores `model` like [`Self::publish`], and serves it from memory for as long as the
+    /// caller holds the returned bytes (see [`crate::BlobStore::lend`]): for a model that
+    /// many executors are about to pull at once.
+    pub async fn publish_lent(&self, model: Model) -> Result<(BlobRef, Arc<Vec<u8>>), CommError> {
+        let store = self.node.store().clone();
+        let cs = self.chunk_size;
+        let bytes = Arc::new(model.into_safetensors());
+        let lent = bytes.clone();
+        let m = tokio::task::spawn_blocking(move || {
+            let m = store.import_bytes(&lent, cs)?;
+            store.lend(&m.id(), &lent);
+            Ok::<_, StoreError>(m)
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            path: "<publish>".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        Ok((m.blob_ref(), bytes))
+    }
+
     /// Sends `task` to every target at once; results then come from [`Self::next_result`].
     pub async fn broadcast(&self, task: &Task, targets: &[PeerId]) -> Pending {
         let sends = targets.iter().map(|&peer| {

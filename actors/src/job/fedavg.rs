@@ -153,12 +153,12 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     // The global model lives in the blob store between rounds: the controller holds one
     // model-sized buffer at a time (the accumulator during a round).
     let layout = initial.layout();
-    let mut blob = comm.publish(Arc::new(initial)).await?;
+    let (mut blob, mut lent) = comm.publish_lent(initial).await?;
     let mut reports = Vec::new();
     for round in 0..cfg.rounds {
         let started = Instant::now();
-        let (model, mut report) = one_round(comm, cfg, blob, &[], layout.clone(), round, None).await?;
-        blob = comm.publish(Arc::new(model)).await?;
+        let (model, mut report) = one_round(comm, cfg, (blob, Some(lent)), &[], layout.clone(), round, None).await?;
+        (blob, lent) = comm.publish_lent(model).await?;
         // A round's time covers publishing its result (what the next round starts from).
         report.secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -174,11 +174,8 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             checkpoint(dir, round, comm.node().store(), blob, &reports)?;
         }
     }
-    let store = comm.node().store().clone();
-    let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
-        .await
-        .map_err(|_| FedAvgError::Internal("reading the final model failed"))?
-        .map_err(CommError::from)?;
+    // The last model published is the outcome; its bytes are still held.
+    let bytes = Arc::try_unwrap(lent).unwrap_or_else(|shared| (*shared).clone());
     Ok(FedAvgOutcome {
         model: Model::from_safetensors_vec(bytes)?,
         rounds: reports,
@@ -188,10 +185,14 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
 /// One round: send `blob` (pulled from `input_from`, or from this node when empty) to the
 /// clients, fold their results as they stream in, and return the new model. `sent` is
 /// notified once the tasks are out.
+///
+/// The model's bytes, when given with the blob, are held (so the clients' pulls read them
+/// from memory, see [`Communicator::publish_lent`]) until the first result comes in: from
+/// then on the accumulator fills, and the controller holds one model-sized buffer again.
 pub(crate) async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
-    blob: BlobRef,
+    (blob, mut lent): (BlobRef, Option<Arc<Vec<u8>>>),
     input_from: &[PeerId],
     layout: Layout,
     round: u32,
@@ -222,10 +223,15 @@ pub(crate) async fn one_round(
     loop {
         tokio::select! {
             r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
-                Some(o) => match (o.status, o.output) {
-                    (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob, &pulls)),
-                    _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
-                },
+                Some(o) => {
+                    // The accumulator starts filling: the model goes back to being read
+                    // from disk by any client still pulling it.
+                    drop(lent.take());
+                    match (o.status, o.output) {
+                        (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob, &pulls)),
+                        _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
+                    }
+                }
                 None => {
                     for (_, m) in pending.waiting.drain() {
                         missing.push((m.name, format!("no result within {:?}", cfg.round_timeout)));

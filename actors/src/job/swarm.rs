@@ -325,7 +325,15 @@ async fn aggregate(
         evaluate: cfg.evaluate.clone(),
     };
     let sent = tokio::sync::Notify::new();
-    let work = fedavg::one_round(comm, &fcfg, state.model, &input_from, layout, round, Some(&sent));
+    let work = fedavg::one_round(
+        comm,
+        &fcfg,
+        (state.model, None),
+        &input_from,
+        layout,
+        round,
+        Some(&sent),
+    );
     let first_choice = cfg.members.get(round as usize % cfg.members.len().max(1)) == Some(&me);
     let (model, report) = match cfg.crash_in_round {
         Some(r) if r == round && first_choice => {
