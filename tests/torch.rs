@@ -159,7 +159,7 @@ async fn lora_fedavg_exchanges_only_the_adapters_and_beats_the_frozen_base() {
         }
         // The server sent the initial model and 5 globals, the clients 15 results: all went
         // through some store, most through two.
-        assert!(blobs >= 1 + rounds as usize * 3, "{blobs} blobs");
+        assert!(blobs > rounds as usize * 3, "{blobs} blobs");
         for (node, m) in nodes.iter().zip(&members) {
             let per_round = node.traffic().total() / u64::from(rounds);
             eprintln!(

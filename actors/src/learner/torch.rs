@@ -243,7 +243,7 @@ mod imp {
     }
 
     /// Salt of the adapters' seed, so adding adapters leaves the base weights as they were.
-    const LORA_SALT: u64 = 0x10_4a_ada9;
+    const LORA_SALT: u64 = 0x104a_ada9;
     /// Salt of the pretraining batch order.
     const PRETRAIN_SALT: u64 = 0x9e7a_1ead;
 
@@ -372,10 +372,10 @@ mod imp {
             };
             let last = self.layers.len().saturating_sub(1);
             for (i, (lin, lora)) in self.layers.iter().enumerate() {
-                let mut y = x.apply(lin);
-                if let Some((a, b)) = lora {
-                    y = y + x.matmul(&a.tr()).matmul(&b.tr()) * self.scale;
-                }
+                let y = match lora {
+                    Some((a, b)) => x.apply(lin) + x.matmul(&a.tr()).matmul(&b.tr()) * self.scale,
+                    None => x.apply(lin),
+                };
                 x = if i < last { y.relu() } else { y };
             }
             x
