@@ -597,6 +597,22 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
     for (k, v) in &outcome.extra {
         summary[k] = v.clone();
     }
+    if let LearnerSpec::Tch {
+        finetune, trainable, ..
+    } = &topo.learner
+        && (finetune.is_some() || trainable.is_some())
+    {
+        // What crossed the wire: the trainable tensors, nothing of the frozen rest.
+        use flare_actors::learner::torch::FineTune;
+        summary["finetune"] = json!({
+            "method": match finetune {
+                None => "none",
+                Some(FineTune::Full) => "full",
+                Some(FineTune::Lora { .. }) => "lora",
+            },
+            "exchanged_tensors": outcome.model.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        });
+    }
     let global = json!(
         outcome
             .global
@@ -621,10 +637,15 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
             // for as many epochs as it trained in the whole job.
             let (recipe, fed) = (recipe.clone(), fed.clone());
             let epochs = recipe.epochs() * topo.rounds;
-            let local = tokio::task::spawn_blocking(move || recipe.local_only(&fed, epochs))
-                .await
-                .context("local-only training")?
-                .map_err(anyhow::Error::msg)?;
+            let (initial, local) = tokio::task::spawn_blocking(move || {
+                let initial = recipe.evaluate(&recipe.initial_model()?, &fed.test)?;
+                Ok::<_, String>((initial, recipe.local_only(&fed, epochs)?))
+            })
+            .await
+            .context("local-only training")?
+            .map_err(anyhow::Error::msg)?;
+            // Where training started (for fine-tuning: the pretrained base's accuracy).
+            summary["initial"] = json!({ "accuracy": initial.0, "loss": initial.1 });
             let per_member: serde_json::Map<String, Value> = topo
                 .clients
                 .iter()

@@ -152,6 +152,14 @@ struct RawLearner {
     delay_secs: Option<Spanned<f64>>,
     #[serde(default = "default_channels")]
     channels: usize,
+    #[serde(default)]
+    finetune: Option<Spanned<String>>,
+    #[serde(default)]
+    lora_rank: Option<Spanned<usize>>,
+    #[serde(default)]
+    lora_alpha: Option<Spanned<f64>>,
+    #[serde(default)]
+    trainable: Option<Spanned<Vec<String>>>,
 }
 
 fn default_channels() -> usize {
@@ -260,6 +268,11 @@ pub enum LearnerSpec {
         epochs: u32,
         /// Mini-batch size.
         batch_size: usize,
+        /// Fine-tune a pretrained base (`finetune = "full" | "lora"`) instead of training
+        /// from seeded weights.
+        finetune: Option<flare_actors::learner::torch::FineTune>,
+        /// Patterns naming the tensors that train and travel (`None`: the method's default).
+        trainable: Option<Vec<String>>,
     },
 }
 
@@ -375,6 +388,24 @@ fn learner_spec(
     l: RawLearner,
     fail: &dyn Fn(usize, &str, String) -> TopologyError,
 ) -> Result<LearnerSpec, TopologyError> {
+    if !matches!(l.kind.get_ref().as_str(), "tch-mlp" | "tch-cnn") {
+        let set = [
+            ("learner.finetune", l.finetune.as_ref().map(|v| v.span().start)),
+            ("learner.lora_rank", l.lora_rank.as_ref().map(|v| v.span().start)),
+            ("learner.lora_alpha", l.lora_alpha.as_ref().map(|v| v.span().start)),
+            ("learner.trainable", l.trainable.as_ref().map(|v| v.span().start)),
+        ];
+        if let Some((field, Some(at))) = set.into_iter().find(|(_, at)| at.is_some()) {
+            return Err(fail(
+                at,
+                field,
+                format!(
+                    "fine-tuning is for the \"tch-mlp\" and \"tch-cnn\" learners, not {:?}",
+                    l.kind.get_ref()
+                ),
+            ));
+        }
+    }
     Ok(match l.kind.get_ref().as_str() {
         "add-one" => LearnerSpec::AddOne {
             delay: match &l.delay_secs {
@@ -395,23 +426,8 @@ fn learner_spec(
             epochs: l.epochs,
             batch_size: l.batch_size,
         },
-        kind @ ("tch-mlp" | "tch-cnn") if !cfg!(feature = "torch") => {
-            return Err(fail(
-                l.kind.span().start,
-                "learner.kind",
-                format!("learner {kind:?} needs a build with `--features torch` (see scripts/install-libtorch.sh)"),
-            ));
-        }
-        kind @ ("tch-mlp" | "tch-cnn") => LearnerSpec::Tch {
-            arch: if kind == "tch-cnn" {
-                flare_actors::learner::torch::TchArch::Cnn { channels: l.channels }
-            } else {
-                flare_actors::learner::torch::TchArch::Mlp { hidden: l.hidden }
-            },
-            lr: f64::from(l.lr),
-            epochs: l.epochs,
-            batch_size: l.batch_size,
-        },
+        "tch-mlp" => tch_learner(false, l, fail)?,
+        "tch-cnn" => tch_learner(true, l, fail)?,
         other => {
             return Err(fail(
                 l.kind.span().start,
@@ -419,6 +435,98 @@ fn learner_spec(
                 format!("unknown learner {other:?} (known: \"add-one\", \"mlp\", \"tch-mlp\", \"tch-cnn\")"),
             ));
         }
+    })
+}
+
+/// The `[learner]` table of a `tch` learner: the network, and how it is fine-tuned.
+fn tch_learner(
+    cnn: bool,
+    l: RawLearner,
+    fail: &dyn Fn(usize, &str, String) -> TopologyError,
+) -> Result<LearnerSpec, TopologyError> {
+    use flare_actors::learner::torch::{BaseSpec, FineTune, FineTuneSpec, MAX_LORA_RANK, TchArch, TchSpec};
+    let kind = if cnn { "tch-cnn" } else { "tch-mlp" };
+    let arch = if cnn {
+        TchArch::Cnn { channels: l.channels }
+    } else {
+        TchArch::Mlp { hidden: l.hidden }
+    };
+    let finetune = match &l.finetune {
+        None => None,
+        Some(f) => Some(match f.get_ref().as_str() {
+            "full" => FineTune::Full,
+            "lora" => {
+                let rank = l.lora_rank.as_ref().map_or(4, |r| *r.get_ref());
+                if rank == 0 || rank > MAX_LORA_RANK {
+                    let at = l.lora_rank.as_ref().map_or(f.span().start, |r| r.span().start);
+                    return Err(fail(
+                        at,
+                        "learner.lora_rank",
+                        format!("{rank} is not between 1 and {MAX_LORA_RANK}"),
+                    ));
+                }
+                let alpha = match &l.lora_alpha {
+                    None => rank as f64,
+                    Some(a) if a.get_ref().is_finite() && *a.get_ref() > 0.0 => *a.get_ref(),
+                    Some(a) => {
+                        return Err(fail(
+                            a.span().start,
+                            "learner.lora_alpha",
+                            format!("{} is not a number > 0", a.get_ref()),
+                        ));
+                    }
+                };
+                FineTune::Lora { rank, alpha }
+            }
+            other => {
+                return Err(fail(
+                    f.span().start,
+                    "learner.finetune",
+                    format!("unknown fine-tuning {other:?} (known: \"full\", \"lora\")"),
+                ));
+            }
+        }),
+    };
+    let lora = matches!(finetune, Some(FineTune::Lora { .. }));
+    for (field, set) in [
+        ("learner.lora_rank", l.lora_rank.as_ref().map(|v| v.span().start)),
+        ("learner.lora_alpha", l.lora_alpha.as_ref().map(|v| v.span().start)),
+    ] {
+        if let (false, Some(at)) = (lora, set) {
+            return Err(fail(at, field, "LoRA options need finetune = \"lora\"".into()));
+        }
+    }
+    let trainable = l.trainable.map(|t| (t.span().start, t.into_inner()));
+    // The patterns must name tensors of this network (the names need no libtorch).
+    let probe = TchSpec {
+        arch: arch.clone(),
+        lr: f64::from(l.lr),
+        batch_size: l.batch_size,
+        epochs: l.epochs,
+        seed: 0,
+        finetune: finetune.clone().map(|method| FineTuneSpec {
+            method,
+            base: BaseSpec::digits_0_to_4(0, 0.2),
+        }),
+        trainable: trainable.as_ref().map(|(_, t)| t.clone()),
+    };
+    if let (Some((at, _)), Err(e)) = (&trainable, probe.trainable_names()) {
+        return Err(fail(*at, "learner.trainable", e));
+    }
+    if !cfg!(feature = "torch") {
+        return Err(fail(
+            l.kind.span().start,
+            "learner.kind",
+            format!("learner {kind:?} needs a build with `--features torch` (see scripts/install-libtorch.sh)"),
+        ));
+    }
+    Ok(LearnerSpec::Tch {
+        arch,
+        lr: f64::from(l.lr),
+        epochs: l.epochs,
+        batch_size: l.batch_size,
+        finetune,
+        trainable: trainable.map(|(_, t)| t),
     })
 }
 
@@ -964,5 +1072,56 @@ name = "b"
         assert!(e.contains("needs a [fedavg] table"), "{e}");
         let e = err(&format!("{GOOD}\n[inference]\n"));
         assert!(e.contains("[inference] table does not apply"), "{e}");
+    }
+
+    #[test]
+    fn fine_tuning_options_are_checked_naming_line_and_field() {
+        let lora = GOOD.replace(
+            "kind = \"add-one\"",
+            "kind = \"tch-mlp\"\nhidden = [32]\nfinetune = \"lora\"\nlora_rank = 8",
+        );
+        match Topology::parse(Path::new("l.toml"), &lora) {
+            Ok(t) => assert!(
+                cfg!(feature = "torch")
+                    && matches!(
+                        t.learner,
+                        LearnerSpec::Tch {
+                            finetune: Some(flare_actors::learner::torch::FineTune::Lora { rank: 8, alpha: 8.0 }),
+                            trainable: None,
+                            ..
+                        }
+                    )
+            ),
+            Err(e) => assert!(
+                !cfg!(feature = "torch") && e.to_string().contains("--features torch"),
+                "{e}"
+            ),
+        }
+        let e = err(&lora.replace("\"lora\"", "\"qlora\""));
+        assert!(
+            e.contains("line 14") && e.contains("learner.finetune") && e.contains("\"full\""),
+            "{e}"
+        );
+        let e = err(&lora.replace("lora_rank = 8", "lora_rank = 0"));
+        assert!(e.contains("line 15") && e.contains("learner.lora_rank"), "{e}");
+        let e = err(&lora.replace("lora_rank = 8", "lora_alpha = -1.0"));
+        assert!(e.contains("line 15") && e.contains("learner.lora_alpha"), "{e}");
+        let e = err(&lora.replace("\"lora\"", "\"full\""));
+        assert!(
+            e.contains("line 15") && e.contains("learner.lora_rank") && e.contains("finetune = \"lora\""),
+            "{e}"
+        );
+        let e = err(&lora.replace("lora_rank = 8", "trainable = [\"*.lora_a\", \"fc7.*\"]"));
+        assert!(
+            e.contains("line 15") && e.contains("learner.trainable") && e.contains("\"fc7.*\" matches no tensor"),
+            "{e}"
+        );
+        let e = err(&lora.replace("lora_rank = 8", "trainable = []"));
+        assert!(e.contains("learner.trainable") && e.contains("empty"), "{e}");
+        let e = err(&GOOD.replace("kind = \"add-one\"", "kind = \"mlp\"\ntrainable = [\"*\"]"));
+        assert!(
+            e.contains("line 13") && e.contains("learner.trainable") && e.contains("tch-mlp"),
+            "{e}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::topology::Topology;
 /// The digits recipe of a topology whose learner is a `tch` network.
 #[cfg(feature = "torch")]
 pub fn recipe(topo: &Topology) -> anyhow::Result<Arc<dyn DigitsRecipe>> {
-    use flare_actors::learner::torch::TchSpec;
+    use flare_actors::learner::torch::{BaseSpec, FineTuneSpec, TchSpec};
 
     use crate::topology::LearnerSpec;
     let LearnerSpec::Tch {
@@ -18,6 +18,8 @@ pub fn recipe(topo: &Topology) -> anyhow::Result<Arc<dyn DigitsRecipe>> {
         lr,
         epochs,
         batch_size,
+        finetune,
+        trainable,
     } = &topo.learner
     else {
         anyhow::bail!("{}: not a tch learner", topo.path.display());
@@ -28,6 +30,13 @@ pub fn recipe(topo: &Topology) -> anyhow::Result<Arc<dyn DigitsRecipe>> {
         batch_size: *batch_size,
         epochs: *epochs,
         seed: topo.model.seed,
+        // The base is pretrained on the training rows of the job's own split, so the test
+        // rows stay unseen.
+        finetune: finetune.clone().map(|method| FineTuneSpec {
+            method,
+            base: BaseSpec::digits_0_to_4(topo.data.seed, topo.data.test_fraction),
+        }),
+        trainable: trainable.clone(),
     }))
 }
 

@@ -87,13 +87,23 @@ pub fn model_of_tensors<S: AsRef<str>>(tensors: &[(S, tch::Tensor)]) -> Result<M
 /// Copies `model` into the network's variables, by name: every variable must be in the
 /// model with its shape, and every tensor of the model must be a variable.
 pub fn load_into(vs: &VarStore, model: &Model) -> Result<(), ConvertError> {
+    let mut names: Vec<String> = vs.variables().into_keys().collect();
+    names.sort();
+    load_named(vs, model, &names)
+}
+
+/// Copies `model` into the variables called `names` and no others (a network whose frozen
+/// part never travels loads only its trainable part): the model must hold exactly these
+/// tensors, each with its variable's shape.
+pub fn load_named(vs: &VarStore, model: &Model, names: &[String]) -> Result<(), ConvertError> {
     let vars = vs.variables();
-    if let Some((name, _)) = model.iter().find(|(n, _)| !vars.contains_key(*n)) {
+    if let Some((name, _)) = model.iter().find(|(n, _)| !vars.contains_key(*n) || !names.contains(n)) {
         return Err(ConvertError::Unknown(name.clone()));
     }
     let device = vs.device();
     tch::no_grad(|| {
-        for (name, var) in &vars {
+        for name in names {
+            let var = vars.get(name).ok_or_else(|| ConvertError::Missing(name.clone()))?;
             let t = model.get(name).ok_or_else(|| ConvertError::Missing(name.clone()))?;
             if shape_i64(t.shape()) != var.size() {
                 return Err(ConvertError::Shape {
@@ -121,6 +131,19 @@ pub fn model_of_vars(vs: &VarStore) -> Result<Model, ConvertError> {
     let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     model_of_tensors(&vars)
+}
+
+/// The variables called `names` as a model (the part of a network that travels).
+pub fn model_of_named(vs: &VarStore, names: &[String]) -> Result<Model, ConvertError> {
+    let vars = vs.variables();
+    let picked = names
+        .iter()
+        .map(|n| {
+            let t = vars.get(n).ok_or_else(|| ConvertError::Missing(n.clone()))?;
+            Ok((n.clone(), t.shallow_clone()))
+        })
+        .collect::<Result<Vec<_>, ConvertError>>()?;
+    model_of_tensors(&picked)
 }
 
 impl FLModel {
@@ -175,5 +198,19 @@ mod tests {
         let renamed = nn::VarStore::new(Device::Cpu);
         let _ = nn::linear(renamed.root() / "fc2", 3, 2, Default::default());
         assert!(matches!(load_into(&renamed, &m), Err(ConvertError::Unknown(_))));
+        // A part of the network loads alone; a tensor outside the part is refused.
+        let weight = vec!["fc1.weight".to_owned()];
+        let part = model_of_named(&other, &weight).expect("part");
+        assert_eq!(part.len(), 1);
+        load_named(&vs, &part, &weight).expect("load part");
+        let after = model_of_vars(&vs).expect("model");
+        assert_eq!(after.f32("fc1.bias").expect("b"), m.f32("fc1.bias").expect("b"));
+        assert_eq!(
+            after.f32("fc1.weight").expect("w"),
+            shifted.f32("fc1.weight").expect("w")
+        );
+        assert!(matches!(load_named(&vs, &m, &weight), Err(ConvertError::Unknown(_))));
+        let bias = vec!["fc1.bias".to_owned()];
+        assert!(matches!(load_named(&vs, &part, &bias), Err(ConvertError::Unknown(_))));
     }
 }
