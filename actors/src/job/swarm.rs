@@ -188,8 +188,11 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
     }
     comm.set_progress(state.clone());
     // A member that came back watches one round complete before it aggregates, so it does
-    // not start a round the others already gave to someone else while it was away.
-    let mut observing = state.round > 0;
+    // not start a round the others already gave to someone else while it was away. One whose
+    // result went into the last round was not away, only slower to get here than that round
+    // (its executor runs from the start): it takes its turn, or the round would wait on it.
+    let was_away = !state.contributors.contains(&me) || state.passed_over.contains(&me);
+    let mut observing = state.round > 0 && was_away;
     let mut reports = Vec::new();
     let mut round_started = Instant::now();
     while state.round < cfg.rounds {
