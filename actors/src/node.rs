@@ -82,6 +82,7 @@ impl Node {
             stats: stats.clone(),
             faults: faults.clone(),
             net: net.handle.clone(),
+            ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
         };
         let tasks = vec![
             tokio::spawn(net.event_loop.run()),

@@ -23,6 +23,12 @@ pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Chunks a source reads ahead of what it sends, per stream.
 pub const READ_AHEAD: u64 = 4;
 
+/// Chunks read ahead beyond the next one due, by all of a node's streams together: every
+/// stream always reads the chunk it sends next, and reads further ahead only while this
+/// budget lasts, so a node serving many peers at once (a controller at the start of a round)
+/// does not hold `READ_AHEAD` chunks per peer.
+pub const READ_AHEAD_BUDGET: usize = 8;
+
 /// What this node has served, for logs, benchmarks and tests.
 #[derive(Debug, Default)]
 pub struct ServeStats {
@@ -41,6 +47,8 @@ pub(crate) struct Server {
     pub stats: Arc<ServeStats>,
     pub faults: Arc<ServeFaults>,
     pub net: NetworkHandle,
+    /// Shares [`READ_AHEAD_BUDGET`] between the streams being served.
+    pub ahead: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +120,21 @@ impl Server {
         let mut next_read = req.first;
         for index in req.first..req.end {
             while next_read < req.end && next_read < index + READ_AHEAD {
-                ahead.push_back(self.read_ahead(blob, next_read));
+                let permit = if next_read == index {
+                    None
+                } else {
+                    match self.ahead.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    }
+                };
+                ahead.push_back((self.read_ahead(blob, next_read), permit));
                 next_read += 1;
             }
-            let chunk = match ahead.pop_front() {
-                Some(h) => h.await.map_err(|e| ServeError::Join(e.to_string()))??,
-                None => None,
+            // The permit, if any, is held until the chunk is sent.
+            let (chunk, _permit) = match ahead.pop_front() {
+                Some((h, permit)) => (h.await.map_err(|e| ServeError::Join(e.to_string()))??, permit),
+                None => (None, None),
             };
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
