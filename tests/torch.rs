@@ -54,6 +54,65 @@ fn fedavg_of_tch_cnns_on_digits_reaches_90_percent_and_beats_local_only() {
     fedavg_meets_the_bar(path.to_str().expect("utf8"), "tch-cnn");
 }
 
+/// The shipped PEFT topology end to end through `sim`, against its full fine-tuning
+/// counterpart (5 rounds each): LoRA exchanges only adapter tensors, each hospital sends
+/// under a tenth of what full fine-tuning sends, and both start from the same frozen base and
+/// beat it.
+#[cfg(feature = "torch")]
+#[test]
+fn the_lora_topology_sends_a_fraction_of_full_fine_tuning_and_beats_its_base() {
+    let shipped = std::fs::read_to_string(topology_file("fedavg-digits-tch-lora.toml")).expect("topology");
+    let lora = shipped.replace("rounds = 20\n", "rounds = 5\n");
+    let full: String = lora
+        .replace("finetune = \"lora\"", "finetune = \"full\"")
+        .lines()
+        .filter(|l| !l.starts_with("lora_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(lora != shipped && full != lora, "the edits apply");
+    let dir = tempfile::tempdir().expect("tmp");
+    let run = |name: &str, topology: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, topology).expect("write");
+        let out = cli(&["sim", path.to_str().expect("utf8"), "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        crate::cli::summary(&out)
+    };
+    let (l, f) = (run("lora.toml", &lora), run("full.toml", &full));
+    let tensors = |s: &serde_json::Value| -> Vec<String> {
+        s["finetune"]["exchanged_tensors"]
+            .as_array()
+            .expect("exchanged tensors")
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(l["finetune"]["method"], "lora");
+    assert!(tensors(&l).iter().all(|t| t.contains(".lora_")), "{:?}", tensors(&l));
+    assert!(tensors(&f).iter().any(|t| t == "fc0.weight"), "{:?}", tensors(&f));
+    for h in 1..=4 {
+        let name = format!("hospital-{h}");
+        let sent = |s: &serde_json::Value| s["bytes_sent_per_member"][&name].as_f64().expect("bytes sent");
+        assert!(
+            sent(&l) * 10.0 < sent(&f),
+            "{name}: LoRA {} vs full {}",
+            sent(&l),
+            sent(&f)
+        );
+    }
+    let initial = l["initial"]["accuracy"].as_f64().expect("base accuracy");
+    assert_eq!(f["initial"]["accuracy"].as_f64(), Some(initial), "the same base");
+    for s in [&l, &f] {
+        let last = s["global"]
+            .as_array()
+            .and_then(|g| g.last())
+            .and_then(|g| g["accuracy"].as_f64());
+        let last = last.expect("accuracy");
+        eprintln!("{}: base {initial:.4} -> {last:.4}", s["finetune"]["method"]);
+        assert!(last > initial + 0.1, "{}: {initial} -> {last}", s["finetune"]["method"]);
+    }
+}
+
 /// LoRA fine-tuning in FedAvg over real nodes with disk stores: every blob any member holds
 /// afterwards (all that was sent or received) is a model of exactly the adapter tensors, each
 /// member sent far less than one full model per round, and the global model beats the frozen
