@@ -243,29 +243,31 @@ pub struct Fetcher {
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
 }
 
-/// Where one fetch puts the chunks it verified.
-enum Target {
+/// The blob one fetch pulls, and where the chunks it verified go.
+struct Target {
+    manifest: Arc<Manifest>,
+    kind: TargetKind,
+}
+
+enum TargetKind {
     /// Into the store (and to `on_chunk`).
     Store(BlobStore),
     /// Only to `on_chunk`; which chunks arrived is kept here.
-    Pass {
-        manifest: Arc<Manifest>,
-        have: Mutex<Vec<bool>>,
-    },
+    Pass(Mutex<Vec<bool>>),
 }
 
 impl Target {
     /// Verifies chunk `index` and files it; whether it was new.
-    fn put(&self, manifest: &Manifest, index: u64, bytes: &[u8]) -> Result<bool, StoreError> {
-        match self {
-            Target::Store(store) => store.put_chunk(&manifest.id(), index, bytes),
-            Target::Pass { manifest, have } => {
-                let id = manifest.id();
+    fn put(&self, index: u64, bytes: &[u8]) -> Result<bool, StoreError> {
+        let id = self.manifest.id();
+        match &self.kind {
+            TargetKind::Store(store) => store.put_chunk(&id, index, bytes),
+            TargetKind::Pass(have) => {
                 let slot = usize::try_from(index).map_err(|_| StoreError::OutOfRange { id, index })?;
-                if index >= manifest.chunk_count() {
+                if index >= self.manifest.chunk_count() {
                     return Err(StoreError::OutOfRange { id, index });
                 }
-                if !manifest.verify_chunk(index, bytes) {
+                if !self.manifest.verify_chunk(index, bytes) {
                     return Err(StoreError::HashMismatch { id, index });
                 }
                 Ok(!std::mem::replace(&mut lock(have)[slot], true))
@@ -274,10 +276,10 @@ impl Target {
     }
 
     /// The chunks not filed yet.
-    fn missing(&self, blob: &BlobRef) -> Result<Vec<u64>, StoreError> {
-        match self {
-            Target::Store(store) => store.missing(blob),
-            Target::Pass { have, .. } => Ok(lock(have)
+    fn missing(&self) -> Result<Vec<u64>, StoreError> {
+        match &self.kind {
+            TargetKind::Store(store) => store.missing(&self.manifest.blob_ref()),
+            TargetKind::Pass(have) => Ok(lock(have)
                 .iter()
                 .enumerate()
                 .filter(|(_, h)| !**h)
@@ -551,15 +553,15 @@ impl Fetcher {
                 if keep { self.store.begin(m)? } else { Arc::new(m) }
             }
         };
-        let target = Arc::new(if keep {
-            Target::Store(self.store.clone())
-        } else {
-            Target::Pass {
-                manifest: manifest.clone(),
-                have: Mutex::new(vec![false; n as usize]),
-            }
+        let target = Arc::new(Target {
+            manifest,
+            kind: if keep {
+                TargetKind::Store(self.store.clone())
+            } else {
+                TargetKind::Pass(Mutex::new(vec![false; n as usize]))
+            },
         });
-        let missing = target.missing(&blob)?;
+        let missing = target.missing()?;
         let already_present = n - missing.len() as u64;
         let mut report = FetchReport {
             blob,
@@ -588,17 +590,12 @@ impl Fetcher {
             changed: Notify::new(),
         });
         let present = Arc::new(AtomicU64::new(already_present));
-        let results = futures::future::join_all(trusted.iter().zip(first).map(|(&peer, unit)| {
-            self.worker(
-                peer,
-                &target,
-                manifest.clone(),
-                unit,
-                plan.clone(),
-                present.clone(),
-                opts,
-            )
-        }))
+        let results = futures::future::join_all(
+            trusted
+                .iter()
+                .zip(first)
+                .map(|(&peer, unit)| self.worker(peer, &target, unit, plan.clone(), present.clone(), opts)),
+        )
         .await;
         errors.extend(results.iter().flat_map(|(_, _, e)| e.iter().flatten().cloned()));
         for (peer, count, _) in &results {
@@ -610,7 +607,7 @@ impl Fetcher {
         if let Some(e) = results.into_iter().find_map(|(_, _, r)| r.err()) {
             return Err(e);
         }
-        let left = target.missing(&blob)?.len() as u64;
+        let left = target.missing()?.len() as u64;
         if left > 0 {
             return Err(FetchError::Incomplete {
                 blob: blob.id,
@@ -650,12 +647,10 @@ impl Fetcher {
     }
 
     /// One source's worker. Returns (peer, chunks stored, errors met or a fatal store error).
-    #[allow(clippy::too_many_arguments)]
     async fn worker(
         &self,
         peer: PeerId,
         target: &Arc<Target>,
-        manifest: Arc<Manifest>,
         first: Option<Range<u64>>,
         plan: Arc<Plan>,
         present: Arc<AtomicU64>,
@@ -674,11 +669,11 @@ impl Fetcher {
                 },
             };
             let r = self
-                .fetch_range(peer, target, &manifest, unit.clone(), &stored, &present, opts)
+                .fetch_range(peer, target, unit.clone(), &stored, &present, opts)
                 .await;
             let rest = match &r {
                 Ok(()) => Vec::new(),
-                Err(_) => match target.missing(&manifest.blob_ref()) {
+                Err(_) => match target.missing() {
                     Ok(m) => units(
                         &m.into_iter().filter(|i| unit.contains(i)).collect::<Vec<_>>(),
                         u64::MAX,
@@ -697,7 +692,7 @@ impl Fetcher {
                 Err(RangeFail::Store(e)) => return (peer, stored.into_inner(), Err(e.into())),
                 Err(RangeFail::Source(e)) => {
                     let retry = matches!(e, SourceError::PeerGone { .. }) && attempt < opts.attempts;
-                    self.note(&manifest.id(), e, &mut errors);
+                    self.note(&target.manifest.id(), e, &mut errors);
                     if !retry {
                         break;
                     }
@@ -711,17 +706,16 @@ impl Fetcher {
 
     /// Pulls one contiguous range from one source: a reader that checks frames and a
     /// persister that verifies and stores them, joined by a channel of `window` chunks.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_range(
         &self,
         peer: PeerId,
         target: &Arc<Target>,
-        manifest: &Arc<Manifest>,
         range: Range<u64>,
         stored: &AtomicU64,
         present: &AtomicU64,
         opts: &FetchOptions,
     ) -> Result<(), RangeFail> {
+        let manifest = &target.manifest;
         let window = opts.window.clamp(1, MAX_WINDOW);
         let req = BlobRequest {
             blob: manifest.blob_ref(),
@@ -776,12 +770,12 @@ impl Fetcher {
         let persister = async {
             let total = manifest.chunk_count();
             while let Some((index, buf, len)) = rx.recv().await {
-                let (target, manifest) = (target.clone(), manifest.clone());
+                let target = target.clone();
                 let on_chunk = opts.on_chunk.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
                     let bytes = &buf[off..off + len];
-                    let new = target.put(&manifest, index, bytes)?;
+                    let new = target.put(index, bytes)?;
                     if let (true, Some(f)) = (new, on_chunk) {
                         f(index, bytes);
                     }
