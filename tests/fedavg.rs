@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flare_actors::blob::FaultPlan;
 use flare_actors::job::{
-    AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, TaskContext, TrainOutput, fedavg,
+    AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, Task, TaskContext, TrainOutput, fedavg,
 };
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
@@ -227,6 +227,44 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         let mut expected = initial;
         expected.map_f32(|v| v + 1.0);
         assert!(out.model == expected);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
+    within(60, async {
+        let f = Federation::start("stopped", "site-0", ["site-1".to_owned()]).await;
+        let actor = f.hosts[1]
+            .join_as_executor(
+                f.job.clone(),
+                Some(f.members[0].peer_id),
+                "site-1",
+                Box::new(AddOne { num_samples: 1 }),
+            )
+            .await
+            .expect("executor");
+        actor.stop(Some("stopped by the test".into()));
+        // The supervisor tells whoever waits on the job (`flare-node run` does) at once.
+        let why = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
+        assert!(
+            why.contains("executor stopped") && why.contains("stopped by the test"),
+            "{why}"
+        );
+        let task = Task {
+            name: "train".into(),
+            round: 0,
+            input: None,
+            input_from: vec![],
+            props: Default::default(),
+        };
+        let pending = f.comm(DEFAULT_CHUNK_SIZE).broadcast(&task, &f.clients()).await;
+        assert_eq!(pending.refused.len(), 1, "the task is refused, not lost");
+        assert!(
+            pending.refused[0].1.contains("executor stopped"),
+            "{:?}",
+            pending.refused
+        );
     })
     .await;
 }

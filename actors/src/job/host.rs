@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use flare_protocols::ctl::{CtlResponse, JobId, Progress, Request};
 use libp2p::PeerId;
 use ractor::{Actor, ActorRef};
+
+use super::supervisor::Supervisor;
 use tokio::sync::{mpsc, watch};
 
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
@@ -43,18 +45,19 @@ struct ControllerRoute {
     spec_hash: [u8; 32],
 }
 
-struct ExecutorRoute {
-    actor: ActorRef<ExecutorMsg>,
+pub(crate) struct ExecutorRoute {
+    pub(crate) actor: ActorRef<ExecutorMsg>,
     /// Who may send tasks and end the job; `None`: any member (swarm jobs, where the
     /// aggregator changes from round to round).
     controller: Option<PeerId>,
-    /// Set to the controller's reason when it ends the job.
-    ended: watch::Sender<Option<String>>,
+    /// Set to the controller's reason when it ends the job (or to the supervisor's, when
+    /// the executor stops).
+    pub(crate) ended: watch::Sender<Option<String>>,
 }
 
 #[derive(Default)]
-struct Routes {
-    executors: HashMap<JobId, ExecutorRoute>,
+pub(crate) struct Routes {
+    pub(crate) executors: HashMap<JobId, ExecutorRoute>,
     controllers: HashMap<JobId, ControllerRoute>,
 }
 
@@ -63,6 +66,8 @@ pub struct JobHost {
     node: Arc<Node>,
     routes: Arc<Mutex<Routes>>,
     router: tokio::task::JoinHandle<()>,
+    /// Spawned with the first executor.
+    supervisor: tokio::sync::OnceCell<ActorRef<()>>,
 }
 
 impl JobHost {
@@ -78,7 +83,12 @@ impl JobHost {
                 let _ = req.reply.send(response);
             }
         });
-        Ok(Self { node, routes, router })
+        Ok(Self {
+            node,
+            routes,
+            router,
+            supervisor: tokio::sync::OnceCell::new(),
+        })
     }
 
     /// The node.
@@ -95,7 +105,15 @@ impl JobHost {
         member: &str,
         learner: Box<dyn Learner>,
     ) -> Result<ActorRef<ExecutorMsg>, ractor::SpawnErr> {
-        let (actor, _) = Actor::spawn(
+        let supervisor = self
+            .supervisor
+            .get_or_try_init(|| async {
+                Actor::spawn(None, Supervisor, self.routes.clone())
+                    .await
+                    .map(|(a, _)| a)
+            })
+            .await?;
+        let (actor, _) = Actor::spawn_linked(
             None,
             Executor,
             ExecutorArgs {
@@ -103,6 +121,7 @@ impl JobHost {
                 member: member.to_owned(),
                 learner,
             },
+            supervisor.get_cell(),
         )
         .await?;
         let (ended, _) = watch::channel(None);
@@ -162,6 +181,9 @@ impl JobHost {
 impl Drop for JobHost {
     fn drop(&mut self) {
         self.router.abort();
+        if let Some(s) = self.supervisor.get() {
+            s.stop(None);
+        }
         for e in lock(&self.routes).executors.values() {
             e.actor.stop(None);
         }

@@ -5,6 +5,8 @@
 //!   (tasks) and to the controllers it hosts (task results), and refuses other jobs.
 //! - [`communicator`]: the only way a workflow talks to peers.
 //! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
+//! - `supervisor`: the ractor actor every executor is linked to; ends a member's part of a
+//!   job when its executor stops.
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
 //! - [`cyclic`]: cyclic weight transfer, the model handed from member to member.
 //! - [`swarm`]: swarm learning, a rotating aggregator with failover.
@@ -18,6 +20,7 @@ pub mod executor;
 pub mod fedavg;
 pub mod host;
 pub mod split;
+mod supervisor;
 pub mod swarm;
 
 use std::collections::BTreeMap;
