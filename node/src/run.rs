@@ -147,9 +147,7 @@ async fn member_of_job(
     };
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
-    // A controller that trains needs its executor before the workflow starts; a plain client
-    // joins below.
-    if is_client && name == controller_name {
+    let mut start_executor = async || {
         host.join_as_executor(
             job.clone(),
             Some(controller),
@@ -157,11 +155,16 @@ async fn member_of_job(
             learner_of(given, &setup, &topo, name, data_dir)?,
         )
         .await
-        .context("starting the executor")?;
+        .context("starting the executor")
+    };
+    // A controller that trains needs its executor before the workflow starts; a plain client
+    // joins below.
+    if is_client && name == controller_name {
+        start_executor().await?;
     }
     if name == controller_name {
         let members: Vec<_> = table.iter().cloned().collect();
-        let comm = Communicator::new(&host, job, members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
+        let comm = Communicator::new(&host, job.clone(), members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
         let clients: Vec<PeerId> = topo.clients.iter().map(|c| peer(c)).collect::<Result<_, _>>()?;
         tracing::info!(clients = clients.len(), "waiting for the clients to join");
         // The controller's own executor (when it trains too) is there already.
@@ -202,14 +205,7 @@ async fn member_of_job(
             topo.job
         );
     }
-    host.join_as_executor(
-        job.clone(),
-        Some(controller),
-        name,
-        learner_of(given, &setup, &topo, name, data_dir)?,
-    )
-    .await
-    .context("starting the executor")?;
+    start_executor().await?;
     join(node, &job, controller, name, topo.spec_hash()).await?;
     let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
     tracing::info!(%reason, "job over");
