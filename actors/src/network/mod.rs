@@ -6,6 +6,7 @@
 //! with the `libp2p_stream::Control` the loop hands out, and run on their own tasks.
 
 pub mod gate;
+pub mod muxer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identity::Keypair, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identity::Keypair, noise, ping, tcp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::membership::{Member, Members};
@@ -238,7 +239,7 @@ pub struct Network {
     pub event_loop: EventLoop,
 }
 
-/// Builds the swarm (TCP + Noise + Yamux), starts listening and waits until every listen
+/// Builds the swarm (TCP + Noise + Yamux with Noise-sized frames, see [`muxer`]), starts listening and waits until every listen
 /// address is bound.
 pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
     let peer_id = keypair.public().to_peer_id();
@@ -256,7 +257,7 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
                     .map(|stream, _| futures::io::BufReader::with_capacity(READ_BUFFER, stream))
                     .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                     .authenticate(noise)
-                    .multiplex(yamux::Config::default()),
+                    .multiplex(muxer::Yamux::default()),
             )
         })
         .map_err(|e| NetworkError::Transport(e.to_string()))?
