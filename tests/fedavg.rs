@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flare_actors::BlobStore;
 use flare_actors::blob::FaultPlan;
 use flare_actors::job::{
     AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, Task, TaskContext, TrainOutput, fedavg,
 };
+use flare_protocols::Manifest;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
 
@@ -82,6 +84,56 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
         assert!(saved == expected);
         let record = std::fs::read_to_string(dir.path().join("checkpoint.json")).expect("record");
         assert!(record.contains("\"round\": 4"), "{record}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_on_disk_links_each_checkpoint_to_the_model_its_store_wrote_in_the_background() {
+    within(120, async {
+        // The controller publishes each round's model before it is on disk, and writes the
+        // checkpoint once it is: the checkpoint must be the store's own file, whole.
+        let store_dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(store_dir.path()).expect("store");
+        let names = (0..=2).map(|i| format!("site-{i}")).collect();
+        let mut stores = vec![store.clone()];
+        stores.extend(memory_stores(2));
+        let f = Federation::start_with("on-disk", names, stores).await;
+        f.join_all(|i| {
+            Box::new(AddOne {
+                num_samples: 10 * i as u64,
+            })
+        })
+        .await;
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = config(&f, 3, 2, Duration::from_secs(60));
+        cfg.checkpoint_dir = Some(dir.path().to_owned());
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        let mut expected = initial;
+        for _ in 0..3 {
+            expected.map_f32(|v| v + 1.0);
+        }
+        assert!(out.model == expected, "every weight equals initial + 3, exactly");
+        let saved = dir.path().join("global.safetensors");
+        assert!(Model::load(&saved).expect("checkpoint") == expected);
+        let id = Manifest::of_bytes(expected.as_safetensors(), DEFAULT_CHUNK_SIZE)
+            .expect("manifest")
+            .id();
+        let blob = store.data_path(&id).expect("the final model is on the store's disk");
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            std::fs::metadata(&saved).expect("meta"),
+            std::fs::metadata(&blob).expect("meta"),
+        );
+        assert_eq!(
+            (a.dev(), a.ino()),
+            (b.dev(), b.ino()),
+            "the checkpoint is the store's file, linked"
+        );
+        let record = std::fs::read_to_string(dir.path().join("checkpoint.json")).expect("record");
+        assert!(record.contains("\"round\": 2"), "{record}");
     })
     .await;
 }

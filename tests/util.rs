@@ -80,11 +80,13 @@ impl Federation {
     /// every other; no one has joined `job` yet.
     pub async fn start(job: &str, controller: &str, clients: impl IntoIterator<Item = String>) -> Self {
         let names: Vec<String> = std::iter::once(controller.to_owned()).chain(clients).collect();
-        let nodes: Vec<Arc<Node>> = start_nodes(memory_stores(names.len()))
-            .await
-            .into_iter()
-            .map(Arc::new)
-            .collect();
+        let stores = memory_stores(names.len());
+        Self::start_with(job, names, stores).await
+    }
+
+    /// Like [`Self::start`], with member `i` on `stores[i]` (the controller first).
+    pub async fn start_with(job: &str, names: Vec<String>, stores: Vec<BlobStore>) -> Self {
+        let nodes: Vec<Arc<Node>> = start_nodes(stores).await.into_iter().map(Arc::new).collect();
         Self {
             members: nodes.iter().zip(&names).map(|(n, name)| n.as_member(name)).collect(),
             hosts: nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect(),

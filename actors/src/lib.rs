@@ -31,4 +31,4 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 pub use node::{Node, NodeConfig, Traffic};
-pub use store::BlobStore;
+pub use store::{BlobStore, Written};

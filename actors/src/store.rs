@@ -186,6 +186,26 @@ struct Inner {
     blobs: Mutex<HashMap<BlobId, Arc<Entry>>>,
 }
 
+/// Resolves when a [`BlobStore::import_shared`] no longer needs its bytes in memory.
+///
+/// The FedAvg controller waits for it before it fills the next accumulator, so that the
+/// previous global model and the new mean are never both in memory while the disk catches up.
+#[derive(Clone, Debug)]
+pub struct Written(tokio::sync::watch::Receiver<bool>);
+
+impl Written {
+    /// Already resolved: nothing is being written.
+    pub fn done() -> Self {
+        Self(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Waits until the write has ended (done or failed; a failure is logged where it happens).
+    pub async fn wait(mut self) {
+        // An error means the writer is gone, which also ends the wait.
+        let _ = self.0.wait_for(|done| *done).await;
+    }
+}
+
 /// A content-addressed blob store; cheap to clone, safe to share between tasks.
 ///
 /// Methods do blocking I/O: call them from `spawn_blocking` on hot paths.
@@ -491,7 +511,10 @@ impl BlobStore {
     /// not after the disk write, and its first reader does not read it back from disk. A
     /// process that ends before the write is done leaves no trace of the blob on disk (only a
     /// temporary file that the next [`BlobStore::open`] ignores).
-    pub fn import_shared(&self, bytes: Arc<Vec<u8>>, chunk_size: u32) -> Result<Manifest, StoreError> {
+    ///
+    /// The returned [`Written`] resolves once the store holds `bytes` no more: the write is
+    /// done (or failed, and the blob stays in memory for the life of the process).
+    pub fn import_shared(&self, bytes: Arc<Vec<u8>>, chunk_size: u32) -> Result<(Manifest, Written), StoreError> {
         let manifest = Manifest::of_bytes(&bytes, chunk_size)?;
         let id = manifest.id();
         let entry = {
@@ -500,26 +523,31 @@ impl BlobStore {
                 .get(&id)
                 .is_some_and(|e| lock(&e.have).present == manifest.chunk_count())
             {
-                return Ok(manifest);
+                return Ok((manifest, Written::done()));
             }
             let entry = Arc::new(Entry::complete(manifest.clone(), Data::Shared(bytes.clone())));
             blobs.insert(id, entry.clone());
             entry
         };
         let Some(dir) = self.inner.dir.clone() else {
-            return Ok(manifest);
+            return Ok((manifest, Written::done()));
         };
+        let (done, written) = tokio::sync::watch::channel(false);
         let store = self.clone();
         let spawned = std::thread::Builder::new().name("blob-write".into()).spawn(move || {
             if let Err(e) = store.persist_shared(&dir, &entry, bytes) {
                 // The blob stays served from memory for the life of the process.
                 tracing::warn!(blob = %entry.manifest.id(), error = %e, "writing a shared blob to disk failed");
             }
+            // This thread's hold on the bytes ends before anyone is told it has.
+            drop(entry);
+            let _ = done.send(true);
         });
         if let Err(e) = spawned {
             tracing::warn!(blob = %id, error = %e, "no thread to write a shared blob; it stays in memory");
+            return Ok((manifest, Written::done()));
         }
-        Ok(manifest)
+        Ok((manifest, Written(written)))
     }
 
     /// Lets reads of blob `id` come from `bytes` (the blob's content, which the caller holds in
@@ -843,17 +871,6 @@ mod tests {
         assert!(s.verify(&m.id()).expect("verify").is_empty());
     }
 
-    /// Waits (bounded) until a shared import of `id` is filed as a disk blob.
-    fn wait_on_disk(store: &BlobStore, id: &BlobId) -> PathBuf {
-        for _ in 0..500 {
-            if let Some(p) = store.data_path(id) {
-                return p;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("the shared blob never reached the disk");
-    }
-
     #[test]
     fn shared_import_is_served_at_once_then_written_and_read_from_memory_while_held() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -861,11 +878,17 @@ mod tests {
         // 4096-byte chunks take the O_DIRECT path where the file system allows it; the short
         // last chunk takes the ordinary one.
         let data = Arc::new(bytes(3 * 4096 + 10));
-        let m = store.import_shared(data.clone(), 4096).expect("import");
+        let (m, written) = store.import_shared(data.clone(), 4096).expect("import");
         assert_eq!(m, Manifest::of_bytes(&data, 4096).expect("m"));
         assert!(store.is_complete(&m.id()));
         assert_eq!(store.read_all(&m.id()).expect("read"), *data);
-        let path = wait_on_disk(&store, &m.id());
+        futures::executor::block_on(written.wait());
+        assert_eq!(
+            Arc::strong_count(&data),
+            1,
+            "once written, the store holds the bytes no more"
+        );
+        let path = store.data_path(&m.id()).expect("on disk once written");
         assert_eq!(std::fs::read(&path).expect("file"), *data, "the file holds the blob");
         // While the producer holds the bytes, reads come from memory: spoil the file to tell.
         std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
@@ -903,8 +926,9 @@ mod tests {
     fn shared_import_into_a_memory_store_and_of_a_blob_already_held() {
         let store = BlobStore::memory();
         let data = Arc::new(bytes(1000));
-        let m = store.import_shared(data.clone(), 100).expect("import");
-        assert_eq!(store.import_shared(data.clone(), 100).expect("again"), m);
+        let (m, written) = store.import_shared(data.clone(), 100).expect("import");
+        futures::executor::block_on(written.wait());
+        assert_eq!(store.import_shared(data.clone(), 100).expect("again").0, m);
         assert_eq!(store.import_bytes(&data, 100).expect("bytes"), m);
         assert_eq!(store.read_all(&m.id()).expect("read"), *data);
         assert!(

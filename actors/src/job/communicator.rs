@@ -22,7 +22,7 @@ use super::{Task, TaskOutcome};
 use crate::Node;
 use crate::blob::{FetchError, FetchOptions, FetchReport};
 use crate::membership::Member;
-use crate::store::StoreError;
+use crate::store::{StoreError, Written};
 
 /// Why the communicator could not do what a workflow asked.
 #[derive(Debug, thiserror::Error)]
@@ -161,25 +161,29 @@ impl Communicator {
         Ok(m.blob_ref())
     }
 
-    /// Stores `model` like [`Self::publish`], and serves it from memory for as long as the
-    /// caller holds the returned bytes (see [`crate::BlobStore::lend`]): for a model that
-    /// many executors are about to pull at once.
-    pub async fn publish_lent(&self, model: Model) -> Result<(BlobRef, Arc<Vec<u8>>), CommError> {
+    /// Stores `model` like [`Self::publish`], but without waiting for the disk: it is hashed,
+    /// then served from memory at once and for as long as the caller holds the returned bytes
+    /// (see [`crate::BlobStore::import_shared`]), while a background thread writes it. For a
+    /// model that many executors are about to pull at once: the round starts one disk write
+    /// sooner, and the pulls read no disk. [`Written`] says when the store lets go of the
+    /// bytes.
+    pub async fn publish_lent(&self, model: Model) -> Result<(BlobRef, Arc<Vec<u8>>, Written), CommError> {
         let store = self.node.store().clone();
         let cs = self.chunk_size;
         let bytes = Arc::new(model.into_safetensors());
         let lent = bytes.clone();
-        let m = tokio::task::spawn_blocking(move || {
-            let m = store.import_bytes(&lent, cs)?;
+        let (m, written) = tokio::task::spawn_blocking(move || {
+            let (m, written) = store.import_shared(lent.clone(), cs)?;
+            // Held already (the same model again): serve it from these bytes all the same.
             store.lend(&m.id(), &lent);
-            Ok::<_, StoreError>(m)
+            Ok::<_, StoreError>((m, written))
         })
         .await
         .map_err(|e| StoreError::Io {
             path: "<publish>".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
-        Ok((m.blob_ref(), bytes))
+        Ok((m.blob_ref(), bytes, written))
     }
 
     /// Sends `task` to every target at once; results then come from [`Self::next_result`].

@@ -355,10 +355,11 @@ async fn run(
             let store = state.node.store().clone();
             let bytes = Arc::new(model.into_safetensors());
             let shared = bytes.clone();
-            let manifest = tokio::task::spawn_blocking(move || store.import_shared(shared, DEFAULT_CHUNK_SIZE))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("storing the output model: {e}"))?;
+            let (manifest, _written) =
+                tokio::task::spawn_blocking(move || store.import_shared(shared, DEFAULT_CHUNK_SIZE))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("storing the output model: {e}"))?;
             let blob = manifest.blob_ref();
             state.held_output = Some((blob, bytes));
             Some(blob)

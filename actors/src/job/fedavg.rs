@@ -30,7 +30,7 @@ use super::{Task, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
 use crate::lock;
-use crate::store::BlobStore;
+use crate::store::{BlobStore, Written};
 
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
@@ -153,12 +153,20 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     // The global model lives in the blob store between rounds: the controller holds one
     // model-sized buffer at a time (the accumulator during a round).
     let layout = initial.layout();
-    let (mut blob, mut lent) = comm.publish_lent(initial).await?;
+    let (mut blob, mut lent, mut written) = comm.publish_lent(initial).await?;
     let mut reports = Vec::new();
+    // Checkpoints are written in the background, one after the other, as each round's model
+    // reaches the disk; an error surfaces at the next round or at the end.
+    let mut saving: Option<tokio::task::JoinHandle<Result<(), FedAvgError>>> = None;
     for round in 0..cfg.rounds {
         let started = Instant::now();
-        let (model, mut report) = one_round(comm, cfg, (blob, Some(lent)), &[], layout.clone(), round, None).await?;
-        (blob, lent) = comm.publish_lent(model).await?;
+        let global = Global {
+            blob,
+            lent: Some(lent),
+            written: Some(written),
+        };
+        let (model, mut report) = one_round(comm, cfg, global, &[], layout.clone(), round, None).await?;
+        (blob, lent, written) = comm.publish_lent(model).await?;
         // A round's time covers publishing its result (what the next round starts from).
         report.secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -170,16 +178,53 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             "round done"
         );
         reports.push(report);
+        if saving.as_ref().is_some_and(|s| s.is_finished()) {
+            finish_saving(saving.take()).await?;
+        }
         if let Some(dir) = &cfg.checkpoint_dir {
-            checkpoint(dir, round, comm.node().store(), blob, &reports)?;
+            let (dir, store, reports, written, before) = (
+                dir.clone(),
+                comm.node().store().clone(),
+                reports.clone(),
+                written.clone(),
+                saving.take(),
+            );
+            saving = Some(tokio::spawn(async move {
+                finish_saving(before).await?;
+                written.wait().await;
+                tokio::task::spawn_blocking(move || checkpoint(&dir, round, &store, blob, &reports))
+                    .await
+                    .map_err(|_| FedAvgError::Internal("checkpoint task failed"))?
+            }));
         }
     }
-    // The last model published is the outcome; its bytes are still held.
+    finish_saving(saving).await?;
+    // The last model published is the outcome; its bytes are still held, and the store's own
+    // hold ends with its write.
+    written.wait().await;
     let bytes = Arc::try_unwrap(lent).unwrap_or_else(|shared| (*shared).clone());
     Ok(FedAvgOutcome {
         model: Model::from_safetensors_vec(bytes)?,
         rounds: reports,
     })
+}
+
+/// Waits for a background checkpoint and passes on its error.
+async fn finish_saving(saving: Option<tokio::task::JoinHandle<Result<(), FedAvgError>>>) -> Result<(), FedAvgError> {
+    match saving {
+        Some(s) => s.await.map_err(|_| FedAvgError::Internal("checkpoint task failed"))?,
+        None => Ok(()),
+    }
+}
+
+/// The model a round starts from.
+pub(crate) struct Global {
+    /// Its blob.
+    pub blob: BlobRef,
+    /// Its bytes, when this node holds them: the clients' pulls read them from memory.
+    pub lent: Option<Arc<Vec<u8>>>,
+    /// When its disk write is still going on: results are not folded until it ends.
+    pub written: Option<Written>,
 }
 
 /// One round: send `blob` (pulled from `input_from`, or from this node when empty) to the
@@ -188,11 +233,17 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
 ///
 /// The model's bytes, when given with the blob, are held (so the clients' pulls read them
 /// from memory, see [`Communicator::publish_lent`]) until the first result comes in: from
-/// then on the accumulator fills, and the controller holds one model-sized buffer again.
+/// then on the accumulator fills, and the controller holds one model-sized buffer again. So
+/// that the store does not still hold them for its disk write, the folds wait for that write
+/// first (it overlaps the clients' work, and is usually long done).
 pub(crate) async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
-    (blob, mut lent): (BlobRef, Option<Arc<Vec<u8>>>),
+    Global {
+        blob,
+        mut lent,
+        written,
+    }: Global,
     input_from: &[PeerId],
     layout: Layout,
     round: u32,
@@ -228,7 +279,15 @@ pub(crate) async fn one_round(
                     // from disk by any client still pulling it.
                     drop(lent.take());
                     match (o.status, o.output) {
-                        (TaskStatus::Ok, Some(out)) => folds.push(fold(comm, acc.clone(), o, out, blob, &pulls)),
+                        (TaskStatus::Ok, Some(out)) => {
+                            let (written, acc, pulls) = (written.clone(), acc.clone(), &pulls);
+                            folds.push(async move {
+                                if let Some(w) = written {
+                                    w.wait().await;
+                                }
+                                fold(comm, acc, o, out, blob, pulls).await
+                            });
+                        }
                         _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
                     }
                 }

@@ -331,7 +331,11 @@ async fn aggregate(
     let work = fedavg::one_round(
         comm,
         &fcfg,
-        (state.model, None),
+        fedavg::Global {
+            blob: state.model,
+            lent: None,
+            written: None,
+        },
         &input_from,
         layout,
         round,
