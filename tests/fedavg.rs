@@ -193,6 +193,53 @@ async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
     .await;
 }
 
+/// Adds one like [`AddOne`], then spoils the last weight: a client whose training diverged.
+struct Diverged;
+
+impl Learner for Diverged {
+    fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
+        let mut out = AddOne { num_samples: 30 }.train(global, ctx)?;
+        // The data section ends with the last tensor's last element.
+        let mut bytes = out.model.into_safetensors();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        out.model = Model::from_safetensors_vec(bytes).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_holding_a_nan_is_left_out_and_does_not_poison_the_mean() {
+    within(120, async {
+        let f = Federation::start("nan", "site-0", (1..=3).map(|i| format!("site-{i}"))).await;
+        f.join(1, Box::new(AddOne { num_samples: 10 })).await;
+        f.join(2, Box::new(AddOne { num_samples: 20 })).await;
+        f.join(3, Box::new(Diverged)).await;
+        let cfg = config(&f, 2, 2, Duration::from_secs(30));
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        for r in &out.rounds {
+            assert_eq!(r.contributors, ["site-1", "site-2"], "round {}", r.round);
+            assert_eq!(r.missing.len(), 1, "{:?}", r.missing);
+            assert_eq!(r.missing[0].0, "site-3");
+            assert!(r.missing[0].1.contains("NaN"), "{}", r.missing[0].1);
+        }
+        let mut expected = initial;
+        expected.map_f32(|v| v + 1.0);
+        expected.map_f32(|v| v + 1.0);
+        assert!(
+            out.model == expected,
+            "the mean of the others, exactly: nothing of site-3 in it"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_few_clients_fail_the_job_naming_the_missing_members() {
     within(60, async {

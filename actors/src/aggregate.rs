@@ -46,6 +46,15 @@ pub enum AggregateError {
     /// Taking out more weight than was added.
     #[error("chunk {0} cannot lose weight it does not have")]
     Underflow(u64),
+    /// A value to fold in is NaN or infinite: one such value would make that weight of the
+    /// mean NaN for every member, so the whole contribution is refused instead.
+    #[error("tensor {name:?} holds a NaN or infinite value (chunk {index}): a diverged or broken result")]
+    NonFinite {
+        /// Chunk index.
+        index: u64,
+        /// The first tensor found with one.
+        name: String,
+    },
     /// Chunks carry different total weights: some client's contribution is partial.
     #[error("chunk {index} has weight {got}, chunk 0 has {expected}: a contribution is incomplete")]
     Incomplete {
@@ -127,8 +136,12 @@ impl Accumulator {
     }
 
     /// Folds chunk `index` of one client's blob in with `weight` (e.g. its sample count).
+    /// A chunk with a NaN or infinite value is refused whole, before any of it is folded.
     pub fn add_chunk(&mut self, index: u64, bytes: &[u8], weight: f64) -> Result<(), AggregateError> {
         let range = self.check(index, bytes, weight)?;
+        if let Some(name) = self.first_non_finite(range.clone(), bytes) {
+            return Err(AggregateError::NonFinite { index, name });
+        }
         let total = self.weights[index as usize];
         let share = weight / (total + weight);
         self.fold(range, bytes, |m, x| m + (x - m) * share);
@@ -152,6 +165,34 @@ impl Accumulator {
             self.weights[index as usize] = left;
         }
         Ok(())
+    }
+
+    /// The first tensor whose part in this chunk holds a NaN or an infinity. An IEEE float is
+    /// one of those exactly when its exponent bits are all ones; the test on the bits alone
+    /// keeps this scan far cheaper than the fold.
+    fn first_non_finite(&self, range: std::ops::Range<usize>, bytes: &[u8]) -> Option<String> {
+        let base = range.start;
+        self.layout.regions.iter().find_map(|r| {
+            let s = (r.bytes.start as usize).max(range.start);
+            let e = (r.bytes.end as usize).min(range.end);
+            if s >= e {
+                return None;
+            }
+            let xs = &bytes[s - base..e - base];
+            let bad = match r.dtype {
+                DType::F32 => xs.chunks_exact(4).fold(false, |bad, x| {
+                    let bits = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                    bad | (bits & 0x7f80_0000 == 0x7f80_0000)
+                }),
+                DType::F64 => xs.chunks_exact(8).fold(false, |bad, x| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(x);
+                    bad | (u64::from_le_bytes(a) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000)
+                }),
+                _ => false,
+            };
+            bad.then(|| r.name.clone())
+        })
     }
 
     /// Applies `f(mean, x)` to every element of the chunk's tensor bytes (header left alone).
@@ -343,5 +384,50 @@ mod tests {
         );
         acc.add_chunk(0, chunks(&a, 16)[0], 1.0).expect("add");
         assert!(matches!(acc.finish(), Err(AggregateError::Incomplete { .. })));
+    }
+
+    #[test]
+    fn a_chunk_with_a_nan_or_an_infinity_is_refused_whole_and_folds_nothing() {
+        let good = model(&[vec![4], vec![60]], &[1.0; 64]).to_safetensors();
+        let mut acc = Accumulator::new(Layout::parse(&good).expect("layout"), 64).expect("acc");
+        for (i, c) in chunks(&good, 64).iter().enumerate() {
+            acc.add_chunk(i as u64, c, 2.0).expect("good");
+        }
+        for bad_value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = vec![5.0f32; 64];
+            v[63] = bad_value;
+            let bad = model(&[vec![4], vec![60]], &v).to_safetensors();
+            let cs = chunks(&bad, 64);
+            let last = cs.len() - 1;
+            // Chunks before the bad value fold; the one holding it is refused.
+            let r = acc.add_chunk(last as u64, cs[last], 1.0);
+            assert_eq!(
+                r,
+                Err(AggregateError::NonFinite {
+                    index: last as u64,
+                    name: "t1".into()
+                }),
+                "{bad_value}"
+            );
+            assert_eq!(acc.chunk_weight(last as u64), 2.0, "nothing of it was folded");
+        }
+        // f64 too.
+        let data: Vec<u8> = [1.0f64, f64::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = Tensor::new(DType::F64, vec![2], data).expect("tensor");
+        let blob = Model::from_tensors([("x".to_owned(), t)]).to_safetensors();
+        let mut acc = Accumulator::new(Layout::parse(&blob).expect("layout"), 8).expect("acc");
+        let errs: Vec<_> = chunks(&blob, 8)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| acc.add_chunk(i as u64, c, 1.0).err())
+            .collect();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(matches!(&errs[0], AggregateError::NonFinite { name, .. } if name == "x"));
+        // The finite values are not mistaken for bad ones.
+        let edge = model(&[vec![4]], &[f32::MAX, f32::MIN, f32::MIN_POSITIVE, -0.0]).to_safetensors();
+        let mut acc = Accumulator::new(Layout::parse(&edge).expect("layout"), 8).expect("acc");
+        for (i, c) in chunks(&edge, 8).iter().enumerate() {
+            acc.add_chunk(i as u64, c, 1.0).expect("finite extremes fold");
+        }
     }
 }

@@ -7,9 +7,10 @@
 //! result to disk, whatever the number of clients. A result counts wholly or not at all: when
 //! a pull fails midway, after part of it was folded in, the round folds the other results
 //! again from their clients into a fresh mean (see [`refold`]). After each
-//! round the global model and a JSON record are written to the checkpoint directory (the
-//! model hard-linked from the blob store when it is on disk). Between rounds the global model
-//! lives only in the blob store, so the controller holds one model-sized buffer at a time.
+//! round the global model and a JSON record are written to the checkpoint directory, in the
+//! background once the model is on disk (hard-linked from the blob store when it is on disk).
+//! Between rounds the global model lives only in the blob store, so the controller holds one
+//! model-sized buffer at a time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -446,6 +447,9 @@ async fn fold(
     let on_chunk = {
         let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
         move |i: u64, bytes: &[u8]| {
+            if lock(&failure).is_some() {
+                return; // refused already: fold no more of it
+            }
             let r = lock(&acc).add_chunk(i, bytes, weight);
             match r {
                 Ok(()) => lock(&folded)[i as usize] = true,
