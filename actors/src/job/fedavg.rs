@@ -351,6 +351,9 @@ pub(crate) async fn one_round(
     let mut names: Vec<String> = contributors.into_iter().map(|o| o.member).collect();
     names.sort();
     missing.sort();
+    for (member, why) in &missing {
+        tracing::warn!(job = %comm.job(), round, member = %member, reason = %why, "left out of the round");
+    }
     Ok((
         model,
         RoundReport {
