@@ -32,6 +32,10 @@ for m in server hospital-1 hospital-2 hospital-3 hospital-4; do
   printf '\n' >>"$DIR/t.toml"
 done
 
+# Four torch processes share this machine: one intra-op thread each, as torchrun does for its
+# workers. With libtorch's default (a thread per core) they spin against each other, and a
+# round of this job took 0.05-2.2 s instead of 15-30 ms (docs/client-api.md).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$B" run --topology "$DIR/t.toml" --name server --key "$DIR/server.key" --data-dir "$DIR/server" --json \
   >"$DIR/server.json" 2>"$DIR/server.log" &
 SERVER=$!
