@@ -126,6 +126,11 @@ fn bytes_per_round(names: &[String], nodes: &[Arc<Node>], rounds: u32) -> serde_
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let topo = Topology::load(&args.file)?;
     let setup = crate::job::Setup::new(&topo)?;
+    if matches!(topo.learner, crate::topology::LearnerSpec::Tch { .. })
+        && let Some(n) = crate::torch::share_threads(topo.members.len())
+    {
+        tracing::info!(threads = n, "libtorch threads per operation, shared among the members");
+    }
     // External learners' work dirs (sockets, model files), gone when the job is.
     let work = tempfile::Builder::new()
         .prefix("flare-sim-")
