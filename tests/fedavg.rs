@@ -40,7 +40,13 @@ fn initial_model() -> Model {
 /// Node 0 hosts the controller; `site-1`.. are clients with add-one learners of weights
 /// 10, 20, 30, ...
 async fn federation(clients: usize, job: &str) -> Federation {
-    let f = Federation::start(job, "site-0", (1..=clients).map(|i| format!("site-{i}"))).await;
+    federation_on(job, memory_stores(clients + 1)).await
+}
+
+/// [`federation`] with member `i` on `stores[i]` (the controller first).
+async fn federation_on(job: &str, stores: Vec<BlobStore>) -> Federation {
+    let names = (0..stores.len()).map(|i| format!("site-{i}")).collect();
+    let f = Federation::start_with(job, names, stores).await;
     f.join_all(|i| {
         Box::new(AddOne {
             num_samples: 10 * i as u64,
@@ -95,16 +101,9 @@ async fn a_controller_on_disk_links_each_checkpoint_to_the_model_its_store_wrote
         // checkpoint once it is: the checkpoint must be the store's own file, whole.
         let store_dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(store_dir.path()).expect("store");
-        let names = (0..=2).map(|i| format!("site-{i}")).collect();
         let mut stores = vec![store.clone()];
         stores.extend(memory_stores(2));
-        let f = Federation::start_with("on-disk", names, stores).await;
-        f.join_all(|i| {
-            Box::new(AddOne {
-                num_samples: 10 * i as u64,
-            })
-        })
-        .await;
+        let f = federation_on("on-disk", stores).await;
         let dir = tempfile::tempdir().expect("tmp");
         let mut cfg = config(&f, 3, 2, Duration::from_secs(60));
         cfg.checkpoint_dir = Some(dir.path().to_owned());

@@ -45,6 +45,17 @@ impl Default for Yamux {
     }
 }
 
+impl Yamux {
+    /// A session on `io`; yamux needs no handshake, so the upgrade is ready at once.
+    fn session<C: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        io: C,
+        mode: yamux::Mode,
+    ) -> future::Ready<Result<Muxer<C>, io::Error>> {
+        future::ready(Ok(Muxer::new(yamux::Connection::new(io, self.0, mode))))
+    }
+}
+
 impl UpgradeInfo for Yamux {
     type Info = &'static str;
     type InfoIter = iter::Once<Self::Info>;
@@ -63,7 +74,7 @@ where
     type Future = future::Ready<Result<Muxer<C>, io::Error>>;
 
     fn upgrade_inbound(self, io: C, _: Self::Info) -> Self::Future {
-        future::ready(Ok(Muxer::new(yamux::Connection::new(io, self.0, yamux::Mode::Server))))
+        self.session(io, yamux::Mode::Server)
     }
 }
 
@@ -76,7 +87,7 @@ where
     type Future = future::Ready<Result<Muxer<C>, io::Error>>;
 
     fn upgrade_outbound(self, io: C, _: Self::Info) -> Self::Future {
-        future::ready(Ok(Muxer::new(yamux::Connection::new(io, self.0, yamux::Mode::Client))))
+        self.session(io, yamux::Mode::Client)
     }
 }
 
