@@ -164,7 +164,7 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
         let global = Global {
             blob,
             lent: Some(lent),
-            written: Some(written),
+            written,
         };
         let (model, mut report) = one_round(comm, cfg, global, &[], layout.clone(), round, None).await?;
         (blob, lent, written) = comm.publish_lent(model).await?;
@@ -224,8 +224,9 @@ pub(crate) struct Global {
     pub blob: BlobRef,
     /// Its bytes, when this node holds them: the clients' pulls read them from memory.
     pub lent: Option<Arc<Vec<u8>>>,
-    /// When its disk write is still going on: results are not folded until it ends.
-    pub written: Option<Written>,
+    /// Resolves when its disk write is done ([`Written::done`] when there is none): results
+    /// are not folded before.
+    pub written: Written,
 }
 
 /// One round: send `blob` (pulled from `input_from`, or from this node when empty) to the
@@ -283,9 +284,7 @@ pub(crate) async fn one_round(
                         (TaskStatus::Ok, Some(out)) => {
                             let (written, acc, pulls) = (written.clone(), acc.clone(), &pulls);
                             folds.push(async move {
-                                if let Some(w) = written {
-                                    w.wait().await;
-                                }
+                                written.wait().await;
                                 fold(comm, acc, o, out, blob, pulls).await
                             });
                         }

@@ -334,7 +334,7 @@ async fn aggregate(
         fedavg::Global {
             blob: state.model,
             lent: None,
-            written: None,
+            written: crate::store::Written::done(),
         },
         &input_from,
         layout,
