@@ -399,7 +399,7 @@ mod tests {
             let bad = model(&[vec![4], vec![60]], &v).to_safetensors();
             let cs = chunks(&bad, 64);
             let last = cs.len() - 1;
-            // Chunks before the bad value fold; the one holding it is refused.
+            // The chunk holding the bad value is refused, and its weight stays the good one's.
             let r = acc.add_chunk(last as u64, cs[last], 1.0);
             assert_eq!(
                 r,
