@@ -14,6 +14,15 @@ use flare_protocols::model::{Model, Tensor};
 
 use crate::util::{Federation, memory_stores, start_nodes, within};
 
+/// What add-one makes of `initial` in `rounds` rounds: one added per round, in f32, the way
+/// the clients add it (so the comparison can be exact).
+fn after_rounds(mut initial: Model, rounds: u32) -> Model {
+    for _ in 0..rounds {
+        initial.map_f32(|v| v + 1.0);
+    }
+    initial
+}
+
 /// A model of a few f32 tensors with fractional values, spanning several chunks.
 fn initial_model() -> Model {
     let mut x = 0x2545_f491_4f6c_dd1d_u64;
@@ -81,10 +90,7 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
         for r in &out.rounds {
             assert_eq!(r.contributors, ["site-1", "site-2", "site-3"], "round {}", r.round);
         }
-        let mut expected = initial;
-        for _ in 0..5 {
-            expected.map_f32(|v| v + 1.0);
-        }
+        let expected = after_rounds(initial, 5);
         assert!(out.model == expected, "every weight equals initial + 5, exactly");
         let saved = Model::load(&dir.path().join("global.safetensors")).expect("checkpoint");
         assert!(saved == expected);
@@ -110,10 +116,7 @@ async fn a_controller_on_disk_links_each_checkpoint_to_the_model_its_store_wrote
         let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let initial = initial_model();
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
-        let mut expected = initial;
-        for _ in 0..3 {
-            expected.map_f32(|v| v + 1.0);
-        }
+        let expected = after_rounds(initial, 3);
         assert!(out.model == expected, "every weight equals initial + 3, exactly");
         let saved = dir.path().join("global.safetensors");
         assert!(Model::load(&saved).expect("checkpoint") == expected);
@@ -184,9 +187,7 @@ async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
             assert_eq!(r.missing.len(), 1);
             assert_eq!(r.missing[0].0, "site-3");
         }
-        let mut expected = initial;
-        expected.map_f32(|v| v + 1.0);
-        expected.map_f32(|v| v + 1.0);
+        let expected = after_rounds(initial, 2);
         assert!(out.model == expected);
     })
     .await;
@@ -228,9 +229,7 @@ async fn a_result_holding_a_nan_is_left_out_and_does_not_poison_the_mean() {
             assert_eq!(r.missing[0].0, "site-3");
             assert!(r.missing[0].1.contains("NaN"), "{}", r.missing[0].1);
         }
-        let mut expected = initial;
-        expected.map_f32(|v| v + 1.0);
-        expected.map_f32(|v| v + 1.0);
+        let expected = after_rounds(initial, 2);
         assert!(
             out.model == expected,
             "the mean of the others, exactly: nothing of site-3 in it"
@@ -322,8 +321,7 @@ async fn a_client_killed_mid_round_is_left_out_and_the_round_completes() {
         assert_eq!(out.rounds[0].contributors, ["site-1", "site-2"]);
         assert_eq!(out.rounds[0].missing.len(), 1);
         assert_eq!(out.rounds[0].missing[0].0, "site-3");
-        let mut expected = initial;
-        expected.map_f32(|v| v + 1.0);
+        let expected = after_rounds(initial, 1);
         assert!(out.model == expected);
     })
     .await;
