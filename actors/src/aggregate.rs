@@ -143,10 +143,31 @@ impl Accumulator {
             return Err(AggregateError::NonFinite { index, name });
         }
         let total = self.weights[index as usize];
-        let share = weight / (total + weight);
-        self.fold(range, bytes, |m, x| m + (x - m) * share);
+        if total == 0.0 {
+            // The first contribution is the mean: copied, not folded. Besides skipping the
+            // arithmetic, the copy only writes the accumulator's fresh pages; a fold reads
+            // them first, which maps the zero page and then faults again (with a TLB flush
+            // on every core) when it writes.
+            self.fold_first(range, bytes);
+        } else {
+            let share = weight / (total + weight);
+            self.fold(range, bytes, |m, x| m + (x - m) * share);
+        }
         self.weights[index as usize] = total + weight;
         Ok(())
+    }
+
+    /// Copies the chunk's tensor bytes into the mean; the header, and any padding between
+    /// tensors, stay the layout's.
+    fn fold_first(&mut self, range: std::ops::Range<usize>, bytes: &[u8]) {
+        let base = range.start;
+        for r in &self.layout.regions {
+            let s = (r.bytes.start as usize).max(range.start);
+            let e = (r.bytes.end as usize).min(range.end);
+            if s < e {
+                self.mean[s..e].copy_from_slice(&bytes[s - base..e - base]);
+            }
+        }
     }
 
     /// Takes chunk `index` of a client's blob back out (it was added with `weight`).

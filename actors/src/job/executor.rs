@@ -289,6 +289,7 @@ async fn run(
     task: &super::Task,
     from: PeerId,
 ) -> Result<RunOutput, String> {
+    let started = std::time::Instant::now();
     let input = match task.input {
         Some(blob) => {
             let bytes = match state.held_output.take() {
@@ -305,6 +306,7 @@ async fn run(
                     fetch_model(&state.node, blob, &sources).await?
                 }
             };
+            tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model in memory");
             Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
         }
         None => None,
@@ -349,6 +351,7 @@ async fn run(
     let (learner, r) = joined.map_err(|e| format!("learner panicked: {e}"))?;
     state.learner = Some(learner);
     let reply = r?;
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "learner done");
     let output = match reply.model {
         Some(model) => {
             state.held_output = None;
@@ -361,6 +364,7 @@ async fn run(
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("storing the output model: {e}"))?;
             let blob = manifest.blob_ref();
+            tracing::debug!(secs = started.elapsed().as_secs_f64(), "output model published");
             state.held_output = Some((blob, bytes));
             Some(blob)
         }

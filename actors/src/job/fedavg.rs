@@ -277,6 +277,7 @@ pub(crate) async fn one_round(
         tokio::select! {
             r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
                 Some(o) => {
+                    tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result announced");
                     // The accumulator starts filling: the model goes back to being read
                     // from disk by any client still pulling it.
                     drop(lent.take());
@@ -298,7 +299,10 @@ pub(crate) async fn one_round(
                 }
             },
             Some(r) = folds.next(), if !folds.is_empty() => match r {
-                Ok(o) => contributors.push(o),
+                Ok(o) => {
+                    tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result folded");
+                    contributors.push(o);
+                }
                 Err(f) => {
                     tainted |= f.tainted;
                     missing.push((f.outcome.member, f.why));
@@ -330,6 +334,7 @@ pub(crate) async fn one_round(
         .await
         .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
     let model = Model::from_safetensors_vec(bytes)?;
+    tracing::debug!(job = %comm.job(), round, secs = start.elapsed().as_secs_f64(), "mean taken");
     let global = match &cfg.evaluate {
         Some(f) => {
             let (f, m) = (f.clone(), model.clone());

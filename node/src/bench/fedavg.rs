@@ -40,6 +40,10 @@ pub struct FedAvgArgs {
     /// Upper bound on the whole job, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Extra tracing directives for every member (e.g. `flare_actors=debug`, which logs
+    /// when each step of a round ends); their whole logs are then echoed on stderr.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
 }
 
 /// One child process and the lines of its stderr.
@@ -48,14 +52,20 @@ struct Proc {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
     seen: Vec<String>,
+    /// Every line is echoed as it comes (`--log`), not just the round reports.
+    echo: bool,
 }
 
 impl Proc {
-    fn spawn(name: &str, args: &[String], stdout: bool) -> anyhow::Result<Self> {
+    fn spawn(name: &str, args: &[String], stdout: bool, log: Option<&str>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating flare-node")?;
+        let filter = match log {
+            Some(extra) => format!("info,libp2p_swarm=warn,{extra}"),
+            None => "info,libp2p_swarm=warn".to_owned(),
+        };
         let mut child = Command::new(exe)
             .args(args)
-            .env("RUST_LOG", "info,libp2p_swarm=warn")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped())
@@ -64,9 +74,13 @@ impl Proc {
             .with_context(|| format!("starting {name}"))?;
         let err = child.stderr.take().context("child stderr")?;
         let (tx, lines) = mpsc::unbounded_channel();
+        let (echo, who) = (log.is_some(), name.to_owned());
         tokio::spawn(async move {
             let mut r = BufReader::new(err).lines();
             while let Ok(Some(l)) = r.next_line().await {
+                if echo {
+                    eprintln!("[{who}] {l}");
+                }
                 let _ = tx.send(l);
             }
         });
@@ -75,6 +89,7 @@ impl Proc {
             child,
             lines,
             seen: Vec::new(),
+            echo: log.is_some(),
         })
     }
 
@@ -83,7 +98,7 @@ impl Proc {
         loop {
             match tokio::time::timeout_at(deadline, self.lines.recv()).await {
                 Ok(Some(l)) => {
-                    if l.contains("round done") {
+                    if !self.echo && l.contains("round done") {
                         eprintln!("[{}] {}", self.name, l);
                     }
                     self.seen.push(l.clone());
@@ -200,7 +215,7 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
     };
     let mut server_args = args("server", "server.toml");
     server_args.push("--json".into());
-    let mut server = Proc::spawn("server", &server_args, true)?;
+    let mut server = Proc::spawn("server", &server_args, true, a.log.as_deref())?;
     let line = server.wait_for("listening", deadline).await?;
     let addr = line
         .split_whitespace()
@@ -211,7 +226,7 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
     topology(&dir.join("clients.toml"), &a, elements, &members)?;
     let clients: Vec<Proc> = names[1..]
         .iter()
-        .map(|n| Proc::spawn(n, &args(n, "clients.toml"), false))
+        .map(|n| Proc::spawn(n, &args(n, "clients.toml"), false, a.log.as_deref()))
         .collect::<anyhow::Result<_>>()?;
     let (server_rss, summary) = server.finish(deadline).await?;
     let mut client_rss = 0;
