@@ -103,6 +103,27 @@ impl Accumulator {
         })
     }
 
+    /// Takes `buf` (a model-sized buffer its owner is done with, e.g. the previous global
+    /// model) as the mean's memory, if nothing was folded in yet, and gives back the buffer
+    /// it no longer needs. Every chunk's first contribution is copied in whole, so the old
+    /// contents never show; what is not a tensor is set here. Saves faulting in and zeroing
+    /// a model's worth of fresh pages, a tenth of a second per 256 MiB on a small machine.
+    pub fn reuse(&mut self, mut buf: Vec<u8>) -> Vec<u8> {
+        if self.weights.iter().any(|&w| w != 0.0) {
+            return buf;
+        }
+        buf.resize(self.layout.len as usize, 0);
+        let header = self.layout.header.len();
+        buf[..header].copy_from_slice(&self.layout.header);
+        let mut at = header;
+        for r in &self.layout.regions {
+            buf[at..r.bytes.start as usize].fill(0);
+            at = r.bytes.end as usize;
+        }
+        buf[at..].fill(0);
+        std::mem::replace(&mut self.mean, buf)
+    }
+
     /// Number of chunks of a blob of this layout.
     pub fn chunk_count(&self) -> u64 {
         self.weights.len() as u64
@@ -353,6 +374,38 @@ mod tests {
             }
         }
         assert_eq!(acc.finish().expect("finish"), blob);
+    }
+
+    #[test]
+    fn a_reused_buffer_gives_the_same_mean_as_a_fresh_one() {
+        let a = model(&[vec![3], vec![2, 5]], &[1.5; 13]).to_safetensors();
+        let b = model(&[vec![3], vec![2, 5]], &[-4.25; 13]).to_safetensors();
+        let layout = Layout::parse(&a).expect("layout");
+        let mean = |junk: Option<Vec<u8>>| {
+            let mut acc = Accumulator::new(layout.clone(), 16).expect("acc");
+            if let Some(j) = junk {
+                acc.reuse(j);
+            }
+            // b's chunks first for half of them: either model may be a chunk's first.
+            for (i, c) in chunks(&b, 16).iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+                acc.add_chunk(i as u64, c, 3.0).expect("b");
+            }
+            for (i, c) in chunks(&a, 16).iter().enumerate() {
+                acc.add_chunk(i as u64, c, 1.0).expect("a");
+            }
+            for (i, c) in chunks(&b, 16).iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+                acc.add_chunk(i as u64, c, 3.0).expect("b");
+            }
+            acc.finish().expect("finish")
+        };
+        let fresh = mean(None);
+        assert_eq!(mean(Some(vec![0xAB; a.len() * 2])), fresh, "longer junk buffer");
+        assert_eq!(mean(Some(vec![0xCD; 5])), fresh, "shorter junk buffer");
+
+        // Once something is folded in, the buffer is handed back untouched.
+        let mut acc = Accumulator::new(layout, 16).expect("acc");
+        acc.add_chunk(0, chunks(&a, 16)[0], 1.0).expect("a");
+        assert_eq!(acc.reuse(vec![7; 9]), vec![7; 9]);
     }
 
     #[test]

@@ -234,10 +234,10 @@ pub(crate) struct Global {
 /// notified once the tasks are out.
 ///
 /// The model's bytes, when given with the blob, are held (so the clients' pulls read them
-/// from memory, see [`Communicator::publish_lent`]) until the first result comes in: from
-/// then on the accumulator fills, and the controller holds one model-sized buffer again. So
-/// that the store does not still hold them for its disk write, the folds wait for that write
-/// first (it overlaps the clients' work, and is usually long done).
+/// from memory, see [`Communicator::publish_lent`]) until the first result comes in: then
+/// they become the accumulator's memory, and the controller holds one model-sized buffer
+/// again. So that the store does not still hold them for its disk write, the folds wait for
+/// that write first (it overlaps the clients' work, and is usually long done).
 pub(crate) async fn one_round(
     comm: &Communicator,
     cfg: &FedAvgConfig,
@@ -271,6 +271,9 @@ pub(crate) async fn one_round(
         .collect();
     let mut contributors: Vec<TaskOutcome> = Vec::new();
     let pulls = tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS);
+    // The model's bytes, once the first result is in: the first fold makes them the
+    // accumulator's memory when no one else holds them any more.
+    let spare: Mutex<Option<Arc<Vec<u8>>>> = Mutex::new(None);
     let mut folds = FuturesUnordered::new();
     let mut tainted = false;
     loop {
@@ -279,13 +282,20 @@ pub(crate) async fn one_round(
                 Some(o) => {
                     tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result announced");
                     // The accumulator starts filling: the model goes back to being read
-                    // from disk by any client still pulling it.
-                    drop(lent.take());
+                    // from disk by any client still pulling it, or becomes the accumulator.
+                    if let Some(l) = lent.take() {
+                        *lock(&spare) = Some(l);
+                    }
                     match (o.status, o.output) {
                         (TaskStatus::Ok, Some(out)) => {
-                            let (written, acc, pulls) = (written.clone(), acc.clone(), &pulls);
+                            let (written, acc, pulls, spare) = (written.clone(), acc.clone(), &pulls, &spare);
                             folds.push(async move {
                                 written.wait().await;
+                                let bytes = lock(spare).take().and_then(|b| Arc::try_unwrap(b).ok());
+                                if let Some(b) = bytes {
+                                    lock(&acc).reuse(b);
+                                    tracing::debug!(round, "the mean reuses the model's memory");
+                                }
                                 fold(comm, acc, o, out, blob, pulls).await
                             });
                         }
