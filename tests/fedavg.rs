@@ -140,6 +140,52 @@ async fn a_controller_on_disk_links_each_checkpoint_to_the_model_its_store_wrote
     .await;
 }
 
+/// Adds `k` to every weight: members that add different amounts return models that differ
+/// from the next global model, so every member pulls that model every round.
+struct AddK(f32);
+
+impl Learner for AddK {
+    fn train(&mut self, mut global: Model, _: &TaskContext) -> Result<TrainOutput, String> {
+        global.map_f32(|v| v + self.0);
+        Ok(TrainOutput {
+            model: global,
+            num_samples: 10,
+            metrics: Default::default(),
+        })
+    }
+
+    fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_disk_pull_each_new_model_into_the_memory_of_their_last_result() {
+    within(120, async {
+        // Once a client's store has written its last result to disk, the client pulls the
+        // next round's model into that result's buffer: every byte must be the new model's.
+        // Integer weights keep the mean of +1 and +3 exact in any order: +2 a round.
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+        let stores = dirs.iter().map(|d| BlobStore::open(d.path()).expect("store")).collect();
+        let names = (0..3).map(|i| format!("site-{i}")).collect();
+        let f = Federation::start_with("reuse", names, stores).await;
+        f.join(1, Box::new(AddK(1.0))).await;
+        f.join(2, Box::new(AddK(3.0))).await;
+        let cfg = config(&f, 4, 2, Duration::from_secs(60));
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let integers = |add: f32| {
+            let v: Vec<f32> = (0..700_000).map(|i| (i % 5000) as f32 - 2500.0 + add).collect();
+            Model::from_tensors([("w", Tensor::from_f32(vec![700_000], &v).expect("tensor"))])
+        };
+        let out = fedavg::run(&comm, &cfg, integers(0.0)).await.expect("job");
+        assert!(
+            out.model == integers(8.0),
+            "every weight equals initial + 4 x 2, exactly"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
     within(120, async {
