@@ -1,12 +1,14 @@
 //! Yamux as the connection's stream multiplexer, with frames sized to Noise's.
 //!
 //! Wire-compatible with `libp2p-yamux` (same `/yamux/1.0.0` protocol, same `yamux` crate); we
-//! adapt the crate to libp2p ourselves only to choose the frame size, which `libp2p-yamux`
-//! does not expose. The `yamux` connection flushes after every frame it sends, and Noise turns
-//! each flush into one encrypted frame and one `write` to the socket: with yamux's default
-//! 16 KiB frames a 1 GiB blob costs 65,536 socket writes (and as many wake-ups of the reader).
-//! A yamux frame that fills a Noise frame cuts that by four; on these machines it took about a
-//! quarter off the CPU a bare libp2p stream spends per byte (docs/benchmarks.md).
+//! adapt the crate to libp2p ourselves to choose the frame size, which `libp2p-yamux` does not
+//! expose, and to coalesce flushes. The `yamux` connection flushes after every frame it sends,
+//! and Noise turns each flush into one encrypted frame and one `write` to the socket: with
+//! yamux's default 16 KiB frames a 1 GiB blob costs 65,536 socket writes (and as many wake-ups
+//! of the reader). A yamux frame that fills a Noise frame cuts that by four; on these machines
+//! it took about a quarter off the CPU a bare libp2p stream spends per byte. [`DeferFlush`]
+//! then lets Noise write two frames at a time, which halves the writes and wake-ups again
+//! (docs/benchmarks.md).
 
 use std::collections::VecDeque;
 use std::io;
@@ -52,7 +54,11 @@ impl Yamux {
         io: C,
         mode: yamux::Mode,
     ) -> future::Ready<Result<Muxer<C>, io::Error>> {
-        future::ready(Ok(Muxer::new(yamux::Connection::new(io, self.0, mode))))
+        future::ready(Ok(Muxer::new(yamux::Connection::new(
+            DeferFlush::new(io),
+            self.0,
+            mode,
+        ))))
     }
 }
 
@@ -97,13 +103,13 @@ where
 /// through [`StreamMuxer::poll`] whether or not it wants new streams just then: streams that
 /// arrive during such a poll wait here until [`StreamMuxer::poll_inbound`] takes them.
 pub struct Muxer<C> {
-    conn: yamux::Connection<C>,
+    conn: yamux::Connection<DeferFlush<C>>,
     waiting: VecDeque<yamux::Stream>,
     inbound_waker: Option<Waker>,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Muxer<C> {
-    fn new(conn: yamux::Connection<C>) -> Self {
+    fn new(conn: yamux::Connection<DeferFlush<C>>) -> Self {
         Self {
             conn,
             waiting: VecDeque::new(),
@@ -161,5 +167,141 @@ impl<C: AsyncRead + AsyncWrite + Unpin> StreamMuxer for Muxer<C> {
         // More frames may be ready: come back at once, after others have had their turn.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// The connection's socket as yamux sees it, with each flush put off by one poll of the
+/// connection while frames keep coming.
+///
+/// A flush that follows a write is answered `Pending` once, and the task is woken at once, so
+/// it is polled again straight away. yamux goes on sending the frames it has meanwhile (it
+/// does not wait for its flushes), and Noise collects them in its own buffer, which it writes
+/// to the socket when it holds 128 KiB (two frames). A flush with nothing written since goes
+/// through, so no byte waits longer than one more poll of the connection task.
+pub struct DeferFlush<C> {
+    io: C,
+    /// Bytes were written since the last flush went through.
+    written: bool,
+    /// A flush was put off since the last write.
+    deferred: bool,
+}
+
+impl<C> DeferFlush<C> {
+    fn new(io: C) -> Self {
+        Self {
+            io,
+            written: false,
+            deferred: false,
+        }
+    }
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for DeferFlush<C> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for DeferFlush<C> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.written = true;
+            self.deferred = false;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.written && !self.deferred {
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        futures::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.written = false;
+        self.deferred = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A socket that records what reached it and how often it was flushed.
+    #[derive(Default)]
+    struct Recorder {
+        bytes: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut [u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(0))
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct CountWakes(AtomicUsize);
+
+    impl futures::task::ArcWake for CountWakes {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_flush_after_a_write_waits_one_poll_and_wakes_its_task() {
+        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = DeferFlush::new(Recorder::default());
+        let mut io = Pin::new(&mut io);
+
+        // Nothing written: the flush goes straight through.
+        assert!(matches!(io.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!((io.io.flushes, wakes.0.load(Ordering::Relaxed)), (1, 0));
+
+        // Written: the first flush is put off, and the task is woken to come back.
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, b"frame 1"),
+            Poll::Ready(Ok(7))
+        ));
+        assert!(io.as_mut().poll_flush(&mut cx).is_pending());
+        assert_eq!((io.io.flushes, wakes.0.load(Ordering::Relaxed)), (1, 1));
+
+        // Another write in between puts the flush off again; then it goes through.
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, b"frame 2"),
+            Poll::Ready(Ok(7))
+        ));
+        assert!(io.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(matches!(io.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!((io.io.flushes, wakes.0.load(Ordering::Relaxed)), (2, 2));
+        assert_eq!(io.io.bytes, b"frame 1frame 2");
+
+        // And a flush right after that has nothing to wait for.
+        assert!(matches!(io.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(io.io.flushes, 3);
     }
 }
