@@ -112,6 +112,41 @@ enum Data {
     },
 }
 
+/// A chunk read to be sent: its own bytes, or a view into a blob the store holds in memory.
+#[derive(Debug)]
+pub enum ChunkBytes {
+    /// Read from disk (or copied).
+    Owned(Vec<u8>),
+    /// Part of a blob held in memory.
+    Held {
+        /// The blob's bytes.
+        bytes: Arc<Vec<u8>>,
+        /// The chunk's place in them.
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl ChunkBytes {
+    /// The chunk as a vector of its own (a copy when it is a view).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Self::Owned(v) => v,
+            Self::Held { bytes, range } => bytes[range].to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Held { bytes, range } => &bytes[range.clone()],
+        }
+    }
+}
+
 /// Alignment that `O_DIRECT` writes need (buffer address, file offset and length).
 pub const DIRECT_ALIGN: usize = 4096;
 
@@ -401,6 +436,14 @@ impl BlobStore {
 
     /// Reads chunk `index`, or `None` when the store does not hold it.
     pub fn read_chunk(&self, id: &BlobId, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_chunk_to_send(id, index)?.map(ChunkBytes::into_vec))
+    }
+
+    /// Reads chunk `index` like [`Self::read_chunk`], without copying it when the blob is held
+    /// in memory: for a chunk about to be sent, which is copied on its way out anyway. The
+    /// view keeps the blob's bytes alive until it is dropped; [`Self::end_lend`] stops
+    /// further views of a lent blob.
+    pub fn read_chunk_to_send(&self, id: &BlobId, index: u64) -> Result<Option<ChunkBytes>, StoreError> {
         let Some(e) = self.entry(id) else {
             return Ok(None);
         };
@@ -411,14 +454,17 @@ impl BlobStore {
         let off = index * u64::from(e.manifest.chunk_size);
         let range = off as usize..off as usize + len;
         let out = match &e.data {
-            Data::Memory(buf) => buf.read().unwrap_or_else(|p| p.into_inner())[range].to_vec(),
-            Data::Shared(bytes) => bytes[range].to_vec(),
+            Data::Memory(buf) => ChunkBytes::Owned(buf.read().unwrap_or_else(|p| p.into_inner())[range].to_vec()),
+            Data::Shared(bytes) => ChunkBytes::Held {
+                bytes: bytes.clone(),
+                range,
+            },
             Data::Disk { file, path, .. } => match lock(&e.hot).upgrade() {
-                Some(bytes) => bytes[range].to_vec(),
+                Some(bytes) => ChunkBytes::Held { bytes, range },
                 None => {
                     let mut out = vec![0u8; len];
                     file.read_exact_at(&mut out, off).map_err(io_err(path))?;
-                    out
+                    ChunkBytes::Owned(out)
                 }
             },
         };
@@ -564,6 +610,17 @@ impl BlobStore {
         }
         *lock(&e.hot) = Arc::downgrade(bytes);
         true
+    }
+
+    /// Ends what [`Self::lend`] (or [`Self::import_shared`], once written) started: reads of
+    /// blob `id` come from disk again, even while someone still holds the bytes. So that an
+    /// owner that lets go of a lent model can reuse its memory, or free it, without the
+    /// chunks being sent at that moment (each holds the bytes until it is out) handing the
+    /// bytes on to the next ones.
+    pub fn end_lend(&self, id: &BlobId) {
+        if let Some(e) = self.entry(id) {
+            *lock(&e.hot) = Weak::new();
+        }
     }
 
     /// Writes a shared blob's bytes to disk, then files it as a disk blob whose reads come
@@ -920,6 +977,30 @@ mod tests {
         assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(data[8192..].to_vec()));
         drop(data);
         assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(vec![0u8; 4096]));
+    }
+
+    #[test]
+    fn a_chunk_to_send_is_a_view_of_a_lent_blob_until_the_lend_ends() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096));
+        let m = store.import_bytes(&data, 4096).expect("import");
+        assert!(store.lend(&m.id(), &data));
+        let path = store.data_path(&m.id()).expect("on disk");
+        std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
+        let view = store.read_chunk_to_send(&m.id(), 1).expect("read").expect("held");
+        assert!(matches!(view, ChunkBytes::Held { .. }), "no copy of a lent blob");
+        assert_eq!(*view, data[4096..8192]);
+        // The lender lets go; the view being sent still holds the bytes, but the next read
+        // no longer gets them from it: the lend is over.
+        store.end_lend(&m.id());
+        drop(data);
+        assert_eq!(view[..4], bytes(3 * 4096)[4096..4100], "a view outlives its lender");
+        let next = store.read_chunk_to_send(&m.id(), 2).expect("read").expect("chunk");
+        assert!(matches!(next, ChunkBytes::Owned(_)), "read from disk");
+        assert_eq!(*next, [0u8; 4096]);
+        drop(view);
+        assert_eq!(store.read_chunk(&m.id(), 1).expect("read"), Some(vec![0u8; 4096]));
     }
 
     #[test]

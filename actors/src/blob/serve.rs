@@ -15,7 +15,7 @@ use libp2p::{PeerId, Stream};
 
 use super::faults::ServeFaults;
 use crate::network::NetworkHandle;
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, ChunkBytes, StoreError};
 
 /// How long a source waits for a request or a credit before giving up on a stream.
 pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -142,10 +142,12 @@ impl Server {
             self.stall_if_armed().await;
             match chunk {
                 Some(mut bytes) => {
-                    if self.faults.plan().corrupt_chunk == Some(index)
-                        && let Some(b) = bytes.first_mut()
-                    {
-                        *b ^= 0xff;
+                    if self.faults.plan().corrupt_chunk == Some(index) {
+                        let mut v = bytes.into_vec();
+                        if let Some(b) = v.first_mut() {
+                            *b ^= 0xff;
+                        }
+                        bytes = ChunkBytes::Owned(v);
                     }
                     write_chunk(&mut stream, index, &bytes).await?;
                     let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
@@ -182,9 +184,9 @@ impl Server {
         Ok(m)
     }
 
-    fn read_ahead(&self, blob: BlobRef, index: u64) -> tokio::task::JoinHandle<Result<Option<Vec<u8>>, StoreError>> {
+    fn read_ahead(&self, blob: BlobRef, index: u64) -> tokio::task::JoinHandle<Result<Option<ChunkBytes>, StoreError>> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.read_chunk(&blob.id, index))
+        tokio::task::spawn_blocking(move || store.read_chunk_to_send(&blob.id, index))
     }
 
     async fn stall_if_armed(&self) {

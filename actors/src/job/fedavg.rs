@@ -291,7 +291,12 @@ pub(crate) async fn one_round(
                             let (written, acc, pulls, spare) = (written.clone(), acc.clone(), &pulls, &spare);
                             folds.push(async move {
                                 written.wait().await;
-                                let bytes = lock(spare).take().and_then(|b| Arc::try_unwrap(b).ok());
+                                let bytes = lock(spare).take().and_then(|b| {
+                                    // Chunks being sent hold the bytes until they are out;
+                                    // no more are read from them.
+                                    comm.node().store().end_lend(&blob.id);
+                                    Arc::try_unwrap(b).ok()
+                                });
                                 if let Some(b) = bytes {
                                     lock(&acc).reuse(b);
                                     tracing::debug!(round, "the mean reuses the model's memory");
