@@ -291,15 +291,18 @@ pub(crate) async fn one_round(
                             let (written, acc, pulls, spare) = (written.clone(), acc.clone(), &pulls, &spare);
                             folds.push(async move {
                                 written.wait().await;
-                                let bytes = lock(spare).take().and_then(|b| {
-                                    // Chunks being sent hold the bytes until they are out;
-                                    // no more are read from them.
+                                let taken = lock(spare).take();
+                                if let Some(b) = taken {
+                                    // No more chunks are sent from memory; those being sent
+                                    // hold the bytes until they are out.
                                     comm.node().store().end_lend(&blob.id);
-                                    Arc::try_unwrap(b).ok()
-                                });
-                                if let Some(b) = bytes {
-                                    lock(&acc).reuse(b);
-                                    tracing::debug!(round, "the mean reuses the model's memory");
+                                    match sole_owner(b).await {
+                                        Some(b) => {
+                                            lock(&acc).reuse(b);
+                                            tracing::debug!(round, "the mean reuses the model's memory");
+                                        }
+                                        None => tracing::debug!(round, "the model's memory is still being sent from"),
+                                    }
                                 }
                                 fold(comm, acc, o, out, blob, pulls).await
                             });
@@ -384,6 +387,26 @@ pub(crate) async fn one_round(
             global,
         },
     ))
+}
+
+/// How long the first fold waits for the chunks still being sent from the round's model
+/// before it gives up reusing its memory (they take a few milliseconds; a client that stopped
+/// reading may hold one for much longer).
+const REUSE_WAIT: Duration = Duration::from_millis(50);
+
+/// `bytes` alone, once whoever else holds them lets go within [`REUSE_WAIT`]; `None` after.
+async fn sole_owner(mut bytes: Arc<Vec<u8>>) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + REUSE_WAIT;
+    loop {
+        match Arc::try_unwrap(bytes) {
+            Ok(v) => return Some(v),
+            Err(shared) if Instant::now() < deadline => {
+                bytes = shared;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Folds the contributors' results again into a fresh mean, after a pull that failed midway
