@@ -239,7 +239,7 @@ pub struct Network {
     pub event_loop: EventLoop,
 }
 
-/// Builds the swarm (TCP + Noise + Yamux with Noise-sized frames, see [`muxer`]), starts listening and waits until every listen
+/// Builds the swarm (TCP + Noise + Yamux with frames sized to Noise's, see [`muxer`]), starts listening and waits until every listen
 /// address is bound.
 pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
     let peer_id = keypair.public().to_peer_id();

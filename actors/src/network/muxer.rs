@@ -3,12 +3,15 @@
 //! Wire-compatible with `libp2p-yamux` (same `/yamux/1.0.0` protocol, same `yamux` crate); we
 //! adapt the crate to libp2p ourselves to choose the frame size, which `libp2p-yamux` does not
 //! expose, and to coalesce flushes. The `yamux` connection flushes after every frame it sends,
-//! and Noise turns each flush into one encrypted frame and one `write` to the socket: with
-//! yamux's default 16 KiB frames a 1 GiB blob costs 65,536 socket writes (and as many wake-ups
-//! of the reader). A yamux frame that fills a Noise frame cuts that by four; on these machines
-//! it took about a quarter off the CPU a bare libp2p stream spends per byte. [`DeferFlush`]
-//! then lets Noise write two frames at a time, which halves the writes and wake-ups again
-//! (docs/benchmarks.md).
+//! and Noise turns each flush into an encrypted message and a `write` to the socket: with
+//! yamux's default 16 KiB frames, a 1 GiB blob costs 65,536 short Noise messages and as many
+//! socket writes and wake-ups of the reader. Our frames carry four full Noise messages
+//! (256 KiB, yamux's initial stream window), so every message is full and yamux handles a
+//! quarter as many frames as with one message per frame; [`DeferFlush`] then lets Noise write
+//! two messages at a time. Measured steps (docs/benchmarks.md): one full message per frame
+//! took a quarter off the CPU a bare libp2p stream spends per byte, deferred flushes halved
+//! the socket writes again, and four messages per frame took another tenth off a FedAvg
+//! round's CPU.
 
 use std::collections::VecDeque;
 use std::io;
@@ -27,8 +30,9 @@ const NOISE_MAX_PAYLOAD: usize = 65_535 - 16;
 /// Bytes of a yamux frame header.
 const YAMUX_HEADER: usize = 12;
 
-/// Payload bytes per yamux data frame: header and payload fill one Noise message exactly.
-pub const FRAME_PAYLOAD: usize = NOISE_MAX_PAYLOAD - YAMUX_HEADER;
+/// Payload bytes per yamux data frame: header and payload fill four Noise messages exactly,
+/// and the frame fits yamux's initial stream window (256 KiB).
+pub const FRAME_PAYLOAD: usize = 4 * NOISE_MAX_PAYLOAD - YAMUX_HEADER;
 
 /// Inbound streams held for the swarm between its polls; a peer that opens more without them
 /// being taken has the extra ones reset. Matches yamux's own backlog of unacknowledged streams,
