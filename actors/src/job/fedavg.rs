@@ -299,9 +299,11 @@ pub(crate) async fn one_round(
                                     match sole_owner(b).await {
                                         Some(b) => {
                                             lock(&acc).reuse(b);
-                                            tracing::debug!(round, "the mean reuses the model's memory");
+                                            tracing::debug!(job = %comm.job(), round, "the mean reuses the model's memory");
                                         }
-                                        None => tracing::debug!(round, "the model's memory is still being sent from"),
+                                        None => {
+                                            tracing::debug!(job = %comm.job(), round, "the model's memory is still being sent from");
+                                        }
                                     }
                                 }
                                 fold(comm, acc, o, out, blob, pulls).await
