@@ -2,7 +2,7 @@
 //!
 //! - [`aggregate`]: streaming weighted averaging of model blobs, chunk by chunk.
 //! - [`membership`]: the consortium's member table (who may connect).
-//! - [`network`]: the event loop that owns the libp2p swarm, and its handle.
+//! - [`network`]: the actor that owns the libp2p swarm, and its handle.
 //! - [`store`]: content-addressed blobs in memory or on disk, whole or partial.
 //! - [`blob`]: serving and fetching blobs over `/flare/blob/1`.
 //! - [`node`]: one running peer with all of the above wired together.

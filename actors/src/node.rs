@@ -1,4 +1,4 @@
-//! A running peer: the network event loop, the blob server and the fetcher, wired together.
+//! A running peer: the network actor, the blob server and the fetcher, wired together.
 //!
 //! This is what `flare-node run` starts and what multi-node tests start several of. It owns
 //! its tasks: dropping or shutting down a [`Node`] stops them all.
@@ -84,10 +84,7 @@ impl Node {
             net: net.handle.clone(),
             ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
         };
-        let tasks = vec![
-            tokio::spawn(net.event_loop.run()),
-            tokio::spawn(accept_loop(server, incoming)),
-        ];
+        let tasks = vec![net.task, tokio::spawn(accept_loop(server, incoming))];
         Ok(Self {
             fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone()),
             net: net.handle,

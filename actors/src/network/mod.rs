@@ -1,16 +1,23 @@
-//! The network event loop: the only owner of the libp2p `Swarm`.
+//! The network actor: the only owner of the libp2p `Swarm`.
 //!
-//! The rest of the node talks to it through a cheap, cloneable [`NetworkHandle`] that sends
-//! commands over a channel; inbound control requests come out of another channel as
-//! [`InboundCtl`]. Bulk bytes never pass through here: blob streams are opened and accepted
-//! with the `libp2p_stream::Control` the loop hands out, and run on their own tasks.
+//! A ractor actor driven by a cheap, cloneable [`NetworkHandle`]; inbound control requests
+//! come out of a channel as [`InboundCtl`]. The swarm must be polled whenever it has work, not
+//! only when a command arrives: the actor polls it with a waker that puts a `Turn` message in
+//! its own mailbox. Commands wait in a queue of their own, and each turn takes every waiting
+//! command before the next swarm event, so a command sent before a peer's message arrives
+//! takes effect before that message is handled (e.g. a control subscription, or admitting a
+//! member, made just before that member is asked to send to this node). Bulk bytes never pass
+//! through here: blob streams are opened and accepted with the `libp2p_stream::Control` the
+//! network hands out, and run on their own tasks.
 
 pub mod gate;
 pub mod muxer;
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use flare_protocols::ctl::{CTL_PROTOCOL, CtlCodec, CtlRequest, CtlResponse, JobId};
@@ -19,6 +26,7 @@ use futures::stream::FuturesUnordered;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identity::Keypair, noise, ping, tcp};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::membership::{Member, Members};
@@ -56,8 +64,8 @@ pub enum NetworkError {
         /// Why.
         reason: String,
     },
-    /// The event loop has stopped.
-    #[error("the network event loop has stopped")]
+    /// The network actor has stopped.
+    #[error("the network actor has stopped")]
     Stopped,
 }
 
@@ -89,8 +97,8 @@ pub enum CtlError {
         /// Why.
         reason: String,
     },
-    /// The event loop has stopped.
-    #[error("the network event loop has stopped")]
+    /// The network actor has stopped.
+    #[error("the network actor has stopped")]
     Stopped,
 }
 
@@ -105,8 +113,8 @@ pub enum ConnectError {
         /// Why.
         reason: String,
     },
-    /// The event loop has stopped.
-    #[error("the network event loop has stopped")]
+    /// The network actor has stopped.
+    #[error("the network actor has stopped")]
     Stopped,
 }
 
@@ -137,10 +145,18 @@ enum Command {
     Shutdown,
 }
 
-/// A cheap, cloneable handle to the event loop.
+/// What the network actor receives.
+enum NetMsg {
+    /// Commands are waiting, or the swarm (or a response being prepared) has work: take the
+    /// commands, then poll.
+    Turn,
+}
+
+/// A cheap, cloneable handle to the network actor.
 #[derive(Clone, Debug)]
 pub struct NetworkHandle {
-    tx: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<Command>,
+    actor: ActorRef<NetMsg>,
     peer_id: PeerId,
     ctl_sent: Arc<AtomicU64>,
 }
@@ -158,7 +174,8 @@ impl NetworkHandle {
     }
 
     fn send(&self, c: Command) -> Result<(), NetworkError> {
-        self.tx.send(c).map_err(|_| NetworkError::Stopped)
+        self.commands.send(c).map_err(|_| NetworkError::Stopped)?;
+        self.actor.cast(NetMsg::Turn).map_err(|_| NetworkError::Stopped)
     }
 
     /// Sends a control request and waits for the response (dialing the member if needed).
@@ -220,23 +237,22 @@ impl NetworkHandle {
         rx.await.map_err(|_| NetworkError::Stopped)
     }
 
-    /// Stops the event loop; every connection closes.
+    /// Stops the network actor; every connection closes.
     pub fn shutdown(&self) {
         let _ = self.send(Command::Shutdown);
     }
 }
 
-/// A started network: the handle, the stream control for blob transfers, and the event loop
-/// to spawn.
+/// A started network: the handle, the stream control for blob transfers, and the actor's task.
 pub struct Network {
-    /// Commands to the loop.
+    /// Commands to the actor.
     pub handle: NetworkHandle,
     /// Opens and accepts raw streams (blob transfers).
     pub control: libp2p_stream::Control,
     /// Listen addresses, known before this returns.
     pub listen_addrs: Vec<Multiaddr>,
-    /// The event loop; spawn it.
-    pub event_loop: EventLoop,
+    /// The actor's task: it ends when the actor stops.
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Builds the swarm (TCP + Noise + Yamux with frames sized to Noise's, see [`muxer`]), starts listening and waits until every listen
@@ -305,26 +321,151 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
         }
     }
     let control = swarm.behaviour().stream.new_control();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (commands, queue) = mpsc::unbounded_channel();
+    let owner = SwarmOwner {
+        swarm,
+        commands: queue,
+        inbound: None,
+        pending: HashMap::new(),
+        connecting: HashMap::new(),
+        replies: FuturesUnordered::new(),
+    };
+    let (actor, task) = Actor::spawn(None, NetworkActor, owner)
+        .await
+        .map_err(|e| NetworkError::Transport(format!("starting the network actor: {e}")))?;
     Ok(Network {
-        handle: NetworkHandle { tx, peer_id, ctl_sent },
+        handle: NetworkHandle {
+            commands,
+            actor,
+            peer_id,
+            ctl_sent,
+        },
         control,
         listen_addrs,
-        event_loop: EventLoop {
-            swarm,
-            commands: rx,
-            inbound: None,
-            pending: HashMap::new(),
-            connecting: HashMap::new(),
-            replies: FuturesUnordered::new(),
-        },
+        task,
     })
+}
+
+/// Swarm events handled in one turn before the actor lets waiting commands in.
+const POLL_BATCH: usize = 64;
+
+/// The network actor (see the module doc).
+struct NetworkActor;
+
+/// What the network actor holds: the swarm and its bookkeeping, and the waker it polls with.
+struct NetworkState {
+    owner: SwarmOwner,
+    wake: Arc<SelfPoll>,
+    waker: Waker,
+}
+
+/// The actor's waker: asks for one `Poll` turn, however many wake-ups come before it.
+struct SelfPoll {
+    actor: ActorRef<NetMsg>,
+    queued: AtomicBool,
+}
+
+impl Wake for SelfPoll {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            // Fails only once the actor has stopped, when there is nothing left to poll.
+            let _ = self.actor.cast(NetMsg::Turn);
+        }
+    }
+}
+
+impl Actor for NetworkActor {
+    type Msg = NetMsg;
+    type State = NetworkState;
+    type Arguments = SwarmOwner;
+
+    async fn pre_start(&self, myself: ActorRef<NetMsg>, owner: SwarmOwner) -> Result<NetworkState, ActorProcessingErr> {
+        let wake = Arc::new(SelfPoll {
+            actor: myself,
+            queued: AtomicBool::new(false),
+        });
+        let waker = Waker::from(wake.clone());
+        // The first turn registers the waker with the swarm.
+        waker.wake_by_ref();
+        Ok(NetworkState { owner, wake, waker })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<NetMsg>,
+        msg: NetMsg,
+        state: &mut NetworkState,
+    ) -> Result<(), ActorProcessingErr> {
+        let NetMsg::Turn = msg;
+        state.wake.queued.store(false, Ordering::Release);
+        if state.turn().is_break() {
+            myself.stop(None);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _: ActorRef<NetMsg>, state: &mut NetworkState) -> Result<(), ActorProcessingErr> {
+        for (_, (peer, reply)) in state.owner.pending.drain() {
+            let _ = reply.send(Err(CtlError::ConnectionClosed(peer)));
+        }
+        tracing::debug!("network actor stopped");
+        Ok(())
+    }
+}
+
+impl NetworkState {
+    /// Takes the waiting commands, then handles what the swarm and the responses being
+    /// prepared have ready, commands first again before each swarm event, until nothing is
+    /// left (the wakers are then set) or a batch is done (then it asks for another turn, so
+    /// that other tasks get the thread). Breaks on [`Command::Shutdown`], or once every handle
+    /// is gone.
+    fn turn(&mut self) -> ControlFlow<()> {
+        let mut cx = Context::from_waker(&self.waker);
+        let owner = &mut self.owner;
+        for _ in 0..POLL_BATCH {
+            loop {
+                match owner.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return ControlFlow::Break(());
+                    }
+                    Ok(c) => owner.on_command(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+            }
+            let mut busy = false;
+            if let Poll::Ready(Some((channel, response))) = owner.replies.poll_next_unpin(&mut cx) {
+                if owner
+                    .swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("control response dropped: the requester is gone");
+                }
+                busy = true;
+            }
+            if let Poll::Ready(Some(ev)) = owner.swarm.poll_next_unpin(&mut cx) {
+                owner.on_swarm_event(ev);
+                busy = true;
+            }
+            if !busy {
+                return ControlFlow::Continue(());
+            }
+        }
+        self.waker.wake_by_ref();
+        ControlFlow::Continue(())
+    }
 }
 
 type PendingReply = futures::future::BoxFuture<'static, (ResponseChannel<CtlResponse>, CtlResponse)>;
 
-/// Owns the swarm and drives it; see the module doc.
-pub struct EventLoop {
+/// The swarm and what the network actor keeps about it.
+struct SwarmOwner {
     swarm: Swarm<Behaviour>,
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: Option<mpsc::Sender<InboundCtl>>,
@@ -334,33 +475,7 @@ pub struct EventLoop {
     replies: FuturesUnordered<PendingReply>,
 }
 
-impl EventLoop {
-    /// Runs until [`NetworkHandle::shutdown`] or until every handle is dropped.
-    pub async fn run(mut self) {
-        loop {
-            tokio::select! {
-                // Commands first: a command sent before a peer's message arrives takes effect
-                // before that message is handled (e.g. a control subscription made just
-                // before a member is asked to send to this node).
-                biased;
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Shutdown) | None => break,
-                    Some(c) => self.on_command(c),
-                },
-                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
-                Some((channel, response)) = self.replies.next(), if !self.replies.is_empty() => {
-                    if self.swarm.behaviour_mut().ctl.send_response(channel, response).is_err() {
-                        tracing::debug!("control response dropped: the requester is gone");
-                    }
-                }
-            }
-        }
-        for (_, (peer, reply)) in self.pending.drain() {
-            let _ = reply.send(Err(CtlError::ConnectionClosed(peer)));
-        }
-        tracing::debug!("network event loop stopped");
-    }
-
+impl SwarmOwner {
     fn on_command(&mut self, c: Command) {
         match c {
             Command::Request { peer, request, reply } if peer == *self.swarm.local_peer_id() => {
