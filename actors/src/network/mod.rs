@@ -516,6 +516,7 @@ impl SwarmOwner {
             Command::ListenAddrs(tx) => {
                 let _ = tx.send(self.swarm.listeners().cloned().collect());
             }
+            // Taken by the turn itself, which stops the actor.
             Command::Shutdown => {}
         }
     }
