@@ -964,8 +964,9 @@ mod tests {
         assert!(again.is_complete(&m.id()));
     }
 
-    #[test]
-    fn a_lent_blob_is_read_from_memory_while_the_lender_holds_it() {
+    /// A disk store holding a blob of three 4 KiB chunks, lent from the returned bytes, whose
+    /// file is then zeroed: a read that returns the real bytes came from memory.
+    fn lent_blob_on_a_spoiled_file() -> (tempfile::TempDir, BlobStore, Arc<Vec<u8>>, Manifest) {
         let dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(dir.path()).expect("open");
         let data = Arc::new(bytes(3 * 4096));
@@ -974,6 +975,12 @@ mod tests {
         assert!(store.lend(&m.id(), &data));
         let path = store.data_path(&m.id()).expect("on disk");
         std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
+        (dir, store, data, m)
+    }
+
+    #[test]
+    fn a_lent_blob_is_read_from_memory_while_the_lender_holds_it() {
+        let (_dir, store, data, m) = lent_blob_on_a_spoiled_file();
         assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(data[8192..].to_vec()));
         drop(data);
         assert_eq!(store.read_chunk(&m.id(), 2).expect("read"), Some(vec![0u8; 4096]));
@@ -981,13 +988,7 @@ mod tests {
 
     #[test]
     fn a_chunk_to_send_is_a_view_of_a_lent_blob_until_the_lend_ends() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = BlobStore::open(dir.path()).expect("open");
-        let data = Arc::new(bytes(3 * 4096));
-        let m = store.import_bytes(&data, 4096).expect("import");
-        assert!(store.lend(&m.id(), &data));
-        let path = store.data_path(&m.id()).expect("on disk");
-        std::fs::write(&path, vec![0u8; data.len()]).expect("spoil");
+        let (_dir, store, data, m) = lent_blob_on_a_spoiled_file();
         let view = store.read_chunk_to_send(&m.id(), 1).expect("read").expect("held");
         assert!(matches!(view, ChunkBytes::Held { .. }), "no copy of a lent blob");
         assert_eq!(*view, data[4096..8192]);
