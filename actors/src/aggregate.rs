@@ -11,7 +11,9 @@
 //! again ([`Accumulator::remove_chunk`]) when a client fails mid-round after some of its
 //! chunks were folded in.
 
-use flare_protocols::model::{DType, Layout};
+use std::ops::Range;
+
+use flare_protocols::model::{DType, Layout, Region};
 
 /// Why a chunk could not be folded in, or the result is not ready.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -124,7 +126,7 @@ impl Accumulator {
         for (i, _) in self.weights.iter().enumerate().filter(|(_, w)| **w != 0.0) {
             let start = i as u64 * cs;
             let range = start as usize..(start + cs).min(self.layout.len) as usize;
-            Self::copy_tensors(&self.layout, &mut self.mean, range.clone(), &old[range]);
+            copy_tensors(&self.layout, &mut self.mean, range.clone(), &old[range]);
         }
         old
     }
@@ -139,7 +141,7 @@ impl Accumulator {
         self.weights.get(index as usize).copied().unwrap_or(0.0)
     }
 
-    fn check(&self, index: u64, bytes: &[u8], weight: f64) -> Result<std::ops::Range<usize>, AggregateError> {
+    fn check(&self, index: u64, bytes: &[u8], weight: f64) -> Result<Range<usize>, AggregateError> {
         if !(weight.is_finite() && weight > 0.0) {
             return Err(AggregateError::BadWeight(weight));
         }
@@ -174,31 +176,13 @@ impl Accumulator {
             // arithmetic, the copy only writes the accumulator's fresh pages; a fold reads
             // them first, which maps the zero page and then faults again (with a TLB flush
             // on every core) when it writes.
-            self.fold_first(range, bytes);
+            copy_tensors(&self.layout, &mut self.mean, range, bytes);
         } else {
             let share = weight / (total + weight);
             self.fold(range, bytes, |m, x| m + (x - m) * share);
         }
         self.weights[index as usize] = total + weight;
         Ok(())
-    }
-
-    /// Copies the chunk's tensor bytes into the mean; the header, and any padding between
-    /// tensors, stay the layout's.
-    fn fold_first(&mut self, range: std::ops::Range<usize>, bytes: &[u8]) {
-        Self::copy_tensors(&self.layout, &mut self.mean, range, bytes);
-    }
-
-    /// Copies the tensor bytes of blob range `range` from `bytes` (that range's content).
-    fn copy_tensors(layout: &Layout, mean: &mut [u8], range: std::ops::Range<usize>, bytes: &[u8]) {
-        let base = range.start;
-        for r in &layout.regions {
-            let s = (r.bytes.start as usize).max(range.start);
-            let e = (r.bytes.end as usize).min(range.end);
-            if s < e {
-                mean[s..e].copy_from_slice(&bytes[s - base..e - base]);
-            }
-        }
     }
 
     /// Takes chunk `index` of a client's blob back out (it was added with `weight`).
@@ -222,15 +206,10 @@ impl Accumulator {
     /// The first tensor whose part in this chunk holds a NaN or an infinity. An IEEE float is
     /// one of those exactly when its exponent bits are all ones; the test on the bits alone
     /// keeps this scan far cheaper than the fold.
-    fn first_non_finite(&self, range: std::ops::Range<usize>, bytes: &[u8]) -> Option<String> {
+    fn first_non_finite(&self, range: Range<usize>, bytes: &[u8]) -> Option<String> {
         let base = range.start;
-        self.layout.regions.iter().find_map(|r| {
-            let s = (r.bytes.start as usize).max(range.start);
-            let e = (r.bytes.end as usize).min(range.end);
-            if s >= e {
-                return None;
-            }
-            let xs = &bytes[s - base..e - base];
+        parts(&self.layout, range).find_map(|(r, part)| {
+            let xs = &bytes[part.start - base..part.end - base];
             let bad = match r.dtype {
                 DType::F32 => xs.chunks_exact(4).fold(false, |bad, x| {
                     let bits = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
@@ -248,16 +227,11 @@ impl Accumulator {
     }
 
     /// Applies `f(mean, x)` to every element of the chunk's tensor bytes (header left alone).
-    fn fold(&mut self, range: std::ops::Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) {
+    fn fold(&mut self, range: Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) {
         let base = range.start;
-        for r in &self.layout.regions {
-            let s = (r.bytes.start as usize).max(range.start);
-            let e = (r.bytes.end as usize).min(range.end);
-            if s >= e {
-                continue;
-            }
-            let mean = &mut self.mean[s..e];
-            let xs = &bytes[s - base..e - base];
+        for (r, part) in parts(&self.layout, range) {
+            let xs = &bytes[part.start - base..part.end - base];
+            let mean = &mut self.mean[part];
             match r.dtype {
                 DType::F32 => {
                     for (m, x) in mean.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
@@ -301,6 +275,25 @@ impl Accumulator {
             }
         }
         Ok(self.mean)
+    }
+}
+
+/// The tensors that blob range `range` overlaps, each with its part inside the range: only
+/// tensor bytes are folded, checked or copied, never the header.
+fn parts(layout: &Layout, range: Range<usize>) -> impl Iterator<Item = (&Region, Range<usize>)> {
+    layout.regions.iter().filter_map(move |r| {
+        let part = (r.bytes.start as usize).max(range.start)..(r.bytes.end as usize).min(range.end);
+        (part.start < part.end).then_some((r, part))
+    })
+}
+
+/// Copies the tensor bytes of blob range `range` from `bytes` (that range's content) into
+/// `mean`; the header, and anything between tensors, stay as they are.
+fn copy_tensors(layout: &Layout, mean: &mut [u8], range: Range<usize>, bytes: &[u8]) {
+    let base = range.start;
+    for (_, part) in parts(layout, range) {
+        let from = part.start - base..part.end - base;
+        mean[part].copy_from_slice(&bytes[from]);
     }
 }
 

@@ -346,7 +346,8 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
     })
 }
 
-/// Swarm events handled in one turn before the actor lets waiting commands in.
+/// Swarm events handled in one turn before the actor asks for another, so that a busy swarm
+/// does not keep other tasks off the thread (commands are taken before every event anyway).
 const POLL_BATCH: usize = 64;
 
 /// The network actor (see the module doc).
@@ -359,7 +360,7 @@ struct NetworkState {
     waker: Waker,
 }
 
-/// The actor's waker: asks for one `Poll` turn, however many wake-ups come before it.
+/// The actor's waker: asks for one `Turn`, however many wake-ups come before it.
 struct SelfPoll {
     actor: ActorRef<NetMsg>,
     queued: AtomicBool,
