@@ -246,7 +246,17 @@ pub const MAX_INPUT_MODEL: u64 = 1 << 40;
 /// `spare` (the last output, when nothing else holds it any more) becomes the buffer if it
 /// has about the right size: every byte of it is overwritten, and a model's worth of fresh
 /// pages (a tenth of a second per 256 MiB on a small machine) is not faulted in again.
-async fn fetch_model(node: &Node, blob: BlobRef, from: &[PeerId], spare: Option<Vec<u8>>) -> Result<Vec<u8>, String> {
+///
+/// `keep: false` pulls the chunks through (verified, copied into the buffer) without writing
+/// them to the store: for an input that nobody will ask this member for, writing it cost a
+/// model's worth of page cache, filled and flushed, every round.
+async fn fetch_model(
+    node: &Node,
+    blob: BlobRef,
+    from: &[PeerId],
+    spare: Option<Vec<u8>>,
+    keep: bool,
+) -> Result<Vec<u8>, String> {
     let len = usize::try_from(blob.len).map_err(|_| "input model too large for this machine".to_owned())?;
     let cs = blob.chunk_size as usize;
     let n = blob.chunk_count().map_err(|e| e.to_string())? as usize;
@@ -261,6 +271,7 @@ async fn fetch_model(node: &Node, blob: BlobRef, from: &[PeerId], spare: Option<
     let sink = buf.clone();
     let opts = FetchOptions {
         max_len: MAX_INPUT_MODEL,
+        keep,
         on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
             let mut b = lock(&sink);
             let at = i as usize * cs;
@@ -312,12 +323,13 @@ async fn run(
                     // The store is done with the last output once it is on disk.
                     let spare = held.and_then(|(_, bytes)| Arc::try_unwrap(bytes).ok());
                     tracing::debug!(reused = spare.is_some(), "pulling the input model");
-                    let sources = if task.input_from.is_empty() {
-                        vec![from]
-                    } else {
-                        task.input_from.clone()
-                    };
-                    fetch_model(&state.node, blob, &sources, spare).await?
+                    // A task that names where to pull from passes models member to member
+                    // (relays, swarm rounds, cross-site validation), so others may pull this
+                    // input from here next: it is kept in the store. An input pulled from the
+                    // task's sender (a FedAvg round) is held by that controller already.
+                    let keep = !task.input_from.is_empty();
+                    let sources = if keep { task.input_from.clone() } else { vec![from] };
+                    fetch_model(&state.node, blob, &sources, spare, keep).await?
                 }
             };
             tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model in memory");
