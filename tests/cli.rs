@@ -144,8 +144,8 @@ impl Running {
         panic!("no log line with {words:?}; saw:\n{}", self.seen.join("\n"));
     }
 
-    /// Sends SIGINT (Ctrl-C) and waits (bounded) for a clean exit.
-    fn interrupt(mut self) {
+    /// Sends SIGINT, as Ctrl-C in its terminal would.
+    pub(crate) fn ctrl_c(&self) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -154,6 +154,11 @@ impl Running {
                 .expect("kill")
                 .success()
         );
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (bounded) for a clean exit.
+    fn interrupt(mut self) {
+        self.ctrl_c();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -426,4 +431,32 @@ fn fedavg_on_digits_in_one_process_per_member_matches_sim_within_half_a_point() 
     let single = summary(&sim)["global"][9]["accuracy"].as_f64().expect("accuracy");
     assert!((multi - single).abs() <= 0.005, "run {multi} vs sim {single}");
     assert!(multi > 0.85, "the federated model learned: {multi}");
+}
+
+#[test]
+fn a_controller_stopped_with_ctrl_c_ends_the_job_on_every_client_with_that_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // Far more rounds than the test waits for.
+    let job = "[job]\nname = \"interrupted\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+         [fedavg]\nrounds = 100000\nmin_clients = 2\nround_timeout_secs = 60\n\n\
+         [learner]\nkind = \"add-one\"\ndelay_secs = 0.05\n\n[model]\ntensors = 2\nelements = 1000\nseed = 1\n\n";
+    let c = crate::util::Cluster::new(dir.path(), job, &["server", "site-1", "site-2"]);
+    let mut members = c.start_all().into_iter();
+    let mut server = members.next().expect("server");
+    server.wait_for(&["round done", "round=1"]);
+    server.ctrl_c();
+    let (ok, log) = server.finish(60);
+    assert!(!ok, "an interrupted job is not a success:\n{log}");
+    assert!(
+        log.contains("job aborted: the controller was interrupted (Ctrl-C)"),
+        "{log}"
+    );
+    for site in members {
+        let (ok, log) = site.finish(60);
+        assert!(ok, "{log}");
+        assert!(
+            log.contains("job over") && log.contains("the controller was interrupted (Ctrl-C)"),
+            "the client exits, saying why:\n{log}"
+        );
+    }
 }

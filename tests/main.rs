@@ -8,6 +8,7 @@ mod child;
 mod cli;
 mod client_api;
 mod control;
+mod controller;
 mod cross_site;
 mod external;
 mod faults;

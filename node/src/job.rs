@@ -12,7 +12,7 @@ use flare_actors::job::cross_site;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, JobHost, Learner, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
@@ -67,6 +67,7 @@ fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
 }
 
 /// Everything every member derives from the topology alone, identically.
+#[derive(Clone)]
 pub struct Setup {
     /// The kind of digits model (pure-Rust MLP or `tch`) and the dealt data.
     pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsFederation>)>,
@@ -526,34 +527,48 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
     }
 }
 
-/// Runs the workflow as the controller, tells the clients the job is over, and returns the
-/// outcome with its JSON summary.
+/// Runs the topology's job as its controller: the workflow (then cross-site evaluation, when
+/// asked) in a [`Controller`](flare_actors::job::controller::Controller) actor, and the
+/// summary. Ctrl-C aborts the job: every client is told why, and this returns the error.
 pub async fn control(
-    comm: &Communicator,
+    host: &JobHost,
+    comm: Communicator,
     topo: &Topology,
     setup: &Setup,
     clients: Vec<PeerId>,
     checkpoint_dir: Option<&Path>,
 ) -> anyhow::Result<(JobOutcome, Value)> {
     let started = std::time::Instant::now();
-    let mut outcome = run_workflow(comm, topo, setup, clients.clone(), checkpoint_dir).await;
-    let total_secs = started.elapsed().as_secs_f64();
-    let mut matrix = None;
-    if let (Ok(o), Some(timeout)) = (&mut outcome, topo.cross_site) {
-        // Add-one has no accuracy to rank by: its validation reports the mean weight.
-        let metric = if setup.digits.is_some() {
-            "accuracy"
-        } else {
-            "mean_weight"
-        };
-        match cross_site_eval(comm, o, clients.clone(), timeout, metric).await {
-            Ok(m) => matrix = Some(m),
-            Err(e) => outcome = Err(e),
+    let (t, s, c) = (topo.clone(), setup.clone(), clients.clone());
+    let dir = checkpoint_dir.map(Path::to_owned);
+    let workflow = move |comm: Arc<Communicator>| async move {
+        let mut outcome = run_workflow(&comm, &t, &s, c.clone(), dir.as_deref()).await;
+        let mut matrix = None;
+        if let (Ok(o), Some(timeout)) = (&mut outcome, t.cross_site) {
+            // Add-one has no accuracy to rank by: its validation reports the mean weight.
+            let metric = if s.digits.is_some() { "accuracy" } else { "mean_weight" };
+            match cross_site_eval(&comm, o, c.clone(), timeout, metric).await {
+                Ok(m) => matrix = Some(m),
+                Err(e) => outcome = Err(e),
+            }
         }
-    }
-    comm.end_job(&clients, if outcome.is_ok() { "job finished" } else { "job failed" })
-        .await;
-    let outcome = outcome?;
+        comm.end_job(&c, if outcome.is_ok() { "job finished" } else { "job failed" })
+            .await;
+        outcome.map(|o| (o, matrix))
+    };
+    let mut ctl = host
+        .start_controller(comm, clients, workflow)
+        .await
+        .context("starting the controller")?;
+    let result = tokio::select! {
+        r = ctl.outcome() => r,
+        _ = tokio::signal::ctrl_c() => {
+            ctl.abort("the controller was interrupted (Ctrl-C)");
+            ctl.outcome().await
+        }
+    };
+    let (outcome, matrix) = result??;
+    let total_secs = started.elapsed().as_secs_f64();
     let mut summary = summarize(topo, setup, &outcome, total_secs).await?;
     if let Some(m) = matrix {
         summary["cross_site"] = m;

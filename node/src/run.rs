@@ -100,12 +100,8 @@ pub async fn run_with(args: RunArgs, mut learner: Option<Box<dyn Learner>>) -> a
     let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json, &mut learner));
     let mut redial = tokio::time::interval(REDIAL_EVERY);
     let result = match job {
-        Some(job) => {
-            tokio::select! {
-                r = job => r,
-                _ = tokio::signal::ctrl_c() => Ok(()),
-            }
-        }
+        // The job takes Ctrl-C itself: a controller must tell its clients before it exits.
+        Some(job) => job.await,
         None => loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -169,7 +165,10 @@ async fn member_of_job(
         tracing::info!(clients = clients.len(), "waiting for the clients to join");
         // The controller's own executor (when it trains too) is there already.
         let others: Vec<PeerId> = clients.iter().copied().filter(|p| *p != controller).collect();
-        let arrived = comm.wait_for_joins(&others, topo.round_timeout).await;
+        let arrived = tokio::select! {
+            a = comm.wait_for_joins(&others, topo.round_timeout) => a,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for the clients to join"),
+        };
         let joined: Vec<PeerId> = clients
             .iter()
             .copied()
@@ -192,7 +191,8 @@ async fn member_of_job(
             );
         }
         let checkpoints = data_dir.join("checkpoints");
-        let (outcome, mut summary) = crate::job::control(&comm, &topo, &setup, joined, Some(&checkpoints)).await?;
+        let (outcome, mut summary) =
+            crate::job::control(&host, comm, &topo, &setup, joined, Some(&checkpoints)).await?;
         // Only this process's counters are known here; each member logs its own at exit.
         summary["bytes_sent_per_member"] =
             serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
@@ -205,11 +205,21 @@ async fn member_of_job(
             topo.job
         );
     }
-    start_executor().await?;
-    join(node, &job, controller, name, topo.spec_hash()).await?;
-    let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
-    tracing::info!(%reason, "job over");
-    Ok(())
+    let work = async {
+        start_executor().await?;
+        join(node, &job, controller, name, topo.spec_hash()).await?;
+        let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
+        tracing::info!(%reason, "job over");
+        Ok(())
+    };
+    tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            // The controller leaves this member out from now on, as it does a member that died.
+            tracing::info!("interrupted: leaving the job");
+            Ok(())
+        }
+    }
 }
 
 /// This member's part of a swarm job: the same loop as every other member; each member
@@ -239,9 +249,24 @@ async fn swarm_member(
     let comm = Communicator::new(host, job.clone(), members.clone(), DEFAULT_CHUNK_SIZE, topo.spec_hash());
     let cfg = crate::job::swarm_config(topo, setup, &members, name);
     let started = std::time::Instant::now();
-    let outcome = flare_actors::job::swarm::run(&comm, &cfg, setup.initial_model(topo)?).await;
+    let initial = setup.initial_model(topo)?;
+    // Every member runs the swarm workflow in its own controller; none ends the job for the
+    // others (they fail over), so it tells no one when it stops early.
+    let mut ctl = host
+        .start_controller(comm, vec![], move |comm| async move {
+            flare_actors::job::swarm::run(&comm, &cfg, initial).await
+        })
+        .await
+        .context("starting the controller")?;
+    let outcome = tokio::select! {
+        r = ctl.outcome() => r,
+        _ = tokio::signal::ctrl_c() => {
+            ctl.abort("interrupted (Ctrl-C)");
+            ctl.outcome().await
+        }
+    };
     host.leave(&job);
-    let outcome = crate::job::swarm_outcome(outcome?, &members);
+    let outcome = crate::job::swarm_outcome(outcome??, &members);
     let mut summary = crate::job::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
     summary["reporter"] = serde_json::json!(name);
     summary["bytes_sent_per_member"] =

@@ -64,8 +64,16 @@ async fn swarm(
         cfg.crash_in_round = topo.crash_aggregator_in_round;
         let initial = setup.initial_model(topo)?;
         let job = job.clone();
+        // Each member runs the swarm workflow in its own controller (telling no one when it
+        // stops: the others fail over).
+        let mut ctl = host
+            .start_controller(comm, vec![], move |comm| async move {
+                swarm::run(&comm, &cfg, initial).await
+            })
+            .await
+            .with_context(|| format!("starting the controller of {}", m.name))?;
         runs.push(tokio::spawn(async move {
-            let r = swarm::run(&comm, &cfg, initial).await;
+            let r = ctl.outcome().await;
             // A member that stopped, for whatever reason, stops answering for the job, so
             // the others fail over instead of waiting for it.
             host.leave(&job);
@@ -76,7 +84,8 @@ async fn swarm(
     let mut finished = Vec::new();
     for (run, m) in runs.into_iter().zip(members) {
         match run.await.context("swarm member task")? {
-            Ok(o) => finished.push((m.name.clone(), o)),
+            Ok(Ok(o)) => finished.push((m.name.clone(), o)),
+            Ok(Err(e)) => eprintln!("{}: {e}", m.name),
             Err(e) => eprintln!("{}: {e}", m.name),
         }
     }
@@ -209,7 +218,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         topo.spec_hash(),
     );
     let checkpoints = args.out.as_ref().map(|d| d.join("checkpoints"));
-    let (outcome, mut summary) = crate::job::control(&comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
+    let (outcome, mut summary) =
+        crate::job::control(&hosts[controller], comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
     summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);
     if let Some(dir) = &args.out {
         crate::job::write_outputs(dir, &outcome, &summary)?;

@@ -4,6 +4,7 @@
 //! request for a job this node has not joined is answered `Rejected`, naming the job.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use flare_protocols::ctl::{CtlResponse, JobId, Progress, Request};
@@ -13,6 +14,8 @@ use ractor::{Actor, ActorRef};
 use super::supervisor::Supervisor;
 use tokio::sync::{mpsc, watch};
 
+use super::communicator::Communicator;
+use super::controller::ControllerHandle;
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
 use super::{Task, TaskOutcome};
 use crate::Node;
@@ -59,6 +62,8 @@ pub(crate) struct ExecutorRoute {
 pub(crate) struct Routes {
     pub(crate) executors: HashMap<JobId, ExecutorRoute>,
     controllers: HashMap<JobId, ControllerRoute>,
+    /// Why each job this node was an executor of ended, for whoever asks after the end.
+    ended: HashMap<JobId, String>,
 }
 
 /// The node's job table and the task that routes control requests by it.
@@ -105,14 +110,7 @@ impl JobHost {
         member: &str,
         learner: Box<dyn Learner>,
     ) -> Result<ActorRef<ExecutorMsg>, ractor::SpawnErr> {
-        let supervisor = self
-            .supervisor
-            .get_or_try_init(|| async {
-                Actor::spawn(None, Supervisor, self.routes.clone())
-                    .await
-                    .map(|(a, _)| a)
-            })
-            .await?;
+        let supervisor = self.supervisor().await?;
         let (actor, _) = Actor::spawn_linked(
             None,
             Executor,
@@ -136,10 +134,45 @@ impl JobHost {
         Ok(actor)
     }
 
-    /// Resolves with the controller's reason once it ends `job` (`Abort`), or `None` when
-    /// this node is not an executor of `job` or leaves it first.
+    /// The node's supervisor, spawned on first use.
+    async fn supervisor(&self) -> Result<&ActorRef<()>, ractor::SpawnErr> {
+        self.supervisor
+            .get_or_try_init(|| async {
+                Actor::spawn(None, Supervisor, self.routes.clone())
+                    .await
+                    .map(|(a, _)| a)
+            })
+            .await
+    }
+
+    /// Runs `workflow` as the controller of `comm`'s job: a [`Controller`](super::controller::Controller) actor linked to
+    /// the node's supervisor. `members` are told why if the job ends early (aborted through
+    /// the handle, or the workflow panicked); on a normal finish the workflow tells them.
+    pub async fn start_controller<R, F, Fut>(
+        &self,
+        comm: Communicator,
+        members: Vec<PeerId>,
+        workflow: F,
+    ) -> Result<ControllerHandle<R>, ractor::SpawnErr>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<Communicator>) -> Fut,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        let supervisor = self.supervisor().await?;
+        ControllerHandle::spawn(comm, members, workflow, supervisor.get_cell()).await
+    }
+
+    /// Resolves with the controller's reason once it ends `job` (`Abort`; at once if it has
+    /// already), or `None` when this node is not an executor of `job` or leaves it first.
     pub async fn job_ended(&self, job: &JobId) -> Option<String> {
-        let mut rx = lock(&self.routes).executors.get(job)?.ended.subscribe();
+        let mut rx = {
+            let r = lock(&self.routes);
+            match r.executors.get(job) {
+                Some(e) => e.ended.subscribe(),
+                None => return r.ended.get(job).cloned(),
+            }
+        };
         rx.wait_for(Option::is_some).await.ok()?.clone()
     }
 
@@ -274,10 +307,11 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         Request::Abort { reason } => match r.executors.get(&job) {
             Some(e) if e.controller.is_none_or(|c| c == peer) => {
                 tracing::info!(job = %job, %reason, "the controller ended the job");
-                e.ended.send_replace(Some(reason));
+                e.ended.send_replace(Some(reason.clone()));
                 if let Some(e) = r.executors.remove(&job) {
                     e.actor.stop(None);
                 }
+                r.ended.insert(job, reason);
                 CtlResponse::Ack
             }
             Some(_) => CtlResponse::Rejected {

@@ -4,6 +4,8 @@
 //! - [`host`]: one per node; routes the node's inbound control requests to its executor
 //!   (tasks) and to the controllers it hosts (task results), and refuses other jobs.
 //! - [`communicator`]: the only way a workflow talks to peers.
+//! - [`controller`]: the ractor actor that runs a job's workflow and ends the job on every
+//!   member when it is aborted or fails.
 //! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
 //! - `supervisor`: the ractor actor every executor is linked to; ends a member's part of a
 //!   job when its executor stops.
@@ -14,6 +16,7 @@
 //! - [`cross_site`]: cross-site evaluation, every model on every site's validation data.
 
 pub mod communicator;
+pub mod controller;
 pub mod cross_site;
 pub mod cyclic;
 pub mod executor;
@@ -30,6 +33,7 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use communicator::{CommError, Communicator, Link, RelayOutcome};
+pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};

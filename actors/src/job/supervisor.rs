@@ -1,8 +1,10 @@
-//! The node's supervisor of its executors (DESIGN §6's node supervisor, for the actors a node
-//! runs). Every executor is spawned linked to it. When one stops, whether it failed or was
+//! The node's supervisor of its job actors (DESIGN §6's node supervisor). Every executor and
+//! every controller is spawned linked to it. When an executor stops, whether it failed or was
 //! stopped from outside, the supervisor ends that member's part of the job at once: whoever
 //! waits on the job ([`JobHost::job_ended`](super::JobHost::job_ended), e.g. `flare-node run`)
-//! learns why, and later tasks of the job are refused naming the stopped executor.
+//! learns why, and later tasks of the job are refused naming the stopped executor. A
+//! controller that fails has told its members already (see [`super::controller`]); the
+//! supervisor logs it.
 //!
 //! It does not restart the executor. A learner holds the member's data and model; a fresh
 //! one mid-job would train from the wrong state. The job's controller leaves the member out
@@ -33,20 +35,25 @@ impl Actor for Supervisor {
         event: SupervisionEvent,
         routes: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match event {
-            SupervisionEvent::ActorFailed(cell, e) => (cell, format!("the executor failed: {e}")),
+        let (cell, failure, why) = match event {
+            SupervisionEvent::ActorFailed(cell, e) => (cell, true, format!("the executor failed: {e}")),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 let reason = reason.map(|r| format!(": {r}")).unwrap_or_default();
-                (cell, format!("the executor stopped{reason}"))
+                (cell, false, format!("the executor stopped{reason}"))
             }
             _ => return Ok(()),
         };
         let r = lock(routes);
+        let mut executor = false;
         for (job, route) in r.executors.iter().filter(|(_, e)| e.actor.get_id() == cell.get_id()) {
+            executor = true;
             if route.ended.borrow().is_none() {
                 tracing::warn!(job = %job, reason = %why, "executor gone: this member's part of the job ends");
                 route.ended.send_replace(Some(why.clone()));
             }
+        }
+        if failure && !executor {
+            tracing::warn!(actor = %cell.get_id(), "a controller failed; it told its members");
         }
         Ok(())
     }
