@@ -1,5 +1,6 @@
 //! The Controller actor: a job ended from outside, or by a workflow that panics, ends on
-//! every client with the reason, and its workflow stops.
+//! every client with the reason, and its workflow stops; a member cut off from the network
+//! stops waiting for its job.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +116,19 @@ async fn a_workflow_that_panics_fails_its_controller_and_its_clients_are_told() 
         }
         let why = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
         assert_eq!(why, "the controller failed: the test's workflow broke");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_network_stops_stops_waiting_for_its_job() {
+    within(60, async {
+        let f = Federation::start("no-network", "server", ["site-1".to_owned()]).await;
+        f.join_all(|_| Box::new(AddOne { num_samples: 1 })).await;
+        // No controller could reach site-1 again: `flare-node run` must not wait forever.
+        f.hosts[1].node().net().shutdown();
+        let why = f.hosts[1].job_ended(&f.job).await;
+        assert_eq!(why.as_deref(), Some("this node's network stopped"));
     })
     .await;
 }

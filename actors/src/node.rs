@@ -9,7 +9,7 @@ use flare_protocols::BlobRef;
 use flare_protocols::blob::BLOB_PROTOCOL;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::blob::fetch::Fetcher;
@@ -64,6 +64,8 @@ pub struct Node {
     listen_addrs: Vec<Multiaddr>,
     stats: Arc<ServeStats>,
     faults: Arc<ServeFaults>,
+    /// Set once the network actor has stopped, for whatever reason.
+    stopped: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -84,7 +86,13 @@ impl Node {
             net: net.handle.clone(),
             ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
         };
-        let tasks = vec![net.task, tokio::spawn(accept_loop(server, incoming))];
+        let (stop_tx, stopped) = watch::channel(false);
+        let net_task = net.task;
+        let watcher = tokio::spawn(async move {
+            let _ = net_task.await;
+            stop_tx.send_replace(true);
+        });
+        let tasks = vec![watcher, tokio::spawn(accept_loop(server, incoming))];
         Ok(Self {
             fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone()),
             net: net.handle,
@@ -93,8 +101,16 @@ impl Node {
             listen_addrs: net.listen_addrs,
             stats,
             faults,
+            stopped,
             tasks,
         })
+    }
+
+    /// Resolves once the node's network actor has stopped (shut down, or failed): from then
+    /// on no peer can reach this node, so whoever waits on a peer should stop waiting.
+    pub async fn network_stopped(&self) {
+        let mut rx = self.stopped.clone();
+        let _ = rx.wait_for(|stopped| *stopped).await;
     }
 
     /// What this node has sent so far.

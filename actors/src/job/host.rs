@@ -164,7 +164,9 @@ impl JobHost {
     }
 
     /// Resolves with the controller's reason once it ends `job` (`Abort`; at once if it has
-    /// already), or `None` when this node is not an executor of `job` or leaves it first.
+    /// already), with why this member's part ended (its executor stopped, or the node's
+    /// network did: no controller could reach it again), or `None` when this node is not an
+    /// executor of `job` or leaves it first.
     pub async fn job_ended(&self, job: &JobId) -> Option<String> {
         let mut rx = {
             let r = lock(&self.routes);
@@ -173,7 +175,10 @@ impl JobHost {
                 None => return r.ended.get(job).cloned(),
             }
         };
-        rx.wait_for(Option::is_some).await.ok()?.clone()
+        tokio::select! {
+            r = rx.wait_for(Option::is_some) => r.ok()?.clone(),
+            () = self.node.network_stopped() => Some("this node's network stopped".into()),
+        }
     }
 
     /// Hosts the controller of `job`; members that join get `spec_hash` back in `Welcome`.
