@@ -560,14 +560,9 @@ pub async fn control(
         .start_controller(comm, clients, workflow)
         .await
         .context("starting the controller")?;
-    let result = tokio::select! {
-        r = ctl.outcome() => r,
-        _ = tokio::signal::ctrl_c() => {
-            ctl.abort("the controller was interrupted (Ctrl-C)");
-            ctl.outcome().await
-        }
-    };
-    let (outcome, matrix) = result??;
+    let (outcome, matrix) = ctl
+        .outcome_unless(crate::ctrl_c(), "the controller was interrupted (Ctrl-C)")
+        .await??;
     let total_secs = started.elapsed().as_secs_f64();
     let mut summary = summarize(topo, setup, &outcome, total_secs).await?;
     if let Some(m) = matrix {

@@ -93,3 +93,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     })
 }
+
+/// Resolves at the first Ctrl-C (SIGINT). A failure to listen is logged and never resolves:
+/// the job then runs to its end rather than stopping at once.
+pub(crate) async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+        std::future::pending::<()>().await;
+    }
+}

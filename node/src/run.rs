@@ -167,7 +167,7 @@ async fn member_of_job(
         let others: Vec<PeerId> = clients.iter().copied().filter(|p| *p != controller).collect();
         let arrived = tokio::select! {
             a = comm.wait_for_joins(&others, topo.round_timeout) => a,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for the clients to join"),
+            () = crate::ctrl_c() => bail!("interrupted while waiting for the clients to join"),
         };
         let joined: Vec<PeerId> = clients
             .iter()
@@ -214,7 +214,7 @@ async fn member_of_job(
     };
     tokio::select! {
         r = work => r,
-        _ = tokio::signal::ctrl_c() => {
+        () = crate::ctrl_c() => {
             // The controller leaves this member out from now on, as it does a member that died.
             tracing::info!("interrupted: leaving the job");
             Ok(())
@@ -258,13 +258,7 @@ async fn swarm_member(
         })
         .await
         .context("starting the controller")?;
-    let outcome = tokio::select! {
-        r = ctl.outcome() => r,
-        _ = tokio::signal::ctrl_c() => {
-            ctl.abort("interrupted (Ctrl-C)");
-            ctl.outcome().await
-        }
-    };
+    let outcome = ctl.outcome_unless(crate::ctrl_c(), "interrupted (Ctrl-C)").await;
     host.leave(&job);
     let outcome = crate::job::swarm_outcome(outcome??, &members);
     let mut summary = crate::job::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;

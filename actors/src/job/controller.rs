@@ -221,6 +221,18 @@ impl<R: Send + 'static> ControllerHandle<R> {
         r
     }
 
+    /// [`Self::outcome`], unless `stop` resolves first (e.g. Ctrl-C): then the job is
+    /// aborted with `reason` (the members are told) and this gives that outcome.
+    pub async fn outcome_unless(&mut self, stop: impl Future<Output = ()>, reason: &str) -> Result<R, ControllerError> {
+        tokio::select! {
+            r = self.outcome() => r,
+            () = stop => {
+                self.abort(reason);
+                self.outcome().await
+            }
+        }
+    }
+
     /// The actor, e.g. to watch it from a supervisor.
     pub fn actor(&self) -> &ActorRef<ControllerMsg<R>> {
         &self.actor
