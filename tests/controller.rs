@@ -43,6 +43,13 @@ impl Drop for DropFlag {
     }
 }
 
+/// A server and `site-1`, which has joined `job` with add-one.
+async fn one_client(job: &str) -> Federation {
+    let f = Federation::start(job, "server", ["site-1".to_owned()]).await;
+    f.join_all(|_| Box::new(AddOne { num_samples: 1 })).await;
+    f
+}
+
 fn model() -> Model {
     Model::from_tensors([("w", Tensor::from_f32(vec![1000], &[0.5; 1000]).expect("tensor"))])
 }
@@ -100,8 +107,7 @@ async fn a_controller_aborted_mid_job_drops_its_workflow_and_tells_every_client_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_that_panics_fails_its_controller_and_its_clients_are_told() {
     within(60, async {
-        let f = Federation::start("panics", "server", ["site-1".to_owned()]).await;
-        f.join_all(|_| Box::new(AddOne { num_samples: 1 })).await;
+        let f = one_client("panics").await;
         let mut ctl = f.hosts[0]
             .start_controller(f.comm(DEFAULT_CHUNK_SIZE), f.clients(), |comm| async move {
                 if !comm.peers().is_empty() {
@@ -123,8 +129,7 @@ async fn a_workflow_that_panics_fails_its_controller_and_its_clients_are_told() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_network_stops_stops_waiting_for_its_job() {
     within(60, async {
-        let f = Federation::start("no-network", "server", ["site-1".to_owned()]).await;
-        f.join_all(|_| Box::new(AddOne { num_samples: 1 })).await;
+        let f = one_client("no-network").await;
         // No controller could reach site-1 again: `flare-node run` must not wait forever.
         f.hosts[1].node().net().shutdown();
         let why = f.hosts[1].job_ended(&f.job).await;
