@@ -61,25 +61,19 @@ pub struct ControllerState<R> {
     comm: Arc<Communicator>,
     /// Who is told when the job ends early.
     members: Vec<PeerId>,
-    /// The workflow, until `post_start` spawns it.
-    work: Option<Work<R>>,
-    /// The workflow's task while it runs.
+    /// The workflow's task until it is cancelled or has ended.
     task: Option<AbortHandle>,
+    /// Why the job was cancelled: the outcome to give once the workflow is gone.
+    cancelled: Option<ControllerError>,
     /// Where the outcome goes; taken when it is sent.
     reply: Option<oneshot::Sender<Result<R, ControllerError>>>,
 }
 
 impl<R> ControllerState<R> {
-    /// Cancels the workflow, tells the members why and hands `error` to the caller.
-    async fn end_early(&mut self, why: &str, error: ControllerError) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    /// Tells the members why the job ends early.
+    async fn tell(&self, why: &str) {
         tracing::warn!(job = %self.comm.job(), reason = %why, "the job ends early");
         self.comm.end_job(&self.members, why).await;
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(Err(error));
-        }
     }
 }
 
@@ -90,27 +84,22 @@ impl<R: Send + 'static> Actor for Controller<R> {
 
     async fn pre_start(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: ControllerArgs<R>,
     ) -> Result<ControllerState<R>, ActorProcessingErr> {
+        let task = tokio::spawn(args.work);
+        let handle = task.abort_handle();
+        // The mailbox keeps this until the actor has started.
+        tokio::spawn(async move {
+            let _ = myself.cast(ControllerMsg::Finished(task.await));
+        });
         Ok(ControllerState {
             comm: args.comm,
             members: args.members,
-            work: Some(args.work),
-            task: None,
+            task: Some(handle),
+            cancelled: None,
             reply: Some(args.reply),
         })
-    }
-
-    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        if let Some(work) = state.work.take() {
-            let task = tokio::spawn(work);
-            state.task = Some(task.abort_handle());
-            tokio::spawn(async move {
-                let _ = myself.cast(ControllerMsg::Finished(task.await));
-            });
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -120,39 +109,46 @@ impl<R: Send + 'static> Actor for Controller<R> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ControllerMsg::Finished(Ok(outcome)) => {
-                state.task = None;
-                if let Some(reply) = state.reply.take() {
-                    let _ = reply.send(Ok(outcome));
-                }
-                myself.stop(Some("workflow finished".into()));
-            }
-            ControllerMsg::Finished(Err(e)) if e.is_panic() => {
-                state.task = None;
-                let why = panic_message(e);
-                let told = format!("the controller failed: {why}");
-                state.end_early(&told, ControllerError::Panicked(why.clone())).await;
-                // Failing (rather than stopping) tells the supervisor.
-                return Err(format!("workflow panicked: {why}").into());
-            }
-            // Cancelled: by `Abort`, which answered already.
-            ControllerMsg::Finished(Err(_)) => myself.stop(None),
+            // The outcome waits for `Finished`: the caller learns of the abort once the
+            // workflow is gone, not while it may still be running.
             ControllerMsg::Abort(reason) => {
-                if state.task.is_some() {
-                    state.end_early(&reason, ControllerError::Aborted(reason.clone())).await;
-                    myself.stop(Some(reason));
+                if let Some(task) = state.task.take() {
+                    task.abort();
+                    state.tell(&reason).await;
+                    state.cancelled = Some(ControllerError::Aborted(reason));
                 }
+            }
+            ControllerMsg::Finished(result) => {
+                state.task = None;
+                let outcome = match (state.cancelled.take(), result) {
+                    (Some(why), _) => Err(why),
+                    (None, Ok(outcome)) => Ok(outcome),
+                    (None, Err(e)) if e.is_panic() => {
+                        let why = panic_message(e);
+                        state.tell(&format!("the controller failed: {why}")).await;
+                        if let Some(reply) = state.reply.take() {
+                            let _ = reply.send(Err(ControllerError::Panicked(why.clone())));
+                        }
+                        // Failing (rather than stopping) tells the supervisor.
+                        return Err(format!("workflow panicked: {why}").into());
+                    }
+                    (None, Err(_)) => Err(ControllerError::Stopped),
+                };
+                if let Some(reply) = state.reply.take() {
+                    let _ = reply.send(outcome);
+                }
+                myself.stop(None);
             }
         }
         Ok(())
     }
 
     async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        // Stopped from outside while the workflow ran (the node is going away).
-        if state.task.is_some() {
-            state
-                .end_early("the controller stopped", ControllerError::Stopped)
-                .await;
+        // Stopped from outside while the workflow ran (the node is going away); the caller
+        // gets `Stopped` as the reply is dropped.
+        if let Some(task) = state.task.take() {
+            task.abort();
+            state.tell("the controller stopped").await;
         }
         Ok(())
     }
