@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use flare_actors::client::{Client, FLModel};
-use flare_actors::job::{AddOne, FedAvgConfig, fedavg};
+use flare_actors::job::{AddOne, Ending, FedAvgConfig, fedavg};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
 
@@ -70,7 +70,7 @@ async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_resu
             expected.map_f32(|v| v + 1.0);
         }
         assert!(out.model == expected, "every weight equals initial + 4, exactly");
-        comm.end_job(&clients, "job finished").await;
+        comm.end_job(&clients, &Ending::finished("job finished")).await;
         let (rounds, info) = tokio::task::spawn_blocking(move || trainer.join().expect("trainer"))
             .await
             .expect("join");

@@ -54,6 +54,7 @@ async fn control_requests_are_answered_and_unknown_jobs_rejected() {
             job: JobId("job-1".into()),
             body: Request::Abort {
                 reason: "x".repeat(2 << 20),
+                failed: false,
             },
         };
         assert!(a.request(b_peer, big).await.is_err(), "oversize requests are refused");

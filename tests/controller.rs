@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flare_actors::job::{AddOne, ControllerError, FedAvgConfig, Learner, TaskContext, TrainOutput, fedavg};
+use flare_actors::job::{AddOne, ControllerError, Ending, FedAvgConfig, Learner, TaskContext, TrainOutput, fedavg};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
 use tokio::sync::mpsc;
@@ -94,8 +94,8 @@ async fn a_controller_aborted_mid_job_drops_its_workflow_and_tells_every_client_
         }
         assert!(dropped.load(Ordering::SeqCst), "the workflow was dropped");
         for host in &f.hosts[1..] {
-            let why = host.job_ended(&f.job).await;
-            assert_eq!(why.as_deref(), Some("stopped by the test"));
+            let end = host.job_ended(&f.job).await;
+            assert_eq!(end, Some(Ending::failed("stopped by the test")));
         }
         // A second abort, after the end, changes nothing.
         ctl.abort("again");
@@ -120,8 +120,8 @@ async fn a_workflow_that_panics_fails_its_controller_and_its_clients_are_told() 
             Err(ControllerError::Panicked(why)) => assert_eq!(why, "the test's workflow broke"),
             other => panic!("a panicking workflow gave {other:?}"),
         }
-        let why = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
-        assert_eq!(why, "the controller failed: the test's workflow broke");
+        let end = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
+        assert_eq!(end, Ending::failed("the controller failed: the test's workflow broke"));
     })
     .await;
 }
@@ -132,8 +132,8 @@ async fn a_member_whose_network_stops_stops_waiting_for_its_job() {
         let f = one_client("no-network").await;
         // No controller could reach site-1 again: `flare-node run` must not wait forever.
         f.hosts[1].node().net().shutdown();
-        let why = f.hosts[1].job_ended(&f.job).await;
-        assert_eq!(why.as_deref(), Some("this node's network stopped"));
+        let end = f.hosts[1].job_ended(&f.job).await;
+        assert_eq!(end, Some(Ending::failed("this node's network stopped")));
     })
     .await;
 }

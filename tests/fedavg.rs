@@ -388,7 +388,9 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
             .expect("executor");
         actor.stop(Some("stopped by the test".into()));
         // The supervisor tells whoever waits on the job (`flare-node run` does) at once.
-        let why = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
+        let end = f.hosts[1].job_ended(&f.job).await.expect("the job ends for site-1");
+        assert!(end.failed, "a stopped executor did not finish its job");
+        let why = end.reason;
         assert!(
             why.contains("executor stopped") && why.contains("stopped by the test"),
             "{why}"

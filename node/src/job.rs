@@ -12,7 +12,7 @@ use flare_actors::job::cross_site;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{AddOne, Communicator, Evaluator, FedAvgConfig, JobHost, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Ending, Evaluator, FedAvgConfig, JobHost, Learner, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
@@ -554,8 +554,11 @@ pub async fn control(
                 Err(e) => outcome = Err(e),
             }
         }
-        comm.end_job(&c, if outcome.is_ok() { "job finished" } else { "job failed" })
-            .await;
+        let end = match &outcome {
+            Ok(_) => Ending::finished("job finished"),
+            Err(e) => Ending::failed(format!("job failed: {e:#}")),
+        };
+        comm.end_job(&c, &end).await;
         outcome.map(|o| (o, matrix, total_secs))
     };
     let mut ctl = host

@@ -208,8 +208,11 @@ async fn member_of_job(
     let work = async {
         start_executor().await?;
         join(node, &job, controller, name, topo.spec_hash()).await?;
-        let reason = host.job_ended(&job).await.unwrap_or_else(|| "left".into());
-        tracing::info!(%reason, "job over");
+        match host.job_ended(&job).await {
+            Some(end) if end.failed => bail!("the job ended before it finished: {end}"),
+            Some(end) => tracing::info!(reason = %end, "job over"),
+            None => tracing::info!("job over: this member left it"),
+        }
         Ok(())
     };
     tokio::select! {

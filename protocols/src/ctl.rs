@@ -123,10 +123,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         values: BTreeMap<String, Value>,
     },
-    /// The job is stopped.
+    /// The job is over for the receiver: finished, or stopped early.
     Abort {
-        /// Why.
+        /// Why, in words (shown to the member's operator).
         reason: String,
+        /// The job did not finish (aborted, or its workflow failed), so a member's process
+        /// exits with an error rather than as after a finished job. Absent means finished.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        failed: bool,
     },
     /// Liveness probe within a job.
     Heartbeat,
@@ -321,7 +325,7 @@ mod tests {
                         values
                     }
                 ),
-            ".{0,16}".prop_map(|reason| Request::Abort { reason }),
+            (".{0,16}", any::<bool>()).prop_map(|(reason, failed)| Request::Abort { reason, failed }),
             Just(Request::Heartbeat),
             (
                 any::<u32>(),
@@ -428,6 +432,7 @@ mod tests {
             job: JobId("j".into()),
             body: Request::Abort {
                 reason: "x".repeat(MAX_CTL_FRAME as usize),
+                failed: false,
             },
         };
         let e = block_on(CtlCodec::default().write_request(&CTL_PROTOCOL, &mut Vec::new(), huge)).expect_err("cap");

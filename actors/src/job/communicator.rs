@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
 use super::host::JobHost;
-use super::{Task, TaskOutcome};
+use super::{Ending, Task, TaskOutcome};
 use crate::Node;
 use crate::blob::{FetchError, FetchOptions, FetchReport};
 use crate::membership::Member;
@@ -397,13 +397,15 @@ impl Communicator {
         matches!(self.node.net().request(peer, req).await, Ok(CtlResponse::Ack))
     }
 
-    /// Tells `targets` the job is over (best effort: an unreachable member is only logged).
-    pub async fn end_job(&self, targets: &[PeerId], reason: &str) {
+    /// Tells `targets` the job is over, and how (best effort: an unreachable member is only
+    /// logged).
+    pub async fn end_job(&self, targets: &[PeerId], end: &Ending) {
         let sends = targets.iter().map(|&peer| {
             let req = CtlRequest {
                 job: self.job.clone(),
                 body: Request::Abort {
-                    reason: reason.to_owned(),
+                    reason: end.reason.clone(),
+                    failed: end.failed,
                 },
             };
             async move { (peer, self.node.net().request(peer, req).await) }

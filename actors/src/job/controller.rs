@@ -73,7 +73,7 @@ impl<R> ControllerState<R> {
     /// Tells the members why the job ends early.
     async fn tell(&self, why: &str) {
         tracing::warn!(job = %self.comm.job(), reason = %why, "the job ends early");
-        self.comm.end_job(&self.members, why).await;
+        self.comm.end_job(&self.members, &super::Ending::failed(why)).await;
     }
 }
 

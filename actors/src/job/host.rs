@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use super::communicator::Communicator;
 use super::controller::ControllerHandle;
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
-use super::{Task, TaskOutcome};
+use super::{Ending, Task, TaskOutcome};
 use crate::Node;
 use crate::lock;
 use crate::network::NetworkError;
@@ -53,17 +53,17 @@ pub(crate) struct ExecutorRoute {
     /// Who may send tasks and end the job; `None`: any member (swarm jobs, where the
     /// aggregator changes from round to round).
     controller: Option<PeerId>,
-    /// Set to the controller's reason when it ends the job (or to the supervisor's, when
-    /// the executor stops).
-    pub(crate) ended: watch::Sender<Option<String>>,
+    /// Set to the controller's end when it ends the job (or to the supervisor's, when the
+    /// executor stops).
+    pub(crate) ended: watch::Sender<Option<Ending>>,
 }
 
 #[derive(Default)]
 pub(crate) struct Routes {
     pub(crate) executors: HashMap<JobId, ExecutorRoute>,
     controllers: HashMap<JobId, ControllerRoute>,
-    /// Why each job this node was an executor of ended, for whoever asks after the end.
-    ended: HashMap<JobId, String>,
+    /// How each job this node was an executor of ended, for whoever asks after the end.
+    ended: HashMap<JobId, Ending>,
 }
 
 /// The node's job table and the task that routes control requests by it.
@@ -167,7 +167,7 @@ impl JobHost {
     /// already), with why this member's part ended (its executor stopped, or the node's
     /// network did: no controller could reach it again), or `None` when this node is not an
     /// executor of `job` or leaves it first.
-    pub async fn job_ended(&self, job: &JobId) -> Option<String> {
+    pub async fn job_ended(&self, job: &JobId) -> Option<Ending> {
         let mut rx = {
             let r = lock(&self.routes);
             match r.executors.get(job) {
@@ -177,7 +177,7 @@ impl JobHost {
         };
         tokio::select! {
             r = rx.wait_for(Option::is_some) => r.ok()?.clone(),
-            () = self.node.network_stopped() => Some("this node's network stopped".into()),
+            () = self.node.network_stopped() => Some(Ending::failed("this node's network stopped")),
         }
     }
 
@@ -309,14 +309,15 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             }
             None => not_joined(&job),
         },
-        Request::Abort { reason } => match r.executors.get(&job) {
+        Request::Abort { reason, failed } => match r.executors.get(&job) {
             Some(e) if e.controller.is_none_or(|c| c == peer) => {
-                tracing::info!(job = %job, %reason, "the controller ended the job");
-                e.ended.send_replace(Some(reason.clone()));
+                tracing::info!(job = %job, %reason, failed, "the controller ended the job");
+                let end = Ending { reason, failed };
+                e.ended.send_replace(Some(end.clone()));
                 if let Some(e) = r.executors.remove(&job) {
                     e.actor.stop(None);
                 }
-                r.ended.insert(job, reason);
+                r.ended.insert(job, end);
                 CtlResponse::Ack
             }
             Some(_) => CtlResponse::Rejected {

@@ -39,6 +39,40 @@ pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use host::JobHost;
 
+/// How a job ended for a member: what `flare-node run` reports, and whether it exits with an
+/// error (a job stopped early, or a member cut off from it, did not finish).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    /// Why, in words.
+    pub reason: String,
+    /// The job did not finish.
+    pub failed: bool,
+}
+
+impl Ending {
+    /// A job that ran to its end.
+    pub fn finished(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            failed: false,
+        }
+    }
+
+    /// A job that stopped before its end.
+    pub fn failed(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            failed: true,
+        }
+    }
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// A unit of work a controller hands to executors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {

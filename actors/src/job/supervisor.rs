@@ -49,7 +49,7 @@ impl Actor for Supervisor {
             executor = true;
             if route.ended.borrow().is_none() {
                 tracing::warn!(job = %job, reason = %why, "executor gone: this member's part of the job ends");
-                route.ended.send_replace(Some(why.clone()));
+                route.ended.send_replace(Some(super::Ending::failed(why.clone())));
             }
         }
         if failure && !executor {
