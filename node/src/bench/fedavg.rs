@@ -19,6 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use super::child::{ChildProc, Event};
+
 /// Arguments of `flare-node bench fedavg`.
 #[derive(Args)]
 pub struct FedAvgArgs {
@@ -163,6 +165,72 @@ fn topology(
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The transport's own cost of what round 0 moves: a bare libp2p stream (TCP + Noise +
+/// Yamux, no hashing, storing or averaging) from a hub process to each of `clients` spoke
+/// processes at once, `model_bytes` each, and as many back, every spoke sending once it has
+/// received. Returns the seconds from the first stream to the last byte back.
+async fn bare_round(
+    dir: &Path,
+    model_bytes: u64,
+    clients: usize,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<f64> {
+    let key = |name: &str| -> anyhow::Result<(String, String)> {
+        let k = Keypair::generate_ed25519();
+        let path = dir.join(format!("{name}.key"));
+        crate::keys::write_key(&path, &k)?;
+        Ok((path.display().to_string(), k.public().to_peer_id().to_string()))
+    };
+    let common = |role: &str| {
+        vec![
+            role.to_owned(),
+            "--size".into(),
+            model_bytes.to_string(),
+            "--timeout-secs".into(),
+            deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .as_secs()
+                .max(1)
+                .to_string(),
+        ]
+    };
+    let (hub_key, hub_id) = key("bare-hub")?;
+    let spoke_keys = (0..clients)
+        .map(|i| key(&format!("bare-spoke-{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut hub_args = common("round-hub");
+    hub_args.extend(["--key".into(), hub_key]);
+    for (_, id) in &spoke_keys {
+        hub_args.extend(["--spoke".into(), id.clone()]);
+    }
+    let mut hub = ChildProc::spawn("bare hub", hub_args)?;
+    let Event::Ready { addrs, .. } = hub.event(deadline).await? else {
+        bail!("the bare hub did not report its addresses");
+    };
+    let mut spokes = Vec::new();
+    for (k, _) in spoke_keys {
+        let mut a = common("round-spoke");
+        a.extend(["--key".into(), k, "--peer".into(), hub_id.clone()]);
+        for addr in &addrs {
+            a.extend(["--peer-addr".into(), addr.clone()]);
+        }
+        let mut spoke = ChildProc::spawn("bare spoke", a)?;
+        match spoke.event(deadline).await? {
+            Event::Ready { .. } => spokes.push(spoke),
+            other => bail!("a bare spoke sent {other:?} instead of its addresses"),
+        }
+    }
+    let secs = match hub.event(deadline).await? {
+        Event::Received { secs, .. } => secs,
+        other => bail!("the bare hub sent {other:?} instead of its result"),
+    };
+    hub.stop(deadline).await?;
+    for s in spokes {
+        s.stop(deadline).await?;
+    }
+    Ok(secs)
+}
+
 /// Runs the benchmark.
 pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
     ensure!(a.clients >= 1 && a.clients <= 64, "--clients must be 1 to 64");
@@ -195,6 +263,13 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         a.keys,
         a.clients,
         a.rounds
+    );
+    let bare = bare_round(dir, model_bytes, a.clients, deadline)
+        .await
+        .context("the bare libp2p round (baseline)")?;
+    eprintln!(
+        "bare libp2p round (round 0's bytes, {} MiB each way per client): {bare:.3} s",
+        model_bytes as f64 / (1 << 20) as f64
     );
     topology(&dir.join("server.toml"), &a, elements, &members)?;
     let p = |s: &str| dir.join(s).display().to_string();
@@ -249,12 +324,14 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         "controller_rss_per_model": server_rss as f64 / model_bytes as f64,
         "client_rss_per_model": client_rss as f64 / model_bytes as f64,
         "verified": summary["verified"],
+        "bare_round_secs": bare,
+        "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
     });
     if a.json {
         println!("{out}");
     } else {
         println!(
-            "fedavg: rounds {round_secs}, controller peak {:.2} x model, client peak {:.2} x model, verified {}",
+            "fedavg: rounds {round_secs} (bare libp2p round {bare:.3} s), controller peak {:.2} x model, client peak {:.2} x model, verified {}",
             server_rss as f64 / model_bytes as f64,
             client_rss as f64 / model_bytes as f64,
             summary["verified"]
