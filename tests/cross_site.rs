@@ -49,6 +49,7 @@ async fn train_add_one(comm: &Communicator, f: &Federation, sites: &[usize]) {
             .await
             .expect("publish");
         let task = Task {
+            transient_output: false,
             name: "train".into(),
             round: 0,
             input: Some(input),

@@ -396,6 +396,7 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
             "{why}"
         );
         let task = Task {
+            transient_output: false,
             name: "train".into(),
             round: 0,
             input: None,

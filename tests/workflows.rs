@@ -297,6 +297,7 @@ async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
         },
     ];
     let task = Task {
+        transient_output: false,
         name: "train".into(),
         round: 0,
         input: None,

@@ -103,6 +103,9 @@ enum Data {
     /// A whole blob whose bytes its producer shares ([`BlobStore::import_shared`]): in a disk
     /// store only until the background write has put it on disk.
     Shared(Arc<Vec<u8>>),
+    /// A whole blob the store serves but does not keep ([`BlobStore::import_transient`]):
+    /// there while its producer holds the bytes, gone after.
+    Transient(Weak<Vec<u8>>),
     Disk {
         file: File,
         path: PathBuf,
@@ -208,6 +211,17 @@ impl Entry {
 }
 
 impl Entry {
+    /// A transient blob whose producer has let go of its bytes: no longer held.
+    fn is_gone(&self) -> bool {
+        matches!(&self.data, Data::Transient(w) if w.strong_count() == 0)
+    }
+
+    /// Held by the store itself (in memory or on disk, or being written), not only lent to it
+    /// for a while.
+    fn is_kept(&self) -> bool {
+        !matches!(self.data, Data::Transient(_))
+    }
+
     fn has_chunk(&self, index: u64) -> bool {
         usize::try_from(index)
             .ok()
@@ -300,7 +314,14 @@ impl BlobStore {
     }
 
     fn entry(&self, id: &BlobId) -> Option<Arc<Entry>> {
-        lock(&self.inner.blobs).get(id).cloned()
+        let mut blobs = lock(&self.inner.blobs);
+        match blobs.get(id) {
+            Some(e) if e.is_gone() => {
+                blobs.remove(id);
+                None
+            }
+            e => e.cloned(),
+        }
     }
 
     /// The manifest of a blob held whole or in part.
@@ -344,7 +365,8 @@ impl BlobStore {
     pub fn begin(&self, manifest: Manifest) -> Result<Arc<Manifest>, StoreError> {
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        if let Some(e) = blobs.get(&id) {
+        // A transient blob is replaced: its bytes may go at any moment.
+        if let Some(e) = blobs.get(&id).filter(|e| e.is_kept()) {
             return Ok(e.manifest.clone());
         }
         let n = manifest.chunk_count() as usize;
@@ -408,8 +430,8 @@ impl BlobStore {
                 let mut buf = buf.write().unwrap_or_else(|p| p.into_inner());
                 buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
             }
-            // A shared blob is whole: its chunks were all present above.
-            Data::Shared(_) => return Ok(false),
+            // A shared or transient blob is whole: its chunks were all present above.
+            Data::Shared(_) | Data::Transient(_) => return Ok(false),
             Data::Disk { file, path, direct } => {
                 let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
                 match direct {
@@ -458,6 +480,10 @@ impl BlobStore {
             Data::Shared(bytes) => ChunkBytes::Held {
                 bytes: bytes.clone(),
                 range,
+            },
+            Data::Transient(w) => match w.upgrade() {
+                Some(bytes) => ChunkBytes::Held { bytes, range },
+                None => return Ok(None),
             },
             Data::Disk { file, path, .. } => match lock(&e.hot).upgrade() {
                 Some(bytes) => ChunkBytes::Held { bytes, range },
@@ -517,7 +543,7 @@ impl BlobStore {
         let mut blobs = lock(&self.inner.blobs);
         if blobs
             .get(&id)
-            .is_some_and(|e| lock(&e.have).present == manifest.chunk_count())
+            .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
         {
             if let Some((_, _, path)) = tmp {
                 let _ = std::fs::remove_file(path);
@@ -567,7 +593,7 @@ impl BlobStore {
             let mut blobs = lock(&self.inner.blobs);
             if blobs
                 .get(&id)
-                .is_some_and(|e| lock(&e.have).present == manifest.chunk_count())
+                .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
             {
                 return Ok((manifest, Written::done()));
             }
@@ -594,6 +620,28 @@ impl BlobStore {
             return Ok((manifest, Written::done()));
         }
         Ok((manifest, Written(written)))
+    }
+
+    /// Serves a whole in-memory blob for as long as its producer holds `bytes`, without
+    /// keeping it: nothing is written, and once the producer lets go (drops or takes back its
+    /// last reference) the blob is gone from the store. Returns its manifest. A blob the store
+    /// already keeps stays as it is.
+    ///
+    /// For a result that one peer pulls once, soon (a FedAvg client's update, which the
+    /// controller folds and forgets): writing it would cost the member a model's worth of
+    /// copying and disk I/O in the middle of the transfer, for a copy nobody reads.
+    pub fn import_transient(&self, bytes: &Arc<Vec<u8>>, chunk_size: u32) -> Result<Manifest, StoreError> {
+        let manifest = Manifest::of_bytes(bytes, chunk_size)?;
+        let id = manifest.id();
+        let mut blobs = lock(&self.inner.blobs);
+        if !blobs
+            .get(&id)
+            .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
+        {
+            let entry = Entry::complete(manifest.clone(), Data::Transient(Arc::downgrade(bytes)));
+            blobs.insert(id, Arc::new(entry));
+        }
+        Ok(manifest)
     }
 
     /// Lets reads of blob `id` come from `bytes` (the blob's content, which the caller holds in
@@ -714,7 +762,7 @@ impl BlobStore {
         }
         match &e.data {
             Data::Disk { path, .. } => Some(path.clone()),
-            Data::Memory(_) | Data::Shared(_) => None,
+            Data::Memory(_) | Data::Shared(_) | Data::Transient(_) => None,
         }
     }
 
@@ -962,6 +1010,41 @@ mod tests {
         // A reopened store finds it whole.
         let again = BlobStore::open(dir.path()).expect("reopen");
         assert!(again.is_complete(&m.id()));
+    }
+
+    #[test]
+    fn transient_import_is_served_while_held_never_written_and_gone_once_let_go() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096 + 10));
+        let m = store.import_transient(&data, 4096).expect("import");
+        assert_eq!(m, Manifest::of_bytes(&data, 4096).expect("m"));
+        assert!(store.is_complete(&m.id()));
+        assert_eq!(store.read_all(&m.id()).expect("read"), *data);
+        assert_eq!(Arc::strong_count(&data), 1, "the store keeps no reference of its own");
+        assert_eq!(store.data_path(&m.id()), None, "nothing on disk");
+        let on_disk: Vec<_> = std::fs::read_dir(dir.path().join("blobs")).expect("dir").collect();
+        assert!(on_disk.is_empty(), "no file written: {on_disk:?}");
+        // The producer takes its bytes back (e.g. to reuse the memory): the blob is gone,
+        // and is not found complete where a fetch would look.
+        let mine = Arc::try_unwrap(data).expect("sole owner");
+        assert_eq!(store.read_chunk(&m.id(), 0).expect("read"), None);
+        assert!(!store.is_complete(&m.id()));
+        assert_eq!(store.missing(&m.blob_ref()).expect("missing").len(), 4);
+
+        // Kept after all: importing it for real replaces the transient entry.
+        let data = Arc::new(mine);
+        store.import_transient(&data, 4096).expect("again");
+        let (_, written) = store.import_shared(data.clone(), 4096).expect("shared");
+        futures::executor::block_on(written.wait());
+        drop(data);
+        assert!(store.is_complete(&m.id()), "written, so held without its producer");
+        assert!(store.data_path(&m.id()).is_some());
+        // And a blob the store keeps stays kept when offered as transient.
+        let copy = Arc::new(store.read_all(&m.id()).expect("read"));
+        store.import_transient(&copy, 4096).expect("transient of a kept blob");
+        drop(copy);
+        assert!(store.is_complete(&m.id()));
     }
 
     /// A disk store holding a blob of three 4 KiB chunks, lent from the returned bytes, whose

@@ -398,6 +398,7 @@ async fn embed(
     let model = frozen.model().map_err(anyhow::Error::msg)?;
     let blob = comm.publish(Arc::new(model)).await?;
     let task = Task {
+        transient_output: false,
         name: inference::EMBED_TASK.into(),
         round: 0,
         input: Some(blob),

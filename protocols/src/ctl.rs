@@ -105,6 +105,11 @@ pub enum Request {
         input_from: Vec<PeerId>,
         /// Task parameters.
         props: BTreeMap<String, Value>,
+        /// The output model is pulled once, by the task's sender, before the next task: the
+        /// executor serves it from memory and does not store it (a FedAvg update, which the
+        /// controller folds and forgets). Absent means it is stored, for anyone to pull later.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        transient_output: bool,
     },
     /// An executor reports a finished task.
     TaskResult {
@@ -293,16 +298,20 @@ mod tests {
                 any::<u32>(),
                 proptest::option::of(blob_ref()),
                 proptest::collection::vec(any::<[u8; 32]>(), 0..3),
-                proptest::collection::btree_map(".{0,6}", value(), 0..4)
+                proptest::collection::btree_map(".{0,6}", value(), 0..4),
+                any::<bool>()
             )
-                .prop_map(|(task_id, name, round, input, from, props)| Request::Task {
-                    task_id,
-                    name,
-                    round,
-                    input,
-                    input_from: from.into_iter().map(peer).collect(),
-                    props
-                }),
+                .prop_map(
+                    |(task_id, name, round, input, from, props, transient_output)| Request::Task {
+                        task_id,
+                        name,
+                        round,
+                        input,
+                        input_from: from.into_iter().map(peer).collect(),
+                        props,
+                        transient_output
+                    }
+                ),
             (
                 any::<u64>(),
                 prop_oneof![

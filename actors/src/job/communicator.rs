@@ -199,6 +199,7 @@ impl Communicator {
                     input: task.input,
                     input_from: task.input_from.clone(),
                     props: task.props.clone(),
+                    transient_output: task.transient_output,
                 },
             };
             async move { (peer, task_id, self.node.net().request(peer, req).await) }

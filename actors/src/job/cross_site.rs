@@ -360,6 +360,7 @@ async fn collect_models(
     let job = comm.job();
     let deadline = Instant::now() + cfg.task_timeout;
     let task = Task {
+        transient_output: false,
         name: "submit_model".into(),
         round: 0,
         input: None,
@@ -444,6 +445,7 @@ async fn fill_matrix(
             let Some(r) = queues[c].pop_front() else { continue };
             let Ok(blob) = rows[r].blob else { continue };
             let task = Task {
+                transient_output: false,
                 name: "validate".into(),
                 round: 0,
                 input: Some(blob),

@@ -110,6 +110,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         let started = Instant::now();
         let order = round_order(cfg, round);
         let task = Task {
+            transient_output: false,
             name: "train".into(),
             round,
             input: None,

@@ -149,7 +149,16 @@ pub struct ExecutorState {
     /// The bytes of the last output model, shared with the store so that whoever pulls the
     /// result soon after the task (the controller, the next member) reads it from memory;
     /// released when the next task needs the memory.
-    held_output: Option<(BlobRef, Arc<Vec<u8>>)>,
+    held_output: Option<HeldOutput>,
+}
+
+/// The last output model, in memory.
+struct HeldOutput {
+    blob: BlobRef,
+    bytes: Arc<Vec<u8>>,
+    /// Served from these bytes only, never stored ([`super::Task::transient_output`]): gone
+    /// from the store once they are reused.
+    transient: bool,
 }
 
 /// What the executor actor starts with.
@@ -305,6 +314,22 @@ async fn fetch_model(
     .map_err(|e| e.to_string())?
 }
 
+/// Stores a transient last output after all, before a task that is not a round of training
+/// reuses its memory: what comes next (cross-site evaluation, say) may still ask for the
+/// member's last model.
+async fn keep_transient_output(state: &mut ExecutorState) -> Result<(), String> {
+    let Some(h) = state.held_output.as_mut().filter(|h| h.transient) else {
+        return Ok(());
+    };
+    let (store, bytes) = (state.node.store().clone(), h.bytes.clone());
+    tokio::task::spawn_blocking(move || store.import_shared(bytes, DEFAULT_CHUNK_SIZE))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("storing the last output model: {e}"))?;
+    h.transient = false;
+    Ok(())
+}
+
 async fn run(
     state: &mut ExecutorState,
     ctx: &TaskContext,
@@ -312,16 +337,28 @@ async fn run(
     from: PeerId,
 ) -> Result<RunOutput, String> {
     let started = std::time::Instant::now();
+    if task.input.is_some() && task.name != "train" {
+        keep_transient_output(state).await?;
+    }
     let input = match task.input {
         Some(blob) => {
-            let bytes = match state.held_output.take() {
+            let held = state.held_output.take();
+            // A transient output whose memory is reused is gone: a later `submit_model` must
+            // not hand it over (a train task sets a new one).
+            if let Some(h) = held.as_ref().filter(|h| h.transient)
+                && state.last_output.is_some_and(|b| b.id == h.blob.id)
+            {
+                state.last_output = None;
+            }
+            let bytes = match held {
                 // The input is this member's own last output (e.g. the only result of a
                 // round, or every result the same): no pull, and no copy when the store is
                 // done with it.
-                Some((held, bytes)) if held.id == blob.id => Arc::try_unwrap(bytes).unwrap_or_else(|b| (*b).clone()),
+                Some(h) if h.blob.id == blob.id => Arc::try_unwrap(h.bytes).unwrap_or_else(|b| (*b).clone()),
                 held => {
-                    // The store is done with the last output once it is on disk.
-                    let spare = held.and_then(|(_, bytes)| Arc::try_unwrap(bytes).ok());
+                    // The store is done with the last output once it is on disk (or at once,
+                    // for a transient one that has been pulled).
+                    let spare = held.and_then(|h| Arc::try_unwrap(h.bytes).ok());
                     tracing::debug!(reused = spare.is_some(), "pulling the input model");
                     // A task that names where to pull from passes models member to member
                     // (relays, swarm rounds, cross-site validation), so others may pull this
@@ -384,14 +421,24 @@ async fn run(
             let store = state.node.store().clone();
             let bytes = Arc::new(model.into_safetensors());
             let shared = bytes.clone();
-            let (manifest, _written) =
-                tokio::task::spawn_blocking(move || store.import_shared(shared, DEFAULT_CHUNK_SIZE))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("storing the output model: {e}"))?;
+            let transient = task.transient_output;
+            let manifest = tokio::task::spawn_blocking(move || {
+                if transient {
+                    store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
+                } else {
+                    store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("storing the output model: {e}"))?;
             let blob = manifest.blob_ref();
-            tracing::debug!(secs = started.elapsed().as_secs_f64(), "output model published");
-            state.held_output = Some((blob, bytes));
+            tracing::debug!(
+                secs = started.elapsed().as_secs_f64(),
+                transient,
+                "output model published"
+            );
+            state.held_output = Some(HeldOutput { blob, bytes, transient });
             Some(blob)
         }
         None => None,

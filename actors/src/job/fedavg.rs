@@ -260,6 +260,8 @@ pub(crate) async fn one_round(
         input: Some(blob),
         input_from: input_from.to_vec(),
         props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
+        // The controller folds each result as it arrives and forgets it.
+        transient_output: true,
     };
     let mut pending = comm.broadcast(&task, &cfg.clients).await;
     if let Some(n) = sent {

@@ -241,6 +241,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             input,
             input_from,
             props,
+            transient_output,
         } => match r.executors.get(&job) {
             Some(ExecutorRoute { actor, controller, .. }) if controller.is_none_or(|c| c == peer) => {
                 let task = Task {
@@ -249,6 +250,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                     input,
                     input_from,
                     props,
+                    transient_output,
                 };
                 match actor.cast(ExecutorMsg::Run {
                     job,

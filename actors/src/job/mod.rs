@@ -86,6 +86,9 @@ pub struct Task {
     pub input_from: Vec<PeerId>,
     /// Parameters.
     pub props: BTreeMap<String, Value>,
+    /// Only the sender pulls the output, once, before its next task to this member: it is
+    /// served from memory and not stored (see [`crate::BlobStore::import_transient`]).
+    pub transient_output: bool,
 }
 
 /// A finished task, as its controller receives it.

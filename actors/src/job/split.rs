@@ -328,6 +328,7 @@ async fn forward(
 ) -> Result<Vec<Vec<f32>>, SplitError> {
     let rows = wire::id_bytes(ids).ok_or_else(|| SplitError::Config("a sample id does not fit a u32".into()))?;
     let task = Task {
+        transient_output: false,
         name: wire::FORWARD.into(),
         round: epoch,
         input: None,
@@ -405,6 +406,7 @@ async fn backward(
         let bytes = g.len() * 4;
         traffic.gradients += bytes as u64;
         let mut task = Task {
+            transient_output: false,
             name: wire::BACKWARD.into(),
             round: epoch,
             input: None,
