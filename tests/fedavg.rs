@@ -160,11 +160,11 @@ impl Learner for AddK {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_on_disk_pull_each_new_model_into_the_memory_of_their_last_result() {
+async fn clients_on_disk_pull_each_new_model_into_the_memory_of_their_last_result_and_write_nothing() {
     within(120, async {
-        // Once a client's store has written its last result to disk, the client pulls the
-        // next round's model into that result's buffer: every byte must be the new model's.
-        // Integer weights keep the mean of +1 and +3 exact in any order: +2 a round.
+        // A FedAvg result is transient: once the controller has pulled it, the client pulls
+        // the next round's model into that result's buffer: every byte must be the new
+        // model's. Integer weights keep the mean of +1 and +3 exact in any order: +2 a round.
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
         let stores = dirs.iter().map(|d| BlobStore::open(d.path()).expect("store")).collect();
         let names = (0..3).map(|i| format!("site-{i}")).collect();
@@ -182,6 +182,12 @@ async fn clients_on_disk_pull_each_new_model_into_the_memory_of_their_last_resul
             out.model == integers(8.0),
             "every weight equals initial + 4 x 2, exactly"
         );
+        // Neither the inputs (pulled from the controller, which holds them) nor the results
+        // (pulled once by the controller) were written to a client's disk.
+        for d in &dirs[1..] {
+            let files: Vec<_> = std::fs::read_dir(d.path().join("blobs")).expect("blobs dir").collect();
+            assert!(files.is_empty(), "a client wrote {files:?}");
+        }
     })
     .await;
 }
