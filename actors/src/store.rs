@@ -466,6 +466,23 @@ impl BlobStore {
     /// view keeps the blob's bytes alive until it is dropped; [`Self::end_lend`] stops
     /// further views of a lent blob.
     pub fn read_chunk_to_send(&self, id: &BlobId, index: u64) -> Result<Option<ChunkBytes>, StoreError> {
+        self.read_chunk_to_send_into(id, index, Vec::new())
+    }
+
+    /// [`Self::read_chunk_to_send`], reading a chunk that comes from disk into `buf` (resized
+    /// to the chunk's length). So the caller picks the thread that allocates it: glibc gives
+    /// each thread that allocates an arena of its own and keeps freed memory there, and 1 MiB
+    /// chunks allocated on tokio's many blocking threads (where the read itself must run)
+    /// kept a controller serving 8 clients about 13 MiB larger (see docs/benchmarks.md).
+    pub fn read_chunk_to_send_into(
+        &self,
+        id: &BlobId,
+        index: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<Option<ChunkBytes>, StoreError> {
+        if let Some(view) = self.chunk_in_memory(id, index) {
+            return Ok(Some(view));
+        }
         let Some(e) = self.entry(id) else {
             return Ok(None);
         };
@@ -474,27 +491,43 @@ impl BlobStore {
         }
         let len = e.manifest.chunk_len(index);
         let off = index * u64::from(e.manifest.chunk_size);
-        let range = off as usize..off as usize + len;
         let out = match &e.data {
-            Data::Memory(buf) => ChunkBytes::Owned(buf.read().unwrap_or_else(|p| p.into_inner())[range].to_vec()),
-            Data::Shared(bytes) => ChunkBytes::Held {
-                bytes: bytes.clone(),
-                range,
-            },
-            Data::Transient(w) => match w.upgrade() {
-                Some(bytes) => ChunkBytes::Held { bytes, range },
+            Data::Memory(mem) => {
+                buf.clear();
+                buf.extend_from_slice(&mem.read().unwrap_or_else(|p| p.into_inner())[off as usize..off as usize + len]);
+                ChunkBytes::Owned(buf)
+            }
+            Data::Disk { file, path, .. } => {
+                buf.resize(len, 0);
+                file.read_exact_at(&mut buf, off).map_err(io_err(path))?;
+                ChunkBytes::Owned(buf)
+            }
+            // Held in memory, or gone since the view above was missed.
+            Data::Shared(_) | Data::Transient(_) => match self.chunk_in_memory(id, index) {
+                Some(view) => view,
                 None => return Ok(None),
-            },
-            Data::Disk { file, path, .. } => match lock(&e.hot).upgrade() {
-                Some(bytes) => ChunkBytes::Held { bytes, range },
-                None => {
-                    let mut out = vec![0u8; len];
-                    file.read_exact_at(&mut out, off).map_err(io_err(path))?;
-                    ChunkBytes::Owned(out)
-                }
             },
         };
         Ok(Some(out))
+    }
+
+    /// Chunk `index` as a view of bytes held in memory (shared, transient or lent), without
+    /// any I/O: so a sender can skip the blocking read. `None` when it must be read (from
+    /// disk, or copied out of a memory store) or is not held.
+    pub fn chunk_in_memory(&self, id: &BlobId, index: u64) -> Option<ChunkBytes> {
+        let e = self.entry(id)?;
+        if !e.has_chunk(index) {
+            return None;
+        }
+        let off = index as usize * e.manifest.chunk_size as usize;
+        let range = off..off + e.manifest.chunk_len(index);
+        let bytes = match &e.data {
+            Data::Shared(bytes) => bytes.clone(),
+            Data::Transient(w) => w.upgrade()?,
+            Data::Disk { .. } => lock(&e.hot).upgrade()?,
+            Data::Memory(_) => return None,
+        };
+        Some(ChunkBytes::Held { bytes, range })
     }
 
     /// Stores a whole blob read from `reader`, hashing it as it goes, and returns its manifest.

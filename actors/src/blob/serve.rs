@@ -93,6 +93,14 @@ async fn idle<T, E: Into<ServeError>>(f: impl Future<Output = Result<T, E>>) -> 
         .map_err(Into::into)
 }
 
+/// A chunk the server has read ahead.
+enum Ahead {
+    /// In hand (a view of bytes in memory), or known absent.
+    Ready(Option<ChunkBytes>),
+    /// Being read from disk.
+    Reading(tokio::task::JoinHandle<Result<Option<ChunkBytes>, StoreError>>),
+}
+
 impl Server {
     async fn serve(&self, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
         let req = idle(read_request(&mut stream)).await?;
@@ -133,7 +141,8 @@ impl Server {
             }
             // The permit, if any, is held until the chunk is sent.
             let (chunk, _permit) = match ahead.pop_front() {
-                Some((h, permit)) => (h.await.map_err(|e| ServeError::Join(e.to_string()))??, permit),
+                Some((Ahead::Ready(c), permit)) => (c, permit),
+                Some((Ahead::Reading(h), permit)) => (h.await.map_err(|e| ServeError::Join(e.to_string()))??, permit),
                 None => (None, None),
             };
             while credits == 0 {
@@ -184,9 +193,18 @@ impl Server {
         Ok(m)
     }
 
-    fn read_ahead(&self, blob: BlobRef, index: u64) -> tokio::task::JoinHandle<Result<Option<ChunkBytes>, StoreError>> {
+    /// Chunk `index`, or a read of it under way. A chunk held in memory is a view, at once;
+    /// one on disk is read on a blocking thread into a buffer allocated here, on a runtime
+    /// worker (see [`BlobStore::read_chunk_to_send_into`]).
+    fn read_ahead(&self, blob: BlobRef, index: u64) -> Ahead {
+        if let Some(view) = self.store.chunk_in_memory(&blob.id, index) {
+            return Ahead::Ready(Some(view));
+        }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.read_chunk_to_send(&blob.id, index))
+        let buf = vec![0u8; blob.chunk_size as usize];
+        Ahead::Reading(tokio::task::spawn_blocking(move || {
+            store.read_chunk_to_send_into(&blob.id, index, buf)
+        }))
     }
 
     async fn stall_if_armed(&self) {
