@@ -1046,6 +1046,36 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_read_from_disk_goes_into_the_callers_buffer_and_one_held_in_memory_is_a_view() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = bytes(3 * 4096);
+        let m = store.import_bytes(&data, 4096).expect("import");
+        // The buffer is allocated by the caller (on its thread) and comes back holding the chunk.
+        let buf = vec![0u8; 4096];
+        let at = buf.as_ptr();
+        match store.read_chunk_to_send_into(&m.id(), 1, buf).expect("read") {
+            Some(ChunkBytes::Owned(v)) => {
+                assert_eq!(v.as_ptr(), at, "read into the buffer given");
+                assert_eq!(v, data[4096..8192]);
+            }
+            other => panic!("expected an owned chunk, got {other:?}"),
+        }
+        assert!(store.chunk_in_memory(&m.id(), 1).is_none(), "on disk only: no view");
+        let held = Arc::new(data.clone());
+        assert!(store.lend(&m.id(), &held));
+        match store.chunk_in_memory(&m.id(), 2) {
+            Some(ChunkBytes::Held { bytes, range }) => {
+                assert!(Arc::ptr_eq(&bytes, &held));
+                assert_eq!(range, 8192..12288);
+            }
+            other => panic!("expected a view, got {other:?}"),
+        }
+        store.end_lend(&m.id());
+        assert!(store.chunk_in_memory(&m.id(), 2).is_none());
+    }
+
+    #[test]
     fn transient_import_is_served_while_held_never_written_and_gone_once_let_go() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(dir.path()).expect("open");
