@@ -325,14 +325,7 @@ async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     ensure!(got == c.size, "received {got} of {} bytes", c.size);
     eprintln!("tcp: {got} bytes in {secs:.3} s ({:.0} MiB/s)", mib_per_s(got, secs));
-    emit(&Event::Received {
-        bytes: got,
-        secs,
-        verified: None,
-        verify_secs: None,
-        source_errors: None,
-        cpu: Cpu::now()?.since(cpu0),
-    })
+    received(got, secs, cpu0)
 }
 
 async fn tcp_send(c: &Common, connect: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
@@ -395,32 +388,23 @@ async fn raw_recv(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
     ensure!(from == p.peer, "stream from unexpected peer {from}");
     let start = Instant::now();
     let cpu0 = Cpu::now()?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut got = 0u64;
-    loop {
-        let n = within(STALL, "reading the stream", stream.read(&mut buf)).await?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-        ensure!(
-            got <= p.common.size,
-            "the sender sent more than {} bytes",
-            p.common.size
-        );
-    }
-    let secs = start.elapsed().as_secs_f64();
-    ensure!(got == p.common.size, "received {got} of {} bytes", p.common.size);
+    read_all_of(&mut stream, p.common.size).await?;
+    let (got, secs) = (p.common.size, start.elapsed().as_secs_f64());
     eprintln!("libp2p: {got} bytes in {secs:.3} s ({:.0} MiB/s)", mib_per_s(got, secs));
+    received(got, secs, cpu0)?;
+    Ok(node)
+}
+
+/// Reports a baseline's measurement (bytes, no blob to verify).
+fn received(bytes: u64, secs: f64, cpu0: Cpu) -> anyhow::Result<()> {
     emit(&Event::Received {
-        bytes: got,
+        bytes,
         secs,
         verified: None,
         verify_secs: None,
         source_errors: None,
         cpu: Cpu::now()?.since(cpu0),
-    })?;
-    Ok(node)
+    })
 }
 
 async fn raw_send(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
@@ -430,14 +414,7 @@ async fn raw_send(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
         .await
         .map_err(|_| anyhow!("no stream to the receiver within {timeout:?}"))?
         .map_err(|e| anyhow!("opening a stream to the receiver: {e}"))?;
-    let buf = send_buffer();
-    let mut left = p.common.size;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        within(STALL, "writing the stream", stream.write_all(&buf[..n])).await?;
-        left -= n as u64;
-    }
-    within(STALL, "closing the stream", stream.close()).await?;
+    write_all_of(&mut stream, p.common.size, &send_buffer()).await?;
     emit(&Event::Sent { bytes: p.common.size })?;
     Ok(node)
 }
@@ -521,14 +498,7 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
         "bare round: {bytes} bytes in {secs:.3} s ({:.0} MiB/s)",
         mib_per_s(bytes, secs)
     );
-    emit(&Event::Received {
-        bytes,
-        secs,
-        verified: None,
-        verify_secs: None,
-        source_errors: None,
-        cpu: Cpu::now()?.since(cpu0),
-    })?;
+    received(bytes, secs, cpu0)?;
     Ok(node)
 }
 
