@@ -222,6 +222,27 @@ impl Entry {
         !matches!(self.data, Data::Transient(_))
     }
 
+    /// Held whole by the store itself: importing the same bytes again is a no-op.
+    fn is_kept_whole(&self) -> bool {
+        self.is_kept() && lock(&self.have).present == self.manifest.chunk_count()
+    }
+
+    /// Chunk `index` as a view of the blob's bytes in memory (shared, transient, or lent to
+    /// a disk blob), if they are there. The caller has checked that the chunk is held.
+    fn view(&self, index: u64) -> Option<ChunkBytes> {
+        let bytes = match &self.data {
+            Data::Shared(bytes) => bytes.clone(),
+            Data::Transient(w) => w.upgrade()?,
+            Data::Disk { .. } => lock(&self.hot).upgrade()?,
+            Data::Memory(_) => return None,
+        };
+        let off = index as usize * self.manifest.chunk_size as usize;
+        Some(ChunkBytes::Held {
+            bytes,
+            range: off..off + self.manifest.chunk_len(index),
+        })
+    }
+
     fn has_chunk(&self, index: u64) -> bool {
         usize::try_from(index)
             .ok()
@@ -480,14 +501,14 @@ impl BlobStore {
         index: u64,
         mut buf: Vec<u8>,
     ) -> Result<Option<ChunkBytes>, StoreError> {
-        if let Some(view) = self.chunk_in_memory(id, index) {
-            return Ok(Some(view));
-        }
         let Some(e) = self.entry(id) else {
             return Ok(None);
         };
         if !e.has_chunk(index) {
             return Ok(None);
+        }
+        if let Some(view) = e.view(index) {
+            return Ok(Some(view));
         }
         let len = e.manifest.chunk_len(index);
         let off = index * u64::from(e.manifest.chunk_size);
@@ -502,11 +523,8 @@ impl BlobStore {
                 file.read_exact_at(&mut buf, off).map_err(io_err(path))?;
                 ChunkBytes::Owned(buf)
             }
-            // Held in memory, or gone since the view above was missed.
-            Data::Shared(_) | Data::Transient(_) => match self.chunk_in_memory(id, index) {
-                Some(view) => view,
-                None => return Ok(None),
-            },
+            // A transient blob whose producer let go: gone.
+            Data::Shared(_) | Data::Transient(_) => return Ok(None),
         };
         Ok(Some(out))
     }
@@ -515,19 +533,7 @@ impl BlobStore {
     /// any I/O: so a sender can skip the blocking read. `None` when it must be read (from
     /// disk, or copied out of a memory store) or is not held.
     pub fn chunk_in_memory(&self, id: &BlobId, index: u64) -> Option<ChunkBytes> {
-        let e = self.entry(id)?;
-        if !e.has_chunk(index) {
-            return None;
-        }
-        let off = index as usize * e.manifest.chunk_size as usize;
-        let range = off..off + e.manifest.chunk_len(index);
-        let bytes = match &e.data {
-            Data::Shared(bytes) => bytes.clone(),
-            Data::Transient(w) => w.upgrade()?,
-            Data::Disk { .. } => lock(&e.hot).upgrade()?,
-            Data::Memory(_) => return None,
-        };
-        Some(ChunkBytes::Held { bytes, range })
+        self.entry(id).filter(|e| e.has_chunk(index))?.view(index)
     }
 
     /// Stores a whole blob read from `reader`, hashing it as it goes, and returns its manifest.
@@ -574,10 +580,7 @@ impl BlobStore {
         let manifest = builder.finish()?;
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        if blobs
-            .get(&id)
-            .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
-        {
+        if blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
             if let Some((_, _, path)) = tmp {
                 let _ = std::fs::remove_file(path);
             }
@@ -624,10 +627,7 @@ impl BlobStore {
         let id = manifest.id();
         let entry = {
             let mut blobs = lock(&self.inner.blobs);
-            if blobs
-                .get(&id)
-                .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
-            {
+            if blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
                 return Ok((manifest, Written::done()));
             }
             let entry = Arc::new(Entry::complete(manifest.clone(), Data::Shared(bytes.clone())));
@@ -667,10 +667,7 @@ impl BlobStore {
         let manifest = Manifest::of_bytes(bytes, chunk_size)?;
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        if !blobs
-            .get(&id)
-            .is_some_and(|e| e.is_kept() && lock(&e.have).present == manifest.chunk_count())
-        {
+        if !blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
             let entry = Entry::complete(manifest.clone(), Data::Transient(Arc::downgrade(bytes)));
             blobs.insert(id, Arc::new(entry));
         }

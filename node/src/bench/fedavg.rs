@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::Args;
-use libp2p::identity::Keypair;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -175,11 +174,8 @@ async fn bare_round(
     clients: usize,
     deadline: tokio::time::Instant,
 ) -> anyhow::Result<f64> {
-    let key = |name: &str| -> anyhow::Result<(String, String)> {
-        let k = Keypair::generate_ed25519();
-        let path = dir.join(format!("{name}.key"));
-        crate::keys::write_key(&path, &k)?;
-        Ok((path.display().to_string(), k.public().to_peer_id().to_string()))
+    let key = |name: &str| {
+        super::write_key(dir, &format!("{name}.key")).map(|(path, id)| (path.display().to_string(), id.to_string()))
     };
     let common = |role: &str| {
         vec![
@@ -253,9 +249,8 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         .collect();
     let mut members = Vec::new();
     for n in &names {
-        let key = Keypair::generate_ed25519();
-        crate::keys::write_key(&dir.join(format!("{n}.key")), &key)?;
-        members.push((n.clone(), key.public().to_peer_id().to_string(), None));
+        let (_, id) = super::write_key(dir, &format!("{n}.key"))?;
+        members.push((n.clone(), id.to_string(), None));
     }
     eprintln!(
         "fedavg: {} MiB model in {} tensors, {} clients, {} rounds, one process per member",

@@ -294,7 +294,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
 }
 
 /// Writes a fresh identity key for one child (mode 0600).
-fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PeerId)> {
+pub(super) fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PeerId)> {
     let key = Keypair::generate_ed25519();
     let path = dir.join(name);
     crate::keys::write_key(&path, &key)?;
