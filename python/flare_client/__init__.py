@@ -22,7 +22,8 @@ The aggregation weight is ``meta["num_samples"]`` (or ``meta["NUM_STEPS_CURRENT_
 
 Install with ``pip install ./python`` (building needs setuptools and wheel, fetched by pip
 unless ``--no-build-isolation`` finds them installed), or put ``python/`` on ``PYTHONPATH``.
-No dependencies; numpy is optional.
+No dependencies; numpy is optional, and ``pip install ./python[numpy]`` brings numpy and the
+``safetensors`` package, which then reads and writes the model files.
 
 The wire protocol (CBOR messages over the Unix socket named by ``FLARE_CLIENT_SOCKET``, models
 as safetensors files) is specified in flare-node's ``protocols/src/client_api.rs``.
