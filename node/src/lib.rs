@@ -50,10 +50,14 @@ enum Command {
     BenchPeer(bench::PeerArgs),
 }
 
+/// What `RUST_LOG` defaults to: one line per event a user cares about. ractor wraps every
+/// actor in an INFO span (`Actor{id=..}`) that would prefix each line; its warnings stay.
+const DEFAULT_LOG_FILTER: &str = "info,libp2p_swarm=warn,ractor=warn";
+
 pub(crate) fn init_tracing() {
     // `try_init`: a second call (tests) keeps the first subscriber.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

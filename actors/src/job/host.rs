@@ -301,7 +301,8 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         },
         Request::Join { member } => match r.controllers.get(&job) {
             Some(c) => {
-                tracing::info!(job = %job, %member, %peer, "member joined");
+                tracing::info!(job = %job, %member, "member joined");
+                tracing::debug!(job = %job, %member, %peer, "member's peer id");
                 let _ = c.joins.send(peer);
                 CtlResponse::Welcome {
                     job,
@@ -313,7 +314,8 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         },
         Request::Abort { reason, failed } => match r.executors.get(&job) {
             Some(e) if e.controller.is_none_or(|c| c == peer) => {
-                tracing::info!(job = %job, %reason, failed, "the controller ended the job");
+                // At DEBUG: every member of a sim would print it; `run` and `sim` report the end.
+                tracing::debug!(job = %job, %reason, failed, "the controller ended the job");
                 let end = Ending { reason, failed };
                 e.ended.send_replace(Some(end.clone()));
                 if let Some(e) = r.executors.remove(&job) {
