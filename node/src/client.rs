@@ -81,7 +81,7 @@ pub fn init_from(args: impl IntoIterator<Item = OsString>) -> Result<Client, Cli
     let args = InitArgs::try_parse_from(argv)
         .map_err(|e| ClientError::Config(e.to_string()))?
         .run;
-    crate::init_tracing();
+    crate::init_tracing(crate::DEFAULT_LOG_FILTER);
     let (client, learner) = client_pair(JobId(topo.job.clone()), &name, timeout);
     let end = learner.job_end();
     std::thread::Builder::new()

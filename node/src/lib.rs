@@ -53,11 +53,14 @@ enum Command {
 /// What `RUST_LOG` defaults to: one line per event a user cares about. ractor wraps every
 /// actor in an INFO span (`Actor{id=..}`) that would prefix each line; its warnings stay.
 const DEFAULT_LOG_FILTER: &str = "info,libp2p_swarm=warn,ractor=warn";
+/// `sim`'s default: its members' listening addresses and connections to each other are the
+/// simulation's plumbing, one line per member or pair, so they are left out too.
+const SIM_LOG_FILTER: &str = "info,libp2p_swarm=warn,ractor=warn,flare_actors::network=warn";
 
-pub(crate) fn init_tracing() {
+pub(crate) fn init_tracing(default_filter: &str) {
     // `try_init`: a second call (tests) keeps the first subscriber.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -75,7 +78,10 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    init_tracing();
+    init_tracing(match cli.command {
+        Command::Sim(_) => SIM_LOG_FILTER,
+        _ => DEFAULT_LOG_FILTER,
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -308,7 +308,7 @@ pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> 
             })?;
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
-                tracing::debug!(%address, "listening");
+                tracing::info!(%address, "listening");
                 listen_addrs.push(address);
             }
             SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
@@ -563,15 +563,14 @@ impl SwarmOwner {
                 for waiter in self.connecting.remove(&peer_id).unwrap_or_default() {
                     let _ = waiter.send(Ok(()));
                 }
-                self.log_connection(&peer_id, endpoint.is_dialer(), "connected");
+                self.log_connection(&peer_id, "connected");
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                endpoint,
                 num_established: 0,
                 ..
-            } => self.log_connection(&peer_id, endpoint.is_dialer(), "disconnected"),
+            } => self.log_connection(&peer_id, "disconnected"),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer) = peer_id {
                     for waiter in self.connecting.remove(&peer).unwrap_or_default() {
@@ -585,21 +584,16 @@ impl SwarmOwner {
             } => {
                 tracing::debug!(addr = %send_back_addr, %error, "incoming connection failed");
             }
-            SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             _ => {}
         }
     }
 
-    /// One line per connection event, by member names: at INFO from the side that dialed (so
-    /// a sim of many members prints each connection once, not once per end), at DEBUG from
-    /// the other.
-    fn log_connection(&self, peer: &PeerId, dialer: bool, what: &str) {
-        let (me, them) = (self.member_name(self.swarm.local_peer_id()), self.member_name(peer));
-        if dialer {
-            tracing::info!(member = %me, peer = %them, "{what}");
-        } else {
-            tracing::debug!(member = %me, peer = %them, "{what}");
-        }
+    /// One line per connection event, naming the member (its peer id at DEBUG). A `sim` of
+    /// many members in one process leaves these out by default (see `flare-node`'s filter).
+    fn log_connection(&self, peer: &PeerId, what: &str) {
+        tracing::info!(member = %self.member_name(peer), "{what}");
+        tracing::debug!(%peer, "{what}");
     }
 
     fn member_name(&self, peer: &PeerId) -> String {
