@@ -32,12 +32,13 @@ use tokio::sync::Notify;
 use self::receiver::{ReceiveError, Source};
 use crate::lock;
 use crate::network::NetworkHandle;
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, ChunkBytes, StoreError};
 
-/// Called with each chunk this fetch stores (index, verified bytes), on a blocking thread, so
+/// Called once with every chunk of the blob (index, verified bytes), on a blocking thread, so
 /// work on the bytes (streaming aggregation) overlaps the transfer and needs no re-read.
-/// Chunks the store already held when the fetch started are not passed: read them from the
-/// store ([`FetchReport::already_present`] says how many there were).
+/// Chunks that arrive are handed over as they are stored; chunks the store already held
+/// (a resumed transfer, a blob held whole) are read from it and handed over at the end of a
+/// successful fetch, with no network for them. A failed fetch may have handed over only some.
 pub type ChunkFn = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 /// Called as chunks are stored, for progress bars and logs.
@@ -68,7 +69,7 @@ pub struct FetchOptions {
     pub max_len: u64,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
-    /// Each newly stored chunk's bytes (see [`ChunkFn`]).
+    /// Every chunk's bytes (see [`ChunkFn`]).
     pub on_chunk: Option<ChunkFn>,
     /// Whether verified chunks go into the store. When false they go only to `on_chunk`,
     /// for a caller that consumes them as they come (an aggregator folding a result it will
@@ -248,6 +249,9 @@ pub struct Fetcher {
 struct Target {
     manifest: Arc<Manifest>,
     kind: TargetKind,
+    /// The chunks handed to `on_chunk` so far: each is handed over once per fetch, whether it
+    /// came over the network or from the store.
+    handed: Mutex<Vec<bool>>,
 }
 
 enum TargetKind {
@@ -274,6 +278,14 @@ impl Target {
                 Ok(!std::mem::replace(&mut lock(have)[slot], true))
             }
         }
+    }
+
+    /// Marks chunk `index` handed to `on_chunk`; whether it was not before.
+    fn hand_over(&self, index: u64) -> bool {
+        let mut handed = lock(&self.handed);
+        handed
+            .get_mut(index as usize)
+            .is_some_and(|h| !std::mem::replace(h, true))
     }
 
     /// The chunks not filed yet.
@@ -432,6 +444,11 @@ impl Fetcher {
             } else {
                 TargetKind::Pass(Mutex::new(vec![false; n as usize]))
             },
+            handed: Mutex::new(if opts.on_chunk.is_some() {
+                vec![false; n as usize]
+            } else {
+                Vec::new()
+            }),
         });
         let missing = target.missing()?;
         let already_present = n - missing.len() as u64;
@@ -444,6 +461,7 @@ impl Fetcher {
         };
         trusted.retain(|p| !self.is_distrusted(&blob.id, p));
         if missing.is_empty() {
+            self.hand_over_held(&target, opts).await?;
             report.source_errors = errors;
             return Ok(report);
         }
@@ -487,8 +505,43 @@ impl Fetcher {
                 errors,
             });
         }
+        self.hand_over_held(&target, opts).await?;
         report.source_errors = errors;
         Ok(report)
+    }
+
+    /// Hands `on_chunk` the chunks this fetch has not handed over: those the store held
+    /// before it started (or got from another fetch meanwhile), read from the store on a
+    /// blocking thread (a view, not a copy, of a blob held in memory). So a caller gets every
+    /// chunk through `on_chunk` and fills in nothing itself.
+    async fn hand_over_held(&self, target: &Arc<Target>, opts: &FetchOptions) -> Result<(), FetchError> {
+        let Some(f) = opts.on_chunk.clone() else {
+            return Ok(());
+        };
+        let (store, target) = (self.store.clone(), target.clone());
+        tokio::task::spawn_blocking(move || {
+            let id = target.manifest.id();
+            let mut buf = Vec::new();
+            for i in 0..target.manifest.chunk_count() {
+                if !target.hand_over(i) {
+                    continue;
+                }
+                let chunk = store.read_chunk_to_send(&id, i, buf)?.ok_or(StoreError::NotFound(id))?;
+                f(i, &chunk);
+                buf = match chunk {
+                    ChunkBytes::Owned(v) => v,
+                    ChunkBytes::Held { .. } => Vec::new(),
+                };
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            FetchError::Store(StoreError::Io {
+                path: "<store task>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?
     }
 
     fn note(&self, blob: &BlobId, e: SourceError, errors: &mut Vec<SourceError>) {

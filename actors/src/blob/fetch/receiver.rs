@@ -174,8 +174,9 @@ impl Source<'_> {
     }
 
     /// `Start` → `Header` → `Chunks` → `Done` for one contiguous range: a reader that checks
-    /// frames and a persister that verifies and files them into `target` (then hands them to
-    /// `on_chunk`) and grants a credit for each, joined by a channel of `window` chunks.
+    /// frames and a persister that verifies and files them into `target` (then hands each to
+    /// `on_chunk`, once per fetch) and grants a credit for each, joined by a channel of
+    /// `window` chunks.
     /// `on_new` is called for each chunk that was not filed before.
     pub(super) async fn chunks(
         &self,
@@ -246,7 +247,11 @@ impl Source<'_> {
                     let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
                     let bytes = &buf[off..off + len];
                     let new = target.put(index, bytes)?;
-                    if let (true, Some(f)) = (new, on_chunk) {
+                    // Handed over once, even when the store had it already (from another
+                    // fetch of the same blob, say): it is verified either way.
+                    if let Some(f) = on_chunk
+                        && target.hand_over(index)
+                    {
                         f(index, bytes);
                     }
                     Ok((new, buf))
