@@ -405,35 +405,7 @@ impl Fetcher {
         let manifest = match held {
             Some(m) => m,
             None => {
-                let mut found = None;
-                for &peer in &trusted {
-                    match self
-                        .with_retries(peer, opts, || self.source(peer, opts).hashes(blob, n))
-                        .await
-                    {
-                        Ok(m) => {
-                            found = Some(m);
-                            break;
-                        }
-                        Err(e) => self.note(&blob.id, e, &mut errors),
-                    }
-                }
-                let Some(m) = found else {
-                    if trusted.is_empty() {
-                        return Err(FetchError::NoSources(blob.id));
-                    }
-                    if errors.iter().all(|e| matches!(e, SourceError::NotFound { .. })) {
-                        return Err(FetchError::NotFound {
-                            blob: blob.id,
-                            tried: trusted,
-                        });
-                    }
-                    return Err(FetchError::Incomplete {
-                        blob: blob.id,
-                        missing: n,
-                        errors,
-                    });
-                };
+                let m = self.find_manifest(blob, n, &trusted, opts, &mut errors).await?;
                 if keep { self.store.begin(m)? } else { Arc::new(m) }
             }
         };
@@ -508,6 +480,41 @@ impl Fetcher {
         self.hand_over_held(&target, opts).await?;
         report.source_errors = errors;
         Ok(report)
+    }
+
+    /// Step 1, for a blob whose manifest is not held: asks the sources in turn for the hash
+    /// list and returns the first that hashes to the id.
+    async fn find_manifest(
+        &self,
+        blob: BlobRef,
+        n: u64,
+        trusted: &[PeerId],
+        opts: &FetchOptions,
+        errors: &mut Vec<SourceError>,
+    ) -> Result<Manifest, FetchError> {
+        for &peer in trusted {
+            match self
+                .with_retries(peer, opts, || self.source(peer, opts).hashes(blob, n))
+                .await
+            {
+                Ok(m) => return Ok(m),
+                Err(e) => self.note(&blob.id, e, errors),
+            }
+        }
+        if trusted.is_empty() {
+            return Err(FetchError::NoSources(blob.id));
+        }
+        if errors.iter().all(|e| matches!(e, SourceError::NotFound { .. })) {
+            return Err(FetchError::NotFound {
+                blob: blob.id,
+                tried: trusted.to_vec(),
+            });
+        }
+        Err(FetchError::Incomplete {
+            blob: blob.id,
+            missing: n,
+            errors: std::mem::take(errors),
+        })
     }
 
     /// Hands `on_chunk` the chunks this fetch has not handed over: those the store held
