@@ -7,9 +7,9 @@
 //! the manifest before writing it, so the store never holds a byte that does not belong to
 //! the blob it is filed under.
 //!
-//! - [`disk`]: the on-disk format (`--data-dir`): `<id>.manifest`, the pre-sized `<id>.data`,
+//! - `disk`: the on-disk format (`--data-dir`): `<id>.manifest`, the pre-sized `<id>.data`,
 //!   the `<id>.have` of a partial blob, and `O_DIRECT` writes from aligned buffers.
-//! - [`residency`]: where a held blob's bytes live, and the memory policy on top of the
+//! - `residency`: where a held blob's bytes live, and the memory policy on top of the
 //!   files: lending, shared imports written behind, transient results, in-memory views.
 //!
 //! A partial blob survives a restart of the process: reopening the store reads the `.have`

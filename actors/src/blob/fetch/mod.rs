@@ -1,6 +1,6 @@
 //! The receiver side of `/flare/blob/1`: pull a blob from one or more sources. This file is
 //! the scheduler (which source is asked for what, retries, distrust); each stream it opens
-//! is run by [`receiver`], the per-stream state machine of `flare_protocols::blob`.
+//! is run by `receiver`, the per-stream state machine of `flare_protocols::blob`.
 //!
 //! 1. **Manifest**: unless the store already holds the blob's manifest (a resumed transfer),
 //!    ask the sources in turn for the hash list and keep the first one that hashes to the id.
@@ -8,7 +8,7 @@
 //!    that every source gets several.
 //! 3. **Workers**: one per source; each takes a unit (the first unit of each source is fixed
 //!    in source order, so a test can tell which source serves what), pulls it over one stream
-//!    with a bounded window ([`receiver::Source::chunks`]), and hands each verified chunk to
+//!    with a bounded window (`receiver::Source::chunks`), and hands each verified chunk to
 //!    the store. A unit that fails goes back to the queue minus the chunks already stored,
 //!    and the others pick it up.
 //! 4. **Faults**: a source that is gone is retried (reconnecting) a few times; one that sends
