@@ -116,3 +116,54 @@ async fn blob_refs_beyond_the_limits_are_refused_before_any_transfer() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chunk_goes_to_on_chunk_once_held_or_fetched() {
+    use std::sync::{Arc, Mutex};
+    within(60, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        let data = bytes(20 << 16, 17);
+        let m = src.store().import_bytes(&data, 64 << 10).expect("import");
+        // The receiver holds a few chunks already (a resumed transfer).
+        dst.store().begin(m.clone()).expect("begin");
+        for i in [0u64, 7, 19] {
+            let r = i as usize * (64 << 10)..(i as usize + 1) * (64 << 10);
+            dst.store().put_chunk(&m.id(), i, &data[r]).expect("put");
+        }
+        let blob = m.blob_ref();
+        let fetch_all = |sources: Vec<_>| {
+            let want = data.clone();
+            let got = Arc::new(Mutex::new(vec![None::<Vec<u8>>; 20]));
+            let sink = got.clone();
+            let opts = FetchOptions {
+                on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
+                    let mut g = sink.lock().expect("lock");
+                    assert!(
+                        g[i as usize].replace(b.to_vec()).is_none(),
+                        "chunk {i} handed over twice"
+                    );
+                })),
+                ..FetchOptions::default()
+            };
+            async move {
+                let report = dst.fetch(blob, &sources, &opts).await.expect("fetch");
+                let got: Vec<u8> = got.lock().expect("lock").iter().flatten().flatten().copied().collect();
+                assert!(got == want, "every chunk, in place");
+                report
+            }
+        };
+        let report = fetch_all(vec![src.peer_id()]).await;
+        assert_eq!((report.already_present, report.fetched), (3, 17));
+        // Held whole: every chunk comes from the store, with no source at all.
+        let served = nodes[0].serve_stats().chunks.load(std::sync::atomic::Ordering::Relaxed);
+        let report = fetch_all(Vec::new()).await;
+        assert_eq!((report.already_present, report.fetched), (20, 0));
+        assert_eq!(
+            nodes[0].serve_stats().chunks.load(std::sync::atomic::Ordering::Relaxed),
+            served,
+            "nothing more was sent"
+        );
+    })
+    .await;
+}

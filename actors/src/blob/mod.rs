@@ -2,7 +2,8 @@
 //!
 //! - [`serve`]: answers other peers' pulls from the local store.
 //! - [`fetch`]: pulls a blob from one or more sources into the local store, verifying every
-//!   chunk, resuming from what is already held, and moving work away from sources that fail.
+//!   chunk, resuming from what is already held, and moving work away from sources that fail
+//!   (a scheduler over one receiver state machine per stream).
 //! - [`faults`]: switches that make a source misbehave, for tests of the above.
 
 pub mod faults;

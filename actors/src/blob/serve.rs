@@ -195,7 +195,7 @@ impl Server {
 
     /// Chunk `index`, or a read of it under way. A chunk held in memory is a view, at once;
     /// one on disk is read on a blocking thread into a buffer allocated here, on a runtime
-    /// worker (see [`BlobStore::read_chunk_to_send_into`]).
+    /// worker (see [`BlobStore::read_chunk_to_send`]).
     fn read_ahead(&self, blob: BlobRef, index: u64) -> Ahead {
         if let Some(view) = self.store.chunk_in_memory(&blob.id, index) {
             return Ahead::Ready(Some(view));
@@ -203,7 +203,7 @@ impl Server {
         let store = self.store.clone();
         let buf = vec![0u8; blob.chunk_size as usize];
         Ahead::Reading(tokio::task::spawn_blocking(move || {
-            store.read_chunk_to_send_into(&blob.id, index, buf)
+            store.read_chunk_to_send(&blob.id, index, buf)
         }))
     }
 

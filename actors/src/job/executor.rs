@@ -268,7 +268,7 @@ async fn fetch_model(
 ) -> Result<Vec<u8>, String> {
     let len = usize::try_from(blob.len).map_err(|_| "input model too large for this machine".to_owned())?;
     let cs = blob.chunk_size as usize;
-    let n = blob.chunk_count().map_err(|e| e.to_string())? as usize;
+    blob.chunk_count().map_err(|e| e.to_string())?;
     let bytes = match spare {
         Some(mut v) if v.len() >= len && v.len() - len <= len / 8 => {
             v.truncate(len);
@@ -276,7 +276,7 @@ async fn fetch_model(
         }
         _ => vec![0u8; len],
     };
-    let buf = Arc::new(std::sync::Mutex::new((bytes, vec![false; n])));
+    let buf = Arc::new(std::sync::Mutex::new(bytes));
     let sink = buf.clone();
     let opts = FetchOptions {
         max_len: MAX_INPUT_MODEL,
@@ -284,9 +284,8 @@ async fn fetch_model(
         on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
             let mut b = lock(&sink);
             let at = i as usize * cs;
-            if let Some(dst) = b.0.get_mut(at..at + bytes.len()) {
+            if let Some(dst) = b.get_mut(at..at + bytes.len()) {
                 dst.copy_from_slice(bytes);
-                b.1[i as usize] = true;
             }
         })),
         ..FetchOptions::default()
@@ -295,23 +294,11 @@ async fn fetch_model(
         .await
         .map_err(|e| format!("fetching the input model: {e}"))?;
     drop(opts);
-    let (mut bytes, got) = Arc::try_unwrap(buf)
+    // Every chunk came through `on_chunk`, those the store held included.
+    Ok(Arc::try_unwrap(buf)
         .map_err(|_| "input buffer still shared".to_owned())?
         .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    let store = node.store().clone();
-    tokio::task::spawn_blocking(move || {
-        for (i, _) in got.iter().enumerate().filter(|(_, g)| !**g) {
-            let chunk = store
-                .read_chunk(&blob.id, i as u64)
-                .map_err(|e| e.to_string())?
-                .ok_or("chunk missing after the fetch")?;
-            bytes[i * cs..i * cs + chunk.len()].copy_from_slice(&chunk);
-        }
-        Ok(bytes)
-    })
-    .await
-    .map_err(|e| e.to_string())?
+        .unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Stores a transient last output after all, before a task that is not a round of training

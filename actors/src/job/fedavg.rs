@@ -524,26 +524,14 @@ async fn fold(
     let fetched = comm.fetch(out, o.peer, &opts).await;
     let store = comm.node().store().clone();
     let done = tokio::task::spawn_blocking(move || {
-        let mut folded = lock(&folded);
+        let folded = lock(&folded);
         let mut acc = lock(&acc);
         let failed = lock(&failure).take();
         let result = match (fetched, failed) {
             (Err(e), _) => Err(e.to_string()),
             (Ok(_), Some(e)) => Err(e.to_string()),
-            // Chunks the store already held (e.g. an identical result from another client)
-            // were not passed to `on_chunk`: fold them from the store.
-            (Ok(_), None) => (0..folded.len()).try_for_each(|i| {
-                if folded[i] {
-                    return Ok(());
-                }
-                let bytes = store
-                    .read_chunk(&out.id, i as u64)
-                    .map_err(|e| e.to_string())?
-                    .ok_or("chunk missing after the fetch")?;
-                acc.add_chunk(i as u64, &bytes, weight).map_err(|e| e.to_string())?;
-                folded[i] = true;
-                Ok::<(), String>(())
-            }),
+            // Every chunk went through `on_chunk`, those the store already held included.
+            (Ok(_), None) => Ok(()),
         };
         let mut tainted = false;
         if result.is_err() {

@@ -1,4 +1,6 @@
-//! The receiver side of `/flare/blob/1`: pull a blob from one or more sources.
+//! The receiver side of `/flare/blob/1`: pull a blob from one or more sources. This file is
+//! the scheduler (which source is asked for what, retries, distrust); each stream it opens
+//! is run by `receiver`, the per-stream state machine of `flare_protocols::blob`.
 //!
 //! 1. **Manifest**: unless the store already holds the blob's manifest (a resumed transfer),
 //!    ask the sources in turn for the hash list and keep the first one that hashes to the id.
@@ -6,11 +8,14 @@
 //!    that every source gets several.
 //! 3. **Workers**: one per source; each takes a unit (the first unit of each source is fixed
 //!    in source order, so a test can tell which source serves what), pulls it over one stream
-//!    with a bounded window, and hands each verified chunk to the store. A unit that fails
-//!    goes back to the queue minus the chunks already stored, and the others pick it up.
+//!    with a bounded window (`receiver::Source::chunks`), and hands each verified chunk to
+//!    the store. A unit that fails goes back to the queue minus the chunks already stored,
+//!    and the others pick it up.
 //! 4. **Faults**: a source that is gone is retried (reconnecting) a few times; one that sends
 //!    a chunk that does not match its hash, or breaks the protocol, is reported and not
 //!    trusted for that blob again, by this fetch or any later one on this node.
+
+mod receiver;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -18,25 +23,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flare_protocols::blob::{
-    BLOB_PROTOCOL, BlobHeader, BlobRequest, ChunkFrame, DEFAULT_WINDOW, MAX_WINDOW, read_chunk_header, read_header,
-    write_credit, write_request,
-};
-use flare_protocols::blob_id::{BlobIdError, hashes_from_bytes};
-use flare_protocols::frame::{FrameError, read_frame};
+use flare_protocols::blob::DEFAULT_WINDOW;
+use flare_protocols::blob_id::BlobIdError;
 use flare_protocols::{BlobId, BlobRef, Manifest};
-use futures::{AsyncReadExt, AsyncWriteExt};
-use libp2p::{PeerId, Stream};
-use tokio::sync::{Notify, mpsc};
+use libp2p::PeerId;
+use tokio::sync::Notify;
 
+use self::receiver::{ReceiveError, Source};
 use crate::lock;
 use crate::network::NetworkHandle;
-use crate::store::{BlobStore, DIRECT_ALIGN, StoreError, aligned_buffer};
+use crate::store::{BlobStore, ChunkBytes, StoreError};
 
-/// Called with each chunk this fetch stores (index, verified bytes), on a blocking thread, so
+/// Called once with every chunk of the blob (index, verified bytes), on a blocking thread, so
 /// work on the bytes (streaming aggregation) overlaps the transfer and needs no re-read.
-/// Chunks the store already held when the fetch started are not passed: read them from the
-/// store ([`FetchReport::already_present`] says how many there were).
+/// Chunks that arrive are handed over as they are stored; chunks the store already held
+/// (a resumed transfer, a blob held whole) are read from it and handed over at the end of a
+/// successful fetch, with no network for them. A failed fetch may have handed over only some.
 pub type ChunkFn = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 /// Called as chunks are stored, for progress bars and logs.
@@ -67,7 +69,7 @@ pub struct FetchOptions {
     pub max_len: u64,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
-    /// Each newly stored chunk's bytes (see [`ChunkFn`]).
+    /// Every chunk's bytes (see [`ChunkFn`]).
     pub on_chunk: Option<ChunkFn>,
     /// Whether verified chunks go into the store. When false they go only to `on_chunk`,
     /// for a caller that consumes them as they come (an aggregator folding a result it will
@@ -247,6 +249,9 @@ pub struct Fetcher {
 struct Target {
     manifest: Arc<Manifest>,
     kind: TargetKind,
+    /// The chunks handed to `on_chunk` so far: each is handed over once per fetch, whether it
+    /// came over the network or from the store.
+    handed: Mutex<Vec<bool>>,
 }
 
 enum TargetKind {
@@ -273,6 +278,14 @@ impl Target {
                 Ok(!std::mem::replace(&mut lock(have)[slot], true))
             }
         }
+    }
+
+    /// Marks chunk `index` handed to `on_chunk`; whether it was not before.
+    fn hand_over(&self, index: u64) -> bool {
+        let mut handed = lock(&self.handed);
+        handed
+            .get_mut(index as usize)
+            .is_some_and(|h| !std::mem::replace(h, true))
     }
 
     /// The chunks not filed yet.
@@ -328,22 +341,6 @@ impl Plan {
     }
 }
 
-enum RangeFail {
-    Source(SourceError),
-    /// The source holds the blob only in part and lacks this chunk.
-    Absent,
-    Store(StoreError),
-}
-
-impl From<SourceError> for RangeFail {
-    fn from(e: SourceError) -> Self {
-        RangeFail::Source(e)
-    }
-}
-
-/// A stream that ended before its header: the source dropped it (or the connection went).
-struct Dropped(String);
-
 /// Splits sorted chunk indices into contiguous runs of at most `max` chunks.
 fn units(missing: &[u64], max: u64) -> VecDeque<Range<u64>> {
     let mut out = VecDeque::new();
@@ -381,119 +378,6 @@ impl Fetcher {
         lock(&self.distrust).contains(&(*blob, *peer))
     }
 
-    fn map_frame(peer: PeerId, e: FrameError) -> SourceError {
-        match e {
-            FrameError::Io(io) => SourceError::PeerGone {
-                peer,
-                reason: io.to_string(),
-            },
-            other => SourceError::Protocol {
-                peer,
-                reason: other.to_string(),
-            },
-        }
-    }
-
-    async fn timed<T>(
-        &self,
-        peer: PeerId,
-        opts: &FetchOptions,
-        f: impl Future<Output = Result<T, FrameError>>,
-    ) -> Result<T, SourceError> {
-        match tokio::time::timeout(opts.stall_timeout, f).await {
-            Ok(r) => r.map_err(|e| Self::map_frame(peer, e)),
-            Err(_) => Err(SourceError::PeerGone {
-                peer,
-                reason: format!("stalled for {:?}", opts.stall_timeout),
-            }),
-        }
-    }
-
-    /// Opens a stream, sends the request and reads the header.
-    ///
-    /// A source drops an inbound stream it cannot take at once (libp2p-stream hands inbound
-    /// streams over a channel of one slot, so a burst of receivers, say every client at the
-    /// start of a round, can overflow it). A stream lost that way, before any header, is
-    /// opened again after a short random pause while the connection is up, until the stall
-    /// timeout; it does not count as a failure of the source.
-    async fn open(&self, peer: PeerId, req: &BlobRequest, opts: &FetchOptions) -> Result<Stream, SourceError> {
-        let deadline = tokio::time::Instant::now() + opts.stall_timeout;
-        loop {
-            match self.try_open(peer, req, opts).await {
-                Err(Dropped(reason)) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(%peer, %reason, "blob stream dropped before its header; opening another");
-                    let pause = rand::random_range(2..20);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-                Err(Dropped(reason)) => return Err(SourceError::PeerGone { peer, reason }),
-                Ok(r) => return r,
-            }
-        }
-    }
-
-    async fn try_open(
-        &self,
-        peer: PeerId,
-        req: &BlobRequest,
-        opts: &FetchOptions,
-    ) -> Result<Result<Stream, SourceError>, Dropped> {
-        let gone = |reason: String| Ok(Err(SourceError::PeerGone { peer, reason }));
-        // libp2p-stream 0.5.0-alpha can lose a stream request made while a connection is being
-        // set up (its dial queue holds one request, and a handler created just before the
-        // connection is registered misses the pending stream), so connect through the event
-        // loop first: once it reports the connection, the stream rides it.
-        match tokio::time::timeout(opts.stall_timeout, self.net.connect(peer)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return gone(e.to_string()),
-            Err(_) => return gone("no connection within the stall timeout".into()),
-        }
-        let mut control = self.control.clone();
-        let mut stream = match tokio::time::timeout(opts.stall_timeout, control.open_stream(peer, BLOB_PROTOCOL)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return gone(e.to_string()),
-            Err(_) => return gone("no stream within the stall timeout".into()),
-        };
-        let header = async {
-            write_request(&mut stream, req).await?;
-            read_header(&mut stream).await
-        };
-        match tokio::time::timeout(opts.stall_timeout, header).await {
-            Ok(Ok(BlobHeader::Found)) => Ok(Ok(stream)),
-            Ok(Ok(BlobHeader::NotFound)) => Ok(Err(SourceError::NotFound { peer })),
-            Ok(Ok(BlobHeader::Refused { reason })) => Ok(Err(SourceError::Refused { peer, reason })),
-            Ok(Err(FrameError::Io(e))) => Err(Dropped(e.to_string())),
-            Ok(Err(e)) => Ok(Err(Self::map_frame(peer, e))),
-            Err(_) => gone(format!("no answer within {:?}", opts.stall_timeout)),
-        }
-    }
-
-    async fn get_manifest(
-        &self,
-        peer: PeerId,
-        blob: BlobRef,
-        n: u64,
-        opts: &FetchOptions,
-    ) -> Result<Manifest, SourceError> {
-        let req = BlobRequest {
-            blob,
-            first: 0,
-            end: 0,
-            window: 1,
-            want_hashes: true,
-        };
-        let mut stream = self.open(peer, &req, opts).await?;
-        // The count is known from the id's shape, so the cap is exact.
-        let cap = u32::try_from(n * 32).map_err(|_| SourceError::Refused {
-            peer,
-            reason: "hash list too large".into(),
-        })?;
-        let bytes = self.timed(peer, opts, read_frame(&mut stream, cap)).await?;
-        let _ = stream.close().await;
-        let hashes = hashes_from_bytes(&bytes).ok_or(SourceError::BadManifest { peer })?;
-        Manifest::verified(&blob, hashes).map_err(|_| SourceError::BadManifest { peer })
-    }
-
     /// Pulls `blob` from `sources` into the store (or only through `on_chunk`, see
     /// [`FetchOptions::keep`]). Chunks already held are not fetched again.
     pub async fn fetch(
@@ -521,35 +405,7 @@ impl Fetcher {
         let manifest = match held {
             Some(m) => m,
             None => {
-                let mut found = None;
-                for &peer in &trusted {
-                    match self
-                        .with_retries(peer, opts, || self.get_manifest(peer, blob, n, opts))
-                        .await
-                    {
-                        Ok(m) => {
-                            found = Some(m);
-                            break;
-                        }
-                        Err(e) => self.note(&blob.id, e, &mut errors),
-                    }
-                }
-                let Some(m) = found else {
-                    if trusted.is_empty() {
-                        return Err(FetchError::NoSources(blob.id));
-                    }
-                    if errors.iter().all(|e| matches!(e, SourceError::NotFound { .. })) {
-                        return Err(FetchError::NotFound {
-                            blob: blob.id,
-                            tried: trusted,
-                        });
-                    }
-                    return Err(FetchError::Incomplete {
-                        blob: blob.id,
-                        missing: n,
-                        errors,
-                    });
-                };
+                let m = self.find_manifest(blob, n, &trusted, opts, &mut errors).await?;
                 if keep { self.store.begin(m)? } else { Arc::new(m) }
             }
         };
@@ -560,6 +416,11 @@ impl Fetcher {
             } else {
                 TargetKind::Pass(Mutex::new(vec![false; n as usize]))
             },
+            handed: Mutex::new(if opts.on_chunk.is_some() {
+                vec![false; n as usize]
+            } else {
+                Vec::new()
+            }),
         });
         let missing = target.missing()?;
         let already_present = n - missing.len() as u64;
@@ -572,6 +433,7 @@ impl Fetcher {
         };
         trusted.retain(|p| !self.is_distrusted(&blob.id, p));
         if missing.is_empty() {
+            self.hand_over_held(&target, opts).await?;
             report.source_errors = errors;
             return Ok(report);
         }
@@ -615,8 +477,78 @@ impl Fetcher {
                 errors,
             });
         }
+        self.hand_over_held(&target, opts).await?;
         report.source_errors = errors;
         Ok(report)
+    }
+
+    /// Step 1, for a blob whose manifest is not held: asks the sources in turn for the hash
+    /// list and returns the first that hashes to the id.
+    async fn find_manifest(
+        &self,
+        blob: BlobRef,
+        n: u64,
+        trusted: &[PeerId],
+        opts: &FetchOptions,
+        errors: &mut Vec<SourceError>,
+    ) -> Result<Manifest, FetchError> {
+        for &peer in trusted {
+            match self
+                .with_retries(peer, opts, || self.source(peer, opts).hashes(blob, n))
+                .await
+            {
+                Ok(m) => return Ok(m),
+                Err(e) => self.note(&blob.id, e, errors),
+            }
+        }
+        if trusted.is_empty() {
+            return Err(FetchError::NoSources(blob.id));
+        }
+        if errors.iter().all(|e| matches!(e, SourceError::NotFound { .. })) {
+            return Err(FetchError::NotFound {
+                blob: blob.id,
+                tried: trusted.to_vec(),
+            });
+        }
+        Err(FetchError::Incomplete {
+            blob: blob.id,
+            missing: n,
+            errors: std::mem::take(errors),
+        })
+    }
+
+    /// Hands `on_chunk` the chunks this fetch has not handed over: those the store held
+    /// before it started (or got from another fetch meanwhile), read from the store on a
+    /// blocking thread (a view, not a copy, of a blob held in memory). So a caller gets every
+    /// chunk through `on_chunk` and fills in nothing itself.
+    async fn hand_over_held(&self, target: &Arc<Target>, opts: &FetchOptions) -> Result<(), FetchError> {
+        let Some(f) = opts.on_chunk.clone() else {
+            return Ok(());
+        };
+        let (store, target) = (self.store.clone(), target.clone());
+        tokio::task::spawn_blocking(move || {
+            let id = target.manifest.id();
+            let mut buf = Vec::new();
+            for i in 0..target.manifest.chunk_count() {
+                if !target.hand_over(i) {
+                    continue;
+                }
+                let chunk = store.read_chunk_to_send(&id, i, buf)?.ok_or(StoreError::NotFound(id))?;
+                f(i, &chunk);
+                buf = match chunk {
+                    ChunkBytes::Owned(v) => v,
+                    ChunkBytes::Held { .. } => Vec::new(),
+                };
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            FetchError::Store(StoreError::Io {
+                path: "<store task>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?
     }
 
     fn note(&self, blob: &BlobId, e: SourceError, errors: &mut Vec<SourceError>) {
@@ -657,6 +589,7 @@ impl Fetcher {
         opts: &FetchOptions,
     ) -> (PeerId, u64, Result<Vec<SourceError>, FetchError>) {
         let stored = AtomicU64::new(0);
+        let total = target.manifest.chunk_count();
         let mut errors = Vec::new();
         let mut attempt = 1;
         let mut next = first;
@@ -668,8 +601,16 @@ impl Fetcher {
                     None => break,
                 },
             };
+            let on_new = || {
+                stored.fetch_add(1, Ordering::Relaxed);
+                let p = present.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(cb) = &opts.progress {
+                    cb(Progress { present: p, total });
+                }
+            };
             let r = self
-                .fetch_range(peer, target, unit.clone(), &stored, &present, opts)
+                .source(peer, opts)
+                .chunks(target, unit.clone(), opts.window, opts.on_chunk.as_ref(), on_new)
                 .await;
             let rest = match &r {
                 Ok(()) => Vec::new(),
@@ -688,9 +629,9 @@ impl Fetcher {
             plan.finish(rest);
             match r {
                 Ok(()) => attempt = 1,
-                Err(RangeFail::Absent) => break,
-                Err(RangeFail::Store(e)) => return (peer, stored.into_inner(), Err(e.into())),
-                Err(RangeFail::Source(e)) => {
+                Err(ReceiveError::Absent) => break,
+                Err(ReceiveError::Store(e)) => return (peer, stored.into_inner(), Err(e.into())),
+                Err(ReceiveError::Source(e)) => {
                     let retry = matches!(e, SourceError::PeerGone { .. }) && attempt < opts.attempts;
                     self.note(&target.manifest.id(), e, &mut errors);
                     if !retry {
@@ -704,124 +645,13 @@ impl Fetcher {
         (peer, stored.into_inner(), Ok(errors))
     }
 
-    /// Pulls one contiguous range from one source: a reader that checks frames and a
-    /// persister that verifies and stores them, joined by a channel of `window` chunks.
-    async fn fetch_range(
-        &self,
-        peer: PeerId,
-        target: &Arc<Target>,
-        range: Range<u64>,
-        stored: &AtomicU64,
-        present: &AtomicU64,
-        opts: &FetchOptions,
-    ) -> Result<(), RangeFail> {
-        let manifest = &target.manifest;
-        let window = opts.window.clamp(1, MAX_WINDOW);
-        let req = BlobRequest {
-            blob: manifest.blob_ref(),
-            first: range.start,
-            end: range.end,
-            window,
-            want_hashes: false,
-        };
-        let stream = self.open(peer, &req, opts).await?;
-        let (mut rd, mut wr) = stream.split();
-        // Chunks travel reader -> persister in block-aligned buffers (so a disk store can
-        // write them with O_DIRECT), and the buffers come back for reuse: a transfer touches
-        // `window + 1` buffers however long it is.
-        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, usize)>(window as usize);
-        let (give_back, mut spare) = mpsc::channel::<Vec<u8>>(window as usize + 2);
-
-        let reader = async move {
-            for index in range {
-                let frame = self.timed(peer, opts, read_chunk_header(&mut rd)).await?;
-                let len = match frame {
-                    _ if frame.index() != index => {
-                        return Err(RangeFail::Source(SourceError::Protocol {
-                            peer,
-                            reason: format!("sent chunk {} where {index} was due", frame.index()),
-                        }));
-                    }
-                    ChunkFrame::Absent { .. } => return Err(RangeFail::Absent),
-                    ChunkFrame::Data { len, .. } => len as usize,
-                };
-                if len != manifest.chunk_len(index) {
-                    return Err(RangeFail::Source(SourceError::Protocol {
-                        peer,
-                        reason: format!(
-                            "chunk {index} announced with {len} bytes, not {}",
-                            manifest.chunk_len(index)
-                        ),
-                    }));
-                }
-                let mut buf = match spare.try_recv() {
-                    Ok(b) if b.len() >= len + DIRECT_ALIGN => b,
-                    _ => aligned_buffer(manifest.chunk_size as usize).0,
-                };
-                let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                let slot = &mut buf[off..off + len];
-                self.timed(peer, opts, async { Ok(rd.read_exact(slot).await?) }).await?;
-                if tx.send((index, buf, len)).await.is_err() {
-                    break; // the persister stopped; its error is the one that counts
-                }
-            }
-            Ok(())
-        };
-        let persister = async {
-            let total = manifest.chunk_count();
-            while let Some((index, buf, len)) = rx.recv().await {
-                let target = target.clone();
-                let on_chunk = opts.on_chunk.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                    let bytes = &buf[off..off + len];
-                    let new = target.put(index, bytes)?;
-                    if let (true, Some(f)) = (new, on_chunk) {
-                        f(index, bytes);
-                    }
-                    Ok((new, buf))
-                })
-                .await;
-                match r {
-                    Ok(Ok((new, buf))) => {
-                        let _ = give_back.try_send(buf);
-                        if new {
-                            stored.fetch_add(1, Ordering::Relaxed);
-                            let p = present.fetch_add(1, Ordering::Relaxed) + 1;
-                            if let Some(cb) = &opts.progress {
-                                cb(Progress { present: p, total });
-                            }
-                        }
-                    }
-                    Ok(Err(StoreError::HashMismatch { index, .. })) => {
-                        return Err(RangeFail::Source(SourceError::HashMismatch { chunk: index, peer }));
-                    }
-                    Ok(Err(e)) => return Err(RangeFail::Store(e)),
-                    Err(e) => {
-                        return Err(RangeFail::Store(StoreError::Io {
-                            path: "<store task>".into(),
-                            source: std::io::Error::other(e.to_string()),
-                        }));
-                    }
-                }
-                // The source may have closed after its last chunk: a lost credit is harmless.
-                let _ = write_credit(&mut wr, 1).await;
-            }
-            let _ = wr.close().await;
-            Ok(())
-        };
-        tokio::pin!(reader, persister);
-        let mut read_result = None;
-        loop {
-            tokio::select! {
-                r = &mut reader, if read_result.is_none() => read_result = Some(r),
-                p = &mut persister => {
-                    return match (p, read_result) {
-                        (Err(e), _) | (Ok(()), Some(Err(e))) => Err(e),
-                        (Ok(()), _) => Ok(()),
-                    };
-                }
-            }
+    /// The receiver side of one source, for one stream at a time.
+    fn source(&self, peer: PeerId, opts: &FetchOptions) -> Source<'_> {
+        Source {
+            peer,
+            control: &self.control,
+            net: &self.net,
+            stall_timeout: opts.stall_timeout,
         }
     }
 }

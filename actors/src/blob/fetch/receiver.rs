@@ -1,0 +1,298 @@
+//! The receiver of one `/flare/blob/1` stream: the state machine `flare_protocols::blob`
+//! describes, for one source and one request.
+//!
+//! ```text
+//! Start    open a stream and send the request        (ReceiveError::Source(PeerGone) if it cannot)
+//! Header   read the source's answer                  NotFound | Refused end here
+//! Hashes   only when asked: the list must hash to the requested id, else IdMismatch
+//!          (SourceError::BadManifest)
+//! Chunks   each frame must carry the next expected index and exactly that chunk's length,
+//!          checked before reading the bytes; the bytes must hash to the list's entry, else
+//!          HashMismatch. One credit per chunk once it is verified and stored.
+//! Done     every chunk of the range is stored; our write half is closed
+//! ```
+//! Lengths are never trusted from the source: they come from the manifest, which the id
+//! commits to. Which sources to ask for which ranges, retries and distrust are the
+//! scheduler's ([`super`]); this file only runs one stream to its end and says why it
+//! stopped, if it stopped early ([`ReceiveError`]).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_protocols::blob::{
+    BLOB_PROTOCOL, BlobHeader, BlobRequest, ChunkFrame, MAX_WINDOW, read_chunk_header, read_header, write_credit,
+    write_request,
+};
+use flare_protocols::blob_id::hashes_from_bytes;
+use flare_protocols::frame::{FrameError, read_frame};
+use flare_protocols::{BlobRef, Manifest};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream};
+use tokio::sync::mpsc;
+
+use super::{ChunkFn, SourceError, Target};
+use crate::network::NetworkHandle;
+use crate::store::{DIRECT_ALIGN, StoreError, aligned_buffer};
+
+/// Why a receiver stopped before `Done`.
+pub(super) enum ReceiveError {
+    /// The source's fault or absence: `NotFound` or `Refused` at `Header`, `BadManifest`
+    /// (the protocol's IdMismatch) at `Hashes`, `HashMismatch` or `Protocol` at `Chunks`,
+    /// `PeerGone` anywhere.
+    Source(SourceError),
+    /// At `Chunks`, an absent frame: the source holds the blob only in part and lacks this
+    /// chunk. Not a fault, but nothing more of the range will come from it.
+    Absent,
+    /// The local store failed; no source is to blame.
+    Store(StoreError),
+}
+
+impl From<SourceError> for ReceiveError {
+    fn from(e: SourceError) -> Self {
+        ReceiveError::Source(e)
+    }
+}
+
+/// A stream that ended before its header: the source dropped it (or the connection went).
+struct Dropped(String);
+
+/// One source as a receiver talks to it: where streams go, and how long a silence may last.
+#[derive(Clone, Copy)]
+pub(super) struct Source<'a> {
+    /// The source.
+    pub(super) peer: PeerId,
+    pub(super) control: &'a libp2p_stream::Control,
+    pub(super) net: &'a NetworkHandle,
+    /// A source that sends nothing for this long is treated as gone.
+    pub(super) stall_timeout: Duration,
+}
+
+impl Source<'_> {
+    fn map_frame(&self, e: FrameError) -> SourceError {
+        match e {
+            FrameError::Io(io) => SourceError::PeerGone {
+                peer: self.peer,
+                reason: io.to_string(),
+            },
+            other => SourceError::Protocol {
+                peer: self.peer,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    async fn timed<T>(&self, f: impl Future<Output = Result<T, FrameError>>) -> Result<T, SourceError> {
+        match tokio::time::timeout(self.stall_timeout, f).await {
+            Ok(r) => r.map_err(|e| self.map_frame(e)),
+            Err(_) => Err(SourceError::PeerGone {
+                peer: self.peer,
+                reason: format!("stalled for {:?}", self.stall_timeout),
+            }),
+        }
+    }
+
+    /// `Start` and `Header`: opens a stream, sends the request and reads the header.
+    ///
+    /// A source drops an inbound stream it cannot take at once (libp2p-stream hands inbound
+    /// streams over a channel of one slot, so a burst of receivers, say every client at the
+    /// start of a round, can overflow it). A stream lost that way, before any header, is
+    /// opened again after a short random pause while the connection is up, until the stall
+    /// timeout; it does not count as a failure of the source.
+    async fn open(&self, req: &BlobRequest) -> Result<Stream, SourceError> {
+        let peer = self.peer;
+        let deadline = tokio::time::Instant::now() + self.stall_timeout;
+        loop {
+            match self.try_open(req).await {
+                Err(Dropped(reason)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%peer, %reason, "blob stream dropped before its header; opening another");
+                    let pause = rand::random_range(2..20);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(Dropped(reason)) => return Err(SourceError::PeerGone { peer, reason }),
+                Ok(r) => return r,
+            }
+        }
+    }
+
+    async fn try_open(&self, req: &BlobRequest) -> Result<Result<Stream, SourceError>, Dropped> {
+        let peer = self.peer;
+        let stall = self.stall_timeout;
+        let gone = |reason: String| Ok(Err(SourceError::PeerGone { peer, reason }));
+        // Start.
+        // libp2p-stream 0.5.0-alpha can lose a stream request made while a connection is being
+        // set up (its dial queue holds one request, and a handler created just before the
+        // connection is registered misses the pending stream), so connect through the event
+        // loop first: once it reports the connection, the stream rides it.
+        match tokio::time::timeout(stall, self.net.connect(peer)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return gone(e.to_string()),
+            Err(_) => return gone("no connection within the stall timeout".into()),
+        }
+        let mut control = self.control.clone();
+        let mut stream = match tokio::time::timeout(stall, control.open_stream(peer, BLOB_PROTOCOL)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return gone(e.to_string()),
+            Err(_) => return gone("no stream within the stall timeout".into()),
+        };
+        // Header.
+        let header = async {
+            write_request(&mut stream, req).await?;
+            read_header(&mut stream).await
+        };
+        match tokio::time::timeout(stall, header).await {
+            Ok(Ok(BlobHeader::Found)) => Ok(Ok(stream)),
+            Ok(Ok(BlobHeader::NotFound)) => Ok(Err(SourceError::NotFound { peer })),
+            Ok(Ok(BlobHeader::Refused { reason })) => Ok(Err(SourceError::Refused { peer, reason })),
+            Ok(Err(FrameError::Io(e))) => Err(Dropped(e.to_string())),
+            Ok(Err(e)) => Ok(Err(self.map_frame(e))),
+            Err(_) => gone(format!("no answer within {stall:?}")),
+        }
+    }
+
+    /// `Start` → `Header` → `Hashes` → `Done`, asking for no chunk: the blob's manifest, which
+    /// must hash to `blob`'s id. `n` is the blob's chunk count.
+    pub(super) async fn hashes(self, blob: BlobRef, n: u64) -> Result<Manifest, SourceError> {
+        let peer = self.peer;
+        let req = BlobRequest {
+            blob,
+            first: 0,
+            end: 0,
+            window: 1,
+            want_hashes: true,
+        };
+        let mut stream = self.open(&req).await?;
+        // The count is known from the id's shape, so the cap is exact.
+        let cap = u32::try_from(n * 32).map_err(|_| SourceError::Refused {
+            peer,
+            reason: "hash list too large".into(),
+        })?;
+        let bytes = self.timed(read_frame(&mut stream, cap)).await?;
+        let _ = stream.close().await;
+        let hashes = hashes_from_bytes(&bytes).ok_or(SourceError::BadManifest { peer })?;
+        Manifest::verified(&blob, hashes).map_err(|_| SourceError::BadManifest { peer })
+    }
+
+    /// `Start` → `Header` → `Chunks` → `Done` for one contiguous range: a reader that checks
+    /// frames and a persister that verifies and files them into `target` (then hands each to
+    /// `on_chunk`, once per fetch) and grants a credit for each, joined by a channel of
+    /// `window` chunks.
+    /// `on_new` is called for each chunk that was not filed before.
+    pub(super) async fn chunks(
+        &self,
+        target: &Arc<Target>,
+        range: Range<u64>,
+        window: u32,
+        on_chunk: Option<&ChunkFn>,
+        on_new: impl Fn(),
+    ) -> Result<(), ReceiveError> {
+        let peer = self.peer;
+        let manifest = &target.manifest;
+        let window = window.clamp(1, MAX_WINDOW);
+        let req = BlobRequest {
+            blob: manifest.blob_ref(),
+            first: range.start,
+            end: range.end,
+            window,
+            want_hashes: false,
+        };
+        let stream = self.open(&req).await?;
+        let (mut rd, mut wr) = stream.split();
+        // Chunks travel reader -> persister in block-aligned buffers (so a disk store can
+        // write them with O_DIRECT), and the buffers come back for reuse: a transfer touches
+        // `window + 1` buffers however long it is.
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, usize)>(window as usize);
+        let (give_back, mut spare) = mpsc::channel::<Vec<u8>>(window as usize + 2);
+
+        let reader = async move {
+            for index in range {
+                let frame = self.timed(read_chunk_header(&mut rd)).await?;
+                let len = match frame {
+                    _ if frame.index() != index => {
+                        return Err(ReceiveError::Source(SourceError::Protocol {
+                            peer,
+                            reason: format!("sent chunk {} where {index} was due", frame.index()),
+                        }));
+                    }
+                    ChunkFrame::Absent { .. } => return Err(ReceiveError::Absent),
+                    ChunkFrame::Data { len, .. } => len as usize,
+                };
+                if len != manifest.chunk_len(index) {
+                    return Err(ReceiveError::Source(SourceError::Protocol {
+                        peer,
+                        reason: format!(
+                            "chunk {index} announced with {len} bytes, not {}",
+                            manifest.chunk_len(index)
+                        ),
+                    }));
+                }
+                let mut buf = match spare.try_recv() {
+                    Ok(b) if b.len() >= len + DIRECT_ALIGN => b,
+                    _ => aligned_buffer(manifest.chunk_size as usize).0,
+                };
+                let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let slot = &mut buf[off..off + len];
+                self.timed(async { Ok(rd.read_exact(slot).await?) }).await?;
+                if tx.send((index, buf, len)).await.is_err() {
+                    break; // the persister stopped; its error is the one that counts
+                }
+            }
+            Ok(())
+        };
+        let persister = async {
+            while let Some((index, buf, len)) = rx.recv().await {
+                let target = target.clone();
+                let on_chunk = on_chunk.cloned();
+                let r = tokio::task::spawn_blocking(move || {
+                    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                    let bytes = &buf[off..off + len];
+                    let new = target.put(index, bytes)?;
+                    // Handed over once, even when the store had it already (from another
+                    // fetch of the same blob, say): it is verified either way.
+                    if let Some(f) = on_chunk
+                        && target.hand_over(index)
+                    {
+                        f(index, bytes);
+                    }
+                    Ok((new, buf))
+                })
+                .await;
+                match r {
+                    Ok(Ok((new, buf))) => {
+                        let _ = give_back.try_send(buf);
+                        if new {
+                            on_new();
+                        }
+                    }
+                    Ok(Err(StoreError::HashMismatch { index, .. })) => {
+                        return Err(ReceiveError::Source(SourceError::HashMismatch { chunk: index, peer }));
+                    }
+                    Ok(Err(e)) => return Err(ReceiveError::Store(e)),
+                    Err(e) => {
+                        return Err(ReceiveError::Store(StoreError::Io {
+                            path: "<store task>".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        }));
+                    }
+                }
+                // The source may have closed after its last chunk: a lost credit is harmless.
+                let _ = write_credit(&mut wr, 1).await;
+            }
+            let _ = wr.close().await;
+            Ok(())
+        };
+        tokio::pin!(reader, persister);
+        let mut read_result = None;
+        loop {
+            tokio::select! {
+                r = &mut reader, if read_result.is_none() => read_result = Some(r),
+                p = &mut persister => {
+                    return match (p, read_result) {
+                        (Err(e), _) | (Ok(()), Some(Err(e))) => Err(e),
+                        (Ok(()), _) => Ok(()),
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The store's on-disk format, and the only code that touches its files.
+//!
+//! ```text
+//! DIR/blobs/<id>.manifest   b"flare-manifest/1" len:u64le chunk_size:u32le hashes (32 B each)
+//! DIR/blobs/<id>.data       the blob, pre-sized; chunks are written in place
+//! DIR/blobs/<id>.have       one byte per chunk, 1 = present; only while the blob is partial
+//! DIR/blobs/import-*.tmp    a whole blob being written; renamed to `<id>.data` once hashed
+//! ```
+//! Kept apart from the API ([`super::BlobStore`]) and from what is held in memory
+//! ([`super::residency`]) so that the format, its crash-safety orderings (data before its
+//! `.have` byte; `.data` renamed into place before its manifest) and the `O_DIRECT` rules
+//! are read in one place.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use flare_protocols::blob_id::hashes_from_bytes;
+use flare_protocols::{BlobId, BlobRef, Manifest};
+
+use super::residency::{Data, Entry};
+use super::{StoreError, io_err};
+use crate::lock;
+
+const MANIFEST_MAGIC: &[u8] = b"flare-manifest/1";
+
+/// Alignment that `O_DIRECT` writes need (buffer address, file offset and length).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned: `(storage, offset)`;
+/// the bytes are `storage[offset..offset + len]`. Chunks received into such buffers are
+/// written to disk with `O_DIRECT`, bypassing the page cache.
+pub fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let storage = vec![0u8; len + DIRECT_ALIGN];
+    let offset = storage.as_ptr().align_offset(DIRECT_ALIGN);
+    (storage, offset)
+}
+
+/// Opens `path` for direct (page-cache-bypassing) writes, when the file system allows it.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// A blob's `.data` file (or the temporary file a whole blob is written to first).
+pub(super) struct DataFile {
+    file: File,
+    path: PathBuf,
+    /// The same file opened with `O_DIRECT`, for writes whose buffer, offset and length are
+    /// block-aligned (see [`aligned_buffer`]); `None` where the file system refuses it, or
+    /// for a whole blob, which is written no more.
+    direct: Option<File>,
+}
+
+impl DataFile {
+    /// Creates (or reopens) a partial blob's `.data` file, sized to the blob.
+    pub(super) fn create_sized(path: PathBuf, len: u64) -> Result<Self, StoreError> {
+        let file = create_sized(&path, len)?;
+        Ok(Self {
+            direct: open_direct(&path),
+            file,
+            path,
+        })
+    }
+
+    /// Creates an empty temporary file in `dir` for a whole blob about to be written.
+    pub(super) fn create_temp(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(format!("import-{}.tmp", unique_suffix()));
+        let file = File::create(&path).map_err(io_err(&path))?;
+        Ok(Self {
+            direct: open_direct(&path),
+            file,
+            path,
+        })
+    }
+
+    /// Opens a whole blob's file for reading (and no more writing).
+    fn open_whole(path: PathBuf) -> Result<Self, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Self {
+            file,
+            path,
+            direct: None,
+        })
+    }
+
+    /// The file's path.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `bytes` at `off`: with `O_DIRECT` when buffer, length and offset are aligned
+    /// and the file system allows it (no page-cache copy), through the page cache otherwise.
+    pub(super) fn write_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
+        let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
+        match &self.direct {
+            Some(d) if aligned(bytes.as_ptr() as usize) && aligned(bytes.len()) && aligned(off as usize) => {
+                d.write_all_at(bytes, off).map_err(io_err(&self.path))
+            }
+            _ => self.file.write_all_at(bytes, off).map_err(io_err(&self.path)),
+        }
+    }
+
+    /// Whether a write of `len` bytes at `off` may take the `O_DIRECT` path (given an aligned
+    /// buffer): so a caller copies into one only when it pays.
+    pub(super) fn takes_direct(&self, len: usize, off: u64) -> bool {
+        self.direct.is_some() && len.is_multiple_of(DIRECT_ALIGN) && (off as usize).is_multiple_of(DIRECT_ALIGN)
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        self.file.read_exact_at(buf, off).map_err(io_err(&self.path))
+    }
+
+    /// Files a temporary file holding the whole blob `manifest` names as that blob's data:
+    /// renamed into place first, then any stale `.have` removed, then the manifest written,
+    /// so a process killed in between never leaves a manifest for bytes that are not there.
+    pub(super) fn install_whole(self, dir: &Path, manifest: &Manifest) -> Result<Self, StoreError> {
+        let id = manifest.id();
+        drop((self.file, self.direct));
+        let path = dir.join(format!("{id}.data"));
+        std::fs::rename(&self.path, &path).map_err(io_err(&path))?;
+        let _ = std::fs::remove_file(dir.join(format!("{id}.have")));
+        write_manifest(dir, manifest)?;
+        Self::open_whole(path)
+    }
+
+    /// Removes a temporary file that is not needed after all (its blob was already held, or
+    /// writing it failed).
+    pub(super) fn discard(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Which chunks of a blob are present, and the `.have` file that records it on disk.
+pub(super) struct Have {
+    /// One byte per chunk, 1 = present.
+    pub(super) bits: Vec<u8>,
+    /// How many bytes of `bits` are 1.
+    pub(super) present: u64,
+    /// The `.have` file while the blob is partial on disk.
+    file: Option<(File, PathBuf)>,
+}
+
+impl Have {
+    /// No chunk present; recorded in `file` (a partial disk blob) or only in memory.
+    pub(super) fn empty(n: usize, file: Option<(File, PathBuf)>) -> Self {
+        Self {
+            bits: vec![0; n],
+            present: 0,
+            file,
+        }
+    }
+
+    /// Every chunk present: nothing to record.
+    pub(super) fn whole(n: usize) -> Self {
+        Self {
+            bits: vec![1; n],
+            present: n as u64,
+            file: None,
+        }
+    }
+
+    /// Creates a new partial blob's `.have` file (all zero).
+    pub(super) fn create_file(dir: &Path, id: &BlobId, n: usize) -> Result<(File, PathBuf), StoreError> {
+        let path = dir.join(format!("{id}.have"));
+        Ok((create_sized(&path, n as u64)?, path))
+    }
+
+    /// Marks chunk `index` present, on disk first (once its data is written); `false` when it
+    /// already was.
+    pub(super) fn mark(&mut self, index: u64) -> Result<bool, StoreError> {
+        if self.bits[index as usize] != 0 {
+            return Ok(false);
+        }
+        if let Some((f, p)) = &self.file {
+            f.write_all_at(&[1], index).map_err(io_err(p))?;
+        }
+        self.bits[index as usize] = 1;
+        self.present += 1;
+        Ok(true)
+    }
+}
+
+/// Once every chunk is present, a disk blob drops its `.have` file: complete blobs are those
+/// with a manifest and no `.have`.
+pub(super) fn finish_if_complete(e: &Entry) -> Result<(), StoreError> {
+    let mut have = lock(&e.have);
+    if have.present == e.manifest.chunk_count()
+        && let Some((_, path)) = have.file.take()
+    {
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the reader ends; the count read.
+pub(super) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn create_sized(path: &Path, len: u64) -> Result<File, StoreError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(len).map_err(io_err(path))?;
+    Ok(f)
+}
+
+/// Writes `<id>.manifest` (through a temporary file and a rename: never half-written).
+pub(super) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
+    let path = dir.join(format!("{}.manifest", m.id()));
+    let tmp = dir.join(format!("{}.manifest.tmp", m.id()));
+    let mut bytes = MANIFEST_MAGIC.to_vec();
+    bytes.extend_from_slice(&m.len.to_le_bytes());
+    bytes.extend_from_slice(&m.chunk_size.to_le_bytes());
+    bytes.extend_from_slice(&m.hash_bytes());
+    std::fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Reads blob `id` back from its files: whole (no `.have`) or partial.
+pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
+    let mpath = dir.join(format!("{id}.manifest"));
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        path: mpath.clone(),
+        reason: reason.to_owned(),
+    };
+    let bytes = std::fs::read(&mpath).map_err(io_err(&mpath))?;
+    let rest = bytes.strip_prefix(MANIFEST_MAGIC).ok_or_else(|| corrupt("bad magic"))?;
+    if rest.len() < 12 {
+        return Err(corrupt("truncated header"));
+    }
+    let (len, rest) = rest.split_at(8);
+    let (cs, hashes) = rest.split_at(4);
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| corrupt("length"))?);
+    let cs = u32::from_le_bytes(cs.try_into().map_err(|_| corrupt("chunk size"))?);
+    let hashes = hashes_from_bytes(hashes).ok_or_else(|| corrupt("hash list is not whole hashes"))?;
+    let manifest = Manifest::verified(
+        &BlobRef {
+            id,
+            len,
+            chunk_size: cs,
+        },
+        hashes,
+    )
+    .map_err(|e| corrupt(&e.to_string()))?;
+    let n = manifest.chunk_count() as usize;
+    let mut data = DataFile::open_whole(dir.join(format!("{id}.data")))?;
+    let actual = data.file.metadata().map_err(io_err(&data.path))?.len();
+    if actual != manifest.len {
+        return Err(StoreError::Corrupt {
+            path: data.path,
+            reason: format!("{actual} bytes, manifest says {}", manifest.len),
+        });
+    }
+    let have_path = dir.join(format!("{id}.have"));
+    let have = match OpenOptions::new().read(true).write(true).open(&have_path) {
+        Ok(f) => {
+            let mut bits = vec![0u8; n];
+            f.read_exact_at(&mut bits, 0).map_err(|e| StoreError::Corrupt {
+                path: have_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let present = bits.iter().filter(|&&b| b != 0).count() as u64;
+            Have {
+                bits,
+                present,
+                file: Some((f, have_path)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Have::whole(n),
+        Err(e) => return Err(io_err(&have_path)(e)),
+    };
+    if have.file.is_some() {
+        // Partial: chunks are still to be written.
+        data.direct = open_direct(&data.path);
+    }
+    Ok(Entry::new(Data::Disk(data), have, manifest))
+}
