@@ -301,7 +301,7 @@ fn input_of(model: Model, ctx: &TaskContext) -> FLModel {
         _ => 0,
     };
     FLModel {
-        meta: BTreeMap::from([("task".to_owned(), Value::Str(ctx.task.clone()))]),
+        meta: BTreeMap::from([("task".to_owned(), Value::Str(ctx.task.name().to_owned()))]),
         current_round: ctx.round,
         total_rounds,
         ..FLModel::new(model)
@@ -378,12 +378,13 @@ impl Learner for ClientLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flare_protocols::ctl::TaskKind;
 
-    fn ctx(task: &str, round: u32) -> TaskContext {
+    fn ctx(task: TaskKind, round: u32) -> TaskContext {
         TaskContext {
             job: JobId("j".into()),
             member: "m".into(),
-            task: task.into(),
+            task,
             round,
             props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(3))]),
         }
@@ -418,11 +419,13 @@ mod tests {
             assert!(!client.is_running());
             (seen, client.system_info())
         });
-        let out = learner.train(model(2.0), &ctx("train", 1)).expect("train");
+        let out = learner.train(model(2.0), &ctx(TaskKind::Train, 1)).expect("train");
         assert_eq!(out.model, model(3.0));
         assert_eq!(out.num_samples, 7);
         assert_eq!(learner.local_model(), Some(model(3.0)));
-        let m = learner.validate(&model(5.0), &ctx("validate", 2)).expect("validate");
+        let m = learner
+            .validate(&model(5.0), &ctx(TaskKind::Validate, 2))
+            .expect("validate");
         assert_eq!(m["mean"], 5.0);
         drop(learner);
         let (seen, info) = trainer.join().expect("trainer");
@@ -449,9 +452,13 @@ mod tests {
             assert!(matches!(r, Err(ClientError::Node(ref e)) if e == "boom"), "{r:?}");
             assert!(client.receive().expect("after the end").is_none());
         });
-        let e = learner.train(model(1.0), &ctx("train", 0)).expect_err("wrong layout");
+        let e = learner
+            .train(model(1.0), &ctx(TaskKind::Train, 0))
+            .expect_err("wrong layout");
         assert!(e.contains("does not match"), "{e}");
-        let e = learner.train(model(1.0), &ctx("train", 1)).expect_err("timeout");
+        let e = learner
+            .train(model(1.0), &ctx(TaskKind::Train, 1))
+            .expect_err("timeout");
         assert!(e.contains("no result within"), "{e}");
         end.finish(Some("boom".into()));
         trainer.join().expect("trainer");

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::communicator::{Communicator, Pending};
 use super::executor::{Learner, MAX_INPUT_MODEL, TaskContext, TaskReply, TrainOutput};
-use super::{Task, TaskOutcome};
+use super::{Task, TaskKind, TaskOutcome};
 use crate::blob::FetchOptions;
 
 /// Row name of the global model.
@@ -361,7 +361,7 @@ async fn collect_models(
     let deadline = Instant::now() + cfg.task_timeout;
     let task = Task {
         transient_output: false,
-        name: "submit_model".into(),
+        kind: TaskKind::Submit,
         round: 0,
         input: None,
         input_from: vec![],
@@ -446,7 +446,7 @@ async fn fill_matrix(
             let Ok(blob) = rows[r].blob else { continue };
             let task = Task {
                 transient_output: false,
-                name: "validate".into(),
+                kind: TaskKind::Validate,
                 round: 0,
                 input: Some(blob),
                 input_from: rows[r].sources.clone(),

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskStatus, Value};
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskKind, TaskStatus, Value};
 use flare_protocols::model::Model;
 use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
@@ -26,8 +26,8 @@ pub struct TaskContext {
     pub job: JobId,
     /// This member's name.
     pub member: String,
-    /// Task name (`train`, `validate`).
-    pub task: String,
+    /// What the task asks, with its typed parameters.
+    pub task: TaskKind,
     /// Workflow round.
     pub round: u32,
     /// Task parameters.
@@ -67,11 +67,11 @@ pub trait Learner: Send + 'static {
     /// Measures `model` on local validation data.
     fn validate(&mut self, model: &Model, ctx: &TaskContext) -> Result<BTreeMap<String, f64>, String>;
 
-    /// Runs a workflow-specific task (`ctx.task` names it; e.g. split learning's forward
-    /// and backward steps). Learners that only train and validate refuse it.
+    /// Runs a workflow-specific task (`ctx.task` says which; e.g. embedding, or split
+    /// learning's forward and backward steps). Learners that only train and validate refuse it.
     fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
         let _ = input;
-        Err(format!("this learner cannot run task {:?}", ctx.task))
+        Err(format!("this learner cannot run task {:?}", ctx.task.name()))
     }
 
     /// The model this member holds now (its latest local state), for workflows that
@@ -201,11 +201,11 @@ impl Actor for Executor {
         let ctx = TaskContext {
             job: job.clone(),
             member: state.member.clone(),
-            task: task.name.clone(),
+            task: task.kind.clone(),
             round: task.round,
             props: task.props.clone(),
         };
-        let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.name, peer = %from);
+        let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.kind, peer = %from);
         let (status, out) = match run(state, &ctx, &task, from).instrument(span.clone()).await {
             Ok(out) => (TaskStatus::Ok, out),
             Err(e) => {
@@ -337,7 +337,7 @@ async fn run(
     from: PeerId,
 ) -> Result<RunOutput, String> {
     let started = std::time::Instant::now();
-    if task.input.is_some() && task.name != "train" {
+    if task.input.is_some() && task.kind != TaskKind::Train {
         keep_transient_output(state).await?;
     }
     let input = match task.input {
@@ -374,7 +374,7 @@ async fn run(
         }
         None => None,
     };
-    if task.name == "submit_model" {
+    if task.kind == TaskKind::Submit {
         let learner = state.learner.as_ref().ok_or("learner lost by an earlier task")?;
         if learner.local_model().is_none() {
             let output = state.last_output.ok_or("this member has no local model to submit")?;
@@ -387,26 +387,30 @@ async fn run(
     let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
     let ctx2 = ctx.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = match (ctx2.task.as_str(), input) {
-            ("train", Some(m)) => learner.train(m, &ctx2).map(|out| TaskReply {
+        let r = match (&ctx2.task, input) {
+            (TaskKind::Train, Some(m)) => learner.train(m, &ctx2).map(|out| TaskReply {
                 model: Some(out.model),
                 num_samples: out.num_samples,
                 metrics: out.metrics,
                 values: BTreeMap::new(),
             }),
-            ("train" | "validate", None) => Err(format!("task {:?} needs an input model", ctx2.task)),
-            ("validate", Some(m)) => learner.validate(&m, &ctx2).map(|metrics| TaskReply {
+            (TaskKind::Train | TaskKind::Validate, None) => {
+                Err(format!("task {:?} needs an input model", ctx2.task.name()))
+            }
+            (TaskKind::Validate, Some(m)) => learner.validate(&m, &ctx2).map(|metrics| TaskReply {
                 metrics,
                 ..TaskReply::default()
             }),
-            ("submit_model", _) => match learner.local_model() {
+            (TaskKind::Submit, _) => match learner.local_model() {
                 Some(model) => Ok(TaskReply {
                     model: Some(model),
                     ..TaskReply::default()
                 }),
                 None => Err("this member has no local model to submit".into()),
             },
-            (_, input) => learner.run_task(input, &ctx2),
+            (TaskKind::Embed | TaskKind::SplitForward(_) | TaskKind::SplitBackward(_), input) => {
+                learner.run_task(input, &ctx2)
+            }
         };
         (learner, r)
     })
@@ -443,7 +447,7 @@ async fn run(
         }
         None => None,
     };
-    if task.name == "train" && output.is_some() {
+    if task.kind == TaskKind::Train && output.is_some() {
         state.last_output = output;
     }
     Ok(RunOutput {

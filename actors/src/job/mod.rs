@@ -37,6 +37,7 @@ pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
 pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
+pub use flare_protocols::ctl::{Task, TaskKind};
 pub use host::JobHost;
 
 /// How a job ended for a member: what `flare-node run` reports, and whether it exits with an
@@ -71,24 +72,6 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)
     }
-}
-
-/// A unit of work a controller hands to executors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Task {
-    /// What to do: `train`, `validate`, ...
-    pub name: String,
-    /// Workflow round.
-    pub round: u32,
-    /// Input model.
-    pub input: Option<BlobRef>,
-    /// Where the input is pulled from; empty: from the sender of the task.
-    pub input_from: Vec<PeerId>,
-    /// Parameters.
-    pub props: BTreeMap<String, Value>,
-    /// Only the sender pulls the output, once, before its next task to this member: it is
-    /// served from memory and not stored (see [`crate::BlobStore::import_transient`]).
-    pub transient_output: bool,
 }
 
 /// A finished task, as its controller receives it.

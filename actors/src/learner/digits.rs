@@ -329,7 +329,7 @@ mod tests {
         let ctx = TaskContext {
             job: flare_protocols::ctl::JobId("j".into()),
             member: "m1".into(),
-            task: "train".into(),
+            task: flare_protocols::ctl::TaskKind::Train,
             round: 0,
             props: BTreeMap::new(),
         };
@@ -372,7 +372,7 @@ mod tests {
                 let ctx = TaskContext {
                     job: flare_protocols::ctl::JobId("digits".into()),
                     member: format!("m{i}"),
-                    task: "train".into(),
+                    task: flare_protocols::ctl::TaskKind::Train,
                     round,
                     props: BTreeMap::new(),
                 };

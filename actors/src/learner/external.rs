@@ -472,7 +472,7 @@ impl ExternalLearner {
     fn exchange(&mut self, input: Option<&Model>, ctx: &TaskContext) -> Result<Reply, ExternalError> {
         let round_dir = self.work_dir()?.join(format!("round-{}", ctx.round));
         std::fs::create_dir_all(&round_dir).map_err(|e| ExternalError::Io(format!("{}: {e}", round_dir.display())))?;
-        let prefix = match ctx.task.as_str() {
+        let prefix = match ctx.task.name() {
             "train" => String::new(),
             t => format!(
                 "{}-",
@@ -508,7 +508,7 @@ impl ExternalLearner {
             _ => 0,
         };
         let task = ToLearner::Task {
-            task: ctx.task.clone(),
+            task: ctx.task.name().to_owned(),
             round: ctx.round,
             total_rounds,
             job: ctx.job.0.clone(),
@@ -522,7 +522,7 @@ impl ExternalLearner {
                 .collect(),
         };
         let deadline = Instant::now() + self.cfg.task_timeout;
-        let waiting_for = format!("the answer to task {:?} of round {}", ctx.task, ctx.round);
+        let waiting_for = format!("the answer to task {:?} of round {}", ctx.task.name(), ctx.round);
         let mut answer = process
             .send(&task)
             .and_then(|_| process.receive(deadline, &waiting_for));
@@ -698,13 +698,13 @@ impl Drop for ExternalLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flare_protocols::ctl::JobId;
+    use flare_protocols::ctl::{JobId, TaskKind};
 
-    fn ctx(task: &str, round: u32) -> TaskContext {
+    fn ctx(task: TaskKind, round: u32) -> TaskContext {
         TaskContext {
             job: JobId("unit".into()),
             member: "site-x".into(),
-            task: task.into(),
+            task,
             round,
             props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(3))]),
         }
@@ -749,16 +749,19 @@ mod tests {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/examples/add_one.py");
         let mut l = learner(dir.path(), &["python3", script.to_str().expect("utf-8")]);
         let mut m = model();
-        let out = l.train(m.clone(), &ctx("train", 0)).expect("train");
+        let out = l.train(m.clone(), &ctx(TaskKind::Train, 0)).expect("train");
         let pid = l.pid().expect("running");
         m.map_f32(|v| v + 1.0);
         assert!(out.model == m, "{:?}", out.model.f32("w"));
         assert_eq!(out.num_samples, 7);
-        let out = l.train(out.model, &ctx("train", 1)).expect("train again");
+        let out = l.train(out.model, &ctx(TaskKind::Train, 1)).expect("train again");
         m.map_f32(|v| v + 1.0);
         assert!(out.model == m);
         assert_eq!(l.pid(), Some(pid), "one process serves every task");
-        assert_eq!(l.validate(&m, &ctx("validate", 1)).expect("validate")["round"], 1.0);
+        assert_eq!(
+            l.validate(&m, &ctx(TaskKind::Validate, 1)).expect("validate")["round"],
+            1.0
+        );
         assert!(l.local_model() == Some(m));
         l.stop();
         assert!(l.pid().is_none());
@@ -772,10 +775,10 @@ mod tests {
     fn external_spawn_failure_and_early_exit_are_clear() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut l = learner(dir.path(), &["/nonexistent/learner-program"]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("no program");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("no program");
         assert!(e.contains("cannot start learner process"), "{e}");
         let mut l = learner(dir.path(), &["sh", "-c", "echo first >&2; echo oops >&2; exit 3"]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("exits");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("exits");
         assert!(e.contains("exited with status 3") && e.contains("first | oops"), "{e}");
         assert!(ExternalLearner::new(ExternalConfig::new(vec![], dir.path(), "x")).is_err());
     }
@@ -790,7 +793,7 @@ mod tests {
                    s.connect(os.environ['FLARE_CLIENT_SOCKET']); s.sendall(b'\\xff\\xff\\xff\\xff'); \
                    import time; time.sleep(30)";
         let mut l = learner(dir.path(), &["python3", "-c", big]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("oversize");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("oversize");
         assert!(e.contains("malformed message") && e.contains("exceeds the cap"), "{e}");
         assert!(l.pid().is_none());
         let shrink = "import flare_client as flare\n\
@@ -800,9 +803,9 @@ mod tests {
                       flare.send_error('no data here')\n\
                       flare.receive()\n";
         let mut l = learner(dir.path(), &["python3", "-c", shrink]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("wrong shape");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("wrong shape");
         assert!(e.contains("does not fit the input"), "{e}");
-        let e = l.train(model(), &ctx("train", 1)).expect_err("learner error");
+        let e = l.train(model(), &ctx(TaskKind::Train, 1)).expect_err("learner error");
         assert_eq!(e, "learner process reported an error: no data here");
         // A script that serves one task and returns: each task gets a new process.
         let once = "import flare_client as flare\n\
@@ -811,7 +814,10 @@ mod tests {
         let mut l = learner(dir.path(), &["python3", "-c", once]);
         let mut m = model();
         for round in 0..3 {
-            m = l.train(m, &ctx("train", round)).expect("one task per process").model;
+            m = l
+                .train(m, &ctx(TaskKind::Train, round))
+                .expect("one task per process")
+                .model;
         }
         let mut expected = model();
         (0..3).for_each(|_| expected.map_f32(|v| v + 1.0));

@@ -623,7 +623,7 @@ mod tests {
             let ctx = TaskContext {
                 job: flare_protocols::ctl::JobId("j".into()),
                 member: "m0".into(),
-                task: "train".into(),
+                task: flare_protocols::ctl::TaskKind::Train,
                 round: 0,
                 props: BTreeMap::new(),
             };
@@ -655,7 +655,7 @@ mod tests {
         TaskContext {
             job: flare_protocols::ctl::JobId("j".into()),
             member: "m0".into(),
-            task: "train".into(),
+            task: flare_protocols::ctl::TaskKind::Train,
             round,
             props: BTreeMap::new(),
         }
