@@ -34,7 +34,8 @@ use flare_protocols::ctl::{JobId, Value};
 use flare_protocols::model::{Model, ParamsType, Tensor};
 use libp2p::PeerId;
 
-use crate::job::{JobHost, Learner, TaskContext, TrainOutput};
+use crate::job::JobHost;
+use crate::learner::{Learner, TaskContext, TrainOutput};
 use crate::lock;
 
 /// How long a [`ClientLearner`] waits for the training code's result by default.

@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::communicator::Communicator;
 use super::controller::ControllerHandle;
-use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
+use super::executor::{Executor, ExecutorArgs, ExecutorMsg};
 use super::{Ending, TaskOutcome};
 use crate::Node;
+use crate::learner::Learner;
 use crate::lock;
 use crate::network::NetworkError;
 

@@ -6,7 +6,8 @@
 //! - [`communicator`]: the only way a workflow talks to peers.
 //! - [`controller`]: the ractor actor that runs a job's workflow and ends the job on every
 //!   member when it is aborted or fails.
-//! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
+//! - [`executor`]: the ractor actor that runs tasks through a [`Learner`] (the trait lives in
+//!   [`crate::learner`], re-exported here).
 //! - `supervisor`: the ractor actor every executor is linked to; ends a member's part of a
 //!   job when its executor stops.
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
@@ -32,10 +33,10 @@ use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
+pub use crate::learner::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use communicator::{CommError, Communicator, Link, RelayOutcome};
 pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
-pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
 pub use flare_protocols::ctl::{Task, TaskKind};
 pub use host::JobHost;

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{LearnerError, Mlp, MlpConfig, NamedTensor};
 use crate::data::{DIGITS_CLASSES, DIGITS_DIM, DataError, Dataset, digits, dirichlet_partition, train_test_split};
-use crate::job::{Learner, TaskContext, TrainOutput};
+use crate::learner::{Learner, TaskContext, TrainOutput};
 
 /// Fewest training rows a member gets from the Dirichlet split.
 pub const MIN_ROWS: usize = 10;

@@ -25,7 +25,7 @@ use flare_protocols::client_api::{self, CLIENT_API_VERSION, FromLearner, MetaVal
 use flare_protocols::ctl::Value;
 use flare_protocols::model::{DType, Model, Tensor};
 
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::lock;
 
 /// Lines of the process's stderr kept for error messages.

@@ -18,7 +18,7 @@ use super::digits::{DigitsFederation, LocalData, MlpSpec, model_of, params_of, t
 use super::recipe::DigitsRecipe;
 use super::{LearnerError, Mlp, MlpConfig, NamedTensor};
 use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset};
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 
 /// Widest embedding a topology may ask for (keeps a typo from allocating gigabytes per row).
 pub const MAX_EMBED_DIM: usize = 4096;

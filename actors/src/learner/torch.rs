@@ -217,10 +217,10 @@ mod imp {
     use super::{BaseSpec, FineTune, FineTuneSpec, MAX_LORA_RANK, TchArch, TchSpec};
     use crate::client::torch::{load_named, model_of_named};
     use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset, digits, train_test_split};
-    use crate::job::{Learner, TaskContext, TrainOutput};
     use crate::learner::LearnerError;
     use crate::learner::digits::{DigitsFederation, LocalData};
     use crate::learner::recipe::DigitsRecipe;
+    use crate::learner::{Learner, TaskContext, TrainOutput};
 
     const CLASSES: i64 = DIGITS_CLASSES as i64;
     const DIM: i64 = DIGITS_DIM as i64;
@@ -596,7 +596,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::job::TaskContext;
+    use crate::learner::TaskContext;
     use crate::learner::digits::DigitsFederation;
     use crate::learner::recipe::DigitsRecipe;
 

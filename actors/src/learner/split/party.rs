@@ -12,9 +12,9 @@ use super::SplitSpec;
 use super::data::PartyFeatures;
 use super::net::{Stack, Trace};
 use super::wire;
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::learner::LearnerError;
 use crate::learner::digits::model_of;
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 
 /// The training forward whose gradient has not come back yet.
 struct Pending {

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::*;
 use crate::data::digits;
-use crate::job::{Learner, TaskContext};
+use crate::learner::{Learner, TaskContext};
 use crate::learner::{Mlp, MlpConfig, NamedTensor};
 
 fn spec(parties: usize, bottom: Vec<usize>, top: Vec<usize>) -> SplitSpec {
