@@ -15,6 +15,7 @@
 //!   embeddings each member keeps.
 //! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
 //!   [`torch`]).
+//! - `tch_model` (the `torch` feature): models to and from `tch` tensors, by name.
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
@@ -27,6 +28,8 @@ mod mlp;
 mod paced;
 pub mod recipe;
 pub mod split;
+#[cfg(feature = "torch")]
+pub mod tch_model;
 pub mod torch;
 
 pub use api::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};

@@ -215,11 +215,11 @@ mod imp {
     use tch::{Device, Tensor};
 
     use super::{BaseSpec, FineTune, FineTuneSpec, MAX_LORA_RANK, TchArch, TchSpec};
-    use crate::client::torch::{load_named, model_of_named};
     use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset, digits, train_test_split};
     use crate::learner::LearnerError;
     use crate::learner::digits::{DigitsFederation, LocalData};
     use crate::learner::recipe::DigitsRecipe;
+    use crate::learner::tch_model::{load_named, model_of_named};
     use crate::learner::{Learner, TaskContext, TrainOutput};
 
     const CLASSES: i64 = DIGITS_CLASSES as i64;
