@@ -6,7 +6,7 @@
 //! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
 //! - [`split`]: split learning's steps and payloads, carried inside control tasks.
 //! - [`client_api`]: the Client API, executor <-> external learner process over a local socket.
-//! - [`model`]: models as named tensors in a canonical safetensors layout, and the `FLModel` envelope.
+//! - [`model`]: models as named tensors in a canonical safetensors layout, and the one DIFF rule.
 //!
 //! Each protocol module starts with its wire specification in prose.
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use flare_protocols::client_api::{self, CLIENT_API_VERSION, FromLearner, MetaValue, ResultParams, ToLearner};
 use flare_protocols::ctl::Value;
-use flare_protocols::model::{DType, Model, Tensor};
+use flare_protocols::model::Model;
 
 use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::lock;
@@ -564,7 +564,9 @@ impl ExternalLearner {
                         let _ = std::fs::remove_file(&p);
                         Some(match (params_type, input) {
                             (ResultParams::Full, _) => m,
-                            (ResultParams::Diff, Some(base)) => add_diff(base, &m).map_err(ExternalError::Output)?,
+                            (ResultParams::Diff, Some(base)) => {
+                                base.add_diff(&m).map_err(|e| ExternalError::Output(e.to_string()))?
+                            }
                             (ResultParams::Diff, None) => {
                                 return Err(ExternalError::Output("a DIFF result for a task without input".into()));
                             }
@@ -612,43 +614,6 @@ fn same_architecture(input: &Model, out: &Model) -> Result<(), String> {
         return Err(format!("tensor {name:?} is not in the input"));
     }
     Ok(())
-}
-
-/// `base + diff`, tensor by tensor (floating-point tensors only).
-fn add_diff(base: &Model, diff: &Model) -> Result<Model, String> {
-    same_architecture(base, diff)?;
-    let mut out = Vec::new();
-    for (name, b) in base.iter() {
-        let d = diff.get(name).ok_or_else(|| format!("tensor {name:?} is missing"))?;
-        let data: Vec<u8> = match b.dtype() {
-            DType::F32 => b
-                .data()
-                .chunks_exact(4)
-                .zip(d.data().chunks_exact(4))
-                .flat_map(|(x, y)| {
-                    let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-                    let y = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
-                    (x + y).to_le_bytes()
-                })
-                .collect(),
-            DType::F64 => b
-                .data()
-                .chunks_exact(8)
-                .zip(d.data().chunks_exact(8))
-                .flat_map(|(x, y)| {
-                    let x = f64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
-                    let y = f64::from_le_bytes(y.try_into().unwrap_or([0; 8]));
-                    (x + y).to_le_bytes()
-                })
-                .collect(),
-            other => return Err(format!("tensor {name:?} is {other:?}: a DIFF can only add F32 or F64")),
-        };
-        out.push((
-            name.clone(),
-            Tensor::new(b.dtype(), b.shape().to_vec(), data).map_err(|e| e.to_string())?,
-        ));
-    }
-    Ok(Model::from_tensors(out))
 }
 
 impl Learner for ExternalLearner {
@@ -699,6 +664,7 @@ impl Drop for ExternalLearner {
 mod tests {
     use super::*;
     use flare_protocols::ctl::{JobId, TaskKind};
+    use flare_protocols::model::Tensor;
 
     fn ctx(task: TaskKind, round: u32) -> TaskContext {
         TaskContext {
