@@ -5,7 +5,7 @@
 //! - [`SplitSpec`]: the architecture and training settings every party agrees on.
 //! - [`data`]: the digits split into column bands ([`VerticalDigits`]).
 //! - [`net`]: [`Stack`], a dense stack that runs forward and backward on blocks of rows.
-//! - [`party`]: [`SplitDataParty`], the data party's [`crate::job::Learner`].
+//! - [`party`]: [`SplitDataParty`], the data party's [`crate::learner::Learner`].
 //! - [`wire`]: the exchange's messages and payload layouts, specified in [`flare_protocols::split`].
 //! - [`Top`] and [`CentralSplit`]: the label party's half, and the whole network in one process
 //!   (the central baseline, trained on the same batches from the same start).
