@@ -43,7 +43,7 @@ pub struct ExecutorState {
     node: Arc<Node>,
     member: String,
     learner: Option<Box<dyn Learner>>,
-    /// The blob of the last `train` output: what `submit_model` hands over when the
+    /// The blob of the last `Train` output: what a `Submit` task hands over when the
     /// learner keeps no model of its own (no second copy in memory).
     last_output: Option<BlobRef>,
     /// The bytes of the last output model, shared with the store so that whoever pulls the
@@ -230,6 +230,8 @@ async fn keep_transient_output(state: &mut ExecutorState) -> Result<(), String> 
     Ok(())
 }
 
+/// Runs one task: its input into memory, the learner on a blocking thread, its output model
+/// published for the requester to pull.
 async fn run(
     state: &mut ExecutorState,
     ctx: &TaskContext,
@@ -242,35 +244,9 @@ async fn run(
     }
     let input = match task.input {
         Some(blob) => {
-            let held = state.held_output.take();
-            // A transient output whose memory is reused is gone: a later `submit_model` must
-            // not hand it over (a train task sets a new one).
-            if let Some(h) = held.as_ref().filter(|h| h.transient)
-                && state.last_output.is_some_and(|b| b.id == h.blob.id)
-            {
-                state.last_output = None;
-            }
-            let bytes = match held {
-                // The input is this member's own last output (e.g. the only result of a
-                // round, or every result the same): no pull, and no copy when the store is
-                // done with it.
-                Some(h) if h.blob.id == blob.id => Arc::try_unwrap(h.bytes).unwrap_or_else(|b| (*b).clone()),
-                held => {
-                    // The store is done with the last output once it is on disk (or at once,
-                    // for a transient one that has been pulled).
-                    let spare = held.and_then(|h| Arc::try_unwrap(h.bytes).ok());
-                    tracing::debug!(reused = spare.is_some(), "pulling the input model");
-                    // A task that names where to pull from passes models member to member
-                    // (relays, swarm rounds, cross-site validation), so others may pull this
-                    // input from here next: it is kept in the store. An input pulled from the
-                    // task's sender (a FedAvg round) is held by that controller already.
-                    let keep = !task.input_from.is_empty();
-                    let sources = if keep { task.input_from.clone() } else { vec![from] };
-                    fetch_model(&state.node, blob, &sources, spare, keep).await?
-                }
-            };
+            let model = input_model(state, task, blob, from).await?;
             tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model in memory");
-            Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
+            Some(model)
         }
         None => None,
     };
@@ -287,31 +263,7 @@ async fn run(
     let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
     let ctx2 = ctx.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = match (&ctx2.task, input) {
-            (TaskKind::Train, Some(m)) => learner.train(m, &ctx2).map(|out| TaskReply {
-                model: Some(out.model),
-                num_samples: out.num_samples,
-                metrics: out.metrics,
-                values: BTreeMap::new(),
-            }),
-            (TaskKind::Train | TaskKind::Validate, None) => {
-                Err(format!("task {:?} needs an input model", ctx2.task.name()))
-            }
-            (TaskKind::Validate, Some(m)) => learner.validate(&m, &ctx2).map(|metrics| TaskReply {
-                metrics,
-                ..TaskReply::default()
-            }),
-            (TaskKind::Submit, _) => match learner.local_model() {
-                Some(model) => Ok(TaskReply {
-                    model: Some(model),
-                    ..TaskReply::default()
-                }),
-                None => Err("this member has no local model to submit".into()),
-            },
-            (TaskKind::Embed | TaskKind::SplitForward(_) | TaskKind::SplitBackward(_), input) => {
-                learner.run_task(input, &ctx2)
-            }
-        };
+        let r = dispatch(learner.as_mut(), &ctx2, input);
         (learner, r)
     })
     .await;
@@ -321,28 +273,12 @@ async fn run(
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "learner done");
     let output = match reply.model {
         Some(model) => {
-            state.held_output = None;
-            let store = state.node.store().clone();
-            let bytes = Arc::new(model.into_safetensors());
-            let shared = bytes.clone();
-            let transient = task.transient_output;
-            let manifest = tokio::task::spawn_blocking(move || {
-                if transient {
-                    store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
-                } else {
-                    store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("storing the output model: {e}"))?;
-            let blob = manifest.blob_ref();
+            let blob = publish_output(state, model, task.transient_output).await?;
             tracing::debug!(
                 secs = started.elapsed().as_secs_f64(),
-                transient,
+                transient = task.transient_output,
                 "output model published"
             );
-            state.held_output = Some(HeldOutput { blob, bytes, transient });
             Some(blob)
         }
         None => None,
@@ -356,4 +292,90 @@ async fn run(
         num_samples: reply.num_samples,
         values: reply.values,
     })
+}
+
+/// What the learner is asked, by the task's kind.
+fn dispatch(learner: &mut dyn Learner, ctx: &TaskContext, input: Option<Model>) -> Result<TaskReply, String> {
+    match (&ctx.task, input) {
+        (TaskKind::Train, Some(m)) => learner.train(m, ctx).map(|out| TaskReply {
+            model: Some(out.model),
+            num_samples: out.num_samples,
+            metrics: out.metrics,
+            values: BTreeMap::new(),
+        }),
+        (TaskKind::Train | TaskKind::Validate, None) => Err(format!("task {:?} needs an input model", ctx.task.name())),
+        (TaskKind::Validate, Some(m)) => learner.validate(&m, ctx).map(|metrics| TaskReply {
+            metrics,
+            ..TaskReply::default()
+        }),
+        (TaskKind::Submit, _) => match learner.local_model() {
+            Some(model) => Ok(TaskReply {
+                model: Some(model),
+                ..TaskReply::default()
+            }),
+            None => Err("this member has no local model to submit".into()),
+        },
+        (TaskKind::Embed | TaskKind::SplitForward(_) | TaskKind::SplitBackward(_), input) => {
+            learner.run_task(input, ctx)
+        }
+    }
+}
+
+/// The task's input model in memory: this member's own last output when it is the input,
+/// else pulled (into the last output's memory when nothing else holds it any more).
+async fn input_model(
+    state: &mut ExecutorState,
+    task: &super::Task,
+    blob: BlobRef,
+    from: PeerId,
+) -> Result<Model, String> {
+    let held = state.held_output.take();
+    // A transient output whose memory is reused is gone: a later `Submit` task must not hand
+    // it over (a train task sets a new one).
+    if let Some(h) = held.as_ref().filter(|h| h.transient)
+        && state.last_output.is_some_and(|b| b.id == h.blob.id)
+    {
+        state.last_output = None;
+    }
+    let bytes = match held {
+        // The input is this member's own last output (e.g. the only result of a round, or
+        // every result the same): no pull, and no copy when the store is done with it.
+        Some(h) if h.blob.id == blob.id => Arc::try_unwrap(h.bytes).unwrap_or_else(|b| (*b).clone()),
+        held => {
+            // The store is done with the last output once it is on disk (or at once, for a
+            // transient one that has been pulled).
+            let spare = held.and_then(|h| Arc::try_unwrap(h.bytes).ok());
+            tracing::debug!(reused = spare.is_some(), "pulling the input model");
+            // A task that names where to pull from passes models member to member (relays,
+            // swarm rounds, cross-site validation), so others may pull this input from here
+            // next: it is kept in the store. An input pulled from the task's sender (a FedAvg
+            // round) is held by that controller already.
+            let keep = !task.input_from.is_empty();
+            let sources = if keep { task.input_from.clone() } else { vec![from] };
+            fetch_model(&state.node, blob, &sources, spare, keep).await?
+        }
+    };
+    Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))
+}
+
+/// Stores an output model as a blob (or, `transient`, only serves it from memory) and keeps
+/// its bytes as the held output.
+async fn publish_output(state: &mut ExecutorState, model: Model, transient: bool) -> Result<BlobRef, String> {
+    state.held_output = None;
+    let store = state.node.store().clone();
+    let bytes = Arc::new(model.into_safetensors());
+    let shared = bytes.clone();
+    let manifest = tokio::task::spawn_blocking(move || {
+        if transient {
+            store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
+        } else {
+            store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("storing the output model: {e}"))?;
+    let blob = manifest.blob_ref();
+    state.held_output = Some(HeldOutput { blob, bytes, transient });
+    Ok(blob)
 }
