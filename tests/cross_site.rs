@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flare_actors::job::cross_site::{self, CrossSiteConfig, GLOBAL};
 use flare_actors::job::{
-    AddOne, Communicator, FedAvgConfig, KeepLastModel, Learner, Task, TaskContext, TrainOutput, fedavg,
+    AddOne, Communicator, FedAvgConfig, KeepLastModel, Learner, Task, TaskContext, TaskKind, TrainOutput, fedavg,
 };
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, model_of};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
@@ -50,7 +50,7 @@ async fn train_add_one(comm: &Communicator, f: &Federation, sites: &[usize]) {
             .expect("publish");
         let task = Task {
             transient_output: false,
-            name: "train".into(),
+            kind: TaskKind::Train,
             round: 0,
             input: Some(input),
             input_from: vec![],

@@ -6,7 +6,7 @@ use std::time::Duration;
 use flare_actors::BlobStore;
 use flare_actors::blob::FaultPlan;
 use flare_actors::job::{
-    AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, Task, TaskContext, TrainOutput, fedavg,
+    AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, Task, TaskContext, TaskKind, TrainOutput, fedavg,
 };
 use flare_protocols::Manifest;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
@@ -403,7 +403,7 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
         );
         let task = Task {
             transient_output: false,
-            name: "train".into(),
+            kind: TaskKind::Train,
             round: 0,
             input: None,
             input_from: vec![],

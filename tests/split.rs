@@ -9,7 +9,7 @@ use flare_actors::job::split::{self, Received, SplitConfig, SplitError};
 use flare_actors::job::{Learner, TaskContext, TaskReply, TrainOutput};
 use flare_actors::learner::split::{PartyFeatures, SplitDataParty, SplitSpec, VerticalDigits, wire};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::ctl::Value;
+use flare_protocols::ctl::{TaskKind, Value};
 use flare_protocols::model::{DType, Model};
 
 use crate::util::{Federation, within};
@@ -143,7 +143,7 @@ async fn split_job_names_a_data_party_that_is_gone() {
 #[derive(Clone, Debug)]
 struct Seen {
     party: usize,
-    task: String,
+    task: TaskKind,
     props: BTreeMap<String, Value>,
     /// The input model's tensors: name, dtype, shape, bytes.
     input: Vec<(String, DType, Vec<usize>, Vec<u8>)>,
@@ -208,12 +208,8 @@ impl Learner for Leaky {
 
     fn run_task(&mut self, _: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
         let mut reply = TaskReply::default();
-        if ctx.task == wire::FORWARD {
-            let ids = match ctx.props.get(wire::ROWS) {
-                Some(Value::Bytes(b)) => wire::ids(b).ok_or("ids")?,
-                _ => return Err("no rows".into()),
-            };
-            let x = self.features.rows(&ids).ok_or("rows")?;
+        if let TaskKind::SplitForward(f) = &ctx.task {
+            let x = self.features.rows(&f.rows).ok_or("rows")?;
             reply
                 .values
                 .insert(wire::ACTIVATIONS.into(), Value::Bytes(wire::f32_bytes(&x)));
@@ -235,40 +231,33 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn check_data_side(seen: &[Seen], data: &VerticalDigits, cut: usize) -> Result<(), String> {
     let mut last_rows: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
     for (i, s) in seen.iter().enumerate() {
+        // Split steps carry their parameters typed: nothing rides in the free-form properties.
         let keys: Vec<&str> = s.props.keys().map(String::as_str).collect();
-        if keys.iter().any(|k| k.to_lowercase().contains("label")) {
-            return Err(format!("task {i}: a property is named for labels: {keys:?}"));
+        if !keys.is_empty() {
+            return Err(format!("task {i}: carries properties {keys:?}"));
         }
-        match s.task.as_str() {
-            wire::FORWARD => {
-                let allowed = [wire::INLINE_MAX, wire::ROWS, wire::STEP, wire::TRAIN];
-                if keys != allowed || !s.input.is_empty() {
-                    return Err(format!(
-                        "task {i}: forward carries {keys:?} and {} tensors",
-                        s.input.len()
-                    ));
+        match &s.task {
+            TaskKind::SplitForward(f) => {
+                if !s.input.is_empty() {
+                    return Err(format!("task {i}: forward carries {} tensors", s.input.len()));
                 }
-                let ids = match s.props.get(wire::ROWS) {
-                    Some(Value::Bytes(b)) => wire::ids(b).ok_or("ragged ids")?,
-                    _ => return Err(format!("task {i}: rows are not bytes")),
-                };
-                if matches!(s.props.get(wire::TRAIN), Some(Value::Bool(true))) {
-                    last_rows.insert(s.party, ids);
+                if f.train {
+                    last_rows.insert(s.party, f.rows.clone());
                 }
             }
-            wire::BACKWARD => {
+            TaskKind::SplitBackward(b) => {
                 let rows = last_rows
                     .remove(&s.party)
                     .ok_or(format!("task {i}: backward without forward"))?;
                 let expected = rows.len() * cut * 4;
-                let g = match (s.props.get(wire::GRADIENT), s.input.as_slice()) {
-                    (Some(Value::Bytes(b)), []) if keys == [wire::GRADIENT, wire::LR, wire::STEP] => b.clone(),
+                let g = match (&b.gradient, s.input.as_slice()) {
+                    (Some(g), []) => f32_bytes_of(g),
                     (None, [(name, DType::F32, shape, bytes)])
-                        if keys == [wire::LR, wire::STEP] && name == wire::GRADIENT && *shape == [rows.len(), cut] =>
+                        if name == wire::GRADIENT && *shape == [rows.len(), cut] =>
                     {
                         bytes.clone()
                     }
-                    _ => return Err(format!("task {i}: backward carries {keys:?} and {:?}", s.input.len())),
+                    _ => return Err(format!("task {i}: backward carries {:?}", s.input.len())),
                 };
                 if g.len() != expected {
                     return Err(format!("task {i}: gradient of {} bytes, expected {expected}", g.len()));
@@ -389,15 +378,16 @@ async fn no_label_reaches_a_data_party_and_no_feature_reaches_the_label_party() 
 
             // The checks can fail: a gradient swapped for the batch's labels, a property
             // that names labels, and raw features in place of activations are all caught.
-            let at = seen.iter().position(|s| s.task == wire::BACKWARD).expect("a backward");
-            let rows = match seen[..at]
+            let at = seen
                 .iter()
-                .rev()
-                .find(|s| s.task == wire::FORWARD)
-                .and_then(|s| s.props.get(wire::ROWS))
-            {
-                Some(Value::Bytes(b)) => wire::ids(b).expect("ids"),
-                _ => panic!("no rows"),
+                .position(|s| matches!(s.task, TaskKind::SplitBackward(_)))
+                .expect("a backward");
+            let rows = match seen[..at].iter().rev().find_map(|s| match &s.task {
+                TaskKind::SplitForward(f) => Some(f.rows.clone()),
+                _ => None,
+            }) {
+                Some(rows) => rows,
+                None => panic!("no rows"),
             };
             let ids: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
             let labels = data.label.labels_of(&ids).expect("labels");

@@ -264,7 +264,7 @@ fn cross_site_evaluation_has_a_row_per_model_and_a_column_per_site_and_saves_the
 async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     use std::sync::Arc;
 
-    use flare_actors::job::{AddOne, Link, Task};
+    use flare_actors::job::{AddOne, Link, Task, TaskKind};
     use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
     use flare_protocols::model::{DType, Model};
 
@@ -298,7 +298,7 @@ async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     ];
     let task = Task {
         transient_output: false,
-        name: "train".into(),
+        kind: TaskKind::Train,
         round: 0,
         input: None,
         input_from: vec![],

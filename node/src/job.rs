@@ -16,7 +16,7 @@ use flare_actors::job::{AddOne, Communicator, Ending, Evaluator, FedAvgConfig, J
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
-use flare_actors::learner::inference::{self, FrozenSpec, InferenceSpec};
+use flare_actors::learner::inference::{FrozenSpec, InferenceSpec};
 use flare_actors::learner::recipe::DigitsRecipe;
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
@@ -393,13 +393,13 @@ async fn embed(
     frozen: &FrozenSpec,
     clients: &[PeerId],
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
-    use flare_actors::job::Task;
+    use flare_actors::job::{Task, TaskKind};
     use flare_protocols::ctl::{TaskStatus, Value as CtlValue};
     let model = frozen.model().map_err(anyhow::Error::msg)?;
     let blob = comm.publish(Arc::new(model)).await?;
     let task = Task {
         transient_output: false,
-        name: inference::EMBED_TASK.into(),
+        kind: TaskKind::Embed,
         round: 0,
         input: Some(blob),
         input_from: vec![],

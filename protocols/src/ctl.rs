@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BlobRef;
 use crate::frame::{FrameError, encode_versioned, read_message, write_frame};
+use crate::split::{Backward, Forward};
 
 /// Protocol name negotiated on the substream.
 pub const CTL_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/ctl/1");
@@ -72,6 +73,86 @@ pub enum TaskStatus {
     Aborted,
 }
 
+/// What a task asks an executor to do: the executor dispatches on it, and each step that
+/// needs parameters of its own carries them typed (split learning's, specified in
+/// [`crate::split`]).
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Train from the input model; the output is the local update.
+    Train,
+    /// Measure the input model on local validation data; metrics only.
+    Validate,
+    /// Hand over this member's own model (its learner's, or its last training output).
+    Submit,
+    /// Run the frozen input network over local data and keep the embeddings (the inference
+    /// workflow's first step).
+    Embed,
+    /// Split learning: run the bottom on the named rows.
+    SplitForward(Forward),
+    /// Split learning: apply the gradient of the last training forward.
+    SplitBackward(Backward),
+}
+
+impl TaskKind {
+    /// The task's name as learners outside this process know it (the Client API's `task`
+    /// field and an `FLModel`'s `task` meta carry it; kept as it was before tasks were typed).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Validate => "validate",
+            Self::Submit => "submit_model",
+            Self::Embed => "embed",
+            Self::SplitForward(_) => "split_forward",
+            Self::SplitBackward(_) => "split_backward",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A unit of work a controller hands to executors: built once by the workflow and carried
+/// whole in [`Request::Task`].
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Task {
+    /// What to do.
+    pub kind: TaskKind,
+    /// Workflow round the task belongs to.
+    pub round: u32,
+    /// Input model, fetched by the executor over `/flare/blob/1`.
+    pub input: Option<BlobRef>,
+    /// Where the input is pulled from; empty means the sender of the task. Lets a model go
+    /// from member to member directly (cyclic, swarm) instead of through the sender.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_from: Vec<PeerId>,
+    /// Parameters every learner may read (`total_rounds`, the `model` a validation measures);
+    /// handed to external learners as they are.
+    pub props: BTreeMap<String, Value>,
+    /// The output model is pulled once, by the task's sender, before the next task: the
+    /// executor serves it from memory and does not store it (a FedAvg update, which the
+    /// controller folds and forgets). Absent means it is stored, for anyone to pull later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient_output: bool,
+}
+
+impl Task {
+    /// A task of `kind` for `round` with no input, parameters or sources: the fields a
+    /// workflow does not set keep their plain meaning.
+    pub fn new(kind: TaskKind, round: u32) -> Self {
+        Self {
+            kind,
+            round,
+            input: None,
+            input_from: Vec::new(),
+            props: BTreeMap::new(),
+            transient_output: false,
+        }
+    }
+}
+
 /// A control request: the job it belongs to and what is asked.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct CtlRequest {
@@ -93,23 +174,8 @@ pub enum Request {
     Task {
         /// Unique within the job.
         task_id: u64,
-        /// Task name, e.g. `train` or `validate`.
-        name: String,
-        /// Workflow round the task belongs to.
-        round: u32,
-        /// Input model, fetched by the executor over `/flare/blob/1`.
-        input: Option<BlobRef>,
-        /// Where the input is pulled from; empty means the sender of the task. Lets a model
-        /// go from member to member directly (cyclic, swarm) instead of through the sender.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        input_from: Vec<PeerId>,
-        /// Task parameters.
-        props: BTreeMap<String, Value>,
-        /// The output model is pulled once, by the task's sender, before the next task: the
-        /// executor serves it from memory and does not store it (a FedAvg update, which the
-        /// controller folds and forgets). Absent means it is stored, for anyone to pull later.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        transient_output: bool,
+        /// The task, as the controller built it.
+        task: Task,
     },
     /// An executor reports a finished task.
     TaskResult {
@@ -289,12 +355,39 @@ mod tests {
         })
     }
 
+    fn task_kind() -> impl Strategy<Value = TaskKind> {
+        prop_oneof![
+            Just(TaskKind::Train),
+            Just(TaskKind::Validate),
+            Just(TaskKind::Submit),
+            Just(TaskKind::Embed),
+            (
+                proptest::collection::vec(any::<u32>(), 0..8),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>()
+            )
+                .prop_map(|(rows, step, train, inline_max)| TaskKind::SplitForward(Forward {
+                    rows,
+                    step,
+                    train,
+                    inline_max
+                })),
+            (
+                any::<u64>(),
+                -1e3f64..1e3,
+                proptest::option::of(proptest::collection::vec(-1e6f32..1e6, 0..8))
+            )
+                .prop_map(|(step, lr, gradient)| TaskKind::SplitBackward(Backward { step, lr, gradient })),
+        ]
+    }
+
     fn request() -> impl Strategy<Value = CtlRequest> {
         let body = prop_oneof![
             ".{0,16}".prop_map(|member| Request::Join { member }),
             (
                 any::<u64>(),
-                ".{0,8}",
+                task_kind(),
                 any::<u32>(),
                 proptest::option::of(blob_ref()),
                 proptest::collection::vec(any::<[u8; 32]>(), 0..3),
@@ -302,14 +395,16 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(
-                    |(task_id, name, round, input, from, props, transient_output)| Request::Task {
+                    |(task_id, kind, round, input, from, props, transient_output)| Request::Task {
                         task_id,
-                        name,
-                        round,
-                        input,
-                        input_from: from.into_iter().map(peer).collect(),
-                        props,
-                        transient_output
+                        task: Task {
+                            kind,
+                            round,
+                            input,
+                            input_from: from.into_iter().map(peer).collect(),
+                            props,
+                            transient_output
+                        }
                     }
                 ),
             (

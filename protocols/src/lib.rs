@@ -4,8 +4,9 @@
 //! - [`frame`]: the length-prefixed frame both protocols are built from, with its caps.
 //! - [`ctl`]: the control protocol `/flare/ctl/1` (request-response, CBOR).
 //! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
+//! - [`split`]: split learning's steps and payloads, carried inside control tasks.
 //! - [`client_api`]: the Client API, executor <-> external learner process over a local socket.
-//! - [`model`]: models as named tensors in a canonical safetensors layout, and the `FLModel` envelope.
+//! - [`model`]: models as named tensors in a canonical safetensors layout, and the one DIFF rule.
 //!
 //! Each protocol module starts with its wire specification in prose.
 
@@ -15,5 +16,6 @@ pub mod client_api;
 pub mod ctl;
 pub mod frame;
 pub mod model;
+pub mod split;
 
 pub use blob_id::{BlobId, BlobRef, ChunkHash, Manifest, ManifestBuilder};

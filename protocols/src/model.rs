@@ -23,9 +23,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::BlobRef;
-use crate::ctl::Value;
-
 /// Largest header a peer's model may announce (the safetensors crate's own limit is 100 MB).
 pub const MAX_HEADER: u64 = 100_000_000;
 
@@ -121,6 +118,14 @@ pub enum ModelError {
     /// The bytes are not a valid safetensors model (truncated, corrupt, unsupported dtype).
     #[error("not a valid safetensors model: {0}")]
     Format(String),
+    /// A DIFF result does not apply to the model it was taken from (see [`Model::add_diff`]).
+    #[error("a DIFF result: tensor {name:?} {reason}")]
+    Diff {
+        /// The tensor.
+        name: String,
+        /// What does not fit.
+        reason: String,
+    },
     /// Reading or writing a model file failed; the message names the file.
     #[error("{path}: {reason}")]
     File {
@@ -406,6 +411,62 @@ impl Model {
         })
     }
 
+    /// The one DIFF rule, NVIDIA FLARE's `ParamsType.DIFF`: a learner that sends a difference
+    /// sends `local − global`, and the receiver adds it to the model it sent (`self`), tensor
+    /// by tensor in that tensor's own dtype. Both models must hold the same tensors with the
+    /// same dtypes and shapes; only F32 and F64 tensors can be added (any other dtype is
+    /// refused rather than taken as a new value, so a result is never half a difference).
+    pub fn add_diff(&self, diff: &Model) -> Result<Model, ModelError> {
+        let bad = |name: &str, reason: String| ModelError::Diff {
+            name: name.to_owned(),
+            reason,
+        };
+        if let Some((name, _)) = diff.iter().find(|(n, _)| self.get(n).is_none()) {
+            return Err(bad(name, "is not in the received model".into()));
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for (name, b) in self.iter() {
+            let d = diff.get(name).ok_or_else(|| bad(name, "is missing".into()))?;
+            if d.dtype() != b.dtype() || d.shape() != b.shape() {
+                return Err(bad(
+                    name,
+                    format!(
+                        "is {:?} {:?}, the received model's is {:?} {:?}",
+                        d.dtype(),
+                        d.shape(),
+                        b.dtype(),
+                        b.shape()
+                    ),
+                ));
+            }
+            let data: Vec<u8> = match b.dtype() {
+                DType::F32 => b
+                    .data()
+                    .chunks_exact(4)
+                    .zip(d.data().chunks_exact(4))
+                    .flat_map(|(x, y)| {
+                        let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                        let y = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                        (x + y).to_le_bytes()
+                    })
+                    .collect(),
+                DType::F64 => b
+                    .data()
+                    .chunks_exact(8)
+                    .zip(d.data().chunks_exact(8))
+                    .flat_map(|(x, y)| {
+                        let x = f64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
+                        let y = f64::from_le_bytes(y.try_into().unwrap_or([0; 8]));
+                        (x + y).to_le_bytes()
+                    })
+                    .collect(),
+                other => return Err(bad(name, format!("is {other:?}: a DIFF can only add F32 or F64"))),
+            };
+            out.push((name.clone(), Tensor::new(b.dtype(), b.shape().to_vec(), data)?));
+        }
+        Ok(Model::from_tensors(out))
+    }
+
     /// Applies `f` to every f32 value of every f32 tensor, in place.
     pub fn map_f32(&mut self, mut f: impl FnMut(f32) -> f32) {
         for e in self.index.values().filter(|e| e.dtype == DType::F32) {
@@ -620,23 +681,6 @@ pub enum ParamsType {
     Diff,
 }
 
-/// The envelope a task or result carries: the model travels as a blob reference.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
-pub struct FLModel {
-    /// The parameters (a safetensors blob), if any.
-    pub params: Option<BlobRef>,
-    /// Full parameters or a difference.
-    pub params_type: ParamsType,
-    /// Named metrics (accuracy, loss, ...).
-    pub metrics: BTreeMap<String, f64>,
-    /// Anything else the workflow wants to pass along.
-    pub meta: BTreeMap<String, Value>,
-    /// Round this model belongs to.
-    pub current_round: u32,
-    /// Rounds in the job.
-    pub total_rounds: u32,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,6 +694,41 @@ mod tests {
                 Tensor::new(DType::I64, vec![1], 7i64.to_le_bytes().to_vec()).expect("t"),
             ),
         ])
+    }
+
+    #[test]
+    fn a_diff_is_added_to_the_received_model_in_its_own_dtype() {
+        let global = Model::from_tensors([
+            ("w", Tensor::from_f32(vec![2], &[1.0, 2.0]).expect("t")),
+            (
+                "d",
+                Tensor::new(DType::F64, vec![1], 0.5f64.to_le_bytes().to_vec()).expect("t"),
+            ),
+        ]);
+        let diff = Model::from_tensors([
+            ("w", Tensor::from_f32(vec![2], &[0.5, -2.0]).expect("t")),
+            (
+                "d",
+                Tensor::new(DType::F64, vec![1], 1.25f64.to_le_bytes().to_vec()).expect("t"),
+            ),
+        ]);
+        let sum = global.add_diff(&diff).expect("add");
+        assert_eq!(sum.f32("w").expect("w"), [1.5, 0.0]);
+        assert_eq!(sum.get("d").expect("d").data(), 1.75f64.to_le_bytes());
+        // Another layout, an extra or a missing tensor, and a dtype that cannot be added are
+        // refused.
+        let wide = Model::from_tensors([("w", Tensor::from_f32(vec![3], &[0.0; 3]).expect("t"))]);
+        assert!(matches!(global.add_diff(&wide), Err(ModelError::Diff { .. })));
+        let extra = Model::from_tensors([
+            ("w", Tensor::from_f32(vec![2], &[0.0; 2]).expect("t")),
+            ("d", Tensor::new(DType::F64, vec![1], vec![0; 8]).expect("t")),
+            ("x", Tensor::from_f32(vec![1], &[0.0]).expect("t")),
+        ]);
+        assert!(diff.add_diff(&global).is_ok());
+        assert!(matches!(global.add_diff(&extra), Err(ModelError::Diff { .. })));
+        let ints = model(1.0);
+        let e = ints.add_diff(&ints).expect_err("I64");
+        assert!(e.to_string().contains("F32 or F64"), "{e}");
     }
 
     #[test]

@@ -31,17 +31,19 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, s
 use std::time::Duration;
 
 use flare_protocols::ctl::{JobId, Value};
-use flare_protocols::model::{Model, ParamsType, Tensor};
+use flare_protocols::model::{Model, ParamsType};
 use libp2p::PeerId;
 
-use crate::job::{JobHost, Learner, TaskContext, TrainOutput};
+use crate::job::JobHost;
+use crate::learner::{Learner, TaskContext, TrainOutput};
 use crate::lock;
 
 /// How long a [`ClientLearner`] waits for the training code's result by default.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// A model with what the training code needs around it: the in-memory counterpart of
-/// [`flare_protocols::model::FLModel`], whose parameters travel as a blob reference.
+/// A model with what the training code needs around it (NVIDIA FLARE's `FLModel`): what the
+/// training loop receives and sends back. The only `FLModel`: on the wire, a task's model
+/// travels as a blob reference in [`flare_protocols::ctl::Task`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct FLModel {
     /// The parameters, by name.
@@ -228,7 +230,7 @@ impl Client {
     }
 
     /// Sends the result of the task received last. With [`ParamsType::Diff`], `params` is
-    /// added to the received model's f32 tensors before it leaves.
+    /// added to the received model before it leaves ([`Model::add_diff`], the one DIFF rule).
     pub fn send(&self, output: FLModel) -> Result<(), ClientError> {
         let reply = lock(&self.state).reply.take().ok_or(ClientError::NothingToAnswer)?;
         reply.send(output).map_err(|_| ClientError::TaskGone)
@@ -301,7 +303,7 @@ fn input_of(model: Model, ctx: &TaskContext) -> FLModel {
         _ => 0,
     };
     FLModel {
-        meta: BTreeMap::from([("task".to_owned(), Value::Str(ctx.task.clone()))]),
+        meta: BTreeMap::from([("task".to_owned(), Value::Str(ctx.task.name().to_owned()))]),
         current_round: ctx.round,
         total_rounds,
         ..FLModel::new(model)
@@ -329,26 +331,10 @@ fn full_params(global: &Model, out: FLModel) -> Result<Model, String> {
             describe(global)
         ));
     }
-    if out.params_type == ParamsType::Full {
-        return Ok(out.params);
+    match out.params_type {
+        ParamsType::Full => Ok(out.params),
+        ParamsType::Diff => global.add_diff(&out.params).map_err(|e| e.to_string()),
     }
-    let tensors = global
-        .iter()
-        .map(|(name, g)| {
-            let d = out.params.get(name).ok_or_else(|| format!("tensor {name:?} missing"))?;
-            let t = match (g.to_f32(), d.to_f32()) {
-                (Some(gv), Some(dv)) => {
-                    let sum: Vec<f32> = gv.iter().zip(&dv).map(|(a, b)| a + b).collect();
-                    Tensor::from_f32(g.shape().to_vec(), &sum)
-                }
-                // A non-float tensor (a counter, a mask) carries its new value, not a difference.
-                _ => Tensor::new(d.dtype(), d.shape().to_vec(), d.data().to_vec()),
-            };
-            t.map(|t| (name.clone(), t))
-                .map_err(|e| format!("tensor {name:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    Ok(Model::from_tensors(tensors))
 }
 
 impl Learner for ClientLearner {
@@ -378,12 +364,14 @@ impl Learner for ClientLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flare_protocols::ctl::TaskKind;
+    use flare_protocols::model::Tensor;
 
-    fn ctx(task: &str, round: u32) -> TaskContext {
+    fn ctx(task: TaskKind, round: u32) -> TaskContext {
         TaskContext {
             job: JobId("j".into()),
             member: "m".into(),
-            task: task.into(),
+            task,
             round,
             props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(3))]),
         }
@@ -418,11 +406,13 @@ mod tests {
             assert!(!client.is_running());
             (seen, client.system_info())
         });
-        let out = learner.train(model(2.0), &ctx("train", 1)).expect("train");
+        let out = learner.train(model(2.0), &ctx(TaskKind::Train, 1)).expect("train");
         assert_eq!(out.model, model(3.0));
         assert_eq!(out.num_samples, 7);
         assert_eq!(learner.local_model(), Some(model(3.0)));
-        let m = learner.validate(&model(5.0), &ctx("validate", 2)).expect("validate");
+        let m = learner
+            .validate(&model(5.0), &ctx(TaskKind::Validate, 2))
+            .expect("validate");
         assert_eq!(m["mean"], 5.0);
         drop(learner);
         let (seen, info) = trainer.join().expect("trainer");
@@ -449,9 +439,13 @@ mod tests {
             assert!(matches!(r, Err(ClientError::Node(ref e)) if e == "boom"), "{r:?}");
             assert!(client.receive().expect("after the end").is_none());
         });
-        let e = learner.train(model(1.0), &ctx("train", 0)).expect_err("wrong layout");
+        let e = learner
+            .train(model(1.0), &ctx(TaskKind::Train, 0))
+            .expect_err("wrong layout");
         assert!(e.contains("does not match"), "{e}");
-        let e = learner.train(model(1.0), &ctx("train", 1)).expect_err("timeout");
+        let e = learner
+            .train(model(1.0), &ctx(TaskKind::Train, 1))
+            .expect_err("timeout");
         assert!(e.contains("no result within"), "{e}");
         end.finish(Some("boom".into()));
         trainer.join().expect("trainer");

@@ -194,12 +194,7 @@ impl Communicator {
                 job: self.job.clone(),
                 body: Request::Task {
                     task_id,
-                    name: task.name.clone(),
-                    round: task.round,
-                    input: task.input,
-                    input_from: task.input_from.clone(),
-                    props: task.props.clone(),
-                    transient_output: task.transient_output,
+                    task: task.clone(),
                 },
             };
             async move { (peer, task_id, self.node.net().request(peer, req).await) }

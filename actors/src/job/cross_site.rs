@@ -29,8 +29,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::communicator::{Communicator, Pending};
-use super::executor::{Learner, MAX_INPUT_MODEL, TaskContext, TaskReply, TrainOutput};
-use super::{Task, TaskOutcome};
+use super::executor::MAX_INPUT_MODEL;
+use super::{Task, TaskKind, TaskOutcome};
 use crate::blob::FetchOptions;
 
 /// Row name of the global model.
@@ -361,7 +361,7 @@ async fn collect_models(
     let deadline = Instant::now() + cfg.task_timeout;
     let task = Task {
         transient_output: false,
-        name: "submit_model".into(),
+        kind: TaskKind::Submit,
         round: 0,
         input: None,
         input_from: vec![],
@@ -446,7 +446,7 @@ async fn fill_matrix(
             let Ok(blob) = rows[r].blob else { continue };
             let task = Task {
                 transient_output: false,
-                name: "validate".into(),
+                kind: TaskKind::Validate,
                 round: 0,
                 input: Some(blob),
                 input_from: rows[r].sources.clone(),
@@ -536,40 +536,8 @@ async fn pull(comm: &Communicator, blob: BlobRef, sources: &[PeerId]) -> Result<
     Model::from_safetensors_vec(bytes).map_err(|e| e.to_string())
 }
 
-/// Wraps a learner that does not keep its own model so it can take part in cross-site
-/// evaluation: remembers the model of its last `train` task and submits that (the inner
-/// learner's own [`Learner::local_model`] wins when it has one).
-pub struct KeepLastModel<L> {
-    inner: L,
-    last: Option<Model>,
-}
-
-impl<L> KeepLastModel<L> {
-    /// `inner`, remembering its trained models.
-    pub fn new(inner: L) -> Self {
-        Self { inner, last: None }
-    }
-}
-
-impl<L: Learner> Learner for KeepLastModel<L> {
-    fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
-        let out = self.inner.train(global, ctx)?;
-        self.last = Some(out.model.clone());
-        Ok(out)
-    }
-
-    fn validate(&mut self, model: &Model, ctx: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
-        self.inner.validate(model, ctx)
-    }
-
-    fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
-        self.inner.run_task(input, ctx)
-    }
-
-    fn local_model(&self) -> Option<Model> {
-        self.inner.local_model().or_else(|| self.last.clone())
-    }
-}
+/// Moved to the learner layer; re-exported so `job::cross_site::KeepLastModel` still works.
+pub use crate::learner::KeepLastModel;
 
 #[cfg(test)]
 mod tests {

@@ -22,9 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::Task;
 use super::communicator::{CommError, Communicator, Link};
 use super::fedavg::Evaluator;
+use super::{Task, TaskKind};
 
 /// Parameters of a cyclic job.
 #[derive(Clone)]
@@ -111,7 +111,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         let order = round_order(cfg, round);
         let task = Task {
             transient_output: false,
-            name: "train".into(),
+            kind: TaskKind::Train,
             round,
             input: None,
             input_from: vec![],

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskStatus, Value};
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskKind, TaskStatus, Value};
 use flare_protocols::model::Model;
 use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
@@ -17,108 +17,8 @@ use tracing::Instrument;
 
 use crate::Node;
 use crate::blob::FetchOptions;
+use crate::learner::{Learner, TaskContext, TaskReply};
 use crate::lock;
-
-/// What a learner knows about the task it runs.
-#[derive(Clone, Debug)]
-pub struct TaskContext {
-    /// The job.
-    pub job: JobId,
-    /// This member's name.
-    pub member: String,
-    /// Task name (`train`, `validate`).
-    pub task: String,
-    /// Workflow round.
-    pub round: u32,
-    /// Task parameters.
-    pub props: BTreeMap<String, Value>,
-}
-
-/// What one training task produced.
-#[derive(Clone, Debug)]
-pub struct TrainOutput {
-    /// The new local model.
-    pub model: Model,
-    /// Samples it was trained on (its aggregation weight).
-    pub num_samples: u64,
-    /// Metrics to report (loss, accuracy, ...).
-    pub metrics: BTreeMap<String, f64>,
-}
-
-/// What a task other than `train` and `validate` produced (see [`Learner::run_task`]).
-#[derive(Clone, Debug, Default)]
-pub struct TaskReply {
-    /// An output model, stored as a blob for the requester to pull.
-    pub model: Option<Model>,
-    /// Its aggregation weight.
-    pub num_samples: u64,
-    /// Metrics to report.
-    pub metrics: BTreeMap<String, f64>,
-    /// Small named outputs carried in the result message itself.
-    pub values: BTreeMap<String, Value>,
-}
-
-/// Local training code behind one interface, so every workflow can drive any learner.
-/// Runs on a blocking thread: it may take as long as training takes.
-pub trait Learner: Send + 'static {
-    /// Trains from `global` and returns the local result.
-    fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String>;
-
-    /// Measures `model` on local validation data.
-    fn validate(&mut self, model: &Model, ctx: &TaskContext) -> Result<BTreeMap<String, f64>, String>;
-
-    /// Runs a workflow-specific task (`ctx.task` names it; e.g. split learning's forward
-    /// and backward steps). Learners that only train and validate refuse it.
-    fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
-        let _ = input;
-        Err(format!("this learner cannot run task {:?}", ctx.task))
-    }
-
-    /// The model this member holds now (its latest local state), for workflows that
-    /// evaluate or share members' own models; `None` when it has none yet.
-    fn local_model(&self) -> Option<Model> {
-        None
-    }
-}
-
-/// Adds 1.0 to every f32 weight: the exact-arithmetic check of every workflow.
-#[derive(Clone, Debug)]
-pub struct AddOne {
-    /// The weight this member reports (its "sample count").
-    pub num_samples: u64,
-}
-
-impl Learner for AddOne {
-    fn train(&mut self, mut global: Model, _: &TaskContext) -> Result<TrainOutput, String> {
-        global.map_f32(|v| v + 1.0);
-        Ok(TrainOutput {
-            model: global,
-            num_samples: self.num_samples,
-            metrics: BTreeMap::new(),
-        })
-    }
-
-    /// The model's mean f32 weight (`mean_weight`, exact for small integers, so a cross-site
-    /// matrix of add-one models can be checked to the bit) and this member's weight
-    /// (`samples`, which tells the sites apart).
-    fn validate(&mut self, model: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
-        let (mut sum, mut n) = (0.0f64, 0u64);
-        for (name, t) in model.iter() {
-            let values = t
-                .to_f32()
-                .ok_or_else(|| format!("tensor {name:?} is {:?}, not F32", t.dtype()))?;
-            sum += values.iter().map(|&v| f64::from(v)).sum::<f64>();
-            n += values.len() as u64;
-        }
-        if n == 0 {
-            return Err("the model has no weights".into());
-        }
-        Ok(BTreeMap::from([
-            ("mean_weight".to_owned(), sum / n as f64),
-            ("samples".to_owned(), self.num_samples as f64),
-        ]))
-    }
-}
 
 /// Messages of the executor actor.
 pub enum ExecutorMsg {
@@ -143,7 +43,7 @@ pub struct ExecutorState {
     node: Arc<Node>,
     member: String,
     learner: Option<Box<dyn Learner>>,
-    /// The blob of the last `train` output: what `submit_model` hands over when the
+    /// The blob of the last `Train` output: what a `Submit` task hands over when the
     /// learner keeps no model of its own (no second copy in memory).
     last_output: Option<BlobRef>,
     /// The bytes of the last output model, shared with the store so that whoever pulls the
@@ -201,11 +101,11 @@ impl Actor for Executor {
         let ctx = TaskContext {
             job: job.clone(),
             member: state.member.clone(),
-            task: task.name.clone(),
+            task: task.kind.clone(),
             round: task.round,
             props: task.props.clone(),
         };
-        let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.name, peer = %from);
+        let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.kind, peer = %from);
         let (status, out) = match run(state, &ctx, &task, from).instrument(span.clone()).await {
             Ok(out) => (TaskStatus::Ok, out),
             Err(e) => {
@@ -317,6 +217,8 @@ async fn keep_transient_output(state: &mut ExecutorState) -> Result<(), String> 
     Ok(())
 }
 
+/// Runs one task: its input into memory, the learner on a blocking thread, its output model
+/// published for the requester to pull.
 async fn run(
     state: &mut ExecutorState,
     ctx: &TaskContext,
@@ -324,44 +226,18 @@ async fn run(
     from: PeerId,
 ) -> Result<RunOutput, String> {
     let started = std::time::Instant::now();
-    if task.input.is_some() && task.name != "train" {
+    if task.input.is_some() && task.kind != TaskKind::Train {
         keep_transient_output(state).await?;
     }
     let input = match task.input {
         Some(blob) => {
-            let held = state.held_output.take();
-            // A transient output whose memory is reused is gone: a later `submit_model` must
-            // not hand it over (a train task sets a new one).
-            if let Some(h) = held.as_ref().filter(|h| h.transient)
-                && state.last_output.is_some_and(|b| b.id == h.blob.id)
-            {
-                state.last_output = None;
-            }
-            let bytes = match held {
-                // The input is this member's own last output (e.g. the only result of a
-                // round, or every result the same): no pull, and no copy when the store is
-                // done with it.
-                Some(h) if h.blob.id == blob.id => Arc::try_unwrap(h.bytes).unwrap_or_else(|b| (*b).clone()),
-                held => {
-                    // The store is done with the last output once it is on disk (or at once,
-                    // for a transient one that has been pulled).
-                    let spare = held.and_then(|h| Arc::try_unwrap(h.bytes).ok());
-                    tracing::debug!(reused = spare.is_some(), "pulling the input model");
-                    // A task that names where to pull from passes models member to member
-                    // (relays, swarm rounds, cross-site validation), so others may pull this
-                    // input from here next: it is kept in the store. An input pulled from the
-                    // task's sender (a FedAvg round) is held by that controller already.
-                    let keep = !task.input_from.is_empty();
-                    let sources = if keep { task.input_from.clone() } else { vec![from] };
-                    fetch_model(&state.node, blob, &sources, spare, keep).await?
-                }
-            };
+            let model = input_model(state, task, blob, from).await?;
             tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model in memory");
-            Some(Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))?)
+            Some(model)
         }
         None => None,
     };
-    if task.name == "submit_model" {
+    if task.kind == TaskKind::Submit {
         let learner = state.learner.as_ref().ok_or("learner lost by an earlier task")?;
         if learner.local_model().is_none() {
             let output = state.last_output.ok_or("this member has no local model to submit")?;
@@ -374,27 +250,7 @@ async fn run(
     let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
     let ctx2 = ctx.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = match (ctx2.task.as_str(), input) {
-            ("train", Some(m)) => learner.train(m, &ctx2).map(|out| TaskReply {
-                model: Some(out.model),
-                num_samples: out.num_samples,
-                metrics: out.metrics,
-                values: BTreeMap::new(),
-            }),
-            ("train" | "validate", None) => Err(format!("task {:?} needs an input model", ctx2.task)),
-            ("validate", Some(m)) => learner.validate(&m, &ctx2).map(|metrics| TaskReply {
-                metrics,
-                ..TaskReply::default()
-            }),
-            ("submit_model", _) => match learner.local_model() {
-                Some(model) => Ok(TaskReply {
-                    model: Some(model),
-                    ..TaskReply::default()
-                }),
-                None => Err("this member has no local model to submit".into()),
-            },
-            (_, input) => learner.run_task(input, &ctx2),
-        };
+        let r = dispatch(learner.as_mut(), &ctx2, input);
         (learner, r)
     })
     .await;
@@ -404,33 +260,17 @@ async fn run(
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "learner done");
     let output = match reply.model {
         Some(model) => {
-            state.held_output = None;
-            let store = state.node.store().clone();
-            let bytes = Arc::new(model.into_safetensors());
-            let shared = bytes.clone();
-            let transient = task.transient_output;
-            let manifest = tokio::task::spawn_blocking(move || {
-                if transient {
-                    store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
-                } else {
-                    store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("storing the output model: {e}"))?;
-            let blob = manifest.blob_ref();
+            let blob = publish_output(state, model, task.transient_output).await?;
             tracing::debug!(
                 secs = started.elapsed().as_secs_f64(),
-                transient,
+                transient = task.transient_output,
                 "output model published"
             );
-            state.held_output = Some(HeldOutput { blob, bytes, transient });
             Some(blob)
         }
         None => None,
     };
-    if task.name == "train" && output.is_some() {
+    if task.kind == TaskKind::Train && output.is_some() {
         state.last_output = output;
     }
     Ok(RunOutput {
@@ -439,4 +279,90 @@ async fn run(
         num_samples: reply.num_samples,
         values: reply.values,
     })
+}
+
+/// What the learner is asked, by the task's kind.
+fn dispatch(learner: &mut dyn Learner, ctx: &TaskContext, input: Option<Model>) -> Result<TaskReply, String> {
+    match (&ctx.task, input) {
+        (TaskKind::Train, Some(m)) => learner.train(m, ctx).map(|out| TaskReply {
+            model: Some(out.model),
+            num_samples: out.num_samples,
+            metrics: out.metrics,
+            values: BTreeMap::new(),
+        }),
+        (TaskKind::Train | TaskKind::Validate, None) => Err(format!("task {:?} needs an input model", ctx.task.name())),
+        (TaskKind::Validate, Some(m)) => learner.validate(&m, ctx).map(|metrics| TaskReply {
+            metrics,
+            ..TaskReply::default()
+        }),
+        (TaskKind::Submit, _) => match learner.local_model() {
+            Some(model) => Ok(TaskReply {
+                model: Some(model),
+                ..TaskReply::default()
+            }),
+            None => Err("this member has no local model to submit".into()),
+        },
+        (TaskKind::Embed | TaskKind::SplitForward(_) | TaskKind::SplitBackward(_), input) => {
+            learner.run_task(input, ctx)
+        }
+    }
+}
+
+/// The task's input model in memory: this member's own last output when it is the input,
+/// else pulled (into the last output's memory when nothing else holds it any more).
+async fn input_model(
+    state: &mut ExecutorState,
+    task: &super::Task,
+    blob: BlobRef,
+    from: PeerId,
+) -> Result<Model, String> {
+    let held = state.held_output.take();
+    // A transient output whose memory is reused is gone: a later `Submit` task must not hand
+    // it over (a train task sets a new one).
+    if let Some(h) = held.as_ref().filter(|h| h.transient)
+        && state.last_output.is_some_and(|b| b.id == h.blob.id)
+    {
+        state.last_output = None;
+    }
+    let bytes = match held {
+        // The input is this member's own last output (e.g. the only result of a round, or
+        // every result the same): no pull, and no copy when the store is done with it.
+        Some(h) if h.blob.id == blob.id => Arc::try_unwrap(h.bytes).unwrap_or_else(|b| (*b).clone()),
+        held => {
+            // The store is done with the last output once it is on disk (or at once, for a
+            // transient one that has been pulled).
+            let spare = held.and_then(|h| Arc::try_unwrap(h.bytes).ok());
+            tracing::debug!(reused = spare.is_some(), "pulling the input model");
+            // A task that names where to pull from passes models member to member (relays,
+            // swarm rounds, cross-site validation), so others may pull this input from here
+            // next: it is kept in the store. An input pulled from the task's sender (a FedAvg
+            // round) is held by that controller already.
+            let keep = !task.input_from.is_empty();
+            let sources = if keep { task.input_from.clone() } else { vec![from] };
+            fetch_model(&state.node, blob, &sources, spare, keep).await?
+        }
+    };
+    Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))
+}
+
+/// Stores an output model as a blob (or, `transient`, only serves it from memory) and keeps
+/// its bytes as the held output.
+async fn publish_output(state: &mut ExecutorState, model: Model, transient: bool) -> Result<BlobRef, String> {
+    state.held_output = None;
+    let store = state.node.store().clone();
+    let bytes = Arc::new(model.into_safetensors());
+    let shared = bytes.clone();
+    let manifest = tokio::task::spawn_blocking(move || {
+        if transient {
+            store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
+        } else {
+            store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("storing the output model: {e}"))?;
+    let blob = manifest.blob_ref();
+    state.held_output = Some(HeldOutput { blob, bytes, transient });
+    Ok(blob)
 }

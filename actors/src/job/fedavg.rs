@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::communicator::{CommError, Communicator};
-use super::{Task, TaskOutcome};
+use super::{Task, TaskKind, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
 use crate::blob::FetchOptions;
 use crate::lock;
@@ -255,7 +255,7 @@ pub(crate) async fn one_round(
     let deadline = start + cfg.round_timeout;
     let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), blob.chunk_size)?));
     let task = Task {
-        name: "train".into(),
+        kind: TaskKind::Train,
         round,
         input: Some(blob),
         input_from: input_from.to_vec(),

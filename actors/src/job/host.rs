@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::communicator::Communicator;
 use super::controller::ControllerHandle;
-use super::executor::{Executor, ExecutorArgs, ExecutorMsg, Learner};
-use super::{Ending, Task, TaskOutcome};
+use super::executor::{Executor, ExecutorArgs, ExecutorMsg};
+use super::{Ending, TaskOutcome};
 use crate::Node;
+use crate::learner::Learner;
 use crate::lock;
 use crate::network::NetworkError;
 
@@ -234,24 +235,8 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
     };
     let mut r = lock(routes);
     match body {
-        Request::Task {
-            task_id,
-            name,
-            round,
-            input,
-            input_from,
-            props,
-            transient_output,
-        } => match r.executors.get(&job) {
+        Request::Task { task_id, task } => match r.executors.get(&job) {
             Some(ExecutorRoute { actor, controller, .. }) if controller.is_none_or(|c| c == peer) => {
-                let task = Task {
-                    name,
-                    round,
-                    input,
-                    input_from,
-                    props,
-                    transient_output,
-                };
                 match actor.cast(ExecutorMsg::Run {
                     job,
                     from: peer,

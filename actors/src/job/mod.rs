@@ -6,7 +6,8 @@
 //! - [`communicator`]: the only way a workflow talks to peers.
 //! - [`controller`]: the ractor actor that runs a job's workflow and ends the job on every
 //!   member when it is aborted or fails.
-//! - [`executor`]: the ractor actor that runs tasks, and the [`Learner`] trait.
+//! - [`executor`]: the ractor actor that runs tasks through a [`Learner`] (the trait lives in
+//!   [`crate::learner`], re-exported here).
 //! - `supervisor`: the ractor actor every executor is linked to; ends a member's part of a
 //!   job when its executor stops.
 //! - [`fedavg`]: the FedAvg workflow with streaming aggregation.
@@ -32,11 +33,12 @@ use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
+pub use crate::learner::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use communicator::{CommError, Communicator, Link, RelayOutcome};
 pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
-pub use executor::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
+pub use flare_protocols::ctl::{Task, TaskKind};
 pub use host::JobHost;
 
 /// How a job ended for a member: what `flare-node run` reports, and whether it exits with an
@@ -71,24 +73,6 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)
     }
-}
-
-/// A unit of work a controller hands to executors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Task {
-    /// What to do: `train`, `validate`, ...
-    pub name: String,
-    /// Workflow round.
-    pub round: u32,
-    /// Input model.
-    pub input: Option<BlobRef>,
-    /// Where the input is pulled from; empty: from the sender of the task.
-    pub input_from: Vec<PeerId>,
-    /// Parameters.
-    pub props: BTreeMap<String, Value>,
-    /// Only the sender pulls the output, once, before its next task to this member: it is
-    /// served from memory and not stored (see [`crate::BlobStore::import_transient`]).
-    pub transient_output: bool,
 }
 
 /// A finished task, as its controller receives it.

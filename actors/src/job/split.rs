@@ -2,27 +2,9 @@
 //! hosts this workflow; each data party is an executor whose learner
 //! ([`crate::learner::split::SplitDataParty`]) holds a band of feature columns and the bottom.
 //!
-//! The exchange, per training batch (step `s` of epoch `e`; `e` is the task's round):
-//!
-//! ```text
-//! label -> every data party   split_forward  { rows: ids as u32 LE, step: s, train: true, inline_max }
-//! data party -> label         result         values.activations = rows × cut f32 LE
-//!                                            (or, above inline_max, an output blob holding the
-//!                                            one-tensor model "activations" [rows, cut])
-//! label -> data party p       split_backward { step: s, lr, gradient: rows × cut f32 LE }
-//!                                            (or, above the label party's inline limit, an input
-//!                                            blob holding the one-tensor model "gradient")
-//! data party -> label         result         (empty: the bottom took its step)
-//! ```
-//!
-//! After each epoch the held-out samples are measured the same way: `split_forward` with
-//! `train: false` over the test ids, in batches of [`SplitConfig::eval_batch`], and no backward.
-//!
-//! What crosses the wire: the data parties receive sample ids, step numbers, the step size and
-//! the gradient w.r.t. their own activations, never a label; the label party receives
-//! activations, never features. (The gradient is a function of the labels, as in every split
-//! learning scheme; protecting it, e.g. with noise, would be a filter on top of this.) Control
-//! messages are capped at 1 MiB, so payloads above the inline limit travel over `/flare/blob/1`.
+//! The exchange (each training batch a forward to every data party, then a backward to each
+//! with the gradient of its own activations; after each epoch, forwards over the test rows)
+//! and what crosses the wire are specified in [`flare_protocols::split`].
 //!
 //! The central baseline ([`SplitConfig::baseline`]) trains the same network in one process on
 //! the same batches, alongside, when the caller holds all the data (sim and tests).
@@ -33,15 +15,16 @@ use std::time::Duration;
 
 use flare_protocols::ctl::{TaskStatus, Value};
 use flare_protocols::model::Model;
+use flare_protocols::split::{self as wire, Backward, Forward};
 use libp2p::PeerId;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::communicator::{CommError, Communicator, Pending};
-use super::{Task, TaskOutcome};
+use super::{Task, TaskKind, TaskOutcome};
 use crate::blob::FetchOptions;
 use crate::learner::LearnerError;
-use crate::learner::split::{EpochEval, LabelData, SplitSpec, Stack, Top, VerticalDigits, central_baseline, wire};
+use crate::learner::split::{EpochEval, LabelData, SplitSpec, Stack, Top, VerticalDigits, central_baseline};
 
 /// Test rows per evaluation step unless configured otherwise.
 pub const DEFAULT_EVAL_BATCH: usize = 512;
@@ -326,20 +309,14 @@ async fn forward(
     train: bool,
     traffic: &mut Traffic,
 ) -> Result<Vec<Vec<f32>>, SplitError> {
-    let rows = wire::id_bytes(ids).ok_or_else(|| SplitError::Config("a sample id does not fit a u32".into()))?;
-    let task = Task {
-        transient_output: false,
-        name: wire::FORWARD.into(),
-        round: epoch,
-        input: None,
-        input_from: vec![],
-        props: BTreeMap::from([
-            (wire::ROWS.to_owned(), Value::Bytes(rows)),
-            (wire::STEP.to_owned(), Value::Int(step as i64)),
-            (wire::TRAIN.to_owned(), Value::Bool(train)),
-            (wire::INLINE_MAX.to_owned(), Value::Int(cfg.inline_max as i64)),
-        ]),
+    let rows = wire::row_ids(ids).ok_or_else(|| SplitError::Config("a sample id does not fit a u32".into()))?;
+    let forward = Forward {
+        rows,
+        step,
+        train,
+        inline_max: cfg.inline_max as u64,
     };
+    let task = Task::new(TaskKind::SplitForward(forward), epoch);
     let pending = comm.broadcast(&task, &cfg.parties).await;
     let outcomes = collect(comm, cfg, pending, step).await?;
     let (n, cut) = (ids.len(), cfg.spec.cut_width());
@@ -402,28 +379,19 @@ async fn backward(
 ) -> Result<(), SplitError> {
     let (cut, lr) = (cfg.spec.cut_width(), f64::from(cfg.spec.lr));
     let mut tasks = Vec::with_capacity(grads.len());
-    for g in &grads {
+    for g in grads {
         let bytes = g.len() * 4;
         traffic.gradients += bytes as u64;
-        let mut task = Task {
-            transient_output: false,
-            name: wire::BACKWARD.into(),
-            round: epoch,
-            input: None,
-            input_from: vec![],
-            props: BTreeMap::from([
-                (wire::STEP.to_owned(), Value::Int(step as i64)),
-                (wire::LR.to_owned(), Value::Float(lr)),
-            ]),
-        };
-        if bytes <= cfg.inline_max {
-            task.props
-                .insert(wire::GRADIENT.into(), Value::Bytes(wire::f32_bytes(g)));
+        let (gradient, input) = if bytes <= cfg.inline_max {
+            (Some(g), None)
         } else {
-            let model = wire::matrix_model(wire::GRADIENT, g.len() / cut.max(1), cut, g).map_err(SplitError::Config)?;
-            task.input = Some(comm.publish(Arc::new(model)).await?);
+            let model =
+                wire::matrix_model(wire::GRADIENT, g.len() / cut.max(1), cut, &g).map_err(SplitError::Config)?;
             traffic.blobs += 1;
-        }
+            (None, Some(comm.publish(Arc::new(model)).await?))
+        };
+        let mut task = Task::new(TaskKind::SplitBackward(Backward { step, lr, gradient }), epoch);
+        task.input = input;
         tasks.push(task);
     }
     let sends = tasks

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{LearnerError, Mlp, MlpConfig, NamedTensor};
 use crate::data::{DIGITS_CLASSES, DIGITS_DIM, DataError, Dataset, digits, dirichlet_partition, train_test_split};
-use crate::job::{Learner, TaskContext, TrainOutput};
+use crate::learner::{Learner, TaskContext, TrainOutput};
 
 /// Fewest training rows a member gets from the Dirichlet split.
 pub const MIN_ROWS: usize = 10;
@@ -329,7 +329,7 @@ mod tests {
         let ctx = TaskContext {
             job: flare_protocols::ctl::JobId("j".into()),
             member: "m1".into(),
-            task: "train".into(),
+            task: flare_protocols::ctl::TaskKind::Train,
             round: 0,
             props: BTreeMap::new(),
         };
@@ -372,7 +372,7 @@ mod tests {
                 let ctx = TaskContext {
                     job: flare_protocols::ctl::JobId("digits".into()),
                     member: format!("m{i}"),
-                    task: "train".into(),
+                    task: flare_protocols::ctl::TaskKind::Train,
                     round,
                     props: BTreeMap::new(),
                 };

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use flare_protocols::client_api::{self, CLIENT_API_VERSION, FromLearner, MetaValue, ResultParams, ToLearner};
 use flare_protocols::ctl::Value;
-use flare_protocols::model::{DType, Model, Tensor};
+use flare_protocols::model::Model;
 
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::lock;
 
 /// Lines of the process's stderr kept for error messages.
@@ -472,7 +472,7 @@ impl ExternalLearner {
     fn exchange(&mut self, input: Option<&Model>, ctx: &TaskContext) -> Result<Reply, ExternalError> {
         let round_dir = self.work_dir()?.join(format!("round-{}", ctx.round));
         std::fs::create_dir_all(&round_dir).map_err(|e| ExternalError::Io(format!("{}: {e}", round_dir.display())))?;
-        let prefix = match ctx.task.as_str() {
+        let prefix = match ctx.task.name() {
             "train" => String::new(),
             t => format!(
                 "{}-",
@@ -508,7 +508,7 @@ impl ExternalLearner {
             _ => 0,
         };
         let task = ToLearner::Task {
-            task: ctx.task.clone(),
+            task: ctx.task.name().to_owned(),
             round: ctx.round,
             total_rounds,
             job: ctx.job.0.clone(),
@@ -522,7 +522,7 @@ impl ExternalLearner {
                 .collect(),
         };
         let deadline = Instant::now() + self.cfg.task_timeout;
-        let waiting_for = format!("the answer to task {:?} of round {}", ctx.task, ctx.round);
+        let waiting_for = format!("the answer to task {:?} of round {}", ctx.task.name(), ctx.round);
         let mut answer = process
             .send(&task)
             .and_then(|_| process.receive(deadline, &waiting_for));
@@ -564,7 +564,9 @@ impl ExternalLearner {
                         let _ = std::fs::remove_file(&p);
                         Some(match (params_type, input) {
                             (ResultParams::Full, _) => m,
-                            (ResultParams::Diff, Some(base)) => add_diff(base, &m).map_err(ExternalError::Output)?,
+                            (ResultParams::Diff, Some(base)) => {
+                                base.add_diff(&m).map_err(|e| ExternalError::Output(e.to_string()))?
+                            }
                             (ResultParams::Diff, None) => {
                                 return Err(ExternalError::Output("a DIFF result for a task without input".into()));
                             }
@@ -614,43 +616,6 @@ fn same_architecture(input: &Model, out: &Model) -> Result<(), String> {
     Ok(())
 }
 
-/// `base + diff`, tensor by tensor (floating-point tensors only).
-fn add_diff(base: &Model, diff: &Model) -> Result<Model, String> {
-    same_architecture(base, diff)?;
-    let mut out = Vec::new();
-    for (name, b) in base.iter() {
-        let d = diff.get(name).ok_or_else(|| format!("tensor {name:?} is missing"))?;
-        let data: Vec<u8> = match b.dtype() {
-            DType::F32 => b
-                .data()
-                .chunks_exact(4)
-                .zip(d.data().chunks_exact(4))
-                .flat_map(|(x, y)| {
-                    let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-                    let y = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
-                    (x + y).to_le_bytes()
-                })
-                .collect(),
-            DType::F64 => b
-                .data()
-                .chunks_exact(8)
-                .zip(d.data().chunks_exact(8))
-                .flat_map(|(x, y)| {
-                    let x = f64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
-                    let y = f64::from_le_bytes(y.try_into().unwrap_or([0; 8]));
-                    (x + y).to_le_bytes()
-                })
-                .collect(),
-            other => return Err(format!("tensor {name:?} is {other:?}: a DIFF can only add F32 or F64")),
-        };
-        out.push((
-            name.clone(),
-            Tensor::new(b.dtype(), b.shape().to_vec(), data).map_err(|e| e.to_string())?,
-        ));
-    }
-    Ok(Model::from_tensors(out))
-}
-
 impl Learner for ExternalLearner {
     fn train(&mut self, global: Model, ctx: &TaskContext) -> Result<TrainOutput, String> {
         let reply = self.run(Some(&global), ctx)?;
@@ -698,13 +663,14 @@ impl Drop for ExternalLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flare_protocols::ctl::JobId;
+    use flare_protocols::ctl::{JobId, TaskKind};
+    use flare_protocols::model::Tensor;
 
-    fn ctx(task: &str, round: u32) -> TaskContext {
+    fn ctx(task: TaskKind, round: u32) -> TaskContext {
         TaskContext {
             job: JobId("unit".into()),
             member: "site-x".into(),
-            task: task.into(),
+            task,
             round,
             props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(3))]),
         }
@@ -749,16 +715,19 @@ mod tests {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/examples/add_one.py");
         let mut l = learner(dir.path(), &["python3", script.to_str().expect("utf-8")]);
         let mut m = model();
-        let out = l.train(m.clone(), &ctx("train", 0)).expect("train");
+        let out = l.train(m.clone(), &ctx(TaskKind::Train, 0)).expect("train");
         let pid = l.pid().expect("running");
         m.map_f32(|v| v + 1.0);
         assert!(out.model == m, "{:?}", out.model.f32("w"));
         assert_eq!(out.num_samples, 7);
-        let out = l.train(out.model, &ctx("train", 1)).expect("train again");
+        let out = l.train(out.model, &ctx(TaskKind::Train, 1)).expect("train again");
         m.map_f32(|v| v + 1.0);
         assert!(out.model == m);
         assert_eq!(l.pid(), Some(pid), "one process serves every task");
-        assert_eq!(l.validate(&m, &ctx("validate", 1)).expect("validate")["round"], 1.0);
+        assert_eq!(
+            l.validate(&m, &ctx(TaskKind::Validate, 1)).expect("validate")["round"],
+            1.0
+        );
         assert!(l.local_model() == Some(m));
         l.stop();
         assert!(l.pid().is_none());
@@ -772,10 +741,10 @@ mod tests {
     fn external_spawn_failure_and_early_exit_are_clear() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut l = learner(dir.path(), &["/nonexistent/learner-program"]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("no program");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("no program");
         assert!(e.contains("cannot start learner process"), "{e}");
         let mut l = learner(dir.path(), &["sh", "-c", "echo first >&2; echo oops >&2; exit 3"]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("exits");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("exits");
         assert!(e.contains("exited with status 3") && e.contains("first | oops"), "{e}");
         assert!(ExternalLearner::new(ExternalConfig::new(vec![], dir.path(), "x")).is_err());
     }
@@ -790,7 +759,7 @@ mod tests {
                    s.connect(os.environ['FLARE_CLIENT_SOCKET']); s.sendall(b'\\xff\\xff\\xff\\xff'); \
                    import time; time.sleep(30)";
         let mut l = learner(dir.path(), &["python3", "-c", big]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("oversize");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("oversize");
         assert!(e.contains("malformed message") && e.contains("exceeds the cap"), "{e}");
         assert!(l.pid().is_none());
         let shrink = "import flare_client as flare\n\
@@ -800,9 +769,9 @@ mod tests {
                       flare.send_error('no data here')\n\
                       flare.receive()\n";
         let mut l = learner(dir.path(), &["python3", "-c", shrink]);
-        let e = l.train(model(), &ctx("train", 0)).expect_err("wrong shape");
+        let e = l.train(model(), &ctx(TaskKind::Train, 0)).expect_err("wrong shape");
         assert!(e.contains("does not fit the input"), "{e}");
-        let e = l.train(model(), &ctx("train", 1)).expect_err("learner error");
+        let e = l.train(model(), &ctx(TaskKind::Train, 1)).expect_err("learner error");
         assert_eq!(e, "learner process reported an error: no data here");
         // A script that serves one task and returns: each task gets a new process.
         let once = "import flare_client as flare\n\
@@ -811,7 +780,10 @@ mod tests {
         let mut l = learner(dir.path(), &["python3", "-c", once]);
         let mut m = model();
         for round in 0..3 {
-            m = l.train(m, &ctx("train", round)).expect("one task per process").model;
+            m = l
+                .train(m, &ctx(TaskKind::Train, round))
+                .expect("one task per process")
+                .model;
         }
         let mut expected = model();
         (0..3).for_each(|_| expected.map_f32(|v| v + 1.0));

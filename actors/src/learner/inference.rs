@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use flare_protocols::ctl::Value;
+use flare_protocols::ctl::{TaskKind, Value};
 use flare_protocols::model::Model;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,10 +18,7 @@ use super::digits::{DigitsFederation, LocalData, MlpSpec, model_of, params_of, t
 use super::recipe::DigitsRecipe;
 use super::{LearnerError, Mlp, MlpConfig, NamedTensor};
 use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset};
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
-
-/// The name of the task that runs the frozen network over a member's data.
-pub const EMBED_TASK: &str = "embed";
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 
 /// Widest embedding a topology may ask for (keeps a typo from allocating gigabytes per row).
 pub const MAX_EMBED_DIM: usize = 4096;
@@ -244,7 +241,7 @@ impl InferenceLearner {
 
 fn embedded(e: &Option<LocalData>) -> Result<&LocalData, String> {
     e.as_ref()
-        .ok_or_else(|| format!("no embeddings on this member: the {EMBED_TASK:?} task must run first"))
+        .ok_or_else(|| "no embeddings on this member: the \"embed\" task must run first".to_owned())
 }
 
 impl Learner for InferenceLearner {
@@ -270,8 +267,8 @@ impl Learner for InferenceLearner {
     /// The `embed` task: runs the input frozen network over the training and validation rows
     /// and keeps the result here; answers with counts and the width only (no model).
     fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
-        if ctx.task != EMBED_TASK {
-            return Err(format!("this learner cannot run task {:?}", ctx.task));
+        if ctx.task != TaskKind::Embed {
+            return Err(format!("this learner cannot run task {:?}", ctx.task.name()));
         }
         let frozen = input.ok_or("the embed task needs the frozen network as its input model")?;
         let net = FrozenNet::from_model(&frozen, self.data.train.dim())?;
@@ -324,11 +321,11 @@ mod tests {
         }
     }
 
-    fn ctx(task: &str) -> TaskContext {
+    fn ctx(task: TaskKind) -> TaskContext {
         TaskContext {
             job: flare_protocols::ctl::JobId("j".into()),
             member: "m0".into(),
-            task: task.into(),
+            task,
             round: 0,
             props: BTreeMap::new(),
         }
@@ -340,16 +337,21 @@ mod tests {
         let fed = DigitsFederation::deal(2, 0.5, 0.2, 0).expect("deal");
         let mut l = InferenceLearner::new(spec.clone(), fed.shards[0].clone(), 0).expect("learner");
         let head = spec.initial_model().expect("head");
-        let e = l.train(head.clone(), &ctx("train")).expect_err("no embeddings yet");
+        let e = l
+            .train(head.clone(), &ctx(TaskKind::Train))
+            .expect_err("no embeddings yet");
         assert!(e.contains("embed"), "{e}");
-        assert!(l.run_task(None, &ctx(EMBED_TASK)).is_err(), "needs the frozen network");
+        assert!(
+            l.run_task(None, &ctx(TaskKind::Embed)).is_err(),
+            "needs the frozen network"
+        );
         let frozen = spec.frozen.model().expect("frozen");
         assert_eq!(
             frozen,
             spec.frozen.model().expect("frozen"),
             "seeded: the same every time"
         );
-        let reply = l.run_task(Some(frozen), &ctx(EMBED_TASK)).expect("embed");
+        let reply = l.run_task(Some(frozen), &ctx(TaskKind::Embed)).expect("embed");
         assert!(reply.model.is_none(), "the embeddings stay on the member");
         let kept = l.embeddings().expect("kept");
         let local = fed.local_data(&spec.head, 0).expect("local data");
@@ -364,14 +366,20 @@ mod tests {
         assert_eq!(reply.values["dim"], Value::Int(32));
         assert_eq!(reply.num_samples as usize, local.train.len());
         // Now the head trains on the embeddings and validates on the embedded held-out rows.
-        let out = l.train(head, &ctx("train")).expect("train");
+        let out = l.train(head, &ctx(TaskKind::Train)).expect("train");
         assert_eq!(out.num_samples as usize, local.train.len());
-        let m = l.validate(&out.model, &ctx("validate")).expect("validate");
+        let m = l.validate(&out.model, &ctx(TaskKind::Validate)).expect("validate");
         assert_eq!(m["rows"] as usize, local.validation.len());
         // A network of the wrong width, or something that is not a frozen network, is refused.
         let wide = FrozenSpec { embed_dim: 8, seed: 7 }.model().expect("frozen");
-        assert!(l.run_task(Some(wide), &ctx(EMBED_TASK)).is_err());
-        assert!(l.run_task(Some(out.model), &ctx(EMBED_TASK)).is_err());
-        assert!(l.run_task(None, &ctx("forward")).is_err());
+        assert!(l.run_task(Some(wide), &ctx(TaskKind::Embed)).is_err());
+        assert!(l.run_task(Some(out.model), &ctx(TaskKind::Embed)).is_err());
+        let forward = flare_protocols::split::Forward {
+            rows: vec![0],
+            step: 0,
+            train: false,
+            inline_max: 0,
+        };
+        assert!(l.run_task(None, &ctx(TaskKind::SplitForward(forward))).is_err());
     }
 }

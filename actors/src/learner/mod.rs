@@ -2,7 +2,11 @@
 //!
 //! - [`NamedTensor`]: one named `f32` tensor; a model is a list of them sorted by name, the same
 //!   canonical order the safetensors encoding uses.
-//! - [`add_one`]: the exact-arithmetic check learner (every weight + 1.0 per round).
+//! - [`Learner`]: the trait every learner implements and the executor drives, with what
+//!   crosses it ([`TaskContext`], [`TrainOutput`], [`TaskReply`]) and [`AddOne`], the
+//!   exact-arithmetic check learner (every weight + 1.0 per round).
+//! - [`KeepLastModel`]: remembers a learner's last trained model, for workflows that ask a
+//!   member for its own model.
 //! - [`Mlp`]: a multi-layer perceptron classifier trained with mini-batch SGD.
 //! - [`digits`]: the MLP on the digits data as a workflow `Learner`, and the data dealt over
 //!   the members.
@@ -11,18 +15,25 @@
 //!   embeddings each member keeps.
 //! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
 //!   [`torch`]).
+//! - `tch_model` (the `torch` feature): models to and from `tch` tensors, by name.
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
+mod api;
 pub mod digits;
 pub mod external;
 pub mod inference;
+mod keep_last;
 mod mlp;
 mod paced;
 pub mod recipe;
 pub mod split;
+#[cfg(feature = "torch")]
+pub mod tch_model;
 pub mod torch;
 
+pub use api::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
+pub use keep_last::KeepLastModel;
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};
 pub use paced::Paced;
 

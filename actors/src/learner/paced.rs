@@ -14,12 +14,12 @@ impl<L> Paced<L> {
     }
 }
 
-impl<L: crate::job::Learner> crate::job::Learner for Paced<L> {
+impl<L: crate::learner::Learner> crate::learner::Learner for Paced<L> {
     fn train(
         &mut self,
         global: flare_protocols::model::Model,
-        ctx: &crate::job::TaskContext,
-    ) -> Result<crate::job::TrainOutput, String> {
+        ctx: &crate::learner::TaskContext,
+    ) -> Result<crate::learner::TrainOutput, String> {
         let out = self.inner.train(global, ctx);
         std::thread::sleep(self.delay);
         out
@@ -28,7 +28,7 @@ impl<L: crate::job::Learner> crate::job::Learner for Paced<L> {
     fn validate(
         &mut self,
         model: &flare_protocols::model::Model,
-        ctx: &crate::job::TaskContext,
+        ctx: &crate::learner::TaskContext,
     ) -> Result<std::collections::BTreeMap<String, f64>, String> {
         self.inner.validate(model, ctx)
     }
@@ -36,8 +36,8 @@ impl<L: crate::job::Learner> crate::job::Learner for Paced<L> {
     fn run_task(
         &mut self,
         input: Option<flare_protocols::model::Model>,
-        ctx: &crate::job::TaskContext,
-    ) -> Result<crate::job::TaskReply, String> {
+        ctx: &crate::learner::TaskContext,
+    ) -> Result<crate::learner::TaskReply, String> {
         self.inner.run_task(input, ctx)
     }
 

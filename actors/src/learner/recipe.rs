@@ -5,7 +5,7 @@ use flare_protocols::model::Model;
 
 use super::digits::{DigitsFederation, DigitsLearner, MlpSpec, evaluate, model_of};
 use crate::data::Dataset;
-use crate::job::Learner;
+use crate::learner::Learner;
 
 /// How one kind of digits model is built, trained alone and measured: the controller
 /// needs the initial model and the test-set metric, the summary the local-only baseline,

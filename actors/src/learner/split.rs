@@ -5,8 +5,8 @@
 //! - [`SplitSpec`]: the architecture and training settings every party agrees on.
 //! - [`data`]: the digits split into column bands ([`VerticalDigits`]).
 //! - [`net`]: [`Stack`], a dense stack that runs forward and backward on blocks of rows.
-//! - [`party`]: [`SplitDataParty`], the data party's [`crate::job::Learner`].
-//! - [`wire`]: the task names, properties and byte layouts of the exchange.
+//! - [`party`]: [`SplitDataParty`], the data party's [`crate::learner::Learner`].
+//! - [`wire`]: the exchange's messages and payload layouts, specified in [`flare_protocols::split`].
 //! - [`Top`] and [`CentralSplit`]: the label party's half, and the whole network in one process
 //!   (the central baseline, trained on the same batches from the same start).
 //!
@@ -16,7 +16,7 @@
 pub mod data;
 pub mod net;
 pub mod party;
-pub mod wire;
+pub use flare_protocols::split as wire;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;

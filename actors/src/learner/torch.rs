@@ -215,12 +215,12 @@ mod imp {
     use tch::{Device, Tensor};
 
     use super::{BaseSpec, FineTune, FineTuneSpec, MAX_LORA_RANK, TchArch, TchSpec};
-    use crate::client::torch::{load_named, model_of_named};
     use crate::data::{DIGITS_CLASSES, DIGITS_DIM, Dataset, digits, train_test_split};
-    use crate::job::{Learner, TaskContext, TrainOutput};
     use crate::learner::LearnerError;
     use crate::learner::digits::{DigitsFederation, LocalData};
     use crate::learner::recipe::DigitsRecipe;
+    use crate::learner::tch_model::{load_named, model_of_named};
+    use crate::learner::{Learner, TaskContext, TrainOutput};
 
     const CLASSES: i64 = DIGITS_CLASSES as i64;
     const DIM: i64 = DIGITS_DIM as i64;
@@ -596,7 +596,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::job::TaskContext;
+    use crate::learner::TaskContext;
     use crate::learner::digits::DigitsFederation;
     use crate::learner::recipe::DigitsRecipe;
 
@@ -623,7 +623,7 @@ mod tests {
             let ctx = TaskContext {
                 job: flare_protocols::ctl::JobId("j".into()),
                 member: "m0".into(),
-                task: "train".into(),
+                task: flare_protocols::ctl::TaskKind::Train,
                 round: 0,
                 props: BTreeMap::new(),
             };
@@ -655,7 +655,7 @@ mod tests {
         TaskContext {
             job: flare_protocols::ctl::JobId("j".into()),
             member: "m0".into(),
-            task: "train".into(),
+            task: flare_protocols::ctl::TaskKind::Train,
             round,
             props: BTreeMap::new(),
         }

@@ -1,19 +1,20 @@
 //! The data party: a [`Learner`] that holds its feature columns and the bottom of the network,
-//! answers `split_forward` with the bottom's activations for the rows named and
-//! `split_backward` by stepping its bottom down the gradient it is given. Labels never reach it.
+//! answers a [`Forward`] with the bottom's activations for the rows named and a [`Backward`]
+//! by stepping its bottom down the gradient it is given. Labels never reach it.
 
 use std::collections::BTreeMap;
 
-use flare_protocols::ctl::Value;
+use flare_protocols::ctl::{TaskKind, Value};
 use flare_protocols::model::Model;
+use flare_protocols::split::{Backward, Forward};
 
 use super::SplitSpec;
 use super::data::PartyFeatures;
 use super::net::{Stack, Trace};
 use super::wire;
-use crate::job::{Learner, TaskContext, TaskReply, TrainOutput};
 use crate::learner::LearnerError;
 use crate::learner::digits::model_of;
+use crate::learner::{Learner, TaskContext, TaskReply, TrainOutput};
 
 /// The training forward whose gradient has not come back yet.
 struct Pending {
@@ -44,19 +45,18 @@ impl SplitDataParty {
         &self.bottom
     }
 
-    fn forward(&mut self, ctx: &TaskContext) -> Result<TaskReply, String> {
-        let ids = wire::ids(wire::bytes_prop(&ctx.props, wire::ROWS)?).ok_or("row ids are not whole u32s")?;
+    fn forward(&mut self, f: &Forward) -> Result<TaskReply, String> {
+        let ids = &f.rows;
         if ids.is_empty() || ids.len() > wire::MAX_ROWS {
             return Err(format!("{} rows; a step takes 1 to {}", ids.len(), wire::MAX_ROWS));
         }
-        let step = wire::int_prop(&ctx.props, wire::STEP)?;
-        let train = matches!(ctx.props.get(wire::TRAIN), Some(Value::Bool(true)));
-        let inline_max = wire::int_prop(&ctx.props, wire::INLINE_MAX).map_or(wire::DEFAULT_INLINE_MAX, |v| {
-            usize::try_from(v).unwrap_or(usize::MAX).min(wire::MAX_INLINE)
-        });
+        let (step, train) = (f.step, f.train);
+        let inline_max = usize::try_from(f.inline_max)
+            .unwrap_or(usize::MAX)
+            .min(wire::MAX_INLINE);
         let x = self
             .features
-            .rows(&ids)
+            .rows(ids)
             .ok_or("a row id is past the end of this party's data")?;
         let trace = self.bottom.forward(x).map_err(|e| e.to_string())?;
         let (rows, width) = (trace.rows(), self.bottom.outputs());
@@ -74,10 +74,10 @@ impl SplitDataParty {
         Ok(reply)
     }
 
-    fn backward(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
-        let step = wire::int_prop(&ctx.props, wire::STEP)?;
-        let lr = match ctx.props.get(wire::LR) {
-            Some(Value::Float(v)) if v.is_finite() && *v > 0.0 => *v as f32,
+    fn backward(&mut self, input: Option<Model>, b: &Backward) -> Result<TaskReply, String> {
+        let step = b.step;
+        let lr = match b.lr {
+            v if v.is_finite() && v > 0.0 => v as f32,
             other => return Err(format!("learning rate {other:?} is not a positive number")),
         };
         let pending = self.pending.take().ok_or("backward without a training forward")?;
@@ -88,9 +88,9 @@ impl SplitDataParty {
             ));
         }
         let (rows, width) = (pending.trace.rows(), self.bottom.outputs());
-        let grad = match (&input, ctx.props.get(wire::GRADIENT)) {
+        let grad = match (&input, &b.gradient) {
             (Some(m), None) => wire::matrix_of(m, wire::GRADIENT, rows, width)?,
-            (None, Some(Value::Bytes(b))) => wire::f32s(b).ok_or("gradient is not whole f32s")?,
+            (None, Some(g)) => g.clone(),
             _ => return Err("a backward carries its gradient inline or as the input, once".into()),
         };
         if grad.len() != rows * width {
@@ -108,11 +108,7 @@ impl SplitDataParty {
 
 impl Learner for SplitDataParty {
     fn train(&mut self, _: Model, _: &TaskContext) -> Result<TrainOutput, String> {
-        Err(format!(
-            "a split-learning data party runs {} and {}, not train",
-            wire::FORWARD,
-            wire::BACKWARD
-        ))
+        Err("a split-learning data party runs split_forward and split_backward, not train".into())
     }
 
     fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
@@ -120,10 +116,13 @@ impl Learner for SplitDataParty {
     }
 
     fn run_task(&mut self, input: Option<Model>, ctx: &TaskContext) -> Result<TaskReply, String> {
-        match ctx.task.as_str() {
-            wire::FORWARD if input.is_none() => self.forward(ctx),
-            wire::BACKWARD => self.backward(input, ctx),
-            other => Err(format!("a split-learning data party cannot run task {other:?}")),
+        match &ctx.task {
+            TaskKind::SplitForward(f) if input.is_none() => self.forward(f),
+            TaskKind::SplitBackward(b) => self.backward(input, b),
+            other => Err(format!(
+                "a split-learning data party cannot run task {:?}",
+                other.name()
+            )),
         }
     }
 

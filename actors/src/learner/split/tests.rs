@@ -1,12 +1,13 @@
 use std::collections::BTreeMap;
 
-use flare_protocols::ctl::{JobId, Value};
+use flare_protocols::ctl::{JobId, TaskKind, Value};
+use flare_protocols::split::{Backward, Forward};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
 use crate::data::digits;
-use crate::job::{Learner, TaskContext};
+use crate::learner::{Learner, TaskContext};
 use crate::learner::{Mlp, MlpConfig, NamedTensor};
 
 fn spec(parties: usize, bottom: Vec<usize>, top: Vec<usize>) -> SplitSpec {
@@ -125,30 +126,34 @@ fn split_network_forward_and_sgd_step_equal_the_joined_mlp() {
     }
 }
 
-fn ctx(task: &str, props: BTreeMap<String, Value>) -> TaskContext {
+fn ctx(task: TaskKind) -> TaskContext {
     TaskContext {
         job: JobId("split".into()),
         member: "data-0".into(),
-        task: task.into(),
+        task,
         round: 0,
-        props,
+        props: BTreeMap::new(),
     }
 }
 
-fn forward_props(ids: &[usize], step: i64, train: bool, inline_max: i64) -> BTreeMap<String, Value> {
-    BTreeMap::from([
-        (wire::ROWS.into(), Value::Bytes(wire::id_bytes(ids).expect("ids"))),
-        (wire::STEP.into(), Value::Int(step)),
-        (wire::TRAIN.into(), Value::Bool(train)),
-        (wire::INLINE_MAX.into(), Value::Int(inline_max)),
-    ])
+fn forward(ids: &[usize], step: u64, train: bool, inline_max: u64) -> TaskContext {
+    ctx(TaskKind::SplitForward(Forward {
+        rows: wire::row_ids(ids).expect("ids"),
+        step,
+        train,
+        inline_max,
+    }))
+}
+
+fn backward(step: u64, lr: f64, gradient: Option<Vec<f32>>) -> TaskContext {
+    ctx(TaskKind::SplitBackward(Backward { step, lr, gradient }))
 }
 
 /// Runs the exchange in one process, through the data parties' `run_task` and the wire
 /// encodings, inline or as models: the weights equal the central network's to the bit.
 #[test]
 fn steps_through_the_data_party_learners_equal_the_central_steps_bit_for_bit() {
-    for inline_max in [wire::DEFAULT_INLINE_MAX as i64, 0] {
+    for inline_max in [wire::DEFAULT_INLINE_MAX as u64, 0] {
         let spec = spec(2, vec![8], vec![6]);
         let data = VerticalDigits::deal(2, 0.2, 0).expect("deal");
         let mut central = CentralSplit::new(&spec, &data).expect("net");
@@ -160,12 +165,12 @@ fn steps_through_the_data_party_learners_equal_the_central_steps_bit_for_bit() {
             .map(|(p, f)| SplitDataParty::new(&spec, p, f.clone()).expect("party"))
             .collect();
         for (step, ids) in spec.epoch_batches(&data.label.train, 0).iter().take(5).enumerate() {
-            let step = step as i64;
-            let props = forward_props(ids, step, true, inline_max);
+            let step = step as u64;
+            let fwd = forward(ids, step, true, inline_max);
             let acts: Vec<Vec<f32>> = parties
                 .iter_mut()
                 .map(|p| {
-                    let r = p.run_task(None, &ctx(wire::FORWARD, props.clone())).expect("forward");
+                    let r = p.run_task(None, &fwd).expect("forward");
                     match (r.values.get(wire::ACTIVATIONS), r.model) {
                         (Some(Value::Bytes(b)), None) => wire::f32s(b).expect("f32s"),
                         (None, Some(m)) => wire::matrix_of(&m, wire::ACTIVATIONS, ids.len(), 8).expect("matrix"),
@@ -176,17 +181,16 @@ fn steps_through_the_data_party_learners_equal_the_central_steps_bit_for_bit() {
             let labels = data.label.labels_of(ids).expect("labels");
             let (_, grads) = top.train_batch(&acts, &labels, spec.lr).expect("top");
             for (p, g) in parties.iter_mut().zip(grads) {
-                let mut props = BTreeMap::from([
-                    (wire::STEP.into(), Value::Int(step)),
-                    (wire::LR.into(), Value::Float(f64::from(spec.lr))),
-                ]);
-                let input = if inline_max == 0 {
-                    Some(wire::matrix_model(wire::GRADIENT, ids.len(), 8, &g).expect("model"))
+                let (input, inline) = if inline_max == 0 {
+                    (
+                        Some(wire::matrix_model(wire::GRADIENT, ids.len(), 8, &g).expect("model")),
+                        None,
+                    )
                 } else {
-                    props.insert(wire::GRADIENT.into(), Value::Bytes(wire::f32_bytes(&g)));
-                    None
+                    (None, Some(g))
                 };
-                p.run_task(input, &ctx(wire::BACKWARD, props)).expect("backward");
+                p.run_task(input, &backward(step, f64::from(spec.lr), inline))
+                    .expect("backward");
             }
             central.train_batch(&data, ids, spec.lr).expect("central");
         }
@@ -202,46 +206,48 @@ fn the_data_party_refuses_bad_steps() {
     let spec = spec(2, vec![4], vec![]);
     let data = VerticalDigits::deal(2, 0.2, 0).expect("deal");
     let mut party = SplitDataParty::new(&spec, 0, data.parties[0].clone()).expect("party");
-    let backward = |step: i64, grad: Value| {
-        ctx(
-            wire::BACKWARD,
-            BTreeMap::from([
-                (wire::STEP.into(), Value::Int(step)),
-                (wire::LR.into(), Value::Float(0.1)),
-                (wire::GRADIENT.into(), grad),
-            ]),
-        )
-    };
-    let good = || Value::Bytes(wire::f32_bytes(&[0.0; 8]));
-    let e = party.run_task(None, &backward(0, good())).expect_err("no forward yet");
+    // Ragged row ids or gradient bytes can no longer be sent: the typed steps carry `u32`s
+    // and `f32`s, and a malformed message is refused by the control codec.
+    let good = || Some(vec![0.0; 8]);
+    let e = party
+        .run_task(None, &backward(0, 0.1, good()))
+        .expect_err("no forward yet");
     assert!(e.contains("without a training forward"), "{e}");
     let e = party
-        .run_task(None, &ctx(wire::FORWARD, forward_props(&[1797], 0, true, 1 << 20)))
+        .run_task(None, &forward(&[1797], 0, true, 1 << 20))
         .expect_err("id past the end");
     assert!(e.contains("past the end"), "{e}");
-    let mut bad_rows = forward_props(&[1, 2], 0, true, 1 << 20);
-    bad_rows.insert(wire::ROWS.into(), Value::Bytes(vec![1, 2, 3]));
-    assert!(party.run_task(None, &ctx(wire::FORWARD, bad_rows)).is_err());
-    for (step, grad, why) in [
-        (1, good(), "step 1"),
-        (0, Value::Bytes(wire::f32_bytes(&[0.0; 7])), "7 values"),
-        (0, Value::Bytes(wire::f32_bytes(&[f32::NAN; 8])), "not finite"),
-        (0, Value::Bytes(vec![0; 5]), "whole f32s"),
+    assert!(
+        party.run_task(None, &forward(&[], 0, true, 1 << 20)).is_err(),
+        "no rows"
+    );
+    let too_many = vec![0; wire::MAX_ROWS + 1];
+    assert!(
+        party.run_task(None, &forward(&too_many, 0, true, 1 << 20)).is_err(),
+        "too many rows"
+    );
+    for (step, lr, grad, why) in [
+        (1, 0.1, good(), "step 1"),
+        (0, 0.1, Some(vec![0.0; 7]), "7 values"),
+        (0, 0.1, Some(vec![f32::NAN; 8]), "not finite"),
+        (0, 0.1, None, "inline or as the input"),
+        (0, -0.1, good(), "not a positive number"),
+        (0, f64::NAN, good(), "not a positive number"),
     ] {
         party
-            .run_task(None, &ctx(wire::FORWARD, forward_props(&[1, 2], 0, true, 1 << 20)))
+            .run_task(None, &forward(&[1, 2], 0, true, 1 << 20))
             .expect("forward");
         let before = party.bottom().clone();
-        let e = party.run_task(None, &backward(step, grad)).expect_err(why);
+        let e = party.run_task(None, &backward(step, lr, grad)).expect_err(why);
         assert!(e.contains(why), "{e}");
         assert_eq!(party.bottom(), &before, "a refused gradient changes nothing");
     }
     assert!(
         party
-            .train(flare_protocols::model::Model::new(), &ctx("train", BTreeMap::new()))
+            .train(flare_protocols::model::Model::new(), &ctx(TaskKind::Train))
             .is_err()
     );
-    assert!(party.run_task(None, &ctx("infer", BTreeMap::new())).is_err());
+    assert!(party.run_task(None, &ctx(TaskKind::Embed)).is_err());
     assert!(party.local_model().is_some());
 }
 
