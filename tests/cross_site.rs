@@ -11,6 +11,7 @@ use flare_actors::job::{
     AddOne, Communicator, FedAvgConfig, KeepLastModel, Learner, Task, TaskContext, TaskKind, TrainOutput, fedavg,
 };
 use flare_actors::learner::digits::{DigitsFederation, DigitsLearner, MlpSpec, model_of};
+use flare_node::render::CrossSiteReport;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
 

@@ -9,6 +9,8 @@ use anyhow::Context;
 use flare_actors::Member;
 use flare_actors::job::CrossSiteConfig;
 use flare_actors::job::cross_site;
+
+use crate::render::CrossSiteReport;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};

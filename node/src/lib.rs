@@ -8,6 +8,7 @@ pub mod client;
 mod job;
 mod keys;
 mod plot;
+pub mod render;
 mod run;
 mod sim;
 mod topology;

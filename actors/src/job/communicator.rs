@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use flare_protocols::BlobRef;
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Progress, Request};
 use flare_protocols::model::Model;
+use flare_protocols::{BlobId, BlobRef};
 use libp2p::PeerId;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
@@ -126,9 +126,20 @@ impl Communicator {
         &self.members
     }
 
-    /// The node this controller runs on.
+    /// The node this controller runs on: for the machinery behind the communicator (folds,
+    /// checkpoints, fault injection), never for a workflow.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// This member's own peer id.
+    pub fn me(&self) -> PeerId {
+        self.node.peer_id()
+    }
+
+    /// Whether this node holds `blob` whole.
+    pub fn holds(&self, blob: &BlobId) -> bool {
+        self.node.store().is_complete(blob)
     }
 
     /// The member name of `peer` (its peer id when it is not a member), for logs and reports.
@@ -415,7 +426,24 @@ impl Communicator {
 
     /// Pulls a model from `from` (unless held already) and reads it into memory.
     pub async fn pull_model(&self, blob: BlobRef, from: &[PeerId]) -> Result<Model, CommError> {
-        self.node.fetch(blob, from, &FetchOptions::default()).await?;
+        let bytes = self.pull_bytes(blob, from, FetchOptions::default().max_len).await?;
+        Model::from_safetensors_vec(bytes).map_err(|e| CommError::Task {
+            member: from.first().map_or_else(String::new, |p| self.member(p).name),
+            reason: format!("its model: {e}"),
+        })
+    }
+
+    /// Pulls `blob` into the local store from `from` (nothing to pull when it is held whole
+    /// already), accepting at most `max_len` bytes, and reads it into memory: the one way a
+    /// workflow takes a model or other blob in.
+    pub async fn pull_bytes(&self, blob: BlobRef, from: &[PeerId], max_len: u64) -> Result<Vec<u8>, CommError> {
+        if !self.holds(&blob.id) {
+            let opts = FetchOptions {
+                max_len,
+                ..FetchOptions::default()
+            };
+            self.node.fetch(blob, from, &opts).await?;
+        }
         let store = self.node.store().clone();
         let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
             .await
@@ -423,10 +451,14 @@ impl Communicator {
                 path: "<pull>".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-        Model::from_safetensors_vec(bytes).map_err(|e| CommError::Task {
-            member: from.first().map_or_else(String::new, |p| self.member(p).name),
-            reason: format!("its model: {e}"),
-        })
+        Ok(bytes)
+    }
+
+    /// Pulls `blob` into the local store from `from`, so that other members can pull it
+    /// from here too.
+    pub async fn hold(&self, blob: BlobRef, from: &[PeerId]) -> Result<(), CommError> {
+        self.node.fetch(blob, from, &FetchOptions::default()).await?;
+        Ok(())
     }
 
     /// Pulls an executor's output model into the local store.

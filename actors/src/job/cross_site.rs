@@ -25,13 +25,11 @@ use flare_protocols::BlobRef;
 use flare_protocols::ctl::{TaskStatus, Value};
 use flare_protocols::model::Model;
 use libp2p::PeerId;
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::communicator::{Communicator, Pending};
 use super::executor::MAX_INPUT_MODEL;
 use super::{Task, TaskKind, TaskOutcome};
-use crate::blob::FetchOptions;
 
 /// Row name of the global model.
 pub const GLOBAL: &str = "global";
@@ -146,105 +144,6 @@ impl CrossSiteOutcome {
         });
         ranked
     }
-
-    /// The matrix as JSON: `models`, `sites`, the ranking metric's values under its own name
-    /// (e.g. `accuracy`, `null` for an empty cell) and under `values`, each row's `mean`,
-    /// every cell's metrics (or `{"error": reason}`) under `cells`, and the `best` model's name.
-    pub fn to_json(&self) -> serde_json::Value {
-        let values: Vec<Vec<Option<f64>>> = (0..self.models.len())
-            .map(|r| (0..self.sites.len()).map(|c| self.value(r, c)).collect())
-            .collect();
-        let cells: Vec<Vec<serde_json::Value>> = self
-            .cells
-            .iter()
-            .map(|row| {
-                row.iter()
-                    .map(|cell| match cell {
-                        Ok(metrics) => json!(metrics),
-                        Err(reason) => json!({ "error": reason }),
-                    })
-                    .collect()
-            })
-            .collect();
-        let means: Vec<Option<f64>> = (0..self.models.len()).map(|r| self.mean(r)).collect();
-        let mut out = json!({
-            "metric": self.metric,
-            "higher_is_better": self.higher_is_better,
-            "models": self.models,
-            "sites": self.sites,
-            "values": values,
-            "mean": means,
-            "cells": cells,
-            "best": self.best.as_ref().map(|b| &b.name),
-            "best_mean": self.best.as_ref().map(|b| b.score),
-        });
-        if let Some(map) = out.as_object_mut() {
-            map.entry(self.metric.clone()).or_insert_with(|| json!(values));
-        }
-        out
-    }
-
-    /// The matrix as an aligned text table of the ranking metric, each row's mean, the best
-    /// model marked `*`, and the reasons for the empty cells below it.
-    pub fn table(&self) -> String {
-        let best = self.best.as_ref().map(|b| b.name.as_str());
-        let num = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
-        // Rows of text: the header, then one per model; the last column is the mean.
-        let mut grid: Vec<Vec<String>> = vec![
-            std::iter::once("model".to_owned())
-                .chain(self.sites.iter().cloned())
-                .chain(std::iter::once("mean".to_owned()))
-                .collect(),
-        ];
-        for (r, m) in self.models.iter().enumerate() {
-            let mark = if Some(m.as_str()) == best { "* " } else { "  " };
-            grid.push(
-                std::iter::once(format!("{mark}{m}"))
-                    .chain((0..self.sites.len()).map(|c| num(self.value(r, c))))
-                    .chain(std::iter::once(num(self.mean(r))))
-                    .collect(),
-            );
-        }
-        let widths: Vec<usize> = (0..self.sites.len() + 2)
-            .map(|c| grid.iter().map(|row| row[c].len()).max().unwrap_or(0))
-            .collect();
-        let mut out = format!(
-            "cross-site {} ({}; rows: models, columns: sites, * best by mean)\n",
-            self.metric,
-            if self.higher_is_better {
-                "higher is better"
-            } else {
-                "lower is better"
-            }
-        );
-        for row in &grid {
-            for (c, (cell, w)) in row.iter().zip(&widths).enumerate() {
-                out += &if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("  {cell:>w$}")
-                };
-            }
-            out.push('\n');
-        }
-        let missing: Vec<String> = self
-            .cells
-            .iter()
-            .enumerate()
-            .flat_map(|(r, row)| {
-                row.iter().enumerate().filter_map(move |(c, cell)| {
-                    let why = cell.as_ref().err()?;
-                    Some(format!("  {} on {}: {why}", self.models[r], self.sites[c]))
-                })
-            })
-            .collect();
-        if !missing.is_empty() {
-            out += "empty cells:\n";
-            out += &missing.join("\n");
-            out.push('\n');
-        }
-        out
-    }
 }
 
 /// A model to evaluate: where it lives and who can serve it.
@@ -261,7 +160,7 @@ struct Row {
 pub async fn run(comm: &Communicator, cfg: &CrossSiteConfig) -> Result<CrossSiteOutcome, CrossSiteError> {
     check(comm, cfg)?;
     let job = comm.job().clone();
-    let names: Vec<String> = cfg.sites.iter().map(|p| name_of(comm, p)).collect();
+    let names: Vec<String> = cfg.sites.iter().map(|p| comm.name_of(p)).collect();
     tracing::info!(job = %job, sites = ?names, global = cfg.global.is_some(), "cross-site evaluation starts");
     // A site that is gone, with why: it is not asked again.
     let mut down: Vec<Option<String>> = vec![None; cfg.sites.len()];
@@ -270,7 +169,7 @@ pub async fn run(comm: &Communicator, cfg: &CrossSiteConfig) -> Result<CrossSite
         rows.push(Row {
             name: GLOBAL.into(),
             blob: Ok(global),
-            sources: vec![comm.node().peer_id()],
+            sources: vec![comm.me()],
         });
     }
     rows.extend(collect_models(comm, cfg, &names, &mut down).await);
@@ -328,18 +227,11 @@ fn check(comm: &Communicator, cfg: &CrossSiteConfig) -> Result<(), CrossSiteErro
         return bad("the task timeout is 0".into());
     }
     if let Some(g) = cfg.global
-        && !comm.node().store().is_complete(&g.id)
+        && !comm.holds(&g.id)
     {
         return bad(format!("the global model {} is not in this node's store", g.id));
     }
     Ok(())
-}
-
-fn name_of(comm: &Communicator, peer: &PeerId) -> String {
-    comm.peers()
-        .iter()
-        .find(|m| m.peer_id == *peer)
-        .map_or_else(|| peer.to_string(), |m| m.name.clone())
 }
 
 /// The reason an executor gave for a failed task.
@@ -520,18 +412,9 @@ fn give_up_site(cells: &mut [Vec<Cell>], queue: &mut VecDeque<usize>, site: usiz
 
 /// Pulls a model into the local store (a no-op for one already there) and decodes it.
 async fn pull(comm: &Communicator, blob: BlobRef, sources: &[PeerId]) -> Result<Model, String> {
-    let node = comm.node();
-    if !node.store().is_complete(&blob.id) {
-        let opts = FetchOptions {
-            max_len: MAX_INPUT_MODEL,
-            ..FetchOptions::default()
-        };
-        node.fetch(blob, sources, &opts).await.map_err(|e| e.to_string())?;
-    }
-    let store = node.store().clone();
-    let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
+    let bytes = comm
+        .pull_bytes(blob, sources, MAX_INPUT_MODEL)
         .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     Model::from_safetensors_vec(bytes).map_err(|e| e.to_string())
 }
@@ -589,33 +472,5 @@ mod tests {
         let mut low = o.clone();
         low.higher_is_better = false;
         assert_eq!(low.ranking(), vec![(1, 0.5), (2, 0.625)]);
-    }
-
-    #[test]
-    fn json_and_table_show_every_row_and_column() {
-        let o = outcome(
-            vec![
-                vec![acc(0.75), acc(1.0)],
-                vec![acc(0.5), Err("b is unavailable: gone".into())],
-                vec![acc(0.25), acc(0.5)],
-            ],
-            true,
-        );
-        let j = o.to_json();
-        assert_eq!(j["models"], json!(["global", "a", "b"]));
-        assert_eq!(j["sites"], json!(["a", "b"]));
-        assert_eq!(j["accuracy"], json!([[0.75, 1.0], [0.5, null], [0.25, 0.5]]));
-        assert_eq!(j["values"], j["accuracy"]);
-        assert_eq!(j["mean"], json!([0.875, 0.5, 0.375]));
-        assert_eq!(j["cells"][1][1], json!({ "error": "b is unavailable: gone" }));
-        assert_eq!(j["cells"][0][0]["loss"], json!(0.25));
-        let t = o.table();
-        let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[1].starts_with("model") && lines[1].ends_with("mean"), "{t}");
-        assert!(lines[2].contains("global") && lines[2].contains("0.8750"), "{t}");
-        assert!(lines[3].contains("  -  "), "{t}");
-        assert!(t.contains("a on b: b is unavailable: gone"), "{t}");
-        // Columns line up: every row of the matrix is as wide as the header.
-        assert!(lines[1..5].iter().all(|l| l.len() == lines[1].len()), "{t}");
     }
 }

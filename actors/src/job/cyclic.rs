@@ -99,7 +99,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
     if cfg.order.is_empty() {
         return Err(CyclicError::Config("no member to visit".into()));
     }
-    let me = comm.node().peer_id();
+    let me = comm.me();
     let mut chain = vec![Link {
         model: comm.publish(Arc::new(initial)).await?,
         holder: me,

@@ -29,17 +29,11 @@ use tokio::time::Instant;
 use super::communicator::{CommError, Communicator};
 use super::{Task, TaskKind, TaskOutcome};
 use crate::aggregate::{Accumulator, AggregateError};
-use crate::blob::FetchOptions;
 use crate::lock;
-use crate::store::{BlobStore, Written};
+use crate::store::Written;
 
-/// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
-pub const RESULT_WINDOW: u32 = 4;
-
-/// Results pulled at once: their transfer windows are the controller's memory beyond the
-/// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
-/// on the controller anyway, so more at once would not finish sooner).
-pub const MAX_CONCURRENT_PULLS: usize = 2;
+use super::checkpoint::Checkpoints;
+pub use super::fold::{MAX_CONCURRENT_PULLS, RESULT_WINDOW};
 
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
 /// blocking thread.
@@ -156,9 +150,7 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     let layout = initial.layout();
     let (mut blob, mut lent, mut written) = comm.publish_lent(initial).await?;
     let mut reports = Vec::new();
-    // Checkpoints are written in the background, one after the other, as each round's model
-    // reaches the disk; an error surfaces at the next round or at the end.
-    let mut saving: Option<tokio::task::JoinHandle<Result<(), FedAvgError>>> = None;
+    let mut checkpoints = Checkpoints::new(comm, cfg.checkpoint_dir.clone());
     for round in 0..cfg.rounds {
         let started = Instant::now();
         let global = Global {
@@ -179,27 +171,9 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             "round done"
         );
         reports.push(report);
-        if saving.as_ref().is_some_and(|s| s.is_finished()) {
-            finish_saving(saving.take()).await?;
-        }
-        if let Some(dir) = &cfg.checkpoint_dir {
-            let (dir, store, reports, written, before) = (
-                dir.clone(),
-                comm.node().store().clone(),
-                reports.clone(),
-                written.clone(),
-                saving.take(),
-            );
-            saving = Some(tokio::spawn(async move {
-                finish_saving(before).await?;
-                written.wait().await;
-                tokio::task::spawn_blocking(move || checkpoint(&dir, round, &store, blob, &reports))
-                    .await
-                    .map_err(|_| FedAvgError::Internal("checkpoint task failed"))?
-            }));
-        }
+        checkpoints.save(round, blob, &reports, &written).await?;
     }
-    finish_saving(saving).await?;
+    checkpoints.finish().await?;
     // The last model published is the outcome; its bytes are still held, and the store's own
     // hold ends with its write.
     written.wait().await;
@@ -208,14 +182,6 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
         model: Model::from_safetensors_vec(bytes)?,
         rounds: reports,
     })
-}
-
-/// Waits for a background checkpoint and passes on its error.
-async fn finish_saving(saving: Option<tokio::task::JoinHandle<Result<(), FedAvgError>>>) -> Result<(), FedAvgError> {
-    match saving {
-        Some(s) => s.await.map_err(|_| FedAvgError::Internal("checkpoint task failed"))?,
-        None => Ok(()),
-    }
 }
 
 /// The model a round starts from.
@@ -295,20 +261,9 @@ pub(crate) async fn one_round(
                                 written.wait().await;
                                 let taken = lock(spare).take();
                                 if let Some(b) = taken {
-                                    // No more chunks are sent from memory; those being sent
-                                    // hold the bytes until they are out.
-                                    comm.node().store().end_lend(&blob.id);
-                                    match sole_owner(b).await {
-                                        Some(b) => {
-                                            lock(&acc).reuse(b);
-                                            tracing::debug!(job = %comm.job(), round, "the mean reuses the model's memory");
-                                        }
-                                        None => {
-                                            tracing::debug!(job = %comm.job(), round, "the model's memory is still being sent from");
-                                        }
-                                    }
+                                    comm.reuse_for_mean(&acc, &blob.id, b, round).await;
                                 }
-                                fold(comm, acc, o, out, blob, pulls).await
+                                comm.fold_result(acc, o, out, blob, pulls).await
                             });
                         }
                         _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
@@ -336,7 +291,8 @@ pub(crate) async fn one_round(
     drop(folds);
     let acc = if tainted {
         drop(acc);
-        refold(comm, round, &mut contributors, &mut missing, &layout, blob, &pulls).await?
+        comm.refold(round, &mut contributors, &mut missing, &layout, blob, &pulls)
+            .await?
     } else {
         acc
     };
@@ -391,223 +347,4 @@ pub(crate) async fn one_round(
             global,
         },
     ))
-}
-
-/// How long the first fold waits for the chunks still being sent from the round's model
-/// before it gives up reusing its memory (they take a few milliseconds; a client that stopped
-/// reading may hold one for much longer).
-const REUSE_WAIT: Duration = Duration::from_millis(50);
-
-/// `bytes` alone, once whoever else holds them lets go within [`REUSE_WAIT`]; `None` after.
-async fn sole_owner(mut bytes: Arc<Vec<u8>>) -> Option<Vec<u8>> {
-    let deadline = Instant::now() + REUSE_WAIT;
-    loop {
-        match Arc::try_unwrap(bytes) {
-            Ok(v) => return Some(v),
-            Err(shared) if Instant::now() < deadline => {
-                bytes = shared;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Folds the contributors' results again into a fresh mean, after a pull that failed midway
-/// left part of a result in the old one (results are not stored, so it cannot be taken back
-/// out): each result is pulled again from its client. One that fails now is left out too, and
-/// if it, in turn, left a part behind, the refold starts over without it; every pass leaves
-/// out at least one more client, so this ends. Costs a second pull of the surviving results,
-/// only in a round where a pull broke.
-async fn refold(
-    comm: &Communicator,
-    round: u32,
-    contributors: &mut Vec<TaskOutcome>,
-    missing: &mut Vec<(String, String)>,
-    layout: &Layout,
-    global: BlobRef,
-    pulls: &tokio::sync::Semaphore,
-) -> Result<Arc<Mutex<Accumulator>>, FedAvgError> {
-    loop {
-        tracing::warn!(
-            job = %comm.job(),
-            round,
-            results = contributors.len(),
-            "a result broke off midway; folding the others again"
-        );
-        let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), global.chunk_size)?));
-        let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
-            .into_iter()
-            .filter_map(|o| {
-                let out = o.output?;
-                Some(fold(comm, acc.clone(), o, out, global, pulls))
-            })
-            .collect();
-        let mut tainted = false;
-        while let Some(r) = folds.next().await {
-            match r {
-                Ok(o) => contributors.push(o),
-                Err(f) => {
-                    tainted |= f.tainted;
-                    missing.push((f.outcome.member, f.why));
-                }
-            }
-        }
-        if !tainted {
-            return Ok(acc);
-        }
-    }
-}
-
-/// A result that was not folded in.
-struct FoldFailure {
-    outcome: TaskOutcome,
-    why: String,
-    /// Part of it is in the mean and could not be taken back out.
-    tainted: bool,
-}
-
-/// Pulls one client's result and folds it into the mean as its chunks arrive, without
-/// storing them; on failure, takes what was folded back out where the store holds those
-/// chunks, and says so where it does not.
-async fn fold(
-    comm: &Communicator,
-    acc: Arc<Mutex<Accumulator>>,
-    o: TaskOutcome,
-    out: BlobRef,
-    global: BlobRef,
-    pulls: &tokio::sync::Semaphore,
-) -> Result<TaskOutcome, FoldFailure> {
-    let fail = |outcome, why: &str| FoldFailure {
-        outcome,
-        why: why.to_owned(),
-        tainted: false,
-    };
-    if o.num_samples == 0 {
-        return Err(fail(o, "reported 0 samples"));
-    }
-    if out.len != global.len || out.chunk_size != global.chunk_size {
-        return Err(fail(o, "returned a model of another architecture"));
-    }
-    let weight = o.num_samples as f64;
-    let n = lock(&acc).chunk_count() as usize;
-    let folded = Arc::new(Mutex::new(vec![false; n]));
-    let failure: Arc<Mutex<Option<AggregateError>>> = Arc::default();
-    let on_chunk = {
-        let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
-        move |i: u64, bytes: &[u8]| {
-            if lock(&failure).is_some() {
-                return; // refused already: fold no more of it
-            }
-            let r = lock(&acc).add_chunk(i, bytes, weight);
-            match r {
-                Ok(()) => lock(&folded)[i as usize] = true,
-                Err(e) => {
-                    lock(&failure).get_or_insert(e);
-                }
-            }
-        }
-    };
-    let opts = FetchOptions {
-        on_chunk: Some(Arc::new(on_chunk)),
-        max_len: global.len,
-        // Every client's result is pulled at once: a smaller window per pull keeps the
-        // controller's buffers from growing with the number of clients.
-        window: RESULT_WINDOW,
-        // Folded and forgotten: no disk write per result.
-        keep: false,
-        ..FetchOptions::default()
-    };
-    let Ok(_permit) = pulls.acquire().await else {
-        return Err(fail(o, "internal error: the pull limit was closed"));
-    };
-    let fetched = comm.fetch(out, o.peer, &opts).await;
-    let store = comm.node().store().clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let folded = lock(&folded);
-        let mut acc = lock(&acc);
-        let failed = lock(&failure).take();
-        let result = match (fetched, failed) {
-            (Err(e), _) => Err(e.to_string()),
-            (Ok(_), Some(e)) => Err(e.to_string()),
-            // Every chunk went through `on_chunk`, those the store already held included.
-            (Ok(_), None) => Ok(()),
-        };
-        let mut tainted = false;
-        if result.is_err() {
-            // All or nothing: take back whatever of this client was folded in, where the
-            // store has the bytes (a result it held whole); otherwise the round refolds.
-            for i in (0..folded.len()).filter(|&i| folded[i]) {
-                let removed = match store.read_chunk(&out.id, i as u64) {
-                    Ok(Some(bytes)) => acc.remove_chunk(i as u64, &bytes, weight).is_ok(),
-                    _ => false,
-                };
-                tainted |= !removed;
-            }
-        }
-        (result, tainted)
-    })
-    .await;
-    match done {
-        Ok((Ok(()), _)) => Ok(o),
-        Ok((Err(why), tainted)) => Err(FoldFailure {
-            outcome: o,
-            why,
-            tainted,
-        }),
-        Err(e) => Err(FoldFailure {
-            outcome: o,
-            why: e.to_string(),
-            // The fold task died: nothing tells what it left in the mean.
-            tainted: true,
-        }),
-    }
-}
-
-#[derive(Serialize)]
-struct Checkpoint<'a> {
-    round: u32,
-    model: &'a str,
-    rounds: &'a [RoundReport],
-}
-
-/// Writes the global model and the job's record so far; each file is replaced atomically.
-fn checkpoint(
-    dir: &std::path::Path,
-    round: u32,
-    store: &BlobStore,
-    blob: BlobRef,
-    reports: &[RoundReport],
-) -> Result<(), FedAvgError> {
-    let err = |path: &std::path::Path, e: &dyn std::fmt::Display| FedAvgError::Checkpoint {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
-    let write = |name: &str, bytes: &[u8]| {
-        let path = dir.join(name);
-        let tmp = dir.join(format!("{name}.tmp"));
-        std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
-    };
-    // The model is already a blob in the store: link its file in when the store is on disk
-    // (no copy), write it out otherwise.
-    let model = dir.join("global.safetensors");
-    let tmp = dir.join("global.safetensors.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    match store.data_path(&blob.id) {
-        Some(src) if std::fs::hard_link(&src, &tmp).is_ok() => {}
-        _ => {
-            let bytes = store.read_all(&blob.id).map_err(|e| err(&tmp, &e))?;
-            std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
-        }
-    }
-    std::fs::rename(&tmp, &model).map_err(|e| err(&model, &e))?;
-    let record = Checkpoint {
-        round,
-        model: "global.safetensors",
-        rounds: reports,
-    };
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| err(dir, &e))?;
-    write("checkpoint.json", &json)
 }

@@ -16,12 +16,15 @@
 //! - [`split`]: split learning, activations and gradients across a vertical data split.
 //! - [`cross_site`]: cross-site evaluation, every model on every site's validation data.
 
+mod checkpoint;
 pub mod communicator;
 pub mod controller;
 pub mod cross_site;
 pub mod cyclic;
 pub mod executor;
+pub mod faults;
 pub mod fedavg;
+mod fold;
 pub mod host;
 pub mod split;
 mod supervisor;

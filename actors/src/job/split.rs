@@ -22,7 +22,6 @@ use tokio::time::Instant;
 
 use super::communicator::{CommError, Communicator, Pending};
 use super::{Task, TaskKind, TaskOutcome};
-use crate::blob::FetchOptions;
 use crate::learner::LearnerError;
 use crate::learner::split::{EpochEval, LabelData, SplitSpec, Stack, Top, VerticalDigits, central_baseline};
 
@@ -467,15 +466,6 @@ async fn pull(
         step,
         reason,
     };
-    let opts = FetchOptions {
-        max_len: payload as u64 + 4096,
-        ..FetchOptions::default()
-    };
-    comm.fetch(blob, o.peer, &opts).await?;
-    let store = comm.node().store().clone();
-    let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
-        .await
-        .map_err(|e| bad(e.to_string()))?
-        .map_err(CommError::from)?;
+    let bytes = comm.pull_bytes(blob, &[o.peer], payload as u64 + 4096).await?;
     Model::from_safetensors_vec(bytes).map_err(|e| bad(format!("activations blob: {e}")))
 }

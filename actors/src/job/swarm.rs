@@ -34,8 +34,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::communicator::{CommError, Communicator};
+use super::faults;
 use super::fedavg::{self, Evaluator, FedAvgConfig, FedAvgError};
-use crate::blob::FetchOptions;
 
 /// Missed heartbeats after which a member treats an aggregator as gone.
 pub const MISSES: u32 = 2;
@@ -118,7 +118,7 @@ pub enum SwarmError {
 /// also the members passed over because they did not answer.
 async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Result<(PeerId, Vec<PeerId>), SwarmError> {
     let n = cfg.members.len();
-    let me = comm.node().peer_id();
+    let me = comm.me();
     let mut passed_over = Vec::new();
     for k in 0..n {
         let peer = cfg.members[(round as usize + k) % n];
@@ -132,7 +132,7 @@ async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Resul
 
 /// Runs this member's part of a swarm job from `initial` (the same model on every member).
 pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Result<SwarmOutcome, SwarmError> {
-    let me = comm.node().peer_id();
+    let me = comm.me();
     if !cfg.members.contains(&me) {
         return Err(SwarmError::Config("this node is not a member of the job".into()));
     }
@@ -309,14 +309,11 @@ async fn aggregate(
     layout: flare_protocols::model::Layout,
     passed_over: Vec<PeerId>,
 ) -> Result<(Progress, SwarmRound), SwarmError> {
-    let me = comm.node().peer_id();
+    let me = comm.me();
     let round = state.round;
     tracing::info!(job = %comm.job(), round, "aggregating this round");
     // Hold the round's input first, so members can pull it from here too.
-    comm.node()
-        .fetch(state.model, &state.holders, &FetchOptions::default())
-        .await
-        .map_err(CommError::from)?;
+    comm.hold(state.model, &state.holders).await?;
     let mut input_from = vec![me];
     input_from.extend(state.holders.iter().copied().filter(|p| *p != me));
     let fcfg = FedAvgConfig {
@@ -342,19 +339,11 @@ async fn aggregate(
         Some(&sent),
     );
     let first_choice = cfg.members.get(round as usize % cfg.members.len().max(1)) == Some(&me);
-    let (model, report) = match cfg.crash_in_round {
-        Some(r) if r == round && first_choice => {
-            tokio::select! {
-                r = work => r?,
-                _ = sent.notified() => {
-                    tracing::warn!(job = %comm.job(), round, "fault injection: this aggregator crashes now");
-                    comm.node().net().shutdown();
-                    return Err(SwarmError::Crashed(round));
-                }
-            }
-        }
-        _ => work.await?,
+    let crash = cfg.crash_in_round == Some(round) && first_choice;
+    let Some(result) = faults::run_or_crash(comm, round, crash, &sent, work).await else {
+        return Err(SwarmError::Crashed(round));
     };
+    let (model, report) = result?;
     let blob = comm.publish(Arc::new(model)).await?;
     let contributors: Vec<PeerId> = cfg
         .members

@@ -1,0 +1,229 @@
+//! Streaming aggregation behind the [`Communicator`]: a round's results are pulled and
+//! folded into one running weighted mean ([`Accumulator`]) chunk by chunk *while they
+//! arrive*, never stored, and a result counts wholly or not at all.
+//!
+//! A workflow asks for this with [`Communicator::fold_result`] and, in a round where a pull
+//! broke off after part of it was folded in, [`Communicator::refold`]. What it takes to do it
+//! (the fetch's chunk callback, pass-through pulls, taking a broken result back out of the
+//! mean where the store still has its bytes, the memory of the model a round started from)
+//! lives here, not in the workflows.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flare_protocols::model::Layout;
+use flare_protocols::{BlobId, BlobRef};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::time::Instant;
+
+use super::TaskOutcome;
+use super::communicator::Communicator;
+use crate::aggregate::{Accumulator, AggregateError};
+use crate::blob::FetchOptions;
+use crate::lock;
+
+/// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
+pub const RESULT_WINDOW: u32 = 4;
+
+/// Results pulled at once: their transfer windows are the controller's memory beyond the
+/// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
+/// on the controller anyway, so more at once would not finish sooner).
+pub const MAX_CONCURRENT_PULLS: usize = 2;
+
+/// A result that was not folded in.
+pub(crate) struct FoldFailure {
+    /// The result.
+    pub outcome: TaskOutcome,
+    /// Why it was left out.
+    pub why: String,
+    /// Part of it is in the mean and could not be taken back out.
+    pub tainted: bool,
+}
+
+impl Communicator {
+    /// Pulls one client's result and folds it into the mean as its chunks arrive, without
+    /// storing them; on failure, takes what was folded back out where the store holds those
+    /// chunks, and says so where it does not.
+    pub(crate) async fn fold_result(
+        &self,
+        acc: Arc<Mutex<Accumulator>>,
+        o: TaskOutcome,
+        out: BlobRef,
+        global: BlobRef,
+        pulls: &tokio::sync::Semaphore,
+    ) -> Result<TaskOutcome, FoldFailure> {
+        let fail = |outcome, why: &str| FoldFailure {
+            outcome,
+            why: why.to_owned(),
+            tainted: false,
+        };
+        if o.num_samples == 0 {
+            return Err(fail(o, "reported 0 samples"));
+        }
+        if out.len != global.len || out.chunk_size != global.chunk_size {
+            return Err(fail(o, "returned a model of another architecture"));
+        }
+        let weight = o.num_samples as f64;
+        let n = lock(&acc).chunk_count() as usize;
+        let folded = Arc::new(Mutex::new(vec![false; n]));
+        let failure: Arc<Mutex<Option<AggregateError>>> = Arc::default();
+        let on_chunk = {
+            let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
+            move |i: u64, bytes: &[u8]| {
+                if lock(&failure).is_some() {
+                    return; // refused already: fold no more of it
+                }
+                let r = lock(&acc).add_chunk(i, bytes, weight);
+                match r {
+                    Ok(()) => lock(&folded)[i as usize] = true,
+                    Err(e) => {
+                        lock(&failure).get_or_insert(e);
+                    }
+                }
+            }
+        };
+        let opts = FetchOptions {
+            on_chunk: Some(Arc::new(on_chunk)),
+            max_len: global.len,
+            // Every client's result is pulled at once: a smaller window per pull keeps the
+            // controller's buffers from growing with the number of clients.
+            window: RESULT_WINDOW,
+            // Folded and forgotten: no disk write per result.
+            keep: false,
+            ..FetchOptions::default()
+        };
+        let Ok(_permit) = pulls.acquire().await else {
+            return Err(fail(o, "internal error: the pull limit was closed"));
+        };
+        let fetched = self.fetch(out, o.peer, &opts).await;
+        let store = self.node().store().clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let folded = lock(&folded);
+            let mut acc = lock(&acc);
+            let failed = lock(&failure).take();
+            let result = match (fetched, failed) {
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), Some(e)) => Err(e.to_string()),
+                // Every chunk went through `on_chunk`, those the store already held included.
+                (Ok(_), None) => Ok(()),
+            };
+            let mut tainted = false;
+            if result.is_err() {
+                // All or nothing: take back whatever of this client was folded in, where the
+                // store has the bytes (a result it held whole); otherwise the round refolds.
+                for i in (0..folded.len()).filter(|&i| folded[i]) {
+                    let removed = match store.read_chunk(&out.id, i as u64) {
+                        Ok(Some(bytes)) => acc.remove_chunk(i as u64, &bytes, weight).is_ok(),
+                        _ => false,
+                    };
+                    tainted |= !removed;
+                }
+            }
+            (result, tainted)
+        })
+        .await;
+        match done {
+            Ok((Ok(()), _)) => Ok(o),
+            Ok((Err(why), tainted)) => Err(FoldFailure {
+                outcome: o,
+                why,
+                tainted,
+            }),
+            Err(e) => Err(FoldFailure {
+                outcome: o,
+                why: e.to_string(),
+                // The fold task died: nothing tells what it left in the mean.
+                tainted: true,
+            }),
+        }
+    }
+
+    /// Folds the contributors' results again into a fresh mean, after a pull that failed midway
+    /// left part of a result in the old one (results are not stored, so it cannot be taken back
+    /// out): each result is pulled again from its client. One that fails now is left out too, and
+    /// if it, in turn, left a part behind, the refold starts over without it; every pass leaves
+    /// out at least one more client, so this ends. Costs a second pull of the surviving results,
+    /// only in a round where a pull broke.
+    pub(crate) async fn refold(
+        &self,
+        round: u32,
+        contributors: &mut Vec<TaskOutcome>,
+        missing: &mut Vec<(String, String)>,
+        layout: &Layout,
+        global: BlobRef,
+        pulls: &tokio::sync::Semaphore,
+    ) -> Result<Arc<Mutex<Accumulator>>, AggregateError> {
+        loop {
+            tracing::warn!(
+                job = %self.job(),
+                round,
+                results = contributors.len(),
+                "a result broke off midway; folding the others again"
+            );
+            let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), global.chunk_size)?));
+            let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
+                .into_iter()
+                .filter_map(|o| {
+                    let out = o.output?;
+                    Some(self.fold_result(acc.clone(), o, out, global, pulls))
+                })
+                .collect();
+            let mut tainted = false;
+            while let Some(r) = folds.next().await {
+                match r {
+                    Ok(o) => contributors.push(o),
+                    Err(f) => {
+                        tainted |= f.tainted;
+                        missing.push((f.outcome.member, f.why));
+                    }
+                }
+            }
+            if !tainted {
+                return Ok(acc);
+            }
+        }
+    }
+
+    /// Makes `bytes`, the model this node lent to its store for the round's pulls (see
+    /// [`Communicator::publish_lent`]), the memory of the mean `acc`: on a VM that hands freed
+    /// memory back to its host, filling fresh pages costs several times a copy. The lend ends
+    /// first, so no new send reads from the bytes; sends under way hold them for a few
+    /// milliseconds more, and past [`REUSE_WAIT`] the mean takes fresh memory instead.
+    pub(crate) async fn reuse_for_mean(
+        &self,
+        acc: &Mutex<Accumulator>,
+        blob: &BlobId,
+        bytes: Arc<Vec<u8>>,
+        round: u32,
+    ) {
+        self.node().store().end_lend(blob);
+        match sole_owner(bytes).await {
+            Some(b) => {
+                lock(acc).reuse(b);
+                tracing::debug!(job = %self.job(), round, "the mean reuses the model's memory");
+            }
+            None => tracing::debug!(job = %self.job(), round, "the model's memory is still being sent from"),
+        }
+    }
+}
+
+/// How long the first fold waits for the chunks still being sent from the round's model
+/// before it gives up reusing its memory (they take a few milliseconds; a client that stopped
+/// reading may hold one for much longer).
+const REUSE_WAIT: Duration = Duration::from_millis(50);
+
+/// `bytes` alone, once whoever else holds them lets go within [`REUSE_WAIT`]; `None` after.
+async fn sole_owner(mut bytes: Arc<Vec<u8>>) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + REUSE_WAIT;
+    loop {
+        match Arc::try_unwrap(bytes) {
+            Ok(v) => return Some(v),
+            Err(shared) if Instant::now() < deadline => {
+                bytes = shared;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
