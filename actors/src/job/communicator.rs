@@ -335,7 +335,9 @@ impl Communicator {
         while !expected.iter().all(|p| joined.contains(p)) {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(peer)) => {
-                    joined.insert(peer);
+                    if joined.insert(peer) {
+                        tracing::info!(job = %self.job, member = %self.name_of(&peer), "member joined");
+                    }
                 }
                 Ok(None) | Err(_) => break,
             }

@@ -105,7 +105,10 @@ impl Actor for Executor {
             round: task.round,
             props: task.props.clone(),
         };
-        let span = tracing::info_span!("task", job = %job, round = task.round, task = %task.kind, peer = %from);
+        // Named by this member (a sim runs many); the sender's peer id is for DEBUG.
+        let span =
+            tracing::info_span!("task", job = %job, round = task.round, task = %task.kind, member = %state.member);
+        tracing::debug!(parent: &span, from = %from, "task received");
         let (status, out) = match run(state, &ctx, &task, from).instrument(span.clone()).await {
             Ok(out) => (TaskStatus::Ok, out),
             Err(e) => {

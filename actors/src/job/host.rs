@@ -286,8 +286,9 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         },
         Request::Join { member } => match r.controllers.get(&job) {
             Some(c) => {
-                tracing::info!(job = %job, %member, "member joined");
-                tracing::debug!(job = %job, %member, %peer, "member's peer id");
+                // At DEBUG: in a swarm every member hosts a controller side and would print
+                // each join; a fixed controller's workflow logs it where it waits for joins.
+                tracing::debug!(job = %job, %member, %peer, "member joined");
                 let _ = c.joins.send(peer);
                 CtlResponse::Welcome {
                     job,

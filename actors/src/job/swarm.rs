@@ -154,38 +154,8 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         metrics: BTreeMap::new(),
         passed_over: vec![],
     };
-    // Meet the others (bounded by a round timeout); a member that comes back learns the
-    // current round from them.
     let others: Vec<PeerId> = cfg.members.iter().copied().filter(|p| *p != me).collect();
-    let deadline = Instant::now() + cfg.round_timeout;
-    let mut met = HashSet::new();
-    while met.len() < others.len() && Instant::now() < deadline {
-        let unmet: Vec<PeerId> = others.iter().copied().filter(|p| !met.contains(p)).collect();
-        for peer in unmet {
-            match comm.join(peer, &cfg.name, cfg.spec_hash).await {
-                Ok(progress) => {
-                    met.insert(peer);
-                    if let Some(p) = progress.filter(|p| p.round > state.round) {
-                        tracing::info!(
-                            job = %comm.job(),
-                            round = p.round,
-                            from = %comm.name_of(&peer),
-                            "picking up where the job stands"
-                        );
-                        state = p;
-                    }
-                }
-                Err(e) => tracing::debug!(job = %comm.job(), %peer, error = %e, "member not there yet"),
-            }
-        }
-        // The job is under way: this member came back and need not wait for everyone.
-        if state.round > 0 {
-            break;
-        }
-        if met.len() < others.len() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    state = meet(comm, cfg, &others, state).await;
     comm.set_progress(state.clone());
     // A member that came back watches one round complete before it aggregates, so it does
     // not start a round the others already gave to someone else while it was away. One whose
@@ -230,60 +200,24 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
             }
             continue;
         }
-        // Wait for round `round`'s result, watching its aggregator (a member that came back
-        // and would be its own choice waits for whoever runs the round, up to two timeouts).
-        let mut misses = 0;
-        let give_up = Instant::now() + 2 * cfg.round_timeout;
-        loop {
-            match comm.next_progress(Instant::now() + cfg.heartbeat).await {
-                Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
-                    tracing::info!(
-                        job = %comm.job(),
-                        round = p.round - 1,
-                        aggregator = %comm.name_of(&p.aggregator),
-                        from = %comm.name_of(&from),
-                        "round announced"
-                    );
-                    reports.push(SwarmRound {
-                        round: p.round - 1,
-                        aggregator: p.aggregator,
-                        contributors: p.contributors.clone(),
-                        passed_over: p.passed_over.clone(),
-                        secs: round_started.elapsed().as_secs_f64(),
-                        global: p.metrics.clone(),
-                    });
-                    round_started = Instant::now();
-                    state = p;
-                    comm.set_progress(state.clone());
-                    observing = false;
-                    break;
-                }
-                Some(_) => continue,
-                None if agg == me => {
-                    if Instant::now() >= give_up {
-                        observing = false;
-                        break;
-                    }
-                }
-                None => {
-                    if comm.is_alive(agg).await {
-                        misses = 0;
-                        continue;
-                    }
-                    misses += 1;
-                    if misses >= MISSES {
-                        let (successor, _) = aggregator(comm, cfg, round).await?;
-                        tracing::warn!(
-                            job = %comm.job(),
-                            round,
-                            dead = %comm.name_of(&agg),
-                            successor = %comm.name_of(&successor),
-                            "aggregator is gone; its successor takes over the round"
-                        );
-                        break;
-                    }
-                }
+        // Wait for round `round`'s result, watching its aggregator.
+        match watch_round(comm, cfg, agg, &state).await? {
+            Watched::Announced(p) => {
+                reports.push(SwarmRound {
+                    round: p.round - 1,
+                    aggregator: p.aggregator,
+                    contributors: p.contributors.clone(),
+                    passed_over: p.passed_over.clone(),
+                    secs: round_started.elapsed().as_secs_f64(),
+                    global: p.metrics.clone(),
+                });
+                round_started = Instant::now();
+                state = *p;
+                comm.set_progress(state.clone());
+                observing = false;
             }
+            Watched::WaitedLongEnough => observing = false,
+            Watched::Failover => {}
         }
     }
     // Everyone ends with the final model; tell its holder we have it.
@@ -299,6 +233,104 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         rounds: reports,
         completed: state.round,
     })
+}
+
+/// Meets the other members (bounded by a round timeout); a member that comes back learns
+/// from them where the job stands, and returns that instead of `state`.
+async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut state: Progress) -> Progress {
+    let deadline = Instant::now() + cfg.round_timeout;
+    let mut met = HashSet::new();
+    while met.len() < others.len() && Instant::now() < deadline {
+        let unmet: Vec<PeerId> = others.iter().copied().filter(|p| !met.contains(p)).collect();
+        for peer in unmet {
+            match comm.join(peer, &cfg.name, cfg.spec_hash).await {
+                Ok(progress) => {
+                    met.insert(peer);
+                    if let Some(p) = progress.filter(|p| p.round > state.round) {
+                        tracing::info!(
+                            job = %comm.job(),
+                            round = p.round,
+                            from = %comm.name_of(&peer),
+                            "picking up where the job stands"
+                        );
+                        state = p;
+                    }
+                }
+                Err(e) => tracing::debug!(job = %comm.job(), %peer, error = %e, "member not there yet"),
+            }
+        }
+        // The job is under way: this member came back and need not wait for everyone.
+        if state.round > 0 {
+            break;
+        }
+        if met.len() < others.len() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    state
+}
+
+/// What came of waiting for a round that another member aggregates.
+enum Watched {
+    /// It was announced: where the job stands now.
+    Announced(Box<Progress>),
+    /// This member would aggregate it itself, but came back and waited for whoever runs it,
+    /// up to two round timeouts: it takes its turn now.
+    WaitedLongEnough,
+    /// Its aggregator stopped answering heartbeats: the rule picks another.
+    Failover,
+}
+
+/// Waits for round `state.round`'s result, watching its aggregator `agg`.
+async fn watch_round(
+    comm: &Communicator,
+    cfg: &SwarmConfig,
+    agg: PeerId,
+    state: &Progress,
+) -> Result<Watched, SwarmError> {
+    let round = state.round;
+    let me = comm.me();
+    let mut misses = 0;
+    let give_up = Instant::now() + 2 * cfg.round_timeout;
+    loop {
+        match comm.next_progress(Instant::now() + cfg.heartbeat).await {
+            Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
+                // Every member hears it; the aggregator's own "round aggregated" is the INFO line.
+                tracing::debug!(
+                    job = %comm.job(),
+                    round = p.round - 1,
+                    aggregator = %comm.name_of(&p.aggregator),
+                    from = %comm.name_of(&from),
+                    "round announced"
+                );
+                return Ok(Watched::Announced(Box::new(p)));
+            }
+            Some(_) => continue,
+            None if agg == me => {
+                if Instant::now() >= give_up {
+                    return Ok(Watched::WaitedLongEnough);
+                }
+            }
+            None => {
+                if comm.is_alive(agg).await {
+                    misses = 0;
+                    continue;
+                }
+                misses += 1;
+                if misses >= MISSES {
+                    let (successor, _) = aggregator(comm, cfg, round).await?;
+                    tracing::warn!(
+                        job = %comm.job(),
+                        round,
+                        dead = %comm.name_of(&agg),
+                        successor = %comm.name_of(&successor),
+                        "aggregator is gone; its successor takes over the round"
+                    );
+                    return Ok(Watched::Failover);
+                }
+            }
+        }
+    }
 }
 
 /// Runs round `state.round` as its aggregator; returns the new progress and the round.
