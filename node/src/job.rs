@@ -422,7 +422,7 @@ async fn embed(
             o.status == TaskStatus::Ok,
             "{} could not embed its data: {}",
             o.member,
-            flare_actors::job::communicator::task_failure(&o)
+            o.failure()
         );
         // Only counts come back; a member that returned a model broke the contract.
         returned_bytes += o.output.map_or(0, |b| b.len);

@@ -708,14 +708,10 @@ impl Topology {
         };
         let check_min = |m: &Spanned<usize>, table: &str| {
             let min = *m.get_ref();
-            if min == 0 || min > clients.len() {
-                Err(fail(
-                    m.span().start,
-                    &format!("{table}.min_clients"),
-                    format!("{min} is not between 1 and the {} clients", clients.len()),
-                ))
-            } else {
-                Ok(min)
+            // The rule is FedAvg's own; the file only adds where it stands.
+            match flare_actors::job::fedavg::check_min_clients(min, clients.len()) {
+                Ok(()) => Ok(min),
+                Err(why) => Err(fail(m.span().start, &format!("{table}.min_clients"), why)),
             }
         };
         let mut crash = None;

@@ -75,15 +75,6 @@ pub struct RelayOutcome {
     pub lost: Vec<String>,
 }
 
-/// Why a task that came back did not succeed, from its status and its `error` value.
-pub fn task_failure(o: &TaskOutcome) -> String {
-    match o.values.get("error") {
-        Some(flare_protocols::ctl::Value::Str(e)) => format!("task ended {:?}: {e}", o.status),
-        _ if o.status == super::TaskStatus::Ok => "task returned no model".into(),
-        _ => format!("task ended {:?}", o.status),
-    }
-}
-
 /// A workflow's view of the job's members.
 pub struct Communicator {
     node: Arc<Node>,
@@ -302,7 +293,7 @@ impl Communicator {
                         out.visits.push(o);
                         break;
                     }
-                    Ok(o) => task_failure(&o),
+                    Ok(o) => o.failure(),
                     Err(CommError::Task { reason, .. }) => reason,
                     Err(e) => return Err(e),
                 };

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use super::communicator::{Communicator, Pending};
 use super::executor::MAX_INPUT_MODEL;
-use super::{Task, TaskKind, TaskOutcome};
+use super::{Task, TaskKind};
 
 /// Row name of the global model.
 pub const GLOBAL: &str = "global";
@@ -234,14 +234,6 @@ fn check(comm: &Communicator, cfg: &CrossSiteConfig) -> Result<(), CrossSiteErro
     Ok(())
 }
 
-/// The reason an executor gave for a failed task.
-fn failure(o: &TaskOutcome) -> String {
-    match o.values.get("error") {
-        Some(Value::Str(e)) => e.clone(),
-        _ => format!("task ended {:?}", o.status),
-    }
-}
-
 /// Step 1: every site's model reference, in site order; marks sites that are gone.
 async fn collect_models(
     comm: &Communicator,
@@ -274,7 +266,7 @@ async fn collect_models(
         blobs[i] = match (o.status, o.output) {
             (TaskStatus::Ok, Some(blob)) => Ok(blob),
             (TaskStatus::Ok, None) => Err(format!("{} submitted no model", names[i])),
-            _ => Err(format!("{} has no model: {}", names[i], failure(&o))),
+            _ => Err(format!("{} has no model: {}", names[i], o.failure())),
         };
     }
     for m in pending.waiting.values() {
@@ -374,7 +366,7 @@ async fn fill_matrix(
                         rows[r].sources.push(cfg.sites[c]);
                         Ok(o.metrics)
                     }
-                    _ => Err(format!("{} could not validate it: {}", names[c], failure(&o))),
+                    _ => Err(format!("{} could not validate it: {}", names[c], o.failure())),
                 };
                 tracing::debug!(job = %job, model = %rows[r].name, site = %names[c], cell = ?cells[r][c], "cell done");
             }

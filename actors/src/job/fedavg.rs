@@ -136,15 +136,19 @@ fn fmt_missing(m: &[(String, String)]) -> String {
         .join(", ")
 }
 
+/// The one rule on `min_clients`, for FedAvg, swarm rounds and the topology file alike: a
+/// round needs at least one result and cannot wait for more than there are clients.
+pub fn check_min_clients(min_clients: usize, clients: usize) -> Result<(), String> {
+    if min_clients == 0 || min_clients > clients {
+        return Err(format!("{min_clients} is not between 1 and the {clients} clients"));
+    }
+    Ok(())
+}
+
 /// Runs FedAvg from `initial` for `cfg.rounds` rounds.
 pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Result<FedAvgOutcome, FedAvgError> {
-    if cfg.min_clients == 0 || cfg.min_clients > cfg.clients.len() {
-        return Err(FedAvgError::Config(format!(
-            "min_clients is {} with {} clients",
-            cfg.min_clients,
-            cfg.clients.len()
-        )));
-    }
+    check_min_clients(cfg.min_clients, cfg.clients.len())
+        .map_err(|why| FedAvgError::Config(format!("min_clients {why}")))?;
     // The global model lives in the blob store between rounds: the controller holds one
     // model-sized buffer at a time (the accumulator during a round).
     let layout = initial.layout();
@@ -266,7 +270,7 @@ pub(crate) async fn one_round(
                                 comm.fold_result(acc, o, out, blob, pulls).await
                             });
                         }
-                        _ => missing.push((o.member.clone(), super::communicator::task_failure(&o))),
+                        _ => missing.push((o.member.clone(), o.failure())),
                     }
                 }
                 None => {
@@ -304,6 +308,20 @@ pub(crate) async fn one_round(
             missing,
         });
     }
+    close_round(comm, cfg, acc, contributors, missing, round, start).await
+}
+
+/// The end of a round: the mean taken, the global model measured, the contributors' metrics
+/// weighted by their samples, and who was left out, and why, logged.
+async fn close_round(
+    comm: &Communicator,
+    cfg: &FedAvgConfig,
+    acc: Arc<Mutex<Accumulator>>,
+    contributors: Vec<TaskOutcome>,
+    mut missing: Vec<(String, String)>,
+    round: u32,
+    start: Instant,
+) -> Result<(Model, RoundReport), FedAvgError> {
     let acc = Arc::try_unwrap(acc)
         .map_err(|_| FedAvgError::Internal("accumulator still shared at the end of the round"))?
         .into_inner()

@@ -98,3 +98,15 @@ pub struct TaskOutcome {
     /// Small named outputs that are not a model.
     pub values: BTreeMap<String, Value>,
 }
+
+impl TaskOutcome {
+    /// Why this task did not give what was asked, in words: the executor's own `error` when
+    /// it sent one, else how the task ended. The one wording every workflow reports.
+    pub fn failure(&self) -> String {
+        match self.values.get("error") {
+            Some(Value::Str(e)) => e.clone(),
+            _ if self.status == TaskStatus::Ok => "task returned no model".into(),
+            _ => format!("task ended {:?}", self.status),
+        }
+    }
+}

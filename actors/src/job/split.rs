@@ -432,10 +432,7 @@ async fn collect(
             return Err(SplitError::Timeout { step, missing });
         };
         if o.status != TaskStatus::Ok {
-            let reason = match o.values.get("error") {
-                Some(Value::Str(e)) => e.clone(),
-                _ => format!("task ended {:?}", o.status),
-            };
+            let reason = o.failure();
             return Err(SplitError::Party {
                 member: o.member,
                 step,

@@ -136,13 +136,8 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
     if !cfg.members.contains(&me) {
         return Err(SwarmError::Config("this node is not a member of the job".into()));
     }
-    if cfg.min_clients == 0 || cfg.min_clients > cfg.members.len() {
-        return Err(SwarmError::Config(format!(
-            "min_clients is {} with {} members",
-            cfg.min_clients,
-            cfg.members.len()
-        )));
-    }
+    fedavg::check_min_clients(cfg.min_clients, cfg.members.len())
+        .map_err(|why| SwarmError::Config(format!("min_clients {why}")))?;
     let layout = initial.layout();
     let start = comm.publish(Arc::new(initial)).await?;
     let mut state = Progress {
