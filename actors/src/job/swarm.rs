@@ -290,8 +290,8 @@ async fn watch_round(
     loop {
         match comm.next_progress(Instant::now() + cfg.heartbeat).await {
             Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
-                // Every member hears it; the aggregator's own "round aggregated" is the INFO line.
-                tracing::debug!(
+                // Each member's own news (in `run`, a member's log is its process's).
+                tracing::info!(
                     job = %comm.job(),
                     round = p.round - 1,
                     aggregator = %comm.name_of(&p.aggregator),
