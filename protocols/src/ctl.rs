@@ -34,8 +34,9 @@ use crate::split::{Backward, Forward};
 pub const CTL_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/ctl/1");
 /// Version field of every control frame.
 pub const CTL_VERSION: u16 = 1;
-/// Largest control frame, request or response.
-pub const MAX_CTL_FRAME: u32 = 1 << 20;
+/// Largest control frame, request or response (defined with the framing, so that the
+/// messages that ride in control frames, such as split learning's, can size themselves by it).
+pub use crate::frame::MAX_CTL_FRAME;
 
 /// Names a federated job; every control message carries one.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]

@@ -6,6 +6,10 @@
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Serialize, de::DeserializeOwned};
 
+/// Largest `/flare/ctl/1` frame, request or response: control messages are small by design
+/// (models never travel in them, only references).
+pub const MAX_CTL_FRAME: u32 = 1 << 20;
+
 /// Why a frame or its content could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

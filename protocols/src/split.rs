@@ -30,7 +30,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ctl::MAX_CTL_FRAME;
+use crate::frame::MAX_CTL_FRAME;
 use crate::model::{Model, Tensor};
 
 /// Result value / tensor name: a party's activations, `rows × width` `f32` LE.

@@ -11,14 +11,23 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use super::communicator::Communicator;
-use super::fedavg::{FedAvgError, RoundReport};
 use crate::store::{BlobStore, Written};
+
+/// Why a checkpoint was not written.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint {path}: {reason}")]
+pub struct CheckpointError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
 
 /// The background writes of a job's checkpoints, one after the other.
 pub(crate) struct Checkpoints {
     dir: Option<PathBuf>,
     store: BlobStore,
-    saving: Option<JoinHandle<Result<(), FedAvgError>>>,
+    saving: Option<JoinHandle<Result<(), CheckpointError>>>,
 }
 
 impl Checkpoints {
@@ -33,13 +42,13 @@ impl Checkpoints {
 
     /// Saves round `round`'s model `blob` and `reports` once `written` (the model's disk
     /// write) is done, after the checkpoint before it; passes on an earlier one's error.
-    pub(crate) async fn save(
+    pub(crate) async fn save<R: Serialize + Clone + Send + Sync + 'static>(
         &mut self,
         round: u32,
         blob: BlobRef,
-        reports: &[RoundReport],
+        reports: &[R],
         written: &Written,
-    ) -> Result<(), FedAvgError> {
+    ) -> Result<(), CheckpointError> {
         if self.saving.as_ref().is_some_and(|s| s.is_finished()) {
             finish_saving(self.saving.take()).await?;
         }
@@ -56,41 +65,47 @@ impl Checkpoints {
             written.wait().await;
             tokio::task::spawn_blocking(move || checkpoint(&dir, round, &store, blob, &reports))
                 .await
-                .map_err(|_| FedAvgError::Internal("checkpoint task failed"))?
+                .map_err(|e| CheckpointError {
+                    path: PathBuf::new(),
+                    reason: format!("the checkpoint task failed: {e}"),
+                })?
         }));
         Ok(())
     }
 
     /// Waits for the last checkpoint and passes on its error.
-    pub(crate) async fn finish(self) -> Result<(), FedAvgError> {
+    pub(crate) async fn finish(self) -> Result<(), CheckpointError> {
         finish_saving(self.saving).await
     }
 }
 
 /// Waits for a background checkpoint and passes on its error.
-async fn finish_saving(saving: Option<JoinHandle<Result<(), FedAvgError>>>) -> Result<(), FedAvgError> {
+async fn finish_saving(saving: Option<JoinHandle<Result<(), CheckpointError>>>) -> Result<(), CheckpointError> {
     match saving {
-        Some(s) => s.await.map_err(|_| FedAvgError::Internal("checkpoint task failed"))?,
+        Some(s) => s.await.map_err(|e| CheckpointError {
+            path: PathBuf::new(),
+            reason: format!("the checkpoint task failed: {e}"),
+        })?,
         None => Ok(()),
     }
 }
 
 #[derive(Serialize)]
-struct Checkpoint<'a> {
+struct Checkpoint<'a, R> {
     round: u32,
     model: &'a str,
-    rounds: &'a [RoundReport],
+    rounds: &'a [R],
 }
 
 /// Writes the global model and the job's record so far; each file is replaced atomically.
-fn checkpoint(
+fn checkpoint<R: Serialize>(
     dir: &Path,
     round: u32,
     store: &BlobStore,
     blob: BlobRef,
-    reports: &[RoundReport],
-) -> Result<(), FedAvgError> {
-    let err = |path: &Path, e: &dyn std::fmt::Display| FedAvgError::Checkpoint {
+    reports: &[R],
+) -> Result<(), CheckpointError> {
+    let err = |path: &Path, e: &dyn std::fmt::Display| CheckpointError {
         path: path.to_owned(),
         reason: e.to_string(),
     };

@@ -17,7 +17,7 @@ use libp2p::PeerId;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
-use super::host::JobHost;
+use super::routes::ControllerInbox;
 use super::{Ending, Task, TaskOutcome};
 use crate::Node;
 use crate::blob::{FetchError, FetchOptions, FetchReport};
@@ -89,13 +89,17 @@ pub struct Communicator {
 }
 
 impl Communicator {
-    /// The controller side of `job` on `host`'s node, with the job's members. Members that
-    /// join get `spec_hash` (a hash of the job's specification) back, to check they run the
-    /// same job.
-    pub fn new(host: &JobHost, job: JobId, members: Vec<Member>, chunk_size: u32, spec_hash: [u8; 32]) -> Self {
-        let inbox = host.host_controller(job.clone(), spec_hash);
+    /// A communicator that reads `inbox`, the controller side of `job` on `node` (see
+    /// `Communicator::new`, which the [`JobHost`](super::JobHost) defines).
+    pub(crate) fn from_inbox(
+        node: Arc<Node>,
+        job: JobId,
+        members: Vec<Member>,
+        chunk_size: u32,
+        inbox: ControllerInbox,
+    ) -> Self {
         Self {
-            node: host.node().clone(),
+            node,
             job,
             members,
             results: Mutex::new(inbox.outcomes),

@@ -32,7 +32,7 @@ use crate::aggregate::{Accumulator, AggregateError};
 use crate::lock;
 use crate::store::Written;
 
-use super::checkpoint::Checkpoints;
+use super::checkpoint::{CheckpointError, Checkpoints};
 pub use super::fold::{MAX_CONCURRENT_PULLS, RESULT_WINDOW};
 
 /// Measures a global model (e.g. on a held-out test set) after each round; runs on a
@@ -120,13 +120,8 @@ pub enum FedAvgError {
     #[error("internal error: {0}")]
     Internal(&'static str),
     /// The checkpoint could not be written.
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
 }
 
 fn fmt_missing(m: &[(String, String)]) -> String {

@@ -3,7 +3,6 @@
 //! `Task` goes to the executor of that job, `TaskResult` to the controller of that job; a
 //! request for a job this node has not joined is answered `Rejected`, naming the job.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -11,8 +10,10 @@ use flare_protocols::ctl::{CtlResponse, JobId, Progress, Request};
 use libp2p::PeerId;
 use ractor::{Actor, ActorRef};
 
-use super::supervisor::Supervisor;
 use tokio::sync::{mpsc, watch};
+
+use super::routes::{ControllerInbox, ControllerRoute, ExecutorRoute, Routes};
+use super::supervisor::Supervisor;
 
 use super::communicator::Communicator;
 use super::controller::ControllerHandle;
@@ -21,6 +22,7 @@ use super::{Ending, TaskOutcome};
 use crate::Node;
 use crate::learner::Learner;
 use crate::lock;
+use crate::membership::Member;
 use crate::network::NetworkError;
 
 /// Announcements a job's controller side holds before its workflow reads them.
@@ -28,44 +30,6 @@ const PROGRESS_QUEUE: usize = 64;
 /// Task results it holds before its workflow reads them (far more than tasks in flight; a
 /// member flooding results is refused rather than queued without end).
 const RESULT_QUEUE: usize = 4096;
-
-/// What the controller of a job receives from its members.
-pub(crate) struct ControllerInbox {
-    /// Task results.
-    pub outcomes: mpsc::Receiver<TaskOutcome>,
-    /// Members that joined (sent `Join`).
-    pub joins: mpsc::UnboundedReceiver<PeerId>,
-    /// Progress announced by other members (jobs without a fixed controller).
-    pub progress: mpsc::Receiver<(PeerId, Progress)>,
-    /// Where this member says the job stands, told to members that join.
-    pub state: Arc<Mutex<Option<Progress>>>,
-}
-
-struct ControllerRoute {
-    outcomes: mpsc::Sender<TaskOutcome>,
-    joins: mpsc::UnboundedSender<PeerId>,
-    progress: mpsc::Sender<(PeerId, Progress)>,
-    state: Arc<Mutex<Option<Progress>>>,
-    spec_hash: [u8; 32],
-}
-
-pub(crate) struct ExecutorRoute {
-    pub(crate) actor: ActorRef<ExecutorMsg>,
-    /// Who may send tasks and end the job; `None`: any member (swarm jobs, where the
-    /// aggregator changes from round to round).
-    controller: Option<PeerId>,
-    /// Set to the controller's end when it ends the job (or to the supervisor's, when the
-    /// executor stops).
-    pub(crate) ended: watch::Sender<Option<Ending>>,
-}
-
-#[derive(Default)]
-pub(crate) struct Routes {
-    pub(crate) executors: HashMap<JobId, ExecutorRoute>,
-    controllers: HashMap<JobId, ControllerRoute>,
-    /// How each job this node was an executor of ended, for whoever asks after the end.
-    ended: HashMap<JobId, Ending>,
-}
 
 /// The node's job table and the task that routes control requests by it.
 pub struct JobHost {
@@ -214,6 +178,17 @@ impl JobHost {
             e.actor.stop(None);
         }
         r.controllers.remove(job);
+    }
+}
+
+impl Communicator {
+    /// The controller side of `job` on `host`'s node, with the job's members. Members that
+    /// join get `spec_hash` (a hash of the job's specification) back, to check they run the
+    /// same job. (Defined here, beside the job table it registers in, so that the
+    /// communicator does not point back at the host.)
+    pub fn new(host: &JobHost, job: JobId, members: Vec<Member>, chunk_size: u32, spec_hash: [u8; 32]) -> Self {
+        let inbox = host.host_controller(job.clone(), spec_hash);
+        Self::from_inbox(host.node().clone(), job, members, chunk_size, inbox)
     }
 }
 

@@ -26,6 +26,7 @@ pub mod faults;
 pub mod fedavg;
 mod fold;
 pub mod host;
+mod routes;
 pub mod split;
 mod supervisor;
 pub mod swarm;

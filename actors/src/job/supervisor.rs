@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::host::Routes;
+use super::routes::Routes;
 use crate::lock;
 
 /// The supervisor actor; it takes no messages, only its children's lifecycle events.

@@ -15,11 +15,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use flare_protocols::blob_id::hashes_from_bytes;
 use flare_protocols::{BlobId, BlobRef, Manifest};
 
-use super::residency::{Data, Entry};
 use super::{StoreError, io_err};
 use crate::lock;
 
@@ -193,9 +193,9 @@ impl Have {
 
 /// Once every chunk is present, a disk blob drops its `.have` file: complete blobs are those
 /// with a manifest and no `.have`.
-pub(super) fn finish_if_complete(e: &Entry) -> Result<(), StoreError> {
-    let mut have = lock(&e.have);
-    if have.present == e.manifest.chunk_count()
+pub(super) fn finish_if_complete(have: &Mutex<Have>, manifest: &Manifest) -> Result<(), StoreError> {
+    let mut have = lock(have);
+    if have.present == manifest.chunk_count()
         && let Some((_, path)) = have.file.take()
     {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
@@ -248,7 +248,8 @@ pub(super) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError>
 }
 
 /// Reads blob `id` back from its files: whole (no `.have`) or partial.
-pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
+/// A blob's files, read back: its data file, which chunks it has, and its manifest.
+pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<(DataFile, Have, Manifest), StoreError> {
     let mpath = dir.join(format!("{id}.manifest"));
     let corrupt = |reason: &str| StoreError::Corrupt {
         path: mpath.clone(),
@@ -304,5 +305,5 @@ pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<Entry, StoreError> {
         // Partial: chunks are still to be written.
         data.direct = open_direct(&data.path);
     }
-    Ok(Entry::new(Data::Disk(data), have, manifest))
+    Ok((data, have, manifest))
 }

@@ -182,7 +182,8 @@ impl BlobStore {
             let Ok(id) = BlobId::from_hex(stem) else {
                 continue;
             };
-            let entry = load_entry(&dir, id)?;
+            let (data, have, manifest) = load_entry(&dir, id)?;
+            let entry = Entry::new(Data::Disk(data), have, manifest);
             blobs.insert(id, Arc::new(entry));
         }
         Ok(Self {
@@ -272,7 +273,7 @@ impl BlobStore {
         let m = entry.manifest.clone();
         // An empty blob is complete as soon as it exists.
         if n == 0 {
-            finish_if_complete(&entry)?;
+            finish_if_complete(&entry.have, &entry.manifest)?;
         }
         blobs.insert(id, entry);
         Ok(m)
@@ -304,7 +305,7 @@ impl BlobStore {
         if !lock(&e.have).mark(index)? {
             return Ok(false);
         }
-        finish_if_complete(&e)?;
+        finish_if_complete(&e.have, &e.manifest)?;
         Ok(true)
     }
 
