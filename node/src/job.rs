@@ -14,7 +14,7 @@ use crate::render::CrossSiteReport;
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{AddOne, Communicator, Ending, Evaluator, FedAvgConfig, JobHost, Learner, fedavg};
+use flare_actors::job::{AddOne, Communicator, Ending, Evaluator, FedAvgConfig, JobHost, Learner, embed, fedavg};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec, model_of};
 use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
@@ -395,67 +395,18 @@ async fn embed(
     frozen: &FrozenSpec,
     clients: &[PeerId],
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
-    use flare_actors::job::{Task, TaskKind};
-    use flare_protocols::ctl::{TaskStatus, Value as CtlValue};
-    let model = frozen.model().map_err(anyhow::Error::msg)?;
-    let blob = comm.publish(Arc::new(model)).await?;
-    let task = Task {
-        transient_output: false,
-        kind: TaskKind::Embed,
-        round: 0,
-        input: Some(blob),
-        input_from: vec![],
-        props: BTreeMap::new(),
+    let cfg = embed::EmbedConfig {
+        clients: clients.to_vec(),
+        embed_dim: frozen.embed_dim,
+        timeout: topo.round_timeout,
     };
-    let deadline = tokio::time::Instant::now() + topo.round_timeout;
-    let mut pending = comm.broadcast(&task, clients).await;
-    if let Some((m, why)) = pending.refused.first() {
-        anyhow::bail!("{} refused the embed task: {why}", m.name);
-    }
-    let count = |v: Option<&CtlValue>| match v {
-        Some(CtlValue::Int(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    };
-    let (mut rows, mut returned_bytes) = (serde_json::Map::new(), 0u64);
-    while let Some(o) = comm.next_result(&mut pending, deadline).await {
-        anyhow::ensure!(
-            o.status == TaskStatus::Ok,
-            "{} could not embed its data: {}",
-            o.member,
-            o.failure()
-        );
-        // Only counts come back; a member that returned a model broke the contract.
-        returned_bytes += o.output.map_or(0, |b| b.len);
-        anyhow::ensure!(o.output.is_none(), "{} sent a model back from the embed task", o.member);
-        let (train, validation, dim) = (
-            count(o.values.get("train_rows")),
-            count(o.values.get("validation_rows")),
-            count(o.values.get("dim")),
-        );
-        let (Some(train), Some(validation)) = (train, validation) else {
-            anyhow::bail!("{} answered the embed task without its row counts", o.member);
-        };
-        anyhow::ensure!(
-            dim == Some(frozen.embed_dim as u64),
-            "{} embedded in {dim:?} dimensions, not {}",
-            o.member,
-            frozen.embed_dim
-        );
-        rows.insert(o.member.clone(), json!(train + validation));
-    }
-    if !pending.waiting.is_empty() {
-        let late: Vec<&str> = pending.waiting.values().map(|m| m.name.as_str()).collect();
-        anyhow::bail!(
-            "no embed result within {:?} from {}",
-            topo.round_timeout,
-            late.join(", ")
-        );
-    }
+    let o = embed::run(comm, &cfg, frozen.model().map_err(anyhow::Error::msg)?).await?;
+    let rows: serde_json::Map<String, Value> = o.rows_per_member.into_iter().map(|(m, n)| (m, json!(n))).collect();
     let mut extra = serde_json::Map::new();
     extra.insert("embedding_dim".into(), json!(frozen.embed_dim));
     extra.insert("embedded_rows_per_member".into(), Value::Object(rows));
-    extra.insert("frozen_model_bytes".into(), json!(blob.len));
-    extra.insert("embed_returned_bytes".into(), json!(returned_bytes));
+    extra.insert("frozen_model_bytes".into(), json!(o.frozen_model_bytes));
+    extra.insert("embed_returned_bytes".into(), json!(o.returned_bytes));
     Ok(extra)
 }
 

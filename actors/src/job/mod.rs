@@ -21,6 +21,7 @@ pub mod communicator;
 pub mod controller;
 pub mod cross_site;
 pub mod cyclic;
+pub mod embed;
 pub mod executor;
 pub mod faults;
 pub mod fedavg;
