@@ -7,7 +7,6 @@ mod bench;
 pub mod client;
 mod job;
 mod keys;
-mod plot;
 pub mod render;
 mod run;
 mod sim;

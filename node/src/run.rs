@@ -196,8 +196,8 @@ async fn member_of_job(
         // Only this process's counters are known here; each member logs its own at exit.
         summary["bytes_sent_per_member"] =
             serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
-        crate::job::write_outputs(data_dir, &outcome, &summary)?;
-        return crate::job::report(&summary, json);
+        crate::render::write_outputs(data_dir, &outcome, &summary)?;
+        return crate::render::report(&summary, json);
     }
     if !is_client {
         bail!(
@@ -264,12 +264,12 @@ async fn swarm_member(
     let outcome = ctl.outcome_unless(crate::ctrl_c(), "interrupted (Ctrl-C)").await;
     host.leave(&job);
     let outcome = crate::job::swarm_outcome(outcome??, &members);
-    let mut summary = crate::job::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
+    let mut summary = crate::render::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
     summary["reporter"] = serde_json::json!(name);
     summary["bytes_sent_per_member"] =
         serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
-    crate::job::write_outputs(data_dir, &outcome, &summary)?;
-    crate::job::report(&summary, json)
+    crate::render::write_outputs(data_dir, &outcome, &summary)?;
+    crate::render::report(&summary, json)
 }
 
 /// The learner given to [`run_with`], else the topology's.

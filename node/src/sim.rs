@@ -100,20 +100,20 @@ async fn swarm(
     let finishers: Vec<String> = finished.iter().map(|(n, _)| n.clone()).collect();
     let reporter = reporter.clone();
     let outcome = crate::job::swarm_outcome(finished.swap_remove(0).1, members);
-    let mut summary = crate::job::summarize(topo, setup, &outcome, total_secs).await?;
+    let mut summary = crate::render::summarize(topo, setup, &outcome, total_secs).await?;
     summary["reporter"] = serde_json::json!(reporter);
     summary["finished"] = serde_json::json!(finishers);
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     summary["bytes_sent_per_member"] = bytes_per_round(&names, nodes, topo.rounds);
     if let Some(dir) = &args.out {
-        crate::job::write_outputs(dir, &outcome, &summary)?;
+        crate::render::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());
     }
     if let Some(path) = &args.svg {
-        crate::job::draw(topo, &summary, path)?;
+        crate::render::draw(topo, &summary, path)?;
         eprintln!("wrote {}", path.display());
     }
-    crate::job::report(&summary, args.json)
+    crate::render::report(&summary, args.json)
 }
 
 /// Each member's traffic over the job, per round on average, from its node's own counters.
@@ -222,13 +222,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         crate::job::control(&hosts[controller], comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
     summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);
     if let Some(dir) = &args.out {
-        crate::job::write_outputs(dir, &outcome, &summary)?;
+        crate::render::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());
     }
     if let Some(path) = &args.svg {
-        crate::job::draw(&topo, &summary, path)?;
+        crate::render::draw(&topo, &summary, path)?;
         eprintln!("wrote {}", path.display());
     }
     drop(hosts);
-    crate::job::report(&summary, args.json)
+    crate::render::report(&summary, args.json)
 }

@@ -1,0 +1,219 @@
+//! What every member derives from a topology alone, identically: the learner each member
+//! runs, the initial model, the dealt data, and the add-one check.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use flare_actors::job::{AddOne, Learner};
+use flare_actors::learner::Paced;
+use flare_actors::learner::digits::{DigitsFederation, MlpSpec};
+use flare_actors::learner::external::{ExternalConfig, ExternalLearner};
+use flare_actors::learner::inference::InferenceSpec;
+use flare_actors::learner::recipe::DigitsRecipe;
+use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
+use flare_protocols::model::{DType, Model};
+
+use crate::topology::{ExternalSpec, LearnerSpec, ModelSpec, Topology, Workflow};
+
+/// The add-one job's values: seeded fractional numbers, so exactness means something.
+fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 2_000_001) as f32 / 1000.0 - 1000.0
+    }
+}
+
+/// The add-one job's initial model, built in place (one buffer however large).
+pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
+    let mut m = Model::zeros((0..spec.tensors).map(|t| (format!("tensor.{t:04}"), DType::F32, vec![spec.elements])))?;
+    let mut next = add_one_values(spec.seed);
+    m.map_f32(|_| next());
+    Ok(m)
+}
+
+/// Whether every weight of `model` is the initial value plus `rounds`, computed as the
+/// clients do (adding 1.0 in f32, round after round), without a second copy of the model.
+pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
+    let names: Vec<String> = (0..spec.tensors).map(|t| format!("tensor.{t:04}")).collect();
+    if model.len() != names.len() {
+        return false;
+    }
+    let mut next = add_one_values(spec.seed);
+    names.iter().all(|name| {
+        model.get(name).is_some_and(|t| {
+            t.shape() == [spec.elements]
+                && t.data().chunks_exact(4).all(|b| {
+                    let mut want = next();
+                    for _ in 0..rounds {
+                        want += 1.0;
+                    }
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == want.to_bits()
+                })
+        })
+    })
+}
+
+/// Everything every member derives from the topology alone, identically.
+#[derive(Clone)]
+pub struct Setup {
+    /// The kind of digits model (pure-Rust MLP or `tch`) and the dealt data.
+    pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsFederation>)>,
+    /// The vertically split data, for split learning.
+    pub split: Option<(SplitSpec, Arc<VerticalDigits>)>,
+}
+
+impl Setup {
+    /// Builds the setup of `topo` (deals the data for the digits learner).
+    pub fn new(topo: &Topology) -> anyhow::Result<Self> {
+        match &topo.learner {
+            LearnerSpec::AddOne { .. } => Ok(Self {
+                digits: None,
+                split: None,
+            }),
+            LearnerSpec::Split => {
+                let Workflow::Split(spec) = &topo.workflow else {
+                    anyhow::bail!("{}: the split learner needs the split workflow", topo.path.display());
+                };
+                let d = &topo.data;
+                let data = VerticalDigits::deal(spec.parties, d.test_fraction, d.seed)
+                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+                Ok(Self {
+                    digits: None,
+                    split: Some((spec.clone(), Arc::new(data))),
+                })
+            }
+            LearnerSpec::Mlp {
+                hidden,
+                lr,
+                epochs,
+                batch_size,
+            } => {
+                let mlp = MlpSpec {
+                    hidden: hidden.clone(),
+                    lr: *lr,
+                    batch_size: *batch_size,
+                    epochs: *epochs,
+                    seed: topo.model.seed,
+                };
+                match &topo.workflow {
+                    // The MLP is the head on the frozen network's embeddings.
+                    Workflow::InferenceThenFedAvg(frozen) => Self::digits(
+                        topo,
+                        Arc::new(InferenceSpec {
+                            head: mlp,
+                            frozen: frozen.clone(),
+                        }),
+                    ),
+                    _ => Self::digits(topo, Arc::new(mlp)),
+                }
+            }
+            LearnerSpec::Tch { .. } => Self::digits(topo, crate::torch::recipe(topo)?),
+        }
+    }
+
+    /// Deals the digits data for a digits model `recipe`.
+    fn digits(topo: &Topology, recipe: Arc<dyn DigitsRecipe>) -> anyhow::Result<Self> {
+        let d = &topo.data;
+        let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
+            .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+        Ok(Self {
+            digits: Some((recipe, Arc::new(fed))),
+            split: None,
+        })
+    }
+
+    /// The initial global model (made afresh on each call, so nobody holds a spare copy).
+    pub fn initial_model(&self, topo: &Topology) -> anyhow::Result<Model> {
+        anyhow::ensure!(self.split.is_none(), "split learning starts from no shared model");
+        match &self.digits {
+            None => add_one_model(&topo.model),
+            Some((recipe, _)) => recipe.initial_model().map_err(anyhow::Error::msg),
+        }
+    }
+
+    /// The learner of client `member`.
+    /// `work_dir` is where an external learner's socket and model files go (one per member
+    /// and job; keep its path short: a Unix socket path has at most ~100 bytes).
+    pub fn learner(&self, topo: &Topology, member: &str, work_dir: &Path) -> anyhow::Result<Box<dyn Learner>> {
+        if let Some(ext) = topo.external.get(member) {
+            return self.external_learner(topo, member, ext, work_dir);
+        }
+        if let Some((spec, data)) = &self.split {
+            let p = topo
+                .clients
+                .iter()
+                .position(|c| c == member)
+                .with_context(|| format!("{member} is not a data party"))?;
+            let features = data.parties.get(p).context("no features for this party")?.clone();
+            return Ok(Box::new(SplitDataParty::new(spec, p, features)?));
+        }
+        let Some((recipe, fed)) = &self.digits else {
+            let delay = match topo.learner {
+                LearnerSpec::AddOne { delay } => delay,
+                LearnerSpec::Mlp { .. } | LearnerSpec::Split | LearnerSpec::Tch { .. } => std::time::Duration::ZERO,
+            };
+            // Cross-site evaluation gets its last output from the executor's store.
+            return Ok(Box::new(Paced::new(AddOne { num_samples: 1 }, delay)));
+        };
+        let i = topo
+            .clients
+            .iter()
+            .position(|c| c == member)
+            .with_context(|| format!("{member} is not a client"))?;
+        let shard = fed.shards.get(i).context("no shard for this client")?.clone();
+        recipe.learner(shard, i).map_err(anyhow::Error::msg)
+    }
+}
+
+impl Setup {
+    /// The external learner of `member`: the command of its topology entry, run with the
+    /// job's round timeout per task; with the digits learner it gets its training shard as a
+    /// CSV (64 features in [0, 1], then the label) named by `DIGITS_CSV`.
+    fn external_learner(
+        &self,
+        topo: &Topology,
+        member: &str,
+        ext: &ExternalSpec,
+        work_dir: &Path,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        std::fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        let mut cfg = ExternalConfig::new(ext.command.clone(), work_dir, member);
+        cfg.task_timeout = topo.round_timeout;
+        cfg.env = ext.env.clone();
+        if let Some((_, fed)) = &self.digits {
+            let i = topo
+                .clients
+                .iter()
+                .position(|c| c == member)
+                .with_context(|| format!("{member} is not a client"))?;
+            let shard = fed.shards.get(i).context("no shard for this client")?;
+            let path = work_dir.join("train.csv");
+            let mut csv = String::new();
+            for (row, label) in shard.features().chunks(shard.dim()).zip(shard.labels()) {
+                for v in row {
+                    csv.push_str(&format!("{v},"));
+                }
+                csv.push_str(&format!("{label}\n"));
+            }
+            std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+            cfg.env.insert("DIGITS_CSV".into(), path.to_string_lossy().into_owned());
+        }
+        Ok(Box::new(ExternalLearner::new(cfg)?))
+    }
+}
+
+pub(crate) fn learner_name(topo: &Topology, setup: &Setup) -> &'static str {
+    if let Some((recipe, _)) = &setup.digits {
+        return recipe.name();
+    }
+    match topo.learner {
+        LearnerSpec::AddOne { .. } => "add-one",
+        LearnerSpec::Split => "split",
+        LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => "mlp",
+    }
+}
