@@ -288,6 +288,12 @@ impl Target {
             .is_some_and(|h| !std::mem::replace(h, true))
     }
 
+    /// Whether every chunk has been handed to `on_chunk` (the usual end of a fetch that
+    /// found nothing held).
+    fn all_handed(&self) -> bool {
+        lock(&self.handed).iter().all(|&h| h)
+    }
+
     /// The chunks not filed yet.
     fn missing(&self) -> Result<Vec<u64>, StoreError> {
         match &self.kind {
@@ -525,6 +531,11 @@ impl Fetcher {
         let Some(f) = opts.on_chunk.clone() else {
             return Ok(());
         };
+        // Nothing held: no blocking task (a hop per fetch, and a thread whose allocations
+        // glibc would keep in an arena of its own).
+        if target.all_handed() {
+            return Ok(());
+        }
         let (store, target) = (self.store.clone(), target.clone());
         tokio::task::spawn_blocking(move || {
             let id = target.manifest.id();
