@@ -30,105 +30,20 @@ use std::time::Duration;
 use flare_protocols::ctl::Progress;
 use flare_protocols::model::Model;
 use libp2p::PeerId;
-use serde::Serialize;
 use tokio::time::Instant;
 
-use super::communicator::{CommError, Communicator};
+use super::communicator::Communicator;
 use super::faults;
-use super::fedavg::{self, Evaluator, FedAvgConfig, FedAvgError};
+use super::fedavg::{self, FedAvgConfig};
 
 /// Missed heartbeats after which a member treats an aggregator as gone.
 pub const MISSES: u32 = 2;
 
-/// Parameters of a swarm job, the same on every member.
-#[derive(Clone)]
-pub struct SwarmConfig {
-    /// Rounds to run.
-    pub rounds: u32,
-    /// Fewest results a round may finish with.
-    pub min_clients: usize,
-    /// How long a round waits for results.
-    pub round_timeout: Duration,
-    /// Every member, in the job's order (the rotation).
-    pub members: Vec<PeerId>,
-    /// This member's name.
-    pub name: String,
-    /// Hash of the job's specification, checked when members join each other.
-    pub spec_hash: [u8; 32],
-    /// How often a waiting member checks that the aggregator is alive.
-    pub heartbeat: Duration,
-    /// Measures each new model (the aggregator runs it and announces the metrics).
-    pub evaluate: Option<Evaluator>,
-    /// Fault injection for demonstrations and tests: if this member is the first choice to
-    /// aggregate this round, it drops off the network right after sending the round's
-    /// tasks, like a crash (its successor then runs the round normally).
-    pub crash_in_round: Option<u32>,
-}
+mod failover;
+mod types;
 
-/// One round, as this member saw it.
-#[derive(Clone, Debug, Serialize)]
-pub struct SwarmRound {
-    /// Round number, from 0.
-    pub round: u32,
-    /// The member that aggregated it.
-    pub aggregator: PeerId,
-    /// Members whose results it averaged.
-    pub contributors: Vec<PeerId>,
-    /// Members due to aggregate this round that did not answer (dead or gone), so
-    /// `aggregator` took over.
-    pub passed_over: Vec<PeerId>,
-    /// Seconds from this member starting the round to it learning the result.
-    pub secs: f64,
-    /// The new model's metrics.
-    pub global: BTreeMap<String, f64>,
-}
-
-/// The end of a swarm job on one member.
-#[derive(Clone, Debug)]
-pub struct SwarmOutcome {
-    /// The final model (the same on every member).
-    pub model: Model,
-    /// The rounds this member saw completed (a member that came back misses some).
-    pub rounds: Vec<SwarmRound>,
-    /// Rounds behind the final model (all of them, also for a member that came back).
-    pub completed: u32,
-}
-
-/// Why a member's swarm job stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SwarmError {
-    /// The configuration cannot work.
-    #[error("bad swarm configuration: {0}")]
-    Config(String),
-    /// No member answered: nobody can aggregate.
-    #[error("round {0}: no member is alive to aggregate")]
-    NoAggregator(u32),
-    /// Communicating failed.
-    #[error(transparent)]
-    Comm(#[from] CommError),
-    /// A round this member aggregated failed.
-    #[error(transparent)]
-    Round(#[from] FedAvgError),
-    /// Fault injection: this member played a crash.
-    #[error("round {0}: crashed on purpose (fault injection)")]
-    Crashed(u32),
-}
-
-/// The aggregator of `round` by the rule in the module doc, probing from the rotation start;
-/// also the members passed over because they did not answer.
-async fn aggregator(comm: &Communicator, cfg: &SwarmConfig, round: u32) -> Result<(PeerId, Vec<PeerId>), SwarmError> {
-    let n = cfg.members.len();
-    let me = comm.me();
-    let mut passed_over = Vec::new();
-    for k in 0..n {
-        let peer = cfg.members[(round as usize + k) % n];
-        if peer == me || comm.is_alive(peer).await {
-            return Ok((peer, passed_over));
-        }
-        passed_over.push(peer);
-    }
-    Err(SwarmError::NoAggregator(round))
-}
+use failover::{Watched, aggregator, watch_round};
+pub use types::*;
 
 /// Runs this member's part of a swarm job from `initial` (the same model on every member).
 pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Result<SwarmOutcome, SwarmError> {
@@ -263,69 +178,6 @@ async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut sta
         }
     }
     state
-}
-
-/// What came of waiting for a round that another member aggregates.
-enum Watched {
-    /// It was announced: where the job stands now.
-    Announced(Box<Progress>),
-    /// This member would aggregate it itself, but came back and waited for whoever runs it,
-    /// up to two round timeouts: it takes its turn now.
-    WaitedLongEnough,
-    /// Its aggregator stopped answering heartbeats: the rule picks another.
-    Failover,
-}
-
-/// Waits for round `state.round`'s result, watching its aggregator `agg`.
-async fn watch_round(
-    comm: &Communicator,
-    cfg: &SwarmConfig,
-    agg: PeerId,
-    state: &Progress,
-) -> Result<Watched, SwarmError> {
-    let round = state.round;
-    let me = comm.me();
-    let mut misses = 0;
-    let give_up = Instant::now() + 2 * cfg.round_timeout;
-    loop {
-        match comm.next_progress(Instant::now() + cfg.heartbeat).await {
-            Some((from, p)) if p.round > state.round && p.round <= cfg.rounds => {
-                // Each member's own news (in `run`, a member's log is its process's).
-                tracing::info!(
-                    job = %comm.job(),
-                    round = p.round - 1,
-                    aggregator = %comm.name_of(&p.aggregator),
-                    from = %comm.name_of(&from),
-                    "round announced"
-                );
-                return Ok(Watched::Announced(Box::new(p)));
-            }
-            Some(_) => continue,
-            None if agg == me => {
-                if Instant::now() >= give_up {
-                    return Ok(Watched::WaitedLongEnough);
-                }
-            }
-            None => {
-                if comm.is_alive(agg).await {
-                    misses = 0;
-                    continue;
-                }
-                misses += 1;
-                if misses >= MISSES {
-                    let (successor, _) = aggregator(comm, cfg, round).await?;
-                    tracing::warn!(
-                        job = %comm.job(),
-                        round,
-                        dead = %comm.name_of(&agg),
-                        successor = %comm.name_of(&successor),
-                        "aggregator is gone; its successor takes over the round"
-                    );
-                    return Ok(Watched::Failover);
-                }
-            }
-        }
-    }
 }
 
 /// Runs round `state.round` as its aggregator; returns the new progress and the round.

@@ -1,0 +1,118 @@
+//! FedAvg's configuration, what it reports and how it fails, and the one rule on
+//! `min_clients`: the types around the workflow in `mod.rs`, so that file reads as the rounds.
+
+use crate::aggregate::AggregateError;
+use crate::job::checkpoint::CheckpointError;
+use crate::job::communicator::CommError;
+use flare_protocols::model::{Model, ModelError};
+use libp2p::PeerId;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Measures a global model (e.g. on a held-out test set) after each round; runs on a
+/// blocking thread.
+pub type Evaluator = Arc<dyn Fn(&Model) -> Result<BTreeMap<String, f64>, String> + Send + Sync>;
+
+/// Parameters of a FedAvg job.
+#[derive(Clone)]
+pub struct FedAvgConfig {
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Fewest results a round may finish with (at its timeout).
+    pub min_clients: usize,
+    /// How long a round waits for results.
+    pub round_timeout: Duration,
+    /// The clients, in the order they are asked.
+    pub clients: Vec<PeerId>,
+    /// Where each round's checkpoint goes (none: no checkpoints).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Measures each round's global model (none: no global metrics).
+    pub evaluate: Option<Evaluator>,
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundReport {
+    /// Round number, from 0.
+    pub round: u32,
+    /// Members whose results were averaged.
+    pub contributors: Vec<String>,
+    /// Members that did not contribute, with why.
+    pub missing: Vec<(String, String)>,
+    /// Wall-clock seconds of the round, from sending the tasks to the new global model being
+    /// stored (checkpoint excluded).
+    pub secs: f64,
+    /// Clients' metrics, weighted by their sample counts.
+    pub metrics: BTreeMap<String, f64>,
+    /// The new global model's metrics, from [`FedAvgConfig::evaluate`].
+    pub global: BTreeMap<String, f64>,
+}
+
+/// The end of a FedAvg job.
+#[derive(Clone, Debug)]
+pub struct FedAvgOutcome {
+    /// The final global model.
+    pub model: Model,
+    /// One report per round.
+    pub rounds: Vec<RoundReport>,
+}
+
+/// Why a FedAvg job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FedAvgError {
+    /// The configuration cannot work.
+    #[error("bad FedAvg configuration: {0}")]
+    Config(String),
+    /// A round ended with fewer results than `min_clients`.
+    #[error(
+        "round {round}: {got} of the {need} required results; missing: {}",
+        fmt_missing(missing)
+    )]
+    TooFewClients {
+        /// The round.
+        round: u32,
+        /// Results averaged.
+        got: usize,
+        /// `min_clients`.
+        need: usize,
+        /// Who did not contribute, with why.
+        missing: Vec<(String, String)>,
+    },
+    /// Publishing or pulling failed locally.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The results could not be averaged.
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    /// The averaged model is not a valid model.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The global model could not be measured.
+    #[error("evaluating the global model: {0}")]
+    Evaluate(String),
+    /// A bug: the accumulator was still shared when the round ended.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// The checkpoint could not be written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+fn fmt_missing(m: &[(String, String)]) -> String {
+    m.iter()
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The one rule on `min_clients`, for FedAvg, swarm rounds and the topology file alike: a
+/// round needs at least one result and cannot wait for more than there are clients.
+pub fn check_min_clients(min_clients: usize, clients: usize) -> Result<(), String> {
+    if min_clients == 0 || min_clients > clients {
+        return Err(format!("{min_clients} is not between 1 and the {clients} clients"));
+    }
+    Ok(())
+}
