@@ -51,6 +51,7 @@ fn fetch_in_child() {
             members: Members::from_members([src.clone()]),
             listen: vec![loopback()],
             store,
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         })
         .await
         .expect("start");

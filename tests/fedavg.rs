@@ -101,6 +101,37 @@ async fn fedavg_add_one_with_three_clients_and_five_rounds_is_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_serving_four_streams_at_once_still_gets_every_client_in_every_round() {
+    within(300, async {
+        let names = (0..=32).map(|i| format!("site-{i}")).collect();
+        let f = Federation::start_limited("busy", names, memory_stores(33), 4).await;
+        f.join_all(|i| {
+            Box::new(AddOne {
+                num_samples: 10 * i as u64,
+            })
+        })
+        .await;
+        let cfg = config(&f, 3, 32, Duration::from_secs(240));
+        // The 32 pulls of a round's model (3 chunks) start together: most are answered busy.
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        for r in &out.rounds {
+            assert_eq!(r.contributors.len(), 32, "round {}: missing {:?}", r.round, r.missing);
+        }
+        assert!(
+            out.model == after_rounds(initial, 3),
+            "every weight equals initial + 3, exactly"
+        );
+        let stats = f.hosts[0].node().serve_stats();
+        let busy = stats.busy_streams.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(busy > 0, "the stream limit was never reached: the test shows nothing");
+        assert_eq!(stats.failed_streams.load(std::sync::atomic::Ordering::Relaxed), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_on_disk_links_each_checkpoint_to_the_model_its_store_wrote_in_the_background() {
     within(120, async {
         // The controller publishes each round's model before it is on disk, and writes the

@@ -20,6 +20,7 @@ async fn stranger_can_neither_send_control_messages_nor_fetch_blobs() {
             members: Members::from_members([a.as_member("a")]),
             listen: vec![loopback()],
             store: BlobStore::memory(),
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         })
         .await
         .expect("start");

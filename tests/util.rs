@@ -32,18 +32,24 @@ pub async fn start_nodes(stores: Vec<BlobStore>) -> Vec<Node> {
 
 /// Like [`start_nodes`], with given keys.
 pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<Node> {
+    start_limited(keys, stores, |_| flare_actors::blob::serve::MAX_SERVING).await
+}
+
+/// Like [`start_with_keys`], node `i` serving at most `streams(i)` blob streams at once.
+pub async fn start_limited(keys: Vec<Keypair>, stores: Vec<BlobStore>, streams: impl Fn(usize) -> usize) -> Vec<Node> {
     let members = Members::from_members(keys.iter().enumerate().map(|(i, k)| Member {
         name: format!("n{i}"),
         peer_id: k.public().to_peer_id(),
         addrs: vec![],
     }));
     let mut nodes = Vec::new();
-    for (key, store) in keys.into_iter().zip(stores) {
+    for (i, (key, store)) in keys.into_iter().zip(stores).enumerate() {
         let node = Node::start(NodeConfig {
             keypair: key,
             members: members.clone(),
             listen: vec![loopback()],
             store,
+            max_blob_streams: streams(i),
         })
         .await
         .expect("node starts");
@@ -86,7 +92,24 @@ impl Federation {
 
     /// Like [`Self::start`], with member `i` on `stores[i]` (the controller first).
     pub async fn start_with(job: &str, names: Vec<String>, stores: Vec<BlobStore>) -> Self {
-        let nodes: Vec<Arc<Node>> = start_nodes(stores).await.into_iter().map(Arc::new).collect();
+        Self::start_limited(job, names, stores, flare_actors::blob::serve::MAX_SERVING).await
+    }
+
+    /// Like [`Self::start_with`], the controller serving at most `streams` blob streams at
+    /// once (the clients the default).
+    pub async fn start_limited(job: &str, names: Vec<String>, stores: Vec<BlobStore>, streams: usize) -> Self {
+        let keys = stores.iter().map(|_| Keypair::generate_ed25519()).collect();
+        let nodes: Vec<Arc<Node>> = start_limited(keys, stores, |i| {
+            if i == 0 {
+                streams
+            } else {
+                flare_actors::blob::serve::MAX_SERVING
+            }
+        })
+        .await
+        .into_iter()
+        .map(Arc::new)
+        .collect();
         Self {
             members: nodes.iter().zip(&names).map(|(n, name)| n.as_member(name)).collect(),
             hosts: nodes.iter().map(|n| JobHost::start(n.clone()).expect("host")).collect(),

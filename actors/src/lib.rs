@@ -13,6 +13,7 @@
 
 pub mod aggregate;
 pub mod blob;
+pub mod busy;
 pub mod client;
 pub mod data;
 pub mod job;

@@ -29,6 +29,9 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     /// Where blobs live.
     pub store: BlobStore,
+    /// Most blob streams served at once (see [`crate::blob::serve::MAX_SERVING`]); further pulls are answered
+    /// `Busy` and come back later, so the memory serving takes stays bounded.
+    pub max_blob_streams: usize,
 }
 
 /// Bytes a node has sent, from its own protocol handlers (payload, not transport overhead).
@@ -92,7 +95,10 @@ impl Node {
             let _ = net_task.await;
             stop_tx.send_replace(true);
         });
-        let tasks = vec![watcher, tokio::spawn(accept_loop(server, incoming))];
+        let tasks = vec![
+            watcher,
+            tokio::spawn(accept_loop(server, incoming, cfg.max_blob_streams)),
+        ];
         Ok(Self {
             fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone()),
             net: net.handle,

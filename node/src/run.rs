@@ -92,6 +92,7 @@ pub async fn run_with(args: RunArgs, mut learner: Option<Box<dyn Learner>>) -> a
             members,
             listen,
             store,
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         })
         .await?,
     );

@@ -176,6 +176,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             members: table.clone(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             store: BlobStore::memory(),
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         })
         .await?;
         nodes.push(Arc::new(node));

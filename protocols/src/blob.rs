@@ -8,6 +8,7 @@
 //! ```text
 //! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes }  (<= 4 KiB)
 //! S -> R  header frame    BlobHeader::Found | NotFound | Refused { reason }       (<= 4 KiB)
+//!                         | Busy { retry_after_ms }
 //!         if Found and want_hashes:
 //! S -> R  hash frame      32 bytes per chunk of the blob, all chunks, in order
 //!         then, for index = first, first+1, ..., end-1, in order:
@@ -24,7 +25,9 @@
 //! (backpressure), and after a cut at most `window` chunks are sent twice.
 //!
 //! # Receiver state machine
-//! `Start` (send request) → `Header` (read; `NotFound`/`Refused` end here) → `Hashes` (only when
+//! `Start` (send request) → `Header` (read; `NotFound`/`Refused` end here; `Busy` ends this
+//! stream, and the receiver asks again after at least `retry_after_ms`, never counting it a
+//! fault of the source) → `Hashes` (only when
 //! asked; the list must hash to the requested id, else `IdMismatch`) → `Chunks` (each frame must
 //! carry the next expected index and exactly that chunk's length, checked before reading the
 //! bytes; the bytes must hash to the list's entry, else `HashMismatch`) → `Done`.
@@ -82,6 +85,13 @@ pub enum BlobHeader {
     Refused {
         /// Why.
         reason: String,
+    },
+    /// The source serves as many streams as it allows itself: ask again later. A busy
+    /// source is alive and holds the blob as far as the receiver knows; its memory stays
+    /// bounded because it serves a fixed number of streams at once.
+    Busy {
+        /// The least time to wait before asking again.
+        retry_after_ms: u32,
     },
 }
 
@@ -243,6 +253,7 @@ mod tests {
             BlobHeader::Found,
             BlobHeader::NotFound,
             BlobHeader::Refused { reason: "x".into() },
+            BlobHeader::Busy { retry_after_ms: 250 },
         ] {
             let mut buf = Vec::new();
             block_on(write_header(&mut buf, &h)).expect("write");

@@ -16,7 +16,9 @@
 //! panic.
 //!
 //! Every message names the job it belongs to; a node answers messages for jobs it has not
-//! joined with [`CtlResponse::Rejected`].
+//! joined with [`CtlResponse::Rejected`]. A node whose queues are full answers
+//! [`CtlResponse::Busy`]: the sender waits and asks again, and a busy controller never loses
+//! a member's result.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -256,6 +258,12 @@ pub enum CtlResponse {
     },
     /// Received (results, aborts, heartbeats).
     Ack,
+    /// The node cannot take the request now (its queues are full): send it again after at
+    /// least `retry_after_ms`. Unlike `Rejected`, nothing is wrong with the request.
+    Busy {
+        /// The least time to wait before asking again.
+        retry_after_ms: u32,
+    },
 }
 
 /// ciborium codec for libp2p request-response, with a hard frame cap. Counts the bytes it
@@ -473,6 +481,7 @@ mod tests {
             Just(CtlResponse::Accepted),
             ".{0,16}".prop_map(|reason| CtlResponse::Rejected { reason }),
             Just(CtlResponse::Ack),
+            any::<u32>().prop_map(|retry_after_ms| CtlResponse::Busy { retry_after_ms }),
         ]
     }
 

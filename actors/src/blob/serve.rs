@@ -38,6 +38,8 @@ pub struct ServeStats {
     pub bytes: AtomicU64,
     /// Streams that ended in an error (bad request, peer gone, ...).
     pub failed_streams: AtomicU64,
+    /// Streams answered `Busy` (at the stream limit), each asked again later.
+    pub busy_streams: AtomicU64,
 }
 
 /// Everything a serving task needs.
@@ -63,16 +65,37 @@ enum ServeError {
     Join(String),
 }
 
-/// Most blob streams served at once; more are refused (dropped) until some end.
+/// Most blob streams a node serves at once unless its [`crate::NodeConfig`] says otherwise;
+/// more are answered `Busy` until some end (so memory stays bounded however many ask).
 pub const MAX_SERVING: usize = 256;
 
-/// Accepts blob streams until the control is dropped.
-pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::IncomingStreams) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
+/// Streams being answered `Busy` at once; beyond that a stream is dropped (its receiver
+/// opens it again, see the fetch's receiver).
+const MAX_ANSWERING_BUSY: usize = 4096;
+
+/// What a busy source suggests its receivers wait before asking again.
+const BUSY_RETRY_AFTER_MS: u32 = 50;
+
+/// How long a busy answer waits for the request it answers.
+const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts blob streams until the control is dropped, serving `limit` at once and answering
+/// the others `Busy`.
+pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::IncomingStreams, limit: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let answering = Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING_BUSY));
     while let Some((peer, stream)) = incoming.next().await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            server.stats.failed_streams.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "refused a blob stream: {MAX_SERVING} already being served");
+            server.stats.busy_streams.fetch_add(1, Ordering::Relaxed);
+            crate::busy::BUSY_STREAMS.event();
+            if let Ok(permit) = answering.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    if let Err(e) = answer_busy(stream).await {
+                        tracing::debug!(%peer, error = %e, "busy answer not delivered");
+                    }
+                    drop(permit);
+                });
+            }
             continue;
         };
         let s = server.clone();
@@ -84,6 +107,24 @@ pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::Inc
             drop(slot);
         });
     }
+}
+
+/// Reads the request (so the receiver's write completes) and answers `Busy`.
+async fn answer_busy(mut stream: Stream) -> Result<(), FrameError> {
+    let answer = async {
+        read_request(&mut stream).await?;
+        write_header(
+            &mut stream,
+            &BlobHeader::Busy {
+                retry_after_ms: BUSY_RETRY_AFTER_MS,
+            },
+        )
+        .await?;
+        stream.close().await.map_err(FrameError::from)
+    };
+    tokio::time::timeout(BUSY_ANSWER_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())))
 }
 
 async fn idle<T, E: Into<ServeError>>(f: impl Future<Output = Result<T, E>>) -> Result<T, ServeError> {

@@ -28,7 +28,7 @@ use crate::network::NetworkError;
 /// Announcements a job's controller side holds before its workflow reads them.
 const PROGRESS_QUEUE: usize = 64;
 /// Task results it holds before its workflow reads them (far more than tasks in flight; a
-/// member flooding results is refused rather than queued without end).
+/// member flooding results is answered `Busy` and waits, rather than queued without end).
 const RESULT_QUEUE: usize = 4096;
 
 /// The node's job table and the task that routes control requests by it.
@@ -251,9 +251,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                 };
                 match tx.try_send(outcome) {
                     Ok(()) => CtlResponse::Ack,
-                    Err(mpsc::error::TrySendError::Full(_)) => CtlResponse::Rejected {
-                        reason: "result queue full".into(),
-                    },
+                    Err(mpsc::error::TrySendError::Full(_)) => crate::network::busy(),
                     Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
                 }
             }
@@ -293,9 +291,7 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
         Request::Progress(p) => match r.controllers.get(&job) {
             Some(c) => match c.progress.try_send((peer, *p)) {
                 Ok(()) => CtlResponse::Ack,
-                Err(mpsc::error::TrySendError::Full(_)) => CtlResponse::Rejected {
-                    reason: "progress queue full".into(),
-                },
+                Err(mpsc::error::TrySendError::Full(_)) => crate::network::busy(),
                 Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
             },
             None => not_joined(&job),

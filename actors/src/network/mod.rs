@@ -181,11 +181,34 @@ impl NetworkHandle {
     /// Sends a control request and waits for the response (dialing the member if needed).
     /// A request to this node itself is handed to its own subscriber without touching the
     /// network, so a controller can also be one of its job's executors.
+    ///
+    /// A peer that answers `Busy` (its queues are full) is asked again after a growing pause
+    /// until [`crate::busy::BUSY_PATIENCE`] is spent; then its last `Busy` is returned.
     pub async fn request(&self, peer: PeerId, request: CtlRequest) -> Result<CtlResponse, CtlError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Request { peer, request, reply })
+        let mut busy: Option<(crate::busy::Backoff, crate::busy::Waiting)> = None;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.send(Command::Request {
+                peer,
+                request: request.clone(),
+                reply,
+            })
             .map_err(|_| CtlError::Stopped)?;
-        rx.await.map_err(|_| CtlError::Stopped)?
+            match rx.await.map_err(|_| CtlError::Stopped)?? {
+                CtlResponse::Busy { retry_after_ms } => {
+                    let (backoff, _) = busy.get_or_insert_with(|| {
+                        (
+                            crate::busy::Backoff::new(crate::busy::BUSY_PATIENCE),
+                            crate::busy::BUSY_REQUESTS.waiting(),
+                        )
+                    });
+                    if !backoff.wait(Duration::from_millis(u64::from(retry_after_ms))).await {
+                        return Ok(CtlResponse::Busy { retry_after_ms });
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Routes inbound control requests to the returned receiver (replacing any earlier one).
@@ -546,9 +569,7 @@ impl SwarmOwner {
                 });
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                let _ = reply.send(Ok(CtlResponse::Rejected {
-                    reason: "control queue full".into(),
-                }));
+                let _ = reply.send(Ok(busy()));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 let _ = reply.send(Ok(not_joined(&job)));
@@ -623,9 +644,7 @@ impl SwarmOwner {
                 if let Err(e) = sent {
                     // Nobody listens (no job here) or the handler is saturated: refuse now.
                     let response = match e {
-                        mpsc::error::TrySendError::Full(_) => CtlResponse::Rejected {
-                            reason: "control queue full".into(),
-                        },
+                        mpsc::error::TrySendError::Full(_) => busy(),
                         mpsc::error::TrySendError::Closed(_) => not_joined(&job),
                     };
                     let _ = self.swarm.behaviour_mut().ctl.send_response(channel, response);
@@ -662,6 +681,17 @@ impl SwarmOwner {
         }
     }
 }
+
+/// What a node whose control queue is full answers: the sender waits and asks again.
+pub(crate) fn busy() -> CtlResponse {
+    crate::busy::BUSY_ANSWERS.event();
+    CtlResponse::Busy {
+        retry_after_ms: BUSY_RETRY_AFTER_MS,
+    }
+}
+
+/// What a busy node suggests its askers wait before asking again.
+const BUSY_RETRY_AFTER_MS: u32 = 20;
 
 fn not_joined(job: &JobId) -> CtlResponse {
     CtlResponse::Rejected {

@@ -360,6 +360,7 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
         members,
         listen: vec![listen],
         store,
+        max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
     })
     .await
     .context("starting the node")
@@ -461,6 +462,7 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
         members,
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().context("listen address")?],
         store: BlobStore::memory(),
+        max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
     })
     .await
     .context("starting the node")?;

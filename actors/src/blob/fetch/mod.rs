@@ -62,6 +62,9 @@ pub struct FetchOptions {
     pub attempts: u32,
     /// A source that sends nothing for this long is treated as gone.
     pub stall_timeout: Duration,
+    /// How long to keep asking a source that answers `Busy` (at its stream limit): a busy
+    /// source is waited for, never counted as gone.
+    pub busy_patience: Duration,
     /// Largest unit of work handed to one source at a time, in chunks.
     pub max_unit_chunks: u64,
     /// Largest blob this fetch accepts, in bytes: a blob reference can come from a peer, and
@@ -84,6 +87,7 @@ impl Default for FetchOptions {
             window: DEFAULT_WINDOW,
             attempts: 4,
             stall_timeout: Duration::from_secs(30),
+            busy_patience: crate::busy::BUSY_PATIENCE,
             max_unit_chunks: 64,
             max_len: u64::MAX,
             progress: None,
@@ -99,6 +103,7 @@ impl std::fmt::Debug for FetchOptions {
             .field("window", &self.window)
             .field("attempts", &self.attempts)
             .field("stall_timeout", &self.stall_timeout)
+            .field("busy_patience", &self.busy_patience)
             .field("max_unit_chunks", &self.max_unit_chunks)
             .field("max_len", &self.max_len)
             .field("keep", &self.keep)
@@ -139,6 +144,14 @@ pub enum SourceError {
         /// Its reason.
         reason: String,
     },
+    /// The source stayed busy (at its stream limit) for the whole busy patience.
+    #[error("{peer} stayed busy through {tries} tries")]
+    Busy {
+        /// The source.
+        peer: PeerId,
+        /// Tries made.
+        tries: u32,
+    },
     /// The source sent a hash list that does not hash to the blob id.
     #[error("{peer} sent a hash list that does not match the blob id")]
     BadManifest {
@@ -163,6 +176,7 @@ impl SourceError {
             | SourceError::HashMismatch { peer, .. }
             | SourceError::PeerGone { peer, .. }
             | SourceError::Refused { peer, .. }
+            | SourceError::Busy { peer, .. }
             | SourceError::BadManifest { peer }
             | SourceError::Protocol { peer, .. } => *peer,
         }
@@ -663,6 +677,7 @@ impl Fetcher {
             control: &self.control,
             net: &self.net,
             stall_timeout: opts.stall_timeout,
+            busy_patience: opts.busy_patience,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! Start    open a stream and send the request        (ReceiveError::Source(PeerGone) if it cannot)
-//! Header   read the source's answer                  NotFound | Refused end here
+//! Header   read the source's answer                  NotFound | Refused end here; Busy:
+//!          ask again after a back-off, until the fetch's busy patience is spent
 //! Hashes   only when asked: the list must hash to the requested id, else IdMismatch
 //!          (SourceError::BadManifest)
 //! Chunks   each frame must carry the next expected index and exactly that chunk's length,
@@ -54,8 +55,13 @@ impl From<SourceError> for ReceiveError {
     }
 }
 
-/// A stream that ended before its header: the source dropped it (or the connection went).
-struct Dropped(String);
+/// Why a stream gave no header to go on with, without any fault of the source.
+enum NoHeader {
+    /// The stream ended before its header: the source dropped it (or the connection went).
+    Dropped(String),
+    /// The source is at its stream limit: ask again after the hint.
+    Busy(Duration),
+}
 
 /// One source as a receiver talks to it: where streams go, and how long a silence may last.
 #[derive(Clone, Copy)]
@@ -66,6 +72,8 @@ pub(super) struct Source<'a> {
     pub(super) net: &'a NetworkHandle,
     /// A source that sends nothing for this long is treated as gone.
     pub(super) stall_timeout: Duration,
+    /// How long to keep asking a source that answers `Busy`.
+    pub(super) busy_patience: Duration,
 }
 
 impl Source<'_> {
@@ -102,20 +110,37 @@ impl Source<'_> {
     async fn open(&self, req: &BlobRequest) -> Result<Stream, SourceError> {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.stall_timeout;
+        let mut busy: Option<(crate::busy::Backoff, crate::busy::Waiting)> = None;
         loop {
             match self.try_open(req).await {
-                Err(Dropped(reason)) if tokio::time::Instant::now() < deadline => {
+                Err(NoHeader::Dropped(reason)) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(%peer, %reason, "blob stream dropped before its header; opening another");
                     let pause = rand::random_range(2..20);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
-                Err(Dropped(reason)) => return Err(SourceError::PeerGone { peer, reason }),
+                Err(NoHeader::Dropped(reason)) => return Err(SourceError::PeerGone { peer, reason }),
+                // A busy source is alive: wait for it (one line per period for the whole
+                // process says how many pulls wait), as long as the patience lasts.
+                Err(NoHeader::Busy(hint)) => {
+                    let (backoff, _) = busy.get_or_insert_with(|| {
+                        (
+                            crate::busy::Backoff::new(self.busy_patience),
+                            crate::busy::BUSY_PULLS.waiting(),
+                        )
+                    });
+                    if !backoff.wait(hint).await {
+                        return Err(SourceError::Busy {
+                            peer,
+                            tries: backoff.tries() + 1,
+                        });
+                    }
+                }
                 Ok(r) => return r,
             }
         }
     }
 
-    async fn try_open(&self, req: &BlobRequest) -> Result<Result<Stream, SourceError>, Dropped> {
+    async fn try_open(&self, req: &BlobRequest) -> Result<Result<Stream, SourceError>, NoHeader> {
         let peer = self.peer;
         let stall = self.stall_timeout;
         let gone = |reason: String| Ok(Err(SourceError::PeerGone { peer, reason }));
@@ -144,7 +169,10 @@ impl Source<'_> {
             Ok(Ok(BlobHeader::Found)) => Ok(Ok(stream)),
             Ok(Ok(BlobHeader::NotFound)) => Ok(Err(SourceError::NotFound { peer })),
             Ok(Ok(BlobHeader::Refused { reason })) => Ok(Err(SourceError::Refused { peer, reason })),
-            Ok(Err(FrameError::Io(e))) => Err(Dropped(e.to_string())),
+            Ok(Ok(BlobHeader::Busy { retry_after_ms })) => {
+                Err(NoHeader::Busy(Duration::from_millis(u64::from(retry_after_ms))))
+            }
+            Ok(Err(FrameError::Io(e))) => Err(NoHeader::Dropped(e.to_string())),
             Ok(Err(e)) => Ok(Err(self.map_frame(e))),
             Err(_) => gone(format!("no answer within {stall:?}")),
         }
