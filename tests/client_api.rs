@@ -58,6 +58,8 @@ async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_resu
             round_timeout: Duration::from_secs(60),
             clients: clients.clone(),
             checkpoint_dir: None,
+            checkpoint_policy: Default::default(),
+            sample: None,
             evaluate: None,
         };
         let comm = f.comm(DEFAULT_CHUNK_SIZE);

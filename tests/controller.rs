@@ -73,6 +73,8 @@ async fn a_controller_aborted_mid_job_drops_its_workflow_and_tells_every_client_
             round_timeout: Duration::from_secs(30),
             clients: f.clients(),
             checkpoint_dir: None,
+            checkpoint_policy: Default::default(),
+            sample: None,
             evaluate: None,
         };
         let dropped = Arc::new(AtomicBool::new(false));

@@ -135,6 +135,8 @@ async fn cross_site_after_fedavg_on_digits_selects_the_model_with_the_best_mean_
             round_timeout: Duration::from_secs(60),
             clients: f.clients(),
             checkpoint_dir: None,
+            checkpoint_policy: Default::default(),
+            sample: None,
             evaluate: None,
         };
         let initial = model_of(&spec.build().expect("mlp").params()).expect("model");

@@ -108,6 +108,8 @@ async fn run_fedavg_from(f: &Federation, rounds: u32, min_clients: usize, initia
         round_timeout: Duration::from_secs(30),
         clients: f.clients(),
         checkpoint_dir: None,
+        checkpoint_policy: Default::default(),
+        sample: None,
         evaluate: None,
     };
     fedavg::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, initial)

@@ -72,6 +72,8 @@ fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) ->
         round_timeout: timeout,
         clients: f.clients(),
         checkpoint_dir: None,
+        checkpoint_policy: Default::default(),
+        sample: None,
         evaluate: None,
     }
 }

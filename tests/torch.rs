@@ -190,6 +190,8 @@ async fn lora_fedavg_exchanges_only_the_adapters_and_beats_the_frozen_base() {
             round_timeout: Duration::from_secs(120),
             clients: members[1..].iter().map(|m| m.peer_id).collect(),
             checkpoint_dir: None,
+            checkpoint_policy: Default::default(),
+            sample: None,
             evaluate: Some(evaluate),
         };
         let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);

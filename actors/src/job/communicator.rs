@@ -86,6 +86,8 @@ pub struct Communicator {
     state: Arc<std::sync::Mutex<Option<Progress>>>,
     next_task: AtomicU64,
     chunk_size: u32,
+    /// The holds this job took on blobs in the node's store (see [`Self::release`]).
+    held: std::sync::Mutex<std::collections::HashSet<BlobId>>,
 }
 
 impl Communicator {
@@ -108,6 +110,7 @@ impl Communicator {
             state: inbox.state,
             next_task: AtomicU64::new(1),
             chunk_size,
+            held: std::sync::Mutex::default(),
         }
     }
 
@@ -164,6 +167,7 @@ impl Communicator {
                 path: "<publish>".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
+        self.keep(&m.id());
         Ok(m.blob_ref())
     }
 
@@ -189,6 +193,7 @@ impl Communicator {
             path: "<publish>".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
+        self.keep(&m.id());
         Ok((m.blob_ref(), bytes, written))
     }
 
@@ -441,6 +446,7 @@ impl Communicator {
             };
             self.node.fetch(blob, from, &opts).await?;
         }
+        self.keep(&blob.id);
         let store = self.node.store().clone();
         let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
             .await
@@ -455,7 +461,25 @@ impl Communicator {
     /// from here too.
     pub async fn hold(&self, blob: BlobRef, from: &[PeerId]) -> Result<(), CommError> {
         self.node.fetch(blob, from, &FetchOptions::default()).await?;
+        self.keep(&blob.id);
         Ok(())
+    }
+
+    /// Lets go of a blob this job stored (published, pulled or held) once no round, checkpoint
+    /// or member needs it: the node's store removes it when nothing else holds it either, so
+    /// the store does not grow with the rounds. A blob this job did not store is left alone.
+    pub fn release(&self, blob: &BlobRef) {
+        if crate::lock(&self.held).remove(&blob.id) {
+            self.node.store().release(&blob.id);
+        }
+    }
+
+    /// Takes the job's hold on a blob it stored (one, however often it is stored), for
+    /// [`Self::release`].
+    fn keep(&self, id: &BlobId) {
+        if crate::lock(&self.held).insert(*id) {
+            self.node.store().retain(id);
+        }
     }
 
     /// Pulls an executor's output model into the local store.

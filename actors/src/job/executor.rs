@@ -50,6 +50,48 @@ pub struct ExecutorState {
     /// result soon after the task (the controller, the next member) reads it from memory;
     /// released when the next task needs the memory.
     held_output: Option<HeldOutput>,
+    /// What this executor holds in the node's store (see [`Kept`]).
+    kept: Kept,
+}
+
+/// Inputs kept in the store for others to pull from here, and the last output stored: held
+/// (see [`crate::BlobStore::retain`]) while the job may still ask for them, released after,
+/// so the store does not grow with the rounds. The inputs of the last [`KEPT_INPUTS`] tasks
+/// that kept theirs stay (a member passing a model on, or serving a round's model to the
+/// others, is asked for it during that task's round or the next); the stored output stays
+/// until a newer one replaces it (a `Submit` task may hand it over at the end of the job).
+#[derive(Default)]
+struct Kept {
+    inputs: std::collections::VecDeque<flare_protocols::BlobId>,
+    output: Option<flare_protocols::BlobId>,
+}
+
+/// Kept inputs held at once (see [`Kept`]).
+const KEPT_INPUTS: usize = 2;
+
+impl Kept {
+    fn input(&mut self, store: &crate::BlobStore, id: flare_protocols::BlobId) {
+        store.retain(&id);
+        self.inputs.push_back(id);
+        while self.inputs.len() > KEPT_INPUTS {
+            if let Some(old) = self.inputs.pop_front() {
+                store.release(&old);
+            }
+        }
+    }
+
+    fn output(&mut self, store: &crate::BlobStore, id: flare_protocols::BlobId) {
+        store.retain(&id);
+        if let Some(old) = self.output.replace(id) {
+            store.release(&old);
+        }
+    }
+
+    fn release_all(&mut self, store: &crate::BlobStore) {
+        for id in self.inputs.drain(..).chain(self.output.take()) {
+            store.release(&id);
+        }
+    }
 }
 
 /// The last output model, in memory.
@@ -83,7 +125,15 @@ impl Actor for Executor {
             learner: Some(args.learner),
             last_output: None,
             held_output: None,
+            kept: Kept::default(),
         })
+    }
+
+    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut ExecutorState) -> Result<(), ActorProcessingErr> {
+        // The job is over for this member: what it kept for the job goes.
+        let store = state.node.store().clone();
+        state.kept.release_all(&store);
+        Ok(())
     }
 
     async fn handle(
@@ -217,6 +267,8 @@ async fn keep_transient_output(state: &mut ExecutorState) -> Result<(), String> 
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("storing the last output model: {e}"))?;
     h.transient = false;
+    let id = h.blob.id;
+    state.kept.output(state.node.store(), id);
     Ok(())
 }
 
@@ -342,7 +394,11 @@ async fn input_model(
             // round) is held by that controller already.
             let keep = !task.input_from.is_empty();
             let sources = if keep { task.input_from.clone() } else { vec![from] };
-            fetch_model(&state.node, blob, &sources, spare, keep).await?
+            let bytes = fetch_model(&state.node, blob, &sources, spare, keep).await?;
+            if keep {
+                state.kept.input(state.node.store(), blob.id);
+            }
+            bytes
         }
     };
     Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))
@@ -366,6 +422,9 @@ async fn publish_output(state: &mut ExecutorState, model: Model, transient: bool
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("storing the output model: {e}"))?;
     let blob = manifest.blob_ref();
+    if !transient {
+        state.kept.output(state.node.store(), blob.id);
+    }
     state.held_output = Some(HeldOutput { blob, bytes, transient });
     Ok(blob)
 }

@@ -39,10 +39,11 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use crate::learner::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
+pub use checkpoint::{Best, CheckpointPolicy, DEFAULT_KEEP};
 pub use communicator::{CommError, Communicator, Link, RelayOutcome};
 pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};
-pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport};
+pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport, Sampling};
 pub use flare_protocols::ctl::{Task, TaskKind};
 pub use host::JobHost;
 

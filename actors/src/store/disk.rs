@@ -235,6 +235,20 @@ fn create_sized(path: &Path, len: u64) -> Result<File, StoreError> {
     Ok(f)
 }
 
+/// Removes blob `id`'s files (manifest first, so a process killed midway leaves no manifest
+/// for missing bytes); files already gone are no error.
+pub(super) fn remove_files(dir: &Path, id: &BlobId) -> Result<(), StoreError> {
+    for ext in ["manifest", "have", "data"] {
+        let path = dir.join(format!("{id}.{ext}"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Writes `<id>.manifest` (through a temporary file and a rename: never half-written).
 pub(super) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
     let path = dir.join(format!("{}.manifest", m.id()));

@@ -9,6 +9,7 @@
 //!
 //! - `disk`: the on-disk format (`--data-dir`): `<id>.manifest`, the pre-sized `<id>.data`,
 //!   the `<id>.have` of a partial blob, and `O_DIRECT` writes from aligned buffers.
+//! - `holds`: counted holds on the blobs a job still needs; the last release removes a blob.
 //! - `residency`: where a held blob's bytes live, and the memory policy on top of the
 //!   files: lending, shared imports written behind, transient results, in-memory views.
 //!
@@ -18,6 +19,7 @@
 //! fsynced per chunk: after a power loss, a partial blob's marks may be ahead of its data.)
 
 mod disk;
+mod holds;
 mod residency;
 
 use std::collections::HashMap;
@@ -138,6 +140,8 @@ impl std::ops::Deref for ChunkBytes {
 struct Inner {
     dir: Option<PathBuf>,
     blobs: Mutex<HashMap<BlobId, Arc<Entry>>>,
+    /// Counted holds (see `holds`).
+    holds: Mutex<HashMap<BlobId, usize>>,
 }
 
 /// A content-addressed blob store; cheap to clone, safe to share between tasks.
@@ -161,6 +165,7 @@ impl BlobStore {
             inner: Arc::new(Inner {
                 dir: None,
                 blobs: Mutex::new(HashMap::new()),
+                holds: Mutex::default(),
             }),
         }
     }
@@ -190,6 +195,7 @@ impl BlobStore {
             inner: Arc::new(Inner {
                 dir: Some(dir),
                 blobs: Mutex::new(blobs),
+                holds: Mutex::default(),
             }),
         })
     }

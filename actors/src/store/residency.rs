@@ -240,8 +240,16 @@ impl BlobStore {
         let disk = Entry::complete((**manifest).clone(), Data::Disk(file));
         *lock(&disk.hot) = Arc::downgrade(&bytes);
         let mut blobs = lock(&self.inner.blobs);
-        if blobs.get(&id).is_some_and(|e| Arc::ptr_eq(e, shared)) {
-            blobs.insert(id, Arc::new(disk));
+        match blobs.get(&id) {
+            Some(e) if Arc::ptr_eq(e, shared) => {
+                blobs.insert(id, Arc::new(disk));
+            }
+            // Released while it was being written: what was written goes too.
+            None => {
+                drop(disk);
+                super::disk::remove_files(dir, &id)?;
+            }
+            Some(_) => {}
         }
         Ok(())
     }

@@ -83,6 +83,8 @@ async fn run_workflow(
                 round_timeout: topo.round_timeout,
                 clients,
                 checkpoint_dir: checkpoint_dir.map(Path::to_owned),
+                checkpoint_policy: topo.checkpoints.clone(),
+                sample: topo.sample.clone(),
                 evaluate,
             };
             let o = fedavg::run(comm, &cfg, initial).await?;

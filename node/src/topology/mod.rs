@@ -11,6 +11,7 @@ use flare_actors::{Member, Members};
 
 use schema::Raw;
 
+mod keeping;
 mod learner;
 mod schema;
 mod sections;
@@ -167,6 +168,10 @@ pub struct Topology {
     /// Swarm fault injection (honoured by `sim`): the aggregator of this round drops off
     /// the network right after sending its tasks, to show the failover.
     pub crash_aggregator_in_round: Option<u32>,
+    /// FedAvg: the seeded sample of clients each round asks (none: every client).
+    pub sample: Option<flare_actors::job::Sampling>,
+    /// FedAvg: which checkpoints stay in the controller's checkpoint directory.
+    pub checkpoints: flare_actors::job::CheckpointPolicy,
     /// The learner.
     pub learner: LearnerSpec,
     /// The add-one initial model.
@@ -246,6 +251,8 @@ impl Topology {
             round_timeout: section.round_timeout,
             cross_site,
             crash_aggregator_in_round: section.crash_aggregator_in_round,
+            sample: section.sample,
+            checkpoints: section.checkpoints,
             learner,
             model: raw.model.map_or_else(ModelSpec::default, ModelSpec::from),
             data: raw.data.map_or_else(DataSpec::default, DataSpec::from),
@@ -256,7 +263,7 @@ impl Topology {
     /// `Join` so a member can tell that it runs the same job as its controller.
     pub fn spec_hash(&self) -> [u8; 32] {
         let spec = format!(
-            "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+            "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.job,
             self.external,
             self.controller,
@@ -267,7 +274,8 @@ impl Topology {
             self.round_timeout,
             self.learner,
             self.model,
-            self.data
+            self.data,
+            self.sample
         );
         flare_protocols::ChunkHash::of(spec.as_bytes()).0
     }

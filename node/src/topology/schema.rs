@@ -51,6 +51,18 @@ pub(super) struct RawFedAvg {
     pub(super) min_clients: Spanned<usize>,
     #[serde(default = "default_timeout")]
     pub(super) round_timeout_secs: Spanned<f64>,
+    #[serde(default)]
+    pub(super) clients_per_round: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) fraction: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub(super) sample_seed: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(super) keep_checkpoints: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) best_metric: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) best_mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

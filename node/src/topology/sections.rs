@@ -27,6 +27,10 @@ pub(super) struct WorkflowSection {
     pub(super) min_clients: usize,
     pub(super) round_timeout: Duration,
     pub(super) crash_aggregator_in_round: Option<u32>,
+    /// FedAvg's sample of clients per round.
+    pub(super) sample: Option<flare_actors::job::Sampling>,
+    /// FedAvg's checkpoints that stay.
+    pub(super) checkpoints: flare_actors::job::CheckpointPolicy,
 }
 
 /// `job.workflow`: one of the known workflows.
@@ -263,6 +267,8 @@ pub(super) fn workflow(
                 min_clients: min_clients(&s.min_clients, "swarm", clients.len(), fail)?,
                 round_timeout: timeout(&s.round_timeout_secs, "swarm.round_timeout_secs", fail)?,
                 crash_aggregator_in_round: s.crash_aggregator_in_round,
+                sample: None,
+                checkpoints: Default::default(),
                 workflow: Workflow::Swarm,
             })
         }
@@ -271,12 +277,15 @@ pub(super) fn workflow(
                 .fedavg
                 .ok_or_else(|| needs("fedavg", format!("the {kind} workflow needs a [fedavg] table")))?;
             let f = f.into_inner();
+            let min = min_clients(&f.min_clients, "fedavg", clients.len(), fail)?;
             let mut section = WorkflowSection {
                 rounds: rounds(&f.rounds, "fedavg", fail)?,
-                min_clients: min_clients(&f.min_clients, "fedavg", clients.len(), fail)?,
+                min_clients: min,
                 round_timeout: timeout(&f.round_timeout_secs, "fedavg.round_timeout_secs", fail)?,
                 crash_aggregator_in_round: None,
                 workflow: Workflow::FedAvg,
+                sample: super::keeping::sampling(&f, clients.len(), min, fail)?,
+                checkpoints: super::keeping::checkpoints(&f, fail)?,
             };
             if kind == INFERENCE {
                 section.workflow = inference(t.inference, fail)?;
@@ -319,6 +328,8 @@ fn cyclic(c: RawCyclic, clients: &[String], fail: &Fail<'_>) -> Result<WorkflowS
         min_clients: 1,
         round_timeout: t,
         crash_aggregator_in_round: None,
+        sample: None,
+        checkpoints: Default::default(),
     })
 }
 
@@ -344,6 +355,8 @@ fn split(s: Spanned<RawSplit>, parties: usize, fail: &Fail<'_>) -> Result<Workfl
         min_clients: parties,
         round_timeout: t,
         crash_aggregator_in_round: None,
+        sample: None,
+        checkpoints: Default::default(),
     })
 }
 

@@ -38,15 +38,30 @@ pub use types::*;
 
 /// Runs FedAvg from `initial` for `cfg.rounds` rounds.
 pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Result<FedAvgOutcome, FedAvgError> {
-    check_min_clients(cfg.min_clients, cfg.clients.len())
-        .map_err(|why| FedAvgError::Config(format!("min_clients {why}")))?;
+    let asked = cfg
+        .sample
+        .as_ref()
+        .map_or(cfg.clients.len(), |s| s.clients_per_round.min(cfg.clients.len()));
+    check_min_clients(cfg.min_clients, asked).map_err(|why| FedAvgError::Config(format!("min_clients {why}")))?;
     // The global model lives in the blob store between rounds: the controller holds one
     // model-sized buffer at a time (the accumulator during a round).
     let layout = initial.layout();
     let (mut blob, mut lent, mut written) = comm.publish_lent(initial).await?;
     let mut reports = Vec::new();
-    let mut checkpoints = Checkpoints::new(comm, cfg.checkpoint_dir.clone());
+    let mut checkpoints = Checkpoints::new(comm, cfg.checkpoint_dir.clone(), cfg.checkpoint_policy.clone());
     for round in 0..cfg.rounds {
+        // A sampled round asks only its picks; the rest of the configuration is the job's.
+        let sampled;
+        let cfg = match &cfg.sample {
+            Some(s) => {
+                sampled = FedAvgConfig {
+                    clients: s.pick(&cfg.clients, round),
+                    ..cfg.clone()
+                };
+                &sampled
+            }
+            None => cfg,
+        };
         let started = Instant::now();
         let global = Global {
             blob,
@@ -54,7 +69,10 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             written,
         };
         let (model, mut report) = one_round(comm, cfg, global, &[], layout.clone(), round, None).await?;
+        let used = blob;
         (blob, lent, written) = comm.publish_lent(model).await?;
+        // The round's input is needed no more (its checkpoint holds it until written).
+        comm.release(&used);
         // A round's time covers publishing its result (what the next round starts from).
         report.secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -65,8 +83,10 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
             global = ?report.global,
             "round done"
         );
+        let mut metrics = report.metrics.clone();
+        metrics.extend(report.global.clone());
         reports.push(report);
-        checkpoints.save(round, blob, &reports, &written).await?;
+        checkpoints.save(round, blob, &reports, &written, &metrics).await?;
     }
     checkpoints.finish().await?;
     // The last model published is the outcome; its bytes are still held, and the store's own

@@ -2,7 +2,7 @@
 //! `min_clients`: the types around the workflow in `mod.rs`, so that file reads as the rounds.
 
 use crate::aggregate::AggregateError;
-use crate::job::checkpoint::CheckpointError;
+use crate::job::checkpoint::{CheckpointError, CheckpointPolicy};
 use crate::job::communicator::CommError;
 use flare_protocols::model::{Model, ModelError};
 use libp2p::PeerId;
@@ -29,8 +29,35 @@ pub struct FedAvgConfig {
     pub clients: Vec<PeerId>,
     /// Where each round's checkpoint goes (none: no checkpoints).
     pub checkpoint_dir: Option<PathBuf>,
+    /// Which checkpoints stay in `checkpoint_dir`.
+    pub checkpoint_policy: CheckpointPolicy,
+    /// Which clients each round asks (none: all of them).
+    pub sample: Option<Sampling>,
     /// Measures each round's global model (none: no global metrics).
     pub evaluate: Option<Evaluator>,
+}
+
+/// A seeded sample of the clients each round, as Flower's `fraction_fit` and NVIDIA FLARE's
+/// `num_clients` do: a round of 100 of 1,000 members costs a tenth of one of all of them.
+/// The same seed picks the same members in every run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Clients asked each round (at least `min_clients`, at most all).
+    pub clients_per_round: usize,
+    /// Seed of the picks; round `r` draws from `(seed, r)`.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The clients round `round` asks, in the order `clients` lists them.
+    pub fn pick(&self, clients: &[PeerId], round: u32) -> Vec<PeerId> {
+        use rand::SeedableRng;
+        let k = self.clients_per_round.min(clients.len());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (u64::from(round) << 32 | u64::from(round)));
+        let mut picked = rand::seq::index::sample(&mut rng, clients.len(), k).into_vec();
+        picked.sort_unstable();
+        picked.into_iter().map(|i| clients[i]).collect()
+    }
 }
 
 /// What one round did.

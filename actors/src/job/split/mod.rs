@@ -235,7 +235,12 @@ async fn backward(
         pending.waiting.extend(p.waiting);
         pending.refused.extend(p.refused);
     }
-    collect(comm, cfg, pending, step).await?;
+    let done = collect(comm, cfg, pending, step).await;
+    // The step's gradients have been pulled (or the job ends).
+    for blob in tasks.iter().filter_map(|t| t.input) {
+        comm.release(&blob);
+    }
+    done?;
     tracing::debug!(job = %comm.job(), round = epoch, step, "backward done");
     Ok(())
 }
@@ -297,5 +302,7 @@ async fn pull(
         reason,
     };
     let bytes = comm.pull_bytes(blob, &[o.peer], payload as u64 + 4096).await?;
+    // One step's activations: read once, needed no more.
+    comm.release(&blob);
     Model::from_safetensors_vec(bytes).map_err(|e| bad(format!("activations blob: {e}")))
 }

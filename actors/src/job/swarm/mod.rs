@@ -65,7 +65,8 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         passed_over: vec![],
     };
     let others: Vec<PeerId> = cfg.members.iter().copied().filter(|p| *p != me).collect();
-    state = meet(comm, cfg, &others, state).await;
+    let met = meet(comm, cfg, &others, state.clone()).await;
+    advance(comm, &mut state, met);
     comm.set_progress(state.clone());
     // A member that came back watches one round complete before it aggregates, so it does
     // not start a round the others already gave to someone else while it was away. One whose
@@ -89,7 +90,7 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                 );
             }
             let (next, report) = aggregate(comm, cfg, &state, layout.clone(), passed_over).await?;
-            state = next;
+            advance(comm, &mut state, next);
             comm.set_progress(state.clone());
             let targets: Vec<PeerId> = others.clone();
             let failed = comm.announce(&targets, &state).await;
@@ -122,7 +123,7 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
                     global: p.metrics.clone(),
                 });
                 round_started = Instant::now();
-                state = *p;
+                advance(comm, &mut state, *p);
                 comm.set_progress(state.clone());
                 observing = false;
             }
@@ -143,6 +144,16 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         rounds: reports,
         completed: state.round,
     })
+}
+
+/// Moves this member on to `next`: the model of the round before is needed no more here (a
+/// round's model is what its aggregator and the holders serve; once the next is known, no
+/// failover goes back to it), so the job's hold on it ends.
+fn advance(comm: &Communicator, state: &mut Progress, next: Progress) {
+    let old = std::mem::replace(state, next);
+    if old.model.id != state.model.id {
+        comm.release(&old.model);
+    }
 }
 
 /// Meets the other members (bounded by a round timeout); a member that comes back learns
@@ -201,6 +212,8 @@ async fn aggregate(
         round_timeout: cfg.round_timeout,
         clients: cfg.members.clone(),
         checkpoint_dir: None,
+        checkpoint_policy: Default::default(),
+        sample: None,
         evaluate: cfg.evaluate.clone(),
     };
     let sent = tokio::sync::Notify::new();
