@@ -460,3 +460,46 @@ fn a_controller_stopped_with_ctrl_c_ends_the_job_on_every_client_with_that_reaso
         );
     }
 }
+
+/// Distinct files (by inode) holding a model under `dir`: blobs in the store and
+/// `.safetensors` files anywhere below.
+fn models_on_disk(dir: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let mut inodes = std::collections::HashSet::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let path = e.expect("entry").path();
+            let meta = std::fs::metadata(&path).expect("meta");
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == "data" || x == "safetensors") {
+                inodes.insert((meta.dev(), meta.ino()));
+            }
+        }
+    }
+    inodes.len()
+}
+
+#[test]
+fn a_data_dir_after_300_rounds_holds_the_last_k_checkpoints_and_little_else() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let job = "[job]\nname = \"long\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+         [fedavg]\nrounds = 300\nmin_clients = 2\nround_timeout_secs = 60\nkeep_checkpoints = 2\n\n\
+         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 2\nelements = 1000\nseed = 1\n\n";
+    let c = crate::util::Cluster::new(dir.path(), job, &["server", "site-1", "site-2"]);
+    crate::util::wait_all(c.start_all());
+    assert_eq!(c.results("server")["verified"], true);
+    let server = dir.path().join("server-data");
+    let record = std::fs::read_to_string(server.join("checkpoints/checkpoint.json")).expect("record");
+    let record: serde_json::Value = serde_json::from_str(&record).expect("json");
+    assert_eq!(record["kept"], serde_json::json!([298, 299]));
+    let on_disk = models_on_disk(&server);
+    // K checkpoints (the newest the store's own file), the final model written out, and at
+    // most one more in passing.
+    assert!(on_disk <= 2 + 2, "{on_disk} models in the controller's data dir");
+    for site in ["site-1", "site-2"] {
+        let n = models_on_disk(&dir.path().join(format!("{site}-data")));
+        assert!(n <= 2, "{n} models in {site}'s data dir");
+    }
+}

@@ -452,3 +452,67 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_keep_the_last_k_rounds_and_the_best_and_the_store_keeps_one_model() {
+    within(120, async {
+        let store_dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(store_dir.path()).expect("store");
+        let mut stores = vec![store.clone()];
+        stores.extend(memory_stores(2));
+        let f = federation_on("keep", stores).await;
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = config(&f, 8, 2, Duration::from_secs(60));
+        cfg.checkpoint_dir = Some(dir.path().to_owned());
+        cfg.checkpoint_policy = flare_actors::job::CheckpointPolicy {
+            keep: 2,
+            best: Some(flare_actors::job::Best {
+                metric: "distance".into(),
+                higher_is_better: false,
+            }),
+        };
+        // After round r every weight is initial + r + 1: the distance from initial + 4 is
+        // least after round 3.
+        let initial = initial_model();
+        let first = initial.get("layer.0.bias").expect("tensor").to_f32().expect("f32")[0];
+        cfg.evaluate = Some(Arc::new(move |m: &Model| {
+            let v = m.get("layer.0.bias").ok_or("no bias")?.to_f32().ok_or("not f32")?[0];
+            Ok([("distance".to_owned(), f64::from((v - first - 4.0).abs()))].into())
+        }));
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");
+        assert!(out.model == after_rounds(initial.clone(), 8));
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "best.safetensors",
+                "checkpoint.json",
+                "global.safetensors",
+                "round-000006.safetensors",
+                "round-000007.safetensors"
+            ]
+        );
+        let best = Model::load(&dir.path().join("best.safetensors")).expect("best");
+        assert!(best == after_rounds(initial, 4), "the best is round 3's model");
+        let record = std::fs::read_to_string(dir.path().join("checkpoint.json")).expect("record");
+        assert!(
+            record.contains("\"round\": 3") && record.contains("\"metric\": \"distance\""),
+            "{record}"
+        );
+        // Between rounds the controller's store holds the newest model only.
+        let blobs = std::fs::read_dir(store_dir.path().join("blobs"))
+            .expect("blobs")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "data"))
+            })
+            .count();
+        assert_eq!(blobs, 1, "the store keeps one model, not one per round");
+    })
+    .await;
+}

@@ -114,3 +114,70 @@ pub(super) fn checkpoints(f: &RawFedAvg, fail: &Fail<'_>) -> Result<CheckpointPo
     };
     Ok(CheckpointPolicy { keep, best })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::Topology;
+
+    /// A FedAvg job of ten clients with `extra` in its `[fedavg]` table.
+    fn with(extra: &str) -> Result<Topology, String> {
+        let mut t = format!(
+            "[job]\nname = \"t\"\nworkflow = \"fedavg\"\ncontroller = \"s\"\n\n\
+             [fedavg]\nrounds = 2\nmin_clients = 2\n{extra}\n\n[learner]\nkind = \"add-one\"\n\n\
+             [[member]]\nname = \"s\"\n"
+        );
+        for i in 0..10 {
+            t.push_str(&format!("[[member]]\nname = \"c{i}\"\n"));
+        }
+        Topology::parse(Path::new("t.toml"), &t).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sampling_takes_a_count_or_a_fraction_rounded_up() {
+        assert_eq!(with("").expect("plain").sample, None);
+        let s = with("clients_per_round = 3\nsample_seed = 9")
+            .expect("count")
+            .sample
+            .expect("sample");
+        assert_eq!((s.clients_per_round, s.seed), (3, 9));
+        let s = with("fraction = 0.25").expect("fraction").sample.expect("sample");
+        assert_eq!((s.clients_per_round, s.seed), (3, 0));
+    }
+
+    #[test]
+    fn bad_sampling_and_checkpoint_keys_are_named() {
+        for (extra, says) in [
+            ("clients_per_round = 3\nfraction = 0.5", "not both"),
+            ("clients_per_round = 11", "between 1 and the 10 clients"),
+            ("clients_per_round = 1", "fewer than min_clients = 2"),
+            ("fraction = 1.5", "not a fraction"),
+            ("fraction = 0.1", "fewer than min_clients"),
+            ("sample_seed = 3", "needs `clients_per_round` or `fraction`"),
+            ("keep_checkpoints = 0", "at least 1"),
+            ("best_mode = \"min\"", "needs `best_metric`"),
+            (
+                "best_metric = \"loss\"\nbest_mode = \"lowest\"",
+                "neither \"max\" nor \"min\"",
+            ),
+        ] {
+            let e = with(extra).expect_err(extra);
+            assert!(e.contains(says) && e.contains("line "), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn checkpoints_default_to_the_last_three_and_take_a_best_metric() {
+        let p = with("").expect("plain").checkpoints;
+        assert_eq!((p.keep, p.best), (3, None));
+        let p = with("keep_checkpoints = 5\nbest_metric = \"loss\"\nbest_mode = \"min\"")
+            .expect("best")
+            .checkpoints;
+        let best = p.best.expect("best");
+        assert_eq!(
+            (p.keep, best.metric.as_str(), best.higher_is_better),
+            (5, "loss", false)
+        );
+    }
+}

@@ -143,3 +143,33 @@ pub fn check_min_clients(min_clients: usize, clients: usize) -> Result<(), Strin
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_seeded_distinct_in_order_and_new_each_round() {
+        let clients: Vec<PeerId> = (0..50).map(|_| PeerId::random()).collect();
+        let s = Sampling {
+            clients_per_round: 10,
+            seed: 4,
+        };
+        let r0 = s.pick(&clients, 0);
+        assert_eq!(r0, s.pick(&clients, 0), "the same seed and round pick the same");
+        assert_eq!(r0.len(), 10);
+        let at: Vec<usize> = r0
+            .iter()
+            .map(|p| clients.iter().position(|c| c == p).expect("a client"))
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "distinct, in the clients' order");
+        assert_ne!(r0, s.pick(&clients, 1), "another round, another sample");
+        let other = Sampling { seed: 5, ..s.clone() };
+        assert_ne!(r0, other.pick(&clients, 0), "another seed, another sample");
+        let all = Sampling {
+            clients_per_round: 80,
+            seed: 1,
+        };
+        assert_eq!(all.pick(&clients, 3), clients, "more than there are: all of them");
+    }
+}
