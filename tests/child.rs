@@ -48,7 +48,7 @@ fn fetch_in_child() {
         println!("FLARE present {present}");
         let node = Node::start(NodeConfig {
             keypair: key,
-            members: Members::from_members([src.clone()]),
+            members: Members::from_members([src.clone()]).into(),
             listen: vec![loopback()],
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,

@@ -17,7 +17,7 @@ async fn stranger_can_neither_send_control_messages_nor_fetch_blobs() {
         // The stranger lists `a` (so it will dial it), but `a` does not list the stranger.
         let stranger = Node::start(NodeConfig {
             keypair: Keypair::generate_ed25519(),
-            members: Members::from_members([a.as_member("a")]),
+            members: Members::from_members([a.as_member("a")]).into(),
             listen: vec![loopback()],
             store: BlobStore::memory(),
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,

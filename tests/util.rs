@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flare_actors::job::{Communicator, JobHost, Learner};
-use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
+use flare_actors::{BlobStore, Member, MemberTable, Members, Node, NodeConfig};
 use flare_protocols::ctl::JobId;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -37,16 +37,17 @@ pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<
 
 /// Like [`start_with_keys`], node `i` serving at most `streams(i)` blob streams at once.
 pub async fn start_limited(keys: Vec<Keypair>, stores: Vec<BlobStore>, streams: impl Fn(usize) -> usize) -> Vec<Node> {
-    let members = Members::from_members(keys.iter().enumerate().map(|(i, k)| Member {
+    // One table for every node, as in `sim`.
+    let table = MemberTable::new(Members::from_members(keys.iter().enumerate().map(|(i, k)| Member {
         name: format!("n{i}"),
         peer_id: k.public().to_peer_id(),
         addrs: vec![],
-    }));
+    })));
     let mut nodes = Vec::new();
     for (i, (key, store)) in keys.into_iter().zip(stores).enumerate() {
         let node = Node::start(NodeConfig {
             keypair: key,
-            members: members.clone(),
+            members: table.clone(),
             listen: vec![loopback()],
             store,
             max_blob_streams: streams(i),
@@ -55,15 +56,13 @@ pub async fn start_limited(keys: Vec<Keypair>, stores: Vec<BlobStore>, streams: 
         .expect("node starts");
         nodes.push(node);
     }
-    let table: Vec<Member> = nodes
+    let addressed: Vec<Member> = nodes
         .iter()
         .enumerate()
         .map(|(i, n)| n.as_member(&format!("n{i}")))
         .collect();
-    for n in &nodes {
-        for m in &table {
-            n.net().add_member(m.clone()).expect("add member");
-        }
+    for m in addressed {
+        table.insert(m);
     }
     nodes
 }

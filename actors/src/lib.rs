@@ -23,7 +23,7 @@ pub mod network;
 pub mod node;
 pub mod store;
 
-pub use membership::{Member, Members};
+pub use membership::{Member, MemberTable, Members};
 
 /// Locks a mutex, taking the data as it is if a thread panicked while holding it: every
 /// mutex here guards state that stays consistent between statements (maps, bitmaps, an

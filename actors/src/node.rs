@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::blob::fetch::Fetcher;
 use crate::blob::serve::{Server, accept_loop};
 use crate::blob::{FetchError, FetchOptions, FetchReport, ServeFaults, ServeStats};
-use crate::membership::{Member, Members};
+use crate::membership::{Member, MemberTable};
 use crate::network::{self, InboundCtl, NetworkError, NetworkHandle};
 use crate::store::BlobStore;
 
@@ -24,7 +24,7 @@ pub struct NodeConfig {
     /// The node's identity.
     pub keypair: Keypair,
     /// Who may connect.
-    pub members: Members,
+    pub members: MemberTable,
     /// Where to listen (e.g. `/ip4/127.0.0.1/tcp/0`).
     pub listen: Vec<Multiaddr>,
     /// Where blobs live.

@@ -89,7 +89,7 @@ pub async fn run_with(args: RunArgs, mut learner: Option<Box<dyn Learner>>) -> a
     let node = Arc::new(
         Node::start(NodeConfig {
             keypair,
-            members,
+            members: members.into(),
             listen,
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use flare_actors::job::{Communicator, JobHost, swarm};
-use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
+use flare_actors::{BlobStore, Member, MemberTable, Members, Node, NodeConfig};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::ctl::JobId;
 use libp2p::identity::Keypair;
@@ -164,11 +164,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     // One node per member, each on its own ephemeral loopback port.
     let keys: Vec<Keypair> = topo.members.iter().map(|_| Keypair::generate_ed25519()).collect();
     let names: Vec<String> = topo.members.iter().map(|(n, _)| n.clone()).collect();
-    let table = Members::from_members(names.iter().zip(&keys).map(|(n, k)| Member {
+    // One table for every node: a copy each would grow with the square of the members.
+    let table = MemberTable::new(Members::from_members(names.iter().zip(&keys).map(|(n, k)| Member {
         name: n.clone(),
         peer_id: k.public().to_peer_id(),
         addrs: vec![],
-    }));
+    })));
     let mut nodes = Vec::new();
     for key in keys {
         let node = Node::start(NodeConfig {
@@ -182,10 +183,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         nodes.push(Arc::new(node));
     }
     let members: Vec<Member> = nodes.iter().zip(&names).map(|(n, name)| n.as_member(name)).collect();
-    for n in &nodes {
-        for m in &members {
-            n.net().add_member(m.clone())?;
-        }
+    for m in &members {
+        table.insert(m.clone());
     }
     let hosts: Vec<JobHost> = nodes
         .iter()

@@ -14,7 +14,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use crate::membership::{Member, Members};
+use crate::membership::{Member, MemberTable};
 
 /// Why a connection was denied.
 #[derive(Debug, thiserror::Error)]
@@ -23,12 +23,12 @@ pub struct NotAMember(pub PeerId);
 
 /// The gating behaviour; holds the member table.
 pub struct MemberGate {
-    members: Members,
+    members: MemberTable,
 }
 
 impl MemberGate {
-    /// A gate that admits exactly `members`.
-    pub fn new(members: Members) -> Self {
+    /// A gate that admits exactly the members of `members` (as it is at each connection).
+    pub fn new(members: MemberTable) -> Self {
         Self { members }
     }
 
@@ -38,7 +38,7 @@ impl MemberGate {
     }
 
     /// The current table.
-    pub fn members(&self) -> &Members {
+    pub fn members(&self) -> &MemberTable {
         &self.members
     }
 
@@ -67,7 +67,7 @@ impl NetworkBehaviour for MemberGate {
             return Ok(vec![]);
         };
         match self.members.get(&peer) {
-            Some(m) => Ok(m.addrs.clone()),
+            Some(m) => Ok(m.addrs),
             None => {
                 tracing::warn!(%peer, "refused to dial: not a member");
                 Err(ConnectionDenied::new(NotAMember(peer)))

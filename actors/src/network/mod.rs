@@ -29,7 +29,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identi
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::membership::{Member, Members};
+use crate::membership::{Member, MemberTable};
 use gate::MemberGate;
 
 /// Bytes read from a connection's socket at a time.
@@ -280,7 +280,7 @@ pub struct Network {
 
 /// Builds the swarm (TCP + Noise + Yamux with frames sized to Noise's, see [`muxer`]), starts listening and waits until every listen
 /// address is bound.
-pub async fn start(keypair: Keypair, members: Members, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
+pub async fn start(keypair: Keypair, members: MemberTable, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
     let peer_id = keypair.public().to_peer_id();
     let ctl_sent = Arc::new(AtomicU64::new(0));
     let codec = CtlCodec { sent: ctl_sent.clone() };

@@ -357,7 +357,7 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().context("listen address")?;
     Node::start(NodeConfig {
         keypair,
-        members,
+        members: members.into(),
         listen: vec![listen],
         store,
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
@@ -459,7 +459,7 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
     }));
     let node = Node::start(NodeConfig {
         keypair: crate::keys::load_key(key)?,
-        members,
+        members: members.into(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().context("listen address")?],
         store: BlobStore::memory(),
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
