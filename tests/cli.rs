@@ -503,3 +503,27 @@ fn a_data_dir_after_300_rounds_holds_the_last_k_checkpoints_and_little_else() {
         assert!(n <= 2, "{n} models in {site}'s data dir");
     }
 }
+
+#[test]
+fn a_thousand_clients_in_sim_all_contribute_and_the_result_is_exact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut job = "[job]\nname = \"thousand\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+         [fedavg]\nrounds = 3\nmin_clients = 1000\nround_timeout_secs = 300\n\n\
+         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 1\nelements = 1000\nseed = 1\n\n\
+         [[member]]\nname = \"server\"\n"
+        .to_owned();
+    for i in 0..1000 {
+        job.push_str(&format!("[[member]]\nname = \"c{i}\"\n"));
+    }
+    let file = dir.path().join("thousand.toml");
+    std::fs::write(&file, job).expect("write");
+    let out = cli(&["sim", file.to_str().expect("utf8"), "--json"]);
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let s = summary(&out);
+    assert_eq!(s["verified"], true, "every weight = initial + 3");
+    assert_eq!(s["contributors_per_round"], serde_json::json!([1000, 1000, 1000]));
+    // Waits on busy peers are tallied, a line per period, never a line per refusal.
+    let busy_lines = log.lines().filter(|l| l.contains("busy")).count();
+    assert!(busy_lines <= 20, "{busy_lines} lines about busy peers:\n{log}");
+}

@@ -105,6 +105,7 @@ async fn swarm(
     summary["finished"] = serde_json::json!(finishers);
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     summary["bytes_sent_per_member"] = bytes_per_round(&names, nodes, topo.rounds);
+    summary["peak_rss_bytes"] = serde_json::json!(crate::bench::peak_rss_bytes().ok());
     if let Some(dir) = &args.out {
         crate::render::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());
@@ -221,6 +222,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let (outcome, mut summary) =
         crate::job::control(&hosts[controller], comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
     summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);
+    // The whole simulation's peak resident set: every member's share of it.
+    summary["peak_rss_bytes"] = serde_json::json!(crate::bench::peak_rss_bytes().ok());
     if let Some(dir) = &args.out {
         crate::render::write_outputs(dir, &outcome, &summary)?;
         eprintln!("wrote {} and results.json", dir.join("global.safetensors").display());

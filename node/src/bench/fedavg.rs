@@ -227,8 +227,42 @@ async fn bare_round(
     Ok(secs)
 }
 
+impl FedAvgArgs {
+    /// The add-one job of `bench scale`: `clients` processes, a model of 1,000 floats.
+    pub(super) fn small(clients: usize, rounds: u32, timeout_secs: u64) -> Self {
+        Self {
+            model_mib: 4000.0 / (1 << 20) as f64,
+            keys: 1,
+            clients,
+            rounds,
+            json: true,
+            timeout_secs,
+            log: None,
+        }
+    }
+}
+
 /// Runs the benchmark.
 pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
+    let out = measure(&a).await?;
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "fedavg: rounds {} (bare libp2p round {:.3} s), controller peak {:.2} x model, client peak {:.2} x model, verified {}",
+            out["round_secs"],
+            out["bare_round_secs"].as_f64().unwrap_or(f64::NAN),
+            out["controller_rss_per_model"].as_f64().unwrap_or(f64::NAN),
+            out["client_rss_per_model"].as_f64().unwrap_or(f64::NAN),
+            out["verified"]
+        );
+    }
+    ensure!(out["verified"].as_bool() == Some(true), "the add-one result is wrong");
+    Ok(())
+}
+
+/// Runs the job and returns its figures (the JSON `bench fedavg` prints).
+pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     ensure!(a.clients >= 1 && a.clients <= 64, "--clients must be 1 to 64");
     ensure!(a.keys >= 1, "--keys must be at least 1");
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
@@ -266,7 +300,7 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         "bare libp2p round (round 0's bytes, {} MiB each way per client): {bare:.3} s",
         model_bytes as f64 / (1 << 20) as f64
     );
-    topology(&dir.join("server.toml"), &a, elements, &members)?;
+    topology(&dir.join("server.toml"), a, elements, &members)?;
     let p = |s: &str| dir.join(s).display().to_string();
     let args = |name: &str, topo: &str| {
         vec![
@@ -293,7 +327,7 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         .context("the controller logged no address")?
         .to_owned();
     members[0].2 = Some(addr);
-    topology(&dir.join("clients.toml"), &a, elements, &members)?;
+    topology(&dir.join("clients.toml"), a, elements, &members)?;
     let clients: Vec<Proc> = names[1..]
         .iter()
         .map(|n| Proc::spawn(n, &args(n, "clients.toml"), false, a.log.as_deref()))
@@ -322,19 +356,5 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         "bare_round_secs": bare,
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
     });
-    if a.json {
-        println!("{out}");
-    } else {
-        println!(
-            "fedavg: rounds {round_secs} (bare libp2p round {bare:.3} s), controller peak {:.2} x model, client peak {:.2} x model, verified {}",
-            server_rss as f64 / model_bytes as f64,
-            client_rss as f64 / model_bytes as f64,
-            summary["verified"]
-        );
-    }
-    ensure!(
-        summary["verified"].as_bool() == Some(true),
-        "the add-one result is wrong"
-    );
-    Ok(())
+    Ok(out)
 }

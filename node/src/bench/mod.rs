@@ -39,6 +39,8 @@
 mod child;
 mod fedavg;
 mod peer;
+mod rounds;
+mod scale;
 mod util;
 
 pub use util::peak_rss_bytes;
@@ -65,6 +67,11 @@ pub enum BenchCmd {
     Blob(BlobArgs),
     /// A FedAvg add-one job with every member in its own process.
     Fedavg(fedavg::FedAvgArgs),
+    /// The add-one job with hundreds to thousands of members in `sim`, and with one process
+    /// per member: round time and peak memory as the membership grows.
+    Scale(scale::ScaleArgs),
+    /// The add-one job in `sim` for a few round counts: peak memory as the rounds go on.
+    Rounds(rounds::RoundsArgs),
 }
 
 /// Arguments of `flare-node bench blob`.
@@ -106,6 +113,8 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         match cmd {
             BenchCmd::Blob(args) => blob(args).await,
             BenchCmd::Fedavg(args) => fedavg::run(args).await,
+            BenchCmd::Scale(args) => scale::run(args).await,
+            BenchCmd::Rounds(args) => rounds::run(args).await,
         }
     };
     // On Ctrl-C or SIGTERM, drop the benchmark so that its children are killed and its
