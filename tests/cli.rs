@@ -527,3 +527,64 @@ fn a_thousand_clients_in_sim_all_contribute_and_the_result_is_exact() {
     let busy_lines = log.lines().filter(|l| l.contains("busy")).count();
     assert!(busy_lines <= 20, "{busy_lines} lines about busy peers:\n{log}");
 }
+
+#[test]
+fn init_writes_a_site_that_serve_runs_until_ctrl_c() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let site = dir.path().join("lab-a");
+    let s = site.to_str().expect("utf8");
+    let out = cli(&["init", s, "--name", "lab-a", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = peer_id_in(&out);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(site.join("key")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is the site's alone");
+    let policy = std::fs::read_to_string(site.join("site.toml")).expect("site.toml");
+    assert!(policy.contains(&id) && policy.contains("role = \"admin\""), "{policy}");
+    let members = std::fs::read_to_string(site.join("members.toml")).expect("members.toml");
+    assert!(
+        members.contains(&id) && members.contains("name = \"lab-a\""),
+        "{members}"
+    );
+    let again = cli(&["init", s, "--name", "lab-a"]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already exists; pass --force"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let mut serve = Running::start(&["serve", s]);
+    serve.wait_for(&["site policy loaded", "site=lab-a"]);
+    serve.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
+    serve.ctrl_c();
+    let (ok, log) = serve.finish(30);
+    assert!(ok, "serve stops cleanly on Ctrl-C:\n{log}");
+    assert!(
+        site.join("store/blobs").is_dir(),
+        "the site keeps its blobs in its own store"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_site_naming_the_file_and_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let site = dir.path().join("lab-b");
+    let s = site.to_str().expect("utf8");
+    assert!(cli(&["init", s, "--name", "lab-b"]).status.success());
+    let policy = site.join("site.toml");
+    let good = std::fs::read_to_string(&policy).expect("site.toml");
+    std::fs::write(&policy, good.replace("concurrent_jobs = 4", "concurrent_jobs = 0")).expect("write");
+    let out = cli(&["serve", s]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("site.toml: line") && err.contains("field `limits.concurrent_jobs`: must be at least 1"),
+        "{err}"
+    );
+    std::fs::write(&policy, good.replace("name = \"lab-b\"", "name = \"lab-c\"")).expect("write");
+    let out = cli(&["serve", s]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("members.toml does not list this site (\"lab-c\""), "{err}");
+}

@@ -10,6 +10,7 @@ mod keys;
 pub mod render;
 mod run;
 mod sim;
+pub mod site;
 mod topology;
 mod torch;
 
@@ -38,6 +39,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Create a site directory: the site's key, its policy (site.toml) and the
+    /// consortium's member table (members.toml); prints the site's PeerId.
+    Init(site::InitArgs),
+    /// Run a site's standing peer (made by `init`) until Ctrl-C.
+    Serve(site::ServeArgs),
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
     /// Run a topology's whole job on a local swarm in this process.
@@ -96,6 +102,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Keygen { out, force } => keys::keygen(&out, force),
+            Command::Init(args) => site::init(args),
+            Command::Serve(args) => site::serve(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,

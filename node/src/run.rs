@@ -51,17 +51,60 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     run_with(args, None).await
 }
 
+/// A standing peer with `key` and `members`, listening on `listen`, its blobs under
+/// `data_dir`: what `flare-node serve` runs for a site.
+pub(crate) async fn standing(
+    key: libp2p::identity::Keypair,
+    members: Members,
+    listen: Vec<Multiaddr>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let me = key.public().to_peer_id();
+    let name = members.get(&me).map(|m| m.name.clone());
+    run_keyed(
+        key,
+        RunArgs {
+            key: PathBuf::new(),
+            members: None,
+            topology: None,
+            name,
+            listen,
+            data_dir: data_dir.to_owned(),
+            json: false,
+        },
+        Some(members),
+    )
+    .await
+}
+
 /// [`run`], with `learner` (when given) in place of the one the topology names: how the
 /// Client API's `init` puts the training code behind this member's executor.
-pub async fn run_with(args: RunArgs, mut learner: Option<Box<dyn Learner>>) -> anyhow::Result<()> {
+pub async fn run_with(args: RunArgs, learner: Option<Box<dyn Learner>>) -> anyhow::Result<()> {
     let keypair = crate::keys::load_key(&args.key)?;
-    let me = keypair.public().to_peer_id();
     let topo = args.topology.as_deref().map(Topology::load).transpose()?;
     let members = match (&topo, &args.members) {
         (Some(t), _) => t.member_table()?,
         (None, Some(path)) => Members::load(path)?,
         (None, None) => bail!("give --members or --topology"),
     };
+    run_peer(keypair, args, Some(members), topo, learner).await
+}
+
+/// A peer with no job of its own (`serve`).
+async fn run_keyed(keypair: libp2p::identity::Keypair, args: RunArgs, members: Option<Members>) -> anyhow::Result<()> {
+    run_peer(keypair, args, members, None, None).await
+}
+
+/// The peer itself, its key and member table read.
+async fn run_peer(
+    keypair: libp2p::identity::Keypair,
+    args: RunArgs,
+    members: Option<Members>,
+    topo: Option<Topology>,
+    mut learner: Option<Box<dyn Learner>>,
+) -> anyhow::Result<()> {
+    let me = keypair.public().to_peer_id();
+    let members = members.unwrap_or_default();
     let mut listen = args.listen.clone();
     if let (Some(t), Some(name)) = (&topo, &args.name) {
         let m = members

@@ -4,6 +4,7 @@
 //! - [`frame`]: the length-prefixed frame both protocols are built from, with its caps.
 //! - [`ctl`]: the control protocol `/flare/ctl/1` (request-response, CBOR).
 //! - [`blob`]: the chunked-stream protocol `/flare/blob/1` (pull-based, windowed, resumable).
+//! - [`job`]: a submitted job, its spec signed by the submitter, and its id.
 //! - [`split`]: split learning's steps and payloads, carried inside control tasks.
 //! - [`client_api`]: the Client API, executor <-> external learner process over a local socket.
 //! - [`model`]: models as named tensors in a canonical safetensors layout, and the one DIFF rule.
@@ -15,6 +16,7 @@ pub mod blob_id;
 pub mod client_api;
 pub mod ctl;
 pub mod frame;
+pub mod job;
 pub mod model;
 pub mod split;
 
