@@ -588,3 +588,110 @@ fn serve_refuses_a_bad_site_naming_the_file_and_why() {
     assert!(!out.status.success());
     assert!(err.contains("members.toml does not list this site (\"lab-c\""), "{err}");
 }
+
+/// A FedAvg add-one job on the sites `names` (the first the controller), as a job file.
+fn site_job(names: &[&str], learner: &str) -> String {
+    let mut s = format!(
+        "[job]\nname = \"on-sites\"\nworkflow = \"fedavg\"\ncontroller = \"{}\"\nclients = [{}]\n\n\
+         [fedavg]\nrounds = 2\nmin_clients = 1\n\n[learner]\nkind = \"{learner}\"\n\n",
+        names[0],
+        names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+    );
+    for n in names {
+        s.push_str(&format!("[[member]]\nname = \"{n}\"\n"));
+    }
+    s
+}
+
+#[test]
+fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_saying_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
+    assert!(
+        cli(&["init", &p("lab-a"), "--name", "lab-a", "--listen", &addr])
+            .status
+            .success()
+    );
+    let lab_b = peer_id_in(&cli(&["init", &p("lab-b"), "--name", "lab-b"]));
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    // lab-a lets alice submit, runs add-one but not the MLP, and knows lab-b as a member.
+    let policy = std::fs::read_to_string(p("lab-a/site.toml")).expect("site.toml");
+    let policy = policy.replace(
+        "builtin = [\"add-one\", \"mlp\", \"tch-mlp\", \"tch-cnn\", \"split\"]",
+        "builtin = [\"add-one\"]",
+    ) + &format!("\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\nrole = \"researcher\"\n");
+    std::fs::write(p("lab-a/site.toml"), policy).expect("write");
+    let mut members = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p("lab-a/members.toml"))
+        .expect("members");
+    std::io::Write::write_all(
+        &mut members,
+        format!("[[member]]\nname = \"lab-b\"\npeer_id = \"{lab_b}\"\naddrs = []\n").as_bytes(),
+    )
+    .expect("append");
+    let ab = ["lab-a", "lab-b"];
+    std::fs::write(p("addone.toml"), site_job(&ab, "add-one")).expect("job");
+    std::fs::write(p("mlp.toml"), site_job(&ab, "mlp")).expect("job");
+    std::fs::write(p("stranger.toml"), site_job(&["lab-a", "lab-b", "lab-x"], "add-one")).expect("job");
+    std::fs::write(
+        p("broken.toml"),
+        site_job(&ab, "add-one").replace("rounds = 2", "rounds = 0"),
+    )
+    .expect("job");
+
+    let mut site = Running::start(&["serve", &p("lab-a")]);
+    site.wait_for(&["listening", &addr]);
+    let submit = |job: &str, key: &str| {
+        cli(&[
+            "submit",
+            &p(job),
+            "--key",
+            key,
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            "lab-a",
+        ])
+    };
+    let ok = submit("addone.toml", &p("alice.key"));
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let id = text(&ok.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with('j') && w.len() == 17)
+        .expect("the job id")
+        .to_owned();
+    site.wait_for(&["job accepted", &id]);
+
+    let refused = |job: &str, key: &str, says: &str| {
+        let out = submit(job, key);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{job}: {err}");
+    };
+    refused(
+        "addone.toml",
+        &p("lab-b/key"),
+        &format!("lab-a: submitter {lab_b} is not allowed to submit jobs here"),
+    );
+    refused(
+        "mlp.toml",
+        &p("alice.key"),
+        "lab-a: learner \"mlp\" is not registered here",
+    );
+    refused(
+        "stranger.toml",
+        &p("alice.key"),
+        "lab-a: the job names member \"lab-x\", who is not in this consortium",
+    );
+    // A malformed job never leaves the submitter's machine: file, line and field are named.
+    refused(
+        "broken.toml",
+        &p("alice.key"),
+        "broken.toml: line 8: field `fedavg.rounds`: must be at least 1",
+    );
+    site.ctrl_c();
+    let (ok, log) = site.finish(30);
+    assert!(ok, "{log}");
+    assert_eq!(log.matches("job refused").count(), 3, "{log}");
+}

@@ -186,7 +186,7 @@ pub struct Cluster {
 }
 
 /// A loopback port free right now (the OS picks it; the member binds it moments later).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")

@@ -44,6 +44,8 @@ enum Command {
     Init(site::InitArgs),
     /// Run a site's standing peer (made by `init`) until Ctrl-C.
     Serve(site::ServeArgs),
+    /// Sign a job file with your key and submit it to a running site; prints the job's id.
+    Submit(site::submit::SubmitArgs),
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
     /// Run a topology's whole job on a local swarm in this process.
@@ -104,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Keygen { out, force } => keys::keygen(&out, force),
             Command::Init(args) => site::init(args),
             Command::Serve(args) => site::serve(args).await,
+            Command::Submit(args) => site::submit::submit(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,

@@ -58,6 +58,7 @@ pub(crate) async fn standing(
     members: Members,
     listen: Vec<Multiaddr>,
     data_dir: &std::path::Path,
+    admission: flare_actors::job::Admission,
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
     let name = members.get(&me).map(|m| m.name.clone());
@@ -73,6 +74,7 @@ pub(crate) async fn standing(
             json: false,
         },
         Some(members),
+        admission,
     )
     .await
 }
@@ -87,12 +89,17 @@ pub async fn run_with(args: RunArgs, learner: Option<Box<dyn Learner>>) -> anyho
         (None, Some(path)) => Members::load(path)?,
         (None, None) => bail!("give --members or --topology"),
     };
-    run_peer(keypair, args, Some(members), topo, learner).await
+    run_peer(keypair, args, Some(members), topo, learner, None).await
 }
 
 /// A peer with no job of its own (`serve`).
-async fn run_keyed(keypair: libp2p::identity::Keypair, args: RunArgs, members: Option<Members>) -> anyhow::Result<()> {
-    run_peer(keypair, args, members, None, None).await
+async fn run_keyed(
+    keypair: libp2p::identity::Keypair,
+    args: RunArgs,
+    members: Option<Members>,
+    admission: flare_actors::job::Admission,
+) -> anyhow::Result<()> {
+    run_peer(keypair, args, members, None, None, Some(admission)).await
 }
 
 /// The peer itself, its key and member table read.
@@ -102,6 +109,7 @@ async fn run_peer(
     members: Option<Members>,
     topo: Option<Topology>,
     mut learner: Option<Box<dyn Learner>>,
+    admission: Option<flare_actors::job::Admission>,
 ) -> anyhow::Result<()> {
     let me = keypair.public().to_peer_id();
     let members = members.unwrap_or_default();
@@ -140,6 +148,15 @@ async fn run_peer(
         .await?,
     );
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
+    // A site's standing peer decides on submitted jobs (kept while it runs).
+    let _submissions = match admission {
+        Some(admit) => {
+            let host = JobHost::start(node.clone())?;
+            host.take_submissions(admit);
+            Some(host)
+        }
+        None => None,
+    };
     let name = args.name.clone().unwrap_or_default();
     let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json, &mut learner));
     let mut redial = tokio::time::interval(REDIAL_EVERY);

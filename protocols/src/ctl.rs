@@ -211,6 +211,10 @@ pub enum Request {
     /// A peer tells the job's members where the job stands: used where no fixed
     /// controller keeps that state (swarm learning).
     Progress(Box<Progress>),
+    /// A submitter hands a signed job to a standing site (`flare-node serve`); the request's
+    /// `job` is the job's id ([`SignedJob::id`](crate::job::SignedJob::id)). The site checks
+    /// the signature and its own policy and answers `Accepted` or `Rejected` with why.
+    Submit(Box<crate::job::SignedJob>),
 }
 
 /// Where a job without a fixed controller stands: `round` rounds are done and their model is
@@ -394,6 +398,10 @@ mod tests {
     fn request() -> impl Strategy<Value = CtlRequest> {
         let body = prop_oneof![
             ".{0,16}".prop_map(|member| Request::Join { member }),
+            (proptest::collection::vec(any::<u8>(), 0..64), any::<u64>()).prop_map(|(spec, at)| {
+                let key = libp2p::identity::Keypair::ed25519_from_bytes([7; 32]).expect("key");
+                Request::Submit(Box::new(crate::job::SignedJob::sign(spec, &key, at).expect("sign")))
+            }),
             (
                 any::<u64>(),
                 task_kind(),

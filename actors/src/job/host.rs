@@ -171,6 +171,11 @@ impl JobHost {
         }
     }
 
+    /// Decides on jobs submitted to this node with `admission` (a site's standing peer).
+    pub fn take_submissions(&self, admission: super::routes::Admission) {
+        lock(&self.routes).admission = Some(admission);
+    }
+
     /// Leaves `job`: its executor stops and its results are no longer taken.
     pub fn leave(&self, job: &JobId) {
         let mut r = lock(&self.routes);
@@ -208,6 +213,19 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
     let not_joined = |job: &JobId| CtlResponse::Rejected {
         reason: format!("this node has not joined job {job}"),
     };
+    if let Request::Submit(signed) = &body {
+        // Decided outside the lock: the admission reads the job's spec.
+        let admission = lock(routes).admission.clone();
+        return match admission {
+            Some(admit) => match admit(peer, signed) {
+                Ok(()) => CtlResponse::Accepted,
+                Err(reason) => CtlResponse::Rejected { reason },
+            },
+            None => CtlResponse::Rejected {
+                reason: "this node takes no submitted jobs (a site's standing peer, `flare-node serve`, does)".into(),
+            },
+        };
+    }
     let mut r = lock(routes);
     match body {
         Request::Task { task_id, task } => match r.executors.get(&job) {
@@ -295,6 +313,9 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                 Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
             },
             None => not_joined(&job),
+        },
+        Request::Submit(_) => CtlResponse::Rejected {
+            reason: "a submission is decided before any job's route".into(),
         },
         Request::Heartbeat => {
             if r.executors.contains_key(&job) || r.controllers.contains_key(&job) {

@@ -53,4 +53,11 @@ pub(crate) struct Routes {
     pub(crate) controllers: HashMap<JobId, ControllerRoute>,
     /// How each job this node was an executor of ended, for whoever asks after the end.
     pub(crate) ended: HashMap<JobId, Ending>,
+    /// What decides on submitted jobs (a site's standing peer); none: they are refused.
+    pub(crate) admission: Option<Admission>,
 }
+
+/// Decides on a job submitted to this node by `submitter`: `Ok` takes it, `Err` says why
+/// not (the submitter is told as it is). Called on the router's task: it must be quick.
+pub type Admission =
+    std::sync::Arc<dyn Fn(libp2p::PeerId, &flare_protocols::job::SignedJob) -> Result<(), String> + Send + Sync>;

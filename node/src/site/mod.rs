@@ -8,7 +8,9 @@
 //! ```
 //! `flare-node init` writes the first three; `flare-node serve` runs the standing peer.
 
+pub mod admit;
 pub mod policy;
+pub mod submit;
 
 use std::path::{Path, PathBuf};
 
@@ -144,5 +146,17 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         datasets = site.policy.datasets.len(),
         "site policy loaded"
     );
-    crate::run::standing(site.key, site.members, site.policy.listen, &site.dir.join("store")).await
+    let admission = admit::admission(site.policy.clone(), site.members.clone());
+    // Submitters may connect (to submit) without being members of the consortium.
+    let mut gate = site.members.clone();
+    for s in &site.policy.submitters {
+        if !gate.contains(&s.peer_id) {
+            gate.insert(flare_actors::Member {
+                name: s.name.clone(),
+                peer_id: s.peer_id,
+                addrs: vec![],
+            });
+        }
+    }
+    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), admission).await
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The built-in learners a job may name (their `kind` in a topology file).
-pub const BUILTIN_LEARNERS: [&str; 4] = ["add-one", "mlp", "tch-mlp", "tch-cnn"];
+pub const BUILTIN_LEARNERS: [&str; 5] = ["add-one", "mlp", "tch-mlp", "tch-cnn", "split"];
 
 /// The workflows a job may name.
 pub const WORKFLOWS: [&str; 5] = ["fedavg", "cyclic", "swarm", "split", "inference-then-fedavg"];
@@ -490,7 +490,7 @@ role = "admin"
 
 # Built-in learners this site runs (default: all of them).
 [learners]
-builtin = ["add-one", "mlp", "tch-mlp", "tch-cnn"]
+builtin = ["add-one", "mlp", "tch-mlp", "tch-cnn", "split"]
 
 # Training code registered on this site: a job names it, never a command.
 # [learner.pytorch-cnn]

@@ -1,0 +1,145 @@
+//! What a site's standing peer decides when a job is submitted to it: the signature, the
+//! job file, the consortium's members, then the site's own policy. The reason for a refusal
+//! goes back to the submitter as it is, naming this site.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use flare_actors::Members;
+use flare_actors::job::Admission;
+use flare_protocols::job::SignedJob;
+use libp2p::PeerId;
+
+use super::policy::{Ask, Policy};
+use crate::topology::{LearnerSpec, Topology};
+
+/// The learner a job names, as site policies list learners.
+pub fn learner_name(t: &Topology) -> Result<&'static str, String> {
+    if !t.external.is_empty() {
+        return Err(
+            "the job gives members commands to run: a submitted job names a learner registered at each site, never a command"
+                .into(),
+        );
+    }
+    Ok(match &t.learner {
+        LearnerSpec::AddOne { .. } => "add-one",
+        LearnerSpec::Split => "split",
+        LearnerSpec::Mlp { .. } => "mlp",
+        LearnerSpec::Tch { arch, .. } => match arch {
+            flare_actors::learner::torch::TchArch::Mlp { .. } => "tch-mlp",
+            _ => "tch-cnn",
+        },
+    })
+}
+
+/// Checks `signed`, submitted through `from`, against this site: the signature, the job
+/// file (as `flare-node submit` checked it before sending), that every member it names is in
+/// the consortium and this site is one of them, and this site's policy.
+pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob) -> Result<Topology, String> {
+    let site = &policy.name;
+    let submitter = signed
+        .verify()
+        .map_err(|e| format!("{site}: refused a job whose signature does not hold: {e}"))?;
+    let text = std::str::from_utf8(&signed.spec).map_err(|_| format!("{site}: the job spec is not UTF-8 text"))?;
+    let topo = Topology::parse(Path::new(&format!("job {}", signed.id())), text).map_err(|e| format!("{site}: {e}"))?;
+    for (name, _) in &topo.members {
+        if members.by_name(name).is_none() {
+            return Err(format!(
+                "{site}: the job names member {name:?}, who is not in this consortium"
+            ));
+        }
+    }
+    if !topo.members.iter().any(|(n, _)| n == site) {
+        return Err(format!("{site}: this site is not a member of the job"));
+    }
+    let learner = learner_name(&topo).map_err(|e| format!("{site}: {e}"))?;
+    policy
+        .admit(&Ask {
+            submitter,
+            workflow: topo.workflow.name(),
+            learner,
+            dataset: None,
+            model_bytes: None,
+            running: 0,
+        })
+        .map_err(|r| r.to_string())?;
+    Ok(topo)
+}
+
+/// The admission a standing peer hands its job host: [`admit`], logged.
+pub fn admission(policy: Policy, members: Members) -> Admission {
+    Arc::new(move |from: PeerId, signed: &SignedJob| {
+        let id = signed.id();
+        match admit(&policy, &members, signed) {
+            Ok(topo) => {
+                tracing::info!(job = %id, name = %topo.job, workflow = topo.workflow.name(), %from, "job accepted");
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(job = %id, %from, reason = %why, "job refused");
+                Err(why)
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flare_actors::Member;
+    use libp2p::identity::Keypair;
+
+    fn site(alice: &PeerId) -> (Policy, Members) {
+        let me = PeerId::random();
+        let mut text = Policy::template("lab-a", &me, &[]);
+        text.push_str(&format!("\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\n"));
+        let policy = Policy::parse(Path::new("site.toml"), &text).expect("policy");
+        let members = Members::from_members(["lab-a", "lab-b"].map(|n| Member {
+            name: n.into(),
+            peer_id: if n == "lab-a" { me } else { PeerId::random() },
+            addrs: vec![],
+        }));
+        (policy, members)
+    }
+
+    const JOB: &str = "[job]\nname = \"j\"\nworkflow = \"swarm\"\n\n[swarm]\nrounds = 2\nmin_clients = 2\n\n\
+         [learner]\nkind = \"add-one\"\n\n[[member]]\nname = \"lab-a\"\n[[member]]\nname = \"lab-b\"\n";
+
+    #[test]
+    fn a_good_job_is_admitted_and_a_tampered_one_is_not() {
+        let alice = Keypair::generate_ed25519();
+        let (policy, members) = site(&alice.public().to_peer_id());
+        let signed = SignedJob::sign(JOB.as_bytes().to_vec(), &alice, 5).expect("sign");
+        let topo = admit(&policy, &members, &signed).expect("admitted");
+        assert_eq!(topo.workflow.name(), "swarm");
+        let mut tampered = signed;
+        tampered.spec = JOB.replace("rounds = 2", "rounds = 200").into_bytes();
+        let e = admit(&policy, &members, &tampered).expect_err("tampered");
+        assert!(
+            e.starts_with("lab-a: refused a job whose signature does not hold"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn jobs_the_site_is_not_in_or_that_name_commands_are_refused() {
+        let alice = Keypair::generate_ed25519();
+        let (policy, members) = site(&alice.public().to_peer_id());
+        let sign = |t: String| SignedJob::sign(t.into_bytes(), &alice, 5).expect("sign");
+        let elsewhere = JOB.replace("name = \"lab-a\"", "name = \"lab-c\"");
+        let e = admit(&policy, &members, &sign(elsewhere)).expect_err("unknown member");
+        assert!(
+            e.contains("names member \"lab-c\", who is not in this consortium"),
+            "{e}"
+        );
+        let e = admit(
+            &policy,
+            &members,
+            &sign(JOB.replace("kind = \"add-one\"", "kind = \"mlp\"\n")),
+        )
+        .map(|_| ());
+        assert_eq!(e, Ok(()), "the template allows every built-in learner");
+        let bad = admit(&policy, &members, &sign("not toml [".into())).expect_err("garbage");
+        assert!(bad.starts_with("lab-a: job j"), "{bad}");
+    }
+}
