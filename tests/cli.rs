@@ -557,6 +557,7 @@ fn init_writes_a_site_that_serve_runs_until_ctrl_c() {
     let mut serve = Running::start(&["serve", s]);
     serve.wait_for(&["site policy loaded", "site=lab-a"]);
     serve.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
+    serve.wait_for(&["Ctrl-C to stop"]);
     serve.ctrl_c();
     let (ok, log) = serve.finish(30);
     assert!(ok, "serve stops cleanly on Ctrl-C:\n{log}");
@@ -643,6 +644,7 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
 
     let mut site = Running::start(&["serve", &p("lab-a")]);
     site.wait_for(&["listening", &addr]);
+    site.wait_for(&["Ctrl-C to stop"]);
     let submit = |job: &str, key: &str| {
         cli(&[
             "submit",

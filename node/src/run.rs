@@ -147,6 +147,9 @@ async fn run_peer(
         })
         .await?,
     );
+    // Listening for Ctrl-C before saying so: a signal that came between the two would be lost.
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listening for Ctrl-C")?;
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
     // A site's standing peer decides on submitted jobs (kept while it runs).
     let _submissions = match admission {
@@ -165,7 +168,7 @@ async fn run_peer(
         Some(job) => job.await,
         None => loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break Ok(()),
+                _ = interrupt.recv() => break Ok(()),
                 _ = redial.tick() => {
                     let connected = node.net().connected_peers().await.unwrap_or_default();
                     for m in others.iter().filter(|m| !m.addrs.is_empty() && !connected.contains(&m.peer_id)) {
