@@ -664,7 +664,7 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
         .find(|w| w.starts_with('j') && w.len() == 17)
         .expect("the job id")
         .to_owned();
-    site.wait_for(&["job accepted", &id]);
+    site.wait_for(&["job taken", &id]);
 
     let refused = |job: &str, key: &str, says: &str| {
         let out = submit(job, key);
@@ -696,4 +696,100 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
     let (ok, log) = site.finish(30);
     assert!(ok, "{log}");
     assert_eq!(log.matches("job refused").count(), 3, "{log}");
+}
+
+/// `n` sites, each initialised and listening on a port of its own, every one's members.toml
+/// the whole consortium; returns their names.
+fn consortium(dir: &Path, names: &[&str]) {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let mut table = String::new();
+    for n in names {
+        let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
+        assert!(cli(&["init", &p(n), "--name", n, "--listen", &addr]).status.success());
+        let own = std::fs::read_to_string(dir.join(n).join("members.toml")).expect("members");
+        table.push_str(&own);
+    }
+    for n in names {
+        std::fs::write(dir.join(n).join("members.toml"), &table).expect("members");
+    }
+}
+
+/// Lets the key with `peer_id` submit jobs at site `n`.
+fn allow(dir: &Path, n: &str, who: &str, peer_id: &str) {
+    let path = dir.join(n).join("site.toml");
+    let mut policy = std::fs::read_to_string(&path).expect("site.toml");
+    policy.push_str(&format!("\n[[submitter]]\nname = \"{who}\"\npeer_id = \"{peer_id}\"\n"));
+    std::fs::write(path, policy).expect("write");
+}
+
+#[test]
+fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_refused_and_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    let bob = peer_id_in(&cli(&["keygen", "--out", &p("bob.key")]));
+    // alice may submit at lab-a and lab-b, bob at lab-a only; lab-c takes neither.
+    allow(dir.path(), "lab-a", "alice", &alice);
+    allow(dir.path(), "lab-b", "alice", &alice);
+    allow(dir.path(), "lab-a", "bob", &bob);
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let job = |min: usize| site_job(&sites, "add-one").replace("min_clients = 1", &format!("min_clients = {min}"));
+    std::fs::write(p("one.toml"), job(1)).expect("job");
+    std::fs::write(p("three.toml"), job(3)).expect("job");
+    let submit = |job: &str, key: &str| {
+        cli(&[
+            "submit",
+            &p(job),
+            "--key",
+            &p(key),
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            "lab-a",
+        ])
+    };
+    let lab_c_says = format!("lab-c: submitter {alice} is not allowed to submit jobs here");
+    // Enough members take it: it goes on, and the submitter hears who did not, and why.
+    let out = submit("one.toml", "alice.key");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refused by a member, the job goes on without it: {lab_c_says}"
+        )),
+        "{err}"
+    );
+    // Not enough: the job is refused, naming each site that refused and its reason.
+    let out = submit("three.toml", "alice.key");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot run without the members that refused it") && err.contains(&lab_c_says),
+        "{err}"
+    );
+    let out = submit("three.toml", "bob.key");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    for site in ["lab-b", "lab-c"] {
+        assert!(
+            err.contains(&format!("{site}: submitter {bob} is not allowed to submit jobs here")),
+            "{err}"
+        );
+    }
+    let logs: Vec<String> = running
+        .into_iter()
+        .map(|r| {
+            r.ctrl_c();
+            let (ok, log) = r.finish(30);
+            assert!(ok, "{log}");
+            log
+        })
+        .collect();
+    assert_eq!(logs[1].matches("job offered and taken").count(), 2, "{}", logs[1]);
+    assert_eq!(logs[2].matches("job refused").count(), 3, "{}", logs[2]);
 }

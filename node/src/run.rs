@@ -51,6 +51,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     run_with(args, None).await
 }
 
+/// Builds a site's admission once its node's network is up (the admission offers jobs to
+/// the other members through it).
+pub(crate) type MakeAdmission =
+    Box<dyn FnOnce(flare_actors::network::NetworkHandle) -> flare_actors::job::Admission + Send>;
+
 /// A standing peer with `key` and `members`, listening on `listen`, its blobs under
 /// `data_dir`: what `flare-node serve` runs for a site.
 pub(crate) async fn standing(
@@ -58,7 +63,7 @@ pub(crate) async fn standing(
     members: Members,
     listen: Vec<Multiaddr>,
     data_dir: &std::path::Path,
-    admission: flare_actors::job::Admission,
+    admission: MakeAdmission,
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
     let name = members.get(&me).map(|m| m.name.clone());
@@ -97,7 +102,7 @@ async fn run_keyed(
     keypair: libp2p::identity::Keypair,
     args: RunArgs,
     members: Option<Members>,
-    admission: flare_actors::job::Admission,
+    admission: MakeAdmission,
 ) -> anyhow::Result<()> {
     run_peer(keypair, args, members, None, None, Some(admission)).await
 }
@@ -109,7 +114,7 @@ async fn run_peer(
     members: Option<Members>,
     topo: Option<Topology>,
     mut learner: Option<Box<dyn Learner>>,
-    admission: Option<flare_actors::job::Admission>,
+    admission: Option<MakeAdmission>,
 ) -> anyhow::Result<()> {
     let me = keypair.public().to_peer_id();
     let members = members.unwrap_or_default();
@@ -153,9 +158,9 @@ async fn run_peer(
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
     // A site's standing peer decides on submitted jobs (kept while it runs).
     let _submissions = match admission {
-        Some(admit) => {
+        Some(make) => {
             let host = JobHost::start(node.clone())?;
-            host.take_submissions(admit);
+            host.take_submissions(make(node.net().clone()));
             Some(host)
         }
         None => None,

@@ -215,6 +215,10 @@ pub enum Request {
     /// `job` is the job's id ([`SignedJob::id`](crate::job::SignedJob::id)). The site checks
     /// the signature and its own policy and answers `Accepted` or `Rejected` with why.
     Submit(Box<crate::job::SignedJob>),
+    /// A site that took a submitted job offers it to each other member the job names; the
+    /// member checks the signature and its own policy as the first site did, and answers
+    /// `Accepted` or `Rejected` with why.
+    Offer(Box<crate::job::SignedJob>),
 }
 
 /// Where a job without a fixed controller stands: `round` rounds are done and their model is
@@ -262,6 +266,12 @@ pub enum CtlResponse {
     },
     /// Received (results, aborts, heartbeats).
     Ack,
+    /// A submitted job was taken; these members refused it, each saying why (the job goes
+    /// on without them).
+    Taken {
+        /// One line per member that refused, naming it.
+        refused: Vec<String>,
+    },
     /// The node cannot take the request now (its queues are full): send it again after at
     /// least `retry_after_ms`. Unlike `Rejected`, nothing is wrong with the request.
     Busy {
@@ -402,6 +412,10 @@ mod tests {
                 let key = libp2p::identity::Keypair::ed25519_from_bytes([7; 32]).expect("key");
                 Request::Submit(Box::new(crate::job::SignedJob::sign(spec, &key, at).expect("sign")))
             }),
+            (proptest::collection::vec(any::<u8>(), 0..64), any::<u64>()).prop_map(|(spec, at)| {
+                let key = libp2p::identity::Keypair::ed25519_from_bytes([9; 32]).expect("key");
+                Request::Offer(Box::new(crate::job::SignedJob::sign(spec, &key, at).expect("sign")))
+            }),
             (
                 any::<u64>(),
                 task_kind(),
@@ -489,6 +503,7 @@ mod tests {
             Just(CtlResponse::Accepted),
             ".{0,16}".prop_map(|reason| CtlResponse::Rejected { reason }),
             Just(CtlResponse::Ack),
+            proptest::collection::vec(".{0,8}", 0..3).prop_map(|refused| CtlResponse::Taken { refused }),
             any::<u32>().prop_map(|retry_after_ms| CtlResponse::Busy { retry_after_ms }),
         ]
     }

@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 
 use tokio::sync::{mpsc, watch};
 
-use super::routes::{ControllerInbox, ControllerRoute, ExecutorRoute, Routes};
+use super::routes::{ControllerInbox, ControllerRoute, ExecutorRoute, Routes, Submission};
 use super::supervisor::Supervisor;
 
 use super::communicator::Communicator;
@@ -49,8 +49,29 @@ impl JobHost {
         let router = tokio::spawn(async move {
             while let Some(req) = inbound.recv().await {
                 let job = req.request.job.clone();
-                let response = route(&r, req.peer, job, req.request.body);
-                let _ = req.reply.send(response);
+                let offered = matches!(req.request.body, Request::Offer(_));
+                match req.request.body {
+                    Request::Submit(j) | Request::Offer(j) => {
+                        let admission = lock(&r).admission.clone();
+                        let (from, reply) = (req.peer, req.reply);
+                        match admission {
+                            // Decided on a task of its own: the decision may ask other members.
+                            Some(admit) => {
+                                tokio::spawn(async move {
+                                    let _ = reply.send(admit(Submission { from, job: *j, offered }).await);
+                                });
+                            }
+                            None => {
+                                let _ = reply.send(CtlResponse::Rejected {
+                                    reason: NO_SUBMISSIONS.into(),
+                                });
+                            }
+                        }
+                    }
+                    body => {
+                        let _ = req.reply.send(route(&r, req.peer, job, body));
+                    }
+                }
             }
         });
         Ok(Self {
@@ -209,23 +230,13 @@ impl Drop for JobHost {
     }
 }
 
+/// The answer of a node that takes no submitted jobs.
+const NO_SUBMISSIONS: &str = "this node takes no submitted jobs (a site's standing peer, `flare-node serve`, does)";
+
 fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> CtlResponse {
     let not_joined = |job: &JobId| CtlResponse::Rejected {
         reason: format!("this node has not joined job {job}"),
     };
-    if let Request::Submit(signed) = &body {
-        // Decided outside the lock: the admission reads the job's spec.
-        let admission = lock(routes).admission.clone();
-        return match admission {
-            Some(admit) => match admit(peer, signed) {
-                Ok(()) => CtlResponse::Accepted,
-                Err(reason) => CtlResponse::Rejected { reason },
-            },
-            None => CtlResponse::Rejected {
-                reason: "this node takes no submitted jobs (a site's standing peer, `flare-node serve`, does)".into(),
-            },
-        };
-    }
     let mut r = lock(routes);
     match body {
         Request::Task { task_id, task } => match r.executors.get(&job) {
@@ -314,8 +325,9 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             },
             None => not_joined(&job),
         },
-        Request::Submit(_) => CtlResponse::Rejected {
-            reason: "a submission is decided before any job's route".into(),
+        // Decided by the router (see `JobHost::start`), never routed to a job.
+        Request::Submit(_) | Request::Offer(_) => CtlResponse::Rejected {
+            reason: NO_SUBMISSIONS.into(),
         },
         Request::Heartbeat => {
             if r.executors.contains_key(&job) || r.controllers.contains_key(&job) {

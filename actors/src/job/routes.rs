@@ -57,7 +57,19 @@ pub(crate) struct Routes {
     pub(crate) admission: Option<Admission>,
 }
 
-/// Decides on a job submitted to this node by `submitter`: `Ok` takes it, `Err` says why
-/// not (the submitter is told as it is). Called on the router's task: it must be quick.
-pub type Admission =
-    std::sync::Arc<dyn Fn(libp2p::PeerId, &flare_protocols::job::SignedJob) -> Result<(), String> + Send + Sync>;
+/// Decides on a job submitted or offered to this node: the answer goes back to the sender
+/// as it is (`Taken`, or `Rejected` with why). Runs on a task of its own: it may ask other
+/// members first.
+pub type Admission = std::sync::Arc<
+    dyn Fn(Submission) -> futures::future::BoxFuture<'static, flare_protocols::ctl::CtlResponse> + Send + Sync,
+>;
+
+/// A job handed to this node, and by whom.
+pub struct Submission {
+    /// The peer that sent it (the submitter, or the member that offers it).
+    pub from: libp2p::PeerId,
+    /// The job.
+    pub job: flare_protocols::job::SignedJob,
+    /// Offered by a member that took it already (not submitted here).
+    pub offered: bool,
+}

@@ -1,17 +1,24 @@
 //! What a site's standing peer decides when a job is submitted to it: the signature, the
-//! job file, the consortium's members, then the site's own policy. The reason for a refusal
-//! goes back to the submitter as it is, naming this site.
+//! job file, the consortium's members, then the site's own policy; then it offers the job to
+//! every other member the job names, each of which decides the same way by its own policy.
+//! The job is taken when enough members take it for its workflow to run (its controller and
+//! `min_clients` of its clients; every party of a split job); the submitter hears who refused
+//! and why, each refusal naming its site.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flare_actors::Members;
-use flare_actors::job::Admission;
+use flare_actors::job::{Admission, Submission};
+use flare_actors::network::NetworkHandle;
+use flare_protocols::ctl::{CtlRequest, CtlResponse, Request};
 use flare_protocols::job::SignedJob;
-use libp2p::PeerId;
+use futures::FutureExt;
 
 use super::policy::{Ask, Policy};
-use crate::topology::{LearnerSpec, Topology};
+use crate::topology::{LearnerSpec, Topology, Workflow};
 
 /// The learner a job names, as site policies list learners.
 pub fn learner_name(t: &Topology) -> Result<&'static str, String> {
@@ -66,27 +73,110 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob) -> Result<T
     Ok(topo)
 }
 
-/// The admission a standing peer hands its job host: [`admit`], logged.
-pub fn admission(policy: Policy, members: Members) -> Admission {
-    Arc::new(move |from: PeerId, signed: &SignedJob| {
-        let id = signed.id();
-        match admit(&policy, &members, signed) {
-            Ok(topo) => {
-                tracing::info!(job = %id, name = %topo.job, workflow = topo.workflow.name(), %from, "job accepted");
-                Ok(())
-            }
-            Err(why) => {
-                tracing::warn!(job = %id, %from, reason = %why, "job refused");
-                Err(why)
-            }
-        }
+/// How long a site waits for the other members' answers to an offer.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Whether the job can run with the members that took it: its controller (if it has one)
+/// and at least `min_clients` of its clients; every party of a split job.
+fn enough(topo: &Topology, took: &HashSet<String>) -> bool {
+    if topo.controller.as_ref().is_some_and(|c| !took.contains(c)) {
+        return false;
+    }
+    let clients = topo.clients.iter().filter(|c| took.contains(*c)).count();
+    match topo.workflow {
+        Workflow::Split(_) => clients == topo.clients.len(),
+        _ => clients >= topo.min_clients.max(1),
+    }
+}
+
+/// The admission a standing peer hands its job host: [`admit`]; then, for a job submitted
+/// here, the offers to the job's other members and the decision; for one offered by a
+/// member, a check that the member is one of the job's.
+pub fn admission(policy: Policy, members: Members, net: NetworkHandle) -> Admission {
+    let site = Arc::new((policy, members));
+    Arc::new(move |s: Submission| {
+        let (site, net) = (site.clone(), net.clone());
+        async move { decide(&site.0, &site.1, &net, s).await }.boxed()
     })
+}
+
+async fn decide(policy: &Policy, members: &Members, net: &NetworkHandle, s: Submission) -> CtlResponse {
+    let id = s.job.id();
+    let refuse = |reason: String| {
+        tracing::warn!(job = %id, from = %s.from, %reason, "job refused");
+        CtlResponse::Rejected { reason }
+    };
+    let topo = match admit(policy, members, &s.job) {
+        Ok(t) => t,
+        Err(why) => return refuse(why),
+    };
+    if s.offered {
+        let by = members.get(&s.from).map(|m| m.name.clone());
+        if !by.as_ref().is_some_and(|n| topo.members.iter().any(|(m, _)| m == n)) {
+            return refuse(format!(
+                "{}: job {id} was offered by {}, who is not one of its members",
+                policy.name, s.from
+            ));
+        }
+        tracing::info!(job = %id, name = %topo.job, by = by.as_deref().unwrap_or("?"), "job offered and taken");
+        return CtlResponse::Taken { refused: vec![] };
+    }
+    // Submitted here: every other member the job names decides by its own policy.
+    let offers = topo
+        .members
+        .iter()
+        .filter(|(n, _)| *n != policy.name)
+        .filter_map(|(n, _)| members.by_name(n).cloned())
+        .map(|m| {
+            let req = CtlRequest {
+                job: id.clone(),
+                body: Request::Offer(Box::new(s.job.clone())),
+            };
+            async move {
+                (
+                    m.name.clone(),
+                    tokio::time::timeout(OFFER_TIMEOUT, net.request(m.peer_id, req)).await,
+                )
+            }
+        });
+    let mut took = HashSet::from([policy.name.clone()]);
+    let mut refused = Vec::new();
+    for (name, answer) in futures::future::join_all(offers).await {
+        match answer {
+            Ok(Ok(CtlResponse::Taken { .. } | CtlResponse::Accepted)) => {
+                took.insert(name);
+            }
+            Ok(Ok(CtlResponse::Rejected { reason })) => refused.push(reason),
+            Ok(Ok(other)) => refused.push(format!("{name}: answered {other:?}")),
+            Ok(Err(e)) => refused.push(format!("{name}: cannot be reached: {e}")),
+            Err(_) => refused.push(format!("{name}: no answer within {} s", OFFER_TIMEOUT.as_secs())),
+        }
+    }
+    if !enough(&topo, &took) {
+        return refuse(format!(
+            "job {id} cannot run without the members that refused it: {}",
+            refused.join("; ")
+        ));
+    }
+    tracing::info!(
+        job = %id,
+        name = %topo.job,
+        workflow = topo.workflow.name(),
+        members = took.len(),
+        refused = refused.len(),
+        "job taken"
+    );
+    for reason in &refused {
+        tracing::warn!(job = %id, %reason, "a member refused the job; it goes on without it");
+    }
+    CtlResponse::Taken { refused }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use flare_actors::Member;
+    use libp2p::PeerId;
     use libp2p::identity::Keypair;
 
     fn site(alice: &PeerId) -> (Policy, Members) {

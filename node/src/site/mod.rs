@@ -146,7 +146,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         datasets = site.policy.datasets.len(),
         "site policy loaded"
     );
-    let admission = admit::admission(site.policy.clone(), site.members.clone());
+    let (policy, members) = (site.policy.clone(), site.members.clone());
+    let admission: crate::run::MakeAdmission = Box::new(move |net| admit::admission(policy, members, net));
     // Submitters may connect (to submit) without being members of the consortium.
     let mut gate = site.members.clone();
     for s in &site.policy.submitters {

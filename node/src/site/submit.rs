@@ -70,7 +70,10 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{} did not answer within {} s", a.to, a.timeout_secs))?;
     node.net().shutdown();
     match answer.with_context(|| format!("submitting to {}", a.to))? {
-        CtlResponse::Accepted => {
+        CtlResponse::Taken { refused } => {
+            for why in &refused {
+                eprintln!("refused by a member, the job goes on without it: {why}");
+            }
             eprintln!("{} took job {id} ({:?}, {})", a.to, topo.job, topo.workflow.name());
             println!("{id}");
             Ok(())
