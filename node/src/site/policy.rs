@@ -11,6 +11,8 @@ use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::topology::line_of;
+
 /// The built-in learners a job may name (their `kind` in a topology file).
 pub const BUILTIN_LEARNERS: [&str; 5] = ["add-one", "mlp", "tch-mlp", "tch-cnn", "split"];
 
@@ -246,10 +248,6 @@ impl Default for Limits {
             job_disk_bytes: default_job_disk(),
         }
     }
-}
-
-fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
 }
 
 impl Policy {

@@ -183,7 +183,9 @@ pub struct Topology {
 /// The federated-inference workflow's name.
 pub(super) const INFERENCE: &str = "inference-then-fedavg";
 
-fn line_of(text: &str, at: usize) -> usize {
+/// The line (from 1) of byte offset `at` in `text`: how every file this binary reads names
+/// where a fault is.
+pub(crate) fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
 }
 
