@@ -24,31 +24,40 @@ pub const BUSY_PATIENCE: Duration = Duration::from_secs(600);
 
 /// The pauses between tries at a busy peer: the peer's hint, doubling with each try up to
 /// [`MAX_PAUSE`], with random jitter so that the peers refused together do not come back
-/// together.
-#[derive(Debug)]
+/// together. From the first pause on, the wait is counted in its [`Tally`].
 pub struct Backoff {
     tries: u32,
-    until: Instant,
+    patience: Duration,
+    tally: &'static Tally,
+    /// Set at the first pause: when the patience ends, and this wait's place in the tally.
+    waiting: Option<(Instant, Waiting)>,
 }
 
 impl Backoff {
-    /// Tries until `patience` from now.
-    pub fn new(patience: Duration) -> Self {
+    /// Pauses of at most `patience` in all, from the first, counted in `tally`.
+    pub fn new(patience: Duration, tally: &'static Tally) -> Self {
         Self {
             tries: 0,
-            until: Instant::now() + patience,
+            patience,
+            tally,
+            waiting: None,
         }
     }
 
     /// Sleeps before the next try, at least `hint`; `false` (at once) when the patience
     /// would be spent first.
     pub async fn wait(&mut self, hint: Duration) -> bool {
+        let (patience, tally) = (self.patience, self.tally);
+        let until = self
+            .waiting
+            .get_or_insert_with(|| (Instant::now() + patience, tally.waiting()))
+            .0;
         let grown = hint.max(Duration::from_millis(10)) * 2u32.saturating_pow(self.tries.min(8));
         let base = grown.min(MAX_PAUSE).max(hint);
         // Up to half again, at random.
         let jitter = base.mul_f64(rand::random_range(0.0..0.5));
         let pause = base + jitter;
-        if Instant::now() + pause > self.until {
+        if Instant::now() + pause > until {
             return false;
         }
         self.tries += 1;
@@ -164,7 +173,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_honours_the_hint_and_ends_with_the_patience() {
-        let mut b = Backoff::new(Duration::from_secs(10));
+        static WAITS: Tally = Tally::new("test waits");
+        let mut b = Backoff::new(Duration::from_secs(10), &WAITS);
         let t0 = Instant::now();
         assert!(b.wait(Duration::from_millis(100)).await);
         let first = t0.elapsed();

@@ -185,7 +185,7 @@ impl NetworkHandle {
     /// A peer that answers `Busy` (its queues are full) is asked again after a growing pause
     /// until [`crate::busy::BUSY_PATIENCE`] is spent; then its last `Busy` is returned.
     pub async fn request(&self, peer: PeerId, request: CtlRequest) -> Result<CtlResponse, CtlError> {
-        let mut busy: Option<(crate::busy::Backoff, crate::busy::Waiting)> = None;
+        let mut busy = crate::busy::Backoff::new(crate::busy::BUSY_PATIENCE, &crate::busy::BUSY_REQUESTS);
         loop {
             let (reply, rx) = oneshot::channel();
             self.send(Command::Request {
@@ -196,13 +196,7 @@ impl NetworkHandle {
             .map_err(|_| CtlError::Stopped)?;
             match rx.await.map_err(|_| CtlError::Stopped)?? {
                 CtlResponse::Busy { retry_after_ms } => {
-                    let (backoff, _) = busy.get_or_insert_with(|| {
-                        (
-                            crate::busy::Backoff::new(crate::busy::BUSY_PATIENCE),
-                            crate::busy::BUSY_REQUESTS.waiting(),
-                        )
-                    });
-                    if !backoff.wait(Duration::from_millis(u64::from(retry_after_ms))).await {
+                    if !busy.wait(Duration::from_millis(u64::from(retry_after_ms))).await {
                         return Ok(CtlResponse::Busy { retry_after_ms });
                     }
                 }

@@ -110,7 +110,7 @@ impl Source<'_> {
     async fn open(&self, req: &BlobRequest) -> Result<Stream, SourceError> {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.stall_timeout;
-        let mut busy: Option<(crate::busy::Backoff, crate::busy::Waiting)> = None;
+        let mut busy = crate::busy::Backoff::new(self.busy_patience, &crate::busy::BUSY_PULLS);
         loop {
             match self.try_open(req).await {
                 Err(NoHeader::Dropped(reason)) if tokio::time::Instant::now() < deadline => {
@@ -122,16 +122,10 @@ impl Source<'_> {
                 // A busy source is alive: wait for it (one line per period for the whole
                 // process says how many pulls wait), as long as the patience lasts.
                 Err(NoHeader::Busy(hint)) => {
-                    let (backoff, _) = busy.get_or_insert_with(|| {
-                        (
-                            crate::busy::Backoff::new(self.busy_patience),
-                            crate::busy::BUSY_PULLS.waiting(),
-                        )
-                    });
-                    if !backoff.wait(hint).await {
+                    if !busy.wait(hint).await {
                         return Err(SourceError::Busy {
                             peer,
-                            tries: backoff.tries() + 1,
+                            tries: busy.tries() + 1,
                         });
                     }
                 }
