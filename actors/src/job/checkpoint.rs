@@ -215,29 +215,29 @@ fn checkpoint<R: Serialize>(
         reason: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
-    // The model is already a blob in the store: link its file in when the store is on disk
-    // (no copy), write it out otherwise.
-    let model = dir.join(round_file(round));
-    let tmp = dir.join(format!("{}.tmp", round_file(round)));
-    let _ = std::fs::remove_file(&tmp);
-    match store.data_path(&blob.id) {
-        Some(src) if std::fs::hard_link(&src, &tmp).is_ok() => {}
-        _ => {
-            let bytes = store.read_all(&blob.id).map_err(|e| err(&tmp, &e))?;
-            std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, &e))?;
-        }
-    }
-    std::fs::rename(&tmp, &model).map_err(|e| err(&model, &e))?;
-    let link = |name: &str| {
+    // Replaces `dir/name` atomically: `fill` makes the new file at a temporary path, which
+    // is then renamed over the old one.
+    let replace = |name: &str, fill: &dyn Fn(&Path) -> Result<(), CheckpointError>| {
         let path = dir.join(name);
         let tmp = dir.join(format!("{name}.tmp"));
         let _ = std::fs::remove_file(&tmp);
-        std::fs::hard_link(&model, &tmp).map_err(|e| err(&tmp, &e))?;
+        fill(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
     };
-    link("global.safetensors")?;
+    // The model is already a blob in the store: link its file in when the store is on disk
+    // (no copy), write it out otherwise.
+    let model = dir.join(round_file(round));
+    replace(&round_file(round), &|tmp| match store.data_path(&blob.id) {
+        Some(src) if std::fs::hard_link(&src, tmp).is_ok() => Ok(()),
+        _ => {
+            let bytes = store.read_all(&blob.id).map_err(|e| err(tmp, &e))?;
+            std::fs::write(tmp, bytes).map_err(|e| err(tmp, &e))
+        }
+    })?;
+    let link = |tmp: &Path| std::fs::hard_link(&model, tmp).map_err(|e| err(tmp, &e));
+    replace("global.safetensors", &link)?;
     if record.is_best {
-        link("best.safetensors")?;
+        replace("best.safetensors", &link)?;
     }
     let mut rounds = kept_rounds(dir).map_err(|e| err(dir, &e))?;
     // Rounds after this one are an earlier run's, in the same directory: stale.
@@ -256,10 +256,9 @@ fn checkpoint<R: Serialize>(
         rounds: reports,
     })
     .map_err(|e| err(dir, &e))?;
-    let path = dir.join("checkpoint.json");
-    let tmp = dir.join("checkpoint.json.tmp");
-    std::fs::write(&tmp, json).map_err(|e| err(&tmp, &e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))
+    replace("checkpoint.json", &|tmp| {
+        std::fs::write(tmp, &json).map_err(|e| err(tmp, &e))
+    })
 }
 
 /// The rounds whose models are in `dir`, oldest first.
