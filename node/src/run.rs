@@ -67,7 +67,7 @@ pub(crate) async fn standing(
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
     let name = members.get(&me).map(|m| m.name.clone());
-    run_keyed(
+    run_peer(
         key,
         RunArgs {
             key: PathBuf::new(),
@@ -79,7 +79,9 @@ pub(crate) async fn standing(
             json: false,
         },
         Some(members),
-        admission,
+        None,
+        None,
+        Some(admission),
     )
     .await
 }
@@ -95,16 +97,6 @@ pub async fn run_with(args: RunArgs, learner: Option<Box<dyn Learner>>) -> anyho
         (None, None) => bail!("give --members or --topology"),
     };
     run_peer(keypair, args, Some(members), topo, learner, None).await
-}
-
-/// A peer with no job of its own (`serve`).
-async fn run_keyed(
-    keypair: libp2p::identity::Keypair,
-    args: RunArgs,
-    members: Option<Members>,
-    admission: MakeAdmission,
-) -> anyhow::Result<()> {
-    run_peer(keypair, args, members, None, None, Some(admission)).await
 }
 
 /// The peer itself, its key and member table read.

@@ -46,17 +46,14 @@ pub async fn run(a: RoundsArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for &r in &a.rounds {
         let file = tmp.path().join(format!("rounds-{r}.toml"));
-        let mut s = format!(
-            "[job]\nname = \"rounds-{r}\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
-             [fedavg]\nrounds = {r}\nmin_clients = {}\nround_timeout_secs = 120\n\n\
-             [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 4\nelements = {elements}\nseed = 1\n\n\
-             [[member]]\nname = \"server\"\n",
-            a.clients
-        );
-        for i in 0..a.clients {
-            s.push_str(&format!("[[member]]\nname = \"c{i}\"\n"));
+        super::scale::AddOneJob {
+            clients: a.clients,
+            rounds: r,
+            timeout_secs: 120,
+            tensors: 4,
+            elements,
         }
-        std::fs::write(&file, s).with_context(|| format!("writing {}", file.display()))?;
+        .write(&file)?;
         eprintln!("sim of the add-one job, {} clients, {r} rounds ...", a.clients);
         let (summary, wall) = super::scale::sim_child(&file, a.timeout_secs).await?;
         let rss = summary["peak_rss_bytes"].as_u64().unwrap_or(0);

@@ -36,18 +36,42 @@ pub struct ScaleArgs {
     timeout_secs: u64,
 }
 
-/// Writes the add-one job for `n` clients.
-fn topology(path: &std::path::Path, n: usize, rounds: u32, timeout: u64) -> anyhow::Result<()> {
-    let mut s = format!(
-        "[job]\nname = \"scale-{n}\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
-         [fedavg]\nrounds = {rounds}\nmin_clients = {n}\nround_timeout_secs = {timeout}\n\n\
-         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 1\nelements = 1000\nseed = 1\n\n\
-         [[member]]\nname = \"server\"\n"
-    );
-    for i in 0..n {
-        s.push_str(&format!("[[member]]\nname = \"c{i}\"\n"));
+/// The add-one FedAvg job a `sim` benchmark runs: a controller and `clients` clients, all of
+/// which every round needs, with a model of `tensors` f32 tensors of `elements` values.
+pub(super) struct AddOneJob {
+    /// Clients (`c0`, `c1`, ...; the controller is `server`).
+    pub clients: usize,
+    /// Rounds.
+    pub rounds: u32,
+    /// Round timeout, in seconds.
+    pub timeout_secs: u64,
+    /// Tensors of the model.
+    pub tensors: usize,
+    /// Values per tensor.
+    pub elements: usize,
+}
+
+impl AddOneJob {
+    /// Writes the job as a topology file.
+    pub(super) fn write(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let Self {
+            clients,
+            rounds,
+            timeout_secs,
+            tensors,
+            elements,
+        } = self;
+        let mut s = format!(
+            "[job]\nname = \"addone-{clients}x{rounds}\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+             [fedavg]\nrounds = {rounds}\nmin_clients = {clients}\nround_timeout_secs = {timeout_secs}\n\n\
+             [learner]\nkind = \"add-one\"\n\n[model]\ntensors = {tensors}\nelements = {elements}\nseed = 1\n\n\
+             [[member]]\nname = \"server\"\n"
+        );
+        for i in 0..*clients {
+            s.push_str(&format!("[[member]]\nname = \"c{i}\"\n"));
+        }
+        std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
     }
-    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Round 0, the mean of the later rounds, and that mean per member.
@@ -107,7 +131,14 @@ pub(super) async fn sim_child(file: &std::path::Path, timeout_secs: u64) -> anyh
 /// One `sim` of `n` clients.
 async fn sim(dir: &std::path::Path, n: usize, a: &ScaleArgs) -> anyhow::Result<Value> {
     let file = dir.join(format!("scale-{n}.toml"));
-    topology(&file, n, a.rounds, a.timeout_secs)?;
+    AddOneJob {
+        clients: n,
+        rounds: a.rounds,
+        timeout_secs: a.timeout_secs,
+        tensors: 1,
+        elements: 1000,
+    }
+    .write(&file)?;
     let (summary, wall) = sim_child(&file, a.timeout_secs).await?;
     let (first, mean, per_member) = rounds(&summary["round_secs"], n);
     let rss = summary["peak_rss_bytes"].as_u64().unwrap_or(0);

@@ -41,7 +41,7 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     let asked = cfg
         .sample
         .as_ref()
-        .map_or(cfg.clients.len(), |s| s.clients_per_round.min(cfg.clients.len()));
+        .map_or(cfg.clients.len(), |s| s.per_round(cfg.clients.len()));
     check_min_clients(cfg.min_clients, asked).map_err(|why| FedAvgError::Config(format!("min_clients {why}")))?;
     // The global model lives in the blob store between rounds: the controller holds one
     // model-sized buffer at a time (the accumulator during a round).

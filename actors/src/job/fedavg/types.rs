@@ -49,10 +49,15 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// How many of `clients` clients a round asks.
+    pub fn per_round(&self, clients: usize) -> usize {
+        self.clients_per_round.min(clients)
+    }
+
     /// The clients round `round` asks, in the order `clients` lists them.
     pub fn pick(&self, clients: &[PeerId], round: u32) -> Vec<PeerId> {
         use rand::SeedableRng;
-        let k = self.clients_per_round.min(clients.len());
+        let k = self.per_round(clients.len());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (u64::from(round) << 32 | u64::from(round)));
         let mut picked = rand::seq::index::sample(&mut rng, clients.len(), k).into_vec();
         picked.sort_unstable();
