@@ -27,6 +27,8 @@ use crate::network::NetworkError;
 
 /// Announcements a job's controller side holds before its workflow reads them.
 const PROGRESS_QUEUE: usize = 64;
+/// Submitted or offered jobs being decided at once.
+const MAX_ADMISSIONS: usize = 16;
 /// Task results it holds before its workflow reads them (far more than tasks in flight; a
 /// member flooding results is answered `Busy` and waits, rather than queued without end).
 const RESULT_QUEUE: usize = 4096;
@@ -46,6 +48,8 @@ impl JobHost {
         let mut inbound = node.subscribe_ctl()?;
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let r = routes.clone();
+        // Bounded: a peer flooding submissions is answered `Busy`, not given a task each.
+        let admitting = Arc::new(tokio::sync::Semaphore::new(MAX_ADMISSIONS));
         let router = tokio::spawn(async move {
             while let Some(req) = inbound.recv().await {
                 let job = req.request.job.clone();
@@ -54,14 +58,18 @@ impl JobHost {
                     Request::Submit(j) | Request::Offer(j) => {
                         let admission = lock(&r).admission.clone();
                         let (from, reply) = (req.peer, req.reply);
-                        match admission {
+                        match (admission, admitting.clone().try_acquire_owned()) {
                             // Decided on a task of its own: the decision may ask other members.
-                            Some(admit) => {
+                            (Some(admit), Ok(permit)) => {
                                 tokio::spawn(async move {
                                     let _ = reply.send(admit(Submission { from, job: *j, offered }).await);
+                                    drop(permit);
                                 });
                             }
-                            None => {
+                            (Some(_), Err(_)) => {
+                                let _ = reply.send(crate::network::busy());
+                            }
+                            (None, _) => {
                                 let _ = reply.send(CtlResponse::Rejected {
                                     reason: NO_SUBMISSIONS.into(),
                                 });
