@@ -7,6 +7,7 @@ mod blob_transfer;
 mod child;
 mod cli;
 mod client_api;
+mod consortium;
 mod control;
 mod controller;
 mod cross_site;

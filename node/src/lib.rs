@@ -46,6 +46,11 @@ enum Command {
     Serve(site::ServeArgs),
     /// Sign a job file with your key and submit it to a running site; prints the job's id.
     Submit(site::submit::SubmitArgs),
+    /// List a running site's jobs: id, name, workflow, state, round, members.
+    Jobs(site::query::JobsArgs),
+    /// Show one job as each of its members sees it, with the learning curve and why it
+    /// failed where it did.
+    Status(site::query::StatusArgs),
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
     /// Run a topology's whole job on a local swarm in this process.
@@ -107,6 +112,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Init(args) => site::init(args),
             Command::Serve(args) => site::serve(args).await,
             Command::Submit(args) => site::submit::submit(args).await,
+            Command::Jobs(args) => site::query::jobs(args).await,
+            Command::Status(args) => site::query::status(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
@@ -122,4 +129,19 @@ pub(crate) async fn ctrl_c() {
         tracing::warn!(error = %e, "cannot listen for Ctrl-C");
         std::future::pending::<()>().await;
     }
+}
+
+/// Resolves, with why, when a member's part of a job must end early: Ctrl-C for `run` and
+/// `sim`, an abort for a site's job. Clones share it.
+pub(crate) type Stop = futures::future::Shared<futures::future::BoxFuture<'static, String>>;
+
+/// A [`Stop`] at the first Ctrl-C.
+pub(crate) fn on_ctrl_c() -> Stop {
+    use futures::FutureExt;
+    async {
+        ctrl_c().await;
+        "interrupted (Ctrl-C)".to_owned()
+    }
+    .boxed()
+    .shared()
 }

@@ -51,10 +51,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     run_with(args, None).await
 }
 
-/// Builds a site's admission once its node's network is up (the admission offers jobs to
-/// the other members through it).
-pub(crate) type MakeAdmission =
-    Box<dyn FnOnce(flare_actors::network::NetworkHandle) -> flare_actors::job::Admission + Send>;
+/// Builds a site's desk once its node and job host are up (the desk offers jobs to the
+/// other members through the node and runs its parts of jobs on the host).
+pub(crate) type MakeDesk = Box<dyn FnOnce(Arc<Node>, Arc<JobHost>) -> flare_actors::job::SiteDesk + Send>;
 
 /// A standing peer with `key` and `members`, listening on `listen`, its blobs under
 /// `data_dir`: what `flare-node serve` runs for a site.
@@ -63,7 +62,7 @@ pub(crate) async fn standing(
     members: Members,
     listen: Vec<Multiaddr>,
     data_dir: &std::path::Path,
-    admission: MakeAdmission,
+    desk: MakeDesk,
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
     let name = members.get(&me).map(|m| m.name.clone());
@@ -81,7 +80,7 @@ pub(crate) async fn standing(
         Some(members),
         None,
         None,
-        Some(admission),
+        Some(desk),
     )
     .await
 }
@@ -106,7 +105,7 @@ async fn run_peer(
     members: Option<Members>,
     topo: Option<Topology>,
     mut learner: Option<Box<dyn Learner>>,
-    admission: Option<MakeAdmission>,
+    desk: Option<MakeDesk>,
 ) -> anyhow::Result<()> {
     let me = keypair.public().to_peer_id();
     let members = members.unwrap_or_default();
@@ -148,17 +147,16 @@ async fn run_peer(
     let mut interrupt =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listening for Ctrl-C")?;
     tracing::info!(peer = %me, addrs = ?node.listen_addrs(), "flare-node running; Ctrl-C to stop");
-    // A site's standing peer decides on submitted jobs (kept while it runs).
-    let _submissions = match admission {
-        Some(make) => {
-            let host = JobHost::start(node.clone())?;
-            host.take_submissions(make(node.net().clone()));
-            Some(host)
-        }
-        None => None,
-    };
+    let host = Arc::new(JobHost::start(node.clone())?);
+    // A site's standing peer answers submitted jobs and queries, and runs its parts of jobs.
+    if let Some(make) = desk {
+        host.serve_site(make(node.clone(), host.clone()));
+    }
     let name = args.name.clone().unwrap_or_default();
-    let job = topo.map(|t| member_of_job(&node, t, &name, &args.data_dir, args.json, &mut learner));
+    let job = topo.map(|t| async {
+        let summary = member_of_job(&node, &host, t, &name, &args.data_dir, &mut learner, crate::on_ctrl_c()).await?;
+        summary.map_or(Ok(()), |s| crate::render::report(&s, args.json))
+    });
     let mut redial = tokio::time::interval(REDIAL_EVERY);
     let result = match job {
         // The job takes Ctrl-C itself: a controller must tell its clients before it exits.
@@ -184,23 +182,27 @@ async fn run_peer(
     result
 }
 
-/// This member's part of the topology's job: the controller runs the workflow once its
-/// clients have joined; a client joins and works until the controller ends the job.
-async fn member_of_job(
+/// This member's part of the topology's job, on `host`: the controller runs the workflow
+/// once its clients have joined; a client joins and works until the controller ends the job;
+/// a swarm member runs the same loop as every other. Ends early when `stop` resolves. Gives
+/// the job's summary where this member has one (controller, swarm member).
+pub(crate) async fn member_of_job(
     node: &Arc<Node>,
+    host: &JobHost,
     topo: Topology,
     name: &str,
     data_dir: &std::path::Path,
-    json: bool,
     given: &mut Option<Box<dyn Learner>>,
-) -> anyhow::Result<()> {
-    let host = JobHost::start(node.clone())?;
+    stop: crate::Stop,
+) -> anyhow::Result<Option<serde_json::Value>> {
     let setup = crate::job::Setup::new(&topo)?;
     let table = topo.member_table()?;
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
     let job = JobId(topo.job.clone());
     let Some(controller_name) = topo.controller.clone() else {
-        return swarm_member(node, &host, &topo, &setup, name, data_dir, json, given).await;
+        return swarm_member(node, host, &topo, &setup, name, data_dir, given, stop)
+            .await
+            .map(Some);
     };
     let controller = peer(&controller_name)?;
     let is_client = topo.clients.iter().any(|c| c == name);
@@ -221,14 +223,14 @@ async fn member_of_job(
     }
     if name == controller_name {
         let members: Vec<_> = table.iter().cloned().collect();
-        let comm = Communicator::new(&host, job.clone(), members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
+        let comm = Communicator::new(host, job.clone(), members, DEFAULT_CHUNK_SIZE, topo.spec_hash());
         let clients: Vec<PeerId> = topo.clients.iter().map(|c| peer(c)).collect::<Result<_, _>>()?;
         tracing::info!(clients = clients.len(), "waiting for the clients to join");
         // The controller's own executor (when it trains too) is there already.
         let others: Vec<PeerId> = clients.iter().copied().filter(|p| *p != controller).collect();
         let arrived = tokio::select! {
             a = comm.wait_for_joins(&others, topo.round_timeout) => a,
-            () = crate::ctrl_c() => bail!("interrupted while waiting for the clients to join"),
+            why = stop.clone() => bail!("{why} while waiting for the clients to join"),
         };
         let joined: Vec<PeerId> = clients
             .iter()
@@ -253,12 +255,12 @@ async fn member_of_job(
         }
         let checkpoints = data_dir.join("checkpoints");
         let (outcome, mut summary) =
-            crate::job::control(&host, comm, &topo, &setup, joined, Some(&checkpoints)).await?;
+            crate::job::control(host, comm, &topo, &setup, joined, Some(&checkpoints), stop).await?;
         // Only this process's counters are known here; each member logs its own at exit.
         summary["bytes_sent_per_member"] =
             serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
         crate::render::write_outputs(data_dir, &outcome, &summary)?;
-        return crate::render::report(&summary, json);
+        return Ok(Some(summary));
     }
     if !is_client {
         bail!(
@@ -277,11 +279,12 @@ async fn member_of_job(
         Ok(())
     };
     tokio::select! {
-        r = work => r,
-        () = crate::ctrl_c() => {
+        r = work => r.map(|()| None),
+        why = stop => {
             // The controller leaves this member out from now on, as it does a member that died.
-            tracing::info!("interrupted: leaving the job");
-            Ok(())
+            host.leave(&job);
+            tracing::info!(reason = %why, "leaving the job");
+            Ok(None)
         }
     }
 }
@@ -296,9 +299,9 @@ async fn swarm_member(
     setup: &crate::job::Setup,
     name: &str,
     data_dir: &std::path::Path,
-    json: bool,
     given: &mut Option<Box<dyn Learner>>,
-) -> anyhow::Result<()> {
+    stop: crate::Stop,
+) -> anyhow::Result<serde_json::Value> {
     let table = topo.member_table()?;
     // The rotation follows the topology's member order.
     let members: Vec<flare_actors::Member> = topo
@@ -322,7 +325,7 @@ async fn swarm_member(
         })
         .await
         .context("starting the controller")?;
-    let outcome = ctl.outcome_unless(crate::ctrl_c(), "interrupted (Ctrl-C)").await;
+    let outcome = ctl.outcome_unless(stop).await;
     host.leave(&job);
     let outcome = crate::job::swarm_outcome(outcome??, &members);
     let mut summary = crate::render::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
@@ -330,7 +333,7 @@ async fn swarm_member(
     summary["bytes_sent_per_member"] =
         serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });
     crate::render::write_outputs(data_dir, &outcome, &summary)?;
-    crate::render::report(&summary, json)
+    Ok(summary)
 }
 
 /// The learner given to [`run_with`], else the topology's.

@@ -219,8 +219,16 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         topo.spec_hash(),
     );
     let checkpoints = args.out.as_ref().map(|d| d.join("checkpoints"));
-    let (outcome, mut summary) =
-        crate::job::control(&hosts[controller], comm, &topo, &setup, clients, checkpoints.as_deref()).await?;
+    let (outcome, mut summary) = crate::job::control(
+        &hosts[controller],
+        comm,
+        &topo,
+        &setup,
+        clients,
+        checkpoints.as_deref(),
+        crate::on_ctrl_c(),
+    )
+    .await?;
     summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);
     // The whole simulation's peak resident set: every member's share of it.
     summary["peak_rss_bytes"] = serde_json::json!(crate::bench::peak_rss_bytes().ok());

@@ -219,6 +219,23 @@ pub enum Request {
     /// member checks the signature and its own policy as the first site did, and answers
     /// `Accepted` or `Rejected` with why.
     Offer(Box<crate::job::SignedJob>),
+    /// The site that took a submitted job tells each member that took its offer to start its
+    /// part. The job runs with `members` only (those that took it, in the job file's order),
+    /// so every member runs the same job whoever refused.
+    Launch {
+        /// The job's members that took it.
+        members: Vec<String>,
+    },
+    /// The site that was submitted a job tells the members that took its offer that the job
+    /// will not run (too many others refused it), with why.
+    Withdraw {
+        /// Why, naming who refused.
+        reason: String,
+    },
+    /// Asks a site for what it knows of its jobs (the request's `job` empty) or of one job,
+    /// answered [`CtlResponse::Jobs`]. Asked of one site about one job, the site asks the
+    /// job's other members too, so the answer has every member's view.
+    Jobs,
 }
 
 /// Where a job without a fixed controller stands: `round` rounds are done and their model is
@@ -278,6 +295,9 @@ pub enum CtlResponse {
         /// The least time to wait before asking again.
         retry_after_ms: u32,
     },
+    /// What sites know of their jobs (the answer to [`Request::Jobs`]): one entry per job
+    /// and site that reports it.
+    Jobs(Vec<crate::job::JobView>),
 }
 
 /// ciborium codec for libp2p request-response, with a hard frame cap. Counts the bytes it
@@ -462,6 +482,9 @@ mod tests {
                 ),
             (".{0,16}", any::<bool>()).prop_map(|(reason, failed)| Request::Abort { reason, failed }),
             Just(Request::Heartbeat),
+            proptest::collection::vec(".{0,8}", 0..4).prop_map(|members| Request::Launch { members }),
+            ".{0,16}".prop_map(|reason| Request::Withdraw { reason }),
+            Just(Request::Jobs),
             (
                 any::<u32>(),
                 blob_ref(),
@@ -505,6 +528,30 @@ mod tests {
             Just(CtlResponse::Ack),
             proptest::collection::vec(".{0,8}", 0..3).prop_map(|refused| CtlResponse::Taken { refused }),
             any::<u32>().prop_map(|retry_after_ms| CtlResponse::Busy { retry_after_ms }),
+            (
+                ".{0,8}",
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::btree_map(".{0,6}", -1e6f64..1e6, 0..3)
+            )
+                .prop_map(
+                    |(name, round, at, metrics)| CtlResponse::Jobs(vec![crate::job::JobView {
+                        id: JobId(format!("j{at:016x}")),
+                        name: name.clone(),
+                        workflow: "fedavg".into(),
+                        site: name,
+                        part: "client".into(),
+                        state: crate::job::JobState::Running,
+                        reason: String::new(),
+                        round,
+                        rounds: round.saturating_add(1),
+                        members: vec!["a".into(), "b".into()],
+                        submitter: "12D3KooW".into(),
+                        submitted_at_ms: at,
+                        updated_at_ms: at,
+                        metrics: vec![metrics],
+                    }])
+                ),
         ]
     }
 

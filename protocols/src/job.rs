@@ -101,6 +101,88 @@ impl SignedJob {
     }
 }
 
+/// Where a job stands at one site.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// The site took another site's offer and waits to be told to start.
+    Offered,
+    /// The site runs its part.
+    Running,
+    /// Its part ended with the job finished.
+    Finished,
+    /// Its part ended with the job failed (the reason says why).
+    Failed,
+    /// Stopped by someone with the right to (the reason says who).
+    Aborted,
+    /// The site, or enough of the job's members, refused it (the reason says who and why).
+    Refused,
+    /// Offered and taken here, but the job did not start (too many others refused it).
+    Withdrawn,
+}
+
+impl JobState {
+    /// Whether the state is final.
+    pub fn is_over(self) -> bool {
+        !matches!(self, Self::Offered | Self::Running)
+    }
+
+    /// The state as `jobs` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Offered => "offered",
+            Self::Running => "running",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+            Self::Aborted => "aborted",
+            Self::Refused => "refused",
+            Self::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One site's view of one job: what `flare-node jobs` and `status` print, and what a site
+/// keeps of each job it was handed.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct JobView {
+    /// The job.
+    pub id: JobId,
+    /// Its name in the job file.
+    pub name: String,
+    /// Its workflow.
+    pub workflow: String,
+    /// The site that reports this view.
+    pub site: String,
+    /// That site's part: "controller", "client", "controller+client" or "member" (swarm).
+    pub part: String,
+    /// Where the job stands there.
+    pub state: JobState,
+    /// Why it failed, was refused or withdrawn, or what it waits for; empty when nothing
+    /// needs saying.
+    pub reason: String,
+    /// Rounds completed, as far as that site knows.
+    pub round: u32,
+    /// Rounds the job runs.
+    pub rounds: u32,
+    /// The members it runs with (all it names until it starts).
+    pub members: Vec<String>,
+    /// The submitter's peer id.
+    pub submitter: String,
+    /// When it was submitted (milliseconds since the Unix epoch, the submitter's clock).
+    pub submitted_at_ms: u64,
+    /// When this view last changed (the reporting site's clock).
+    pub updated_at_ms: u64,
+    /// The global model's metrics after each round, where that site measures them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<std::collections::BTreeMap<String, f64>>,
+}
+
 fn signed_bytes(spec: &[u8], submitted_at_ms: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(DOMAIN.len() + 16 + spec.len());
     b.extend_from_slice(DOMAIN);

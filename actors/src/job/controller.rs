@@ -217,13 +217,14 @@ impl<R: Send + 'static> ControllerHandle<R> {
         r
     }
 
-    /// [`Self::outcome`], unless `stop` resolves first (e.g. Ctrl-C): then the job is
-    /// aborted with `reason` (the members are told) and this gives that outcome.
-    pub async fn outcome_unless(&mut self, stop: impl Future<Output = ()>, reason: &str) -> Result<R, ControllerError> {
+    /// [`Self::outcome`], unless `stop` resolves first (e.g. Ctrl-C, or an abort): then the
+    /// job is aborted with the reason it gives (the members are told) and this gives that
+    /// outcome.
+    pub async fn outcome_unless(&mut self, stop: impl Future<Output = String>) -> Result<R, ControllerError> {
         tokio::select! {
             r = self.outcome() => r,
-            () = stop => {
-                self.abort(reason);
+            reason = stop => {
+                self.abort(&reason);
                 self.outcome().await
             }
         }

@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 
 use tokio::sync::{mpsc, watch};
 
-use super::routes::{ControllerInbox, ControllerRoute, ExecutorRoute, Routes, Submission};
+use super::routes::{ControllerInbox, ControllerRoute, ExecutorRoute, Routes, SiteRequest};
 use super::supervisor::Supervisor;
 
 use super::communicator::Communicator;
@@ -27,8 +27,8 @@ use crate::network::NetworkError;
 
 /// Announcements a job's controller side holds before its workflow reads them.
 const PROGRESS_QUEUE: usize = 64;
-/// Submitted or offered jobs being decided at once.
-const MAX_ADMISSIONS: usize = 16;
+/// Site requests (submitted or offered jobs, queries) being answered at once.
+const MAX_SITE_REQUESTS: usize = 16;
 /// Task results it holds before its workflow reads them (far more than tasks in flight; a
 /// member flooding results is answered `Busy` and waits, rather than queued without end).
 const RESULT_QUEUE: usize = 4096;
@@ -49,35 +49,30 @@ impl JobHost {
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let r = routes.clone();
         // Bounded: a peer flooding submissions is answered `Busy`, not given a task each.
-        let admitting = Arc::new(tokio::sync::Semaphore::new(MAX_ADMISSIONS));
+        let answering = Arc::new(tokio::sync::Semaphore::new(MAX_SITE_REQUESTS));
         let router = tokio::spawn(async move {
             while let Some(req) = inbound.recv().await {
                 let job = req.request.job.clone();
-                let offered = matches!(req.request.body, Request::Offer(_));
-                match req.request.body {
-                    Request::Submit(j) | Request::Offer(j) => {
-                        let admission = lock(&r).admission.clone();
-                        let (from, reply) = (req.peer, req.reply);
-                        match (admission, admitting.clone().try_acquire_owned()) {
-                            // Decided on a task of its own: the decision may ask other members.
-                            (Some(admit), Ok(permit)) => {
-                                tokio::spawn(async move {
-                                    let _ = reply.send(admit(Submission { from, job: *j, offered }).await);
-                                    drop(permit);
-                                });
-                            }
-                            (Some(_), Err(_)) => {
-                                let _ = reply.send(crate::network::busy());
-                            }
-                            (None, _) => {
-                                let _ = reply.send(CtlResponse::Rejected {
-                                    reason: NO_SUBMISSIONS.into(),
-                                });
-                            }
-                        }
+                let body = req.request.body;
+                if !SiteRequest::is_for_site(&body) {
+                    let _ = req.reply.send(route(&r, req.peer, job, body));
+                    continue;
+                }
+                let desk = lock(&r).desk.clone();
+                let (from, reply) = (req.peer, req.reply);
+                match (desk, answering.clone().try_acquire_owned()) {
+                    // Answered on a task of its own: the answer may ask other members.
+                    (Some(desk), Ok(permit)) => {
+                        tokio::spawn(async move {
+                            let _ = reply.send(desk(SiteRequest { from, job, body }).await);
+                            drop(permit);
+                        });
                     }
-                    body => {
-                        let _ = req.reply.send(route(&r, req.peer, job, body));
+                    (Some(_), Err(_)) => {
+                        let _ = reply.send(crate::network::busy());
+                    }
+                    (None, _) => {
+                        let _ = reply.send(CtlResponse::Rejected { reason: NO_SITE.into() });
                     }
                 }
             }
@@ -200,9 +195,10 @@ impl JobHost {
         }
     }
 
-    /// Decides on jobs submitted to this node with `admission` (a site's standing peer).
-    pub fn take_submissions(&self, admission: super::routes::Admission) {
-        lock(&self.routes).admission = Some(admission);
+    /// Answers site requests (submitted jobs, offers, queries) with `desk`: a site's
+    /// standing peer.
+    pub fn serve_site(&self, desk: super::routes::SiteDesk) {
+        lock(&self.routes).desk = Some(desk);
     }
 
     /// Leaves `job`: its executor stops and its results are no longer taken.
@@ -238,8 +234,8 @@ impl Drop for JobHost {
     }
 }
 
-/// The answer of a node that takes no submitted jobs.
-const NO_SUBMISSIONS: &str = "this node takes no submitted jobs (a site's standing peer, `flare-node serve`, does)";
+/// The answer of a node that is not a site's standing peer to a site request.
+const NO_SITE: &str = "this node takes no submitted jobs (a site's standing peer, `flare-node serve`, does)";
 
 fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> CtlResponse {
     let not_joined = |job: &JobId| CtlResponse::Rejected {
@@ -333,10 +329,10 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             },
             None => not_joined(&job),
         },
-        // Decided by the router (see `JobHost::start`), never routed to a job.
-        Request::Submit(_) | Request::Offer(_) => CtlResponse::Rejected {
-            reason: NO_SUBMISSIONS.into(),
-        },
+        // Answered by the router (see `JobHost::start`), never routed to a job.
+        Request::Submit(_) | Request::Offer(_) | Request::Launch { .. } | Request::Withdraw { .. } | Request::Jobs => {
+            CtlResponse::Rejected { reason: NO_SITE.into() }
+        }
         Request::Heartbeat => {
             if r.executors.contains_key(&job) || r.controllers.contains_key(&job) {
                 CtlResponse::Ack

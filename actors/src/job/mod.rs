@@ -46,7 +46,7 @@ pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcom
 pub use fedavg::{Evaluator, FedAvgConfig, FedAvgError, FedAvgOutcome, RoundReport, Sampling};
 pub use flare_protocols::ctl::{Task, TaskKind};
 pub use host::JobHost;
-pub use routes::{Admission, Submission};
+pub use routes::{SiteDesk, SiteRequest};
 
 /// How a job ended for a member: what `flare-node run` reports, and whether it exits with an
 /// error (a job stopped early, or a member cut off from it, did not finish).

@@ -53,23 +53,34 @@ pub(crate) struct Routes {
     pub(crate) controllers: HashMap<JobId, ControllerRoute>,
     /// How each job this node was an executor of ended, for whoever asks after the end.
     pub(crate) ended: HashMap<JobId, Ending>,
-    /// What decides on submitted jobs (a site's standing peer); none: they are refused.
-    pub(crate) admission: Option<Admission>,
+    /// What answers a site's requests (a standing peer); none: they are refused.
+    pub(crate) desk: Option<SiteDesk>,
 }
 
-/// Decides on a job submitted or offered to this node: the answer goes back to the sender
-/// as it is (`Taken`, or `Rejected` with why). Runs on a task of its own: it may ask other
-/// members first.
-pub type Admission = std::sync::Arc<
-    dyn Fn(Submission) -> futures::future::BoxFuture<'static, flare_protocols::ctl::CtlResponse> + Send + Sync,
+/// Answers the requests only a site's standing peer takes (submitted and offered jobs,
+/// launches, withdrawals, queries: see [`SiteRequest::is_for_site`]): the answer goes back to
+/// the sender as it is. Runs on a task of its own: it may ask other members first.
+pub type SiteDesk = std::sync::Arc<
+    dyn Fn(SiteRequest) -> futures::future::BoxFuture<'static, flare_protocols::ctl::CtlResponse> + Send + Sync,
 >;
 
-/// A job handed to this node, and by whom.
-pub struct Submission {
-    /// The peer that sent it (the submitter, or the member that offers it).
+/// A request for a site's standing peer, and who sent it.
+pub struct SiteRequest {
+    /// The peer that sent it (a submitter, or another member).
     pub from: libp2p::PeerId,
-    /// The job.
-    pub job: flare_protocols::job::SignedJob,
-    /// Offered by a member that took it already (not submitted here).
-    pub offered: bool,
+    /// The job it is about (empty: all of them).
+    pub job: JobId,
+    /// What it asks.
+    pub body: flare_protocols::ctl::Request,
+}
+
+impl SiteRequest {
+    /// Whether a request is for a site's standing peer rather than for a job's actors.
+    pub fn is_for_site(body: &flare_protocols::ctl::Request) -> bool {
+        use flare_protocols::ctl::Request;
+        matches!(
+            body,
+            Request::Submit(_) | Request::Offer(_) | Request::Launch { .. } | Request::Withdraw { .. } | Request::Jobs
+        )
+    }
 }

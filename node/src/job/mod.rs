@@ -293,6 +293,7 @@ pub async fn control(
     setup: &Setup,
     clients: Vec<PeerId>,
     checkpoint_dir: Option<&Path>,
+    stop: crate::Stop,
 ) -> anyhow::Result<(JobOutcome, Value)> {
     let (t, s, c) = (topo.clone(), setup.clone(), clients.clone());
     let dir = checkpoint_dir.map(Path::to_owned);
@@ -321,9 +322,9 @@ pub async fn control(
         .start_controller(comm, clients, workflow)
         .await
         .context("starting the controller")?;
-    let (outcome, matrix, total_secs) = ctl
-        .outcome_unless(crate::ctrl_c(), "the controller was interrupted (Ctrl-C)")
-        .await??;
+    // Members are told the controller stopped, and why (e.g. "interrupted (Ctrl-C)").
+    let stopped = async { format!("the controller was {}", stop.await) };
+    let (outcome, matrix, total_secs) = ctl.outcome_unless(stopped).await??;
     let mut summary = summarize(topo, setup, &outcome, total_secs).await?;
     if let Some(m) = matrix {
         summary["cross_site"] = m;

@@ -1,21 +1,14 @@
-//! What a site's standing peer decides when a job is submitted to it: the signature, the
-//! job file, the consortium's members, then the site's own policy; then it offers the job to
-//! every other member the job names, each of which decides the same way by its own policy.
-//! The job is taken when enough members take it for its workflow to run (its controller and
-//! `min_clients` of its clients; every party of a split job); the submitter hears who refused
-//! and why, each refusal naming its site.
+//! What a site checks before it takes part in a job: the signature, the job file, the
+//! consortium's members, then the site's own policy; and whether the members that took a job
+//! are enough for its workflow to run (its controller and `min_clients` of its clients; every
+//! party of a split job). Each refusal names its site.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use flare_actors::Members;
-use flare_actors::job::{Admission, Submission};
-use flare_actors::network::NetworkHandle;
-use flare_protocols::ctl::{CtlRequest, CtlResponse, Request};
 use flare_protocols::job::SignedJob;
-use futures::FutureExt;
 
 use super::policy::{Ask, Policy};
 use crate::topology::{LearnerSpec, Topology, Workflow};
@@ -42,7 +35,8 @@ pub fn learner_name(t: &Topology) -> Result<&'static str, String> {
 /// Checks `signed`, submitted through `from`, against this site: the signature, the job
 /// file (as `flare-node submit` checked it before sending), that every member it names is in
 /// the consortium and this site is one of them, and this site's policy.
-pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob) -> Result<Topology, String> {
+/// `running` is how many jobs the site has taken and not finished.
+pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: usize) -> Result<Topology, String> {
     let site = &policy.name;
     let submitter = signed
         .verify()
@@ -67,18 +61,18 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob) -> Result<T
             learner,
             dataset: None,
             model_bytes: None,
-            running: 0,
+            running,
         })
         .map_err(|r| r.to_string())?;
     Ok(topo)
 }
 
-/// How long a site waits for the other members' answers to an offer.
+/// How long a site waits for the other members' answers to an offer or a launch.
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whether the job can run with the members that took it: its controller (if it has one)
 /// and at least `min_clients` of its clients; every party of a split job.
-fn enough(topo: &Topology, took: &HashSet<String>) -> bool {
+pub fn enough(topo: &Topology, took: &HashSet<String>) -> bool {
     if topo.controller.as_ref().is_some_and(|c| !took.contains(c)) {
         return false;
     }
@@ -87,89 +81,6 @@ fn enough(topo: &Topology, took: &HashSet<String>) -> bool {
         Workflow::Split(_) => clients == topo.clients.len(),
         _ => clients >= topo.min_clients.max(1),
     }
-}
-
-/// The admission a standing peer hands its job host: [`admit`]; then, for a job submitted
-/// here, the offers to the job's other members and the decision; for one offered by a
-/// member, a check that the member is one of the job's.
-pub fn admission(policy: Policy, members: Members, net: NetworkHandle) -> Admission {
-    let site = Arc::new((policy, members));
-    Arc::new(move |s: Submission| {
-        let (site, net) = (site.clone(), net.clone());
-        async move { decide(&site.0, &site.1, &net, s).await }.boxed()
-    })
-}
-
-async fn decide(policy: &Policy, members: &Members, net: &NetworkHandle, s: Submission) -> CtlResponse {
-    let id = s.job.id();
-    let refuse = |reason: String| {
-        tracing::warn!(job = %id, from = %s.from, %reason, "job refused");
-        CtlResponse::Rejected { reason }
-    };
-    let topo = match admit(policy, members, &s.job) {
-        Ok(t) => t,
-        Err(why) => return refuse(why),
-    };
-    if s.offered {
-        let by = members.get(&s.from).map(|m| m.name.clone());
-        if !by.as_ref().is_some_and(|n| topo.members.iter().any(|(m, _)| m == n)) {
-            return refuse(format!(
-                "{}: job {id} was offered by {}, who is not one of its members",
-                policy.name, s.from
-            ));
-        }
-        tracing::info!(job = %id, name = %topo.job, by = by.as_deref().unwrap_or("?"), "job offered and taken");
-        return CtlResponse::Taken { refused: vec![] };
-    }
-    // Submitted here: every other member the job names decides by its own policy.
-    let offers = topo
-        .members
-        .iter()
-        .filter(|(n, _)| *n != policy.name)
-        .filter_map(|(n, _)| members.by_name(n).cloned())
-        .map(|m| {
-            let req = CtlRequest {
-                job: id.clone(),
-                body: Request::Offer(Box::new(s.job.clone())),
-            };
-            async move {
-                (
-                    m.name.clone(),
-                    tokio::time::timeout(OFFER_TIMEOUT, net.request(m.peer_id, req)).await,
-                )
-            }
-        });
-    let mut took = HashSet::from([policy.name.clone()]);
-    let mut refused = Vec::new();
-    for (name, answer) in futures::future::join_all(offers).await {
-        match answer {
-            Ok(Ok(CtlResponse::Taken { .. } | CtlResponse::Accepted)) => {
-                took.insert(name);
-            }
-            Ok(Ok(CtlResponse::Rejected { reason })) => refused.push(reason),
-            Ok(Ok(other)) => refused.push(format!("{name}: answered {other:?}")),
-            Ok(Err(e)) => refused.push(format!("{name}: cannot be reached: {e}")),
-            Err(_) => refused.push(format!("{name}: no answer within {} s", OFFER_TIMEOUT.as_secs())),
-        }
-    }
-    if !enough(&topo, &took) {
-        return refuse(format!(
-            "job {id} cannot run without the members that refused it: {}",
-            refused.join("; ")
-        ));
-    }
-    tracing::info!(
-        job = %id,
-        name = %topo.job,
-        workflow = topo.workflow.name(),
-        members = took.len(),
-        refused = refused.len(),
-        "job taken"
-    );
-    for reason in &refused {
-        tracing::warn!(job = %id, %reason, "a member refused the job; it goes on without it");
-    }
-    CtlResponse::Taken { refused }
 }
 
 #[cfg(test)]
@@ -200,11 +111,11 @@ mod tests {
         let alice = Keypair::generate_ed25519();
         let (policy, members) = site(&alice.public().to_peer_id());
         let signed = SignedJob::sign(JOB.as_bytes().to_vec(), &alice, 5).expect("sign");
-        let topo = admit(&policy, &members, &signed).expect("admitted");
+        let topo = admit(&policy, &members, &signed, 0).expect("admitted");
         assert_eq!(topo.workflow.name(), "swarm");
         let mut tampered = signed;
         tampered.spec = JOB.replace("rounds = 2", "rounds = 200").into_bytes();
-        let e = admit(&policy, &members, &tampered).expect_err("tampered");
+        let e = admit(&policy, &members, &tampered, 0).expect_err("tampered");
         assert!(
             e.starts_with("lab-a: refused a job whose signature does not hold"),
             "{e}"
@@ -217,7 +128,7 @@ mod tests {
         let (policy, members) = site(&alice.public().to_peer_id());
         let sign = |t: String| SignedJob::sign(t.into_bytes(), &alice, 5).expect("sign");
         let elsewhere = JOB.replace("name = \"lab-a\"", "name = \"lab-c\"");
-        let e = admit(&policy, &members, &sign(elsewhere)).expect_err("unknown member");
+        let e = admit(&policy, &members, &sign(elsewhere), 0).expect_err("unknown member");
         assert!(
             e.contains("names member \"lab-c\", who is not in this consortium"),
             "{e}"
@@ -226,10 +137,11 @@ mod tests {
             &policy,
             &members,
             &sign(JOB.replace("kind = \"add-one\"", "kind = \"mlp\"\n")),
+            0,
         )
         .map(|_| ());
         assert_eq!(e, Ok(()), "the template allows every built-in learner");
-        let bad = admit(&policy, &members, &sign("not toml [".into())).expect_err("garbage");
+        let bad = admit(&policy, &members, &sign("not toml [".into()), 0).expect_err("garbage");
         assert!(bad.starts_with("lab-a: job j"), "{bad}");
     }
 }

@@ -5,11 +5,16 @@
 //! SITE_DIR/site.toml     the site's own policy (see `policy`): local and final
 //! SITE_DIR/members.toml  the consortium's member table (every site's name, peer id, address)
 //! SITE_DIR/store/        blobs
+//! SITE_DIR/jobs.redb     the site's job records (see `records`)
+//! SITE_DIR/jobs/<id>/    each job's data: checkpoints, the final model, results.json
 //! ```
 //! `flare-node init` writes the first three; `flare-node serve` runs the standing peer.
 
 pub mod admit;
+pub mod desk;
 pub mod policy;
+pub mod query;
+pub mod records;
 pub mod submit;
 
 use std::path::{Path, PathBuf};
@@ -146,8 +151,10 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         datasets = site.policy.datasets.len(),
         "site policy loaded"
     );
-    let (policy, members) = (site.policy.clone(), site.members.clone());
-    let admission: crate::run::MakeAdmission = Box::new(move |net| admit::admission(policy, members, net));
+    let records = records::Records::open(&site.dir.join("jobs.redb"))?;
+    let (policy, members, dir) = (site.policy.clone(), site.members.clone(), site.dir.clone());
+    let desk: crate::run::MakeDesk =
+        Box::new(move |node, host| desk::Desk::new(policy, members, dir, records, node, host).serve());
     // Submitters may connect (to submit) without being members of the consortium.
     let mut gate = site.members.clone();
     for s in &site.policy.submitters {
@@ -159,5 +166,5 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             });
         }
     }
-    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), admission).await
+    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), desk).await
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use flare_actors::{BlobStore, Members, Node, NodeConfig};
-use flare_protocols::ctl::{CtlRequest, CtlResponse, Request};
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
 use flare_protocols::job::SignedJob;
 
 use crate::topology::Topology;
@@ -17,18 +17,56 @@ use crate::topology::Topology;
 pub struct SubmitArgs {
     /// The job file (a topology file naming members, not their keys or addresses).
     job: PathBuf,
-    /// The submitter's key (made by `keygen` or `init`); the sites' policies name its peer id.
+    #[command(flatten)]
+    site: SiteArgs,
+}
+
+/// Which running site to ask, and as whom: shared by `submit`, `jobs` and `status`.
+#[derive(Args)]
+pub struct SiteArgs {
+    /// Your key (made by `keygen` or `init`); the sites' policies name its peer id.
     #[arg(long)]
     key: PathBuf,
-    /// The consortium's member table, where the site to submit to is found.
+    /// The consortium's member table, where the site to ask is found.
     #[arg(long)]
     members: PathBuf,
-    /// The member (a running `flare-node serve`) to submit to.
+    /// The member (a running `flare-node serve`) to ask.
     #[arg(long)]
     to: String,
     /// How long to wait for the site's answer, in seconds.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
+}
+
+impl SiteArgs {
+    /// The site's name.
+    pub fn site(&self) -> &str {
+        &self.to
+    }
+
+    /// Sends `body` about `job` to the site as the key's owner; the site's answer.
+    pub async fn ask(&self, job: JobId, body: Request) -> anyhow::Result<CtlResponse> {
+        let key = crate::keys::load_key(&self.key)?;
+        let members = Members::load(&self.members)?;
+        let site = members
+            .by_name(&self.to)
+            .cloned()
+            .with_context(|| format!("{}: no member named {:?}", self.members.display(), self.to))?;
+        let node = Node::start(NodeConfig {
+            keypair: key,
+            members: members.into(),
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+            store: BlobStore::memory(),
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+        })
+        .await?;
+        let ask = node.net().request(site.peer_id, CtlRequest { job, body });
+        let answer = tokio::time::timeout(Duration::from_secs(self.timeout_secs), ask).await;
+        node.net().shutdown();
+        answer
+            .with_context(|| format!("{} did not answer within {} s", self.to, self.timeout_secs))?
+            .with_context(|| format!("asking {}", self.to))
+    }
 }
 
 /// Signs and submits the job; prints its id on stdout once the site has taken it.
@@ -39,46 +77,19 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         bail!("{}: {why}", a.job.display());
     }
     let spec = std::fs::read(&a.job).with_context(|| format!("reading {}", a.job.display()))?;
-    let key = crate::keys::load_key(&a.key)?;
-    let members = Members::load(&a.members)?;
-    let site = members
-        .by_name(&a.to)
-        .cloned()
-        .with_context(|| format!("{}: no member named {:?}", a.members.display(), a.to))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let signed = SignedJob::sign(spec, &key, now)?;
+    let key = crate::keys::load_key(&a.site.key)?;
+    let signed = SignedJob::sign(spec, &key, super::records::now_ms())?;
     let id = signed.id();
-    let node = Node::start(NodeConfig {
-        keypair: key,
-        members: members.into(),
-        listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
-        store: BlobStore::memory(),
-        max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
-    })
-    .await?;
-    let ask = node.net().request(
-        site.peer_id,
-        CtlRequest {
-            job: id.clone(),
-            body: Request::Submit(Box::new(signed)),
-        },
-    );
-    let answer = tokio::time::timeout(Duration::from_secs(a.timeout_secs), ask)
-        .await
-        .with_context(|| format!("{} did not answer within {} s", a.to, a.timeout_secs))?;
-    node.net().shutdown();
-    match answer.with_context(|| format!("submitting to {}", a.to))? {
+    match a.site.ask(id.clone(), Request::Submit(Box::new(signed))).await? {
         CtlResponse::Taken { refused } => {
             for why in &refused {
                 eprintln!("refused by a member, the job goes on without it: {why}");
             }
-            eprintln!("{} took job {id} ({:?}, {})", a.to, topo.job, topo.workflow.name());
+            eprintln!("{} took job {id} ({:?}, {})", a.site.to, topo.job, topo.workflow.name());
             println!("{id}");
             Ok(())
         }
         CtlResponse::Rejected { reason } => bail!("job {id} refused: {reason}"),
-        other => bail!("{} answered {other:?}", a.to),
+        other => bail!("{} answered {other:?}", a.site.to),
     }
 }

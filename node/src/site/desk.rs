@@ -1,0 +1,507 @@
+//! A site's standing peer at work: it answers submitted and offered jobs, runs its parts of
+//! the jobs it took, and says where each stands.
+//!
+//! A job submitted here is checked ([`admit`]), then offered to every other member it names;
+//! each decides by its own policy and keeps the job as `offered`. If enough took it for its
+//! workflow to run, this site tells each of them to launch it with exactly the members that
+//! took it (so every member runs the same job, whoever refused), and starts its own part;
+//! otherwise it withdraws the offers and refuses the job, naming who refused and why. Every
+//! step is a record in the site's database ([`Records`]), so `flare-node jobs` is a read of
+//! it and a restart loses nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use flare_actors::job::{JobHost, SiteDesk, SiteRequest};
+use flare_actors::{Members, Node};
+use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
+use flare_protocols::job::{JobState, JobView, SignedJob};
+use futures::FutureExt;
+use libp2p::PeerId;
+use tracing::Instrument;
+
+use super::admit::{OFFER_TIMEOUT, admit, enough};
+use super::policy::{Policy, Role};
+use super::records::{Record, Records, now_ms};
+use crate::topology::Topology;
+
+/// How long a member keeps a job it took on offer before it gives up waiting for the launch.
+const LAUNCH_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A site's standing peer: its policy, the consortium, its records and the job parts it runs.
+pub struct Desk {
+    policy: Policy,
+    members: Members,
+    /// The site directory (job data goes in `jobs/<id>/`).
+    dir: PathBuf,
+    records: Records,
+    node: Arc<Node>,
+    host: Arc<JobHost>,
+    /// The parts of jobs running here, each with what stops it.
+    running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<String>>>>,
+}
+
+/// A refusal or failure, said to the asker as it is (it names this site).
+type Answer = Result<CtlResponse, String>;
+
+impl Desk {
+    /// The desk of a site whose node and job host are up.
+    pub fn new(
+        policy: Policy,
+        members: Members,
+        dir: PathBuf,
+        records: Records,
+        node: Arc<Node>,
+        host: Arc<JobHost>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            policy,
+            members,
+            dir,
+            records,
+            node,
+            host,
+            running: Mutex::default(),
+        })
+    }
+
+    /// What the job host calls with each site request.
+    pub fn serve(self: Arc<Self>) -> SiteDesk {
+        Arc::new(move |r: SiteRequest| {
+            let desk = self.clone();
+            async move { desk.answer(r).await }.boxed()
+        })
+    }
+
+    async fn answer(self: Arc<Self>, r: SiteRequest) -> CtlResponse {
+        let (id, from) = (r.job, r.from);
+        let answer = match r.body {
+            Request::Submit(j) => self.submitted(*j).await,
+            Request::Offer(j) => self.offered(from, *j),
+            Request::Launch { members } => self.launch(from, &id, &members),
+            Request::Withdraw { reason } => self.withdraw(from, &id, &reason),
+            Request::Jobs => self.jobs(from, &id).await,
+            other => Err(format!("{}: not a site request: {other:?}", self.policy.name)),
+        };
+        answer.unwrap_or_else(|reason| {
+            tracing::warn!(job = %id, from = %self.name_of(&from), %reason, "job refused");
+            CtlResponse::Rejected { reason }
+        })
+    }
+
+    /// A job submitted here: checked, offered to the other members, then launched with those
+    /// that took it, or refused naming who refused and why.
+    async fn submitted(self: &Arc<Self>, signed: SignedJob) -> Answer {
+        let id = signed.id();
+        let site = &self.policy.name;
+        if self.record(&id)?.is_some() {
+            return Err(format!("{site}: job {id} was submitted here already"));
+        }
+        let topo = self.check(&signed)?;
+        let offer = Request::Offer(Box::new(signed.clone()));
+        let others: Vec<String> = topo
+            .members
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| n != site)
+            .collect();
+        let mut took = HashSet::from([site.clone()]);
+        let mut refused = Vec::new();
+        for (name, answer) in self.ask_each(&id, &others, offer).await {
+            match answer {
+                Ok(CtlResponse::Taken { .. } | CtlResponse::Accepted) => {
+                    took.insert(name);
+                }
+                Ok(CtlResponse::Rejected { reason }) => refused.push(reason),
+                Ok(other) => refused.push(format!("{name}: answered {other:?}")),
+                Err(e) => refused.push(format!("{name}: {e}")),
+            }
+        }
+        if !enough(&topo, &took) {
+            let reason = format!(
+                "job {id} cannot run without the members that refused it: {}",
+                refused.join("; ")
+            );
+            let taken: Vec<String> = others.into_iter().filter(|n| took.contains(n)).collect();
+            let withdraw = Request::Withdraw { reason: reason.clone() };
+            for (name, answer) in self.ask_each(&id, &taken, withdraw).await {
+                if let Err(e) = answer {
+                    tracing::warn!(job = %id, member = %name, error = %e, "could not withdraw the offer");
+                }
+            }
+            self.put(&signed, &topo, JobState::Refused, &reason, all_members(&topo))?;
+            return Err(reason);
+        }
+        let members: Vec<String> = all_members(&topo).into_iter().filter(|n| took.contains(n)).collect();
+        self.put(&signed, &topo, JobState::Running, "", members.clone())?;
+        let launch = Request::Launch {
+            members: members.clone(),
+        };
+        let launched: Vec<String> = members.iter().filter(|n| *n != site).cloned().collect();
+        for (name, answer) in self.ask_each(&id, &launched, launch).await {
+            match answer {
+                Ok(CtlResponse::Accepted) => {}
+                Ok(CtlResponse::Rejected { reason }) => refused.push(reason),
+                Ok(other) => refused.push(format!("{name}: answered the launch with {other:?}")),
+                Err(e) => refused.push(format!("{name}: did not start: {e}")),
+            }
+        }
+        tracing::info!(
+            job = %id,
+            name = %topo.job,
+            workflow = topo.workflow.name(),
+            members = members.len(),
+            refused = refused.len(),
+            "job taken"
+        );
+        for reason in &refused {
+            tracing::warn!(job = %id, %reason, "a member refused the job; it goes on without it");
+        }
+        self.start(&id, topo, &members)?;
+        Ok(CtlResponse::Taken { refused })
+    }
+
+    /// A job another member took and offers here: checked the same way, then kept until that
+    /// member launches or withdraws it.
+    fn offered(self: &Arc<Self>, from: PeerId, signed: SignedJob) -> Answer {
+        let id = signed.id();
+        let site = &self.policy.name;
+        if let Some(r) = self.record(&id)? {
+            return match r.view.state {
+                JobState::Offered => Ok(CtlResponse::Taken { refused: vec![] }),
+                state => Err(format!("{site}: job {id} is {state} here already")),
+            };
+        }
+        let topo = self.check(&signed)?;
+        let by = self.members.get(&from).map(|m| m.name.clone());
+        if !by.as_ref().is_some_and(|n| topo.members.iter().any(|(m, _)| m == n)) {
+            return Err(format!(
+                "{site}: job {id} was offered by {from}, who is not one of its members"
+            ));
+        }
+        self.put(&signed, &topo, JobState::Offered, "", all_members(&topo))?;
+        tracing::info!(job = %id, name = %topo.job, by = by.as_deref().unwrap_or("?"), "job offered and taken");
+        // An offer nobody launches (its sender died) does not stay `offered` for ever.
+        let desk = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LAUNCH_WAIT).await;
+            let reason = format!("no member launched it within {} s of the offer", LAUNCH_WAIT.as_secs());
+            desk.settle(&id, JobState::Offered, JobState::Withdrawn, &reason);
+        });
+        Ok(CtlResponse::Taken { refused: vec![] })
+    }
+
+    /// The member that offered a job tells this site to start its part, with the members
+    /// that took the job.
+    fn launch(self: &Arc<Self>, from: PeerId, id: &JobId, members: &[String]) -> Answer {
+        let site = &self.policy.name;
+        let record = self
+            .record(id)?
+            .ok_or_else(|| format!("{site}: job {id} was never offered here"))?;
+        if record.view.state != JobState::Offered {
+            return Err(format!(
+                "{site}: job {id} is {} here, not waiting to start",
+                record.view.state
+            ));
+        }
+        let topo = parse(&record.signed).map_err(|e| format!("{site}: {e}"))?;
+        let by = self.name_of(&from);
+        if !topo.members.iter().any(|(n, _)| *n == by) {
+            return Err(format!("{site}: {by} is not a member of job {id} and cannot launch it"));
+        }
+        if let Some(n) = members.iter().find(|n| !topo.members.iter().any(|(m, _)| m == *n)) {
+            return Err(format!(
+                "{site}: the launch of job {id} names {n:?}, who is not one of its members"
+            ));
+        }
+        if !members.contains(site) {
+            return Err(format!("{site}: the launch of job {id} leaves this site out"));
+        }
+        let members: Vec<String> = all_members(&topo).into_iter().filter(|n| members.contains(n)).collect();
+        self.records
+            .update(&id.0, |v| {
+                v.state = JobState::Running;
+                v.members.clone_from(&members);
+            })
+            .map_err(|e| format!("{site}: {e}"))?;
+        self.start(id, topo, &members)?;
+        Ok(CtlResponse::Accepted)
+    }
+
+    /// The member that offered a job says it will not run after all.
+    fn withdraw(&self, from: PeerId, id: &JobId, reason: &str) -> Answer {
+        let by = self.name_of(&from);
+        let record = self.record(id)?;
+        if !record.is_some_and(|r| r.view.members.contains(&by)) {
+            return Err(format!("{}: {by} cannot withdraw job {id}", self.policy.name));
+        }
+        self.settle(id, JobState::Offered, JobState::Withdrawn, reason);
+        Ok(CtlResponse::Ack)
+    }
+
+    /// This site's jobs (or one job, with every member's view when a user asks), as far as
+    /// the asker may see them: members of the consortium and admins see all, researchers
+    /// their own.
+    async fn jobs(&self, from: PeerId, id: &JobId) -> Answer {
+        let site = &self.policy.name;
+        let member = self.members.contains(&from);
+        let submitter = self.policy.submitters.iter().find(|s| s.peer_id == from);
+        if !member && submitter.is_none() {
+            return Err(format!("{site}: {from} may not see this site's jobs"));
+        }
+        let all = member || submitter.is_some_and(|s| s.role == Role::Admin);
+        let visible = |v: &JobView| all || v.submitter == from.to_string();
+        if id.0.is_empty() {
+            let records = self.records.all().map_err(|e| format!("{site}: {e}"))?;
+            return Ok(CtlResponse::Jobs(
+                records.into_iter().map(|r| r.view).filter(visible).collect(),
+            ));
+        }
+        let Some(own) = self.record(id)?.map(|r| r.view).filter(visible) else {
+            return Err(format!("{site}: no job {id} here"));
+        };
+        let mut views = vec![own.clone()];
+        if !member {
+            // A user asks: every other member of the job says where it stands there.
+            let others: Vec<String> = own.members.iter().filter(|n| *n != site).cloned().collect();
+            for (name, answer) in self.ask_each(id, &others, Request::Jobs).await {
+                match answer {
+                    Ok(CtlResponse::Jobs(v)) => views.extend(v.into_iter().filter(|v| v.id == *id)),
+                    Ok(other) => tracing::debug!(member = %name, ?other, "no view of the job"),
+                    Err(e) => tracing::debug!(member = %name, error = %e, "no view of the job"),
+                }
+            }
+        }
+        Ok(CtlResponse::Jobs(views))
+    }
+
+    /// Starts this site's part of job `id` with `members` (those that took it); its record
+    /// follows the part to its end.
+    fn start(self: &Arc<Self>, id: &JobId, mut topo: Topology, members: &[String]) -> Result<(), String> {
+        let site = self.policy.name.clone();
+        topo.members.retain(|(n, _)| members.contains(n));
+        topo.clients.retain(|n| members.contains(n));
+        for (name, m) in &mut topo.members {
+            *m = self.members.by_name(name).cloned();
+        }
+        topo.job = id.0.clone();
+        let dir = self.dir.join("jobs").join(&id.0);
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<String>);
+        self.running().insert(id.0.clone(), tx);
+        let stop: crate::Stop = async move {
+            let why = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|w| w.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                // The desk is gone: nothing stops the part but its own end.
+                Err(_) => std::future::pending().await,
+            }
+        }
+        .boxed()
+        .shared();
+        let (desk, id) = (self.clone(), id.clone());
+        let span = tracing::info_span!("job", job = %id, site = %site);
+        tokio::spawn(
+            async move {
+                let ended = crate::run::member_of_job(&desk.node, &desk.host, topo, &site, &dir, &mut None, stop).await;
+                desk.ended(&id, ended);
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
+    /// Records how this site's part of job `id` ended.
+    fn ended(&self, id: &JobId, ended: anyhow::Result<Option<serde_json::Value>>) {
+        let stopped = self.running().remove(&id.0).and_then(|tx| tx.borrow().clone());
+        let (state, reason, summary) = match (ended, stopped) {
+            (_, Some(why)) => (JobState::Aborted, why, None),
+            (Ok(Some(s)), None) if s["verified"].as_bool() == Some(false) => (
+                JobState::Failed,
+                "the add-one result is not initial + the number of training steps".to_owned(),
+                Some(s),
+            ),
+            (Ok(s), None) => (JobState::Finished, String::new(), s),
+            (Err(e), None) => (JobState::Failed, format!("{e:#}"), None),
+        };
+        tracing::info!(job = %id, %state, %reason, "this site's part of the job ended");
+        let done = self.records.update(&id.0, |v| {
+            v.state = state;
+            v.reason = reason;
+            match &summary {
+                Some(s) => {
+                    v.round = s["round_secs"].as_array().map_or(v.round, |r| r.len() as u32);
+                    v.metrics = global_metrics(s);
+                }
+                // A client's part ends finished when the controller finished every round.
+                None if state == JobState::Finished => v.round = v.rounds,
+                None => {}
+            }
+        });
+        if let Err(e) = done {
+            tracing::error!(job = %id, error = %e, "cannot record the job's end");
+        }
+    }
+
+    /// Moves job `id` from `from` to `to` with `reason`, if it is still at `from`.
+    fn settle(&self, id: &JobId, from: JobState, to: JobState, reason: &str) {
+        let r = self.records.update(&id.0, |v| {
+            if v.state == from {
+                v.state = to;
+                reason.clone_into(&mut v.reason);
+            }
+        });
+        if let Err(e) = r {
+            tracing::error!(job = %id, error = %e, "cannot record the job's state");
+        }
+    }
+
+    /// [`admit`], with the jobs this site has taken and not finished; a job refused here is
+    /// recorded (with why) once its signature holds.
+    fn check(&self, signed: &SignedJob) -> Result<Topology, String> {
+        let site = &self.policy.name;
+        let taken = self
+            .records
+            .all()
+            .map_err(|e| format!("{site}: {e}"))?
+            .iter()
+            .filter(|r| !r.view.state.is_over())
+            .count();
+        admit(&self.policy, &self.members, signed, taken).inspect_err(|why| {
+            if signed.verify().is_ok()
+                && let Ok(topo) = parse(signed)
+                && let Err(e) = self.put(signed, &topo, JobState::Refused, why, all_members(&topo))
+            {
+                tracing::error!(error = %e, "cannot record a refused job");
+            }
+        })
+    }
+
+    /// Writes a new record of `signed` (this site's view of it).
+    fn put(
+        &self,
+        signed: &SignedJob,
+        topo: &Topology,
+        state: JobState,
+        reason: &str,
+        members: Vec<String>,
+    ) -> Result<(), String> {
+        let site = &self.policy.name;
+        let part = match (&topo.controller, topo.clients.contains(site)) {
+            (None, _) => "member",
+            (Some(c), true) if c == site => "controller+client",
+            (Some(c), false) if c == site => "controller",
+            _ => "client",
+        };
+        let record = Record {
+            view: JobView {
+                id: signed.id(),
+                name: topo.job.clone(),
+                workflow: topo.workflow.name().to_owned(),
+                site: site.clone(),
+                part: part.to_owned(),
+                state,
+                reason: reason.to_owned(),
+                round: 0,
+                rounds: topo.rounds,
+                members,
+                submitter: signed.verify().map(|p| p.to_string()).unwrap_or_default(),
+                submitted_at_ms: signed.submitted_at_ms,
+                updated_at_ms: now_ms(),
+                metrics: vec![],
+            },
+            signed: signed.clone(),
+        };
+        self.records.put(&record).map_err(|e| format!("{site}: {e}"))
+    }
+
+    fn record(&self, id: &JobId) -> Result<Option<Record>, String> {
+        self.records
+            .get(&id.0)
+            .map_err(|e| format!("{}: {e}", self.policy.name))
+    }
+
+    /// Sends `body` about job `id` to each named member at once; each answer (or why there
+    /// is none) with the member's name.
+    async fn ask_each(
+        &self,
+        id: &JobId,
+        names: &[String],
+        body: Request,
+    ) -> Vec<(String, Result<CtlResponse, String>)> {
+        let asks = names.iter().map(|name| {
+            let req = CtlRequest {
+                job: id.clone(),
+                body: body.clone(),
+            };
+            let peer = self.members.by_name(name).map(|m| m.peer_id);
+            async move {
+                let Some(peer) = peer else {
+                    return (name.clone(), Err("not in this consortium".to_owned()));
+                };
+                let answer = match tokio::time::timeout(OFFER_TIMEOUT, self.node.net().request(peer, req)).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => Err(format!("cannot be reached: {e}")),
+                    Err(_) => Err(format!("no answer within {} s", OFFER_TIMEOUT.as_secs())),
+                };
+                (name.clone(), answer)
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::watch::Sender<Option<String>>>> {
+        // Nothing is left half-changed under this lock: a poisoned one is still good.
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn name_of(&self, peer: &PeerId) -> String {
+        self.members
+            .get(peer)
+            .map(|m| m.name.clone())
+            .or_else(|| {
+                self.policy
+                    .submitters
+                    .iter()
+                    .find(|s| s.peer_id == *peer)
+                    .map(|s| s.name.clone())
+            })
+            .unwrap_or_else(|| peer.to_string())
+    }
+}
+
+/// The job file, parsed (its signature checked by whoever calls this).
+fn parse(signed: &SignedJob) -> Result<Topology, String> {
+    let text = std::str::from_utf8(&signed.spec).map_err(|_| "the job spec is not UTF-8 text".to_owned())?;
+    Topology::parse(std::path::Path::new(&format!("job {}", signed.id())), text).map_err(|e| e.to_string())
+}
+
+/// The members a job names, in its file's order.
+fn all_members(topo: &Topology) -> Vec<String> {
+    topo.members.iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// The global model's metrics after each round, from a job's summary.
+fn global_metrics(summary: &serde_json::Value) -> Vec<BTreeMap<String, f64>> {
+    summary["global"]
+        .as_array()
+        .map(|rounds| {
+            rounds
+                .iter()
+                .map(|r| {
+                    r.as_object()
+                        .map(|o| {
+                            o.iter()
+                                .filter(|(k, _)| *k != "round")
+                                .filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f)))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

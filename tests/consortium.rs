@@ -1,0 +1,415 @@
+//! A standing consortium as its operators and researchers meet it: sites made by `init`,
+//! run by `serve` (each its own process), jobs signed and sent by `submit`, watched with
+//! `jobs` and `status`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cli::{Running, cli, peer_id_in, text};
+
+#[test]
+fn init_writes_a_site_that_serve_runs_until_ctrl_c() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let site = dir.path().join("lab-a");
+    let s = site.to_str().expect("utf8");
+    let out = cli(&["init", s, "--name", "lab-a", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = peer_id_in(&out);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(site.join("key")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is the site's alone");
+    let policy = std::fs::read_to_string(site.join("site.toml")).expect("site.toml");
+    assert!(policy.contains(&id) && policy.contains("role = \"admin\""), "{policy}");
+    let members = std::fs::read_to_string(site.join("members.toml")).expect("members.toml");
+    assert!(
+        members.contains(&id) && members.contains("name = \"lab-a\""),
+        "{members}"
+    );
+    let again = cli(&["init", s, "--name", "lab-a"]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already exists; pass --force"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let mut serve = Running::start(&["serve", s]);
+    serve.wait_for(&["site policy loaded", "site=lab-a"]);
+    serve.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
+    serve.wait_for(&["Ctrl-C to stop"]);
+    serve.ctrl_c();
+    let (ok, log) = serve.finish(30);
+    assert!(ok, "serve stops cleanly on Ctrl-C:\n{log}");
+    assert!(
+        site.join("store/blobs").is_dir(),
+        "the site keeps its blobs in its own store"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_site_naming_the_file_and_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let site = dir.path().join("lab-b");
+    let s = site.to_str().expect("utf8");
+    assert!(cli(&["init", s, "--name", "lab-b"]).status.success());
+    let policy = site.join("site.toml");
+    let good = std::fs::read_to_string(&policy).expect("site.toml");
+    std::fs::write(&policy, good.replace("concurrent_jobs = 4", "concurrent_jobs = 0")).expect("write");
+    let out = cli(&["serve", s]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("site.toml: line") && err.contains("field `limits.concurrent_jobs`: must be at least 1"),
+        "{err}"
+    );
+    std::fs::write(&policy, good.replace("name = \"lab-b\"", "name = \"lab-c\"")).expect("write");
+    let out = cli(&["serve", s]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("members.toml does not list this site (\"lab-c\""), "{err}");
+}
+
+/// A FedAvg add-one job on the sites `names` (the first the controller), as a job file.
+fn site_job(names: &[&str], learner: &str) -> String {
+    let mut s = format!(
+        "[job]\nname = \"on-sites\"\nworkflow = \"fedavg\"\ncontroller = \"{}\"\nclients = [{}]\n\n\
+         [fedavg]\nrounds = 2\nmin_clients = 1\n\n[learner]\nkind = \"{learner}\"\n\n",
+        names[0],
+        names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+    );
+    for n in names {
+        s.push_str(&format!("[[member]]\nname = \"{n}\"\n"));
+    }
+    s
+}
+
+#[test]
+fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_saying_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
+    assert!(
+        cli(&["init", &p("lab-a"), "--name", "lab-a", "--listen", &addr])
+            .status
+            .success()
+    );
+    let lab_b = peer_id_in(&cli(&["init", &p("lab-b"), "--name", "lab-b"]));
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    // lab-a lets alice submit, runs add-one but not the MLP, and knows lab-b as a member.
+    let policy = std::fs::read_to_string(p("lab-a/site.toml")).expect("site.toml");
+    let policy = policy.replace(
+        "builtin = [\"add-one\", \"mlp\", \"tch-mlp\", \"tch-cnn\", \"split\"]",
+        "builtin = [\"add-one\"]",
+    ) + &format!("\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\nrole = \"researcher\"\n");
+    std::fs::write(p("lab-a/site.toml"), policy).expect("write");
+    let mut members = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p("lab-a/members.toml"))
+        .expect("members");
+    std::io::Write::write_all(
+        &mut members,
+        format!("[[member]]\nname = \"lab-b\"\npeer_id = \"{lab_b}\"\naddrs = []\n").as_bytes(),
+    )
+    .expect("append");
+    let ab = ["lab-a", "lab-b"];
+    std::fs::write(p("addone.toml"), site_job(&ab, "add-one")).expect("job");
+    std::fs::write(p("mlp.toml"), site_job(&ab, "mlp")).expect("job");
+    std::fs::write(p("stranger.toml"), site_job(&["lab-a", "lab-b", "lab-x"], "add-one")).expect("job");
+    std::fs::write(
+        p("broken.toml"),
+        site_job(&ab, "add-one").replace("rounds = 2", "rounds = 0"),
+    )
+    .expect("job");
+
+    let mut site = Running::start(&["serve", &p("lab-a")]);
+    site.wait_for(&["listening", &addr]);
+    site.wait_for(&["Ctrl-C to stop"]);
+    let submit = |job: &str, key: &str| {
+        cli(&[
+            "submit",
+            &p(job),
+            "--key",
+            key,
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            "lab-a",
+        ])
+    };
+    let ok = submit("addone.toml", &p("alice.key"));
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let id = text(&ok.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with('j') && w.len() == 17)
+        .expect("the job id")
+        .to_owned();
+    site.wait_for(&["job taken", &id]);
+
+    let refused = |job: &str, key: &str, says: &str| {
+        let out = submit(job, key);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{job}: {err}");
+    };
+    refused(
+        "addone.toml",
+        &p("lab-b/key"),
+        &format!("lab-a: submitter {lab_b} is not allowed to submit jobs here"),
+    );
+    refused(
+        "mlp.toml",
+        &p("alice.key"),
+        "lab-a: learner \"mlp\" is not registered here",
+    );
+    refused(
+        "stranger.toml",
+        &p("alice.key"),
+        "lab-a: the job names member \"lab-x\", who is not in this consortium",
+    );
+    // A malformed job never leaves the submitter's machine: file, line and field are named.
+    refused(
+        "broken.toml",
+        &p("alice.key"),
+        "broken.toml: line 8: field `fedavg.rounds`: must be at least 1",
+    );
+    site.ctrl_c();
+    let (ok, log) = site.finish(30);
+    assert!(ok, "{log}");
+    assert_eq!(log.matches("job refused").count(), 3, "{log}");
+}
+
+/// `n` sites, each initialised and listening on a port of its own, every one's members.toml
+/// the whole consortium; returns their names.
+fn consortium(dir: &Path, names: &[&str]) {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let mut table = String::new();
+    for n in names {
+        let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
+        assert!(cli(&["init", &p(n), "--name", n, "--listen", &addr]).status.success());
+        let own = std::fs::read_to_string(dir.join(n).join("members.toml")).expect("members");
+        table.push_str(&own);
+    }
+    for n in names {
+        std::fs::write(dir.join(n).join("members.toml"), &table).expect("members");
+    }
+}
+
+/// Lets the key with `peer_id` submit jobs at site `n`.
+fn allow(dir: &Path, n: &str, who: &str, peer_id: &str) {
+    let path = dir.join(n).join("site.toml");
+    let mut policy = std::fs::read_to_string(&path).expect("site.toml");
+    policy.push_str(&format!("\n[[submitter]]\nname = \"{who}\"\npeer_id = \"{peer_id}\"\n"));
+    std::fs::write(path, policy).expect("write");
+}
+
+#[test]
+fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_refused_and_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    let bob = peer_id_in(&cli(&["keygen", "--out", &p("bob.key")]));
+    // alice may submit at lab-a and lab-b, bob at lab-a only; lab-c takes neither.
+    allow(dir.path(), "lab-a", "alice", &alice);
+    allow(dir.path(), "lab-b", "alice", &alice);
+    allow(dir.path(), "lab-a", "bob", &bob);
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let job = |min: usize| site_job(&sites, "add-one").replace("min_clients = 1", &format!("min_clients = {min}"));
+    std::fs::write(p("one.toml"), job(1)).expect("job");
+    std::fs::write(p("three.toml"), job(3)).expect("job");
+    let submit = |job: &str, key: &str| {
+        cli(&[
+            "submit",
+            &p(job),
+            "--key",
+            &p(key),
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            "lab-a",
+        ])
+    };
+    let lab_c_says = format!("lab-c: submitter {alice} is not allowed to submit jobs here");
+    // Enough members take it: it goes on, and the submitter hears who did not, and why.
+    let out = submit("one.toml", "alice.key");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refused by a member, the job goes on without it: {lab_c_says}"
+        )),
+        "{err}"
+    );
+    // Not enough: the job is refused, naming each site that refused and its reason.
+    let out = submit("three.toml", "alice.key");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot run without the members that refused it") && err.contains(&lab_c_says),
+        "{err}"
+    );
+    let out = submit("three.toml", "bob.key");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    for site in ["lab-b", "lab-c"] {
+        assert!(
+            err.contains(&format!("{site}: submitter {bob} is not allowed to submit jobs here")),
+            "{err}"
+        );
+    }
+    let logs: Vec<String> = running
+        .into_iter()
+        .map(|r| {
+            r.ctrl_c();
+            let (ok, log) = r.finish(30);
+            assert!(ok, "{log}");
+            log
+        })
+        .collect();
+    assert_eq!(logs[1].matches("job offered and taken").count(), 2, "{}", logs[1]);
+    assert_eq!(logs[2].matches("job refused").count(), 3, "{}", logs[2]);
+}
+
+/// A swarm add-one job on the sites `names`, as a job file.
+fn swarm_job(names: &[&str], rounds: u32) -> String {
+    let mut s = format!(
+        "[job]\nname = \"swarm-on-sites\"\nworkflow = \"swarm\"\n\n[swarm]\nrounds = {rounds}\nmin_clients = {}\n\n\
+         [learner]\nkind = \"add-one\"\n\n",
+        names.len()
+    );
+    for n in names {
+        s.push_str(&format!("[[member]]\nname = \"{n}\"\n"));
+    }
+    s
+}
+
+/// The job id `submit` printed.
+fn job_id(out: &std::process::Output) -> String {
+    text(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with('j') && w.len() == 17)
+        .unwrap_or_else(|| panic!("no job id in {:?} ({})", text(&out.stdout), text(&out.stderr)))
+        .to_owned()
+}
+
+/// `flare-node jobs --json` at `site`, as `key`.
+fn jobs_at(dir: &Path, site: &str, key: &str) -> Vec<serde_json::Value> {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let out = cli(&[
+        "jobs",
+        "--key",
+        &p(key),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        site,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_owned);
+    let v: serde_json::Value = serde_json::from_str(&last.expect("a JSON line")).expect("JSON");
+    v["jobs"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c", "lab-d"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+    }
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    std::fs::write(
+        p("fedavg.toml"),
+        site_job(&sites, "add-one").replace("rounds = 2", "rounds = 3"),
+    )
+    .expect("job");
+    std::fs::write(p("swarm.toml"), swarm_job(&sites, 3)).expect("job");
+    let submit = |job: String, to: &'static str| {
+        let (job, members, key) = (p(&job), p("lab-a/members.toml"), p("alice.key"));
+        std::thread::spawn(move || cli(&["submit", &job, "--key", &key, "--members", &members, "--to", to]))
+    };
+    // Submitted at the same time, to two different sites.
+    let (fedavg, swarm) = (
+        submit("fedavg.toml".into(), "lab-a"),
+        submit("swarm.toml".into(), "lab-c"),
+    );
+    let (fedavg, swarm) = (
+        job_id(&fedavg.join().expect("submit")),
+        job_id(&swarm.join().expect("submit")),
+    );
+    // Both finish on every site (bounded: each is a few seconds of work).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = jobs_at(dir.path(), "lab-b", "alice.key");
+        let state = |id: &str| {
+            jobs.iter()
+                .find(|j| j["id"] == id)
+                .map(|j| j["state"].as_str().unwrap_or_default().to_owned())
+        };
+        let (a, b) = (state(&fedavg), state(&swarm));
+        if a.as_deref() == Some("finished") && b.as_deref() == Some("finished") {
+            break;
+        }
+        assert!(
+            !matches!(a.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn"))
+                && !matches!(b.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn")),
+            "{jobs:?}"
+        );
+        assert!(Instant::now() < deadline, "not finished within 120 s: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Each site keeps each job's outputs apart; the add-one results are exact.
+    let results = |site: &str, id: &str| -> serde_json::Value {
+        let path = dir.path().join(site).join("jobs").join(id).join("results.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("results.json")
+    };
+    assert_eq!(results("lab-a", &fedavg)["summary"]["verified"], true);
+    for s in sites {
+        assert_eq!(results(s, &swarm)["summary"]["verified"], true, "{s}");
+    }
+    // `status` asked of one site gathers every member's view of the job.
+    let out = cli(&[
+        "status",
+        &fedavg,
+        "--key",
+        &p("alice.key"),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        "lab-d",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_owned);
+    let status: serde_json::Value = serde_json::from_str(&last.expect("JSON")).expect("JSON");
+    assert_eq!(status["state"], "finished", "{status}");
+    let views = status["views"].as_array().expect("views");
+    assert_eq!(views.len(), 4, "{status}");
+    for v in views {
+        assert_eq!(v["state"], "finished", "{status}");
+    }
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
