@@ -70,7 +70,7 @@ fn serve_refuses_a_bad_site_naming_the_file_and_why() {
 }
 
 /// A FedAvg add-one job on the sites `names` (the first the controller), as a job file.
-fn site_job(names: &[&str], learner: &str) -> String {
+pub(crate) fn site_job(names: &[&str], learner: &str) -> String {
     let mut s = format!(
         "[job]\nname = \"on-sites\"\nworkflow = \"fedavg\"\ncontroller = \"{}\"\nclients = [{}]\n\n\
          [fedavg]\nrounds = 2\nmin_clients = 1\n\n[learner]\nkind = \"{learner}\"\n\n",
@@ -179,7 +179,7 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
 
 /// `n` sites, each initialised and listening on a port of its own, every one's members.toml
 /// the whole consortium; returns their names.
-fn consortium(dir: &Path, names: &[&str]) {
+pub(crate) fn consortium(dir: &Path, names: &[&str]) {
     let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let mut table = String::new();
     for n in names {
@@ -194,7 +194,7 @@ fn consortium(dir: &Path, names: &[&str]) {
 }
 
 /// Lets the key with `peer_id` submit jobs at site `n`.
-fn allow(dir: &Path, n: &str, who: &str, peer_id: &str) {
+pub(crate) fn allow(dir: &Path, n: &str, who: &str, peer_id: &str) {
     let path = dir.join(n).join("site.toml");
     let mut policy = std::fs::read_to_string(&path).expect("site.toml");
     policy.push_str(&format!("\n[[submitter]]\nname = \"{who}\"\npeer_id = \"{peer_id}\"\n"));
@@ -274,7 +274,7 @@ fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_r
 }
 
 /// A swarm add-one job on the sites `names`, as a job file.
-fn swarm_job(names: &[&str], rounds: u32) -> String {
+pub(crate) fn swarm_job(names: &[&str], rounds: u32) -> String {
     let mut s = format!(
         "[job]\nname = \"swarm-on-sites\"\nworkflow = \"swarm\"\n\n[swarm]\nrounds = {rounds}\nmin_clients = {}\n\n\
          [learner]\nkind = \"add-one\"\n\n",
@@ -287,7 +287,7 @@ fn swarm_job(names: &[&str], rounds: u32) -> String {
 }
 
 /// The job id `submit` printed.
-fn job_id(out: &std::process::Output) -> String {
+pub(crate) fn job_id(out: &std::process::Output) -> String {
     text(&out.stdout)
         .split_whitespace()
         .find(|w| w.starts_with('j') && w.len() == 17)
@@ -296,7 +296,7 @@ fn job_id(out: &std::process::Output) -> String {
 }
 
 /// `flare-node jobs --json` at `site`, as `key`.
-fn jobs_at(dir: &Path, site: &str, key: &str) -> Vec<serde_json::Value> {
+pub(crate) fn jobs_at(dir: &Path, site: &str, key: &str) -> Vec<serde_json::Value> {
     let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let out = cli(&[
         "jobs",
