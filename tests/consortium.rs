@@ -318,6 +318,29 @@ pub(crate) fn jobs_at(dir: &Path, site: &str, key: &str) -> Vec<serde_json::Valu
     v["jobs"].as_array().cloned().unwrap_or_default()
 }
 
+/// `flare-node status JOB --json` at `site`, as `key`.
+pub(crate) fn status_at(dir: &Path, job: &str, site: &str, key: &str) -> serde_json::Value {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let out = cli(&[
+        "status",
+        job,
+        "--key",
+        &p(key),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        site,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_owned);
+    serde_json::from_str(&last.expect("a JSON line")).expect("JSON")
+}
+
 #[test]
 fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -383,30 +406,266 @@ fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
         assert_eq!(results(s, &swarm)["summary"]["verified"], true, "{s}");
     }
     // `status` asked of one site gathers every member's view of the job.
-    let out = cli(&[
-        "status",
-        &fedavg,
-        "--key",
-        &p("alice.key"),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        "lab-d",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let last = text(&out.stdout)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .map(str::to_owned);
-    let status: serde_json::Value = serde_json::from_str(&last.expect("JSON")).expect("JSON");
+    let status = status_at(dir.path(), &fedavg, "lab-d", "alice.key");
     assert_eq!(status["state"], "finished", "{status}");
     let views = status["views"].as_array().expect("views");
     assert_eq!(views.len(), 4, "{status}");
     for v in views {
         assert_eq!(v["state"], "finished", "{status}");
     }
+    // `download` finds the controller and brings the final model, results and curve.
+    let out = dir.path().join("out");
+    let got = cli(&[
+        "download",
+        &fedavg,
+        "--key",
+        &p("alice.key"),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        "lab-c",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    let model = std::fs::read(out.join("global.safetensors")).expect("the global model");
+    assert_eq!(
+        model,
+        std::fs::read(dir.path().join("lab-a/jobs").join(&fedavg).join("global.safetensors")).expect("model"),
+        "the controller's final model, byte for byte"
+    );
+    let curve = std::fs::read_to_string(out.join("curve.csv")).expect("curve.csv");
+    assert_eq!(curve.lines().count(), 4, "a header and 3 rounds:\n{curve}");
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
+
+#[test]
+fn a_job_aborted_by_its_submitter_stops_on_every_member_and_leaves_another_job_alone() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    let bob = peer_id_in(&cli(&["keygen", "--out", &p("bob.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+        allow(dir.path(), s, "bob", &bob);
+    }
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    // Far more rounds than the test waits for.
+    let long = site_job(&sites, "add-one")
+        .replace("rounds = 2", "rounds = 100000")
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.02");
+    std::fs::write(p("long.toml"), long).expect("job");
+    std::fs::write(p("swarm.toml"), swarm_job(&sites, 30)).expect("job");
+    let as_who = |cmd: &str, job: &str, key: &str, to: &str| {
+        cli(&[
+            cmd,
+            job,
+            "--key",
+            &p(key),
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            to,
+        ])
+    };
+    let long = job_id(&as_who("submit", &p("long.toml"), "alice.key", "lab-b"));
+    let swarm = job_id(&as_who("submit", &p("swarm.toml"), "bob.key", "lab-a"));
+    running[0].wait_for(&["round done", "round=2"]);
+    // Only its submitter (or an admin) may stop it.
+    let no = as_who("abort", &long, "bob.key", "lab-a");
+    assert!(!no.status.success());
+    assert!(
+        text(&no.stderr).contains(&format!("lab-a: bob may not abort job {long}")),
+        "{}",
+        text(&no.stderr)
+    );
+    let yes = cli(&[
+        "abort",
+        &long,
+        "--key",
+        &p("alice.key"),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        "lab-c",
+        "--reason",
+        "wrong data",
+    ]);
+    assert!(yes.status.success(), "{}", text(&yes.stderr));
+    // Every member records the abort and why; none is left running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = status_at(dir.path(), &long, "lab-a", "alice.key");
+        let views = status["views"].as_array().cloned().unwrap_or_default();
+        let aborted = views
+            .iter()
+            .filter(|v| v["state"] == "aborted" && v["reason"] == "aborted by alice: wrong data")
+            .count();
+        if aborted == 3 {
+            assert_eq!(status["state"], "aborted", "{status}");
+            break;
+        }
+        assert!(
+            views.iter().all(|v| v["state"] == "running" || v["state"] == "aborted"),
+            "{status}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "not aborted everywhere within 60 s:\n{status}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The other job on the same members goes on to its end, exact.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // A researcher sees their own jobs only.
+        let jobs = jobs_at(dir.path(), "lab-c", "bob.key");
+        assert!(jobs.iter().all(|j| j["id"] != long.as_str()), "{jobs:?}");
+        let state = jobs
+            .iter()
+            .find(|j| j["id"] == swarm.as_str())
+            .map(|j| j["state"].clone());
+        if state == Some("finished".into()) {
+            break;
+        }
+        assert_eq!(state, Some("running".into()), "{jobs:?}");
+        assert!(Instant::now() < deadline, "the swarm job did not finish: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
+
+/// Waits (bounded) until every view of `job` at `site` is finished; the views.
+fn wait_finished(dir: &Path, job: &str, site: &str, key: &str, views: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = status_at(dir, job, site, key);
+        let all = status["views"].as_array().cloned().unwrap_or_default();
+        if all.len() == views && all.iter().all(|v| v["state"] == "finished") {
+            return status;
+        }
+        assert!(
+            all.iter().all(|v| v["state"] == "running" || v["state"] == "finished"),
+            "{status}"
+        );
+        assert!(Instant::now() < deadline, "not finished within 180 s: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_controller_site_killed_mid_job_resumes_from_its_last_checkpoint_and_ends_exact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+    }
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let job = site_job(&sites, "add-one")
+        .replace("rounds = 2\nmin_clients = 1", "rounds = 30\nmin_clients = 3")
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.05");
+    std::fs::write(p("job.toml"), job).expect("job");
+    let out = cli(&[
+        "submit",
+        &p("job.toml"),
+        "--key",
+        &p("alice.key"),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        "lab-b",
+    ]);
+    let id = job_id(&out);
+    // lab-a runs the controller: kill it without warning mid-job, then start it again.
+    let mut a = running.remove(0);
+    a.wait_for(&["round done", "round=6"]);
+    a.kill();
+    let mut a = Running::start(&["serve", &p("lab-a")]);
+    a.wait_for(&["resuming from the last checkpoint"]);
+    let status = wait_finished(dir.path(), &id, "lab-b", "alice.key", 3);
+    let results = dir.path().join("lab-a/jobs").join(&id).join("results.json");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&results).expect("results.json")).expect("JSON");
+    assert_eq!(
+        results["summary"]["verified"], true,
+        "every weight = initial + 30: {status}"
+    );
+    assert_eq!(
+        results["rounds"].as_array().map(Vec::len),
+        Some(30),
+        "every round's record"
+    );
+    running.push(a);
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
+
+#[test]
+fn a_member_site_killed_mid_job_rejoins_when_started_again() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+    }
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let job = swarm_job(&sites, 20)
+        .replace("min_clients = 3", "min_clients = 2\nround_timeout_secs = 10")
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.3");
+    std::fs::write(p("job.toml"), job).expect("job");
+    let out = cli(&[
+        "submit",
+        &p("job.toml"),
+        "--key",
+        &p("alice.key"),
+        "--members",
+        &p("lab-a/members.toml"),
+        "--to",
+        "lab-a",
+    ]);
+    let id = job_id(&out);
+    let mut c = running.remove(2);
+    // Killed while another member holds the newest model (lab-c's next turn to aggregate
+    // is two rounds away): a swarm goes on without a member, and takes it back.
+    c.wait_for(&["round announced", "round=6", "aggregator=lab-a"]);
+    c.kill();
+    let mut c = Running::start(&["serve", &p("lab-c")]);
+    c.wait_for(&["resuming this site's part of the job"]);
+    wait_finished(dir.path(), &id, "lab-a", "alice.key", 3);
+    for s in sites {
+        let path = dir.path().join(s).join("jobs").join(&id).join("results.json");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("results.json")).expect("JSON");
+        assert_eq!(r["summary"]["verified"], true, "{s}: {r}");
+    }
+    running.push(c);
     for r in running {
         r.ctrl_c();
         let (ok, log) = r.finish(30);

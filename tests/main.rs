@@ -11,6 +11,7 @@ mod consortium;
 mod control;
 mod controller;
 mod cross_site;
+mod datasets;
 mod external;
 mod faults;
 mod fedavg;

@@ -51,6 +51,11 @@ enum Command {
     /// Show one job as each of its members sees it, with the learning curve and why it
     /// failed where it did.
     Status(site::query::StatusArgs),
+    /// Stop a job on every member that lets you (its submitter, or a site's admin).
+    Abort(site::manage::AbortArgs),
+    /// Fetch a job's outputs (final model, results.json, the learning curve) into a
+    /// directory.
+    Download(site::manage::DownloadArgs),
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
     /// Run a topology's whole job on a local swarm in this process.
@@ -114,6 +119,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Submit(args) => site::submit::submit(args).await,
             Command::Jobs(args) => site::query::jobs(args).await,
             Command::Status(args) => site::query::status(args).await,
+            Command::Abort(args) => site::manage::abort(args).await,
+            Command::Download(args) => site::manage::download(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,

@@ -154,7 +154,15 @@ async fn run_peer(
     }
     let name = args.name.clone().unwrap_or_default();
     let job = topo.map(|t| async {
-        let summary = member_of_job(&node, &host, t, &name, &args.data_dir, &mut learner, crate::on_ctrl_c()).await?;
+        let part = Part {
+            node: &node,
+            host: &host,
+            name: &name,
+            data_dir: &args.data_dir,
+            stop: crate::on_ctrl_c(),
+            resume: false,
+        };
+        let summary = member_of_job(part, t, &mut learner).await?;
         summary.map_or(Ok(()), |s| crate::render::report(&s, args.json))
     });
     let mut redial = tokio::time::interval(REDIAL_EVERY);
@@ -182,19 +190,40 @@ async fn run_peer(
     result
 }
 
+/// Where and how a member runs its part of a job.
+pub(crate) struct Part<'a> {
+    /// The member's node.
+    pub node: &'a Arc<Node>,
+    /// Its job host.
+    pub host: &'a JobHost,
+    /// Its name in the job.
+    pub name: &'a str,
+    /// Where the part's files go (checkpoints, outputs, a learner's work files).
+    pub data_dir: &'a std::path::Path,
+    /// Resolves, with why, when the part must end early.
+    pub stop: crate::Stop,
+    /// The member ran this part before it restarted: a FedAvg controller goes on from its
+    /// last checkpoint with the clients that joined its earlier run.
+    pub resume: bool,
+}
+
 /// This member's part of the topology's job, on `host`: the controller runs the workflow
 /// once its clients have joined; a client joins and works until the controller ends the job;
 /// a swarm member runs the same loop as every other. Ends early when `stop` resolves. Gives
 /// the job's summary where this member has one (controller, swarm member).
 pub(crate) async fn member_of_job(
-    node: &Arc<Node>,
-    host: &JobHost,
+    part: Part<'_>,
     topo: Topology,
-    name: &str,
-    data_dir: &std::path::Path,
     given: &mut Option<Box<dyn Learner>>,
-    stop: crate::Stop,
 ) -> anyhow::Result<Option<serde_json::Value>> {
+    let Part {
+        node,
+        host,
+        name,
+        data_dir,
+        stop,
+        resume,
+    } = part;
     let setup = crate::job::Setup::new(&topo)?;
     let table = topo.member_table()?;
     let peer = |n: &str| table.by_name(n).map(|m| m.peer_id).context("member vanished");
@@ -228,9 +257,15 @@ pub(crate) async fn member_of_job(
         tracing::info!(clients = clients.len(), "waiting for the clients to join");
         // The controller's own executor (when it trains too) is there already.
         let others: Vec<PeerId> = clients.iter().copied().filter(|p| *p != controller).collect();
-        let arrived = tokio::select! {
-            a = comm.wait_for_joins(&others, topo.round_timeout) => a,
-            why = stop.clone() => bail!("{why} while waiting for the clients to join"),
+        let arrived = if resume {
+            // They joined the earlier run and wait for its tasks (from the same peer id).
+            tracing::info!("resuming the job with the clients of its earlier run");
+            others.clone()
+        } else {
+            tokio::select! {
+                a = comm.wait_for_joins(&others, topo.round_timeout) => a,
+                why = stop.clone() => bail!("{why} while waiting for the clients to join"),
+            }
         };
         let joined: Vec<PeerId> = clients
             .iter()
@@ -255,7 +290,7 @@ pub(crate) async fn member_of_job(
         }
         let checkpoints = data_dir.join("checkpoints");
         let (outcome, mut summary) =
-            crate::job::control(host, comm, &topo, &setup, joined, Some(&checkpoints), stop).await?;
+            crate::job::control(host, comm, &topo, &setup, joined, Some(&checkpoints), stop, resume).await?;
         // Only this process's counters are known here; each member logs its own at exit.
         summary["bytes_sent_per_member"] =
             serde_json::json!({ name: node.traffic().total() / u64::from(topo.rounds.max(1)) });

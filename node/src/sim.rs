@@ -227,6 +227,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         clients,
         checkpoints.as_deref(),
         crate::on_ctrl_c(),
+        false,
     )
     .await?;
     summary["bytes_sent_per_member"] = bytes_per_round(&names, &nodes, topo.rounds);

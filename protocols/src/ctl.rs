@@ -236,6 +236,13 @@ pub enum Request {
     /// answered [`CtlResponse::Jobs`]. Asked of one site about one job, the site asks the
     /// job's other members too, so the answer has every member's view.
     Jobs,
+    /// Stops a job (the request's `job`) on every member, if the signer may: each member
+    /// checks the signature and its own policy. Answered [`CtlResponse::Jobs`] with the
+    /// members' views after the abort.
+    AbortJob(Box<crate::job::SignedAbort>),
+    /// Asks a site for a job's outputs (final model, results), answered
+    /// [`CtlResponse::Files`]; the asker pulls them over `/flare/blob/1`.
+    Download,
 }
 
 /// Where a job without a fixed controller stands: `round` rounds are done and their model is
@@ -298,6 +305,8 @@ pub enum CtlResponse {
     /// What sites know of their jobs (the answer to [`Request::Jobs`]): one entry per job
     /// and site that reports it.
     Jobs(Vec<crate::job::JobView>),
+    /// A job's outputs, by file name, each a blob the asker pulls from the answering site.
+    Files(Vec<(String, BlobRef)>),
 }
 
 /// ciborium codec for libp2p request-response, with a hard frame cap. Counts the bytes it
@@ -485,6 +494,13 @@ mod tests {
             proptest::collection::vec(".{0,8}", 0..4).prop_map(|members| Request::Launch { members }),
             ".{0,16}".prop_map(|reason| Request::Withdraw { reason }),
             Just(Request::Jobs),
+            Just(Request::Download),
+            (".{0,16}", ".{0,16}", any::<u64>()).prop_map(|(job, reason, at)| {
+                let key = libp2p::identity::Keypair::ed25519_from_bytes([5; 32]).expect("key");
+                Request::AbortJob(Box::new(
+                    crate::job::SignedAbort::sign(JobId(job), reason, &key, at).expect("sign"),
+                ))
+            }),
             (
                 any::<u32>(),
                 blob_ref(),

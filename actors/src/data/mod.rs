@@ -6,10 +6,13 @@
 //! - [`digits`]: the UCI optical digits shipped in `actors/data/digits.csv`.
 //! - [`train_test_split`] / [`split_indices`]: a seeded, stratified held-out split.
 //! - [`dirichlet_partition`]: the seeded non-IID split of training rows over members.
+//! - [`read_csv`]: a site's own rows from a CSV file (features, then the label).
 
+mod csv;
 mod digits;
 mod split;
 
+pub use csv::{CsvError, RowShape, parse_csv, read_csv};
 pub use digits::{DIGITS_CLASSES, DIGITS_CSV, DIGITS_DIM, DIGITS_MAX_PIXEL, digits, parse_digits_csv};
 pub use split::{Split, dirichlet_partition, split_indices, train_test_split};
 
@@ -60,6 +63,55 @@ pub enum DataError {
         /// The number of classes.
         classes: usize,
     },
+    /// A row's width is not what the learner reads (the label not counted).
+    #[error("line {line}: {found} features then a label, but the learner reads {expected} features per row")]
+    Dimension {
+        /// 1-based line number.
+        line: usize,
+        /// Features the line holds.
+        found: usize,
+        /// Features the learner reads.
+        expected: usize,
+    },
+    /// A feature was not a finite decimal number.
+    #[error("line {line}, column {column}: {value:?} is not a finite number")]
+    NotAFeature {
+        /// 1-based line number.
+        line: usize,
+        /// 1-based column number.
+        column: usize,
+        /// The offending text (truncated to 32 characters).
+        value: String,
+    },
+    /// A feature lay outside the range the learner expects.
+    #[error(
+        "line {line}, column {column}: feature {value} is outside {min}..={max} (scale the features to that range)"
+    )]
+    FeatureOutOfRange {
+        /// 1-based line number.
+        line: usize,
+        /// 1-based column number.
+        column: usize,
+        /// The value found.
+        value: f32,
+        /// The least value allowed.
+        min: f32,
+        /// The largest value allowed.
+        max: f32,
+    },
+    /// A label (the last column) was not an integer below the number of classes.
+    #[error("line {line}: label {value:?} is not an integer in 0..{classes}")]
+    BadLabel {
+        /// 1-based line number.
+        line: usize,
+        /// The offending text (truncated to 32 characters).
+        value: String,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// The file could not be read.
+    #[error("cannot read: {0}")]
+    Read(String),
     /// The text held no rows.
     #[error("the data set holds no rows")]
     Empty,

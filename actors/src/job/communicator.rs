@@ -112,7 +112,9 @@ impl Communicator {
             joins: Mutex::new(inbox.joins),
             progress: Mutex::new(inbox.progress),
             state: inbox.state,
-            next_task: AtomicU64::new(1),
+            // From a random start: a controller restarted mid-job never takes a late result
+            // of its earlier run for one of its own tasks.
+            next_task: AtomicU64::new(rand::random::<u64>() >> 2),
             chunk_size,
             held: std::sync::Mutex::default(),
         }

@@ -330,9 +330,13 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
             None => not_joined(&job),
         },
         // Answered by the router (see `JobHost::start`), never routed to a job.
-        Request::Submit(_) | Request::Offer(_) | Request::Launch { .. } | Request::Withdraw { .. } | Request::Jobs => {
-            CtlResponse::Rejected { reason: NO_SITE.into() }
-        }
+        Request::Submit(_)
+        | Request::Offer(_)
+        | Request::Launch { .. }
+        | Request::Withdraw { .. }
+        | Request::Jobs
+        | Request::AbortJob(_)
+        | Request::Download => CtlResponse::Rejected { reason: NO_SITE.into() },
         Request::Heartbeat => {
             if r.executors.contains_key(&job) || r.controllers.contains_key(&job) {
                 CtlResponse::Ack

@@ -80,7 +80,13 @@ impl SiteRequest {
         use flare_protocols::ctl::Request;
         matches!(
             body,
-            Request::Submit(_) | Request::Offer(_) | Request::Launch { .. } | Request::Withdraw { .. } | Request::Jobs
+            Request::Submit(_)
+                | Request::Offer(_)
+                | Request::Launch { .. }
+                | Request::Withdraw { .. }
+                | Request::Jobs
+                | Request::AbortJob(_)
+                | Request::Download
         )
     }
 }

@@ -14,7 +14,7 @@ use crate::render::{CrossSiteReport, summarize};
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
 use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
-use flare_actors::job::{Communicator, Ending, Evaluator, FedAvgConfig, JobHost, embed, fedavg};
+use flare_actors::job::{Communicator, Ending, Evaluator, FedAvgConfig, JobHost, RoundReport, embed, fedavg};
 use flare_actors::learner::digits::model_of;
 use flare_actors::learner::inference::FrozenSpec;
 use flare_protocols::model::Model;
@@ -25,7 +25,7 @@ use crate::topology::{CyclicOrder, Topology, Workflow};
 
 mod setup;
 
-pub use setup::Setup;
+pub use setup::{DigitsData, Setup};
 pub(crate) use setup::{add_one_exact, learner_name};
 
 /// What any workflow's run leaves behind, in the shape the summary and outputs need.
@@ -47,18 +47,45 @@ pub struct JobOutcome {
     pub best: Option<(String, Model)>,
 }
 
+/// How the global model is measured: on the test rows this process has (the common test set
+/// of a deal; on standing sites, the test rows of this site's dataset), else not at all.
 fn evaluator(setup: &Setup) -> Option<Evaluator> {
-    setup.digits.as_ref().map(|(recipe, fed)| {
-        let (recipe, fed) = (recipe.clone(), fed.clone());
-        let f: Evaluator = Arc::new(move |m: &Model| {
-            let (accuracy, loss) = recipe.evaluate(m, &fed.test)?;
-            Ok(BTreeMap::from([
-                ("accuracy".to_owned(), accuracy),
-                ("loss".to_owned(), loss),
-            ]))
-        });
-        f
-    })
+    let (recipe, data) = setup.digits.as_ref()?;
+    data.test()?;
+    let (recipe, data) = (recipe.clone(), data.clone());
+    let f: Evaluator = Arc::new(move |m: &Model| {
+        let test = data.test().ok_or("no test rows")?;
+        let (accuracy, loss) = recipe.evaluate(m, test)?;
+        Ok(BTreeMap::from([
+            ("accuracy".to_owned(), accuracy),
+            ("loss".to_owned(), loss),
+        ]))
+    });
+    Some(f)
+}
+
+/// Where a restarted FedAvg controller goes on from: the round after the last one its
+/// checkpoint directory records, from that round's model; `None` when no round finished.
+fn resume_from(dir: &Path) -> anyhow::Result<Option<fedavg::Start>> {
+    #[derive(serde::Deserialize)]
+    struct Checkpoint {
+        round: u32,
+        rounds: Vec<RoundReport>,
+    }
+    let record = dir.join("checkpoint.json");
+    let text = match std::fs::read_to_string(&record) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", record.display())),
+    };
+    let c: Checkpoint =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a checkpoint record", record.display()))?;
+    let model = Model::load(&dir.join("global.safetensors"))?;
+    Ok(Some(fedavg::Start {
+        model,
+        next_round: c.round + 1,
+        reports: c.rounds,
+    }))
 }
 
 /// Runs the topology's workflow as its controller.
@@ -68,6 +95,7 @@ async fn run_workflow(
     setup: &Setup,
     clients: Vec<PeerId>,
     checkpoint_dir: Option<&Path>,
+    resume: bool,
 ) -> anyhow::Result<JobOutcome> {
     let evaluate = evaluator(setup);
     match &topo.workflow {
@@ -87,7 +115,17 @@ async fn run_workflow(
                 sample: topo.sample.clone(),
                 evaluate,
             };
-            let o = fedavg::run(comm, &cfg, initial).await?;
+            let start = match checkpoint_dir.filter(|_| resume) {
+                Some(dir) => resume_from(dir)?,
+                None => None,
+            };
+            let o = match start {
+                Some(start) => {
+                    tracing::info!(round = start.next_round, "resuming from the last checkpoint");
+                    fedavg::run_from(comm, &cfg, start).await?
+                }
+                None => fedavg::run(comm, &cfg, initial).await?,
+            };
             let mut extra = serde_json::Map::new();
             extra.insert(
                 "contributors_per_round".into(),
@@ -286,6 +324,7 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
 /// Runs the topology's job as its controller: the workflow (then cross-site evaluation, when
 /// asked) in a [`Controller`](flare_actors::job::controller::Controller) actor, and the
 /// summary. Ctrl-C aborts the job: every client is told why, and this returns the error.
+#[allow(clippy::too_many_arguments)] // two callers (sim, run), each argument a different thing
 pub async fn control(
     host: &JobHost,
     comm: Communicator,
@@ -294,12 +333,13 @@ pub async fn control(
     clients: Vec<PeerId>,
     checkpoint_dir: Option<&Path>,
     stop: crate::Stop,
+    resume: bool,
 ) -> anyhow::Result<(JobOutcome, Value)> {
     let (t, s, c) = (topo.clone(), setup.clone(), clients.clone());
     let dir = checkpoint_dir.map(Path::to_owned);
     let workflow = move |comm: Arc<Communicator>| async move {
         let started = std::time::Instant::now();
-        let mut outcome = run_workflow(&comm, &t, &s, c.clone(), dir.as_deref()).await;
+        let mut outcome = run_workflow(&comm, &t, &s, c.clone(), dir.as_deref(), resume).await;
         // The workflow's own time, without the cross-site evaluation after it.
         let total_secs = started.elapsed().as_secs_f64();
         let mut matrix = None;

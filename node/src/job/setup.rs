@@ -1,11 +1,13 @@
 //! What every member derives from a topology alone, identically: the learner each member
-//! runs, the initial model, the dealt data, and the add-one check.
+//! runs, the initial model, the dealt data, and the add-one check. A job on standing sites
+//! that names a dataset is the exception: each site reads its own rows of it instead.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 
+use flare_actors::data::{Dataset, RowShape, read_csv};
 use flare_actors::job::{AddOne, Learner};
 use flare_actors::learner::Paced;
 use flare_actors::learner::digits::{DigitsFederation, MlpSpec};
@@ -15,7 +17,7 @@ use flare_actors::learner::recipe::DigitsRecipe;
 use flare_actors::learner::split::{SplitDataParty, SplitSpec, VerticalDigits};
 use flare_protocols::model::{DType, Model};
 
-use crate::topology::{ExternalSpec, LearnerSpec, ModelSpec, Topology, Workflow};
+use crate::topology::{ExternalSpec, LearnerSpec, ModelSpec, SiteData, Topology, Workflow};
 
 /// The add-one job's values: seeded fractional numbers, so exactness means something.
 fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
@@ -58,18 +60,79 @@ pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> boo
     })
 }
 
+/// The rows a digits job learns from, as this process holds them.
+#[derive(Clone, Debug)]
+pub enum DigitsData {
+    /// The shipped digits dealt over every client, the same in every process (`sim`, `run`):
+    /// every shard and the common test set.
+    Dealt(DigitsFederation),
+    /// One site's own rows of a named dataset (a job on standing sites): its member's whole
+    /// shard, and its held-out test rows when it has some. The other sites' rows are not here.
+    Site {
+        /// The rows this site's member trains on (and cuts its validation rows from).
+        shard: Dataset,
+        /// The rows the global model is measured on here, if any.
+        test: Option<Dataset>,
+    },
+}
+
+impl DigitsData {
+    /// Client `i`'s shard: its share of the deal, or this site's rows (a site runs one
+    /// member, its own).
+    pub fn shard(&self, i: usize) -> Option<&Dataset> {
+        match self {
+            DigitsData::Dealt(fed) => fed.shards.get(i),
+            DigitsData::Site { shard, .. } => Some(shard),
+        }
+    }
+
+    /// The rows the global model is measured on, when this process has some.
+    pub fn test(&self) -> Option<&Dataset> {
+        match self {
+            DigitsData::Dealt(fed) => Some(&fed.test),
+            DigitsData::Site { test, .. } => test.as_ref(),
+        }
+    }
+
+    /// Every client's shard, which only a deal has (the local-only baseline trains on each).
+    pub fn federation(&self) -> Option<&DigitsFederation> {
+        match self {
+            DigitsData::Dealt(fed) => Some(fed),
+            DigitsData::Site { .. } => None,
+        }
+    }
+
+    /// This site's rows of a named dataset, read as every digits learner needs them.
+    fn site(topo: &Topology, files: &SiteData) -> anyhow::Result<Self> {
+        let shape = RowShape::digits();
+        let name = topo.data.dataset.as_deref().unwrap_or("?");
+        let read = |path: &Path| read_csv(path, &shape).with_context(|| format!("reading dataset {name:?}"));
+        Ok(DigitsData::Site {
+            shard: read(&files.train)?,
+            test: files.test.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
 /// Everything every member derives from the topology alone, identically.
 #[derive(Clone)]
 pub struct Setup {
-    /// The kind of digits model (pure-Rust MLP or `tch`) and the dealt data.
-    pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsFederation>)>,
+    /// The kind of digits model (pure-Rust MLP or `tch`) and its rows.
+    pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsData>)>,
     /// The vertically split data, for split learning.
     pub split: Option<(SplitSpec, Arc<VerticalDigits>)>,
 }
 
 impl Setup {
-    /// Builds the setup of `topo` (deals the data for the digits learner).
+    /// Builds the setup of `topo` (deals the data for the digits learner, or reads this
+    /// site's rows of the dataset the job names).
     pub fn new(topo: &Topology) -> anyhow::Result<Self> {
+        if let (Some(name), None) = (&topo.data.dataset, &topo.data.local) {
+            anyhow::bail!(
+                "{}: dataset {name} is read from each site's policy: submit this job to standing sites (flare-node submit)",
+                topo.path.display()
+            );
+        }
         match &topo.learner {
             LearnerSpec::AddOne { .. } => Ok(Self {
                 digits: None,
@@ -116,13 +179,19 @@ impl Setup {
         }
     }
 
-    /// Deals the digits data for a digits model `recipe`.
+    /// The rows of a digits model `recipe`: this site's own when the job names a dataset,
+    /// else the shipped digits dealt over the clients.
     fn digits(topo: &Topology, recipe: Arc<dyn DigitsRecipe>) -> anyhow::Result<Self> {
         let d = &topo.data;
-        let fed = DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
-            .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?;
+        let data = match &d.local {
+            Some(files) => DigitsData::site(topo, files)?,
+            None => DigitsData::Dealt(
+                DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
+                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?,
+            ),
+        };
         Ok(Self {
-            digits: Some((recipe, Arc::new(fed))),
+            digits: Some((recipe, Arc::new(data))),
             split: None,
         })
     }
@@ -165,7 +234,7 @@ impl Setup {
             .iter()
             .position(|c| c == member)
             .with_context(|| format!("{member} is not a client"))?;
-        let shard = fed.shards.get(i).context("no shard for this client")?.clone();
+        let shard = fed.shard(i).context("no shard for this client")?.clone();
         recipe.learner(shard, i).map_err(anyhow::Error::msg)
     }
 }
@@ -191,7 +260,7 @@ impl Setup {
                 .iter()
                 .position(|c| c == member)
                 .with_context(|| format!("{member} is not a client"))?;
-            let shard = fed.shards.get(i).context("no shard for this client")?;
+            let shard = fed.shard(i).context("no shard for this client")?;
             let path = work_dir.join("train.csv");
             let mut csv = String::new();
             for (row, label) in shard.features().chunks(shard.dim()).zip(shard.labels()) {
@@ -215,5 +284,73 @@ pub(crate) fn learner_name(topo: &Topology, setup: &Setup) -> &'static str {
         LearnerSpec::AddOne { .. } => "add-one",
         LearnerSpec::Split => "split",
         LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => "mlp",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = "[job]\nname = \"d\"\nworkflow = \"fedavg\"\ncontroller = \"a\"\nclients = [\"a\", \"b\"]\n\n\
+        [fedavg]\nrounds = 1\nmin_clients = 1\n\n[learner]\nkind = \"mlp\"\n\n[data]\ndataset = \"digits\"\n\n\
+        [[member]]\nname = \"a\"\n[[member]]\nname = \"b\"\n";
+
+    /// `rows` of the shipped digits as a CSV with a header.
+    fn csv(rows: std::ops::Range<usize>) -> String {
+        let d = flare_actors::data::digits().expect("digits");
+        let mut s = String::from("features...,label\n");
+        for r in rows {
+            for v in d.row(r).expect("row") {
+                s.push_str(&format!("{v},"));
+            }
+            s.push_str(&format!("{}\n", d.labels()[r]));
+        }
+        s
+    }
+
+    #[test]
+    fn a_named_dataset_without_a_site_says_where_it_comes_from() {
+        let topo = Topology::parse(Path::new("d.toml"), JOB).expect("job");
+        let e = Setup::new(&topo).err().expect("no site data").to_string();
+        assert_eq!(
+            e,
+            "d.toml: dataset digits is read from each site's policy: submit this job to standing sites (flare-node submit)"
+        );
+    }
+
+    #[test]
+    fn a_site_trains_on_its_own_rows_and_measures_on_its_test_rows() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
+        std::fs::write(&train, csv(0..40)).expect("write");
+        std::fs::write(&test, csv(100..130)).expect("write");
+        let mut topo = Topology::parse(Path::new("d.toml"), JOB).expect("job");
+        topo.data.local = Some(SiteData {
+            train: train.clone(),
+            test: None,
+        });
+        let setup = Setup::new(&topo).expect("site rows");
+        let (_, data) = setup.digits.as_ref().expect("digits");
+        assert!(data.federation().is_none() && data.test().is_none());
+        // Whichever client this site is, its learner trains on this site's rows.
+        assert_eq!(data.shard(1).map(Dataset::len), Some(40));
+        setup.learner(&topo, "b", dir.path()).expect("learner");
+        topo.data.local = Some(SiteData {
+            train: train.clone(),
+            test: Some(test),
+        });
+        let setup = Setup::new(&topo).expect("site rows");
+        assert_eq!(
+            setup.digits.as_ref().and_then(|(_, d)| d.test()).map(Dataset::len),
+            Some(30)
+        );
+        std::fs::write(&train, "0,0,1\n").expect("write");
+        let e = format!("{:#}", Setup::new(&topo).err().expect("narrow rows"));
+        assert!(
+            e.contains("reading dataset \"digits\"")
+                && e.contains(&format!("{}: line 1: 2 features then a label", train.display()))
+                && e.contains("reads 64 features per row"),
+            "{e}"
+        );
     }
 }

@@ -2,17 +2,20 @@
 //! `--out` writes.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
+use flare_actors::learner::recipe::DigitsRecipe;
 
 use serde_json::{Value, json};
 
 use crate::topology::{LearnerSpec, Topology};
 
-use crate::job::{JobOutcome, Setup, add_one_exact, learner_name};
+use crate::job::{DigitsData, JobOutcome, Setup, add_one_exact, learner_name};
 
 /// The job's summary JSON: timing, the global model's metrics per round, and the baseline
-/// (local-only training for the MLP, exactness for add-one).
+/// (local-only training for the MLP, exactness for add-one). A job on a named dataset has no
+/// local-only baseline: its rows stay at their sites.
 pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, total_secs: f64) -> anyhow::Result<Value> {
     let mut summary = json!({
         "workflow": topo.workflow.name(),
@@ -62,32 +65,57 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
             summary["verified"] = json!(add_one_exact(&outcome.model, &topo.model, outcome.train_steps));
             summary["add_one_steps"] = json!(outcome.train_steps);
         }
-        Some((recipe, fed)) => {
+        Some((recipe, data)) => {
             summary["global"] = global;
-            // The baseline, in the same run: each client's model trained on its shard alone
-            // for as many epochs as it trained in the whole job.
-            let (recipe, fed) = (recipe.clone(), fed.clone());
-            let epochs = recipe.epochs() * topo.rounds;
-            let (initial, local) = tokio::task::spawn_blocking(move || {
-                let initial = recipe.evaluate(&recipe.initial_model()?, &fed.test)?;
-                Ok::<_, String>((initial, recipe.local_only(&fed, epochs)?))
-            })
-            .await
-            .context("local-only training")?
-            .map_err(anyhow::Error::msg)?;
-            // Where training started (for fine-tuning: the pretrained base's accuracy).
-            summary["initial"] = json!({ "accuracy": initial.0, "loss": initial.1 });
-            let per_member: serde_json::Map<String, Value> = topo
-                .clients
-                .iter()
-                .zip(&local)
-                .map(|(n, (acc, loss))| (n.clone(), json!({ "accuracy": acc, "loss": loss })))
-                .collect();
-            let mean = local.iter().map(|(a, _)| a).sum::<f64>() / local.len().max(1) as f64;
-            summary["local_only"] = json!({ "epochs": epochs, "members": per_member, "mean_accuracy": mean });
+            if topo.data.dataset.is_some() {
+                summary["dataset"] = json!(topo.data.dataset);
+            }
+            baseline(topo, recipe.clone(), data.clone(), &mut summary).await?;
         }
     }
     Ok(summary)
+}
+
+/// The baseline, in the same run: where training started (for fine-tuning: the pretrained
+/// base's accuracy) on the test rows, when there are some here; and, for a deal, each client's
+/// model trained on its shard alone for as many epochs as it trained in the whole job. A job on
+/// a named dataset has no local-only baseline: it would need every site's rows, which never
+/// leave their sites.
+async fn baseline(
+    topo: &Topology,
+    recipe: Arc<dyn DigitsRecipe>,
+    data: Arc<DigitsData>,
+    summary: &mut Value,
+) -> anyhow::Result<()> {
+    let epochs = recipe.epochs() * topo.rounds;
+    let (initial, local) = tokio::task::spawn_blocking(move || {
+        let initial = match data.test() {
+            Some(test) => Some(recipe.evaluate(&recipe.initial_model()?, test)?),
+            None => None,
+        };
+        let local = match data.federation() {
+            Some(fed) => Some(recipe.local_only(fed, epochs)?),
+            None => None,
+        };
+        Ok::<_, String>((initial, local))
+    })
+    .await
+    .context("local-only training")?
+    .map_err(anyhow::Error::msg)?;
+    if let Some((accuracy, loss)) = initial {
+        summary["initial"] = json!({ "accuracy": accuracy, "loss": loss });
+    }
+    if let Some(local) = local {
+        let per_member: serde_json::Map<String, Value> = topo
+            .clients
+            .iter()
+            .zip(&local)
+            .map(|(n, (acc, loss))| (n.clone(), json!({ "accuracy": acc, "loss": loss })))
+            .collect();
+        let mean = local.iter().map(|(a, _)| a).sum::<f64>() / local.len().max(1) as f64;
+        summary["local_only"] = json!({ "epochs": epochs, "members": per_member, "mean_accuracy": mean });
+    }
+    Ok(())
 }
 
 /// Writes `global.safetensors` and `results.json` into `dir`.

@@ -59,7 +59,7 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: us
             submitter,
             workflow: topo.workflow.name(),
             learner,
-            dataset: None,
+            dataset: topo.data.dataset.as_deref(),
             model_bytes: None,
             running,
         })
@@ -120,6 +120,25 @@ mod tests {
             e.starts_with("lab-a: refused a job whose signature does not hold"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_job_naming_a_dataset_is_taken_only_where_the_site_holds_it() {
+        let alice = Keypair::generate_ed25519();
+        let (mut policy, members) = site(&alice.public().to_peer_id());
+        let job = JOB.replace("kind = \"add-one\"", "kind = \"mlp\"") + "\n[data]\ndataset = \"nope\"\n";
+        let signed = SignedJob::sign(job.into_bytes(), &alice, 5).expect("sign");
+        let e = admit(&policy, &members, &signed, 0).expect_err("no such dataset");
+        assert_eq!(e, "lab-a: no dataset \"nope\" here");
+        policy.datasets.insert(
+            "nope".into(),
+            super::super::policy::LocalDataset {
+                path: "rows.csv".into(),
+                test: None,
+            },
+        );
+        let topo = admit(&policy, &members, &signed, 0).expect("admitted");
+        assert_eq!(topo.data.dataset.as_deref(), Some("nope"));
     }
 
     #[test]

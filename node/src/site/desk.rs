@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use flare_actors::job::{JobHost, SiteDesk, SiteRequest};
 use flare_actors::{Members, Node};
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request};
-use flare_protocols::job::{JobState, JobView, SignedJob};
+use flare_protocols::job::{JobState, JobView, SignedAbort, SignedJob};
 use futures::FutureExt;
 use libp2p::PeerId;
 use tracing::Instrument;
@@ -25,6 +25,16 @@ use super::admit::{OFFER_TIMEOUT, admit, enough};
 use super::policy::{Policy, Role};
 use super::records::{Record, Records, now_ms};
 use crate::topology::Topology;
+
+/// A job's outputs a site hands out (`download`), as the job's directory names them.
+const OUTPUTS: [&str; 4] = [
+    "global.safetensors",
+    "best.safetensors",
+    "results.json",
+    "checkpoints/checkpoint.json",
+];
+/// How long a site holds a job's outputs in its store for the asker to pull.
+const DOWNLOAD_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How long a member keeps a job it took on offer before it gives up waiting for the launch.
 const LAUNCH_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -66,6 +76,39 @@ impl Desk {
         })
     }
 
+    /// Picks up, after a restart, the jobs this site had taken: a part that was running
+    /// runs again (a FedAvg controller from its last checkpoint, a client or swarm member
+    /// rejoins), and an offer still waits for its launch.
+    pub fn resume(self: &Arc<Self>) -> Result<(), super::records::RecordsError> {
+        for r in self.records.all()? {
+            let id = r.view.id.clone();
+            match r.view.state {
+                JobState::Running => match parse(&r.signed) {
+                    Ok(topo) => {
+                        tracing::info!(job = %id, name = %r.view.name, "resuming this site's part of the job");
+                        if let Err(why) = self.start(&id, topo, &r.view.members, true) {
+                            tracing::warn!(job = %id, %why, "cannot resume the job");
+                        }
+                    }
+                    Err(why) => self.settle(&id, JobState::Running, JobState::Failed, &why),
+                },
+                JobState::Offered => self.expire_offer(id),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// An offer nobody launches (its sender died) does not stay `offered` for ever.
+    fn expire_offer(self: &Arc<Self>, id: JobId) {
+        let desk = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LAUNCH_WAIT).await;
+            let reason = format!("no member launched it within {} s of the offer", LAUNCH_WAIT.as_secs());
+            desk.settle(&id, JobState::Offered, JobState::Withdrawn, &reason);
+        });
+    }
+
     /// What the job host calls with each site request.
     pub fn serve(self: Arc<Self>) -> SiteDesk {
         Arc::new(move |r: SiteRequest| {
@@ -82,6 +125,8 @@ impl Desk {
             Request::Launch { members } => self.launch(from, &id, &members),
             Request::Withdraw { reason } => self.withdraw(from, &id, &reason),
             Request::Jobs => self.jobs(from, &id).await,
+            Request::AbortJob(order) => self.abort(from, &id, *order).await,
+            Request::Download => self.download(from, &id).await,
             other => Err(format!("{}: not a site request: {other:?}", self.policy.name)),
         };
         answer.unwrap_or_else(|reason| {
@@ -158,7 +203,7 @@ impl Desk {
         for reason in &refused {
             tracing::warn!(job = %id, %reason, "a member refused the job; it goes on without it");
         }
-        self.start(&id, topo, &members)?;
+        self.start(&id, topo, &members, false)?;
         Ok(CtlResponse::Taken { refused })
     }
 
@@ -182,13 +227,7 @@ impl Desk {
         }
         self.put(&signed, &topo, JobState::Offered, "", all_members(&topo))?;
         tracing::info!(job = %id, name = %topo.job, by = by.as_deref().unwrap_or("?"), "job offered and taken");
-        // An offer nobody launches (its sender died) does not stay `offered` for ever.
-        let desk = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(LAUNCH_WAIT).await;
-            let reason = format!("no member launched it within {} s of the offer", LAUNCH_WAIT.as_secs());
-            desk.settle(&id, JobState::Offered, JobState::Withdrawn, &reason);
-        });
+        self.expire_offer(id);
         Ok(CtlResponse::Taken { refused: vec![] })
     }
 
@@ -225,7 +264,7 @@ impl Desk {
                 v.members.clone_from(&members);
             })
             .map_err(|e| format!("{site}: {e}"))?;
-        self.start(id, topo, &members)?;
+        self.start(id, topo, &members, false)?;
         Ok(CtlResponse::Accepted)
     }
 
@@ -246,22 +285,13 @@ impl Desk {
     async fn jobs(&self, from: PeerId, id: &JobId) -> Answer {
         let site = &self.policy.name;
         let member = self.members.contains(&from);
-        let submitter = self.policy.submitters.iter().find(|s| s.peer_id == from);
-        if !member && submitter.is_none() {
-            return Err(format!("{site}: {from} may not see this site's jobs"));
-        }
-        let all = member || submitter.is_some_and(|s| s.role == Role::Admin);
-        let visible = |v: &JobView| all || v.submitter == from.to_string();
-        if id.0.is_empty() {
-            let records = self.records.all().map_err(|e| format!("{site}: {e}"))?;
-            return Ok(CtlResponse::Jobs(
-                records.into_iter().map(|r| r.view).filter(visible).collect(),
-            ));
-        }
-        let Some(own) = self.record(id)?.map(|r| r.view).filter(visible) else {
-            return Err(format!("{site}: no job {id} here"));
+        let answer = self.jobs_here(from, id)?;
+        let CtlResponse::Jobs(mut views) = answer else {
+            return Ok(answer);
         };
-        let mut views = vec![own.clone()];
+        let Some(own) = views.first().cloned().filter(|_| !id.0.is_empty()) else {
+            return Ok(CtlResponse::Jobs(views));
+        };
         if !member {
             // A user asks: every other member of the job says where it stands there.
             let others: Vec<String> = own.members.iter().filter(|n| *n != site).cloned().collect();
@@ -276,9 +306,142 @@ impl Desk {
         Ok(CtlResponse::Jobs(views))
     }
 
+    /// This site's own views of its jobs (all, or job `id`) that `from` may see.
+    fn jobs_here(&self, from: PeerId, id: &JobId) -> Answer {
+        let site = &self.policy.name;
+        let member = self.members.contains(&from);
+        let submitter = self.policy.submitters.iter().find(|s| s.peer_id == from);
+        if !member && submitter.is_none() {
+            return Err(format!("{site}: {from} may not see this site's jobs"));
+        }
+        let all = member || submitter.is_some_and(|s| s.role == Role::Admin);
+        let visible = |v: &JobView| all || v.submitter == from.to_string();
+        if id.0.is_empty() {
+            let records = self.records.all().map_err(|e| format!("{site}: {e}"))?;
+            return Ok(CtlResponse::Jobs(
+                records.into_iter().map(|r| r.view).filter(visible).collect(),
+            ));
+        }
+        match self.record(id)?.map(|r| r.view).filter(visible) {
+            Some(v) => Ok(CtlResponse::Jobs(vec![v])),
+            None => Err(format!("{site}: no job {id} here")),
+        }
+    }
+
+    /// Stops job `id` here if the order's signer may (the job's submitter, or an admin in
+    /// this site's policy); a user's order goes to every other member of the job first, so
+    /// that each records the abort rather than the failure a stopped controller would cause.
+    async fn abort(self: &Arc<Self>, from: PeerId, id: &JobId, order: SignedAbort) -> Answer {
+        let site = &self.policy.name;
+        if order.job != *id {
+            return Err(format!("{site}: the order is about job {}, not {id}", order.job));
+        }
+        let signer = order
+            .verify()
+            .map_err(|e| format!("{site}: refused an abort whose signature does not hold: {e}"))?;
+        let record = self.record(id)?.ok_or_else(|| format!("{site}: no job {id} here"))?;
+        let admin = self
+            .policy
+            .submitters
+            .iter()
+            .any(|s| s.peer_id == signer && s.role == Role::Admin);
+        let by = self.name_of(&signer);
+        if record.view.submitter != signer.to_string() && !admin {
+            return Err(format!(
+                "{site}: {by} may not abort job {id} (its submitter or an admin of this site may)"
+            ));
+        }
+        let reason = if order.reason.is_empty() {
+            format!("aborted by {by}")
+        } else {
+            format!("aborted by {by}: {}", order.reason)
+        };
+        let mut views = Vec::new();
+        if !self.members.contains(&from) {
+            let others: Vec<String> = record.view.members.iter().filter(|n| *n != site).cloned().collect();
+            let relay = Request::AbortJob(Box::new(order.clone()));
+            for (name, answer) in self.ask_each(id, &others, relay).await {
+                match answer {
+                    Ok(CtlResponse::Jobs(v)) => views.extend(v.into_iter().filter(|v| v.id == *id)),
+                    Ok(CtlResponse::Rejected { reason }) => {
+                        tracing::warn!(job = %id, member = %name, %reason, "a member refused the abort");
+                    }
+                    Ok(other) => tracing::warn!(job = %id, member = %name, ?other, "odd answer to the abort"),
+                    Err(e) => tracing::warn!(job = %id, member = %name, error = %e, "the abort did not reach a member"),
+                }
+            }
+        }
+        // A part that already failed because the controller stopped for this very abort
+        // ended aborted, not failed.
+        let view = self
+            .records
+            .update(&id.0, |v| {
+                if !v.state.is_over() || (v.state == JobState::Failed && v.reason.contains(&reason)) {
+                    v.state = JobState::Aborted;
+                    v.reason.clone_from(&reason);
+                }
+            })
+            .map_err(|e| format!("{site}: {e}"))?;
+        if let Some(tx) = self.running().get(&id.0) {
+            tx.send_replace(Some(reason.clone()));
+        }
+        tracing::info!(job = %id, %reason, "job aborted");
+        views.splice(0..0, view);
+        Ok(CtlResponse::Jobs(views))
+    }
+
+    /// A job's outputs on this site (its final model, results and checkpoint record), put in
+    /// the store for the asker to pull; held for [`DOWNLOAD_HOLD`].
+    async fn download(&self, from: PeerId, id: &JobId) -> Answer {
+        let site = self.policy.name.clone();
+        let CtlResponse::Jobs(views) = self.jobs_here(from, id)? else {
+            return Err(format!("{site}: no job {id} here"));
+        };
+        let Some(view) = views.into_iter().next() else {
+            return Err(format!("{site}: no job {id} here"));
+        };
+        let dir = self.dir.join("jobs").join(&id.0);
+        let store = self.node.store().clone();
+        let files = tokio::task::spawn_blocking(move || -> Result<Vec<(String, flare_protocols::BlobRef)>, String> {
+            let mut out = Vec::new();
+            for name in OUTPUTS {
+                let path = dir.join(name);
+                let Ok(mut f) = std::fs::File::open(&path) else {
+                    continue;
+                };
+                let manifest = store
+                    .import_reader(&mut f, flare_protocols::blob_id::DEFAULT_CHUNK_SIZE)
+                    .map_err(|e| format!("{site}: reading {}: {e}", path.display()))?;
+                let blob = manifest.blob_ref();
+                store.retain(&blob.id);
+                out.push((name.to_string(), blob));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| format!("{}: {e}", self.policy.name))??;
+        if files.is_empty() {
+            return Err(format!(
+                "{}: job {id} has no outputs here ({}, {} part)",
+                self.policy.name, view.state, view.part
+            ));
+        }
+        let (store, held) = (
+            self.node.store().clone(),
+            files.iter().map(|(_, b)| b.id).collect::<Vec<_>>(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(DOWNLOAD_HOLD).await;
+            for id in held {
+                store.release(&id);
+            }
+        });
+        Ok(CtlResponse::Files(files))
+    }
+
     /// Starts this site's part of job `id` with `members` (those that took it); its record
     /// follows the part to its end.
-    fn start(self: &Arc<Self>, id: &JobId, mut topo: Topology, members: &[String]) -> Result<(), String> {
+    fn start(self: &Arc<Self>, id: &JobId, mut topo: Topology, members: &[String], resume: bool) -> Result<(), String> {
         let site = self.policy.name.clone();
         topo.members.retain(|(n, _)| members.contains(n));
         topo.clients.retain(|n| members.contains(n));
@@ -286,6 +449,16 @@ impl Desk {
             *m = self.members.by_name(name).cloned();
         }
         topo.job = id.0.clone();
+        // A job names its data; this site's policy alone says where its own rows are. The
+        // admission refused a site without them, so a miss here fails the part, saying why.
+        if let Some(name) = &topo.data.dataset {
+            let Some(rows) = self.policy.datasets.get(name) else {
+                let why = format!("{site}: no dataset {name:?} here");
+                self.ended(id, Err(anyhow::anyhow!(why.clone())));
+                return Err(why);
+            };
+            topo.data.local = Some(rows.site_data());
+        }
         let dir = self.dir.join("jobs").join(&id.0);
         let (tx, mut rx) = tokio::sync::watch::channel(None::<String>);
         self.running().insert(id.0.clone(), tx);
@@ -306,7 +479,15 @@ impl Desk {
         let span = tracing::info_span!("job", job = %id, site = %site);
         tokio::spawn(
             async move {
-                let ended = crate::run::member_of_job(&desk.node, &desk.host, topo, &site, &dir, &mut None, stop).await;
+                let part = crate::run::Part {
+                    node: &desk.node,
+                    host: &desk.host,
+                    name: &site,
+                    data_dir: &dir,
+                    stop,
+                    resume,
+                };
+                let ended = crate::run::member_of_job(part, topo, &mut None).await;
                 desk.ended(&id, ended);
             }
             .instrument(span),
@@ -329,8 +510,11 @@ impl Desk {
         };
         tracing::info!(job = %id, %state, %reason, "this site's part of the job ended");
         let done = self.records.update(&id.0, |v| {
-            v.state = state;
-            v.reason = reason;
+            // An abort recorded first stays the record's state.
+            if v.state != JobState::Aborted {
+                v.state = state;
+                v.reason = reason;
+            }
             match &summary {
                 Some(s) => {
                     v.round = s["round_secs"].as_array().map_or(v.round, |r| r.len() as u32);

@@ -12,6 +12,7 @@
 
 pub mod admit;
 pub mod desk;
+pub mod manage;
 pub mod policy;
 pub mod query;
 pub mod records;
@@ -153,8 +154,13 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     let records = records::Records::open(&site.dir.join("jobs.redb"))?;
     let (policy, members, dir) = (site.policy.clone(), site.members.clone(), site.dir.clone());
-    let desk: crate::run::MakeDesk =
-        Box::new(move |node, host| desk::Desk::new(policy, members, dir, records, node, host).serve());
+    let desk: crate::run::MakeDesk = Box::new(move |node, host| {
+        let desk = desk::Desk::new(policy, members, dir, records, node, host);
+        if let Err(e) = desk.resume() {
+            tracing::error!(error = %e, "cannot read the job records to resume the site's jobs");
+        }
+        desk.serve()
+    });
     // Submitters may connect (to submit) without being members of the consortium.
     let mut gate = site.members.clone();
     for s in &site.policy.submitters {

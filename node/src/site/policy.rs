@@ -50,6 +50,26 @@ pub struct LocalLearner {
     pub env: BTreeMap<String, String>,
 }
 
+/// Rows this site holds under a name, as CSV files (features, then the label): what a job
+/// naming the dataset trains on here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDataset {
+    /// The rows this site's member trains on.
+    pub path: PathBuf,
+    /// Held-out rows the global model is measured on when this site hosts the controller.
+    pub test: Option<PathBuf>,
+}
+
+impl LocalDataset {
+    /// Where a job's part on this site finds its rows.
+    pub fn site_data(&self) -> crate::topology::SiteData {
+        crate::topology::SiteData {
+            train: self.path.clone(),
+            test: self.test.clone(),
+        }
+    }
+}
+
 /// How much this site gives to jobs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -75,7 +95,7 @@ pub struct Policy {
     /// Training code registered here, by name.
     pub learners: BTreeMap<String, LocalLearner>,
     /// Data on this site, by name.
-    pub datasets: BTreeMap<String, PathBuf>,
+    pub datasets: BTreeMap<String, LocalDataset>,
     /// Limits.
     pub limits: Limits,
 }
@@ -217,6 +237,8 @@ struct RawLearner {
 #[serde(deny_unknown_fields)]
 struct RawDataset {
     path: Spanned<String>,
+    #[serde(default)]
+    test: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -377,15 +399,22 @@ impl Policy {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut datasets = BTreeMap::new();
         for (name, d) in &raw.dataset {
-            let p = d.get_ref().path.get_ref();
-            if p.trim().is_empty() {
-                return Err(fail(
-                    d.get_ref().path.span().start,
-                    &format!("dataset.{name}.path"),
-                    "is empty".into(),
-                ));
-            }
-            datasets.insert(name.clone(), base.join(p));
+            let file = |p: &Spanned<String>, key: &str| {
+                if p.get_ref().trim().is_empty() {
+                    return Err(fail(
+                        p.span().start,
+                        &format!("dataset.{name}.{key}"),
+                        "is empty".into(),
+                    ));
+                }
+                Ok(base.join(p.get_ref()))
+            };
+            let d = d.get_ref();
+            let dataset = LocalDataset {
+                path: file(&d.path, "path")?,
+                test: d.test.as_ref().map(|t| file(t, "test")).transpose()?,
+            };
+            datasets.insert(name.clone(), dataset);
         }
         let limits = match raw.limits {
             None => Limits::default(),
@@ -495,10 +524,15 @@ builtin = ["add-one", "mlp", "tch-mlp", "tch-cnn", "split"]
 # command = ["python3", "/opt/flare/train.py"]
 # env = {{ CUDA_VISIBLE_DEVICES = "0" }}
 
-# Data on this site: a job names a dataset and each site trains on its own
-# (CSV: features, then the label column). Relative paths start at this file.
+# Data on this site: a job says `dataset = "digits"` in its [data] table and each site
+# trains on its own rows, which never leave it. CSV, one row per line: the features, then
+# the label (the digits learners read 64 features in [0, 1] and labels 0..=9); a first line
+# that does not start with a number is a header. Relative paths start at this file.
+# `test` (optional): held-out rows the global model is measured on when this site hosts
+# the job's controller.
 # [dataset.digits]
 # path = "data/digits-train.csv"
+# test = "data/digits-test.csv"
 
 [limits]
 concurrent_jobs = 4
@@ -552,10 +586,15 @@ mod tests {
         let p = policy(&format!(
             "[site]\nname = \"lab-b\"\n\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\nworkflows = [\"fedavg\"]\n\n\
              [learners]\nbuiltin = [\"mlp\"]\n\n[learner.cnn]\ncommand = [\"python3\", \"train.py\"]\n\n\
-             [dataset.digits]\npath = \"data/digits.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\n"
+             [dataset.digits]\npath = \"data/digits.csv\"\ntest = \"/held/out.csv\"\n\n[dataset.xray]\npath = \"xray.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\n"
         ))
         .expect("policy");
-        assert_eq!(p.datasets["digits"], Path::new("/site/data/digits.csv"));
+        let digits = &p.datasets["digits"];
+        assert_eq!(digits.path, Path::new("/site/data/digits.csv"));
+        assert_eq!(digits.test.as_deref(), Some(Path::new("/held/out.csv")));
+        assert_eq!(p.datasets["xray"].test, None);
+        let files = digits.site_data();
+        assert_eq!((files.train, files.test), (digits.path.clone(), digits.test.clone()));
         let ok = Ask {
             submitter: alice,
             workflow: "fedavg",
@@ -582,10 +621,10 @@ mod tests {
         );
         assert_eq!(
             refused(Ask {
-                dataset: Some("xray"),
+                dataset: Some("mri"),
                 ..ok.clone()
             }),
-            "lab-b: no dataset \"xray\" here"
+            "lab-b: no dataset \"mri\" here"
         );
         assert!(
             refused(Ask {
@@ -633,6 +672,14 @@ mod tests {
                 "must be at least 1",
             ),
             ("[site]\nname = \"a\"\nsecret = 1\n", "unknown field"),
+            (
+                "[site]\nname = \"a\"\n[dataset.x]\npath = \"x.csv\"\ntest = \"\"\n",
+                "line 5: field `dataset.x.test`: is empty",
+            ),
+            (
+                "[site]\nname = \"a\"\n[dataset.x]\ntest = \"t.csv\"\n",
+                "missing field `path`",
+            ),
         ] {
             let e = policy(text).expect_err(text);
             assert!(e.contains(says) && e.contains("site.toml"), "{text:?}: {e}");

@@ -39,6 +39,11 @@ pub struct SiteArgs {
 }
 
 impl SiteArgs {
+    /// The asker's key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.key.clone()
+    }
+
     /// The site's name.
     pub fn site(&self) -> &str {
         &self.to
@@ -46,26 +51,70 @@ impl SiteArgs {
 
     /// Sends `body` about `job` to the site as the key's owner; the site's answer.
     pub async fn ask(&self, job: JobId, body: Request) -> anyhow::Result<CtlResponse> {
+        let session = self.session(BlobStore::memory()).await?;
+        let answer = session.ask(&self.to, job, body).await;
+        session.close();
+        answer
+    }
+
+    /// A peer of the key's owner that can ask any site of the consortium, with `store` for
+    /// what it pulls.
+    pub async fn session(&self, store: BlobStore) -> anyhow::Result<Session> {
         let key = crate::keys::load_key(&self.key)?;
         let members = Members::load(&self.members)?;
-        let site = members
-            .by_name(&self.to)
-            .cloned()
-            .with_context(|| format!("{}: no member named {:?}", self.members.display(), self.to))?;
+        if members.by_name(&self.to).is_none() {
+            bail!("{}: no member named {:?}", self.members.display(), self.to);
+        }
         let node = Node::start(NodeConfig {
             keypair: key,
-            members: members.into(),
+            members: members.clone().into(),
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
-            store: BlobStore::memory(),
+            store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         })
         .await?;
-        let ask = node.net().request(site.peer_id, CtlRequest { job, body });
-        let answer = tokio::time::timeout(Duration::from_secs(self.timeout_secs), ask).await;
-        node.net().shutdown();
-        answer
-            .with_context(|| format!("{} did not answer within {} s", self.to, self.timeout_secs))?
-            .with_context(|| format!("asking {}", self.to))
+        Ok(Session {
+            node,
+            members,
+            timeout: Duration::from_secs(self.timeout_secs),
+        })
+    }
+}
+
+/// A short-lived peer that asks sites on its owner's behalf.
+pub struct Session {
+    node: Node,
+    members: Members,
+    timeout: Duration,
+}
+
+impl Session {
+    /// Sends `body` about `job` to site `site`; its answer.
+    pub async fn ask(&self, site: &str, job: JobId, body: Request) -> anyhow::Result<CtlResponse> {
+        let peer = self.peer(site)?;
+        let ask = self.node.net().request(peer, CtlRequest { job, body });
+        tokio::time::timeout(self.timeout, ask)
+            .await
+            .with_context(|| format!("{site} did not answer within {} s", self.timeout.as_secs()))?
+            .with_context(|| format!("asking {site}"))
+    }
+
+    /// Site `site`'s peer id.
+    pub fn peer(&self, site: &str) -> anyhow::Result<libp2p::PeerId> {
+        self.members
+            .by_name(site)
+            .map(|m| m.peer_id)
+            .with_context(|| format!("no member named {site:?} in the member table"))
+    }
+
+    /// The peer.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Closes the peer's connections.
+    pub fn close(self) {
+        self.node.net().shutdown();
     }
 }
 

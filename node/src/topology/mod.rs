@@ -87,7 +87,8 @@ pub struct ModelSpec {
     pub seed: u64,
 }
 
-/// How the data is dealt to members.
+/// Which data the members learn from: a seeded deal of the shipped digits (`sim`, `run`), or
+/// a dataset each site holds under a name (a job submitted to standing sites).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataSpec {
     /// Dirichlet concentration of the label split (small: very non-IID).
@@ -96,6 +97,24 @@ pub struct DataSpec {
     pub seed: u64,
     /// Share of the data held out as the common test set.
     pub test_fraction: f64,
+    /// `dataset = "NAME"`: each site trains on its own rows registered under this name in its
+    /// policy (`[dataset.NAME]`), instead of a deal of the shipped digits; no site sees
+    /// another's rows.
+    pub dataset: Option<String>,
+    /// This site's files of `dataset`. Only a site sets it, from its own policy, when it runs
+    /// its part of a job (a job file cannot: it names data, never a path); it differs per site,
+    /// so [`Topology::spec_hash`] leaves it out.
+    pub local: Option<SiteData>,
+}
+
+/// Where one site keeps the rows of a named dataset (from its `[dataset.NAME]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteData {
+    /// The rows its member trains on (and cuts its validation rows from): a CSV file.
+    pub train: PathBuf,
+    /// Held-out rows the global model is measured on, when this site has some (what the
+    /// controller's site reports as the global metrics).
+    pub test: Option<PathBuf>,
 }
 
 /// How the model goes round the members of a cyclic job.
@@ -240,6 +259,7 @@ impl Topology {
         let section = sections::workflow(&kind, tables, &clients, job_at, &fail)?;
         let cross_site = sections::cross_site(raw.cross_site, &kind, &fail)?;
         let learner = sections::learner(&kind, raw.learner, job_at, &fail)?;
+        let data = sections::data(raw.data, &learner, &fail)?;
         Ok(Self {
             path: path.to_owned(),
             job: job.name,
@@ -257,13 +277,18 @@ impl Topology {
             checkpoints: section.checkpoints,
             learner,
             model: raw.model.map_or_else(ModelSpec::default, ModelSpec::from),
-            data: raw.data.map_or_else(DataSpec::default, DataSpec::from),
+            data,
         })
     }
 
-    /// A hash of everything that defines the job (not the members' addresses), exchanged at
-    /// `Join` so a member can tell that it runs the same job as its controller.
+    /// A hash of everything that defines the job (not the members' addresses, nor where each
+    /// site keeps its rows), exchanged at `Join` so a member can tell that it runs the same job
+    /// as its controller.
     pub fn spec_hash(&self) -> [u8; 32] {
+        let data = DataSpec {
+            local: None,
+            ..self.data.clone()
+        };
         let spec = format!(
             "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.job,
@@ -276,7 +301,7 @@ impl Topology {
             self.round_timeout,
             self.learner,
             self.model,
-            self.data,
+            data,
             self.sample
         );
         flare_protocols::ChunkHash::of(spec.as_bytes()).0
@@ -357,6 +382,37 @@ name = "b"
     }
 
     #[test]
+    fn a_dataset_is_named_for_the_learners_that_read_rows_and_refused_for_the_others() {
+        let mlp = GOOD.replace("kind = \"add-one\"", "kind = \"mlp\"");
+        let named = format!("{mlp}\n[data]\ndataset = \"digits\"\n");
+        let t = Topology::parse(Path::new("d.toml"), &named).expect("dataset");
+        assert_eq!((t.data.dataset.as_deref(), &t.data.local), (Some("digits"), &None));
+        let dealt = Topology::parse(Path::new("d.toml"), &mlp).expect("dealt");
+        assert_eq!(dealt.data.dataset, None);
+        assert_ne!(t.spec_hash(), dealt.spec_hash(), "the dataset is part of the job");
+        // Where each site keeps its rows is not: it differs per site.
+        let mut here = t.clone();
+        here.data.local = Some(SiteData {
+            train: "/site/train.csv".into(),
+            test: None,
+        });
+        assert_eq!(here.spec_hash(), t.spec_hash());
+
+        let e = err(&format!("{GOOD}\n[data]\ndataset = \"digits\"\n"));
+        assert!(
+            e.starts_with("bad.toml: line 22: field `data.dataset`: the \"add-one\" learner reads no dataset"),
+            "{e}"
+        );
+        let e = err(&named.replace("\"digits\"", "\" \""));
+        assert!(e.contains("line 22: field `data.dataset`: is empty"), "{e}");
+        let e = err(&named.replace("dataset = \"digits\"", "dataset = 3"));
+        assert!(e.contains("bad.toml") && e.contains("line 22"), "{e}");
+        // A job names data, never a path: only a site fills in where its rows are.
+        let e = err(&named.replace("dataset = \"digits\"", "local = \"/etc/passwd\""));
+        assert!(e.contains("unknown field `local`"), "{e}");
+    }
+
+    #[test]
     fn each_workflow_takes_its_own_table_and_refuses_the_others() {
         let cyclic = GOOD.replace("workflow = \"fedavg\"", "workflow = \"cyclic\"").replace(
             "[fedavg]\nrounds = 2\nmin_clients = 2",
@@ -396,6 +452,8 @@ name = "b"
         assert!(matches!(t.workflow, Workflow::Split(ref s) if s.parties == 2 && s.epochs == 3));
         let e = err(&split.replace("epochs = 3", "epochs = 3\nbottom = []"));
         assert!(e.contains("field `split`") && e.contains("cut layer"), "{e}");
+        let e = err(&format!("{split}\n[data]\ndataset = \"digits\"\n"));
+        assert!(e.contains("data.dataset") && e.contains("split learning"), "{e}");
     }
 
     #[test]

@@ -201,6 +201,8 @@ pub(super) struct RawData {
     pub(super) seed: u64,
     #[serde(default = "default_test_fraction")]
     pub(super) test_fraction: f64,
+    #[serde(default)]
+    pub(super) dataset: Option<Spanned<String>>,
 }
 
 pub(super) fn default_alpha() -> f64 {
@@ -250,16 +252,8 @@ impl Default for DataSpec {
             alpha: default_alpha(),
             seed: 0,
             test_fraction: default_test_fraction(),
-        }
-    }
-}
-
-impl From<RawData> for DataSpec {
-    fn from(d: RawData) -> Self {
-        Self {
-            alpha: d.alpha,
-            seed: d.seed,
-            test_fraction: d.test_fraction,
+            dataset: None,
+            local: None,
         }
     }
 }

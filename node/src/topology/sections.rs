@@ -1,5 +1,5 @@
 //! One validator per section of a topology file: `[job]` and `[[member]]`, the workflow's own
-//! table (`[fedavg]`, `[cyclic]`, `[swarm]`, `[split]`, `[inference]`), `[cross_site]`. Each
+//! table (`[fedavg]`, `[cyclic]`, `[swarm]`, `[split]`, `[inference]`), `[cross_site]`, `[data]`. Each
 //! rule is checked here once, in the order `parse` calls them (so a file with several faults
 //! is refused for the first, as before); the `[learner]` section has a file of its own.
 
@@ -11,10 +11,10 @@ use libp2p::{Multiaddr, PeerId};
 use toml::Spanned;
 
 use super::schema::{
-    RawCrossSite, RawCyclic, RawFedAvg, RawInference, RawJob, RawLearner, RawMember, RawSplit, RawSwarm,
+    RawCrossSite, RawCyclic, RawData, RawFedAvg, RawInference, RawJob, RawLearner, RawMember, RawSplit, RawSwarm,
     default_embed_dim,
 };
-use super::{CyclicOrder, ExternalSpec, Fail, INFERENCE, LearnerSpec, TopologyError, Workflow};
+use super::{CyclicOrder, DataSpec, ExternalSpec, Fail, INFERENCE, LearnerSpec, TopologyError, Workflow};
 
 /// The members in file order (with their peer ids and addresses when given), and those
 /// whose learner is an external command.
@@ -428,4 +428,41 @@ pub(super) fn learner(
         )),
         (_, Some(l)) => super::learner::learner_spec(l.into_inner(), fail),
     }
+}
+
+/// `[data]`: how the shipped digits are dealt, or `dataset`, the name under which each site
+/// holds its own rows; only the learners that read rows (the digits learners) take one.
+pub(super) fn data(d: Option<RawData>, learner: &LearnerSpec, fail: &Fail<'_>) -> Result<DataSpec, TopologyError> {
+    let Some(d) = d else {
+        return Ok(DataSpec::default());
+    };
+    let dataset = match d.dataset {
+        None => None,
+        Some(n) => {
+            let at = n.span().start;
+            let reads_none = match learner {
+                LearnerSpec::AddOne { .. } => Some("the \"add-one\" learner"),
+                LearnerSpec::Split => Some("split learning (it deals the shipped digits by columns)"),
+                LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => None,
+            };
+            if let Some(who) = reads_none {
+                return Err(fail(
+                    at,
+                    "data.dataset",
+                    format!("{who} reads no dataset (\"mlp\", \"tch-mlp\" and \"tch-cnn\" do)"),
+                ));
+            }
+            if n.get_ref().trim().is_empty() {
+                return Err(fail(at, "data.dataset", "is empty".into()));
+            }
+            Some(n.into_inner())
+        }
+    };
+    Ok(DataSpec {
+        alpha: d.alpha,
+        seed: d.seed,
+        test_fraction: d.test_fraction,
+        dataset,
+        local: None,
+    })
 }

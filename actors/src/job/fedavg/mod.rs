@@ -38,6 +38,22 @@ pub use types::*;
 
 /// Runs FedAvg from `initial` for `cfg.rounds` rounds.
 pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Result<FedAvgOutcome, FedAvgError> {
+    let start = Start {
+        model: initial,
+        next_round: 0,
+        reports: Vec::new(),
+    };
+    run_from(comm, cfg, start).await
+}
+
+/// Runs FedAvg's rounds `start.next_round..cfg.rounds` from `start.model`: a controller
+/// restarted mid-job goes on from its last checkpoint.
+pub async fn run_from(comm: &Communicator, cfg: &FedAvgConfig, start: Start) -> Result<FedAvgOutcome, FedAvgError> {
+    let Start {
+        model: initial,
+        next_round,
+        mut reports,
+    } = start;
     let asked = cfg
         .sample
         .as_ref()
@@ -47,9 +63,8 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
     // model-sized buffer at a time (the accumulator during a round).
     let layout = initial.layout();
     let (mut blob, mut lent, mut written) = comm.publish_lent(initial).await?;
-    let mut reports = Vec::new();
     let mut checkpoints = Checkpoints::new(comm, cfg.checkpoint_dir.clone(), cfg.checkpoint_policy.clone());
-    for round in 0..cfg.rounds {
+    for round in next_round..cfg.rounds {
         // A sampled round asks only its picks; the rest of the configuration is the job's.
         let sampled;
         let cfg = match &cfg.sample {

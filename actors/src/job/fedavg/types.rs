@@ -65,8 +65,19 @@ impl Sampling {
     }
 }
 
+/// Where a FedAvg run starts (see [`run_from`](super::run_from)).
+#[derive(Clone, Debug)]
+pub struct Start {
+    /// The global model it starts from.
+    pub model: Model,
+    /// The first round it runs (0 for a new job).
+    pub next_round: u32,
+    /// The reports of the rounds before it (from the checkpoint).
+    pub reports: Vec<RoundReport>,
+}
+
 /// What one round did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RoundReport {
     /// Round number, from 0.
     pub round: u32,

@@ -1,0 +1,155 @@
+//! Datasets by name: a job says `dataset = "digits"`, and each standing site trains on its own
+//! rows registered under that name in its policy; the rows never leave their site.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flare_actors::data::{Dataset, digits, train_test_split};
+
+use crate::cli::{Running, cli, text};
+use crate::consortium::{allow, consortium, job_id, jobs_at};
+
+/// `rows` as a CSV file: features then the label, with a header line when asked.
+fn write_csv(path: &Path, rows: &Dataset, header: bool) {
+    let mut s = String::new();
+    if header {
+        let names: Vec<String> = (0..rows.dim()).map(|i| format!("pixel_{i}")).collect();
+        s.push_str(&format!("{},label\n", names.join(",")));
+    }
+    for (row, label) in rows.features().chunks(rows.dim()).zip(rows.labels()) {
+        for v in row {
+            s.push_str(&format!("{v},"));
+        }
+        s.push_str(&format!("{label}\n"));
+    }
+    std::fs::write(path, s).expect("write CSV");
+}
+
+/// Deals the shipped digits to `sites`: a held-out fifth as `digits-test.csv` at the first
+/// site, and the rest dealt round-robin into one non-overlapping `digits.csv` per site,
+/// registered as `[dataset.digits]` in each site's policy.
+fn give_each_site_its_rows(dir: &Path, sites: &[&str]) {
+    let all = digits().expect("digits");
+    let (train, test) = train_test_split(&all, 0.2, 7).expect("split");
+    for (i, site) in sites.iter().enumerate() {
+        let mine: Vec<usize> = (i..train.len()).step_by(sites.len()).collect();
+        let at = dir.join(site);
+        write_csv(&at.join("digits.csv"), &train.subset(&mine).expect("shard"), i % 2 == 1);
+        let mut entry = "\n[dataset.digits]\npath = \"digits.csv\"\n".to_owned();
+        if i == 0 {
+            write_csv(&at.join("digits-test.csv"), &test, false);
+            entry.push_str("test = \"digits-test.csv\"\n");
+        }
+        let policy = at.join("site.toml");
+        let text = std::fs::read_to_string(&policy).expect("site.toml") + &entry;
+        std::fs::write(policy, text).expect("site.toml");
+    }
+}
+
+/// A FedAvg job of the pure-Rust MLP on the sites' `dataset`, the first site the controller.
+fn digits_job(sites: &[&str], dataset: &str) -> String {
+    let names: Vec<String> = sites.iter().map(|n| format!("{n:?}")).collect();
+    let mut s = format!(
+        "[job]\nname = \"digits-on-sites\"\nworkflow = \"fedavg\"\ncontroller = {:?}\nclients = [{}]\n\n\
+         [fedavg]\nrounds = 15\nmin_clients = {}\n\n\
+         [learner]\nkind = \"mlp\"\nhidden = [32]\nlr = 0.1\nepochs = 4\nbatch_size = 32\n\n\
+         [data]\ndataset = {dataset:?}\n\n",
+        sites[0],
+        names.join(", "),
+        sites.len()
+    );
+    for n in sites {
+        s.push_str(&format!("[[member]]\nname = \"{n}\"\n"));
+    }
+    s
+}
+
+#[test]
+fn sites_train_a_named_dataset_on_their_own_rows_and_a_site_without_it_refuses() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c", "lab-d"];
+    consortium(dir.path(), &sites);
+    let alice = crate::cli::peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+    }
+    give_each_site_its_rows(dir.path(), &sites);
+    std::fs::write(p("digits.toml"), digits_job(&sites, "digits")).expect("job");
+    std::fs::write(p("nope.toml"), digits_job(&sites, "nope")).expect("job");
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let submit = |job: &str| {
+        cli(&[
+            "submit",
+            &p(job),
+            "--key",
+            &p("alice.key"),
+            "--members",
+            &p("lab-a/members.toml"),
+            "--to",
+            "lab-a",
+        ])
+    };
+    let out = submit("digits.toml");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = job_id(&out);
+    let refused = submit("nope.toml");
+    let err = text(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("lab-a: no dataset \"nope\" here"),
+        "{err}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = jobs_at(dir.path(), "lab-a", "alice.key");
+        let state = jobs
+            .iter()
+            .find(|j| j["id"] == id.as_str())
+            .and_then(|j| j["state"].as_str().map(str::to_owned));
+        if state.as_deref() == Some("finished") {
+            break;
+        }
+        assert!(
+            !matches!(state.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn")),
+            "{jobs:?}"
+        );
+        assert!(Instant::now() < deadline, "not finished within 120 s: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let path = dir.path().join("lab-a/jobs").join(&id).join("results.json");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("results.json")).expect("JSON");
+    let summary = &results["summary"];
+    let global = summary["global"].as_array().expect("global metrics per round");
+    assert_eq!(global.len(), 15, "{summary}");
+    let last = global.last().and_then(|g| g["accuracy"].as_f64()).expect("accuracy");
+    assert!(last >= 0.90, "final global accuracy {last}: {summary}");
+    assert_eq!(summary["dataset"], "digits", "{summary}");
+    // Without every site's rows the controller has no local-only baseline, and says none.
+    assert!(summary.get("local_only").is_none(), "{summary}");
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
+
+#[test]
+fn sim_refuses_a_job_naming_a_dataset_and_says_to_submit_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let job = dir.path().join("named.toml");
+    std::fs::write(&job, digits_job(&["lab-a", "lab-b"], "digits")).expect("job");
+    let out = cli(&["sim", job.to_str().expect("utf8")]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            "dataset digits is read from each site's policy: submit this job to standing sites (flare-node submit)"
+        ),
+        "{err}"
+    );
+}
