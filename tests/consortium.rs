@@ -165,6 +165,17 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
         &p("alice.key"),
         "lab-a: the job names member \"lab-x\", who is not in this consortium",
     );
+    // A job changed after it was signed is refused: the site checks the signature itself.
+    let tampered = send_tampered(
+        &p("alice.key"),
+        &p("lab-a/members.toml"),
+        "lab-a",
+        &std::fs::read_to_string(p("addone.toml")).expect("job"),
+    );
+    assert!(
+        tampered.starts_with("lab-a: refused a job whose signature does not hold"),
+        "{tampered}"
+    );
     // A malformed job never leaves the submitter's machine: file, line and field are named.
     refused(
         "broken.toml",
@@ -174,7 +185,41 @@ fn a_site_takes_a_signed_job_from_a_submitter_in_its_policy_and_refuses_others_s
     site.ctrl_c();
     let (ok, log) = site.finish(30);
     assert!(ok, "{log}");
-    assert_eq!(log.matches("job refused").count(), 3, "{log}");
+    assert_eq!(log.matches("job refused").count(), 4, "{log}");
+}
+
+/// Signs `spec` with the key at `key`, changes a byte of it (as a man in the middle
+/// would), submits it to `site` from a peer of its own, and returns the site's refusal.
+fn send_tampered(key: &str, members: &str, site: &str, spec: &str) -> String {
+    use flare_protocols::ctl::{CtlRequest, CtlResponse, Request};
+    let bytes = std::fs::read(key).expect("key");
+    let key = libp2p::identity::Keypair::from_protobuf_encoding(&bytes).expect("a key");
+    let members = flare_actors::Members::load(Path::new(members)).expect("members");
+    let to = members.by_name(site).expect("the site").peer_id;
+    let mut signed = flare_protocols::job::SignedJob::sign(spec.as_bytes().to_vec(), &key, 1).expect("sign");
+    signed.spec = spec.replace("rounds = 2", "rounds = 9").into_bytes();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let node = flare_actors::Node::start(flare_actors::NodeConfig {
+            keypair: key,
+            members: members.into(),
+            listen: vec![crate::util::loopback()],
+            store: flare_actors::BlobStore::memory(),
+            max_blob_streams: 4,
+        })
+        .await
+        .expect("node");
+        let req = CtlRequest {
+            job: signed.id(),
+            body: Request::Submit(Box::new(signed)),
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(30), node.net().request(to, req)).await;
+        node.net().shutdown();
+        match answer {
+            Ok(Ok(CtlResponse::Rejected { reason })) => reason,
+            other => panic!("a tampered job was not refused: {other:?}"),
+        }
+    })
 }
 
 /// `n` sites, each initialised and listening on a port of its own, every one's members.toml
@@ -599,6 +644,17 @@ fn a_controller_site_killed_mid_job_resumes_from_its_last_checkpoint_and_ends_ex
     let mut a = running.remove(0);
     a.wait_for(&["round done", "round=6"]);
     a.kill();
+    // Meanwhile its clients do not just show `running`: they say what they wait for.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status_at(dir.path(), &id, "lab-b", "alice.key");
+        let said = status["views"][0]["reason"].as_str().unwrap_or_default().to_owned();
+        if said == "waiting: the controller (lab-a) cannot be reached" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut a = Running::start(&["serve", &p("lab-a")]);
     a.wait_for(&["resuming from the last checkpoint"]);
     let status = wait_finished(dir.path(), &id, "lab-b", "alice.key", 3);
@@ -666,6 +722,70 @@ fn a_member_site_killed_mid_job_rejoins_when_started_again() {
         assert_eq!(r["summary"]["verified"], true, "{s}: {r}");
     }
     running.push(c);
+    for r in running {
+        r.ctrl_c();
+        let (ok, log) = r.finish(30);
+        assert!(ok, "{log}");
+    }
+}
+
+#[test]
+fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_saying_so() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    consortium(dir.path(), &sites);
+    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
+    for s in sites {
+        allow(dir.path(), s, "alice", &alice);
+    }
+    // lab-a and lab-b run the Python add-one script under a name of their choosing; lab-c
+    // registers nothing.
+    let registered = format!(
+        "\n[learner.py-addone]\ncommand = [\"python3\", {:?}]\nenv = {{ PYTHONPATH = {:?} }}\n",
+        python.join("examples/add_one.py"),
+        python
+    );
+    for s in ["lab-a", "lab-b"] {
+        let path = dir.path().join(s).join("site.toml");
+        let policy = std::fs::read_to_string(&path).expect("site.toml");
+        // Tables after `[limits]` would land in it: the learner goes before.
+        let policy = policy.replace("[limits]", &format!("{registered}\n[limits]"));
+        std::fs::write(path, policy).expect("write");
+    }
+    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
+    for r in &mut running {
+        r.wait_for(&["Ctrl-C to stop"]);
+    }
+    let job = site_job(&sites, "add-one")
+        .replace("min_clients = 1", "min_clients = 2")
+        .replace("kind = \"add-one\"", "kind = \"add-one\"\nregistered = \"py-addone\"");
+    std::fs::write(p("job.toml"), job).expect("job");
+    let out = cli(&["submit", &p("job.toml"), "--key", &p("alice.key"), "--members", &p("lab-a/members.toml"), "--to", "lab-a"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("lab-c: learner \"py-addone\" is not registered here"),
+        "{}",
+        text(&out.stderr)
+    );
+    let id = job_id(&out);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = status_at(dir.path(), &id, "lab-a", "alice.key");
+        if status["state"] == "finished" {
+            break status;
+        }
+        assert_eq!(status["state"], "running", "{status}");
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(status["views"].as_array().map(Vec::len), Some(2), "lab-c is not in it: {status}");
+    let path = dir.path().join("lab-a/jobs").join(&id).join("results.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("results")).expect("JSON");
+    assert_eq!(r["summary"]["verified"], true, "{r}");
+    // The script ran (it reports the round as a metric; the built-in learner reports none).
+    assert!(r["rounds"][1]["metrics"]["round"].is_number(), "{r}");
     for r in running {
         r.ctrl_c();
         let (ok, log) = r.finish(30);

@@ -4,40 +4,23 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flare_actors::data::{Dataset, digits, train_test_split};
+use flare_node::sample_data::{digits_shards, write_csv};
 
 use crate::cli::{Running, cli, text};
 use crate::consortium::{allow, consortium, job_id, jobs_at};
 
-/// `rows` as a CSV file: features then the label, with a header line when asked.
-fn write_csv(path: &Path, rows: &Dataset, header: bool) {
-    let mut s = String::new();
-    if header {
-        let names: Vec<String> = (0..rows.dim()).map(|i| format!("pixel_{i}")).collect();
-        s.push_str(&format!("{},label\n", names.join(",")));
-    }
-    for (row, label) in rows.features().chunks(rows.dim()).zip(rows.labels()) {
-        for v in row {
-            s.push_str(&format!("{v},"));
-        }
-        s.push_str(&format!("{label}\n"));
-    }
-    std::fs::write(path, s).expect("write CSV");
-}
-
-/// Deals the shipped digits to `sites`: a held-out fifth as `digits-test.csv` at the first
-/// site, and the rest dealt round-robin into one non-overlapping `digits.csv` per site,
-/// registered as `[dataset.digits]` in each site's policy.
+/// Deals the shipped digits to `sites` as `flare-node sample-data` does: the held-out rows
+/// as `digits-test.csv` at the first site, and one non-overlapping `digits.csv` per site
+/// (every other one with a header line), registered as `[dataset.digits]` in each site's
+/// policy.
 fn give_each_site_its_rows(dir: &Path, sites: &[&str]) {
-    let all = digits().expect("digits");
-    let (train, test) = train_test_split(&all, 0.2, 7).expect("split");
-    for (i, site) in sites.iter().enumerate() {
-        let mine: Vec<usize> = (i..train.len()).step_by(sites.len()).collect();
+    let (shards, test) = digits_shards(sites.len()).expect("shards");
+    for (i, (site, shard)) in sites.iter().zip(&shards).enumerate() {
         let at = dir.join(site);
-        write_csv(&at.join("digits.csv"), &train.subset(&mine).expect("shard"), i % 2 == 1);
+        write_csv(&at.join("digits.csv"), shard, i % 2 == 1).expect("write CSV");
         let mut entry = "\n[dataset.digits]\npath = \"digits.csv\"\n".to_owned();
         if i == 0 {
-            write_csv(&at.join("digits-test.csv"), &test, false);
+            write_csv(&at.join("digits-test.csv"), &test, false).expect("write CSV");
             entry.push_str("test = \"digits-test.csv\"\n");
         }
         let policy = at.join("site.toml");

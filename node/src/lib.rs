@@ -9,6 +9,7 @@ mod job;
 mod keys;
 pub mod render;
 mod run;
+pub mod sample_data;
 mod sim;
 pub mod site;
 mod topology;
@@ -56,6 +57,9 @@ enum Command {
     /// Fetch a job's outputs (final model, results.json, the learning curve) into a
     /// directory.
     Download(site::manage::DownloadArgs),
+    /// Write example data for trying a consortium: one CSV of rows per site, and held-out
+    /// test rows.
+    SampleData(sample_data::SampleDataArgs),
     /// Run one long-lived peer until Ctrl-C.
     Run(run::RunArgs),
     /// Run a topology's whole job on a local swarm in this process.
@@ -121,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Status(args) => site::query::status(args).await,
             Command::Abort(args) => site::manage::abort(args).await,
             Command::Download(args) => site::manage::download(args).await,
+            Command::SampleData(args) => sample_data::sample_data(args),
             Command::Run(args) => run::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,

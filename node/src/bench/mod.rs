@@ -37,6 +37,7 @@
 //! either side has a timeout (`--timeout-secs`).
 
 mod child;
+mod consortium;
 mod fedavg;
 mod peer;
 mod rounds;
@@ -72,6 +73,9 @@ pub enum BenchCmd {
     Scale(scale::ScaleArgs),
     /// The add-one job in `sim` for a few round counts: peak memory as the rounds go on.
     Rounds(rounds::RoundsArgs),
+    /// The add-one job submitted to a consortium of standing sites (`serve`), against `sim`
+    /// in the same run: mean round, and the time from submission to round 0.
+    Consortium(consortium::ConsortiumArgs),
 }
 
 /// Arguments of `flare-node bench blob`.
@@ -115,6 +119,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             BenchCmd::Fedavg(args) => fedavg::run(args).await,
             BenchCmd::Scale(args) => scale::run(args).await,
             BenchCmd::Rounds(args) => rounds::run(args).await,
+            BenchCmd::Consortium(args) => consortium::run(args).await,
         }
     };
     // On Ctrl-C or SIGTERM, drop the benchmark so that its children are killed and its

@@ -339,6 +339,8 @@ pub async fn control(
     let dir = checkpoint_dir.map(Path::to_owned);
     let workflow = move |comm: Arc<Communicator>| async move {
         let started = std::time::Instant::now();
+        // When round 0 began, by the wall clock: what `bench consortium` times a submission to.
+        let started_at_ms = crate::site::records::now_ms();
         let mut outcome = run_workflow(&comm, &t, &s, c.clone(), dir.as_deref(), resume).await;
         // The workflow's own time, without the cross-site evaluation after it.
         let total_secs = started.elapsed().as_secs_f64();
@@ -356,7 +358,7 @@ pub async fn control(
             Err(e) => Ending::failed(format!("job failed: {e:#}")),
         };
         comm.end_job(&c, &end).await;
-        outcome.map(|o| (o, matrix, total_secs))
+        outcome.map(|o| (o, matrix, total_secs, started_at_ms))
     };
     let mut ctl = host
         .start_controller(comm, clients, workflow)
@@ -364,8 +366,9 @@ pub async fn control(
         .context("starting the controller")?;
     // Members are told the controller stopped, and why (e.g. "interrupted (Ctrl-C)").
     let stopped = async { format!("the controller was {}", stop.await) };
-    let (outcome, matrix, total_secs) = ctl.outcome_unless(stopped).await??;
+    let (outcome, matrix, total_secs, started_at_ms) = ctl.outcome_unless(stopped).await??;
     let mut summary = summarize(topo, setup, &outcome, total_secs).await?;
+    summary["started_at_ms"] = serde_json::json!(started_at_ms);
     if let Some(m) = matrix {
         summary["cross_site"] = m;
     }

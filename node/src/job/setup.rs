@@ -209,7 +209,13 @@ impl Setup {
     /// `work_dir` is where an external learner's socket and model files go (one per member
     /// and job; keep its path short: a Unix socket path has at most ~100 bytes).
     pub fn learner(&self, topo: &Topology, member: &str, work_dir: &Path) -> anyhow::Result<Box<dyn Learner>> {
-        if let Some(ext) = topo.external.get(member) {
+        if let (Some(name), None) = (&topo.registered_learner, &topo.site_learner) {
+            anyhow::bail!(
+                "{}: learner {name:?} is registered at each site: submit this job to standing sites (flare-node submit)",
+                topo.path.display()
+            );
+        }
+        if let Some(ext) = topo.external.get(member).or(topo.site_learner.as_ref()) {
             return self.external_learner(topo, member, ext, work_dir);
         }
         if let Some((spec, data)) = &self.split {

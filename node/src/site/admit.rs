@@ -14,14 +14,17 @@ use super::policy::{Ask, Policy};
 use crate::topology::{LearnerSpec, Topology, Workflow};
 
 /// The learner a job names, as site policies list learners.
-pub fn learner_name(t: &Topology) -> Result<&'static str, String> {
+pub fn learner_name(t: &Topology) -> Result<String, String> {
+    if let Some(name) = &t.registered_learner {
+        return Ok(name.clone());
+    }
     if !t.external.is_empty() {
         return Err(
             "the job gives members commands to run: a submitted job names a learner registered at each site, never a command"
                 .into(),
         );
     }
-    Ok(match &t.learner {
+    Ok(String::from(match &t.learner {
         LearnerSpec::AddOne { .. } => "add-one",
         LearnerSpec::Split => "split",
         LearnerSpec::Mlp { .. } => "mlp",
@@ -29,7 +32,7 @@ pub fn learner_name(t: &Topology) -> Result<&'static str, String> {
             flare_actors::learner::torch::TchArch::Mlp { .. } => "tch-mlp",
             _ => "tch-cnn",
         },
-    })
+    }))
 }
 
 /// Checks `signed`, submitted through `from`, against this site: the signature, the job
@@ -58,7 +61,7 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: us
         .admit(&Ask {
             submitter,
             workflow: topo.workflow.name(),
-            learner,
+            learner: &learner,
             dataset: topo.data.dataset.as_deref(),
             model_bytes: None,
             running,

@@ -285,7 +285,7 @@ impl Desk {
     async fn jobs(&self, from: PeerId, id: &JobId) -> Answer {
         let site = &self.policy.name;
         let member = self.members.contains(&from);
-        let answer = self.jobs_here(from, id)?;
+        let answer = self.jobs_here(from, id).await?;
         let CtlResponse::Jobs(mut views) = answer else {
             return Ok(answer);
         };
@@ -306,8 +306,9 @@ impl Desk {
         Ok(CtlResponse::Jobs(views))
     }
 
-    /// This site's own views of its jobs (all, or job `id`) that `from` may see.
-    fn jobs_here(&self, from: PeerId, id: &JobId) -> Answer {
+    /// This site's own views of its jobs (all, or job `id`) that `from` may see, a running
+    /// part's as it stands now (see [`Self::live`]).
+    async fn jobs_here(&self, from: PeerId, id: &JobId) -> Answer {
         let site = &self.policy.name;
         let member = self.members.contains(&from);
         let submitter = self.policy.submitters.iter().find(|s| s.peer_id == from);
@@ -315,17 +316,59 @@ impl Desk {
             return Err(format!("{site}: {from} may not see this site's jobs"));
         }
         let all = member || submitter.is_some_and(|s| s.role == Role::Admin);
-        let visible = |v: &JobView| all || v.submitter == from.to_string();
-        if id.0.is_empty() {
-            let records = self.records.all().map_err(|e| format!("{site}: {e}"))?;
-            return Ok(CtlResponse::Jobs(
-                records.into_iter().map(|r| r.view).filter(visible).collect(),
-            ));
+        let visible = |r: &Record| all || r.view.submitter == from.to_string();
+        let records = if id.0.is_empty() {
+            self.records.all().map_err(|e| format!("{site}: {e}"))?
+        } else {
+            self.record(id)?.into_iter().collect()
+        };
+        let records: Vec<Record> = records.into_iter().filter(visible).collect();
+        if !id.0.is_empty() && records.is_empty() {
+            return Err(format!("{site}: no job {id} here"));
         }
-        match self.record(id)?.map(|r| r.view).filter(visible) {
-            Some(v) => Ok(CtlResponse::Jobs(vec![v])),
-            None => Err(format!("{site}: no job {id} here")),
+        let connected: HashSet<PeerId> = self.node.net().connected_peers().await.unwrap_or_default().into_iter().collect();
+        Ok(CtlResponse::Jobs(
+            records.into_iter().map(|r| self.live(r, &connected)).collect(),
+        ))
+    }
+
+    /// A record's view with what this site sees now, while its part runs: the rounds its
+    /// controller has checkpointed, and what the part waits for when the members it needs
+    /// cannot be reached (so a job whose members vanished never just shows `running`).
+    fn live(&self, r: Record, connected: &HashSet<PeerId>) -> JobView {
+        let mut v = r.view;
+        if v.state != JobState::Running {
+            return v;
         }
+        let Ok(topo) = parse(&r.signed) else { return v };
+        let site = &self.policy.name;
+        let reachable = |n: &String| {
+            n == site || self.members.by_name(n).is_some_and(|m| connected.contains(&m.peer_id))
+        };
+        let need = topo.min_clients.max(1);
+        let waiting = match &topo.controller {
+            Some(c) if c == site => {
+                let checkpoint = self.dir.join("jobs").join(&v.id.0).join("checkpoints/checkpoint.json");
+                if let Some(round) = std::fs::read(checkpoint)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|c| c["round"].as_u64())
+                {
+                    v.round = u32::try_from(round + 1).unwrap_or(u32::MAX);
+                }
+                let clients = topo.clients.iter().filter(|n| v.members.contains(n)).filter(|n| reachable(n)).count();
+                (clients < need).then(|| format!("waiting: {clients} of the {need} clients a round needs can be reached"))
+            }
+            Some(c) => (!reachable(c)).then(|| format!("waiting: the controller ({c}) cannot be reached")),
+            None => {
+                let members = v.members.iter().filter(|n| reachable(n)).count();
+                (members < need).then(|| format!("waiting: {members} of the {need} members a round needs can be reached"))
+            }
+        };
+        if let Some(w) = waiting {
+            v.reason = w;
+        }
+        v
     }
 
     /// Stops job `id` here if the order's signer may (the job's submitter, or an admin in
@@ -394,7 +437,7 @@ impl Desk {
     /// the store for the asker to pull; held for [`DOWNLOAD_HOLD`].
     async fn download(&self, from: PeerId, id: &JobId) -> Answer {
         let site = self.policy.name.clone();
-        let CtlResponse::Jobs(views) = self.jobs_here(from, id)? else {
+        let CtlResponse::Jobs(views) = self.jobs_here(from, id).await? else {
             return Err(format!("{site}: no job {id} here"));
         };
         let Some(view) = views.into_iter().next() else {
@@ -458,6 +501,18 @@ impl Desk {
                 return Err(why);
             };
             topo.data.local = Some(rows.site_data());
+        }
+        // A job names a registered learner; this site's policy alone says what it runs.
+        if let Some(name) = &topo.registered_learner {
+            let Some(l) = self.policy.learners.get(name) else {
+                let why = format!("{site}: learner {name:?} is not registered here");
+                self.ended(id, Err(anyhow::anyhow!(why.clone())));
+                return Err(why);
+            };
+            topo.site_learner = Some(crate::topology::ExternalSpec {
+                command: l.command.clone(),
+                env: l.env.clone(),
+            });
         }
         let dir = self.dir.join("jobs").join(&id.0);
         let (tx, mut rx) = tokio::sync::watch::channel(None::<String>);

@@ -197,6 +197,12 @@ pub struct Topology {
     pub model: ModelSpec,
     /// The data split.
     pub data: DataSpec,
+    /// `[learner] registered`: the name of a learner each site registered in its policy
+    /// (`[learner.NAME] command = [...]`); a job names it, never a command.
+    pub registered_learner: Option<String>,
+    /// The command this site runs for the registered learner: set by a standing site from
+    /// its own policy, never by a job file, and left out of [`Self::spec_hash`].
+    pub site_learner: Option<ExternalSpec>,
 }
 
 /// The federated-inference workflow's name.
@@ -258,6 +264,7 @@ impl Topology {
         };
         let section = sections::workflow(&kind, tables, &clients, job_at, &fail)?;
         let cross_site = sections::cross_site(raw.cross_site, &kind, &fail)?;
+        let registered_learner = sections::registered_learner(raw.learner.as_ref(), &external, &fail)?;
         let learner = sections::learner(&kind, raw.learner, job_at, &fail)?;
         let data = sections::data(raw.data, &learner, &fail)?;
         Ok(Self {
@@ -278,6 +285,8 @@ impl Topology {
             learner,
             model: raw.model.map_or_else(ModelSpec::default, ModelSpec::from),
             data,
+            registered_learner,
+            site_learner: None,
         })
     }
 
@@ -303,7 +312,7 @@ impl Topology {
             self.model,
             data,
             self.sample
-        );
+        ) + &format!("|{:?}", self.registered_learner);
         flare_protocols::ChunkHash::of(spec.as_bytes()).0
     }
 

@@ -158,6 +158,10 @@ pub(super) struct RawLearner {
     pub(super) lora_alpha: Option<Spanned<f64>>,
     #[serde(default)]
     pub(super) trainable: Option<Spanned<Vec<String>>>,
+    /// A learner each site registered under this name (its own command), run instead of the
+    /// built-in `kind` on standing sites.
+    #[serde(default)]
+    pub(super) registered: Option<Spanned<String>>,
 }
 
 pub(super) fn default_channels() -> usize {

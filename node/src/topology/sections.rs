@@ -404,6 +404,29 @@ pub(super) fn cross_site(
 
 /// `[learner]`: required but for split learning (whose networks are in `[split]`); federated
 /// inference trains an MLP head.
+/// `learner.registered`: a non-empty name, in a job that gives no member a command of its
+/// own (a job names registered learners or commands, not both).
+pub(super) fn registered_learner(
+    l: Option<&Spanned<RawLearner>>,
+    external: &BTreeMap<String, ExternalSpec>,
+    fail: &Fail<'_>,
+) -> Result<Option<String>, TopologyError> {
+    let Some(r) = l.and_then(|l| l.get_ref().registered.as_ref()) else {
+        return Ok(None);
+    };
+    if r.get_ref().trim().is_empty() {
+        return Err(fail(r.span().start, "learner.registered", "is empty".into()));
+    }
+    if let Some(m) = external.keys().next() {
+        return Err(fail(
+            r.span().start,
+            "learner.registered",
+            format!("member {m:?} has a command of its own: a job names a registered learner or gives commands, not both"),
+        ));
+    }
+    Ok(Some(r.get_ref().clone()))
+}
+
 pub(super) fn learner(
     kind: &str,
     l: Option<Spanned<RawLearner>>,
