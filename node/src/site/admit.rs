@@ -63,11 +63,23 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: us
             workflow: topo.workflow.name(),
             learner: &learner,
             dataset: topo.data.dataset.as_deref(),
-            model_bytes: None,
+            model_bytes: model_bytes(&topo),
+            // The kept checkpoints, the global and best links' targets, a round's model and
+            // result in the store.
+            models_on_disk: topo.checkpoints.keep as u64 + 3,
             running,
         })
         .map_err(|r| r.to_string())?;
     Ok(topo)
+}
+
+/// The size of the job's model where the job file fixes it (the add-one model's tensors of
+/// `f32`); `None` for learners whose networks are small and fixed by their code.
+fn model_bytes(topo: &Topology) -> Option<u64> {
+    match topo.learner {
+        LearnerSpec::AddOne { .. } => Some((topo.model.tensors as u64).saturating_mul(topo.model.elements as u64).saturating_mul(4)),
+        _ => None,
+    }
 }
 
 /// How long a site waits for the other members' answers to an offer or a launch.

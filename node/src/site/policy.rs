@@ -113,6 +113,9 @@ pub struct Ask<'a> {
     pub dataset: Option<&'a str>,
     /// Its model's size, when known.
     pub model_bytes: Option<u64>,
+    /// Models' worth of disk the job's data takes here at most (checkpoints kept, the
+    /// round's model and result), to weigh against `limits.job_disk_bytes`.
+    pub models_on_disk: u64,
     /// Jobs this site runs now.
     pub running: usize,
 }
@@ -160,6 +163,16 @@ pub enum Refusal {
         /// This site.
         site: String,
         /// The model's size.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The job's data would take more disk than this site gives a job.
+    #[error("{site}: the job's data would take about {bytes} bytes of disk, over this site's limit of {max}")]
+    Disk {
+        /// This site.
+        site: String,
+        /// The estimate.
         bytes: u64,
         /// The limit.
         max: u64,
@@ -481,6 +494,17 @@ impl Policy {
                 max: self.limits.max_model_bytes,
             });
         }
+        if let Some(bytes) = ask
+            .model_bytes
+            .map(|b| b.saturating_mul(ask.models_on_disk))
+            .filter(|&b| b > self.limits.job_disk_bytes)
+        {
+            return Err(Refusal::Disk {
+                site: site(),
+                bytes,
+                max: self.limits.job_disk_bytes,
+            });
+        }
         if ask.running >= self.limits.concurrent_jobs {
             return Err(Refusal::Busy {
                 site: site(),
@@ -570,6 +594,7 @@ mod tests {
             learner: "mlp",
             dataset: None,
             model_bytes: Some(1000),
+            models_on_disk: 5,
             running: 0,
         };
         assert_eq!(p.admit(&ask), Ok(()));
@@ -601,6 +626,7 @@ mod tests {
             learner: "cnn",
             dataset: Some("digits"),
             model_bytes: Some(1000),
+            models_on_disk: 5,
             running: 1,
         };
         assert_eq!(p.admit(&ok), Ok(()));
@@ -639,6 +665,13 @@ mod tests {
                 ..ok.clone()
             })
             .contains("already running 2 jobs")
+        );
+        assert!(
+            refused(Ask {
+                models_on_disk: 20_000_000_000,
+                ..ok.clone()
+            })
+            .contains("bytes of disk, over this site's limit of 17179869184")
         );
     }
 
