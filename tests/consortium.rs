@@ -458,6 +458,9 @@ fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
     for v in views {
         assert_eq!(v["state"], "finished", "{status}");
     }
+    let controller = views.iter().find(|v| v["site"] == "lab-a").expect("the controller's view");
+    assert_eq!(controller["round"], 3, "{status}");
+    assert_eq!(controller["metrics"].as_array().map(Vec::len), Some(3), "a row per round: {status}");
     // `download` finds the controller and brings the final model, results and curve.
     let out = dir.path().join("out");
     let got = cli(&[

@@ -348,13 +348,8 @@ impl Desk {
         let need = topo.min_clients.max(1);
         let waiting = match &topo.controller {
             Some(c) if c == site => {
-                let checkpoint = self.dir.join("jobs").join(&v.id.0).join("checkpoints/checkpoint.json");
-                if let Some(round) = std::fs::read(checkpoint)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|c| c["round"].as_u64())
-                {
-                    v.round = u32::try_from(round + 1).unwrap_or(u32::MAX);
+                if let Some((round, metrics)) = checkpointed(&self.dir.join("jobs").join(&v.id.0)) {
+                    (v.round, v.metrics) = (round, metrics);
                 }
                 let clients = topo.clients.iter().filter(|n| v.members.contains(n)).filter(|n| reachable(n)).count();
                 (clients < need).then(|| format!("waiting: {clients} of the {need} clients a round needs can be reached"))
@@ -574,6 +569,10 @@ impl Desk {
                 Some(s) => {
                     v.round = s["round_secs"].as_array().map_or(v.round, |r| r.len() as u32);
                     v.metrics = global_metrics(s);
+                    // A controller's checkpoint record has every round, a resumed run's too.
+                    if let Some((round, metrics)) = checkpointed(&self.dir.join("jobs").join(&id.0)) {
+                        (v.round, v.metrics) = (round, metrics);
+                    }
                 }
                 // A client's part ends finished when the controller finished every round.
                 None if state == JobState::Finished => v.round = v.rounds,
@@ -721,6 +720,32 @@ fn parse(signed: &SignedJob) -> Result<Topology, String> {
 /// The members a job names, in its file's order.
 fn all_members(topo: &Topology) -> Vec<String> {
     topo.members.iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// The rounds a controller has checkpointed in job directory `dir`, and each round's
+/// metrics (the global model's where measured, else the clients' weighted mean).
+fn checkpointed(dir: &std::path::Path) -> Option<(u32, Vec<BTreeMap<String, f64>>)> {
+    let bytes = std::fs::read(dir.join("checkpoints/checkpoint.json")).ok()?;
+    let c: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let round = u32::try_from(c["round"].as_u64()? + 1).ok()?;
+    let numbers = |m: &serde_json::Value| -> BTreeMap<String, f64> {
+        m.as_object()
+            .map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f))).collect())
+            .unwrap_or_default()
+    };
+    let metrics = c["rounds"]
+        .as_array()
+        .map(|rounds| {
+            rounds
+                .iter()
+                .map(|r| {
+                    let global = numbers(&r["global"]);
+                    if global.is_empty() { numbers(&r["metrics"]) } else { global }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((round, metrics))
 }
 
 /// The global model's metrics after each round, from a job's summary.
