@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::process::Output;
+
 use crate::cli::{Running, cli, peer_id_in, text};
 
 #[test]
@@ -222,90 +224,145 @@ fn send_tampered(key: &str, members: &str, site: &str, spec: &str) -> String {
     })
 }
 
-/// `n` sites, each initialised and listening on a port of its own, every one's members.toml
-/// the whole consortium; returns their names.
-pub(crate) fn consortium(dir: &Path, names: &[&str]) {
-    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
-    let mut table = String::new();
-    for n in names {
-        let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
-        assert!(cli(&["init", &p(n), "--name", n, "--listen", &addr]).status.success());
-        let own = std::fs::read_to_string(dir.join(n).join("members.toml")).expect("members");
-        table.push_str(&own);
+/// Sites in a temporary directory, each run by its own `serve` process, and the keys of the
+/// researchers who use them (`NAME.key` beside the sites).
+pub(crate) struct Consortium {
+    dir: tempfile::TempDir,
+}
+
+impl Consortium {
+    /// Initialises `sites`, each listening on a port of its own, every one's members.toml
+    /// the whole consortium; and `researchers`, each allowed to submit at every site.
+    pub(crate) fn new(sites: &[&str], researchers: &[&str]) -> Self {
+        let c = Self {
+            dir: tempfile::tempdir().expect("tmp"),
+        };
+        let mut table = String::new();
+        for n in sites {
+            let addr = format!("/ip4/127.0.0.1/tcp/{}", crate::util::free_port());
+            let out = cli(&["init", &c.path(n), "--name", n, "--listen", &addr]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            table.push_str(&std::fs::read_to_string(c.dir().join(n).join("members.toml")).expect("members"));
+        }
+        for n in sites {
+            std::fs::write(c.dir().join(n).join("members.toml"), &table).expect("members");
+        }
+        for r in researchers {
+            c.researcher(r, sites);
+        }
+        c
     }
-    for n in names {
-        std::fs::write(dir.join(n).join("members.toml"), &table).expect("members");
+
+    /// The directory.
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `name` in the directory, as a string for the CLI.
+    pub(crate) fn path(&self, name: &str) -> String {
+        self.dir().join(name).to_str().expect("utf8").to_owned()
+    }
+
+    /// Makes researcher `who` a key and lets it submit at `sites`; its peer id.
+    pub(crate) fn researcher(&self, who: &str, sites: &[&str]) -> String {
+        let key = self.path(&format!("{who}.key"));
+        let peer = if Path::new(&key).exists() {
+            peer_id_in(&cli(&["keygen", "--out", &key, "--force"]))
+        } else {
+            peer_id_in(&cli(&["keygen", "--out", &key]))
+        };
+        for s in sites {
+            self.edit_policy(s, |p| {
+                format!("{p}\n[[submitter]]\nname = \"{who}\"\npeer_id = \"{peer}\"\n")
+            });
+        }
+        peer
+    }
+
+    /// Rewrites site `site`'s site.toml with `change`.
+    pub(crate) fn edit_policy(&self, site: &str, change: impl FnOnce(String) -> String) {
+        let path = self.dir().join(site).join("site.toml");
+        let policy = std::fs::read_to_string(&path).expect("site.toml");
+        std::fs::write(path, change(policy)).expect("write");
+    }
+
+    /// Starts `serve` for each of `sites`, once each says it runs.
+    pub(crate) fn serve(&self, sites: &[&str]) -> Vec<Running> {
+        let mut running: Vec<Running> = sites.iter().map(|n| self.serve_one(n)).collect();
+        for r in &mut running {
+            r.wait_for(&["Ctrl-C to stop"]);
+        }
+        running
+    }
+
+    /// Starts `serve` for `site` (not waiting for it).
+    pub(crate) fn serve_one(&self, site: &str) -> Running {
+        Running::start(&["serve", &self.path(site)])
+    }
+
+    /// Writes job file `name` and gives its path.
+    pub(crate) fn job(&self, name: &str, spec: &str) -> String {
+        std::fs::write(self.dir().join(name), spec).expect("job");
+        self.path(name)
+    }
+
+    /// `flare-node CMD ARG.. --key WHO.key --members .. --to SITE EXTRA..`, as researcher `who`.
+    pub(crate) fn ask(&self, cmd: &str, arg: &str, who: &str, site: &str, extra: &[&str]) -> Output {
+        let (key, members) = (self.path(&format!("{who}.key")), self.path("lab-a/members.toml"));
+        let mut args = vec![cmd];
+        if !arg.is_empty() {
+            args.push(arg);
+        }
+        args.extend(["--key", &key, "--members", &members, "--to", site]);
+        args.extend(extra);
+        cli(&args)
+    }
+
+    /// Submits job file `file` as `who` to `site`; its id.
+    pub(crate) fn submit(&self, file: &str, who: &str, site: &str) -> String {
+        job_id(&self.ask("submit", file, who, site, &[]))
+    }
+
+    /// `flare-node jobs --json` at `site`, as `who`.
+    pub(crate) fn jobs(&self, site: &str, who: &str) -> Vec<serde_json::Value> {
+        let v = last_json(&self.ask("jobs", "", who, site, &["--json"]));
+        v["jobs"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `flare-node status JOB --json` at `site`, as `who`.
+    pub(crate) fn status(&self, job: &str, site: &str, who: &str) -> serde_json::Value {
+        last_json(&self.ask("status", job, who, site, &["--json"]))
+    }
+
+    /// Waits (bounded) until `job` shows `views` views at `site`, each finished; the status.
+    pub(crate) fn wait_finished(&self, job: &str, site: &str, who: &str, views: usize) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let status = self.status(job, site, who);
+            let all = status["views"].as_array().cloned().unwrap_or_default();
+            if all.len() == views && all.iter().all(|v| v["state"] == "finished") {
+                return status;
+            }
+            assert!(
+                all.iter().all(|v| v["state"] == "running" || v["state"] == "finished"),
+                "{status}"
+            );
+            assert!(Instant::now() < deadline, "not finished within 180 s: {status}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The results.json of `job` at `site`.
+    pub(crate) fn results(&self, site: &str, job: &str) -> serde_json::Value {
+        let path = self.dir().join(site).join("jobs").join(job).join("results.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("results.json")
     }
 }
 
-/// Lets the key with `peer_id` submit jobs at site `n`.
-pub(crate) fn allow(dir: &Path, n: &str, who: &str, peer_id: &str) {
-    let path = dir.join(n).join("site.toml");
-    let mut policy = std::fs::read_to_string(&path).expect("site.toml");
-    policy.push_str(&format!("\n[[submitter]]\nname = \"{who}\"\npeer_id = \"{peer_id}\"\n"));
-    std::fs::write(path, policy).expect("write");
-}
-
-#[test]
-fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_refused_and_why() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
-    let sites = ["lab-a", "lab-b", "lab-c"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    let bob = peer_id_in(&cli(&["keygen", "--out", &p("bob.key")]));
-    // alice may submit at lab-a and lab-b, bob at lab-a only; lab-c takes neither.
-    allow(dir.path(), "lab-a", "alice", &alice);
-    allow(dir.path(), "lab-b", "alice", &alice);
-    allow(dir.path(), "lab-a", "bob", &bob);
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
-    let job = |min: usize| site_job(&sites, "add-one").replace("min_clients = 1", &format!("min_clients = {min}"));
-    std::fs::write(p("one.toml"), job(1)).expect("job");
-    std::fs::write(p("three.toml"), job(3)).expect("job");
-    let submit = |job: &str, key: &str| {
-        cli(&[
-            "submit",
-            &p(job),
-            "--key",
-            &p(key),
-            "--members",
-            &p("lab-a/members.toml"),
-            "--to",
-            "lab-a",
-        ])
-    };
-    let lab_c_says = format!("lab-c: submitter {alice} is not allowed to submit jobs here");
-    // Enough members take it: it goes on, and the submitter hears who did not, and why.
-    let out = submit("one.toml", "alice.key");
-    let err = text(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains(&format!(
-            "refused by a member, the job goes on without it: {lab_c_says}"
-        )),
-        "{err}"
-    );
-    // Not enough: the job is refused, naming each site that refused and its reason.
-    let out = submit("three.toml", "alice.key");
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("cannot run without the members that refused it") && err.contains(&lab_c_says),
-        "{err}"
-    );
-    let out = submit("three.toml", "bob.key");
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
-    for site in ["lab-b", "lab-c"] {
-        assert!(
-            err.contains(&format!("{site}: submitter {bob} is not allowed to submit jobs here")),
-            "{err}"
-        );
-    }
-    let logs: Vec<String> = running
+/// Stops every site with Ctrl-C; each must exit cleanly. Their logs.
+pub(crate) fn stop(running: Vec<Running>) -> Vec<String> {
+    running
         .into_iter()
         .map(|r| {
             r.ctrl_c();
@@ -313,9 +370,27 @@ fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_r
             assert!(ok, "{log}");
             log
         })
-        .collect();
-    assert_eq!(logs[1].matches("job offered and taken").count(), 2, "{}", logs[1]);
-    assert_eq!(logs[2].matches("job refused").count(), 3, "{}", logs[2]);
+        .collect()
+}
+
+/// The last JSON line of a successful command's stdout.
+fn last_json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_owned);
+    serde_json::from_str(&last.expect("a JSON line")).expect("JSON")
+}
+
+/// The job id `submit` printed.
+pub(crate) fn job_id(out: &Output) -> String {
+    text(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with('j') && w.len() == 17)
+        .unwrap_or_else(|| panic!("no job id in {:?} ({})", text(&out.stdout), text(&out.stderr)))
+        .to_owned()
 }
 
 /// A swarm add-one job on the sites `names`, as a job file.
@@ -331,98 +406,69 @@ pub(crate) fn swarm_job(names: &[&str], rounds: u32) -> String {
     s
 }
 
-/// The job id `submit` printed.
-pub(crate) fn job_id(out: &std::process::Output) -> String {
-    text(&out.stdout)
-        .split_whitespace()
-        .find(|w| w.starts_with('j') && w.len() == 17)
-        .unwrap_or_else(|| panic!("no job id in {:?} ({})", text(&out.stdout), text(&out.stderr)))
-        .to_owned()
-}
-
-/// `flare-node jobs --json` at `site`, as `key`.
-pub(crate) fn jobs_at(dir: &Path, site: &str, key: &str) -> Vec<serde_json::Value> {
-    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
-    let out = cli(&[
-        "jobs",
-        "--key",
-        &p(key),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        site,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let last = text(&out.stdout)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .map(str::to_owned);
-    let v: serde_json::Value = serde_json::from_str(&last.expect("a JSON line")).expect("JSON");
-    v["jobs"].as_array().cloned().unwrap_or_default()
-}
-
-/// `flare-node status JOB --json` at `site`, as `key`.
-pub(crate) fn status_at(dir: &Path, job: &str, site: &str, key: &str) -> serde_json::Value {
-    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
-    let out = cli(&[
-        "status",
-        job,
-        "--key",
-        &p(key),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        site,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let last = text(&out.stdout)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .map(str::to_owned);
-    serde_json::from_str(&last.expect("a JSON line")).expect("JSON")
+#[test]
+fn every_member_decides_on_a_job_by_its_own_policy_and_the_submitter_hears_who_refused_and_why() {
+    let sites = ["lab-a", "lab-b", "lab-c"];
+    let c = Consortium::new(&sites, &[]);
+    // alice may submit at lab-a and lab-b, bob at lab-a only; lab-c takes neither.
+    let alice = c.researcher("alice", &["lab-a", "lab-b"]);
+    let bob = c.researcher("bob", &["lab-a"]);
+    let running = c.serve(&sites);
+    let job = |min: usize| site_job(&sites, "add-one").replace("min_clients = 1", &format!("min_clients = {min}"));
+    let (one, three) = (c.job("one.toml", &job(1)), c.job("three.toml", &job(3)));
+    let lab_c_says = format!("lab-c: submitter {alice} is not allowed to submit jobs here");
+    // Enough members take it: it goes on, and the submitter hears who did not, and why.
+    let out = c.ask("submit", &one, "alice", "lab-a", &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refused by a member, the job goes on without it: {lab_c_says}"
+        )),
+        "{err}"
+    );
+    // Not enough: the job is refused, naming each site that refused and its reason.
+    let out = c.ask("submit", &three, "alice", "lab-a", &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot run without the members that refused it") && err.contains(&lab_c_says),
+        "{err}"
+    );
+    let out = c.ask("submit", &three, "bob", "lab-a", &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    for site in ["lab-b", "lab-c"] {
+        assert!(
+            err.contains(&format!("{site}: submitter {bob} is not allowed to submit jobs here")),
+            "{err}"
+        );
+    }
+    let logs = stop(running);
+    assert_eq!(logs[1].matches("job offered and taken").count(), 2, "{}", logs[1]);
+    assert_eq!(logs[2].matches("job refused").count(), 3, "{}", logs[2]);
 }
 
 #[test]
 fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
     let sites = ["lab-a", "lab-b", "lab-c", "lab-d"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-    }
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
-    std::fs::write(
-        p("fedavg.toml"),
-        site_job(&sites, "add-one").replace("rounds = 2", "rounds = 3"),
-    )
-    .expect("job");
-    std::fs::write(p("swarm.toml"), swarm_job(&sites, 3)).expect("job");
-    let submit = |job: String, to: &'static str| {
-        let (job, members, key) = (p(&job), p("lab-a/members.toml"), p("alice.key"));
-        std::thread::spawn(move || cli(&["submit", &job, "--key", &key, "--members", &members, "--to", to]))
-    };
+    let c = Consortium::new(&sites, &["alice"]);
+    let running = c.serve(&sites);
+    let fedavg = c.job(
+        "fedavg.toml",
+        &site_job(&sites, "add-one").replace("rounds = 2", "rounds = 3"),
+    );
+    let swarm = c.job("swarm.toml", &swarm_job(&sites, 3));
     // Submitted at the same time, to two different sites.
-    let (fedavg, swarm) = (
-        submit("fedavg.toml".into(), "lab-a"),
-        submit("swarm.toml".into(), "lab-c"),
-    );
-    let (fedavg, swarm) = (
-        job_id(&fedavg.join().expect("submit")),
-        job_id(&swarm.join().expect("submit")),
-    );
+    let (fedavg, swarm) = std::thread::scope(|s| {
+        let a = s.spawn(|| c.submit(&fedavg, "alice", "lab-a"));
+        let b = s.spawn(|| c.submit(&swarm, "alice", "lab-c"));
+        (a.join().expect("submit"), b.join().expect("submit"))
+    });
     // Both finish on every site (bounded: each is a few seconds of work).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let jobs = jobs_at(dir.path(), "lab-b", "alice.key");
+        let jobs = c.jobs("lab-b", "alice");
         let state = |id: &str| {
             jobs.iter()
                 .find(|j| j["id"] == id)
@@ -438,121 +484,72 @@ fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
             "{jobs:?}"
         );
         assert!(Instant::now() < deadline, "not finished within 120 s: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(300));
     }
     // Each site keeps each job's outputs apart; the add-one results are exact.
-    let results = |site: &str, id: &str| -> serde_json::Value {
-        let path = dir.path().join(site).join("jobs").join(id).join("results.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_str(&text).expect("results.json")
-    };
-    assert_eq!(results("lab-a", &fedavg)["summary"]["verified"], true);
+    assert_eq!(c.results("lab-a", &fedavg)["summary"]["verified"], true);
     for s in sites {
-        assert_eq!(results(s, &swarm)["summary"]["verified"], true, "{s}");
+        assert_eq!(c.results(s, &swarm)["summary"]["verified"], true, "{s}");
     }
     // `status` asked of one site gathers every member's view of the job.
-    let status = status_at(dir.path(), &fedavg, "lab-d", "alice.key");
+    let status = c.status(&fedavg, "lab-d", "alice");
     assert_eq!(status["state"], "finished", "{status}");
     let views = status["views"].as_array().expect("views");
     assert_eq!(views.len(), 4, "{status}");
     for v in views {
         assert_eq!(v["state"], "finished", "{status}");
     }
-    let controller = views.iter().find(|v| v["site"] == "lab-a").expect("the controller's view");
+    let controller = views
+        .iter()
+        .find(|v| v["site"] == "lab-a")
+        .expect("the controller's view");
     assert_eq!(controller["round"], 3, "{status}");
-    assert_eq!(controller["metrics"].as_array().map(Vec::len), Some(3), "a row per round: {status}");
+    assert_eq!(
+        controller["metrics"].as_array().map(Vec::len),
+        Some(3),
+        "a row per round: {status}"
+    );
     // `download` finds the controller and brings the final model, results and curve.
-    let out = dir.path().join("out");
-    let got = cli(&[
-        "download",
-        &fedavg,
-        "--key",
-        &p("alice.key"),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        "lab-c",
-        "--out",
-        out.to_str().expect("utf8"),
-    ]);
+    let out = c.path("out");
+    let got = c.ask("download", &fedavg, "alice", "lab-c", &["--out", &out]);
     assert!(got.status.success(), "{}", text(&got.stderr));
-    let model = std::fs::read(out.join("global.safetensors")).expect("the global model");
+    let model = std::fs::read(Path::new(&out).join("global.safetensors")).expect("the global model");
     assert_eq!(
         model,
-        std::fs::read(dir.path().join("lab-a/jobs").join(&fedavg).join("global.safetensors")).expect("model"),
+        std::fs::read(c.dir().join("lab-a/jobs").join(&fedavg).join("global.safetensors")).expect("model"),
         "the controller's final model, byte for byte"
     );
-    let curve = std::fs::read_to_string(out.join("curve.csv")).expect("curve.csv");
+    let curve = std::fs::read_to_string(Path::new(&out).join("curve.csv")).expect("curve.csv");
     assert_eq!(curve.lines().count(), 4, "a header and 3 rounds:\n{curve}");
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
-    }
+    stop(running);
 }
 
 #[test]
 fn a_job_aborted_by_its_submitter_stops_on_every_member_and_leaves_another_job_alone() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
     let sites = ["lab-a", "lab-b", "lab-c"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    let bob = peer_id_in(&cli(&["keygen", "--out", &p("bob.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-        allow(dir.path(), s, "bob", &bob);
-    }
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
+    let c = Consortium::new(&sites, &["alice", "bob"]);
+    let mut running = c.serve(&sites);
     // Far more rounds than the test waits for.
     let long = site_job(&sites, "add-one")
         .replace("rounds = 2", "rounds = 100000")
         .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.02");
-    std::fs::write(p("long.toml"), long).expect("job");
-    std::fs::write(p("swarm.toml"), swarm_job(&sites, 30)).expect("job");
-    let as_who = |cmd: &str, job: &str, key: &str, to: &str| {
-        cli(&[
-            cmd,
-            job,
-            "--key",
-            &p(key),
-            "--members",
-            &p("lab-a/members.toml"),
-            "--to",
-            to,
-        ])
-    };
-    let long = job_id(&as_who("submit", &p("long.toml"), "alice.key", "lab-b"));
-    let swarm = job_id(&as_who("submit", &p("swarm.toml"), "bob.key", "lab-a"));
+    let long = c.submit(&c.job("long.toml", &long), "alice", "lab-b");
+    let swarm = c.submit(&c.job("swarm.toml", &swarm_job(&sites, 30)), "bob", "lab-a");
     running[0].wait_for(&["round done", "round=2"]);
     // Only its submitter (or an admin) may stop it.
-    let no = as_who("abort", &long, "bob.key", "lab-a");
+    let no = c.ask("abort", &long, "bob", "lab-a", &[]);
     assert!(!no.status.success());
     assert!(
         text(&no.stderr).contains(&format!("lab-a: bob may not abort job {long}")),
         "{}",
         text(&no.stderr)
     );
-    let yes = cli(&[
-        "abort",
-        &long,
-        "--key",
-        &p("alice.key"),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        "lab-c",
-        "--reason",
-        "wrong data",
-    ]);
+    let yes = c.ask("abort", &long, "alice", "lab-c", &["--reason", "wrong data"]);
     assert!(yes.status.success(), "{}", text(&yes.stderr));
     // Every member records the abort and why; none is left running.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = status_at(dir.path(), &long, "lab-a", "alice.key");
+        let status = c.status(&long, "lab-a", "alice");
         let views = status["views"].as_array().cloned().unwrap_or_default();
         let aborted = views
             .iter()
@@ -576,7 +573,7 @@ fn a_job_aborted_by_its_submitter_stops_on_every_member_and_leaves_another_job_a
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         // A researcher sees their own jobs only.
-        let jobs = jobs_at(dir.path(), "lab-c", "bob.key");
+        let jobs = c.jobs("lab-c", "bob");
         assert!(jobs.iter().all(|j| j["id"] != long.as_str()), "{jobs:?}");
         let state = jobs
             .iter()
@@ -587,62 +584,23 @@ fn a_job_aborted_by_its_submitter_stops_on_every_member_and_leaves_another_job_a
         }
         assert_eq!(state, Some("running".into()), "{jobs:?}");
         assert!(Instant::now() < deadline, "the swarm job did not finish: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(300));
     }
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
+    for s in sites {
+        assert_eq!(c.results(s, &swarm)["summary"]["verified"], true, "{s}");
     }
-}
-
-/// Waits (bounded) until every view of `job` at `site` is finished; the views.
-fn wait_finished(dir: &Path, job: &str, site: &str, key: &str, views: usize) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let status = status_at(dir, job, site, key);
-        let all = status["views"].as_array().cloned().unwrap_or_default();
-        if all.len() == views && all.iter().all(|v| v["state"] == "finished") {
-            return status;
-        }
-        assert!(
-            all.iter().all(|v| v["state"] == "running" || v["state"] == "finished"),
-            "{status}"
-        );
-        assert!(Instant::now() < deadline, "not finished within 180 s: {status}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    stop(running);
 }
 
 #[test]
 fn a_controller_site_killed_mid_job_resumes_from_its_last_checkpoint_and_ends_exact() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
     let sites = ["lab-a", "lab-b", "lab-c"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-    }
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
+    let c = Consortium::new(&sites, &["alice"]);
+    let mut running = c.serve(&sites);
     let job = site_job(&sites, "add-one")
         .replace("rounds = 2\nmin_clients = 1", "rounds = 30\nmin_clients = 3")
         .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.05");
-    std::fs::write(p("job.toml"), job).expect("job");
-    let out = cli(&[
-        "submit",
-        &p("job.toml"),
-        "--key",
-        &p("alice.key"),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        "lab-b",
-    ]);
-    let id = job_id(&out);
+    let id = c.submit(&c.job("job.toml", &job), "alice", "lab-b");
     // lab-a runs the controller: kill it without warning mid-job, then start it again.
     let mut a = running.remove(0);
     a.wait_for(&["round done", "round=6"]);
@@ -650,20 +608,17 @@ fn a_controller_site_killed_mid_job_resumes_from_its_last_checkpoint_and_ends_ex
     // Meanwhile its clients do not just show `running`: they say what they wait for.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = status_at(dir.path(), &id, "lab-b", "alice.key");
-        let said = status["views"][0]["reason"].as_str().unwrap_or_default().to_owned();
-        if said == "waiting: the controller (lab-a) cannot be reached" {
+        let status = c.status(&id, "lab-b", "alice");
+        if status["views"][0]["reason"] == "waiting: the controller (lab-a) cannot be reached" {
             break;
         }
         assert!(Instant::now() < deadline, "{status}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut a = Running::start(&["serve", &p("lab-a")]);
+    let mut a = c.serve_one("lab-a");
     a.wait_for(&["resuming from the last checkpoint"]);
-    let status = wait_finished(dir.path(), &id, "lab-b", "alice.key", 3);
-    let results = dir.path().join("lab-a/jobs").join(&id).join("results.json");
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&results).expect("results.json")).expect("JSON");
+    let status = c.wait_finished(&id, "lab-b", "alice", 3);
+    let results = c.results("lab-a", &id);
     assert_eq!(
         results["summary"]["verified"], true,
         "every weight = initial + 30: {status}"
@@ -674,75 +629,38 @@ fn a_controller_site_killed_mid_job_resumes_from_its_last_checkpoint_and_ends_ex
         "every round's record"
     );
     running.push(a);
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
-    }
+    stop(running);
 }
 
 #[test]
 fn a_member_site_killed_mid_job_rejoins_when_started_again() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
     let sites = ["lab-a", "lab-b", "lab-c"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-    }
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
+    let c = Consortium::new(&sites, &["alice"]);
+    let mut running = c.serve(&sites);
     let job = swarm_job(&sites, 20)
         .replace("min_clients = 3", "min_clients = 2\nround_timeout_secs = 10")
         .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.3");
-    std::fs::write(p("job.toml"), job).expect("job");
-    let out = cli(&[
-        "submit",
-        &p("job.toml"),
-        "--key",
-        &p("alice.key"),
-        "--members",
-        &p("lab-a/members.toml"),
-        "--to",
-        "lab-a",
-    ]);
-    let id = job_id(&out);
-    let mut c = running.remove(2);
+    let id = c.submit(&c.job("job.toml", &job), "alice", "lab-a");
+    let mut lab_c = running.remove(2);
     // Killed while another member holds the newest model (lab-c's next turn to aggregate
     // is two rounds away): a swarm goes on without a member, and takes it back.
-    c.wait_for(&["round announced", "round=6", "aggregator=lab-a"]);
-    c.kill();
-    let mut c = Running::start(&["serve", &p("lab-c")]);
-    c.wait_for(&["resuming this site's part of the job"]);
-    wait_finished(dir.path(), &id, "lab-a", "alice.key", 3);
+    lab_c.wait_for(&["round announced", "round=6", "aggregator=lab-a"]);
+    lab_c.kill();
+    let mut lab_c = c.serve_one("lab-c");
+    lab_c.wait_for(&["resuming this site's part of the job"]);
+    c.wait_finished(&id, "lab-a", "alice", 3);
     for s in sites {
-        let path = dir.path().join(s).join("jobs").join(&id).join("results.json");
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).expect("results.json")).expect("JSON");
-        assert_eq!(r["summary"]["verified"], true, "{s}: {r}");
+        assert_eq!(c.results(s, &id)["summary"]["verified"], true, "{s}");
     }
-    running.push(c);
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
-    }
+    running.push(lab_c);
+    stop(running);
 }
 
 #[test]
 fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_saying_so() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
     let sites = ["lab-a", "lab-b", "lab-c"];
-    consortium(dir.path(), &sites);
-    let alice = peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-    }
+    let c = Consortium::new(&sites, &["alice"]);
     // lab-a and lab-b run the Python add-one script under a name of their choosing; lab-c
     // registers nothing.
     let registered = format!(
@@ -751,21 +669,14 @@ fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_sayi
         python
     );
     for s in ["lab-a", "lab-b"] {
-        let path = dir.path().join(s).join("site.toml");
-        let policy = std::fs::read_to_string(&path).expect("site.toml");
         // Tables after `[limits]` would land in it: the learner goes before.
-        let policy = policy.replace("[limits]", &format!("{registered}\n[limits]"));
-        std::fs::write(path, policy).expect("write");
+        c.edit_policy(s, |p| p.replace("[limits]", &format!("{registered}\n[limits]")));
     }
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
+    let running = c.serve(&sites);
     let job = site_job(&sites, "add-one")
         .replace("min_clients = 1", "min_clients = 2")
         .replace("kind = \"add-one\"", "kind = \"add-one\"\nregistered = \"py-addone\"");
-    std::fs::write(p("job.toml"), job).expect("job");
-    let out = cli(&["submit", &p("job.toml"), "--key", &p("alice.key"), "--members", &p("lab-a/members.toml"), "--to", "lab-a"]);
+    let out = c.ask("submit", &c.job("job.toml", &job), "alice", "lab-a", &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("lab-c: learner \"py-addone\" is not registered here"),
@@ -773,25 +684,16 @@ fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_sayi
         text(&out.stderr)
     );
     let id = job_id(&out);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let status = status_at(dir.path(), &id, "lab-a", "alice.key");
-        if status["state"] == "finished" {
-            break status;
-        }
-        assert_eq!(status["state"], "running", "{status}");
-        assert!(Instant::now() < deadline, "{status}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    assert_eq!(status["views"].as_array().map(Vec::len), Some(2), "lab-c is not in it: {status}");
-    let path = dir.path().join("lab-a/jobs").join(&id).join("results.json");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("results")).expect("JSON");
+    let status = c.wait_finished(&id, "lab-a", "alice", 2);
+    assert!(
+        status["views"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|v| v["site"] != "lab-c")),
+        "{status}"
+    );
+    let r = c.results("lab-a", &id);
     assert_eq!(r["summary"]["verified"], true, "{r}");
     // The script ran (it reports the round as a metric; the built-in learner reports none).
     assert!(r["rounds"][1]["metrics"]["round"].is_number(), "{r}");
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
-    }
+    stop(running);
 }

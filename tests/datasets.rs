@@ -2,12 +2,11 @@
 //! rows registered under that name in its policy; the rows never leave their site.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use flare_node::sample_data::{digits_shards, write_csv};
 
-use crate::cli::{Running, cli, text};
-use crate::consortium::{allow, consortium, job_id, jobs_at};
+use crate::cli::{cli, text};
+use crate::consortium::{Consortium, stop, swarm_job};
 
 /// Deals the shipped digits to `sites` as `flare-node sample-data` does: the held-out rows
 /// as `digits-test.csv` at the first site, and one non-overlapping `digits.csv` per site
@@ -48,64 +47,36 @@ fn digits_job(sites: &[&str], dataset: &str) -> String {
 }
 
 #[test]
-fn sites_train_a_named_dataset_on_their_own_rows_and_a_site_without_it_refuses() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let p = |n: &str| dir.path().join(n).to_str().expect("utf8").to_owned();
+fn sites_train_a_named_dataset_on_their_own_rows_beside_a_swarm_job_and_a_site_without_it_refuses() {
     let sites = ["lab-a", "lab-b", "lab-c", "lab-d"];
-    consortium(dir.path(), &sites);
-    let alice = crate::cli::peer_id_in(&cli(&["keygen", "--out", &p("alice.key")]));
-    for s in sites {
-        allow(dir.path(), s, "alice", &alice);
-    }
-    give_each_site_its_rows(dir.path(), &sites);
-    std::fs::write(p("digits.toml"), digits_job(&sites, "digits")).expect("job");
-    std::fs::write(p("nope.toml"), digits_job(&sites, "nope")).expect("job");
-    let mut running: Vec<Running> = sites.iter().map(|n| Running::start(&["serve", &p(n)])).collect();
-    for r in &mut running {
-        r.wait_for(&["Ctrl-C to stop"]);
-    }
-    let submit = |job: &str| {
-        cli(&[
-            "submit",
-            &p(job),
-            "--key",
-            &p("alice.key"),
-            "--members",
-            &p("lab-a/members.toml"),
-            "--to",
-            "lab-a",
-        ])
-    };
-    let out = submit("digits.toml");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = job_id(&out);
-    let refused = submit("nope.toml");
+    let c = Consortium::new(&sites, &["alice"]);
+    give_each_site_its_rows(c.dir(), &sites);
+    let running = c.serve(&sites);
+    let (digits, swarm) = (
+        c.job("digits.toml", &digits_job(&sites, "digits")),
+        c.job("swarm.toml", &swarm_job(&sites, 10)),
+    );
+    // A FedAvg digits job and a swarm add-one job, submitted at the same time.
+    let (digits, swarm) = std::thread::scope(|s| {
+        let a = s.spawn(|| c.submit(&digits, "alice", "lab-a"));
+        let b = s.spawn(|| c.submit(&swarm, "alice", "lab-b"));
+        (a.join().expect("submit"), b.join().expect("submit"))
+    });
+    let refused = c.ask(
+        "submit",
+        &c.job("nope.toml", &digits_job(&sites, "nope")),
+        "alice",
+        "lab-a",
+        &[],
+    );
     let err = text(&refused.stderr);
     assert!(
         !refused.status.success() && err.contains("lab-a: no dataset \"nope\" here"),
         "{err}"
     );
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let jobs = jobs_at(dir.path(), "lab-a", "alice.key");
-        let state = jobs
-            .iter()
-            .find(|j| j["id"] == id.as_str())
-            .and_then(|j| j["state"].as_str().map(str::to_owned));
-        if state.as_deref() == Some("finished") {
-            break;
-        }
-        assert!(
-            !matches!(state.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn")),
-            "{jobs:?}"
-        );
-        assert!(Instant::now() < deadline, "not finished within 120 s: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let path = dir.path().join("lab-a/jobs").join(&id).join("results.json");
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("results.json")).expect("JSON");
+    c.wait_finished(&digits, "lab-b", "alice", 4);
+    c.wait_finished(&swarm, "lab-c", "alice", 4);
+    let results = c.results("lab-a", &digits);
     let summary = &results["summary"];
     let global = summary["global"].as_array().expect("global metrics per round");
     assert_eq!(global.len(), 15, "{summary}");
@@ -114,11 +85,10 @@ fn sites_train_a_named_dataset_on_their_own_rows_and_a_site_without_it_refuses()
     assert_eq!(summary["dataset"], "digits", "{summary}");
     // Without every site's rows the controller has no local-only baseline, and says none.
     assert!(summary.get("local_only").is_none(), "{summary}");
-    for r in running {
-        r.ctrl_c();
-        let (ok, log) = r.finish(30);
-        assert!(ok, "{log}");
+    for s in sites {
+        assert_eq!(c.results(s, &swarm)["summary"]["verified"], true, "{s}");
     }
+    stop(running);
 }
 
 #[test]
