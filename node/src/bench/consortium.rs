@@ -389,6 +389,7 @@ impl Consortium {
         let results = self.sites[0].dir.join("jobs").join(&id).join("results.json");
         let deadline = Instant::now() + timeout;
         let ended = ["this site's part of the job ended", id.as_str()];
+        let mut polls = 0u32;
         let summary = loop {
             // Written whole before the part's end is logged; a half-written file is read again.
             if let Some(v) = std::fs::read(&results)
@@ -398,12 +399,16 @@ impl Consortium {
                 break v["summary"].clone();
             }
             let server = &mut self.sites[0];
-            if let Some(l) = server.log_text().lines().find(|l| ended.iter().all(|w| l.contains(w))) {
-                if !results.exists() {
-                    bail!("job {id} ended at {CONTROLLER} without results: {l}\n{}", server.tail());
-                }
-            } else if let Some(status) = server.exited() {
+            if let Some(status) = server.exited() {
                 bail!("{CONTROLLER} exited ({status}) during job {id}; {}", server.tail());
+            }
+            // The log (long under RUST_LOG=debug) is read twice a second, not at every poll.
+            polls += 1;
+            if polls.is_multiple_of(10)
+                && let Some(l) = server.log_text().lines().find(|l| ended.iter().all(|w| l.contains(w)))
+                && !results.exists()
+            {
+                bail!("job {id} ended at {CONTROLLER} without results: {l}\n{}", server.tail());
             }
             if Instant::now() >= deadline {
                 bail!(

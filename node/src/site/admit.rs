@@ -77,7 +77,11 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: us
 /// `f32`); `None` for learners whose networks are small and fixed by their code.
 fn model_bytes(topo: &Topology) -> Option<u64> {
     match topo.learner {
-        LearnerSpec::AddOne { .. } => Some((topo.model.tensors as u64).saturating_mul(topo.model.elements as u64).saturating_mul(4)),
+        LearnerSpec::AddOne { .. } => Some(
+            (topo.model.tensors as u64)
+                .saturating_mul(topo.model.elements as u64)
+                .saturating_mul(4),
+        ),
         _ => None,
     }
 }

@@ -326,7 +326,14 @@ impl Desk {
         if !id.0.is_empty() && records.is_empty() {
             return Err(format!("{site}: no job {id} here"));
         }
-        let connected: HashSet<PeerId> = self.node.net().connected_peers().await.unwrap_or_default().into_iter().collect();
+        let connected: HashSet<PeerId> = self
+            .node
+            .net()
+            .connected_peers()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Ok(CtlResponse::Jobs(
             records.into_iter().map(|r| self.live(r, &connected)).collect(),
         ))
@@ -342,22 +349,28 @@ impl Desk {
         }
         let Ok(topo) = parse(&r.signed) else { return v };
         let site = &self.policy.name;
-        let reachable = |n: &String| {
-            n == site || self.members.by_name(n).is_some_and(|m| connected.contains(&m.peer_id))
-        };
+        let reachable =
+            |n: &String| n == site || self.members.by_name(n).is_some_and(|m| connected.contains(&m.peer_id));
         let need = topo.min_clients.max(1);
         let waiting = match &topo.controller {
             Some(c) if c == site => {
                 if let Some((round, metrics)) = checkpointed(&self.dir.join("jobs").join(&v.id.0)) {
                     (v.round, v.metrics) = (round, metrics);
                 }
-                let clients = topo.clients.iter().filter(|n| v.members.contains(n)).filter(|n| reachable(n)).count();
-                (clients < need).then(|| format!("waiting: {clients} of the {need} clients a round needs can be reached"))
+                let clients = topo
+                    .clients
+                    .iter()
+                    .filter(|n| v.members.contains(n))
+                    .filter(|n| reachable(n))
+                    .count();
+                (clients < need)
+                    .then(|| format!("waiting: {clients} of the {need} clients a round needs can be reached"))
             }
             Some(c) => (!reachable(c)).then(|| format!("waiting: the controller ({c}) cannot be reached")),
             None => {
                 let members = v.members.iter().filter(|n| reachable(n)).count();
-                (members < need).then(|| format!("waiting: {members} of the {need} members a round needs can be reached"))
+                (members < need)
+                    .then(|| format!("waiting: {members} of the {need} members a round needs can be reached"))
             }
         };
         if let Some(w) = waiting {
@@ -569,14 +582,15 @@ impl Desk {
                 Some(s) => {
                     v.round = s["round_secs"].as_array().map_or(v.round, |r| r.len() as u32);
                     v.metrics = global_metrics(s);
-                    // A controller's checkpoint record has every round, a resumed run's too.
-                    if let Some((round, metrics)) = checkpointed(&self.dir.join("jobs").join(&id.0)) {
-                        (v.round, v.metrics) = (round, metrics);
-                    }
                 }
                 // A client's part ends finished when the controller finished every round.
                 None if state == JobState::Finished => v.round = v.rounds,
                 None => {}
+            }
+            // A controller's checkpoint record has every round it finished, however the part
+            // ended, a resumed run's rounds too.
+            if let Some((round, metrics)) = checkpointed(&self.dir.join("jobs").join(&id.0)) {
+                (v.round, v.metrics) = (round, metrics);
             }
         });
         if let Err(e) = done {
@@ -730,7 +744,11 @@ fn checkpointed(dir: &std::path::Path) -> Option<(u32, Vec<BTreeMap<String, f64>
     let round = u32::try_from(c["round"].as_u64()? + 1).ok()?;
     let numbers = |m: &serde_json::Value| -> BTreeMap<String, f64> {
         m.as_object()
-            .map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f))).collect())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f)))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let metrics = c["rounds"]
@@ -740,7 +758,11 @@ fn checkpointed(dir: &std::path::Path) -> Option<(u32, Vec<BTreeMap<String, f64>
                 .iter()
                 .map(|r| {
                     let global = numbers(&r["global"]);
-                    if global.is_empty() { numbers(&r["metrics"]) } else { global }
+                    if global.is_empty() {
+                        numbers(&r["metrics"])
+                    } else {
+                        global
+                    }
                 })
                 .collect()
         })

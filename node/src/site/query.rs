@@ -107,7 +107,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     for m in silent {
         println!("  {m:<16} did not answer");
     }
-    if let Some(v) = views.iter().find(|v| !v.metrics.is_empty()) {
+    if let Some(v) = views.iter().find(|v| v.metrics.iter().any(|m| !m.is_empty())) {
         println!("global model after each round ({}):", v.site);
         for (r, m) in v.metrics.iter().enumerate() {
             let m: Vec<String> = m.iter().map(|(k, x)| format!("{k} {x:.4}")).collect();

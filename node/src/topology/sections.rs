@@ -421,7 +421,9 @@ pub(super) fn registered_learner(
         return Err(fail(
             r.span().start,
             "learner.registered",
-            format!("member {m:?} has a command of its own: a job names a registered learner or gives commands, not both"),
+            format!(
+                "member {m:?} has a command of its own: a job names a registered learner or gives commands, not both"
+            ),
         ));
     }
     Ok(Some(r.get_ref().clone()))
