@@ -114,6 +114,11 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
         // Wait for round `round`'s result, watching its aggregator.
         match watch_round(comm, cfg, agg, &state).await? {
             Watched::Announced(p) => {
+                // Pull the new model now (the next task needs it anyway): should its
+                // aggregator die before anyone else has it, a successor finds it here.
+                if let Err(e) = comm.hold(p.model, &p.holders).await {
+                    tracing::debug!(job = %comm.job(), round = p.round, error = %e, "could not pull the announced model yet");
+                }
                 reports.push(SwarmRound {
                     round: p.round - 1,
                     aggregator: p.aggregator,
@@ -202,8 +207,16 @@ async fn aggregate(
     let me = comm.me();
     let round = state.round;
     tracing::info!(job = %comm.job(), round, "aggregating this round");
-    // Hold the round's input first, so members can pull it from here too.
-    comm.hold(state.model, &state.holders).await?;
+    // Hold the round's input first, so members can pull it from here too: from its holders,
+    // else from any member that pulled it when it was announced.
+    let mut sources = state.holders.clone();
+    sources.extend(
+        cfg.members
+            .iter()
+            .copied()
+            .filter(|p| *p != me && !state.holders.contains(p)),
+    );
+    comm.hold(state.model, &sources).await?;
     let mut input_from = vec![me];
     input_from.extend(state.holders.iter().copied().filter(|p| *p != me));
     let fcfg = FedAvgConfig {
