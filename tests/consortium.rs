@@ -697,3 +697,49 @@ fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_sayi
     assert!(r["rounds"][1]["metrics"]["round"].is_number(), "{r}");
     stop(running);
 }
+
+#[test]
+fn the_shipped_cyclic_split_cross_site_and_inference_jobs_run_when_submitted_to_sites() {
+    let sites = ["lab-a", "lab-b", "lab-c", "lab-d", "lab-e"];
+    let c = Consortium::new(&sites, &["alice"]);
+    let running = c.serve(&sites);
+    // The shipped topology files name members, never their keys or addresses: each is a job
+    // file as it is, once its members' names are the sites'.
+    let jobs: Vec<String> = [
+        "cyclic-addone",
+        "split-digits",
+        "cross-site-digits",
+        "inference-then-fedavg",
+    ]
+    .iter()
+    .map(|name| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../topologies/{name}.toml"));
+        let mut spec = std::fs::read_to_string(&path).expect("topology");
+        let names: Vec<String> = spec
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("name = \"").and_then(|n| n.split('"').next()))
+            .skip(1) // the job's own name
+            .map(str::to_owned)
+            .collect();
+        for (member, site) in names.iter().zip(sites) {
+            spec = spec.replace(&format!("\"{member}\""), &format!("\"{site}\""));
+        }
+        c.submit(&c.job(&format!("{name}.toml"), &spec), "alice", "lab-a")
+    })
+    .collect();
+    for id in &jobs {
+        let status = c.status(id, "lab-a", "alice");
+        let members = status["views"].as_array().map_or(0, Vec::len);
+        let done = c.wait_finished(id, "lab-a", "alice", members);
+        let controller = done["views"]
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|v| v["part"].as_str().is_some_and(|p| p.starts_with("controller")))
+            })
+            .expect("the controller's view");
+        let r = c.results(controller["site"].as_str().expect("site"), id);
+        assert_ne!(r["summary"]["verified"], false, "{r}");
+    }
+    stop(running);
+}
