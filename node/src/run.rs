@@ -387,6 +387,9 @@ fn learner_of(
 /// Asks the controller to admit this member, until it answers (bounded by [`JOIN_FOR`]).
 async fn join(node: &Node, job: &JobId, controller: PeerId, name: &str, spec: [u8; 32]) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + JOIN_FOR;
+    // A controller started a moment later (its site launched after this one) is there
+    // within milliseconds: ask again soon, then less often.
+    let mut pause = Duration::from_millis(10);
     loop {
         let req = CtlRequest {
             job: job.clone(),
@@ -408,6 +411,7 @@ async fn join(node: &Node, job: &JobId, controller: PeerId, name: &str, spec: [u
         if tokio::time::Instant::now() >= deadline {
             bail!("the controller did not admit this member within {JOIN_FOR:?}");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }

@@ -180,6 +180,9 @@ impl Desk {
         }
         let members: Vec<String> = all_members(&topo).into_iter().filter(|n| took.contains(n)).collect();
         self.put(&signed, &topo, JobState::Running, "", members.clone())?;
+        // This site's part first: when it hosts the controller, the clients launched next
+        // find it there at their first join.
+        self.start(&id, topo.clone(), &members, false)?;
         let launch = Request::Launch {
             members: members.clone(),
         };
@@ -203,7 +206,6 @@ impl Desk {
         for reason in &refused {
             tracing::warn!(job = %id, %reason, "a member refused the job; it goes on without it");
         }
-        self.start(&id, topo, &members, false)?;
         Ok(CtlResponse::Taken { refused })
     }
 
