@@ -248,7 +248,9 @@ impl Setup {
 impl Setup {
     /// The external learner of `member`: the command of its topology entry, run with the
     /// job's round timeout per task; with the digits learner it gets its training shard as a
-    /// CSV (64 features in [0, 1], then the label) named by `DIGITS_CSV`.
+    /// CSV (64 features in [0, 1], then the label) named by `DIGITS_CSV`; on a standing site,
+    /// `DIGITS_CSV` and `FLARE_DATASET` name the site's own file for the job's dataset (and
+    /// `FLARE_DATASET_TEST` its test rows, when the site has them).
     fn external_learner(
         &self,
         topo: &Topology,
@@ -260,7 +262,17 @@ impl Setup {
         let mut cfg = ExternalConfig::new(ext.command.clone(), work_dir, member);
         cfg.task_timeout = topo.round_timeout;
         cfg.env = ext.env.clone();
-        if let Some((_, fed)) = &self.digits {
+        // On a site, the learner is told where the site's own rows are (it reads them itself).
+        if let Some(files) = &topo.data.local {
+            cfg.env
+                .insert("DIGITS_CSV".into(), files.train.to_string_lossy().into_owned());
+            cfg.env
+                .insert("FLARE_DATASET".into(), files.train.to_string_lossy().into_owned());
+            if let Some(test) = &files.test {
+                cfg.env
+                    .insert("FLARE_DATASET_TEST".into(), test.to_string_lossy().into_owned());
+            }
+        } else if let Some((_, fed)) = &self.digits {
             let i = topo
                 .clients
                 .iter()
