@@ -194,8 +194,8 @@ struct Checkpoint<'a, R> {
     rounds: &'a [R],
 }
 
-/// The file of round `round`'s model.
-fn round_file(round: u32) -> String {
+/// The file of round `round`'s model in a checkpoint directory.
+pub fn round_file(round: u32) -> String {
     format!("round-{round:06}.safetensors")
 }
 

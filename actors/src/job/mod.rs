@@ -39,7 +39,7 @@ use flare_protocols::ctl::{TaskStatus, Value};
 use libp2p::PeerId;
 
 pub use crate::learner::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
-pub use checkpoint::{Best, CheckpointPolicy, DEFAULT_KEEP};
+pub use checkpoint::{Best, CheckpointPolicy, DEFAULT_KEEP, round_file};
 pub use communicator::{CommError, Communicator, Link, RelayOutcome};
 pub use controller::{ControllerError, ControllerHandle};
 pub use cross_site::{BestModel, CrossSiteConfig, CrossSiteError, CrossSiteOutcome, KeepLastModel};

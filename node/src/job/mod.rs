@@ -80,7 +80,10 @@ fn resume_from(dir: &Path) -> anyhow::Result<Option<fedavg::Start>> {
     };
     let c: Checkpoint =
         serde_json::from_str(&text).with_context(|| format!("{} is not a checkpoint record", record.display()))?;
-    let model = Model::load(&dir.join("global.safetensors"))?;
+    // That round's own file, not `global.safetensors`: a controller killed between linking
+    // the global model to a newer round and writing that round's record would otherwise
+    // resume one round ahead of its record, and run that round twice.
+    let model = Model::load(&dir.join(flare_actors::job::round_file(c.round)))?;
     Ok(Some(fedavg::Start {
         model,
         next_round: c.round + 1,
