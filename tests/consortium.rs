@@ -642,9 +642,9 @@ fn a_member_site_killed_mid_job_rejoins_when_started_again() {
         .replace("kind = \"add-one\"", "kind = \"add-one\"\ndelay_secs = 0.3");
     let id = c.submit(&c.job("job.toml", &job), "alice", "lab-a");
     let mut lab_c = running.remove(2);
-    // Killed just as it aggregated a round (the others pull a model when it is announced):
-    // a swarm goes on without a member, and takes it back.
-    lab_c.wait_for(&["round aggregated", "round=5"]);
+    // Killed while another member holds the newest model (lab-c's next turn to aggregate
+    // is two rounds away): a swarm goes on without a member, and takes it back.
+    lab_c.wait_for(&["round announced", "round=6", "aggregator=lab-a"]);
     lab_c.kill();
     let mut lab_c = c.serve_one("lab-c");
     lab_c.wait_for(&["resuming this site's part of the job"]);
