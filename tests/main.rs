@@ -18,6 +18,7 @@ mod fedavg;
 mod hostile_input;
 mod inference;
 mod membership;
+mod model_file;
 mod split;
 mod torch;
 mod workflows;

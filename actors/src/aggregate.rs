@@ -131,6 +131,11 @@ impl Accumulator {
         old
     }
 
+    /// The layout of the blobs this accumulator averages (the global model's).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     /// Number of chunks of a blob of this layout.
     pub fn chunk_count(&self) -> u64 {
         self.weights.len() as u64
@@ -297,6 +302,60 @@ fn copy_tensors(layout: &Layout, mean: &mut [u8], range: Range<usize>, bytes: &[
     }
 }
 
+/// How a result whose blob starts with `start` (its header at least, else `None`) differs
+/// from models of `expected`: the tensors it lacks or adds, and those of another shape or
+/// dtype, the first few of each, with what the global model has. `None` when the headers
+/// cannot be read or name the same tensors alike.
+pub fn layout_difference(expected: &Layout, start: &[u8]) -> Option<String> {
+    let want = tensor_shapes(&expected.header)?;
+    let got = tensor_shapes(start)?;
+    let mut diffs: Vec<String> = Vec::new();
+    for (name, (dtype, shape)) in &want {
+        match got.get(name) {
+            None => diffs.push(format!("tensor {name:?} ({dtype} {shape:?}) is missing")),
+            Some((_, s)) if s != shape => diffs.push(format!("tensor {name:?} has shape {s:?}, expected {shape:?}")),
+            Some((d, _)) if d != dtype => diffs.push(format!("tensor {name:?} is {d}, expected {dtype}")),
+            Some(_) => {}
+        }
+    }
+    for (name, (dtype, shape)) in &got {
+        if !want.contains_key(name) {
+            diffs.push(format!(
+                "tensor {name:?} ({dtype} {shape:?}) is not in the global model"
+            ));
+        }
+    }
+    const SHOWN: usize = 3;
+    let more = diffs.len().saturating_sub(SHOWN);
+    diffs.truncate(SHOWN);
+    match (diffs.is_empty(), more) {
+        (true, _) => None,
+        (false, 0) => Some(diffs.join("; ")),
+        (false, n) => Some(format!("{}; and {n} more", diffs.join("; "))),
+    }
+}
+
+/// The tensors a safetensors header names, with dtype and shape, read from the start of a
+/// blob (`None` if it does not hold the whole header, or the header does not parse).
+fn tensor_shapes(start: &[u8]) -> Option<std::collections::BTreeMap<String, (String, Vec<u64>)>> {
+    let header_len = Layout::header_len(start.get(..8)?.try_into().ok()?).ok()?;
+    let json = start.get(8..usize::try_from(header_len).ok()?)?;
+    let map: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(json).ok()?;
+    map.into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, info)| {
+            let dtype = info.get("dtype")?.as_str()?.to_owned();
+            let shape = info
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_u64)
+                .collect::<Option<Vec<u64>>>()?;
+            Some((name, (dtype, shape)))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,6 +376,38 @@ mod tests {
 
     fn chunks(bytes: &[u8], cs: u32) -> Vec<&[u8]> {
         bytes.chunks(cs as usize).collect()
+    }
+
+    #[test]
+    fn a_result_of_another_layout_is_described_tensor_by_tensor() {
+        let global = model(&[vec![2, 3], vec![3]], &[0.0; 9]).layout();
+        let same = model(&[vec![2, 3], vec![3]], &[1.0; 9]);
+        assert_eq!(layout_difference(&global, same.as_safetensors()), None);
+        let reshaped = model(&[vec![3, 2], vec![3]], &[0.0; 9]);
+        assert_eq!(
+            layout_difference(&global, reshaped.as_safetensors()).as_deref(),
+            Some("tensor \"t0\" has shape [3, 2], expected [2, 3]")
+        );
+        let fewer = model(&[vec![2, 3]], &[0.0; 6]);
+        assert_eq!(
+            layout_difference(&global, fewer.as_safetensors()).as_deref(),
+            Some("tensor \"t1\" (F32 [3]) is missing")
+        );
+        let more = model(&[vec![2, 3], vec![3], vec![1]], &[0.0; 10]);
+        assert_eq!(
+            layout_difference(&global, more.as_safetensors()).as_deref(),
+            Some("tensor \"t2\" (F32 [1]) is not in the global model")
+        );
+        // Only the header is read: a prefix that holds it is enough, a shorter one is not.
+        let header = reshaped.layout().header.len();
+        assert!(layout_difference(&global, &reshaped.as_safetensors()[..header]).is_some());
+        assert_eq!(
+            layout_difference(&global, &reshaped.as_safetensors()[..header - 1]),
+            None
+        );
+        let many = model(&[vec![1], vec![1], vec![1], vec![1], vec![1]], &[0.0; 5]);
+        let d = layout_difference(&global, many.as_safetensors()).expect("differs");
+        assert!(d.ends_with("; and 2 more"), "{d}");
     }
 
     proptest! {

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::TaskOutcome;
 use super::communicator::Communicator;
-use crate::aggregate::{Accumulator, AggregateError};
+use crate::aggregate::{Accumulator, AggregateError, layout_difference};
 use crate::blob::FetchOptions;
 use crate::lock;
 
@@ -30,6 +30,62 @@ pub const RESULT_WINDOW: u32 = 4;
 /// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
 /// on the controller anyway, so more at once would not finish sooner).
 pub const MAX_CONCURRENT_PULLS: usize = 2;
+
+/// The most of the start of a result kept while it is pulled: its header, so that a result of
+/// another layout can be described tensor by tensor (a header past this, some thousands of
+/// tensors, gets a shorter message).
+const HEADER_CAP: u64 = 256 * 1024;
+
+/// The first `cap` bytes of a result (at most [`HEADER_CAP`]), kept as its chunks arrive in
+/// any order.
+struct Prefix {
+    cap: u64,
+    chunk_size: u64,
+    chunks: Mutex<Vec<Option<Vec<u8>>>>,
+}
+
+impl Prefix {
+    fn new(blob: BlobRef, cap: u64) -> Self {
+        let cap = cap.min(HEADER_CAP);
+        let chunk_size = u64::from(blob.chunk_size.max(1));
+        let n = cap.min(blob.len).div_ceil(chunk_size) as usize;
+        Self {
+            cap,
+            chunk_size,
+            chunks: Mutex::new(vec![None; n]),
+        }
+    }
+
+    fn keep(&self, i: u64, bytes: &[u8]) {
+        let mut chunks = lock(&self.chunks);
+        if let Some(slot @ None) = chunks.get_mut(i as usize) {
+            let room = self.cap.saturating_sub(i * self.chunk_size) as usize;
+            *slot = Some(bytes[..bytes.len().min(room)].to_vec());
+        }
+    }
+
+    /// The bytes kept from the start on, up to the first chunk not received.
+    fn bytes(&self) -> Vec<u8> {
+        lock(&self.chunks)
+            .iter()
+            .map_while(|c| c.as_deref())
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// Why a result of another layout than the global model's was left out, naming the tensors
+/// that differ when its header is known.
+fn other_layout(expected: &flare_protocols::model::Layout, prefix: &[u8], out: BlobRef) -> String {
+    match layout_difference(expected, prefix) {
+        Some(diff) => format!("its result does not fit the global model: {diff}"),
+        None => format!(
+            "returned a model of another architecture ({} bytes, the global model has {})",
+            out.len, expected.len
+        ),
+    }
+}
 
 /// A result that was not folded in.
 pub(crate) struct FoldFailure {
@@ -61,16 +117,25 @@ impl Communicator {
         if o.num_samples == 0 {
             return Err(fail(o, "reported 0 samples"));
         }
-        if out.len != global.len || out.chunk_size != global.chunk_size {
-            return Err(fail(o, "returned a model of another architecture"));
+        if out.chunk_size != global.chunk_size {
+            return Err(fail(o, "returned a model cut in chunks of another size"));
+        }
+        if out.len != global.len {
+            let why = self.describe_other_layout(&acc, &o, out, pulls).await;
+            return Err(fail(o, &why));
         }
         let weight = o.num_samples as f64;
         let n = lock(&acc).chunk_count() as usize;
         let folded = Arc::new(Mutex::new(vec![false; n]));
         let failure: Arc<Mutex<Option<AggregateError>>> = Arc::default();
+        // A result of the same length differs, if at all, in a header of about the same size:
+        // keep that much of each (a copy of a few KiB), to describe it if it does not fit.
+        let header = lock(&acc).layout().header.len() as u64;
+        let prefix = Arc::new(Prefix::new(out, header.saturating_mul(2).saturating_add(4096)));
         let on_chunk = {
-            let (acc, folded, failure) = (acc.clone(), folded.clone(), failure.clone());
+            let (acc, folded, failure, prefix) = (acc.clone(), folded.clone(), failure.clone(), prefix.clone());
             move |i: u64, bytes: &[u8]| {
+                prefix.keep(i, bytes);
                 if lock(&failure).is_some() {
                     return; // refused already: fold no more of it
                 }
@@ -104,6 +169,9 @@ impl Communicator {
             let failed = lock(&failure).take();
             let result = match (fetched, failed) {
                 (Err(e), _) => Err(e.to_string()),
+                (Ok(_), Some(AggregateError::LayoutMismatch(_))) => {
+                    Err(other_layout(acc.layout(), &prefix.bytes(), out))
+                }
                 (Ok(_), Some(e)) => Err(e.to_string()),
                 // Every chunk went through `on_chunk`, those the store already held included.
                 (Ok(_), None) => Ok(()),
@@ -137,6 +205,38 @@ impl Communicator {
                 tainted: true,
             }),
         }
+    }
+
+    /// Pulls the start of a result whose length differs from the global model's, folding
+    /// nothing, to say which tensors differ. A result far larger than the global model is not
+    /// pulled: its length says enough.
+    async fn describe_other_layout(
+        &self,
+        acc: &Mutex<Accumulator>,
+        o: &TaskOutcome,
+        out: BlobRef,
+        pulls: &tokio::sync::Semaphore,
+    ) -> String {
+        let expected = lock(acc).layout().clone();
+        if out.len > expected.len.saturating_mul(2).saturating_add(HEADER_CAP) {
+            return other_layout(&expected, &[], out);
+        }
+        let prefix = Arc::new(Prefix::new(out, HEADER_CAP));
+        let keep = prefix.clone();
+        let opts = FetchOptions {
+            on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| keep.keep(i, bytes))),
+            max_len: out.len,
+            window: RESULT_WINDOW,
+            keep: false,
+            ..FetchOptions::default()
+        };
+        let Ok(_permit) = pulls.acquire().await else {
+            return other_layout(&expected, &[], out);
+        };
+        if let Err(e) = self.fetch(out, o.peer, &opts).await {
+            tracing::debug!(job = %self.job(), member = %o.member, error = %e, "pulling a result of another layout");
+        }
+        other_layout(&expected, &prefix.bytes(), out)
     }
 
     /// Folds the contributors' results again into a fresh mean, after a pull that failed midway

@@ -39,8 +39,12 @@ pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
 }
 
 /// Whether every weight of `model` is the initial value plus `rounds`, computed as the
-/// clients do (adding 1.0 in f32, round after round), without a second copy of the model.
+/// clients do (adding 1.0 in f32, round after round), without a second copy of the model
+/// (but for a model file, which is read again).
 pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
+    if let Some(file) = &spec.file {
+        return file.load().is_ok_and(|initial| added(&initial, model, rounds));
+    }
     let names: Vec<String> = (0..spec.tensors).map(|t| format!("tensor.{t:04}")).collect();
     if model.len() != names.len() {
         return false;
@@ -58,6 +62,29 @@ pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> boo
                 })
         })
     })
+}
+
+/// Whether `model` has the tensors of `initial` with every f32 weight `rounds` more (added
+/// one at a time, in f32), and the weights of other dtypes as they were (the add-one learner
+/// adds to f32 weights only).
+fn added(initial: &Model, model: &Model, rounds: u32) -> bool {
+    model.len() == initial.len()
+        && initial.iter().all(|(name, t)| {
+            model.get(name).is_some_and(|m| {
+                m.dtype() == t.dtype()
+                    && m.shape() == t.shape()
+                    && match t.dtype() {
+                        DType::F32 => t.data().chunks_exact(4).zip(m.data().chunks_exact(4)).all(|(a, b)| {
+                            let mut want = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+                            for _ in 0..rounds {
+                                want += 1.0;
+                            }
+                            f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == want.to_bits()
+                        }),
+                        _ => m.data() == t.data(),
+                    }
+            })
+        })
 }
 
 /// The rows a digits job learns from, as this process holds them.
@@ -196,11 +223,15 @@ impl Setup {
         })
     }
 
-    /// The initial global model (made afresh on each call, so nobody holds a spare copy).
+    /// The initial global model (made afresh on each call, so nobody holds a spare copy): the
+    /// topology's model file, the add-one job's seeded tensors, or the digits recipe's network.
     pub fn initial_model(&self, topo: &Topology) -> anyhow::Result<Model> {
         anyhow::ensure!(self.split.is_none(), "split learning starts from no shared model");
         match &self.digits {
-            None => add_one_model(&topo.model),
+            None => match &topo.model.file {
+                Some(file) => file.load(),
+                None => add_one_model(&topo.model),
+            },
             Some((recipe, _)) => recipe.initial_model().map_err(anyhow::Error::msg),
         }
     }

@@ -125,6 +125,13 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     if let Err(why) = crate::site::admit::learner_name(&topo) {
         bail!("{}: {why}", a.job.display());
     }
+    // The sites read the job file alone: a model file beside it stays on this machine.
+    if topo.model.file.is_some() {
+        bail!(
+            "{}: field `model.file`: a submitted job cannot name a file (the sites never see it);              run the job from its topology file",
+            a.job.display()
+        );
+    }
     let spec = std::fs::read(&a.job).with_context(|| format!("reading {}", a.job.display()))?;
     let key = crate::keys::load_key(&a.site.key)?;
     let signed = SignedJob::sign(spec, &key, super::records::now_ms())?;

@@ -13,6 +13,7 @@ use schema::Raw;
 
 mod keeping;
 mod learner;
+mod model;
 mod schema;
 mod sections;
 
@@ -76,15 +77,29 @@ pub enum LearnerSpec {
     },
 }
 
-/// The initial model of the add-one job: `tensors` f32 tensors of `elements` values.
+/// The initial model of the add-one job: `tensors` f32 tensors of `elements` values, or the
+/// tensors of a safetensors `file`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     /// Number of tensors.
     pub tensors: usize,
     /// Elements per tensor.
     pub elements: usize,
-    /// Seed of the values.
+    /// Seed of the values (the `mlp` learner's weights too).
     pub seed: u64,
+    /// `file = "..."`: the initial model is this file's tensors (then `tensors`, `elements`
+    /// and `seed` do not apply).
+    pub file: Option<ModelFile>,
+}
+
+/// A model file a topology names (`[model] file`), checked when the topology was read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelFile {
+    /// Where it is (the topology file's directory joined with the name given): it may differ
+    /// per member, so [`Topology::spec_hash`] leaves it out.
+    pub path: PathBuf,
+    /// Hash of its bytes: two members whose files differ do not run the same job.
+    pub hash: [u8; 32],
 }
 
 /// Which data the members learn from: a seeded deal of the shipped digits (`sim`, `run`), or
@@ -219,17 +234,25 @@ pub(crate) fn line_of(text: &str, at: usize) -> usize {
 type Fail<'a> = dyn Fn(usize, &str, String) -> TopologyError + 'a;
 
 impl Topology {
-    /// Reads and checks a topology file.
+    /// Reads and checks a topology file. A model file it names (`[model] file`) is read from
+    /// the topology file's directory.
     pub fn load(path: &Path) -> Result<Self, TopologyError> {
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        Self::parse(path, &text)
+        let dir = path.parent().unwrap_or(Path::new(""));
+        Self::parse_in(path, &text, Some(dir))
     }
 
-    /// Parses and checks topology text (`path` names it in errors).
+    /// Parses and checks topology text (`path` names it in errors). The text has no directory
+    /// of its own (a job submitted to standing sites), so it cannot name a model file.
     pub fn parse(path: &Path, text: &str) -> Result<Self, TopologyError> {
+        Self::parse_in(path, text, None)
+    }
+
+    /// Parses and checks topology text whose files (`[model] file`) are in `dir`, if any.
+    fn parse_in(path: &Path, text: &str, dir: Option<&Path>) -> Result<Self, TopologyError> {
         let fail = |at: usize, field: &str, msg: String| TopologyError {
             path: path.to_owned(),
             message: format!("line {}: field `{field}`: {msg}", line_of(text, at)),
@@ -267,6 +290,7 @@ impl Topology {
         let registered_learner = sections::registered_learner(raw.learner.as_ref(), &external, &fail)?;
         let learner = sections::learner(&kind, raw.learner, job_at, &fail)?;
         let data = sections::data(raw.data, &learner, &fail)?;
+        let model = model::model(raw.model, &learner, dir, &fail)?;
         Ok(Self {
             path: path.to_owned(),
             job: job.name,
@@ -283,7 +307,7 @@ impl Topology {
             sample: section.sample,
             checkpoints: section.checkpoints,
             learner,
-            model: raw.model.map_or_else(ModelSpec::default, ModelSpec::from),
+            model,
             data,
             registered_learner,
             site_learner: None,
@@ -298,6 +322,14 @@ impl Topology {
             local: None,
             ..self.data.clone()
         };
+        // The model file's bytes are part of the job, not where each member keeps it.
+        let model = ModelSpec {
+            file: self.model.file.as_ref().map(|f| ModelFile {
+                path: PathBuf::new(),
+                hash: f.hash,
+            }),
+            ..self.model.clone()
+        };
         let spec = format!(
             "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.job,
@@ -309,7 +341,7 @@ impl Topology {
             self.min_clients,
             self.round_timeout,
             self.learner,
-            self.model,
+            model,
             data,
             self.sample
         ) + &format!("|{:?}", self.registered_learner);

@@ -181,12 +181,15 @@ pub(super) fn default_batch() -> usize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModel {
-    #[serde(default = "default_tensors")]
-    pub(super) tensors: usize,
-    #[serde(default = "default_elements")]
-    pub(super) elements: usize,
     #[serde(default)]
-    pub(super) seed: u64,
+    pub(super) tensors: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) elements: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) seed: Option<Spanned<u64>>,
+    /// A safetensors file, relative to the topology file's directory: the initial model.
+    #[serde(default)]
+    pub(super) file: Option<Spanned<String>>,
 }
 
 pub(super) fn default_tensors() -> usize {
@@ -236,16 +239,7 @@ impl Default for ModelSpec {
             tensors: default_tensors(),
             elements: default_elements(),
             seed: 0,
-        }
-    }
-}
-
-impl From<RawModel> for ModelSpec {
-    fn from(m: RawModel) -> Self {
-        Self {
-            tensors: m.tensors,
-            elements: m.elements,
-            seed: m.seed,
+            file: None,
         }
     }
 }
