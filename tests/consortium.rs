@@ -478,11 +478,12 @@ fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
         if a.as_deref() == Some("finished") && b.as_deref() == Some("finished") {
             break;
         }
-        assert!(
-            !matches!(a.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn"))
-                && !matches!(b.as_deref(), Some("failed" | "aborted" | "refused" | "withdrawn")),
-            "{jobs:?}"
-        );
+        let over = |s: Option<&str>| matches!(s, Some("failed" | "aborted" | "refused" | "withdrawn"));
+        if over(a.as_deref()) || over(b.as_deref()) {
+            // Every member's view of each, with its reason, to tell what went wrong where.
+            let (fa, sw) = (c.status(&fedavg, "lab-b", "alice"), c.status(&swarm, "lab-b", "alice"));
+            panic!("a job ended early:\nfedavg {fa}\nswarm {sw}");
+        }
         assert!(Instant::now() < deadline, "not finished within 120 s: {jobs:?}");
         std::thread::sleep(Duration::from_millis(300));
     }
