@@ -15,12 +15,12 @@ use flare_protocols::model::{Model, Tensor};
 use crate::util::{Federation, within};
 
 /// The Python package and examples.
-fn python_dir() -> PathBuf {
+pub(crate) fn python_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../python")
 }
 
 /// Whether python3 runs here; the tests are skipped (loudly) where it does not.
-fn python_ok() -> bool {
+pub(crate) fn python_ok() -> bool {
     let ok = std::process::Command::new("python3")
         .arg("--version")
         .output()

@@ -80,18 +80,6 @@ fn a_model_file_starts_fedavg_swarm_and_cyclic_and_add_one_stays_exact() {
     }
 }
 
-/// Whether python3 runs here; the test is skipped (loudly) where it does not.
-fn python_ok() -> bool {
-    let ok = std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: python3 is not available");
-    }
-    ok
-}
-
 /// A Client API script that adds one, then sends `w` transposed.
 const TRANSPOSES: &str = r#"
 import flare_client as flare
@@ -113,7 +101,7 @@ while flare.is_running():
 
 #[test]
 fn a_python_client_sending_a_tensor_of_the_wrong_shape_is_named_and_the_rounds_go_on() {
-    if !python_ok() {
+    if !crate::external::python_ok() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
