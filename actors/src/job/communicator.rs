@@ -167,13 +167,15 @@ impl Communicator {
     pub async fn publish(&self, model: Arc<Model>) -> Result<BlobRef, CommError> {
         let store = self.node.store().clone();
         let cs = self.chunk_size;
-        let m = tokio::task::spawn_blocking(move || store.import_bytes(model.as_safetensors(), cs))
+        // Held as it is stored: another job's last release of the same content must not
+        // remove it in between.
+        let m = tokio::task::spawn_blocking(move || store.import_bytes_held(model.as_safetensors(), cs))
             .await
             .map_err(|e| StoreError::Io {
                 path: "<publish>".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-        self.keep(&m.id());
+        self.kept(&m.id());
         Ok(m.blob_ref())
     }
 
@@ -189,7 +191,7 @@ impl Communicator {
         let bytes = Arc::new(model.into_safetensors());
         let lent = bytes.clone();
         let (m, written) = tokio::task::spawn_blocking(move || {
-            let (m, written) = store.import_shared(lent.clone(), cs)?;
+            let (m, written) = store.import_shared_held(lent.clone(), cs, true)?;
             // Held already (the same model again): serve it from these bytes all the same.
             store.lend(&m.id(), &lent);
             Ok::<_, StoreError>((m, written))
@@ -199,7 +201,7 @@ impl Communicator {
             path: "<publish>".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
-        self.keep(&m.id());
+        self.kept(&m.id());
         Ok((m.blob_ref(), bytes, written))
     }
 
@@ -445,6 +447,8 @@ impl Communicator {
     /// already), accepting at most `max_len` bytes, and reads it into memory: the one way a
     /// workflow takes a model or other blob in.
     pub async fn pull_bytes(&self, blob: BlobRef, from: &[PeerId], max_len: u64) -> Result<Vec<u8>, CommError> {
+        // Held before it is looked for: see `publish`.
+        self.keep(&blob.id);
         if !self.holds(&blob.id) {
             let opts = FetchOptions {
                 max_len,
@@ -452,7 +456,6 @@ impl Communicator {
             };
             self.node.fetch(blob, from, &opts).await?;
         }
-        self.keep(&blob.id);
         let store = self.node.store().clone();
         let bytes = tokio::task::spawn_blocking(move || store.read_all(&blob.id))
             .await
@@ -466,8 +469,9 @@ impl Communicator {
     /// Pulls `blob` into the local store from `from`, so that other members can pull it
     /// from here too.
     pub async fn hold(&self, blob: BlobRef, from: &[PeerId]) -> Result<(), CommError> {
-        self.node.fetch(blob, from, &FetchOptions::default()).await?;
+        // Held before it is looked for: see `publish`.
         self.keep(&blob.id);
+        self.node.fetch(blob, from, &FetchOptions::default()).await?;
         Ok(())
     }
 
@@ -485,6 +489,14 @@ impl Communicator {
     fn keep(&self, id: &BlobId) {
         if crate::lock(&self.held).insert(*id) {
             self.node.store().retain(id);
+        }
+    }
+
+    /// Counts a hold the store took for the job as it stored the blob (`*_held` imports) as
+    /// the job's one hold on it, letting go of it when the job held the blob already.
+    fn kept(&self, id: &BlobId) {
+        if !crate::lock(&self.held).insert(*id) {
+            self.node.store().release(id);
         }
     }
 

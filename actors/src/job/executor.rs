@@ -80,8 +80,10 @@ impl Kept {
         }
     }
 
-    fn output(&mut self, store: &crate::BlobStore, id: flare_protocols::BlobId) {
-        store.retain(&id);
+    /// The output just stored, with the hold the store took as it stored it (a hold taken
+    /// after could come too late: another job's last release of the same content may remove
+    /// it in between).
+    fn output_held(&mut self, store: &crate::BlobStore, id: flare_protocols::BlobId) {
         if let Some(old) = self.output.replace(id) {
             store.release(&old);
         }
@@ -262,13 +264,13 @@ async fn keep_transient_output(state: &mut ExecutorState) -> Result<(), String> 
         return Ok(());
     };
     let (store, bytes) = (state.node.store().clone(), h.bytes.clone());
-    tokio::task::spawn_blocking(move || store.import_shared(bytes, DEFAULT_CHUNK_SIZE))
+    tokio::task::spawn_blocking(move || store.import_shared_held(bytes, DEFAULT_CHUNK_SIZE, true))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("storing the last output model: {e}"))?;
     h.transient = false;
     let id = h.blob.id;
-    state.kept.output(state.node.store(), id);
+    state.kept.output_held(state.node.store(), id);
     Ok(())
 }
 
@@ -394,11 +396,12 @@ async fn input_model(
             // round) is held by that controller already.
             let keep = !task.input_from.is_empty();
             let sources = if keep { task.input_from.clone() } else { vec![from] };
-            let bytes = fetch_model(&state.node, blob, &sources, spare, keep).await?;
+            // Held before it is looked for: another job's last release of the same content
+            // must not remove it between the pull and the hold.
             if keep {
                 state.kept.input(state.node.store(), blob.id);
             }
-            bytes
+            fetch_model(&state.node, blob, &sources, spare, keep).await?
         }
     };
     Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))
@@ -415,7 +418,10 @@ async fn publish_output(state: &mut ExecutorState, model: Model, transient: bool
         if transient {
             store.import_transient(&shared, DEFAULT_CHUNK_SIZE)
         } else {
-            store.import_shared(shared, DEFAULT_CHUNK_SIZE).map(|(m, _written)| m)
+            // Held as it is stored (see `Kept::output_held`).
+            store
+                .import_shared_held(shared, DEFAULT_CHUNK_SIZE, true)
+                .map(|(m, _written)| m)
         }
     })
     .await
@@ -423,7 +429,7 @@ async fn publish_output(state: &mut ExecutorState, model: Model, transient: bool
     .map_err(|e| format!("storing the output model: {e}"))?;
     let blob = manifest.blob_ref();
     if !transient {
-        state.kept.output(state.node.store(), blob.id);
+        state.kept.output_held(state.node.store(), blob.id);
     }
     state.held_output = Some(HeldOutput { blob, bytes, transient });
     Ok(blob)

@@ -36,7 +36,7 @@ impl BlobStore {
                 None => return false,
             }
         }
-        self.remove(id)
+        self.remove_unless_held(id)
     }
 
     /// Holds on blob `id` now.
@@ -44,9 +44,17 @@ impl BlobStore {
         lock(&self.inner.holds).get(id).copied().unwrap_or(0)
     }
 
-    /// Removes blob `id` whole or partial; whether it was there.
-    fn remove(&self, id: &BlobId) -> bool {
-        let removed = lock(&self.inner.blobs).remove(id).is_some();
+    /// Removes blob `id` whole or partial, unless a hold was taken on it since its last
+    /// release (another job storing the same content: content addressing gives both one id);
+    /// whether it was removed. Checked and done under the lock that imports take their holds
+    /// under (see `import_reader_held`), files included, so an import of the same content
+    /// either holds the blob before this looks or finds it gone and stores it anew.
+    fn remove_unless_held(&self, id: &BlobId) -> bool {
+        let mut blobs = lock(&self.inner.blobs);
+        if lock(&self.inner.holds).contains_key(id) {
+            return false;
+        }
+        let removed = blobs.remove(id).is_some();
         if let Some(dir) = &self.inner.dir {
             // A shared import still being written finds its entry gone and removes what it
             // wrote itself (see `persist_shared`).
@@ -65,6 +73,24 @@ mod tests {
 
     fn files(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn a_held_import_holds_the_blob_whether_it_stored_it_or_found_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for store in [BlobStore::memory(), BlobStore::open(dir.path()).expect("open")] {
+            // Two jobs store the same content; the first lets go: the second still has it.
+            let a = store.import_bytes_held(&bytes(1000), 100).expect("import");
+            let (b, _) = store
+                .import_shared_held(std::sync::Arc::new(bytes(1000)), 100, true)
+                .expect("import");
+            assert_eq!(a.id(), b.id());
+            assert_eq!(store.holds_on(&a.id()), 2);
+            assert!(!store.release(&a.id()));
+            assert!(store.is_complete(&a.id()), "the other job's hold keeps it");
+            assert!(store.release(&a.id()));
+            assert!(!store.is_complete(&a.id()));
+        }
     }
 
     #[test]

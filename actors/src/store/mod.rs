@@ -379,6 +379,17 @@ impl BlobStore {
     /// On disk, whole chunks are written with `O_DIRECT` from an aligned buffer where the file
     /// system allows it: a large import then costs no page-cache copy (see docs/benchmarks.md).
     pub fn import_reader(&self, reader: &mut impl Read, chunk_size: u32) -> Result<Manifest, StoreError> {
+        self.import_reader_held(reader, chunk_size, false)
+    }
+
+    /// [`Self::import_bytes`], taking a hold on the blob ([`Self::retain`]) under the same lock
+    /// that finds or inserts it: a hold taken after the import could come too late, when the
+    /// last release of the same content (another job's) removed it in between.
+    pub fn import_bytes_held(&self, bytes: &[u8], chunk_size: u32) -> Result<Manifest, StoreError> {
+        self.import_reader_held(&mut &bytes[..], chunk_size, true)
+    }
+
+    fn import_reader_held(&self, reader: &mut impl Read, chunk_size: u32, hold: bool) -> Result<Manifest, StoreError> {
         let mut builder = ManifestBuilder::new(chunk_size)?;
         let (mut storage, off) = aligned_buffer(chunk_size as usize);
         let chunk = &mut storage[off..off + chunk_size as usize];
@@ -410,6 +421,9 @@ impl BlobStore {
             if let Some(tmp) = tmp {
                 tmp.discard();
             }
+            if hold {
+                self.retain(&id);
+            }
             return Ok(manifest);
         }
         let data = match (tmp, &self.inner.dir) {
@@ -417,6 +431,9 @@ impl BlobStore {
             _ => Data::Memory(RwLock::new(mem)),
         };
         blobs.insert(id, Arc::new(Entry::complete(manifest.clone(), data)));
+        if hold {
+            self.retain(&id);
+        }
         Ok(manifest)
     }
 

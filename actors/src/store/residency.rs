@@ -132,10 +132,24 @@ impl BlobStore {
     /// The returned [`Written`] resolves once the store holds `bytes` no more: the write is
     /// done (or failed, and the blob stays in memory for the life of the process).
     pub fn import_shared(&self, bytes: Arc<Vec<u8>>, chunk_size: u32) -> Result<(Manifest, Written), StoreError> {
+        self.import_shared_held(bytes, chunk_size, false)
+    }
+
+    /// [`Self::import_shared`], taking a hold on the blob when `hold` under the lock that
+    /// finds or inserts it (see [`Self::import_bytes_held`]).
+    pub fn import_shared_held(
+        &self,
+        bytes: Arc<Vec<u8>>,
+        chunk_size: u32,
+        hold: bool,
+    ) -> Result<(Manifest, Written), StoreError> {
         let manifest = Manifest::of_bytes(&bytes, chunk_size)?;
         let id = manifest.id();
         let entry = {
             let mut blobs = lock(&self.inner.blobs);
+            if hold {
+                self.retain(&id);
+            }
             if blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
                 return Ok((manifest, Written::done()));
             }
