@@ -1,29 +1,37 @@
 """flare_client: the Client API for flare-node external learners.
 
 A script that a flare-node executor starts (a topology names it as a learner command, e.g.
-``command = ["python3", "train.py"]``) receives the global model, trains, and sends its result::
+``command = ["python3", "train.py"]``) receives the global model, trains, and sends its result.
+It is NVIDIA FLARE's Client API: a script written for ``nvflare.client`` runs with its import
+changed::
 
     import flare_client as flare          # was: import nvflare.client as flare
 
     flare.init()
     while flare.is_running():
-        model = flare.receive()            # None once the job stops
-        if model is None:
-            break
-        params = {k: v + 1.0 for k, v in model.params.items()}   # train here
-        flare.send(flare.FLModel(params=params, metrics={"loss": 0.1},
-                                 meta={"num_samples": 100}))
+        input_model = flare.receive()
+        net.load_state_dict(input_model.params)          # torch tensors when the script uses torch
+        steps = train(net)                               # train here
+        flare.send(flare.FLModel(params=net.cpu().state_dict(), metrics={"loss": 0.1},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": steps}))
 
-``model.params`` maps names to numpy arrays when numpy is importable, else to
-:class:`Tensor` objects (``shape``, ``dtype``, ``values``: a flat ``array.array``; they support
-``+ - * /``). ``flare.send`` accepts numpy arrays, :class:`Tensor` objects or torch tensors.
-The aggregation weight is ``meta["num_samples"]`` (or ``meta["NUM_STEPS_CURRENT_ROUND"]``),
-1 if absent. ``params_type=ParamsType.DIFF`` sends the difference from the received model.
+``model.params`` holds the tensors of the script's framework: ``torch.Tensor`` (CPU, the
+model file's dtype) when the script has imported torch before the first ``receive``, else numpy
+arrays when numpy is importable, else :class:`Tensor` objects (``shape``, ``dtype``,
+``values``: a flat ``array.array``; they support ``+ - * /``). ``flare.init(framework=...)``
+chooses explicitly: ``"pytorch"``, ``"numpy"`` or ``"raw"``. ``flare.send`` accepts torch
+tensors, numpy arrays and :class:`Tensor` objects, whatever the framework.
+
+The aggregation weight is ``meta["NUM_STEPS_CURRENT_ROUND"]`` (as NVIDIA FLARE's FedAvg
+weighs) or ``meta["num_samples"]`` (preferred when both are given), 1 if absent.
+``params_type=ParamsType.DIFF`` sends the difference from the received model; the executor adds
+it to the model it sent (it keeps its own copy, so editing the received params in place does
+not matter), and the workflow aggregates whole models.
 
 Install with ``pip install ./python`` (building needs setuptools and wheel, fetched by pip
 unless ``--no-build-isolation`` finds them installed), or put ``python/`` on ``PYTHONPATH``.
-No dependencies; numpy is optional, and ``pip install ./python[numpy]`` brings numpy and the
-``safetensors`` package, which then reads and writes the model files.
+No dependencies; ``pip install ./python[numpy]`` brings numpy and the ``safetensors`` package,
+which then reads and writes the model files, and ``pip install ./python[torch]`` adds torch.
 
 The wire protocol (CBOR messages over the Unix socket named by ``FLARE_CLIENT_SOCKET``, models
 as safetensors files) is specified in flare-node's ``protocols/src/client_api.rs``.
@@ -36,12 +44,13 @@ import struct
 import sys
 
 from . import cbor
-from .tensors import HAS_NUMPY, Tensor, load as load_safetensors, save as save_safetensors
+from .tensors import (FRAMEWORKS, HAS_NUMPY, Tensor, detect_framework, load as load_safetensors,
+                      save as save_safetensors)
 
 __all__ = [
-    "FLModel", "ParamsType", "Tensor", "HAS_NUMPY", "init", "receive", "send", "send_error", "is_running",
-    "system_info", "get_site_name", "get_job_id", "get_task_name", "is_train", "is_evaluate",
-    "is_submit_model", "load_safetensors", "save_safetensors",
+    "FLModel", "FLMetaKey", "ParamsType", "Tensor", "HAS_NUMPY", "FRAMEWORKS", "init", "receive", "send",
+    "send_error", "is_running", "system_info", "get_site_name", "get_job_id", "get_task_name", "get_framework",
+    "is_train", "is_evaluate", "is_submit_model", "load_safetensors", "save_safetensors",
 ]
 
 CLIENT_API_VERSION = 1
@@ -53,6 +62,17 @@ class ParamsType(str, enum.Enum):
 
     FULL = "FULL"
     DIFF = "DIFF"
+
+
+class FLMetaKey:
+    """Keys of ``FLModel.meta``, as NVIDIA FLARE names them."""
+
+    NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+    """In a sent model: the aggregation weight (steps or samples behind the result)."""
+    CURRENT_ROUND = "current_round"
+    TOTAL_ROUNDS = "total_rounds"
+    JOB_ID = "job_id"
+    SITE_NAME = "site_name"
 
 
 class FLModel:
@@ -76,7 +96,8 @@ class FLModel:
 
 
 class _Client:
-    def __init__(self):
+    def __init__(self, framework=None):
+        self.framework = framework  # None: detected at each receive
         path = os.environ.get("FLARE_CLIENT_SOCKET")
         if not path:
             raise RuntimeError("FLARE_CLIENT_SOCKET is not set: this script must be started by a flare-node executor")
@@ -85,7 +106,8 @@ class _Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.running = True
-        self.task = None
+        self.task = None       # the task receive() returned, until it is answered
+        self.pending = None    # a task is_running() read ahead, for the next receive()
         self._send_msg({"type": "hello", "version": CLIENT_API_VERSION})
 
     def _send_msg(self, msg):
@@ -103,9 +125,8 @@ class _Client:
             buf += chunk
         return bytes(buf)
 
-    def receive(self):
-        if not self.running:
-            return None
+    def _next_task(self):
+        """Reads the next task; None (and no longer running) when the job is over."""
         head = self._read_exact(4)
         if head is None:
             self.running = False  # the executor went away: stop quietly
@@ -122,30 +143,61 @@ class _Client:
             raise ValueError("unexpected message from the executor: %r" % (msg,))
         if msg.get("task") == "stop":
             self.running = False
-            self.task = None
             return None
+        return msg
+
+    def is_running(self):
+        # As in NVIDIA FLARE, is_running() waits for the next task when none is at hand, so
+        # that `while is_running(): model = receive()` never gets None from receive().
+        if self.running and self.task is None and self.pending is None:
+            self.pending = self._next_task()
+        return self.running
+
+    def receive(self):
+        if not self.running:
+            return None
+        msg, self.pending = self.pending, None
+        if msg is None:
+            msg = self._next_task()
         self.task = msg
-        params = load_safetensors(msg["input_path"]) if msg.get("input_path") else None
-        meta = dict(msg.get("meta") or {})
+        if msg is None:
+            return None
+        framework = self.framework or detect_framework()
+        params = load_safetensors(msg["input_path"], framework) if msg.get("input_path") else None
+        total = msg.get("total_rounds") or None  # 0: the workflow does not say
+        meta = {FLMetaKey.JOB_ID: msg.get("job", self.job), FLMetaKey.SITE_NAME: msg.get("member", self.member),
+                FLMetaKey.CURRENT_ROUND: msg.get("round", 0)}
+        if total is not None:
+            meta[FLMetaKey.TOTAL_ROUNDS] = total
+        meta.update(msg.get("meta") or {})
         return FLModel(params=params, params_type=ParamsType.FULL, current_round=msg.get("round", 0),
-                       total_rounds=msg.get("total_rounds", 0), meta=meta)
+                       total_rounds=total, meta=meta)
 
     def send(self, model):
         task = self.task
         if task is None:
             raise RuntimeError("send() without a task: call receive() first")
+        params_type = ParamsType(model.params_type or ParamsType.FULL)
         out_path = None
         if model.params:
+            if params_type == ParamsType.DIFF and not task.get("input_path"):
+                raise ValueError("params_type DIFF needs a received model to be a difference from; "
+                                 "this task (%r) had none" % task.get("task"))
             out_path = task["output_path"]
             save_safetensors(model.params, out_path)
         meta = model.meta or {}
-        num_samples = meta.get("num_samples", meta.get("NUM_STEPS_CURRENT_ROUND", 1))
+        num_samples = meta.get("num_samples", meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1))
+        try:
+            num_samples = max(int(num_samples), 0)
+        except (TypeError, ValueError):
+            raise ValueError("meta num_samples / NUM_STEPS_CURRENT_ROUND must be a number, not %r"
+                             % (num_samples,)) from None
         self._send_msg({
             "type": "result",
             "output_path": out_path,
-            "params_type": ParamsType(model.params_type or ParamsType.FULL).value,
+            "params_type": params_type.value,
             "metrics": {str(k): float(v) for k, v in (model.metrics or {}).items()},
-            "num_samples": max(int(num_samples), 0),
+            "num_samples": num_samples,
             "meta": {str(k): v for k, v in meta.items() if _scalar(v)},
         })
         self.task = None
@@ -173,10 +225,23 @@ def _get():
     return _client
 
 
-def init(rank=None, config_file=None, **kwargs):
-    """Connects to the executor (done on first use if not called); arguments are accepted for
-    NVIDIA FLARE compatibility and ignored."""
-    _get()
+def init(rank=None, config_file=None, framework=None, **kwargs):
+    """Connects to the executor (done on first use if not called).
+
+    ``framework`` says what ``FLModel.params`` holds on receive: ``"pytorch"`` (``torch.Tensor``),
+    ``"numpy"`` (``numpy.ndarray``) or ``"raw"`` (:class:`Tensor`); ``None`` (the default)
+    detects at each receive: pytorch when the script has imported torch, else numpy when it is
+    importable, else raw. ``rank`` and ``config_file`` are accepted for NVIDIA FLARE
+    compatibility and ignored."""
+    if framework is not None:
+        if framework not in FRAMEWORKS:
+            raise ValueError("framework must be one of %s, not %r" % (", ".join(FRAMEWORKS), framework))
+        if framework == "numpy" and not HAS_NUMPY:
+            raise ImportError("framework 'numpy' needs numpy: pip install './python[numpy]'")
+        if framework == "pytorch":
+            from .tensors import _torch
+            _torch()
+    _get().framework = framework
 
 
 def receive(timeout=None):
@@ -196,8 +261,15 @@ def send_error(message):
 
 
 def is_running():
-    """Whether the job goes on (False once :func:`receive` has returned ``None``)."""
-    return _get().running
+    """Whether the job goes on. As in NVIDIA FLARE, it waits for the next task when none is at
+    hand (the one :func:`receive` then returns), and is False once the job is over."""
+    return _get().is_running()
+
+
+def get_framework():
+    """The framework of received params: the one given to :func:`init`, else what would be
+    detected now."""
+    return _get().framework or detect_framework()
 
 
 def system_info():

@@ -4,9 +4,13 @@ A safetensors file is ``header_len: u64 little-endian``, a JSON header
 ``{name: {"dtype", "shape", "data_offsets": [start, end]}}`` (optionally ``__metadata__``),
 then the raw little-endian tensor data.
 
-With numpy importable (and ``FLARE_CLIENT_NO_NUMPY`` unset), tensors are ``numpy.ndarray``;
-otherwise they are :class:`Tensor` objects holding an ``array.array``. Supported dtypes:
-F32, F64, F16, I64, I32, U8, BOOL; others (e.g. BF16) are refused with a clear error.
+:func:`load` gives tensors of one framework (see :data:`FRAMEWORKS`): ``"numpy"`` arrays,
+``"pytorch"`` tensors (CPU, the file's dtype; made from the numpy arrays with
+``torch.from_numpy``, which shares their memory, or straight from the file's bytes where numpy
+is absent), or ``"raw"`` :class:`Tensor` objects holding an ``array.array``. By default,
+numpy when it is importable (and ``FLARE_CLIENT_NO_NUMPY`` unset), else raw. :func:`save`
+takes any of the three, whatever the framework. Supported dtypes: F32, F64, F16, I64, I32, U8,
+BOOL; others (e.g. BF16) are refused with a clear error.
 
 With numpy, files are read and written by the ``safetensors`` package when it is importable
 (``pip install ./python[numpy]`` brings both): measured by ``scripts/python-formats-bench.py``,
@@ -55,6 +59,55 @@ _DTYPES = {
 _NP_TO_ST = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32",
              "uint8": "U8", "bool": "BOOL"}
 _MAX_HEADER = 100_000_000
+
+FRAMEWORKS = ("pytorch", "numpy", "raw")
+"""What :func:`load` can give: torch tensors, numpy arrays, or :class:`Tensor` objects."""
+
+
+def detect_framework():
+    """``"pytorch"`` when the process has imported torch already, else ``"numpy"`` when numpy
+    is importable, else ``"raw"``. Torch is never imported here: a script that does not use it
+    does not pay for it."""
+    if "torch" in sys.modules:
+        return "pytorch"
+    return "numpy" if _np is not None else "raw"
+
+
+def _default_framework():
+    return "numpy" if _np is not None else "raw"
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("framework 'pytorch' needs torch: pip install './python[torch]'") from e
+    return torch
+
+
+# torch dtype name -> safetensors dtype
+_TORCH_TO_ST = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32",
+                "uint8": "U8", "bool": "BOOL"}
+_ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+
+
+def _is_torch(t):
+    """Whether ``t`` is a torch tensor (or quacks like one: ``detach``, ``cpu``, ``numpy``)."""
+    return hasattr(t, "detach") and hasattr(t, "cpu") and hasattr(t, "numpy")
+
+
+def _torch_cpu(name, t):
+    """``t`` detached, on the CPU and contiguous (no copy when it already is), with its
+    safetensors dtype; a dtype flare-node does not aggregate (e.g. bfloat16) is refused."""
+    x = t.detach().cpu()
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and type(x).__module__.startswith("torch"):
+        st = _TORCH_TO_ST.get(str(dtype).replace("torch.", ""))
+        if st is None:
+            raise ValueError("param %r has dtype %s, which flare-node does not aggregate (supported: %s)"
+                             % (name, dtype, ", ".join("torch." + k for k in _TORCH_TO_ST)))
+        x = x.contiguous()
+    return x
 
 
 def _numel(shape):
@@ -145,13 +198,13 @@ def _to_le(a):
     return a
 
 
-def _decode(dtype, shape, raw):
+def _decode(dtype, shape, raw, as_numpy=True):
     if dtype not in _DTYPES:
         raise ValueError("tensor dtype %s is not supported by flare_client" % dtype)
     code, np_dtype, size = _DTYPES[dtype]
     if len(raw) != _numel(shape) * size:
         raise ValueError("tensor data length does not match its shape")
-    if _np is not None:
+    if as_numpy and _np is not None:
         return _np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
     if dtype == "F16":
         vals = array.array("f", struct.unpack("<%de" % _numel(shape), raw))
@@ -167,21 +220,51 @@ def _encode(name, t):
         if t.dtype == "F16":
             return "F16", list(t.shape), struct.pack("<%de" % len(t.values), *t.values)
         return t.dtype, list(t.shape), _to_le(t.values).tobytes()
+    if _is_torch(t):
+        x = _torch_cpu(name, t)
+        if _np is not None or not type(x).__module__.startswith("torch"):
+            return _encode(name, x.numpy())
+        st = _TORCH_TO_ST[str(x.dtype).replace("torch.", "")]
+        if sys.byteorder == "big":
+            raise ValueError("writing torch tensors without numpy needs a little-endian host")
+        if x.storage_offset() != 0 or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+            x = x.clone()  # a view into a larger storage: keep only its own bytes
+        return st, list(x.shape), bytes(x.untyped_storage())
     if _np is not None and isinstance(t, (_np.ndarray, _np.generic)):
         a = _np.asarray(t)
         st = _NP_TO_ST.get(a.dtype.name)
         if st is None:
             raise ValueError("param %r has unsupported dtype %s" % (name, a.dtype))
         return st, list(a.shape), _np.ascontiguousarray(a, dtype=_DTYPES[st][1]).tobytes()
-    if hasattr(t, "detach") and hasattr(t, "cpu") and hasattr(t, "numpy"):  # a torch tensor
-        return _encode(name, t.detach().cpu().numpy())
     raise ValueError("param %r is a %s, not a tensor" % (name, type(t).__name__))
 
 
-def load(path):
-    """Reads a safetensors file into ``{name: tensor}``."""
-    if _st is not None:
-        return _load_with_safetensors(path)
+def load(path, framework=None):
+    """Reads a safetensors file into ``{name: tensor}``, the tensors of ``framework`` (one of
+    :data:`FRAMEWORKS`; by default numpy when importable, else raw)."""
+    framework = framework or _default_framework()
+    if framework == "pytorch":
+        return _load_torch(path)
+    if framework == "numpy":
+        if _np is None:
+            raise ImportError("framework 'numpy' needs numpy: pip install './python[numpy]'")
+        if _st is not None:
+            return _load_with_safetensors(path)
+    elif framework != "raw":
+        raise ValueError("framework must be one of %s, not %r" % (", ".join(FRAMEWORKS), framework))
+    data, header, base = _read(path)
+    as_numpy = framework == "numpy"
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = info["data_offsets"]
+        out[name] = _decode(info["dtype"], info["shape"], data[base + s:base + e], as_numpy)
+    return out
+
+
+def _read(path):
+    """The file's bytes, its parsed header and where its data starts."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 8:
@@ -190,13 +273,40 @@ def load(path):
     if n > _MAX_HEADER or 8 + n > len(data):
         raise ValueError("%s: bad safetensors header length %d" % (path, n))
     header = json.loads(data[8:8 + n].decode("utf-8"))
-    base = 8 + n
+    return data, header, 8 + n
+
+
+def _load_torch(path):
+    """The file as CPU torch tensors of its dtypes, without a copy beyond reading the file:
+    through numpy (``torch.from_numpy`` shares the arrays' memory) when it is importable,
+    else as views of one buffer holding the file."""
+    torch = _torch()
+    if _np is not None:
+        return {name: torch.from_numpy(a) for name, a in load(path, "numpy").items()}
+    if sys.byteorder == "big":
+        raise ValueError("reading torch tensors without numpy needs a little-endian host")
+    data, header, base = _read(path)
+    buf = bytearray(data)
+    del data
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
+        if dtype not in _ST_TO_TORCH:
+            raise ValueError("tensor %r has dtype %s, which flare_client does not support" % (name, dtype))
+        tdtype = getattr(torch, _ST_TO_TORCH[dtype])
         s, e = info["data_offsets"]
-        out[name] = _decode(info["dtype"], info["shape"], data[base + s:base + e])
+        size = _DTYPES[dtype][2]
+        n = _numel(shape)
+        if e - s != n * size or base + e > len(buf):
+            raise ValueError("tensor %r: data length does not match its shape" % name)
+        if n == 0:
+            out[name] = torch.empty(shape, dtype=tdtype)
+        elif (base + s) % size:  # misaligned: a copy of its own
+            out[name] = torch.frombuffer(bytearray(buf[base + s:base + e]), dtype=tdtype).reshape(shape)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=tdtype, count=n, offset=base + s).reshape(shape)
     return out
 
 
@@ -206,8 +316,8 @@ def _as_array(name, t):
     if isinstance(t, Tensor):
         dtype, shape, raw = _encode(name, t)
         return _np.frombuffer(raw, dtype=_DTYPES[dtype][1]).reshape(shape)
-    if hasattr(t, "detach") and hasattr(t, "cpu") and hasattr(t, "numpy"):  # a torch tensor
-        t = t.detach().cpu().numpy()
+    if _is_torch(t):
+        t = _torch_cpu(name, t).numpy()  # shares the tensor's memory
     if not isinstance(t, (_np.ndarray, _np.generic)):
         raise ValueError("param %r is a %s, not a tensor" % (name, type(t).__name__))
     a = _np.asarray(t)
