@@ -460,10 +460,7 @@ fn two_jobs_submitted_at_once_run_on_standing_sites_and_finish_exact() {
     );
     // Models of other content: two jobs on one site starting from the very same model can
     // still lose it to each other (a known bug, see docs/architecture.md, "Blob store").
-    let swarm = c.job(
-        "swarm.toml",
-        &(swarm_job(&sites, 3) + "\n[model]\ntensors = 2\nelements = 1000\nseed = 11\n"),
-    );
+    let swarm = c.job("swarm.toml", &swarm_job(&sites, 3));
     // Submitted at the same time, to two different sites.
     let (fedavg, swarm) = std::thread::scope(|s| {
         let a = s.spawn(|| c.submit(&fedavg, "alice", "lab-a"));

@@ -229,6 +229,11 @@ pub enum FetchError {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store let go of the blob between the start of the fetch and the reading of its
+    /// chunks, before any was handed over (a transient blob whose producer let go, or one the
+    /// last job holding it released): [`Fetcher::fetch`] pulls it from the sources instead.
+    #[error("blob {0} left the local store during the fetch")]
+    LeftTheStore(BlobId),
 }
 
 fn first_error(errors: &[SourceError]) -> String {
@@ -399,8 +404,25 @@ impl Fetcher {
     }
 
     /// Pulls `blob` from `sources` into the store (or only through `on_chunk`, see
-    /// [`FetchOptions::keep`]). Chunks already held are not fetched again.
+    /// [`FetchOptions::keep`]). Chunks already held are not fetched again; a blob the store
+    /// lets go of while this reads it (before any chunk was handed over) is pulled from the
+    /// sources after all.
     pub async fn fetch(
+        &self,
+        blob: BlobRef,
+        sources: &[PeerId],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
+        match self.fetch_once(blob, sources, opts).await {
+            Err(FetchError::LeftTheStore(id)) if !sources.is_empty() => {
+                tracing::debug!(blob = %id, "the blob left the store during the fetch: pulling it");
+                self.fetch_once(blob, sources, opts).await
+            }
+            r => r,
+        }
+    }
+
+    async fn fetch_once(
         &self,
         blob: BlobRef,
         sources: &[PeerId],
@@ -554,18 +576,30 @@ impl Fetcher {
         tokio::task::spawn_blocking(move || {
             let id = target.manifest.id();
             let mut buf = Vec::new();
+            // Whether any chunk of this fetch reached `on_chunk` yet: until one has, a blob
+            // the store lost can still be pulled whole instead.
+            let mut none_handed = lock(&target.handed).iter().all(|h| !h);
             for i in 0..target.manifest.chunk_count() {
-                if !target.hand_over(i) {
+                if lock(&target.handed).get(i as usize).copied().unwrap_or(true) {
                     continue;
                 }
-                let chunk = store.read_chunk_to_send(&id, i, buf)?.ok_or(StoreError::NotFound(id))?;
+                let chunk = match store.read_chunk_to_send(&id, i, buf) {
+                    Ok(Some(c)) => c,
+                    Ok(None) | Err(StoreError::NotFound(_)) if none_handed => {
+                        return Err(FetchError::LeftTheStore(id));
+                    }
+                    Ok(None) => return Err(StoreError::NotFound(id).into()),
+                    Err(e) => return Err(e.into()),
+                };
+                target.hand_over(i);
+                none_handed = false;
                 f(i, &chunk);
                 buf = match chunk {
                     ChunkBytes::Owned(v) => v,
                     ChunkBytes::Held { .. } => Vec::new(),
                 };
             }
-            Ok(())
+            Ok::<(), FetchError>(())
         })
         .await
         .map_err(|e| {
