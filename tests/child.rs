@@ -154,9 +154,18 @@ async fn receiver_killed_mid_transfer_resumes_on_restart() {
         child.kill().expect("kill");
         let _ = child.wait();
 
-        // Second run on the same data dir, with an honest source.
+        // Second run on the same data dir, with an honest source. Chunks the source was still
+        // sending to the killed child count to the first run: wait until its count settles.
         src.faults().arm(FaultPlan::default());
-        let served_before = src.serve_stats().chunks.load(Ordering::Relaxed);
+        let mut served_before = src.serve_stats().chunks.load(Ordering::Relaxed);
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let now = src.serve_stats().chunks.load(Ordering::Relaxed);
+            if now == served_before {
+                break;
+            }
+            served_before = now;
+        }
         let (mut child, rx) = spawn_child(&orders);
         let had = number(&wait_line(&rx, "present", |l| l.starts_with("present")));
         assert!(
