@@ -66,12 +66,10 @@ impl SignedJob {
         if spec.len() > MAX_SPEC_BYTES {
             return Err(JobSignatureError::TooLarge(spec.len()));
         }
-        let signature = key
-            .sign(&signed_bytes(&spec, submitted_at_ms))
-            .map_err(|e| JobSignatureError::Signing(e.to_string()))?;
+        let (submitter, signature) = sign_with(key, &signed_bytes(&spec, submitted_at_ms))?;
         Ok(Self {
             spec,
-            submitter: key.public().encode_protobuf(),
+            submitter,
             submitted_at_ms,
             signature,
         })
@@ -82,12 +80,11 @@ impl SignedJob {
         if self.spec.len() > MAX_SPEC_BYTES {
             return Err(JobSignatureError::TooLarge(self.spec.len()));
         }
-        let key =
-            PublicKey::try_decode_protobuf(&self.submitter).map_err(|e| JobSignatureError::BadKey(e.to_string()))?;
-        if !key.verify(&signed_bytes(&self.spec, self.submitted_at_ms), &self.signature) {
-            return Err(JobSignatureError::BadSignature);
-        }
-        Ok(key.to_peer_id())
+        verify_by(
+            &self.submitter,
+            &signed_bytes(&self.spec, self.submitted_at_ms),
+            &self.signature,
+        )
     }
 
     /// The job's id: the first 8 bytes, in hex, of the hash of what was signed and the
@@ -133,13 +130,11 @@ impl SignedAbort {
         if reason.len() > MAX_SPEC_BYTES {
             return Err(JobSignatureError::TooLarge(reason.len()));
         }
-        let signature = key
-            .sign(&abort_bytes(&job, &reason, at_ms))
-            .map_err(|e| JobSignatureError::Signing(e.to_string()))?;
+        let (by, signature) = sign_with(key, &abort_bytes(&job, &reason, at_ms))?;
         Ok(Self {
             job,
             reason,
-            by: key.public().encode_protobuf(),
+            by,
             at_ms,
             signature,
         })
@@ -150,12 +145,28 @@ impl SignedAbort {
         if self.reason.len() > MAX_SPEC_BYTES {
             return Err(JobSignatureError::TooLarge(self.reason.len()));
         }
-        let key = PublicKey::try_decode_protobuf(&self.by).map_err(|e| JobSignatureError::BadKey(e.to_string()))?;
-        if !key.verify(&abort_bytes(&self.job, &self.reason, self.at_ms), &self.signature) {
-            return Err(JobSignatureError::BadSignature);
-        }
-        Ok(key.to_peer_id())
+        verify_by(
+            &self.by,
+            &abort_bytes(&self.job, &self.reason, self.at_ms),
+            &self.signature,
+        )
     }
+}
+
+/// Signs `bytes` (which start with their domain tag) with `key`: the key's public half,
+/// protobuf-encoded, and the signature.
+fn sign_with(key: &Keypair, bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), JobSignatureError> {
+    let signature = key.sign(bytes).map_err(|e| JobSignatureError::Signing(e.to_string()))?;
+    Ok((key.public().encode_protobuf(), signature))
+}
+
+/// Checks `signature` over `bytes` by the protobuf-encoded public key `by`; the signer.
+fn verify_by(by: &[u8], bytes: &[u8], signature: &[u8]) -> Result<PeerId, JobSignatureError> {
+    let key = PublicKey::try_decode_protobuf(by).map_err(|e| JobSignatureError::BadKey(e.to_string()))?;
+    if !key.verify(bytes, signature) {
+        return Err(JobSignatureError::BadSignature);
+    }
+    Ok(key.to_peer_id())
 }
 
 fn abort_bytes(job: &JobId, reason: &str, at_ms: u64) -> Vec<u8> {
