@@ -336,8 +336,20 @@ impl Desk {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let listing = id.0.is_empty();
         Ok(CtlResponse::Jobs(
-            records.into_iter().map(|r| self.live(r, &connected)).collect(),
+            records
+                .into_iter()
+                .map(|r| {
+                    let mut v = self.live(r, &connected);
+                    // The list shows no curves: a curve per job would make the answer grow
+                    // with every round of every job (`status JOB` has it).
+                    if listing {
+                        v.metrics.clear();
+                    }
+                    v
+                })
+                .collect(),
         ))
     }
 

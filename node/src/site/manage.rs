@@ -10,6 +10,7 @@ use flare_actors::blob::FetchOptions;
 use flare_protocols::ctl::{CtlResponse, JobId, Request};
 use flare_protocols::job::{JobView, SignedAbort};
 
+use super::query::job_views;
 use super::submit::SiteArgs;
 
 /// Arguments of `flare-node abort`.
@@ -42,16 +43,11 @@ pub async fn abort(a: AbortArgs) -> anyhow::Result<()> {
     let key = crate::keys::load_key(&a.site.key_path())?;
     let id = JobId(a.job.clone());
     let order = SignedAbort::sign(id.clone(), a.reason.clone(), &key, super::records::now_ms())?;
-    match a.site.ask(id, Request::AbortJob(Box::new(order))).await? {
-        CtlResponse::Jobs(views) => {
-            for v in &views {
-                println!("{:<16} {:<10} {}", v.site, v.state, v.reason);
-            }
-            Ok(())
-        }
-        CtlResponse::Rejected { reason } => bail!("{reason}"),
-        other => bail!("{} answered {other:?}", a.site.site()),
+    let answer = a.site.ask(id, Request::AbortJob(Box::new(order))).await?;
+    for v in job_views(answer, a.site.site())? {
+        println!("{:<16} {:<10} {}", v.site, v.state, v.reason);
     }
+    Ok(())
 }
 
 /// Finds the member that holds the job's outputs (its controller; in a swarm, the site
@@ -62,11 +58,10 @@ pub async fn download(a: DownloadArgs) -> anyhow::Result<()> {
     let pulled = tempfile::tempdir_in(&a.out).context("a scratch store in the output directory")?;
     let session = a.site.session(BlobStore::open(pulled.path())?).await?;
     let id = JobId(a.job.clone());
-    let views = match session.ask(a.site.site(), id.clone(), Request::Jobs).await? {
-        CtlResponse::Jobs(v) => v,
-        CtlResponse::Rejected { reason } => bail!("{reason}"),
-        other => bail!("{} answered {other:?}", a.site.site()),
-    };
+    let views = job_views(
+        session.ask(a.site.site(), id.clone(), Request::Jobs).await?,
+        a.site.site(),
+    )?;
     let from = holder(&views, a.site.site())
         .with_context(|| format!("no member of job {} has its outputs yet: {}", a.job, states(&views)))?;
     let files = match session.ask(&from, id, Request::Download).await? {

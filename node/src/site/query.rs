@@ -31,10 +31,15 @@ pub struct StatusArgs {
 }
 
 async fn views(site: &SiteArgs, job: JobId) -> anyhow::Result<Vec<JobView>> {
-    match site.ask(job, Request::Jobs).await? {
+    job_views(site.ask(job, Request::Jobs).await?, site.site())
+}
+
+/// The job views in `site`'s answer (to `Jobs`, or to `AbortJob`); its refusal as the error.
+pub(super) fn job_views(answer: CtlResponse, site: &str) -> anyhow::Result<Vec<JobView>> {
+    match answer {
         CtlResponse::Jobs(v) => Ok(v),
         CtlResponse::Rejected { reason } => bail!("{reason}"),
-        other => bail!("{} answered {other:?}", site.site()),
+        other => bail!("{site} answered {other:?}"),
     }
 }
 
