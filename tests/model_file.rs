@@ -1,7 +1,7 @@
-//! The initial model from a file (`[model] file`): it is the global model FedAvg, swarm and
-//! cyclic start from, the add-one check holds from it, and a result whose tensors do not fit
-//! it is left out of its round, naming the member, the tensor and both shapes, while the
-//! round goes on with the others.
+//! The initial model from a file (`[model] file`) or from a member's script (`[model] from`):
+//! it is the global model FedAvg, swarm and cyclic start from, the add-one arithmetic holds
+//! from it, and a result whose tensors do not fit it is left out of its round, naming the
+//! member, the tensor and both shapes, while the round goes on with the others.
 
 use std::path::Path;
 use std::time::Duration;
@@ -220,4 +220,89 @@ async fn a_result_of_another_layout_is_left_out_by_the_controller_naming_tensor_
         }
     })
     .await;
+}
+
+/// A Client API script that adds one; with `INIT` set, it gives that file's tensors as the
+/// job's initial model when asked (`[model] from`).
+const ADDS_ONE: &str = r#"
+import os
+import flare_client as flare
+
+init = os.environ.get("INIT")
+flare.init(model=(lambda: flare.load_safetensors(init, "raw")) if init else None)
+while flare.is_running():
+    model = flare.receive()
+    if flare.is_evaluate():
+        flare.send(flare.FLModel(metrics={}))
+        continue
+    flare.send(flare.FLModel(params={n: t + 1.0 for n, t in model.params.items()}, meta={"num_samples": 1}))
+"#;
+
+/// `workflow`'s add-one job of 3 rounds whose initial model comes from member `c`, a Python
+/// script (`init` names the file it gives, if any) beside two built-in add-one members.
+fn from_c(dir: &Path, workflow: &str, init: Option<&Path>) -> String {
+    let script = dir.join("adds_one.py");
+    std::fs::write(&script, ADDS_ONE).expect("script");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let env = match init {
+        Some(p) => format!(", INIT = {:?}", p.to_str().expect("utf8")),
+        None => String::new(),
+    };
+    let c = format!(
+        "[[member]]\nname = \"c\"\ncommand = [\"python3\", {:?}]\nenv = {{ PYTHONPATH = {:?}{env} }}\n",
+        script.to_str().expect("utf8"),
+        python.to_str().expect("utf8")
+    );
+    topology(workflow, &c).replace("file = \"init.safetensors\"", "from = \"c\"")
+}
+
+#[test]
+fn a_model_from_a_members_script_starts_fedavg_swarm_and_cyclic_exactly() {
+    if !crate::external::python_ok() {
+        return;
+    }
+    for workflow in ["fedavg", "swarm", "cyclic"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        // The file is the script's, not the job's: the job names no file.
+        let init_file = dir.path().join("script-init.safetensors");
+        init().save(&init_file).expect("save");
+        let text_ = from_c(dir.path(), workflow, Some(&init_file));
+        assert!(text_.contains("from = \"c\"") && !text_.contains("file ="), "{text_}");
+        std::fs::write(dir.path().join("job.toml"), &text_).expect("write");
+        let out_dir = dir.path().join("out");
+        let out = cli(&[
+            "sim",
+            dir.path().join("job.toml").to_str().expect("utf8"),
+            "--json",
+            "--out",
+            out_dir.to_str().expect("utf8"),
+        ]);
+        assert!(out.status.success(), "{workflow}: {}", text(&out.stderr));
+        let s = summary(&out);
+        // The runtime never saw the initial model before the job ran: nothing to verify
+        // against in the summary; the global model says it all.
+        assert!(s.get("verified").is_none(), "{workflow}: {s}");
+        let global = Model::load(&out_dir.join("global.safetensors")).expect("global");
+        let steps = (1..=12)
+            .find(|&n| global == after(n))
+            .unwrap_or_else(|| panic!("{workflow}: the global model is the script's initial model plus whole rounds"));
+        assert!(steps >= 3, "{workflow}: {steps} steps");
+    }
+}
+
+#[test]
+fn a_model_from_a_script_that_registered_none_fails_the_job_saying_what_to_do() {
+    if !crate::external::python_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("job.toml"), from_c(dir.path(), "fedavg", None)).expect("write");
+    let out = cli(&["sim", dir.path().join("job.toml").to_str().expect("utf8"), "--json"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("c (named by [model] from) could not give the initial model")
+            && err.contains("flare.init(model=net)"),
+        "{err}"
+    );
 }

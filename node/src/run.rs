@@ -351,12 +351,13 @@ async fn swarm_member(
     let comm = Communicator::new(host, job.clone(), members.clone(), DEFAULT_CHUNK_SIZE, topo.spec_hash());
     let cfg = crate::job::swarm_config(topo, setup, &members, name);
     let started = std::time::Instant::now();
-    let initial = setup.initial_model(topo)?;
+    let initial = crate::job::Initial::of(topo, setup)?;
     // Every member runs the swarm workflow in its own controller; none ends the job for the
     // others (they fail over), so it tells no one when it stops early.
     let mut ctl = host
         .start_controller(comm, vec![], move |comm| async move {
-            flare_actors::job::swarm::run(&comm, &cfg, initial).await
+            let initial = initial.get(&comm).await?;
+            anyhow::Ok(flare_actors::job::swarm::run(&comm, &cfg, initial).await?)
         })
         .await
         .context("starting the controller")?;

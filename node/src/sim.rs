@@ -62,13 +62,14 @@ async fn swarm(
         );
         let mut cfg = crate::job::swarm_config(topo, setup, members, &m.name);
         cfg.crash_in_round = topo.crash_aggregator_in_round;
-        let initial = setup.initial_model(topo)?;
+        let initial = crate::job::Initial::of(topo, setup)?;
         let job = job.clone();
         // Each member runs the swarm workflow in its own controller (telling no one when it
         // stops: the others fail over).
         let mut ctl = host
             .start_controller(comm, vec![], move |comm| async move {
-                swarm::run(&comm, &cfg, initial).await
+                let initial = initial.get(&comm).await?;
+                anyhow::Ok(swarm::run(&comm, &cfg, initial).await?)
             })
             .await
             .with_context(|| format!("starting the controller of {}", m.name))?;

@@ -94,6 +94,10 @@ pub enum TaskKind {
     SplitForward(Forward),
     /// Split learning: apply the gradient of the last training forward.
     SplitBackward(Backward),
+    /// Hand over the learner's starting parameters: the job's initial model when its
+    /// `[model] from` names this member, so a network defined only in the member's own code
+    /// (a Python script) defines the model. Asked once, before round 0; no input.
+    InitModel,
 }
 
 impl TaskKind {
@@ -107,6 +111,7 @@ impl TaskKind {
             Self::Embed => "embed",
             Self::SplitForward(_) => "split_forward",
             Self::SplitBackward(_) => "split_backward",
+            Self::InitModel => "init_model",
         }
     }
 }
@@ -413,6 +418,7 @@ mod tests {
             Just(TaskKind::Validate),
             Just(TaskKind::Submit),
             Just(TaskKind::Embed),
+            Just(TaskKind::InitModel),
             (
                 proptest::collection::vec(any::<u32>(), 0..8),
                 any::<u64>(),

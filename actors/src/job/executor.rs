@@ -52,6 +52,10 @@ pub struct ExecutorState {
     held_output: Option<HeldOutput>,
     /// What this executor holds in the node's store (see [`Kept`]).
     kept: Kept,
+    /// The learner's starting parameters, once asked ([`TaskKind::InitModel`]): every later
+    /// ask gets the same blob (a swarm's members each ask, and the learner may have trained
+    /// since the first).
+    initial: Option<BlobRef>,
 }
 
 /// Inputs kept in the store for others to pull from here, and the last output stored: held
@@ -64,6 +68,8 @@ pub struct ExecutorState {
 struct Kept {
     inputs: std::collections::VecDeque<flare_protocols::BlobId>,
     output: Option<flare_protocols::BlobId>,
+    /// The learner's starting parameters, kept for the job's whole life.
+    initial: Option<flare_protocols::BlobId>,
 }
 
 /// Kept inputs held at once (see [`Kept`]).
@@ -90,7 +96,12 @@ impl Kept {
     }
 
     fn release_all(&mut self, store: &crate::BlobStore) {
-        for id in self.inputs.drain(..).chain(self.output.take()) {
+        for id in self
+            .inputs
+            .drain(..)
+            .chain(self.output.take())
+            .chain(self.initial.take())
+        {
             store.release(&id);
         }
     }
@@ -128,6 +139,7 @@ impl Actor for Executor {
             last_output: None,
             held_output: None,
             kept: Kept::default(),
+            initial: None,
         })
     }
 
@@ -294,6 +306,12 @@ async fn run(
         }
         None => None,
     };
+    if let (TaskKind::InitModel, Some(initial)) = (&task.kind, state.initial) {
+        return Ok(RunOutput {
+            output: Some(initial),
+            ..RunOutput::default()
+        });
+    }
     if task.kind == TaskKind::Submit {
         let learner = state.learner.as_ref().ok_or("learner lost by an earlier task")?;
         if learner.local_model().is_none() {
@@ -330,6 +348,12 @@ async fn run(
     if task.kind == TaskKind::Train && output.is_some() {
         state.last_output = output;
     }
+    if let (TaskKind::InitModel, Some(blob)) = (&task.kind, output) {
+        // A hold of its own: the output's is let go when the next output replaces it.
+        state.node.store().retain(&blob.id);
+        state.kept.initial = Some(blob.id);
+        state.initial = Some(blob);
+    }
     Ok(RunOutput {
         output,
         metrics: reply.metrics,
@@ -362,6 +386,11 @@ fn dispatch(learner: &mut dyn Learner, ctx: &TaskContext, input: Option<Model>) 
         (TaskKind::Embed | TaskKind::SplitForward(_) | TaskKind::SplitBackward(_), input) => {
             learner.run_task(input, ctx)
         }
+        (TaskKind::InitModel, Some(_)) => Err("task \"init_model\" takes no input model".into()),
+        (TaskKind::InitModel, None) => learner.run_task(None, ctx).and_then(|r| match r.model {
+            Some(_) => Ok(r),
+            None => Err("the learner answered \"init_model\" without a model".into()),
+        }),
     }
 }
 

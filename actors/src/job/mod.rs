@@ -15,6 +15,7 @@
 //! - [`swarm`]: swarm learning, a rotating aggregator with failover.
 //! - [`split`]: split learning, activations and gradients across a vertical data split.
 //! - [`cross_site`]: cross-site evaluation, every model on every site's validation data.
+//! - [`initial`]: the initial model asked of one member's learner (`[model] from`).
 
 mod checkpoint;
 pub mod communicator;
@@ -27,6 +28,7 @@ pub mod faults;
 pub mod fedavg;
 mod fold;
 pub mod host;
+pub mod initial;
 mod routes;
 pub mod split;
 mod supervisor;

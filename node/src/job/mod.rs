@@ -23,8 +23,10 @@ use serde_json::{Value, json};
 
 use crate::topology::{CyclicOrder, Topology, Workflow};
 
+mod initial;
 mod setup;
 
+pub use initial::Initial;
 pub use setup::{DigitsData, Setup};
 pub(crate) use setup::{add_one_exact, learner_name};
 
@@ -107,7 +109,6 @@ async fn run_workflow(
                 Workflow::InferenceThenFedAvg(frozen) => Some(embed(comm, topo, frozen, &clients).await?),
                 _ => None,
             };
-            let initial = setup.initial_model(topo)?;
             let cfg = FedAvgConfig {
                 rounds: topo.rounds,
                 min_clients: topo.min_clients,
@@ -127,7 +128,7 @@ async fn run_workflow(
                     tracing::info!(round = start.next_round, "resuming from the last checkpoint");
                     fedavg::run_from(comm, &cfg, start).await?
                 }
-                None => fedavg::run(comm, &cfg, initial).await?,
+                None => fedavg::run(comm, &cfg, Initial::of(topo, setup)?.get(comm).await?).await?,
             };
             let mut extra = serde_json::Map::new();
             extra.insert(
@@ -146,7 +147,7 @@ async fn run_workflow(
             })
         }
         Workflow::Cyclic(order) => {
-            let initial = setup.initial_model(topo)?;
+            let initial = Initial::of(topo, setup)?.get(comm).await?;
             let cfg = CyclicConfig {
                 rounds: topo.rounds,
                 order: match order {

@@ -148,6 +148,9 @@ pub struct Setup {
     pub digits: Option<(Arc<dyn DigitsRecipe>, Arc<DigitsData>)>,
     /// The vertically split data, for split learning.
     pub split: Option<(SplitSpec, Arc<VerticalDigits>)>,
+    /// The shipped digits dealt to the members' own code in a job of kind "add-one"
+    /// ([`crate::topology::DataSpec::deal_to_scripts`]).
+    pub scripts: Option<Arc<DigitsData>>,
 }
 
 impl Setup {
@@ -164,6 +167,10 @@ impl Setup {
             LearnerSpec::AddOne { .. } => Ok(Self {
                 digits: None,
                 split: None,
+                scripts: match topo.data.deal_to_scripts {
+                    true => Some(Arc::new(Self::deal(topo)?)),
+                    false => None,
+                },
             }),
             LearnerSpec::Split => {
                 let Workflow::Split(spec) = &topo.workflow else {
@@ -175,6 +182,7 @@ impl Setup {
                 Ok(Self {
                     digits: None,
                     split: Some((spec.clone(), Arc::new(data))),
+                    scripts: None,
                 })
             }
             LearnerSpec::Mlp {
@@ -209,18 +217,24 @@ impl Setup {
     /// The rows of a digits model `recipe`: this site's own when the job names a dataset,
     /// else the shipped digits dealt over the clients.
     fn digits(topo: &Topology, recipe: Arc<dyn DigitsRecipe>) -> anyhow::Result<Self> {
-        let d = &topo.data;
-        let data = match &d.local {
+        let data = match &topo.data.local {
             Some(files) => DigitsData::site(topo, files)?,
-            None => DigitsData::Dealt(
-                DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
-                    .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?,
-            ),
+            None => Self::deal(topo)?,
         };
         Ok(Self {
             digits: Some((recipe, Arc::new(data))),
             split: None,
+            scripts: None,
         })
+    }
+
+    /// The shipped digits dealt over the clients as `[data]` says.
+    fn deal(topo: &Topology) -> anyhow::Result<DigitsData> {
+        let d = &topo.data;
+        Ok(DigitsData::Dealt(
+            DigitsFederation::deal(topo.clients.len(), d.alpha, d.test_fraction, d.seed)
+                .with_context(|| format!("{}: dealing the digits data", topo.path.display()))?,
+        ))
     }
 
     /// The initial global model (made afresh on each call, so nobody holds a spare copy): the
@@ -281,7 +295,9 @@ impl Setup {
     /// job's round timeout per task; with the digits learner it gets its training shard as a
     /// CSV (64 features in [0, 1], then the label) named by `DIGITS_CSV`; on a standing site,
     /// `DIGITS_CSV` and `FLARE_DATASET` name the site's own file for the job's dataset (and
-    /// `FLARE_DATASET_TEST` its test rows, when the site has them).
+    /// `FLARE_DATASET_TEST` its test rows, when the site has them). Test rows, where there are
+    /// some (the common test set of a deal, the site's own), are also named by
+    /// `DIGITS_TEST_CSV`. An add-one job's scripts get a deal when it has a `[data]` table.
     fn external_learner(
         &self,
         topo: &Topology,
@@ -302,8 +318,10 @@ impl Setup {
             if let Some(test) = &files.test {
                 cfg.env
                     .insert("FLARE_DATASET_TEST".into(), test.to_string_lossy().into_owned());
+                cfg.env
+                    .insert("DIGITS_TEST_CSV".into(), test.to_string_lossy().into_owned());
             }
-        } else if let Some((_, fed)) = &self.digits {
+        } else if let Some(fed) = self.digits.as_ref().map(|(_, d)| d).or(self.scripts.as_ref()) {
             let i = topo
                 .clients
                 .iter()
@@ -311,18 +329,30 @@ impl Setup {
                 .with_context(|| format!("{member} is not a client"))?;
             let shard = fed.shard(i).context("no shard for this client")?;
             let path = work_dir.join("train.csv");
-            let mut csv = String::new();
-            for (row, label) in shard.features().chunks(shard.dim()).zip(shard.labels()) {
-                for v in row {
-                    csv.push_str(&format!("{v},"));
-                }
-                csv.push_str(&format!("{label}\n"));
-            }
-            std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+            write_csv(shard, &path)?;
             cfg.env.insert("DIGITS_CSV".into(), path.to_string_lossy().into_owned());
+            if let Some(test) = fed.test() {
+                let path = work_dir.join("test.csv");
+                write_csv(test, &path)?;
+                cfg.env
+                    .insert("DIGITS_TEST_CSV".into(), path.to_string_lossy().into_owned());
+            }
         }
         Ok(Box::new(ExternalLearner::new(cfg)?))
     }
+}
+
+/// Writes `rows` as the CSV external learners read: 64 features in [0, 1], then the label;
+/// no header.
+fn write_csv(rows: &Dataset, path: &Path) -> anyhow::Result<()> {
+    let mut csv = String::new();
+    for (row, label) in rows.features().chunks(rows.dim()).zip(rows.labels()) {
+        for v in row {
+            csv.push_str(&format!("{v},"));
+        }
+        csv.push_str(&format!("{label}\n"));
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
 pub(crate) fn learner_name(topo: &Topology, setup: &Setup) -> &'static str {

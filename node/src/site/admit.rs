@@ -74,9 +74,12 @@ pub fn admit(policy: &Policy, members: &Members, signed: &SignedJob, running: us
 }
 
 /// The size of the job's model where the job file fixes it (the add-one model's tensors of
-/// `f32`); `None` for learners whose networks are small and fixed by their code.
+/// `f32`); `None` for learners whose networks are small and fixed by their code, and for a
+/// model a member's script gives (`[model] from`).
 fn model_bytes(topo: &Topology) -> Option<u64> {
     match topo.learner {
+        // `[model] from`: the member's script decides, when the job runs.
+        LearnerSpec::AddOne { .. } if topo.model.from.is_some() => None,
         LearnerSpec::AddOne { .. } => Some(
             (topo.model.tensors as u64)
                 .saturating_mul(topo.model.elements as u64)

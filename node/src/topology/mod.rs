@@ -90,6 +90,9 @@ pub struct ModelSpec {
     /// `file = "..."`: the initial model is this file's tensors (then `tensors`, `elements`
     /// and `seed` do not apply).
     pub file: Option<ModelFile>,
+    /// `from = "MEMBER"`: the initial model is what that client's learner gives before
+    /// round 0 (its script's network); known only when the job runs.
+    pub from: Option<String>,
 }
 
 /// A model file a topology names (`[model] file`), checked when the topology was read.
@@ -120,6 +123,10 @@ pub struct DataSpec {
     /// its part of a job (a job file cannot: it names data, never a path); it differs per site,
     /// so [`Topology::spec_hash`] leaves it out.
     pub local: Option<SiteData>,
+    /// A job of kind "add-one" whose members run their own code has a `[data]` table: the
+    /// shipped digits are dealt to those members as CSV files (`DIGITS_CSV`, and the common
+    /// test rows as `DIGITS_TEST_CSV`).
+    pub deal_to_scripts: bool,
 }
 
 /// Where one site keeps the rows of a named dataset (from its `[dataset.NAME]`).
@@ -289,8 +296,14 @@ impl Topology {
         let cross_site = sections::cross_site(raw.cross_site, &kind, &fail)?;
         let registered_learner = sections::registered_learner(raw.learner.as_ref(), &external, &fail)?;
         let learner = sections::learner(&kind, raw.learner, job_at, &fail)?;
-        let data = sections::data(raw.data, &learner, &fail)?;
-        let model = model::model(raw.model, &learner, dir, &fail)?;
+        let scripts = !external.is_empty() || registered_learner.is_some();
+        let data = sections::data(raw.data, &learner, scripts, &fail)?;
+        let givers = model::Givers {
+            clients: &clients,
+            external: &external,
+            registered: registered_learner.is_some(),
+        };
+        let model = model::model(raw.model, &learner, &givers, dir, &fail)?;
         Ok(Self {
             path: path.to_owned(),
             job: job.name,

@@ -190,6 +190,9 @@ pub(super) struct RawModel {
     /// A safetensors file, relative to the topology file's directory: the initial model.
     #[serde(default)]
     pub(super) file: Option<Spanned<String>>,
+    /// A client whose learner gives the initial model before round 0.
+    #[serde(default)]
+    pub(super) from: Option<Spanned<String>>,
 }
 
 pub(super) fn default_tensors() -> usize {
@@ -240,6 +243,7 @@ impl Default for ModelSpec {
             elements: default_elements(),
             seed: 0,
             file: None,
+            from: None,
         }
     }
 }
@@ -252,6 +256,7 @@ impl Default for DataSpec {
             test_fraction: default_test_fraction(),
             dataset: None,
             local: None,
+            deal_to_scripts: false,
         }
     }
 }

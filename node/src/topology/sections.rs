@@ -456,25 +456,32 @@ pub(super) fn learner(
 }
 
 /// `[data]`: how the shipped digits are dealt, or `dataset`, the name under which each site
-/// holds its own rows; only the learners that read rows (the digits learners) take one.
-pub(super) fn data(d: Option<RawData>, learner: &LearnerSpec, fail: &Fail<'_>) -> Result<DataSpec, TopologyError> {
+/// holds its own rows; only learners that read rows take one: the digits learners, and in a
+/// job of kind "add-one" the members' own code (`scripts`: members with a `command`, or a
+/// registered learner), which is then handed the rows as CSV files.
+pub(super) fn data(
+    d: Option<RawData>,
+    learner: &LearnerSpec,
+    scripts: bool,
+    fail: &Fail<'_>,
+) -> Result<DataSpec, TopologyError> {
     let Some(d) = d else {
         return Ok(DataSpec::default());
+    };
+    let reads_none = match learner {
+        LearnerSpec::AddOne { .. } if !scripts => Some("the \"add-one\" learner"),
+        LearnerSpec::Split => Some("split learning (it deals the shipped digits by columns)"),
+        LearnerSpec::AddOne { .. } | LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => None,
     };
     let dataset = match d.dataset {
         None => None,
         Some(n) => {
             let at = n.span().start;
-            let reads_none = match learner {
-                LearnerSpec::AddOne { .. } => Some("the \"add-one\" learner"),
-                LearnerSpec::Split => Some("split learning (it deals the shipped digits by columns)"),
-                LearnerSpec::Mlp { .. } | LearnerSpec::Tch { .. } => None,
-            };
             if let Some(who) = reads_none {
                 return Err(fail(
                     at,
                     "data.dataset",
-                    format!("{who} reads no dataset (\"mlp\", \"tch-mlp\" and \"tch-cnn\" do)"),
+                    format!("{who} reads no dataset (\"mlp\", \"tch-mlp\", \"tch-cnn\" and members' own scripts do)"),
                 ));
             }
             if n.get_ref().trim().is_empty() {
@@ -483,11 +490,13 @@ pub(super) fn data(d: Option<RawData>, learner: &LearnerSpec, fail: &Fail<'_>) -
             Some(n.into_inner())
         }
     };
+    let deal_to_scripts = matches!(learner, LearnerSpec::AddOne { .. }) && scripts && dataset.is_none();
     Ok(DataSpec {
         alpha: d.alpha,
         seed: d.seed,
         test_fraction: d.test_fraction,
         dataset,
         local: None,
+        deal_to_scripts,
     })
 }
