@@ -701,6 +701,48 @@ fn a_job_names_a_learner_each_site_registered_and_a_site_without_it_refuses_sayi
     stop(running);
 }
 
+/// A submitted job takes its initial model from one site's registered script
+/// (`[model] from`): the sites' registered learner gives the tensors of a file only that site
+/// has, and the job ends with those tensors plus its rounds, exactly.
+#[test]
+fn a_submitted_job_starts_from_the_model_a_sites_registered_script_gives() {
+    use flare_protocols::model::{Model, Tensor};
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let sites = ["lab-a", "lab-b"];
+    let c = Consortium::new(&sites, &["alice"]);
+    let script = c.dir().join("adds_one.py");
+    std::fs::write(&script, crate::model_file::ADDS_ONE).expect("script");
+    let init = c.dir().join("lab-b-init.safetensors");
+    let start = Model::from_tensors([("w", Tensor::from_f32(vec![3], &[0.5, -2.25, 7.0]).expect("w"))]);
+    start.save(&init).expect("save");
+    for s in sites {
+        let env = match s {
+            "lab-b" => format!(", INIT = {:?}", init.to_str().expect("utf8")),
+            _ => String::new(),
+        };
+        let registered = format!(
+            "\n[learner.py-addone]\ncommand = [\"python3\", {script:?}]\nenv = {{ PYTHONPATH = {python:?}{env} }}\n"
+        );
+        c.edit_policy(s, |p| p.replace("[limits]", &format!("{registered}\n[limits]")));
+    }
+    let running = c.serve(&sites);
+    let job = site_job(&sites, "add-one")
+        .replace("min_clients = 1", "min_clients = 2")
+        .replace(
+            "kind = \"add-one\"",
+            "kind = \"add-one\"\nregistered = \"py-addone\"\n\n[model]\nfrom = \"lab-b\"",
+        );
+    let id = c.submit(&c.job("job.toml", &job), "alice", "lab-a");
+    c.wait_finished(&id, "lab-a", "alice", 2);
+    let global = Model::load(&c.dir().join("lab-a/jobs").join(&id).join("global.safetensors")).expect("global");
+    let mut want = start;
+    for _ in 0..2 {
+        want.map_f32(|v| v + 1.0);
+    }
+    assert!(global == want, "lab-b's initial model plus two rounds");
+    stop(running);
+}
+
 #[test]
 fn the_shipped_cyclic_split_cross_site_and_inference_jobs_run_when_submitted_to_sites() {
     let sites = ["lab-a", "lab-b", "lab-c", "lab-d", "lab-e"];

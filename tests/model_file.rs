@@ -224,7 +224,7 @@ async fn a_result_of_another_layout_is_left_out_by_the_controller_naming_tensor_
 
 /// A Client API script that adds one; with `INIT` set, it gives that file's tensors as the
 /// job's initial model when asked (`[model] from`).
-const ADDS_ONE: &str = r#"
+pub(crate) const ADDS_ONE: &str = r#"
 import os
 import flare_client as flare
 
