@@ -306,3 +306,53 @@ fn a_model_from_a_script_that_registered_none_fails_the_job_saying_what_to_do() 
         "{err}"
     );
 }
+
+/// Gives a different model each time it is asked for its starting parameters (its count),
+/// as a learner that trained in between would.
+struct Drifting {
+    asked: u32,
+}
+
+impl Learner for Drifting {
+    fn train(&mut self, global: Model, _: &TaskContext) -> Result<TrainOutput, String> {
+        Ok(TrainOutput {
+            model: global,
+            num_samples: 1,
+            metrics: Default::default(),
+        })
+    }
+
+    fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        Ok(Default::default())
+    }
+
+    fn run_task(&mut self, _: Option<Model>, ctx: &TaskContext) -> Result<flare_actors::job::TaskReply, String> {
+        assert_eq!(ctx.task, flare_actors::job::TaskKind::InitModel);
+        self.asked += 1;
+        Ok(flare_actors::job::TaskReply {
+            model: Some(Model::from_tensors([(
+                "w",
+                Tensor::from_f32(vec![1], &[self.asked as f32]).expect("w"),
+            )])),
+            ..Default::default()
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_asked_for_the_initial_model_twice_gives_its_first_answer_both_times() {
+    use flare_actors::job::initial::initial_from;
+    within(60, async {
+        let f = Federation::start("init-twice", "server", ["giver".to_owned()]).await;
+        f.join_all(|_| -> Box<dyn Learner> { Box::new(Drifting { asked: 0 }) })
+            .await;
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let giver = f.clients()[0];
+        let t = Duration::from_secs(20);
+        let first = initial_from(&comm, giver, t, t).await.expect("first");
+        let second = initial_from(&comm, giver, t, t).await.expect("second");
+        let one = Model::from_tensors([("w", Tensor::from_f32(vec![1], &[1.0]).expect("w"))]);
+        assert!(first == one && second == one, "the learner's first answer, both times");
+    })
+    .await;
+}
