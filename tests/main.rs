@@ -19,6 +19,7 @@ mod hostile_input;
 mod inference;
 mod membership;
 mod model_file;
+mod python_torch;
 mod split;
 mod torch;
 mod workflows;

@@ -7,7 +7,7 @@ changed::
 
     import flare_client as flare          # was: import nvflare.client as flare
 
-    flare.init()
+    flare.init(model=net)                 # net answers the job's init_model task, if asked
     while flare.is_running():
         input_model = flare.receive()
         net.load_state_dict(input_model.params)          # torch tensors when the script uses torch
@@ -27,6 +27,13 @@ weighs) or ``meta["num_samples"]`` (preferred when both are given), 1 if absent.
 ``params_type=ParamsType.DIFF`` sends the difference from the received model; the executor adds
 it to the model it sent (it keeps its own copy, so editing the received params in place does
 not matter), and the workflow aggregates whole models.
+
+A job whose topology says ``[model] from = "MEMBER"`` takes its initial parameters from that
+member's script: before round 0 the executor sends it an ``init_model`` task, which
+:func:`receive` answers itself with the state_dict of the model given to ``init(model=...)`` or
+:func:`set_initial_model` (an error, saying so, when none was given), then it returns the next
+task: the script's loop never sees ``init_model``. ``import flare_client.lightning as flare``
+adds ``patch(trainer)`` for PyTorch Lightning.
 
 Install with ``pip install ./python`` (building needs setuptools and wheel, fetched by pip
 unless ``--no-build-isolation`` finds them installed), or put ``python/`` on ``PYTHONPATH``.
@@ -50,11 +57,13 @@ from .tensors import (FRAMEWORKS, HAS_NUMPY, Tensor, detect_framework, load as l
 __all__ = [
     "FLModel", "FLMetaKey", "ParamsType", "Tensor", "HAS_NUMPY", "FRAMEWORKS", "init", "receive", "send",
     "send_error", "is_running", "system_info", "get_site_name", "get_job_id", "get_task_name", "get_framework",
-    "is_train", "is_evaluate", "is_submit_model", "load_safetensors", "save_safetensors",
+    "is_train", "is_evaluate", "is_submit_model", "load_safetensors", "save_safetensors", "set_initial_model",
 ]
 
 CLIENT_API_VERSION = 1
 MAX_MESSAGE = 1 << 20
+TASK_INIT_MODEL = "init_model"
+"""The task asking for the job's initial parameters, answered by :func:`receive` itself."""
 
 
 class ParamsType(str, enum.Enum):
@@ -108,6 +117,8 @@ class _Client:
         self.running = True
         self.task = None       # the task receive() returned, until it is answered
         self.pending = None    # a task is_running() read ahead, for the next receive()
+        self.initial_model = None  # what answers init_model: see set_initial_model()
+        self.loop_checks = 0   # how many times is_running() was called (flare_client.lightning reads it)
         self._send_msg({"type": "hello", "version": CLIENT_API_VERSION})
 
     def _send_msg(self, msg):
@@ -148,17 +159,26 @@ class _Client:
 
     def is_running(self):
         # As in NVIDIA FLARE, is_running() waits for the next task when none is at hand, so
-        # that `while is_running(): model = receive()` never gets None from receive().
+        # that `while is_running(): model = receive()` never gets None from receive(). An
+        # init_model task read ahead here is left for receive() to answer: a Lightning script
+        # registers its module only when the Trainer first calls back.
+        self.loop_checks += 1
         if self.running and self.task is None and self.pending is None:
             self.pending = self._next_task()
         return self.running
 
     def receive(self):
-        if not self.running:
-            return None
-        msg, self.pending = self.pending, None
-        if msg is None:
-            msg = self._next_task()
+        while True:
+            if not self.running:
+                self.task = None
+                return None
+            msg, self.pending = self.pending, None
+            if msg is None:
+                msg = self._next_task()
+            if msg is not None and msg.get("task") == TASK_INIT_MODEL:
+                self._answer_init_model(msg)  # never the script's business: answer, read on
+                continue
+            break
         self.task = msg
         if msg is None:
             return None
@@ -208,6 +228,66 @@ class _Client:
         self._send_msg({"type": "error", "message": str(message)})
         self.task = None
 
+    def _answer_init_model(self, msg):
+        """Answers an init_model task from the registered model: its params written to the
+        task's output path as FULL params, or an error saying what the script must do."""
+        try:
+            if self.initial_model is None:
+                raise _NoInitialModel(
+                    "this job takes its initial model from this site ([model] from = \"%s\"), but the script "
+                    "registered none: call flare.init(model=net) (or flare.set_initial_model(net)) before the "
+                    "first flare.receive()" % msg.get("member", self.member))
+            params = _initial_params(self.initial_model)
+            out_path = msg["output_path"]
+            save_safetensors(params, out_path)
+        except Exception as e:  # the controller fails the job with this text
+            text = str(e) if isinstance(e, _NoInitialModel) else "init_model: %s: %s" % (type(e).__name__, e)
+            print("flare_client: %s" % text, file=sys.stderr)
+            self._send_msg({"type": "error", "message": text})
+            return
+        self._send_msg({"type": "result", "output_path": out_path, "params_type": ParamsType.FULL.value,
+                        "metrics": {}, "num_samples": 0, "meta": {}})
+
+
+class _NoInitialModel(Exception):
+    pass
+
+
+def _check_initial_model(model):
+    """``model`` if it can answer init_model (an object with ``state_dict()``, a dict of
+    tensors, or a callable returning one), else a TypeError."""
+    if model is None or callable(getattr(model, "state_dict", None)) or isinstance(model, dict) or callable(model):
+        return model
+    raise TypeError("the initial model must be an object with state_dict() (a torch nn.Module), a dict of "
+                    "tensors, or a callable returning one, not a %s" % type(model).__name__)
+
+
+_FLOAT_DTYPES = ("float32", "float64", "F32", "F64")
+
+
+def _initial_params(model):
+    """The registered initial model's params ``{name: tensor}``, all float32 or float64 (what
+    flare-node averages; anything else is refused here, naming the tensor)."""
+    if callable(getattr(model, "state_dict", None)):
+        params = model.state_dict()
+    elif isinstance(model, dict):
+        params = model
+    else:
+        params = model()
+        if callable(getattr(params, "state_dict", None)):
+            params = params.state_dict()
+    if not isinstance(params, dict) or not params:
+        raise ValueError("the initial model gave %s, not a non-empty dict of tensors"
+                         % ("an empty dict" if isinstance(params, dict) else "a %s" % type(params).__name__))
+    for name, t in params.items():
+        dtype = getattr(t, "dtype", None)
+        dtype = str(getattr(dtype, "name", dtype)).replace("torch.", "")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError("initial param %r is %s: flare-node averages float32 and float64 tensors only "
+                             "(leave integer buffers such as BatchNorm's num_batches_tracked out of the model)"
+                             % (name, dtype))
+    return params
+
 
 def _scalar(v):
     if isinstance(v, int) and not isinstance(v, bool):
@@ -225,8 +305,11 @@ def _get():
     return _client
 
 
-def init(rank=None, config_file=None, framework=None, **kwargs):
+def init(rank=None, config_file=None, framework=None, model=None, **kwargs):
     """Connects to the executor (done on first use if not called).
+
+    ``model`` answers the job's ``init_model`` task (see :func:`set_initial_model`); ``None``
+    leaves the model registered before, if any.
 
     ``framework`` says what ``FLModel.params`` holds on receive: ``"pytorch"`` (``torch.Tensor``),
     ``"numpy"`` (``numpy.ndarray``) or ``"raw"`` (:class:`Tensor`); ``None`` (the default)
@@ -241,12 +324,29 @@ def init(rank=None, config_file=None, framework=None, **kwargs):
         if framework == "pytorch":
             from .tensors import _torch
             _torch()
-    _get().framework = framework
+    _check_initial_model(model)
+    c = _get()
+    c.framework = framework
+    if model is not None:
+        c.initial_model = model
+
+
+def set_initial_model(model):
+    """Registers what answers the job's ``init_model`` task, the controller's request for the
+    job's initial parameters before round 0 when the job says ``[model] from = "THIS_MEMBER"``:
+    an object with ``state_dict()`` (a torch ``nn.Module``, a ``LightningModule``), a dict of
+    tensors (torch, numpy or :class:`Tensor`), or a zero-argument callable returning one. It is
+    read when the task comes (in :func:`receive`, which answers it and returns the next task),
+    so a module registered early sends the parameters it has then. Tensors must be float32 or
+    float64. ``None`` unregisters."""
+    _get().initial_model = _check_initial_model(model)
 
 
 def receive(timeout=None):
     """Waits for the next task and returns its model as an :class:`FLModel`; ``None`` when the
-    job is over (the executor said stop or went away)."""
+    job is over (the executor said stop or went away). An ``init_model`` task is answered here
+    from the model registered with :func:`init` or :func:`set_initial_model` (an error goes to
+    the controller when there is none), and the next task is returned."""
     return _get().receive()
 
 

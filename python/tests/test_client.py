@@ -8,6 +8,7 @@ Run with ``python3 -m unittest discover -s python/tests``; the numpy and torch c
 where those are not importable.
 """
 
+import json
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ import unittest
 from unittest import mock
 
 PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+REPO_DIR = os.path.normpath(os.path.join(PYTHON_DIR, ".."))
 sys.path.insert(0, PYTHON_DIR)
 
 import flare_client as flare  # noqa: E402
@@ -103,6 +105,70 @@ class FakeExecutor:
             self.conn.close()
         self.server.close()
         self.dir.cleanup()
+
+
+def write_digits_csv(path, rows, seed=1, header=False):
+    """Synthetic digits: 64 features in [0, 1], the label's tenth of them bright."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        if header:
+            f.write(",".join(["f%d" % j for j in range(64)] + ["label"]) + "\n")
+        for i in range(rows):
+            label = i % 10
+            feats = [1.0 if j % 10 == label else rng.random() * 0.2 for j in range(64)]
+            f.write(",".join("%.3f" % v for v in feats) + ",%d\n" % label)
+
+
+def run_digits_script(test, ex, script, env, rounds=2, steps=4, metrics=("accuracy", "train_loss")):
+    """Runs ``python/examples/SCRIPT`` as the executor does (from the repository's root, with
+    ``PYTHONPATH=python``) against ``ex``: init_model, ``rounds`` training rounds from the model
+    it gave, a validate task and stop, checking each answer; then ``SCRIPT --evaluate`` on the
+    last model and the training CSV. Returns the models (initial, then each round's) and the
+    accuracy the evaluation printed."""
+    env = dict(os.environ, **ex.env(), PYTHONPATH="python", OMP_NUM_THREADS="1", **env)
+    path = os.path.join("python", "examples", script)
+    proc = subprocess.Popen([sys.executable, path], cwd=REPO_DIR, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        ex.accept()
+        ex.task(None, task="init_model", round=0, total_rounds=rounds)
+        msg = ex.read()
+        test.assertEqual((msg["type"], msg["params_type"], msg["num_samples"]), ("result", "FULL", 0), msg)
+        models = [tensors.load(msg["output_path"], "pytorch")]
+        test.assertEqual({k: tuple(v.shape) for k, v in models[0].items()},
+                         {"conv.weight": (8, 1, 3, 3), "conv.bias": (8,), "fc.weight": (10, 128), "fc.bias": (10,)})
+        for rnd in range(rounds):
+            ex.task(models[-1], round=rnd, total_rounds=rounds)
+            msg = ex.read()
+            test.assertEqual((msg["type"], msg["params_type"], msg["num_samples"]), ("result", "FULL", steps), msg)
+            test.assertEqual(msg["meta"].get("NUM_STEPS_CURRENT_ROUND"), steps)
+            for k in metrics:
+                test.assertIn(k, msg["metrics"])
+            out = tensors.load(msg["output_path"], "pytorch")
+            test.assertEqual({k: (v.dtype, v.shape) for k, v in out.items()},
+                             {k: (v.dtype, v.shape) for k, v in models[0].items()})
+            test.assertFalse(torch.equal(out["fc.weight"], models[-1]["fc.weight"]))
+            models.append(out)
+        ex.task(models[-1], task="validate", round=rounds, total_rounds=rounds)
+        msg = ex.read()
+        test.assertEqual((msg["type"], msg["output_path"]), ("result", None), msg)
+        for k in metrics:
+            if k != "train_loss":
+                test.assertIn(k, msg["metrics"])
+        ex.stop()
+        _, err = proc.communicate(timeout=120)
+        test.assertEqual(proc.returncode, 0, err.decode(errors="replace"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    final = ex.file("final.safetensors")
+    tensors.save(models[-1], final)
+    done = subprocess.run([sys.executable, path, "--evaluate", final, env["DIGITS_CSV"]], cwd=REPO_DIR, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    test.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
+    accuracy = json.loads(done.stdout.decode().strip().splitlines()[-1])["accuracy"]
+    return models, accuracy
 
 
 class Base(unittest.TestCase):
@@ -200,6 +266,104 @@ class Raw(Base):
         msg = self.ex.read()
         self.assertEqual((msg["output_path"], msg["metrics"]), (None, {"accuracy": 0.5}))
         self.assertIsNotNone(m.params)
+
+
+class InitModel(Base):
+    """The ``init_model`` task (the job's ``[model] from = "MEMBER"``): ``receive()`` answers it
+    from the registered model and returns the next task; the script's loop never sees it."""
+
+    W = {"w": tensors.Tensor([2], "F32", [1.5, -2.0]), "b": tensors.Tensor([1], "F64", [0.25])}
+
+    def init_task(self):
+        self.ex.task(None, task="init_model", round=0, total_rounds=3)
+        return self.ex.file("output-%d.safetensors" % self.ex.n)
+
+    def assert_answered(self, out, expect):
+        msg = self.ex.read()
+        self.assertEqual((msg["type"], msg["params_type"], msg["num_samples"], msg["output_path"]),
+                         ("result", "FULL", 0, out), msg)
+        got = tensors.load(out, "raw")
+        self.assertEqual({k: (t.dtype, t.values.tolist()) for k, t in got.items()},
+                         {k: (t.dtype, t.values.tolist()) for k, t in expect.items()})
+
+    def test_answered_from_a_dict_and_not_surfaced_to_the_loop(self):
+        c = self.ex.client("raw")
+        with mock.patch.object(flare, "_client", c):
+            flare.init(framework="raw", model=self.W)
+        out = self.init_task()
+        self.ex.task({"w": tensors.Tensor([1], "F32", [0.0])}, round=0, total_rounds=1)
+        seen = []
+        while c.is_running():
+            m = c.receive()
+            seen.append((c.task["task"], m.current_round))
+            if len(seen) == 1:
+                self.assert_answered(out, self.W)
+            c.send(flare.FLModel(params=m.params))
+            self.assertEqual(self.ex.read()["type"], "result")
+            self.ex.stop()
+        self.assertEqual(seen, [("train", 0)])
+
+    def test_answered_from_a_callable_read_when_the_task_comes(self):
+        c = self.ex.client("raw")
+        box = {"w": tensors.Tensor([1], "F32", [1.0])}
+        with mock.patch.object(flare, "_client", c):
+            flare.set_initial_model(lambda: box)
+        box = {"w": tensors.Tensor([1], "F32", [7.0])}  # the callable sees the newest value
+        out = self.init_task()
+        self.ex.task(None, task="validate")
+        c.receive()
+        self.assert_answered(out, box)
+        self.assertEqual(c.task["task"], "validate")
+
+    def test_none_registered_is_an_error_saying_what_to_do_then_the_next_task(self):
+        c = self.ex.client("raw")
+        self.init_task()
+        self.ex.task({"w": tensors.Tensor([1], "F32", [0.0])})
+        with mock.patch("sys.stderr"):
+            m = c.receive()
+        msg = self.ex.read()
+        self.assertEqual(msg["type"], "error")
+        self.assertEqual(msg["message"],
+                         'this job takes its initial model from this site ([model] from = "site-2"), but the script '
+                         'registered none: call flare.init(model=net) (or flare.set_initial_model(net)) before the '
+                         'first flare.receive()')
+        self.assertEqual((c.task["task"], m.params["w"].values.tolist()), ("train", [0.0]))
+
+    def test_integer_tensors_are_refused_naming_them(self):
+        c = self.ex.client("raw")
+        c.initial_model = {"w": tensors.Tensor([1], "F32", [1.0]), "steps": tensors.Tensor([1], "I64", [3])}
+        self.init_task()
+        self.ex.task(None, task="validate")
+        with mock.patch("sys.stderr"):
+            c.receive()
+        msg = self.ex.read()
+        self.assertEqual(msg["type"], "error")
+        self.assertIn("'steps' is I64: flare-node averages float32 and float64 tensors only", msg["message"])
+
+    def test_is_running_reads_it_ahead_without_answering_it(self):
+        c = self.ex.client("raw")
+        out = self.init_task()
+        self.assertTrue(c.is_running())
+        self.assertIsNotNone(c.pending)
+        self.ex.conn.settimeout(0.2)
+        with self.assertRaises(socket.timeout):
+            self.ex.conn.recv(1)  # nothing answered yet: the model may be registered later
+        self.ex.conn.settimeout(60)
+        with mock.patch.object(flare, "_client", c):
+            flare.set_initial_model(self.W)  # as flare_client.lightning does in its first callback
+        self.ex.task(None, task="submit_model")
+        self.assertIsNotNone(c.receive())
+        self.assert_answered(out, self.W)
+        self.assertEqual(c.task["task"], "submit_model")
+
+    def test_unfit_values_are_refused_when_registered(self):
+        c = self.ex.client("raw")
+        with mock.patch.object(flare, "_client", c):
+            with self.assertRaises(TypeError):
+                flare.init(model=42)
+            with self.assertRaises(TypeError):
+                flare.set_initial_model("net.safetensors")
+        self.assertIsNone(c.initial_model)
 
 
 @unittest.skipIf(np is None, "numpy is not importable")
@@ -300,6 +464,37 @@ class Torch(Base):
         self.assertTrue(torch.equal(again["a.half"], params["a.half"]))
         self.assertTrue(torch.equal(again["c.double"], params["c.double"]))
 
+    def test_init_model_is_answered_from_a_module_detached_on_the_cpu(self):
+        c = self.ex.client("pytorch")
+        net = self.net()
+        net(torch.ones(2, 3)).sum().backward()  # params with grads
+        with mock.patch.object(flare, "_client", c):
+            flare.init(model=net)
+        self.ex.task(None, task="init_model")
+        out = self.ex.file("output-%d.safetensors" % self.ex.n)
+        self.ex.task(net.state_dict())
+        m = c.receive()
+        msg = self.ex.read()
+        self.assertEqual((msg["type"], msg["params_type"], msg["num_samples"], msg["output_path"]),
+                         ("result", "FULL", 0, out))
+        got = tensors.load(out, "pytorch")
+        self.assertEqual(sorted(got), sorted(net.state_dict()))
+        for k, t in net.state_dict().items():
+            self.assertTrue(torch.equal(got[k], t), k)
+        self.assertEqual(c.task["task"], "train")
+        self.assertEqual(sorted(m.params), sorted(got))
+
+    def test_init_model_from_a_callable_returning_a_state_dict(self):
+        c = self.ex.client("pytorch")
+        net = self.net()
+        c.initial_model = lambda: {k: v.double() for k, v in net.state_dict().items()}
+        self.ex.task(None, task="init_model")
+        out = self.ex.file("output-%d.safetensors" % self.ex.n)
+        self.ex.task(None, task="validate")
+        c.receive()
+        self.assertEqual(self.ex.read()["type"], "result")
+        self.assertEqual({t.dtype for t in tensors.load(out, "pytorch").values()}, {torch.float64})
+
     def test_numpy_and_raw_params_are_accepted_in_a_torch_script(self):
         c = self.ex.client("pytorch")
         self.ex.task({"w": torch.ones(2)})
@@ -361,6 +556,40 @@ class TorchScriptEndToEnd(Base):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+@unittest.skipIf(torch is None, "torch is not importable")
+class DigitsCnnEndToEnd(Base):
+    """``examples/digits_cnn.py`` (``digits_cnn_local.py`` federated) as the executor runs it."""
+
+    def test_init_model_rounds_validate_and_evaluate(self):
+        csv = self.ex.file("digits.csv")
+        write_digits_csv(csv, 60, header=True)
+        # 48 rows (the first fifth held out for the accuracy) in batches of 32: 2 steps, 2 epochs
+        models, accuracy = run_digits_script(self, self.ex, "digits_cnn.py", {"DIGITS_CSV": csv, "DIGITS_LR": "0.5"},
+                                             steps=4)
+        torch.manual_seed(0)  # the script's seed: its Net() is the initial model
+        sys.path.insert(0, os.path.join(PYTHON_DIR, "examples"))
+        try:
+            import digits_cnn
+        finally:
+            sys.path.pop(0)
+        for k, v in digits_cnn.Net().state_dict().items():
+            self.assertTrue(torch.equal(models[0][k], v), k)
+        self.assertGreater(accuracy, 0.5)
+
+    def test_the_local_script_trains_alone(self):
+        csv, test_csv = self.ex.file("digits.csv"), self.ex.file("test.csv")
+        write_digits_csv(csv, 40)
+        write_digits_csv(test_csv, 20, seed=2)
+        env = dict(os.environ, DIGITS_CSV=csv, DIGITS_TEST_CSV=test_csv, DIGITS_ROUNDS="2", DIGITS_LR="0.5",
+                   OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, os.path.join("python", "examples", "digits_cnn_local.py")], cwd=REPO_DIR,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
+        out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        self.assertEqual(out["rows"], 40)
+        self.assertGreater(out["accuracy"], 0.5)
 
 
 if __name__ == "__main__":
