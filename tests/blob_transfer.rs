@@ -3,7 +3,7 @@
 use flare_actors::BlobStore;
 use flare_actors::blob::FetchOptions;
 
-use crate::util::{bytes, memory_stores, start_nodes, within};
+use crate::util::{bytes, memory_stores, start_capped, start_nodes, within};
 
 const MIB: usize = 1 << 20;
 
@@ -164,6 +164,36 @@ async fn every_chunk_goes_to_on_chunk_once_held_or_fetched() {
             served,
             "nothing more was sent"
         );
+    })
+    .await;
+}
+
+/// A node's upload cap holds for all its receivers together: two peers pulling 3 MiB each at
+/// once from a node capped at 8 MiB/s take at least the 6 MiB's time at that rate (less the
+/// one burst an idle node may send). Only the lower bound is checked: a busy machine can
+/// only make it slower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cap_holds_for_all_receivers_together() {
+    within(60, async {
+        let cap = 8 * MIB as u64;
+        let nodes = start_capped(memory_stores(3), |i| (i == 0).then_some(cap)).await;
+        let data = bytes(3 * MIB, 11);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 1 << 20)
+            .expect("import")
+            .blob_ref();
+        let started = std::time::Instant::now();
+        let (src, opts) = ([nodes[0].peer_id()], FetchOptions::default());
+        let (a, b) = tokio::join!(nodes[1].fetch(blob, &src, &opts), nodes[2].fetch(blob, &src, &opts));
+        a.expect("first receiver");
+        b.expect("second receiver");
+        let secs = started.elapsed().as_secs_f64();
+        let least = 6.0 * MIB as f64 / cap as f64 - flare_actors::blob::pace::BURST.as_secs_f64() - 1.0 / 8.0;
+        assert!(secs >= least, "6 MiB in {secs:.3} s through a cap of 8 MiB/s");
+        for n in &nodes[1..] {
+            assert!(n.store().read_all(&blob.id).expect("read") == data);
+        }
     })
     .await;
 }

@@ -52,6 +52,7 @@ fn fetch_in_child() {
             listen: vec![loopback()],
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+            max_upload: None,
         })
         .await
         .expect("start");

@@ -208,6 +208,7 @@ fn send_tampered(key: &str, members: &str, site: &str, spec: &str) -> String {
             listen: vec![crate::util::loopback()],
             store: flare_actors::BlobStore::memory(),
             max_blob_streams: 4,
+            max_upload: None,
         })
         .await
         .expect("node");

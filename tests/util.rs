@@ -37,6 +37,22 @@ pub async fn start_with_keys(keys: Vec<Keypair>, stores: Vec<BlobStore>) -> Vec<
 
 /// Like [`start_with_keys`], node `i` serving at most `streams(i)` blob streams at once.
 pub async fn start_limited(keys: Vec<Keypair>, stores: Vec<BlobStore>, streams: impl Fn(usize) -> usize) -> Vec<Node> {
+    start_configured(keys, stores, |i, cfg| cfg.max_blob_streams = streams(i)).await
+}
+
+/// Like [`start_nodes`], node `i` uploading at most `cap(i)` bytes a second.
+pub async fn start_capped(stores: Vec<BlobStore>, cap: impl Fn(usize) -> Option<u64>) -> Vec<Node> {
+    let keys = stores.iter().map(|_| Keypair::generate_ed25519()).collect();
+    start_configured(keys, stores, |i, cfg| cfg.max_upload = cap(i)).await
+}
+
+/// Starts one node per key and store on loopback, each configured by `configure(i, ..)`, all
+/// knowing each other's addresses.
+async fn start_configured(
+    keys: Vec<Keypair>,
+    stores: Vec<BlobStore>,
+    configure: impl Fn(usize, &mut NodeConfig),
+) -> Vec<Node> {
     // One table for every node, as in `sim`.
     let table = MemberTable::new(Members::from_members(keys.iter().enumerate().map(|(i, k)| Member {
         name: format!("n{i}"),
@@ -45,15 +61,16 @@ pub async fn start_limited(keys: Vec<Keypair>, stores: Vec<BlobStore>, streams: 
     })));
     let mut nodes = Vec::new();
     for (i, (key, store)) in keys.into_iter().zip(stores).enumerate() {
-        let node = Node::start(NodeConfig {
+        let mut cfg = NodeConfig {
             keypair: key,
             members: table.clone(),
             listen: vec![loopback()],
             store,
-            max_blob_streams: streams(i),
-        })
-        .await
-        .expect("node starts");
+            max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+            max_upload: None,
+        };
+        configure(i, &mut cfg);
+        let node = Node::start(cfg).await.expect("node starts");
         nodes.push(node);
     }
     let addressed: Vec<Member> = nodes

@@ -32,6 +32,9 @@ pub struct NodeConfig {
     /// Most blob streams served at once (see [`crate::blob::serve::MAX_SERVING`]); further pulls are answered
     /// `Busy` and come back later, so the memory serving takes stays bounded.
     pub max_blob_streams: usize,
+    /// Bytes a second this node sends at most as blob chunks, to all peers together
+    /// (`--max-upload`); `None`: as fast as the network goes.
+    pub max_upload: Option<u64>,
 }
 
 /// Bytes a node has sent, from its own protocol handlers (payload, not transport overhead).
@@ -88,6 +91,7 @@ impl Node {
             faults: faults.clone(),
             net: net.handle.clone(),
             ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
+            pace: cfg.max_upload.map(|r| Arc::new(crate::blob::UploadPace::new(r))),
         };
         let (stop_tx, stopped) = watch::channel(false);
         let net_task = net.task;

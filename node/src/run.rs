@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// Print the job's summary JSON as the last line of stdout (controller only).
     #[arg(long)]
     json: bool,
+    /// Most bytes a second this node uploads as model chunks, to all peers together (e.g.
+    /// `200MiB`) [default: no cap].
+    #[arg(long, value_parser = crate::bench::util::parse_size)]
+    max_upload: Option<u64>,
 }
 
 /// How often a running peer re-dials members it has no connection to.
@@ -62,6 +66,7 @@ pub(crate) async fn standing(
     members: Members,
     listen: Vec<Multiaddr>,
     data_dir: &std::path::Path,
+    max_upload: Option<u64>,
     desk: MakeDesk,
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
@@ -76,6 +81,7 @@ pub(crate) async fn standing(
             listen,
             data_dir: data_dir.to_owned(),
             json: false,
+            max_upload,
         },
         Some(members),
         None,
@@ -140,6 +146,7 @@ async fn run_peer(
             listen,
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+            max_upload: args.max_upload,
         })
         .await?,
     );

@@ -180,6 +180,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             store: BlobStore::memory(),
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+            max_upload: None,
         })
         .await?;
         nodes.push(Arc::new(node));

@@ -4,12 +4,15 @@
 //! - [`fetch`]: pulls a blob from one or more sources into the local store, verifying every
 //!   chunk, resuming from what is already held, and moving work away from sources that fail
 //!   (a scheduler over one receiver state machine per stream).
+//! - [`pace`]: a node's upload cap, one schedule for every chunk it serves.
 //! - [`faults`]: switches that make a source misbehave, for tests of the above.
 
 pub mod faults;
 pub mod fetch;
+pub mod pace;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};
 pub use fetch::{ChunkFn, FetchError, FetchOptions, FetchReport, Progress, SourceError};
+pub use pace::UploadPace;
 pub use serve::ServeStats;

@@ -51,6 +51,8 @@ pub(crate) struct Server {
     pub net: NetworkHandle,
     /// Shares [`READ_AHEAD_BUDGET`] between the streams being served.
     pub ahead: Arc<tokio::sync::Semaphore>,
+    /// The node's upload cap, if it has one.
+    pub pace: Option<Arc<super::UploadPace>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +200,9 @@ impl Server {
                             *b ^= 0xff;
                         }
                         bytes = ChunkBytes::Owned(v);
+                    }
+                    if let Some(pace) = &self.pace {
+                        pace.wait(bytes.len()).await;
                     }
                     write_chunk(&mut stream, index, &bytes).await?;
                     let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;

@@ -42,7 +42,7 @@ mod fedavg;
 mod peer;
 mod rounds;
 mod scale;
-mod util;
+pub(crate) mod util;
 
 pub use util::peak_rss_bytes;
 

@@ -361,6 +361,7 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
         listen: vec![listen],
         store,
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+        max_upload: None,
     })
     .await
     .context("starting the node")
@@ -463,6 +464,7 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().context("listen address")?],
         store: BlobStore::memory(),
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+        max_upload: None,
     })
     .await
     .context("starting the node")?;

@@ -172,5 +172,6 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             });
         }
     }
-    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), desk).await
+    let cap = site.policy.limits.max_upload_bytes_per_sec;
+    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), cap, desk).await
 }

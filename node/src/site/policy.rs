@@ -79,6 +79,9 @@ pub struct Limits {
     pub max_model_bytes: u64,
     /// Disk a job's data may take here (bytes).
     pub job_disk_bytes: u64,
+    /// Bytes a second this site uploads at most as model chunks, to all peers together
+    /// (`None`: no cap): a site's uplink is shared with everything else it does.
+    pub max_upload_bytes_per_sec: Option<u64>,
 }
 
 /// A site's policy (see the module doc).
@@ -263,6 +266,8 @@ struct RawLimits {
     max_model_bytes: u64,
     #[serde(default = "default_job_disk")]
     job_disk_bytes: u64,
+    #[serde(default)]
+    max_upload_bytes_per_sec: Option<Spanned<u64>>,
 }
 
 fn default_concurrent() -> Spanned<usize> {
@@ -281,6 +286,7 @@ impl Default for Limits {
             concurrent_jobs: 4,
             max_model_bytes: default_max_model(),
             job_disk_bytes: default_job_disk(),
+            max_upload_bytes_per_sec: None,
         }
     }
 }
@@ -439,10 +445,18 @@ impl Policy {
                         "must be at least 1".into(),
                     ));
                 }
+                if let Some(r) = l.max_upload_bytes_per_sec.as_ref().filter(|r| *r.get_ref() == 0) {
+                    return Err(fail(
+                        r.span().start,
+                        "limits.max_upload_bytes_per_sec",
+                        "must be at least 1 (leave it out for no cap)".into(),
+                    ));
+                }
                 Limits {
                     concurrent_jobs: *l.concurrent_jobs.get_ref(),
                     max_model_bytes: l.max_model_bytes,
                     job_disk_bytes: l.job_disk_bytes,
+                    max_upload_bytes_per_sec: l.max_upload_bytes_per_sec.map(|r| r.into_inner()),
                 }
             }
         };
@@ -562,6 +576,8 @@ builtin = ["add-one", "mlp", "tch-mlp", "tch-cnn", "split"]
 concurrent_jobs = 4
 max_model_bytes = 4294967296     # 4 GiB
 job_disk_bytes = 17179869184     # 16 GiB
+# max_upload_bytes_per_sec = 209715200   # 200 MiB/s: what this site sends as model chunks,
+#                                        # to all peers together (default: no cap)
 "#,
             listen = listen.join(", ")
         )
@@ -611,9 +627,10 @@ mod tests {
         let p = policy(&format!(
             "[site]\nname = \"lab-b\"\n\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\nworkflows = [\"fedavg\"]\n\n\
              [learners]\nbuiltin = [\"mlp\"]\n\n[learner.cnn]\ncommand = [\"python3\", \"train.py\"]\n\n\
-             [dataset.digits]\npath = \"data/digits.csv\"\ntest = \"/held/out.csv\"\n\n[dataset.xray]\npath = \"xray.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\n"
+             [dataset.digits]\npath = \"data/digits.csv\"\ntest = \"/held/out.csv\"\n\n[dataset.xray]\npath = \"xray.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\nmax_upload_bytes_per_sec = 209715200\n"
         ))
         .expect("policy");
+        assert_eq!(p.limits.max_upload_bytes_per_sec, Some(200 << 20));
         let digits = &p.datasets["digits"];
         assert_eq!(digits.path, Path::new("/site/data/digits.csv"));
         assert_eq!(digits.test.as_deref(), Some(Path::new("/held/out.csv")));
@@ -703,6 +720,10 @@ mod tests {
             (
                 "[site]\nname = \"a\"\n[limits]\nconcurrent_jobs = 0\n",
                 "must be at least 1",
+            ),
+            (
+                "[site]\nname = \"a\"\n[limits]\nmax_upload_bytes_per_sec = 0\n",
+                "line 4: field `limits.max_upload_bytes_per_sec`: must be at least 1",
             ),
             ("[site]\nname = \"a\"\nsecret = 1\n", "unknown field"),
             (

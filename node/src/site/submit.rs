@@ -71,6 +71,7 @@ impl SiteArgs {
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
+            max_upload: None,
         })
         .await?;
         Ok(Session {
