@@ -45,6 +45,11 @@ pub struct FedAvgArgs {
     /// when each step of a round ends); their whole logs are then echoed on stderr.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// Caps the controller's upload (`run --max-upload`, e.g. `200MiB` a second): round 0
+    /// then shows how many models the controller sends (`controller_models_sent_per_round`)
+    /// against the time one copy takes at that rate (`round0_over_one_copy`).
+    #[arg(long, value_parser = super::util::parse_size)]
+    max_upload: Option<u64>,
 }
 
 /// One child process and the lines of its stderr.
@@ -238,6 +243,7 @@ impl FedAvgArgs {
             json: true,
             timeout_secs,
             log: None,
+            max_upload: None,
         }
     }
 }
@@ -319,6 +325,13 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     };
     let mut server_args = args("server", "server.toml");
     server_args.push("--json".into());
+    if let Some(cap) = a.max_upload {
+        server_args.extend(["--max-upload".to_owned(), cap.to_string()]);
+        eprintln!(
+            "the controller's upload is capped at {} a second",
+            super::util::fmt_bytes(cap)
+        );
+    }
     let mut server = Proc::spawn("server", &server_args, true, a.log.as_deref())?;
     let line = server.wait_for("listening", deadline).await?;
     let addr = line
@@ -340,6 +353,10 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     let summary: Value = serde_json::from_str(summary.as_deref().unwrap_or_default())
         .context("the controller printed no summary JSON")?;
     let round_secs = summary["round_secs"].clone();
+    // The controller's own count: what it sent, a round on average (round 0 and the later
+    // rounds move the same bytes: every round's global model is new).
+    let sent = summary["bytes_sent_per_member"]["server"].as_u64();
+    let one_copy = a.max_upload.map(|cap| model_bytes as f64 / cap as f64);
     let out = json!({
         "bench": "fedavg",
         "model_bytes": model_bytes,
@@ -355,6 +372,11 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "verified": summary["verified"],
         "bare_round_secs": bare,
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
+        "controller_max_upload": a.max_upload,
+        "controller_bytes_sent_per_round": sent,
+        "controller_models_sent_per_round": sent.map(|b| b as f64 / model_bytes as f64),
+        "one_copy_secs_at_cap": one_copy,
+        "round0_over_one_copy": one_copy.and_then(|c| summary["round_secs"][0].as_f64().map(|r| r / c)),
     });
     Ok(out)
 }
