@@ -61,6 +61,7 @@ async fn a_client_api_loop_beside_a_builtin_learner_gives_the_exact_add_one_resu
             checkpoint_policy: Default::default(),
             sample: None,
             evaluate: None,
+            share_upload: false,
         };
         let comm = f.comm(DEFAULT_CHUNK_SIZE);
         let out = fedavg::run(&comm, &cfg, initial.clone()).await.expect("job");

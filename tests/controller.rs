@@ -76,6 +76,7 @@ async fn a_controller_aborted_mid_job_drops_its_workflow_and_tells_every_client_
             checkpoint_policy: Default::default(),
             sample: None,
             evaluate: None,
+            share_upload: false,
         };
         let dropped = Arc::new(AtomicBool::new(false));
         let flag = DropFlag(dropped.clone());

@@ -51,6 +51,7 @@ async fn train_add_one(comm: &Communicator, f: &Federation, sites: &[usize]) {
             .expect("publish");
         let task = Task {
             transient_output: false,
+            input_shares: vec![],
             kind: TaskKind::Train,
             round: 0,
             input: Some(input),
@@ -138,6 +139,7 @@ async fn cross_site_after_fedavg_on_digits_selects_the_model_with_the_best_mean_
             checkpoint_policy: Default::default(),
             sample: None,
             evaluate: None,
+            share_upload: false,
         };
         let initial = model_of(&spec.build().expect("mlp").params()).expect("model");
         let trained = fedavg::run(&comm, &cfg, initial).await.expect("fedavg");

@@ -111,6 +111,7 @@ async fn run_fedavg_from(f: &Federation, rounds: u32, min_clients: usize, initia
         checkpoint_policy: Default::default(),
         sample: None,
         evaluate: None,
+        share_upload: false,
     };
     fedavg::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, initial)
         .await

@@ -75,6 +75,7 @@ fn config(f: &Federation, rounds: u32, min_clients: usize, timeout: Duration) ->
         checkpoint_policy: Default::default(),
         sample: None,
         evaluate: None,
+        share_upload: false,
     }
 }
 
@@ -436,6 +437,7 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
         );
         let task = Task {
             transient_output: false,
+            input_shares: vec![],
             kind: TaskKind::Train,
             round: 0,
             input: None,

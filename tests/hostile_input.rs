@@ -82,6 +82,7 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
             end: 1,
             window: 4,
             want_hashes: false,
+            wait_ms: 0,
         };
         let mut framed = Vec::new();
         write_request(&mut framed, &req).await.expect("encode");

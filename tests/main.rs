@@ -20,6 +20,7 @@ mod inference;
 mod membership;
 mod model_file;
 mod python_torch;
+mod sharing;
 mod split;
 mod torch;
 mod workflows;

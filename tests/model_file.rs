@@ -195,6 +195,7 @@ async fn a_result_of_another_layout_is_left_out_by_the_controller_naming_tensor_
             checkpoint_policy: Default::default(),
             sample: None,
             evaluate: None,
+            share_upload: false,
         };
         let out = fedavg::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, init()).await.expect("job");
         assert!(out.model == after(2), "the good clients' rounds, exactly");

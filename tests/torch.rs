@@ -193,6 +193,7 @@ async fn lora_fedavg_exchanges_only_the_adapters_and_beats_the_frozen_base() {
             checkpoint_policy: Default::default(),
             sample: None,
             evaluate: Some(evaluate),
+            share_upload: false,
         };
         let comm = Communicator::new(&hosts[0], job, members.clone(), DEFAULT_CHUNK_SIZE, [0; 32]);
         let out = fedavg::run(&comm, &cfg, initial).await.expect("job");

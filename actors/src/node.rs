@@ -190,6 +190,23 @@ impl Node {
         self.fetcher.fetch(blob, sources, opts).await
     }
 
+    /// Whether this node distrusts `peer` for `blob` (it served data that failed its hash).
+    pub fn distrusts(&self, blob: &flare_protocols::BlobId, peer: &PeerId) -> bool {
+        self.fetcher.is_distrusted(blob, peer)
+    }
+
+    /// Pulls a blob from `origin` and from peers pulling it at once; see
+    /// [`Fetcher::fetch_shared`].
+    pub async fn fetch_shared(
+        &self,
+        blob: BlobRef,
+        origin: &[PeerId],
+        owners: &[PeerId],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
+        self.fetcher.fetch_shared(blob, origin, owners, opts).await
+    }
+
     /// Stops the node's tasks and closes its connections.
     pub async fn shutdown(mut self) {
         self.net.shutdown();

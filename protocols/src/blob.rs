@@ -6,7 +6,7 @@
 //! version [`BLOB_VERSION`].
 //!
 //! ```text
-//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes }  (<= 4 KiB)
+//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes, wait_ms }  (<= 4 KiB)
 //! S -> R  header frame    BlobHeader::Found | NotFound | Refused { reason }       (<= 4 KiB)
 //!                         | Busy { retry_after_ms }
 //!         if Found and want_hashes:
@@ -72,6 +72,15 @@ pub struct BlobRequest {
     pub window: u32,
     /// Whether the source must send the hash list first.
     pub want_hashes: bool,
+    /// How long the source may wait for a chunk (or the blob's manifest) it is still
+    /// receiving itself before it answers absent (not found): a peer pulling the same blob
+    /// relays its share to the others as it arrives. 0 (the default): answer at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// The source's answer to a [`BlobRequest`].
@@ -217,8 +226,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn request_round_trips(blob in any_ref(), first: u64, end: u64, window: u32, want_hashes: bool) {
-            let req = BlobRequest { blob, first, end, window, want_hashes };
+        fn request_round_trips(blob in any_ref(), first: u64, end: u64, window: u32, want_hashes: bool, wait_ms: u32) {
+            let req = BlobRequest { blob, first, end, window, want_hashes, wait_ms };
             let mut buf = Vec::new();
             block_on(write_request(&mut buf, &req)).expect("write");
             let back = block_on(read_request(&mut buf.as_slice())).expect("read");

@@ -144,6 +144,13 @@ pub struct Task {
     /// controller folds and forgets). Absent means it is stored, for anyone to pull later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transient_output: bool,
+    /// The members that pull this input at the same moment, sharing the upload: its chunks
+    /// are cut into one contiguous share per entry, in order; each pulls its own share from
+    /// the input's source and every other share from its owner, which relays it as it
+    /// arrives (so the source sends the model about once, whatever their number). Empty: every
+    /// member pulls the whole input from the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_shares: Vec<PeerId>,
 }
 
 impl Task {
@@ -157,6 +164,7 @@ impl Task {
             input_from: Vec::new(),
             props: BTreeMap::new(),
             transient_output: false,
+            input_shares: vec![],
         }
     }
 }
@@ -467,6 +475,7 @@ mod tests {
                             kind,
                             round,
                             input,
+                            input_shares: from.iter().rev().copied().map(peer).collect(),
                             input_from: from.into_iter().map(peer).collect(),
                             props,
                             transient_output

@@ -144,10 +144,27 @@ enum Ahead {
     Reading(tokio::task::JoinHandle<Result<Option<ChunkBytes>, StoreError>>),
 }
 
+impl Ahead {
+    /// The chunk, once read; `None` when the store does not hold it.
+    async fn chunk(self) -> Result<Option<ChunkBytes>, ServeError> {
+        match self {
+            Ahead::Ready(c) => Ok(c),
+            Ahead::Reading(h) => Ok(h.await.map_err(|e| ServeError::Join(e.to_string()))??),
+        }
+    }
+}
+
 impl Server {
     async fn serve(&self, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
         let req = idle(read_request(&mut stream)).await?;
         let blob = req.blob;
+        let wait = Duration::from_millis(u64::from(req.wait_ms));
+        if !wait.is_zero() && self.store.manifest(&blob.id).is_none() {
+            // A peer pulling the same blob asks before this node has begun to: wait a little.
+            self.store
+                .wait_for_manifest(&blob.id, tokio::time::Instant::now() + wait)
+                .await;
+        }
         let manifest = match self.check(&req) {
             Ok(m) => m,
             Err(header) => {
@@ -183,11 +200,20 @@ impl Server {
                 next_read += 1;
             }
             // The permit, if any, is held until the chunk is sent.
-            let (chunk, _permit) = match ahead.pop_front() {
-                Some((Ahead::Ready(c), permit)) => (c, permit),
-                Some((Ahead::Reading(h), permit)) => (h.await.map_err(|e| ServeError::Join(e.to_string()))??, permit),
+            let (mut chunk, _permit) = match ahead.pop_front() {
+                Some((a, permit)) => (a.chunk().await?, permit),
                 None => (None, None),
             };
+            if chunk.is_none()
+                && !wait.is_zero()
+                && self
+                    .store
+                    .wait_for_chunk(&blob.id, index, tokio::time::Instant::now() + wait)
+                    .await
+            {
+                // Relaying: the chunk this node was still receiving has come.
+                chunk = self.read_ahead(blob, index).chunk().await?;
+            }
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
             }

@@ -111,6 +111,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         let order = round_order(cfg, round);
         let task = Task {
             transient_output: false,
+            input_shares: vec![],
             kind: TaskKind::Train,
             round,
             input: None,

@@ -90,6 +90,7 @@ pub async fn run(comm: &Communicator, cfg: &EmbedConfig, frozen: Model) -> Resul
     let blob = comm.publish(Arc::new(frozen)).await?;
     let task = Task {
         transient_output: false,
+        input_shares: vec![],
         kind: TaskKind::Embed,
         round: 0,
         input: Some(blob),

@@ -423,17 +423,42 @@ async fn input_model(
             // swarm rounds, cross-site validation), so others may pull this input from here
             // next: it is kept in the store. An input pulled from the task's sender (a FedAvg
             // round) is held by that controller already.
-            let keep = !task.input_from.is_empty();
-            let sources = if keep { task.input_from.clone() } else { vec![from] };
+            // An input shared with the round's other clients is served from here too.
+            let shared = !task.input_shares.is_empty();
+            let keep = !task.input_from.is_empty() || shared;
+            let sources = match task.input_from.is_empty() {
+                true => vec![from],
+                false => task.input_from.clone(),
+            };
             // Held before it is looked for: another job's last release of the same content
             // must not remove it between the pull and the hold.
             if keep {
                 state.kept.input(state.node.store(), blob.id);
             }
-            fetch_model(&state.node, blob, &sources, spare, keep).await?
+            match shared {
+                true => fetch_shared_model(&state.node, blob, &sources, &task.input_shares).await?,
+                false => fetch_model(&state.node, blob, &sources, spare, keep).await?,
+            }
         }
     };
     Model::from_safetensors_vec(bytes).map_err(|e| format!("input model: {e}"))
+}
+
+/// Pulls a model that the task's other members pull at the same moment, sharing the upload
+/// ([`super::Task::input_shares`]), into the store, then reads it into memory.
+async fn fetch_shared_model(node: &Node, blob: BlobRef, from: &[PeerId], owners: &[PeerId]) -> Result<Vec<u8>, String> {
+    let opts = FetchOptions {
+        max_len: MAX_INPUT_MODEL,
+        ..FetchOptions::default()
+    };
+    node.fetch_shared(blob, from, owners, &opts)
+        .await
+        .map_err(|e| format!("fetching the input model: {e}"))?;
+    let store = node.store().clone();
+    tokio::task::spawn_blocking(move || store.read_all(&blob.id))
+        .await
+        .map_err(|e| format!("reading the input model: {e}"))?
+        .map_err(|e| format!("reading the input model: {e}"))
 }
 
 /// Stores an output model as a blob (or, `transient`, only serves it from memory) and keeps

@@ -64,6 +64,7 @@ pub async fn initial_from(
         input_from: vec![],
         props: BTreeMap::new(),
         transient_output: false,
+        input_shares: vec![],
     };
     let name = comm.name_of(&member);
     let asked_until = Instant::now() + wait;

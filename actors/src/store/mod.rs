@@ -142,6 +142,9 @@ struct Inner {
     blobs: Mutex<HashMap<BlobId, Arc<Entry>>>,
     /// Counted holds (see `holds`).
     holds: Mutex<HashMap<BlobId, usize>>,
+    /// Woken whenever a chunk or a manifest arrives: a source relaying a blob it is still
+    /// receiving waits on it for the chunks it has not got yet.
+    arrivals: tokio::sync::Notify,
 }
 
 /// A content-addressed blob store; cheap to clone, safe to share between tasks.
@@ -166,6 +169,7 @@ impl BlobStore {
                 dir: None,
                 blobs: Mutex::new(HashMap::new()),
                 holds: Mutex::default(),
+                arrivals: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -196,6 +200,7 @@ impl BlobStore {
                 dir: Some(dir),
                 blobs: Mutex::new(blobs),
                 holds: Mutex::default(),
+                arrivals: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -282,6 +287,7 @@ impl BlobStore {
             finish_if_complete(&entry.have, &entry.manifest)?;
         }
         blobs.insert(id, entry);
+        self.inner.arrivals.notify_waiters();
         Ok(m)
     }
 
@@ -312,7 +318,37 @@ impl BlobStore {
             return Ok(false);
         }
         finish_if_complete(&e.have, &e.manifest)?;
+        self.inner.arrivals.notify_waiters();
         Ok(true)
+    }
+
+    /// Waits until chunk `index` of blob `id` is held (its manifest first, if the store has
+    /// none yet), at most until `deadline`; returns whether it is. For a source that relays a
+    /// blob while it is still receiving it.
+    pub async fn wait_for_chunk(&self, id: &BlobId, index: u64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Registered before the check: an arrival between the two still wakes it.
+            let arrived = self.inner.arrivals.notified();
+            if self.has_chunk(id, index) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return self.has_chunk(id, index);
+            }
+        }
+    }
+
+    /// Waits until the store knows blob `id`'s manifest, at most until `deadline`.
+    pub async fn wait_for_manifest(&self, id: &BlobId, deadline: tokio::time::Instant) -> Option<Arc<Manifest>> {
+        loop {
+            let arrived = self.inner.arrivals.notified();
+            if let Some(m) = self.manifest(id) {
+                return Some(m);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return self.manifest(id);
+            }
+        }
     }
 
     /// Reads chunk `index`, or `None` when the store does not hold it.

@@ -50,6 +50,11 @@ pub struct FedAvgArgs {
     /// against the time one copy takes at that rate (`round0_over_one_copy`).
     #[arg(long, value_parser = super::util::parse_size)]
     max_upload: Option<u64>,
+    /// The clients share the upload of each round's model (`[fedavg] share_upload`): each
+    /// pulls its share from the controller and the rest from the others. The clients then
+    /// listen on fixed loopback ports, written in the topology, so they can reach each other.
+    #[arg(long)]
+    share_upload: bool,
 }
 
 /// One child process and the lines of its stderr.
@@ -156,9 +161,9 @@ fn topology(
 ) -> anyhow::Result<()> {
     let mut s = format!(
         "[job]\nname = \"bench-fedavg\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
-         [fedavg]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\n\n\
+         [fedavg]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\nshare_upload = {}\n\n\
          [learner]\nkind = \"add-one\"\n\n[model]\ntensors = {}\nelements = {elements}\nseed = 1\n\n",
-        a.rounds, a.clients, a.timeout_secs, a.keys
+        a.rounds, a.clients, a.timeout_secs, a.share_upload, a.keys
     );
     for (name, id, addr) in members {
         let addrs = addr.as_ref().map(|x| format!("\"{x}\"")).unwrap_or_default();
@@ -167,6 +172,13 @@ fn topology(
         ));
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A loopback TCP port free at the moment (the process that binds it next may lose a race to
+/// another; the benchmark then fails to start, saying so).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("finding a free port")?.port())
 }
 
 /// The transport's own cost of what round 0 moves: a bare libp2p stream (TCP + Noise +
@@ -244,6 +256,7 @@ impl FedAvgArgs {
             timeout_secs,
             log: None,
             max_upload: None,
+            share_upload: false,
         }
     }
 }
@@ -288,10 +301,19 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         .chain((1..=a.clients).map(|i| format!("site-{i}")))
         .collect();
     let mut members = Vec::new();
-    for n in &names {
+    for (i, n) in names.iter().enumerate() {
         let (_, id) = super::write_key(dir, &format!("{n}.key"))?;
-        members.push((n.clone(), id.to_string(), None));
+        // Clients that share the upload dial each other: they listen where the topology says.
+        let addr = match a.share_upload && i > 0 {
+            true => Some(format!("/ip4/127.0.0.1/tcp/{}", free_port()?)),
+            false => None,
+        };
+        members.push((n.clone(), id.to_string(), addr));
     }
+    let listen: Vec<String> = members
+        .iter()
+        .map(|(_, _, addr)| addr.clone().unwrap_or_else(|| "/ip4/127.0.0.1/tcp/0".into()))
+        .collect();
     eprintln!(
         "fedavg: {} MiB model in {} tensors, {} clients, {} rounds, one process per member",
         model_bytes as f64 / (1 << 20) as f64,
@@ -309,6 +331,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     topology(&dir.join("server.toml"), a, elements, &members)?;
     let p = |s: &str| dir.join(s).display().to_string();
     let args = |name: &str, topo: &str| {
+        let at = names.iter().position(|n| n == name).unwrap_or(0);
         vec![
             "run".to_owned(),
             "--topology".into(),
@@ -318,7 +341,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
             "--key".into(),
             p(&format!("{name}.key")),
             "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
+            listen[at].clone(),
             "--data-dir".into(),
             p(&format!("{name}-data")),
         ]
@@ -373,6 +396,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "bare_round_secs": bare,
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
         "controller_max_upload": a.max_upload,
+        "share_upload": a.share_upload,
         "controller_bytes_sent_per_round": sent,
         "controller_models_sent_per_round": sent.map(|b| b as f64 / model_bytes as f64),
         "one_copy_secs_at_cap": one_copy,

@@ -118,6 +118,7 @@ async fn run_workflow(
                 checkpoint_policy: topo.checkpoints.clone(),
                 sample: topo.sample.clone(),
                 evaluate,
+                share_upload: topo.share_upload,
             };
             let start = match checkpoint_dir.filter(|_| resume) {
                 Some(dir) => resume_from(dir)?,

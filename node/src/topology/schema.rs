@@ -63,6 +63,9 @@ pub(super) struct RawFedAvg {
     pub(super) best_metric: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) best_mode: Option<Spanned<String>>,
+    /// The clients share the upload of each round's global model.
+    #[serde(default)]
+    pub(super) share_upload: Option<bool>,
 }
 
 #[derive(Deserialize)]

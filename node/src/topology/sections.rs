@@ -31,6 +31,8 @@ pub(super) struct WorkflowSection {
     pub(super) sample: Option<flare_actors::job::Sampling>,
     /// FedAvg's checkpoints that stay.
     pub(super) checkpoints: flare_actors::job::CheckpointPolicy,
+    /// FedAvg's clients share the upload of each round's model.
+    pub(super) share_upload: bool,
 }
 
 /// `job.workflow`: one of the known workflows.
@@ -269,6 +271,7 @@ pub(super) fn workflow(
                 crash_aggregator_in_round: s.crash_aggregator_in_round,
                 sample: None,
                 checkpoints: Default::default(),
+                share_upload: false,
                 workflow: Workflow::Swarm,
             })
         }
@@ -286,6 +289,7 @@ pub(super) fn workflow(
                 workflow: Workflow::FedAvg,
                 sample: super::keeping::sampling(&f, clients.len(), min, fail)?,
                 checkpoints: super::keeping::checkpoints(&f, fail)?,
+                share_upload: f.share_upload.unwrap_or(false),
             };
             if kind == INFERENCE {
                 section.workflow = inference(t.inference, fail)?;
@@ -330,6 +334,7 @@ fn cyclic(c: RawCyclic, clients: &[String], fail: &Fail<'_>) -> Result<WorkflowS
         crash_aggregator_in_round: None,
         sample: None,
         checkpoints: Default::default(),
+        share_upload: false,
     })
 }
 
@@ -357,6 +362,7 @@ fn split(s: Spanned<RawSplit>, parties: usize, fail: &Fail<'_>) -> Result<Workfl
         crash_aggregator_in_round: None,
         sample: None,
         checkpoints: Default::default(),
+        share_upload: false,
     })
 }
 

@@ -79,6 +79,12 @@ pub struct FetchOptions {
     /// not serve again): no disk write per chunk, and the blob is not in the store after.
     /// A blob the store already holds whole is still read from there (nothing is fetched).
     pub keep: bool,
+    /// How long a source may wait for chunks it is still receiving itself before it answers
+    /// absent ([`flare_protocols::blob::BlobRequest::wait_ms`]): set when pulling from peers
+    /// that pull the same blob (see [`Fetcher::fetch_shared`]). 0: sources answer at once.
+    pub wait_ms: u32,
+    /// Only these chunks (a range of indices); `None`: the whole blob. Not with `on_chunk`.
+    pub only: Option<Range<u64>>,
 }
 
 impl Default for FetchOptions {
@@ -93,6 +99,8 @@ impl Default for FetchOptions {
             progress: None,
             on_chunk: None,
             keep: true,
+            wait_ms: 0,
+            only: None,
         }
     }
 }
@@ -107,6 +115,8 @@ impl std::fmt::Debug for FetchOptions {
             .field("max_unit_chunks", &self.max_unit_chunks)
             .field("max_len", &self.max_len)
             .field("keep", &self.keep)
+            .field("wait_ms", &self.wait_ms)
+            .field("only", &self.only)
             .finish()
     }
 }
@@ -254,6 +264,22 @@ pub struct FetchReport {
     /// Source failures along the way (the fetch worked around them).
     pub source_errors: Vec<SourceError>,
 }
+
+impl FetchReport {
+    /// Adds what another fetch of the same blob stored.
+    fn merge(&mut self, other: FetchReport) {
+        self.fetched += other.fetched;
+        for (peer, n) in other.per_source {
+            *self.per_source.entry(peer).or_default() += n;
+        }
+        self.source_errors.extend(other.source_errors);
+    }
+}
+
+/// How long a peer relaying a blob it is still receiving waits for each chunk (or the
+/// manifest) before it answers absent: long enough for a share to come through a capped
+/// origin, short of the receiver's stall timeout.
+pub const RELAY_WAIT_MS: u32 = 20_000;
 
 /// Pulls blobs into a store; cheap to clone. Remembers sources that lied about a blob.
 #[derive(Clone)]
@@ -422,6 +448,71 @@ impl Fetcher {
         }
     }
 
+    /// Pulls `blob` from `origin` and from `owners`, peers that pull it at the same moment,
+    /// so that `origin` sends each chunk about once whatever their number: the chunks are cut
+    /// into one contiguous share per owner (in order); this node pulls its own share (where it
+    /// is an owner) from `origin` and every other share from its owner, which relays it as it
+    /// arrives (waiting up to [`RELAY_WAIT_MS`] for each chunk). Whatever an owner does not
+    /// give (it is gone, slow past the stall timeout, answers absent, or lies: a chunk that
+    /// fails its hash gets the owner distrusted for this blob) is pulled from `origin` after.
+    /// The blob is always stored (`opts.keep` is taken as true): others pull it from here.
+    pub async fn fetch_shared(
+        &self,
+        blob: BlobRef,
+        origin: &[PeerId],
+        owners: &[PeerId],
+        opts: &FetchOptions,
+    ) -> Result<FetchReport, FetchError> {
+        let me = self.net.peer_id();
+        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+        let k = owners.len() as u64;
+        let held_before = self.store.presence(&blob.id).map_or(0, |p| p.present);
+        let base = FetchOptions {
+            keep: true,
+            on_chunk: None,
+            only: None,
+            ..opts.clone()
+        };
+        if k < 2 || n < k {
+            return self.fetch(blob, origin, &base).await;
+        }
+        // The manifest, from the origin (an owner asked for a share before it has the
+        // manifest waits for it).
+        let mut report = self
+            .fetch_once(
+                blob,
+                origin,
+                &FetchOptions {
+                    only: Some(0..0),
+                    ..base.clone()
+                },
+            )
+            .await?;
+        let shares = owners.iter().enumerate().map(|(j, &owner)| {
+            let range = (j as u64 * n / k)..((j as u64 + 1) * n / k);
+            let (sources, wait_ms) = match owner == me {
+                true => (origin.to_vec(), 0),
+                false => (vec![owner], RELAY_WAIT_MS),
+            };
+            let o = FetchOptions {
+                only: Some(range),
+                wait_ms,
+                ..base.clone()
+            };
+            async move { (owner, self.fetch_once(blob, &sources, &o).await) }
+        });
+        for (owner, r) in futures::future::join_all(shares).await {
+            match r {
+                Ok(r) => report.merge(r),
+                Err(e) => tracing::debug!(blob = %blob.id, %owner, error = %e, "a share comes from the origin instead"),
+            }
+        }
+        let rest = self.fetch_once(blob, origin, &base).await?;
+        report.merge(rest);
+        report.already_present = held_before;
+        Ok(report)
+    }
+
     async fn fetch_once(
         &self,
         blob: BlobRef,
@@ -464,8 +555,13 @@ impl Fetcher {
                 Vec::new()
             }),
         });
-        let missing = target.missing()?;
-        let already_present = n - missing.len() as u64;
+        let wanted = |i: &u64| opts.only.as_ref().is_none_or(|r| r.contains(i));
+        let mut missing = target.missing()?;
+        missing.retain(wanted);
+        let already_present = match &opts.only {
+            None => n - missing.len() as u64,
+            Some(r) => (r.end.min(n).saturating_sub(r.start)).saturating_sub(missing.len() as u64),
+        };
         let mut report = FetchReport {
             blob,
             already_present,
@@ -511,7 +607,7 @@ impl Fetcher {
         if let Some(e) = results.into_iter().find_map(|(_, _, r)| r.err()) {
             return Err(e);
         }
-        let left = target.missing()?.len() as u64;
+        let left = target.missing()?.into_iter().filter(wanted).count() as u64;
         if left > 0 {
             return Err(FetchError::Incomplete {
                 blob: blob.id,
@@ -712,6 +808,7 @@ impl Fetcher {
             net: &self.net,
             stall_timeout: opts.stall_timeout,
             busy_patience: opts.busy_patience,
+            wait_ms: opts.wait_ms,
         }
     }
 }

@@ -74,6 +74,9 @@ pub(super) struct Source<'a> {
     pub(super) stall_timeout: Duration,
     /// How long to keep asking a source that answers `Busy`.
     pub(super) busy_patience: Duration,
+    /// How long the source may wait for what it is still receiving itself (see
+    /// [`BlobRequest::wait_ms`]).
+    pub(super) wait_ms: u32,
 }
 
 impl Source<'_> {
@@ -182,6 +185,7 @@ impl Source<'_> {
             end: 0,
             window: 1,
             want_hashes: true,
+            wait_ms: self.wait_ms,
         };
         let mut stream = self.open(&req).await?;
         // The count is known from the id's shape, so the cap is exact.
@@ -217,6 +221,7 @@ impl Source<'_> {
             end: range.end,
             window,
             want_hashes: false,
+            wait_ms: self.wait_ms,
         };
         let stream = self.open(&req).await?;
         let (mut rd, mut wr) = stream.split();

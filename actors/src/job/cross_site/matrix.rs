@@ -54,6 +54,7 @@ pub(super) async fn fill_matrix(
             let Ok(blob) = rows[r].blob else { continue };
             let task = Task {
                 transient_output: false,
+                input_shares: vec![],
                 kind: TaskKind::Validate,
                 round: 0,
                 input: Some(blob),

@@ -248,6 +248,7 @@ async fn collect_models(
     let deadline = Instant::now() + cfg.task_timeout;
     let task = Task {
         transient_output: false,
+        input_shares: vec![],
         kind: TaskKind::Submit,
         round: 0,
         input: None,

@@ -158,6 +158,10 @@ pub(crate) async fn one_round(
         props: BTreeMap::from([("total_rounds".to_owned(), Value::Int(i64::from(cfg.rounds)))]),
         // The controller folds each result as it arrives and forgets it.
         transient_output: true,
+        input_shares: match cfg.share_upload && cfg.clients.len() > 1 {
+            true => cfg.clients.clone(),
+            false => vec![],
+        },
     };
     let mut pending = comm.broadcast(&task, &cfg.clients).await;
     if let Some(n) = sent {

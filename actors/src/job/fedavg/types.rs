@@ -35,6 +35,10 @@ pub struct FedAvgConfig {
     pub sample: Option<Sampling>,
     /// Measures each round's global model (none: no global metrics).
     pub evaluate: Option<Evaluator>,
+    /// The clients of a round share the upload of its global model: each pulls its share
+    /// from the controller and the rest from the others ([`crate::job::Task::input_shares`]),
+    /// so the controller sends about one model a round instead of one per client.
+    pub share_upload: bool,
 }
 
 /// A seeded sample of the clients each round, as Flower's `fraction_fit` and NVIDIA FLARE's

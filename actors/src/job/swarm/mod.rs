@@ -228,6 +228,7 @@ async fn aggregate(
         checkpoint_policy: Default::default(),
         sample: None,
         evaluate: cfg.evaluate.clone(),
+        share_upload: false,
     };
     let sent = tokio::sync::Notify::new();
     let work = fedavg::one_round(

@@ -1,0 +1,140 @@
+//! Peers that pull the same blob at once share the upload (issue 19): each pulls its share
+//! from the source and the rest from the others, which relay what they receive, so the source
+//! sends the blob about once whatever their number; a peer that sends bad chunks of its
+//! share is caught, distrusted, and its share comes from the source.
+
+use std::time::Duration;
+
+use flare_actors::blob::{FaultPlan, FetchOptions};
+use flare_actors::job::{AddOne, Learner, fedavg};
+use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
+use flare_protocols::model::{Model, Tensor};
+
+use crate::util::{Federation, bytes, memory_stores, start_capped, within};
+
+const KIB: usize = 1 << 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_pulling_one_blob_share_the_upload_and_the_source_sends_it_about_once() {
+    within(60, async {
+        // A capped source (as a site's uplink is), four peers.
+        let nodes = start_capped(memory_stores(5), |i| (i == 0).then_some(64 << 20)).await;
+        let data = bytes(8 * 1024 * KIB + 5, 3);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 256 << 10)
+            .expect("import")
+            .blob_ref();
+        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+        let origin = [nodes[0].peer_id()];
+        let opts = FetchOptions::default();
+        let reports =
+            futures::future::join_all(nodes[1..].iter().map(|n| n.fetch_shared(blob, &origin, &owners, &opts))).await;
+        for (n, r) in nodes[1..].iter().zip(reports) {
+            let r = r.expect("shared fetch");
+            assert!(n.store().read_all(&blob.id).expect("read") == data);
+            // Every peer got chunks from the others, not only from the source.
+            let from_peers: u64 = r
+                .per_source
+                .iter()
+                .filter(|(p, _)| **p != origin[0])
+                .map(|(_, c)| c)
+                .sum();
+            assert!(from_peers > 0, "{r:?}");
+        }
+        let sent = nodes[0].traffic().blob_bytes;
+        assert!(
+            sent as f64 <= 1.25 * data.len() as f64,
+            "the source sent {sent} bytes of a {}-byte blob to four peers",
+            data.len()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_the_source() {
+    within(60, async {
+        let nodes = start_capped(memory_stores(4), |_| None).await;
+        let data = bytes(4 * 1024 * KIB, 9);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 256 << 10)
+            .expect("import")
+            .blob_ref();
+        // Peer 1 owns the first share (chunks 0..5) and flips a byte of chunk 2 whenever it
+        // serves it.
+        nodes[1].faults().arm(FaultPlan {
+            corrupt_chunk: Some(2),
+            ..FaultPlan::default()
+        });
+        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+        let origin = [nodes[0].peer_id()];
+        let opts = FetchOptions::default();
+        let reports =
+            futures::future::join_all(nodes[1..].iter().map(|n| n.fetch_shared(blob, &origin, &owners, &opts))).await;
+        for (i, (n, r)) in nodes[1..].iter().zip(reports).enumerate() {
+            r.unwrap_or_else(|e| panic!("peer {}: {e}", i + 1));
+            assert!(n.store().read_all(&blob.id).expect("read") == data, "peer {}", i + 1);
+        }
+        for n in &nodes[2..] {
+            assert!(n.distrusts(&blob.id, &owners[0]), "the liar is distrusted");
+            assert!(!n.distrusts(&blob.id, &origin[0]));
+        }
+    })
+    .await;
+}
+
+/// FedAvg with `share_upload`: the add-one result stays exact, and the controller sends about
+/// one model a round to four clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavg_clients_sharing_the_upload_stay_exact_and_the_controller_sends_one_model_a_round() {
+    within(120, async {
+        let clients: Vec<String> = (1..=4).map(|i| format!("site-{i}")).collect();
+        let f = Federation::start("shared", "server", clients).await;
+        f.join_all(|_| -> Box<dyn Learner> { Box::new(AddOne { num_samples: 1 }) })
+            .await;
+        // 8 MiB: eight chunks, two a client.
+        let values: Vec<f32> = (0..(2048 * 1024)).map(|i| (i % 97) as f32 * 0.5).collect();
+        let initial = Model::from_tensors([
+            (
+                "a",
+                Tensor::from_f32(vec![1024, 1024], &values[..1024 * 1024]).expect("a"),
+            ),
+            (
+                "b",
+                Tensor::from_f32(vec![1024, 1024], &values[1024 * 1024..]).expect("b"),
+            ),
+        ]);
+        let model_bytes = initial.as_safetensors().len() as f64;
+        let cfg = flare_actors::job::FedAvgConfig {
+            rounds: 3,
+            min_clients: 4,
+            round_timeout: Duration::from_secs(60),
+            clients: f.clients(),
+            checkpoint_dir: None,
+            checkpoint_policy: Default::default(),
+            sample: None,
+            evaluate: None,
+            share_upload: true,
+        };
+        let out = fedavg::run(&f.comm(DEFAULT_CHUNK_SIZE), &cfg, initial.clone())
+            .await
+            .expect("job");
+        let mut want = initial;
+        for _ in 0..3 {
+            want.map_f32(|v| v + 1.0);
+        }
+        assert!(out.model == want, "initial + 3, exactly");
+        for r in &out.rounds {
+            assert_eq!(r.contributors.len(), 4, "round {}", r.round);
+        }
+        let sent = f.hosts[0].node().traffic().blob_bytes as f64;
+        assert!(
+            sent <= 3.0 * 1.25 * model_bytes,
+            "the controller sent {:.2} models in 3 rounds to 4 clients",
+            sent / model_bytes
+        );
+    })
+    .await;
+}
