@@ -48,7 +48,7 @@ fn topology(workflow: &str, extra: &str) -> String {
 }
 
 /// Runs `sim` on `text` in `dir` (beside `init.safetensors`): the summary and `results.json`.
-fn sim(dir: &Path, text_: &str) -> (serde_json::Value, serde_json::Value) {
+pub(crate) fn sim(dir: &Path, text_: &str) -> (serde_json::Value, serde_json::Value) {
     std::fs::write(dir.join("job.toml"), text_).expect("write");
     let out_dir = dir.join("out");
     let out = cli(&[
@@ -269,21 +269,11 @@ fn a_model_from_a_members_script_starts_fedavg_swarm_and_cyclic_exactly() {
         init().save(&init_file).expect("save");
         let text_ = from_c(dir.path(), workflow, Some(&init_file));
         assert!(text_.contains("from = \"c\"") && !text_.contains("file ="), "{text_}");
-        std::fs::write(dir.path().join("job.toml"), &text_).expect("write");
-        let out_dir = dir.path().join("out");
-        let out = cli(&[
-            "sim",
-            dir.path().join("job.toml").to_str().expect("utf8"),
-            "--json",
-            "--out",
-            out_dir.to_str().expect("utf8"),
-        ]);
-        assert!(out.status.success(), "{workflow}: {}", text(&out.stderr));
-        let s = summary(&out);
+        let (s, _) = sim(dir.path(), &text_);
         // The runtime never saw the initial model before the job ran: nothing to verify
         // against in the summary; the global model says it all.
         assert!(s.get("verified").is_none(), "{workflow}: {s}");
-        let global = Model::load(&out_dir.join("global.safetensors")).expect("global");
+        let global = Model::load(&dir.path().join("out/global.safetensors")).expect("global");
         let steps = (1..=12)
             .find(|&n| global == after(n))
             .unwrap_or_else(|| panic!("{workflow}: the global model is the script's initial model plus whole rounds"));

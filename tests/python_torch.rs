@@ -13,7 +13,7 @@ use std::process::Command;
 
 use flare_actors::learner::digits::DigitsFederation;
 
-use crate::cli::{cli, summary, text, topology_file};
+use crate::cli::{text, topology_file};
 
 /// The repository root.
 fn root() -> PathBuf {
@@ -66,18 +66,7 @@ fn python_json(args: &[&str], env: &[(&str, &Path)], extra: &[(&str, &str)]) -> 
 /// `rounds` × 2 epochs on the same shard) on the common test rows; returns both.
 fn beats_local_only(topology: &str, federated: &str, local: &str, rounds: u32) -> (f64, Vec<f64>) {
     let dir = tempfile::tempdir().expect("tmp");
-    let job = dir.path().join("job.toml");
-    std::fs::write(&job, shipped(topology, rounds)).expect("write");
-    let out_dir = dir.path().join("out");
-    let out = cli(&[
-        "sim",
-        job.to_str().expect("utf8"),
-        "--json",
-        "--out",
-        out_dir.to_str().expect("utf8"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let s = summary(&out);
+    let (s, _) = crate::model_file::sim(dir.path(), &shipped(topology, rounds));
     assert_eq!(s["clients"].as_array().map(Vec::len), Some(3), "{s}");
 
     // The same deal `[data]` made (alpha 0.5, seed 0, a fifth held out).
@@ -169,18 +158,7 @@ fn an_nvflare_style_pytorch_script_with_only_its_import_changed_runs_unmodified(
     let topology = shipped("fedavg-python-cnn.toml", 3)
         .replace("digits_cnn.py", "digits_torch.py")
         .replace("from = \"hospital-1\"", "file = \"init.safetensors\"");
-    std::fs::write(dir.path().join("job.toml"), topology).expect("write");
-    let out_dir = dir.path().join("out");
-    let out = cli(&[
-        "sim",
-        dir.path().join("job.toml").to_str().expect("utf8"),
-        "--json",
-        "--out",
-        out_dir.to_str().expect("utf8"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).expect("results")).expect("json");
+    let (_, results) = crate::model_file::sim(dir.path(), &topology);
     let rounds = results["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), 3);
     for r in rounds {

@@ -91,22 +91,6 @@ pub(super) fn model(
         return from(given.into_inner(), at, givers, fail);
     }
     let file = given;
-    let at = file.span().start;
-    let fixed = match learner {
-        LearnerSpec::AddOne { .. } => None,
-        LearnerSpec::Mlp { .. } => Some("the \"mlp\" learner's network"),
-        LearnerSpec::Tch { .. } => Some("the \"tch-mlp\" and \"tch-cnn\" learners' networks"),
-        LearnerSpec::Split => Some("split learning's networks"),
-    };
-    if let Some(what) = fixed {
-        return Err(fail(
-            at,
-            "model.file",
-            format!(
-                "{what} is fixed by its code: `file` gives the initial model of the \"add-one\" learner and of external learners (members with a `command`) in a job of kind \"add-one\""
-            ),
-        ));
-    }
     let Some(dir) = dir else {
         return Err(fail(
             at,
