@@ -85,6 +85,38 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
     .await;
 }
 
+/// A peer listed as an owner that never pulls the blob (it refused its task) holds the others
+/// up only briefly: its share comes from the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_peer_that_never_pulls_costs_its_share_from_the_source() {
+    within(60, async {
+        let nodes = start_capped(memory_stores(4), |_| None).await;
+        let data = bytes(2 * 1024 * KIB + 7, 5);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 256 << 10)
+            .expect("import")
+            .blob_ref();
+        // Peer 3 is listed but pulls nothing.
+        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+        let origin = [nodes[0].peer_id()];
+        let opts = FetchOptions::default();
+        let reports = futures::future::join_all(
+            nodes[1..3]
+                .iter()
+                .map(|n| n.fetch_shared(blob, &origin, &owners, &opts)),
+        )
+        .await;
+        for (n, r) in nodes[1..3].iter().zip(reports) {
+            let r = r.expect("shared fetch");
+            assert!(n.store().read_all(&blob.id).expect("read") == data);
+            assert!(!r.per_source.contains_key(&owners[2]), "{r:?}");
+        }
+        assert!(!nodes[3].store().is_complete(&blob.id));
+    })
+    .await;
+}
+
 /// FedAvg with `share_upload`: the add-one result stays exact, and the controller sends about
 /// one model a round to four clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,13 @@ use crate::store::{BlobStore, ChunkBytes, StoreError};
 /// How long a source waits for a request or a credit before giving up on a stream.
 pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest a relaying source waits to begin a blob a peer asks it for (its manifest): a
+/// peer that takes part in a shared pull begins it within moments of its task, so one that
+/// has not by then is not pulling (it refused the task, or is stuck) and the asker had better
+/// take that share from the origin. Chunks of a begun blob are waited for longer
+/// (the request's `wait_ms`).
+pub const RELAY_BEGIN_WAIT: Duration = Duration::from_secs(2);
+
 /// Chunks a source reads ahead of what it sends, per stream.
 pub const READ_AHEAD: u64 = 4;
 
@@ -162,7 +169,7 @@ impl Server {
         if !wait.is_zero() && self.store.manifest(&blob.id).is_none() {
             // A peer pulling the same blob asks before this node has begun to: wait a little.
             self.store
-                .wait_for_manifest(&blob.id, tokio::time::Instant::now() + wait)
+                .wait_for_manifest(&blob.id, tokio::time::Instant::now() + wait.min(RELAY_BEGIN_WAIT))
                 .await;
         }
         let manifest = match self.check(&req) {
