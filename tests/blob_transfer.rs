@@ -197,3 +197,37 @@ async fn an_upload_cap_holds_for_all_receivers_together() {
     })
     .await;
 }
+
+/// A node that names itself as a blob's only source (a member pulling the model its own
+/// controller published) waits for what its store is still receiving through another fetch,
+/// rather than dialling itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_its_own_source_waits_for_its_store_to_fill() {
+    within(60, async {
+        // The slow source keeps the other fetch under way (about 4 s, longer than a fetch's
+        // retries of a source it cannot reach) while this one starts.
+        let nodes = start_capped(memory_stores(2), |i| (i == 0).then_some(MIB as u64)).await;
+        let data = bytes(4 * MIB, 13);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 1 << 20)
+            .expect("import")
+            .blob_ref();
+        let opts = FetchOptions::default();
+        let (from_a, from_self) = ([nodes[0].peer_id()], [nodes[1].peer_id()]);
+        let pull = nodes[1].fetch(blob, &from_a, &opts);
+        let own = async {
+            // Once the other fetch has begun the blob.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+            assert!(nodes[1].store().wait_for_manifest(&blob.id, deadline).await.is_some());
+            assert!(!nodes[1].store().is_complete(&blob.id), "still arriving");
+            nodes[1].fetch(blob, &from_self, &opts).await
+        };
+        let (a, b) = tokio::join!(pull, own);
+        a.expect("the pull from the source");
+        let report = b.expect("the fetch from itself");
+        assert_eq!(report.fetched, 0, "nothing came over the network for it");
+        assert!(nodes[1].store().read_all(&blob.id).expect("read") == data);
+    })
+    .await;
+}

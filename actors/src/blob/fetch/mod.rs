@@ -533,6 +533,25 @@ impl Fetcher {
                 trusted.push(*p);
             }
         }
+        // This node as a source is its own store: never dialled. When it is the only source,
+        // what the store lacks is on its way in through another fetch (a member pulling the
+        // model its own controller published while another job's pull of the same content
+        // fills the store): that is waited for, a stall timeout at most.
+        let me = self.net.peer_id();
+        if trusted.contains(&me) {
+            trusted.retain(|p| *p != me);
+            if trusted.is_empty() {
+                let deadline = tokio::time::Instant::now() + opts.stall_timeout;
+                if self.store.wait_for_manifest(&blob.id, deadline).await.is_some() {
+                    let wanted = (0..n).filter(|i| opts.only.as_ref().is_none_or(|r| r.contains(i)));
+                    for i in wanted {
+                        if !self.store.wait_for_chunk(&blob.id, i, deadline).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
         let held = self.store.manifest(&blob.id);
         let keep = opts.keep || self.store.is_complete(&blob.id);
         let manifest = match held {
