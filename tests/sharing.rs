@@ -3,10 +3,13 @@
 //! sends the blob about once whatever their number; a peer that sends bad chunks of its
 //! share is caught, distrusted, and its share comes from the source.
 
+use std::ops::Range;
 use std::time::Duration;
 
-use flare_actors::blob::{FaultPlan, FetchOptions};
+use flare_actors::Node;
+use flare_actors::blob::{FaultPlan, FetchError, FetchOptions, FetchReport};
 use flare_actors::job::{AddOne, Learner, fedavg};
+use flare_protocols::BlobRef;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
 
@@ -14,32 +17,44 @@ use crate::util::{Federation, bytes, memory_stores, start_capped, within};
 
 const KIB: usize = 1 << 10;
 
+/// Node 0 is the source of `data` (in 256 KiB chunks) and every other node an owner of a
+/// share; the nodes `pullers` pull it at once, sharing the upload. The blob, and each
+/// puller's outcome.
+async fn pull_shared(
+    nodes: &[Node],
+    data: &[u8],
+    pullers: Range<usize>,
+) -> (BlobRef, Vec<Result<FetchReport, FetchError>>) {
+    let blob = nodes[0]
+        .store()
+        .import_bytes(data, 256 << 10)
+        .expect("import")
+        .blob_ref();
+    let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+    let origin = [nodes[0].peer_id()];
+    let opts = FetchOptions::default();
+    let reports = futures::future::join_all(
+        nodes[pullers]
+            .iter()
+            .map(|n| n.fetch_shared(blob, &origin, &owners, &opts)),
+    )
+    .await;
+    (blob, reports)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_pulling_one_blob_share_the_upload_and_the_source_sends_it_about_once() {
     within(60, async {
         // A capped source (as a site's uplink is), four peers.
         let nodes = start_capped(memory_stores(5), |i| (i == 0).then_some(64 << 20)).await;
         let data = bytes(8 * 1024 * KIB + 5, 3);
-        let blob = nodes[0]
-            .store()
-            .import_bytes(&data, 256 << 10)
-            .expect("import")
-            .blob_ref();
-        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-        let origin = [nodes[0].peer_id()];
-        let opts = FetchOptions::default();
-        let reports =
-            futures::future::join_all(nodes[1..].iter().map(|n| n.fetch_shared(blob, &origin, &owners, &opts))).await;
+        let (blob, reports) = pull_shared(&nodes, &data, 1..5).await;
+        let origin = nodes[0].peer_id();
         for (n, r) in nodes[1..].iter().zip(reports) {
             let r = r.expect("shared fetch");
             assert!(n.store().read_all(&blob.id).expect("read") == data);
             // Every peer got chunks from the others, not only from the source.
-            let from_peers: u64 = r
-                .per_source
-                .iter()
-                .filter(|(p, _)| **p != origin[0])
-                .map(|(_, c)| c)
-                .sum();
+            let from_peers: u64 = r.per_source.iter().filter(|(p, _)| **p != origin).map(|(_, c)| c).sum();
             assert!(from_peers > 0, "{r:?}");
         }
         let sent = nodes[0].traffic().blob_bytes;
@@ -57,29 +72,20 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
     within(60, async {
         let nodes = start_capped(memory_stores(4), |_| None).await;
         let data = bytes(4 * 1024 * KIB, 9);
-        let blob = nodes[0]
-            .store()
-            .import_bytes(&data, 256 << 10)
-            .expect("import")
-            .blob_ref();
         // Peer 1 owns the first share (chunks 0..5) and flips a byte of chunk 2 whenever it
         // serves it.
         nodes[1].faults().arm(FaultPlan {
             corrupt_chunk: Some(2),
             ..FaultPlan::default()
         });
-        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-        let origin = [nodes[0].peer_id()];
-        let opts = FetchOptions::default();
-        let reports =
-            futures::future::join_all(nodes[1..].iter().map(|n| n.fetch_shared(blob, &origin, &owners, &opts))).await;
+        let (blob, reports) = pull_shared(&nodes, &data, 1..4).await;
         for (i, (n, r)) in nodes[1..].iter().zip(reports).enumerate() {
             r.unwrap_or_else(|e| panic!("peer {}: {e}", i + 1));
             assert!(n.store().read_all(&blob.id).expect("read") == data, "peer {}", i + 1);
         }
         for n in &nodes[2..] {
-            assert!(n.distrusts(&blob.id, &owners[0]), "the liar is distrusted");
-            assert!(!n.distrusts(&blob.id, &origin[0]));
+            assert!(n.distrusts(&blob.id, &nodes[1].peer_id()), "the liar is distrusted");
+            assert!(!n.distrusts(&blob.id, &nodes[0].peer_id()));
         }
     })
     .await;
@@ -92,25 +98,12 @@ async fn a_listed_peer_that_never_pulls_costs_its_share_from_the_source() {
     within(60, async {
         let nodes = start_capped(memory_stores(4), |_| None).await;
         let data = bytes(2 * 1024 * KIB + 7, 5);
-        let blob = nodes[0]
-            .store()
-            .import_bytes(&data, 256 << 10)
-            .expect("import")
-            .blob_ref();
         // Peer 3 is listed but pulls nothing.
-        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-        let origin = [nodes[0].peer_id()];
-        let opts = FetchOptions::default();
-        let reports = futures::future::join_all(
-            nodes[1..3]
-                .iter()
-                .map(|n| n.fetch_shared(blob, &origin, &owners, &opts)),
-        )
-        .await;
+        let (blob, reports) = pull_shared(&nodes, &data, 1..3).await;
         for (n, r) in nodes[1..3].iter().zip(reports) {
             let r = r.expect("shared fetch");
             assert!(n.store().read_all(&blob.id).expect("read") == data);
-            assert!(!r.per_source.contains_key(&owners[2]), "{r:?}");
+            assert!(!r.per_source.contains_key(&nodes[3].peer_id()), "{r:?}");
         }
         assert!(!nodes[3].store().is_complete(&blob.id));
     })

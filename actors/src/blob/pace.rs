@@ -32,11 +32,6 @@ impl UploadPace {
         }
     }
 
-    /// The cap, in bytes a second.
-    pub fn bytes_per_sec(&self) -> u64 {
-        self.bytes_per_sec
-    }
-
     /// Waits until `len` bytes may go.
     pub async fn wait(&self, len: usize) {
         let at = self.slot(Instant::now(), len);

@@ -165,7 +165,8 @@ impl Server {
     async fn serve(&self, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
         let req = idle(read_request(&mut stream)).await?;
         let blob = req.blob;
-        let wait = Duration::from_millis(u64::from(req.wait_ms));
+        // Bounded here, not by the asker: a slot held waiting is a slot no one else gets.
+        let wait = Duration::from_millis(u64::from(req.wait_ms.min(super::fetch::RELAY_WAIT_MS)));
         if !wait.is_zero() && self.store.manifest(&blob.id).is_none() {
             // A peer pulling the same blob asks before this node has begun to: wait a little.
             self.store

@@ -52,10 +52,6 @@ pub struct ExecutorState {
     held_output: Option<HeldOutput>,
     /// What this executor holds in the node's store (see [`Kept`]).
     kept: Kept,
-    /// The learner's starting parameters, once asked ([`TaskKind::InitModel`]): every later
-    /// ask gets the same blob (a swarm's members each ask, and the learner may have trained
-    /// since the first).
-    initial: Option<BlobRef>,
 }
 
 /// Inputs kept in the store for others to pull from here, and the last output stored: held
@@ -68,8 +64,10 @@ pub struct ExecutorState {
 struct Kept {
     inputs: std::collections::VecDeque<flare_protocols::BlobId>,
     output: Option<flare_protocols::BlobId>,
-    /// The learner's starting parameters, kept for the job's whole life.
-    initial: Option<flare_protocols::BlobId>,
+    /// The learner's starting parameters, once asked ([`TaskKind::InitModel`]), kept for the
+    /// job's whole life: every later ask gets the same blob (a swarm's members each ask, and
+    /// the learner may have trained since the first).
+    initial: Option<BlobRef>,
 }
 
 /// Kept inputs held at once (see [`Kept`]).
@@ -100,7 +98,7 @@ impl Kept {
             .inputs
             .drain(..)
             .chain(self.output.take())
-            .chain(self.initial.take())
+            .chain(self.initial.take().map(|b| b.id))
         {
             store.release(&id);
         }
@@ -139,7 +137,6 @@ impl Actor for Executor {
             last_output: None,
             held_output: None,
             kept: Kept::default(),
-            initial: None,
         })
     }
 
@@ -306,7 +303,7 @@ async fn run(
         }
         None => None,
     };
-    if let (TaskKind::InitModel, Some(initial)) = (&task.kind, state.initial) {
+    if let (TaskKind::InitModel, Some(initial)) = (&task.kind, state.kept.initial) {
         return Ok(RunOutput {
             output: Some(initial),
             ..RunOutput::default()
@@ -351,8 +348,7 @@ async fn run(
     if let (TaskKind::InitModel, Some(blob)) = (&task.kind, output) {
         // A hold of its own: the output's is let go when the next output replaces it.
         state.node.store().retain(&blob.id);
-        state.kept.initial = Some(blob.id);
-        state.initial = Some(blob);
+        state.kept.initial = Some(blob);
     }
     Ok(RunOutput {
         output,

@@ -54,14 +54,16 @@ pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> boo
         model.get(name).is_some_and(|t| {
             t.shape() == [spec.elements]
                 && t.data().chunks_exact(4).all(|b| {
-                    let mut want = next();
-                    for _ in 0..rounds {
-                        want += 1.0;
-                    }
-                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == want.to_bits()
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == plus_ones(next(), rounds).to_bits()
                 })
         })
     })
+}
+
+/// `v` after `rounds` add-one rounds, added one at a time in f32 as the clients do (not
+/// `v + rounds`, which rounds differently for large values).
+fn plus_ones(v: f32, rounds: u32) -> f32 {
+    (0..rounds).fold(v, |w, _| w + 1.0)
 }
 
 /// Whether `model` has the tensors of `initial` with every f32 weight `rounds` more (added
@@ -75,11 +77,8 @@ fn added(initial: &Model, model: &Model, rounds: u32) -> bool {
                     && m.shape() == t.shape()
                     && match t.dtype() {
                         DType::F32 => t.data().chunks_exact(4).zip(m.data().chunks_exact(4)).all(|(a, b)| {
-                            let mut want = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
-                            for _ in 0..rounds {
-                                want += 1.0;
-                            }
-                            f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == want.to_bits()
+                            let start = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+                            f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == plus_ones(start, rounds).to_bits()
                         }),
                         _ => m.data() == t.data(),
                     }

@@ -537,14 +537,14 @@ impl Fetcher {
         // what the store lacks is on its way in through another fetch (a member pulling the
         // model its own controller published while another job's pull of the same content
         // fills the store): that is waited for, a stall timeout at most.
+        let wanted = |i: &u64| opts.only.as_ref().is_none_or(|r| r.contains(i));
         let me = self.net.peer_id();
         if trusted.contains(&me) {
             trusted.retain(|p| *p != me);
             if trusted.is_empty() {
                 let deadline = tokio::time::Instant::now() + opts.stall_timeout;
                 if self.store.wait_for_manifest(&blob.id, deadline).await.is_some() {
-                    let wanted = (0..n).filter(|i| opts.only.as_ref().is_none_or(|r| r.contains(i)));
-                    for i in wanted {
+                    for i in (0..n).filter(wanted) {
                         if !self.store.wait_for_chunk(&blob.id, i, deadline).await {
                             break;
                         }
@@ -574,7 +574,6 @@ impl Fetcher {
                 Vec::new()
             }),
         });
-        let wanted = |i: &u64| opts.only.as_ref().is_none_or(|r| r.contains(i));
         let mut missing = target.missing()?;
         missing.retain(wanted);
         let already_present = match &opts.only {
