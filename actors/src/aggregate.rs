@@ -15,9 +15,14 @@ use std::ops::Range;
 
 use flare_protocols::model::{DType, Layout, Region};
 
+use crate::store::{Scratch, StoreError};
+
 /// Why a chunk could not be folded in, or the result is not ready.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AggregateError {
+    /// The mean's file could not be read or written.
+    #[error("the mean on disk: {0}")]
+    Disk(String),
     /// Chunk sizes must keep elements whole (the data section starts 8-aligned).
     #[error("chunk size {0} is not a positive multiple of 8")]
     ChunkSize(u32),
@@ -75,7 +80,18 @@ pub struct Accumulator {
     layout: Layout,
     chunk_size: u32,
     mean: Vec<u8>,
+    /// The mean on disk instead of in `mean` (see [`Accumulator::on_disk`]), with the
+    /// chunk-sized buffer a fold reads into and writes back from.
+    file: Option<(Scratch, Vec<u8>)>,
     weights: Vec<f64>,
+}
+
+/// A finished mean: in memory, or in the scratch file it was folded into.
+pub enum Mean {
+    /// The averaged blob's bytes.
+    Bytes(Vec<u8>),
+    /// The averaged blob, to be filed in the store ([`crate::BlobStore::adopt_held`]).
+    Scratch(Scratch),
 }
 
 impl Accumulator {
@@ -84,16 +100,7 @@ impl Accumulator {
         if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
             return Err(AggregateError::ChunkSize(chunk_size));
         }
-        if let Some(r) = layout
-            .regions
-            .iter()
-            .find(|r| !matches!(r.dtype, DType::F32 | DType::F64))
-        {
-            return Err(AggregateError::Unsupported {
-                name: r.name.clone(),
-                dtype: r.dtype,
-            });
-        }
+        Self::check_dtypes_of(&layout)?;
         let mut mean = vec![0u8; layout.len as usize];
         mean[..layout.header.len()].copy_from_slice(&layout.header);
         let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
@@ -101,6 +108,34 @@ impl Accumulator {
             layout,
             chunk_size,
             mean,
+            file: None,
+            weights: vec![0.0; chunks],
+        })
+    }
+
+    /// An empty accumulator whose mean lives in `file` (a scratch of the layout's length)
+    /// rather than in memory: a fold reads the chunk's part of the mean, folds, and writes it
+    /// back, so memory is one chunk whatever the model's size, and the finished mean is
+    /// filed as a blob without a copy.
+    pub fn on_disk(layout: Layout, chunk_size: u32, file: Scratch) -> Result<Self, AggregateError> {
+        if file.len() != layout.len {
+            return Err(AggregateError::Disk(format!(
+                "a scratch of {} bytes for a mean of {}",
+                file.len(),
+                layout.len
+            )));
+        }
+        if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
+            return Err(AggregateError::ChunkSize(chunk_size));
+        }
+        Self::check_dtypes_of(&layout)?;
+        file.write_at(&layout.header, 0)?;
+        let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
+        Ok(Self {
+            layout,
+            chunk_size,
+            mean: Vec::new(),
+            file: Some((file, vec![0; chunk_size as usize])),
             weights: vec![0.0; chunks],
         })
     }
@@ -112,6 +147,9 @@ impl Accumulator {
     /// faulting in and zeroing a model's worth of fresh pages, a tenth of a second per
     /// 256 MiB on a small machine.
     pub fn reuse(&mut self, mut buf: Vec<u8>) -> Vec<u8> {
+        if self.file.is_some() {
+            return buf;
+        }
         buf.resize(self.layout.len as usize, 0);
         let header = self.layout.header.len();
         buf[..header].copy_from_slice(&self.layout.header);
@@ -129,6 +167,20 @@ impl Accumulator {
             copy_tensors(&self.layout, &mut self.mean, range.clone(), &old[range]);
         }
         old
+    }
+
+    fn check_dtypes_of(layout: &Layout) -> Result<(), AggregateError> {
+        match layout
+            .regions
+            .iter()
+            .find(|r| !matches!(r.dtype, DType::F32 | DType::F64))
+        {
+            Some(r) => Err(AggregateError::Unsupported {
+                name: r.name.clone(),
+                dtype: r.dtype,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The layout of the blobs this accumulator averages (the global model's).
@@ -181,10 +233,15 @@ impl Accumulator {
             // arithmetic, the copy only writes the accumulator's fresh pages; a fold reads
             // them first, which maps the zero page and then faults again (with a TLB flush
             // on every core) when it writes.
-            copy_tensors(&self.layout, &mut self.mean, range, bytes);
+            match &self.file {
+                // `check` found the chunk's header bytes to be the layout's, and a canonical
+                // blob has nothing but header and tensors: the chunk is the mean's chunk.
+                Some((file, _)) => file.write_at(bytes, range.start as u64)?,
+                None => copy_tensors(&self.layout, &mut self.mean, range, bytes),
+            }
         } else {
             let share = weight / (total + weight);
-            self.fold(range, bytes, |m, x| m + (x - m) * share);
+            self.fold(range, bytes, |m, x| m + (x - m) * share)?;
         }
         self.weights[index as usize] = total + weight;
         Ok(())
@@ -199,10 +256,10 @@ impl Accumulator {
             return Err(AggregateError::Underflow(index));
         }
         if left <= 1e-12 * total.max(1.0) {
-            self.fold(range, bytes, |_, _| 0.0);
+            self.fold(range, bytes, |_, _| 0.0)?;
             self.weights[index as usize] = 0.0;
         } else {
-            self.fold(range, bytes, |m, x| (m * total - x * weight) / left);
+            self.fold(range, bytes, |m, x| (m * total - x * weight) / left)?;
             self.weights[index as usize] = left;
         }
         Ok(())
@@ -231,44 +288,39 @@ impl Accumulator {
         })
     }
 
-    /// Applies `f(mean, x)` to every element of the chunk's tensor bytes (header left alone).
-    fn fold(&mut self, range: Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) {
-        let base = range.start;
-        for (r, part) in parts(&self.layout, range) {
-            let xs = &bytes[part.start - base..part.end - base];
-            let mean = &mut self.mean[part];
-            match r.dtype {
-                DType::F32 => {
-                    for (m, x) in mean.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
-                        let mv = f32::from_le_bytes([m[0], m[1], m[2], m[3]]);
-                        let xv = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-                        let v = if mv == xv {
-                            mv
-                        } else {
-                            f(f64::from(mv), f64::from(xv)) as f32
-                        };
-                        m.copy_from_slice(&v.to_le_bytes());
-                    }
-                }
-                DType::F64 => {
-                    for (m, x) in mean.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
-                        let mut a = [0u8; 8];
-                        a.copy_from_slice(m);
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(x);
-                        let (mv, xv) = (f64::from_le_bytes(a), f64::from_le_bytes(b));
-                        let v = if mv == xv { mv } else { f(mv, xv) };
-                        m.copy_from_slice(&v.to_le_bytes());
-                    }
-                }
-                // `new` admits only F32 and F64.
-                _ => {}
+    /// Applies `f(mean, x)` to every element of the chunk's tensor bytes (header left alone),
+    /// in memory or through the chunk's part of the file.
+    fn fold(&mut self, range: Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) -> Result<(), StoreError> {
+        match &mut self.file {
+            None => fold_into(&self.layout, &mut self.mean, 0, range, bytes, f),
+            Some((file, work)) => {
+                let n = range.len();
+                let work = &mut work[..n];
+                file.read_at(work, range.start as u64)?;
+                fold_into(&self.layout, work, range.start, range.clone(), bytes, f);
+                file.write_at(work, range.start as u64)?;
             }
         }
+        Ok(())
     }
 
     /// The averaged blob, once every chunk carries the same total weight.
     pub fn finish(self) -> Result<Vec<u8>, AggregateError> {
+        match self.finish_mean()? {
+            Mean::Bytes(b) => Ok(b),
+            Mean::Scratch(file) => {
+                let len = usize::try_from(file.len())
+                    .map_err(|_| AggregateError::Disk("a mean too large for memory".into()))?;
+                let mut bytes = vec![0; len];
+                file.read_at(&mut bytes, 0)?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// The averaged blob, once every chunk carries the same total weight, where it was folded:
+    /// in memory, or in its scratch file.
+    pub fn finish_mean(self) -> Result<Mean, AggregateError> {
         let expected = self.weights.first().copied().unwrap_or(0.0);
         for (i, &w) in self.weights.iter().enumerate() {
             if (w - expected).abs() > 1e-9 * expected.max(1.0) || w == 0.0 {
@@ -279,7 +331,60 @@ impl Accumulator {
                 });
             }
         }
-        Ok(self.mean)
+        Ok(match self.file {
+            Some((file, _)) => Mean::Scratch(file),
+            None => Mean::Bytes(self.mean),
+        })
+    }
+}
+
+/// Applies `f(mean, x)` to every element of the tensor bytes of blob range `range`, where
+/// `mean` holds the mean's bytes from blob offset `base` on and `bytes` that range's content.
+fn fold_into(
+    layout: &Layout,
+    mean: &mut [u8],
+    base: usize,
+    range: Range<usize>,
+    bytes: &[u8],
+    f: impl Fn(f64, f64) -> f64,
+) {
+    let start = range.start;
+    for (r, part) in parts(layout, range) {
+        let xs = &bytes[part.start - start..part.end - start];
+        let mean = &mut mean[part.start - base..part.end - base];
+        match r.dtype {
+            DType::F32 => {
+                for (m, x) in mean.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
+                    let mv = f32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+                    let xv = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                    let v = if mv == xv {
+                        mv
+                    } else {
+                        f(f64::from(mv), f64::from(xv)) as f32
+                    };
+                    m.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            DType::F64 => {
+                for (m, x) in mean.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(m);
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(x);
+                    let (mv, xv) = (f64::from_le_bytes(a), f64::from_le_bytes(b));
+                    let v = if mv == xv { mv } else { f(mv, xv) };
+                    m.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            // `new` admits only F32 and F64.
+            _ => {}
+        }
+    }
+}
+
+impl From<StoreError> for AggregateError {
+    fn from(e: StoreError) -> Self {
+        Self::Disk(e.to_string())
     }
 }
 
@@ -514,12 +619,59 @@ mod tests {
         assert_eq!(acc.finish().expect("finish"), fresh, "reused midway");
     }
 
+    /// The accumulators a test runs on: in memory, and on disk in `dir`'s store.
+    fn accumulators(layout: &Layout, cs: u32, dir: &std::path::Path) -> Vec<Accumulator> {
+        let store = crate::BlobStore::open(dir).expect("store");
+        let file = store.scratch(layout.len).expect("scratch");
+        vec![
+            Accumulator::new(layout.clone(), cs).expect("acc"),
+            Accumulator::on_disk(layout.clone(), cs, file).expect("acc on disk"),
+        ]
+    }
+
+    #[test]
+    fn a_mean_on_disk_is_the_mean_in_memory_to_the_bit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let shapes = [vec![3, 5], vec![7], vec![2, 2, 2]];
+        let blobs: Vec<Vec<u8>> = (0..3)
+            .map(|c| {
+                let v: Vec<f32> = (0..30).map(|i| (i * 7 + c * 13) as f32 / 3.0 - 5.0).collect();
+                model(&shapes, &v).to_safetensors()
+            })
+            .collect();
+        let layout = Layout::parse(&blobs[0]).expect("layout");
+        let means: Vec<Vec<u8>> = accumulators(&layout, 24, dir.path())
+            .into_iter()
+            .map(|mut acc| {
+                // Chunks in reverse, clients interleaved; the last client's first chunk twice,
+                // once taken back out.
+                for (c, b) in blobs.iter().enumerate() {
+                    for (i, ch) in chunks(b, 24).iter().enumerate().rev() {
+                        acc.add_chunk(i as u64, ch, 1.0 + c as f64).expect("add");
+                    }
+                }
+                acc.add_chunk(0, chunks(&blobs[2], 24)[0], 9.0).expect("add");
+                acc.remove_chunk(0, chunks(&blobs[2], 24)[0], 9.0).expect("remove");
+                acc.finish().expect("finish")
+            })
+            .collect();
+        assert_eq!(means[0], means[1]);
+        assert_eq!(Layout::parse(&means[1]).expect("layout"), layout);
+    }
+
     #[test]
     fn a_partial_contribution_can_be_taken_back_out() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = model(&[vec![40]], &[2.0; 40]).to_safetensors();
+        for acc in accumulators(&Layout::parse(&a).expect("layout"), 32, dir.path()) {
+            partial_contribution_taken_out(acc);
+        }
+    }
+
+    fn partial_contribution_taken_out(mut acc: Accumulator) {
         let a = model(&[vec![40]], &[2.0; 40]).to_safetensors();
         let b = model(&[vec![40]], &[4.0; 40]).to_safetensors();
         let c = model(&[vec![40]], &[100.0; 40]).to_safetensors();
-        let mut acc = Accumulator::new(Layout::parse(&a).expect("layout"), 32).expect("acc");
         for (i, ch) in chunks(&a, 32).iter().enumerate() {
             acc.add_chunk(i as u64, ch, 1.0).expect("a");
         }

@@ -79,6 +79,17 @@ impl DataFile {
         })
     }
 
+    /// Creates a temporary file in `dir` of `len` zero bytes (sparse) to be written and read
+    /// back in place by position, through the page cache (a [`super::Scratch`]).
+    pub(super) fn create_scratch(dir: &Path, len: u64) -> Result<Self, StoreError> {
+        let path = dir.join(format!("import-{}.tmp", unique_suffix()));
+        Ok(Self {
+            file: create_sized(&path, len)?,
+            path,
+            direct: None,
+        })
+    }
+
     /// Opens a whole blob's file for reading (and no more writing).
     fn open_whole(path: PathBuf) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
@@ -108,6 +119,12 @@ impl DataFile {
             }
             _ => self.file.write_all_at(bytes, off).map_err(io_err(&self.path)),
         }
+    }
+
+    /// Writes `bytes` at `off` through the page cache: for a scratch, rewritten in place and
+    /// read back soon, which the page cache serves.
+    pub(super) fn write_buffered_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
+        self.file.write_all_at(bytes, off).map_err(io_err(&self.path))
     }
 
     /// Whether a write of `len` bytes at `off` may take the `O_DIRECT` path (given an aligned

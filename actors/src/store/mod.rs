@@ -10,6 +10,8 @@
 //! - `disk`: the on-disk format (`--data-dir`): `<id>.manifest`, the pre-sized `<id>.data`,
 //!   the `<id>.have` of a partial blob, and `O_DIRECT` writes from aligned buffers.
 //! - `holds`: counted holds on the blobs a job still needs; the last release removes a blob.
+//! - `scratch`: model-sized files written in place, then filed as blobs; positioned reads
+//!   of whole blobs (models larger than memory).
 //! - `residency`: where a held blob's bytes live, and the memory policy on top of the
 //!   files: lending, shared imports written behind, transient results, in-memory views.
 //!
@@ -21,6 +23,7 @@
 mod disk;
 mod holds;
 mod residency;
+mod scratch;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -34,6 +37,7 @@ pub use self::disk::{DIRECT_ALIGN, aligned_buffer};
 use self::disk::{DataFile, Have, finish_if_complete, load_entry, read_full, write_manifest};
 pub use self::residency::Written;
 use self::residency::{Data, Entry};
+pub use self::scratch::{DEFAULT_STREAM_ABOVE, Scratch};
 use crate::lock;
 
 /// Why a store operation failed.
@@ -145,6 +149,8 @@ struct Inner {
     /// Woken whenever a chunk or a manifest arrives: a source relaying a blob it is still
     /// receiving waits on it for the chunks it has not got yet.
     arrivals: tokio::sync::Notify,
+    /// See [`BlobStore::streams`].
+    stream_above: std::sync::atomic::AtomicU64,
 }
 
 /// A content-addressed blob store; cheap to clone, safe to share between tasks.
@@ -170,6 +176,7 @@ impl BlobStore {
                 blobs: Mutex::new(HashMap::new()),
                 holds: Mutex::default(),
                 arrivals: tokio::sync::Notify::new(),
+                stream_above: DEFAULT_STREAM_ABOVE.into(),
             }),
         }
     }
@@ -201,6 +208,7 @@ impl BlobStore {
                 blobs: Mutex::new(blobs),
                 holds: Mutex::default(),
                 arrivals: tokio::sync::Notify::new(),
+                stream_above: DEFAULT_STREAM_ABOVE.into(),
             }),
         })
     }
