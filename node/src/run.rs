@@ -44,6 +44,12 @@ pub struct RunArgs {
     /// `200MiB`) [default: no cap].
     #[arg(long, value_parser = crate::bench::util::parse_size)]
     max_upload: Option<u64>,
+    /// Models larger than this (e.g. `1GiB`; `0`: every model) live on disk, not in memory:
+    /// the controller folds each round's mean in a file, and a client whose learner trains
+    /// tensor by tensor (add-one) updates the received model in place on disk [default:
+    /// 512MiB].
+    #[arg(long, value_parser = crate::bench::util::parse_size)]
+    stream_above: Option<u64>,
 }
 
 /// How often a running peer re-dials members it has no connection to.
@@ -82,6 +88,7 @@ pub(crate) async fn standing(
             data_dir: data_dir.to_owned(),
             json: false,
             max_upload,
+            stream_above: None,
         },
         Some(members),
         None,
@@ -138,6 +145,9 @@ async fn run_peer(
         listen.push("/ip4/0.0.0.0/tcp/0".parse()?);
     }
     let store = BlobStore::open(&args.data_dir).with_context(|| format!("opening {}", args.data_dir.display()))?;
+    if let Some(bytes) = args.stream_above {
+        store.set_stream_above(bytes);
+    }
     let others: Vec<_> = members.iter().filter(|m| m.peer_id != me).cloned().collect();
     let node = Arc::new(
         Node::start(NodeConfig {

@@ -304,28 +304,7 @@ impl Model {
     pub fn zeros<S: Into<String>>(
         tensors: impl IntoIterator<Item = (S, DType, Vec<usize>)>,
     ) -> Result<Self, ModelError> {
-        let shapes: BTreeMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(n, dtype, shape)| {
-                let name = n.into();
-                if element_count(&shape)
-                    .and_then(|c| c.checked_mul(dtype.size()))
-                    .is_none()
-                {
-                    return Err(ModelError::Format(format!(
-                        "tensor {name:?}: shape {shape:?} is too large"
-                    )));
-                }
-                Ok((
-                    name,
-                    Tensor {
-                        dtype,
-                        shape,
-                        data: Vec::new(),
-                    },
-                ))
-            })
-            .collect::<Result<_, _>>()?;
+        let shapes = shape_only(tensors)?;
         let mut bytes = safetensors::serialize(shapes.iter().map(|(n, t)| (n, EmptyView(t))), None)
             .map_err(|e| ModelError::Format(e.to_string()))?;
         let data: usize = shapes
@@ -571,6 +550,35 @@ impl Model {
     }
 }
 
+/// Tensors with names, dtypes and shapes but no data, in name order; a shape whose byte size
+/// overflows is an error.
+fn shape_only<S: Into<String>>(
+    tensors: impl IntoIterator<Item = (S, DType, Vec<usize>)>,
+) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    tensors
+        .into_iter()
+        .map(|(n, dtype, shape)| {
+            let name = n.into();
+            if element_count(&shape)
+                .and_then(|c| c.checked_mul(dtype.size()))
+                .is_none()
+            {
+                return Err(ModelError::Format(format!(
+                    "tensor {name:?}: shape {shape:?} is too large"
+                )));
+            }
+            Ok((
+                name,
+                Tensor {
+                    dtype,
+                    shape,
+                    data: Vec::new(),
+                },
+            ))
+        })
+        .collect()
+}
+
 /// A view with a tensor's dtype and shape but no data, so a header costs no copy of the data.
 struct EmptyView<'a>(&'a Tensor);
 
@@ -619,6 +627,18 @@ impl Layout {
             return Err(ModelError::Format(format!("header of {n} bytes exceeds {MAX_HEADER}")));
         }
         Ok(8 + n)
+    }
+
+    /// The layout of the canonical encoding of tensors with these names, dtypes and shapes
+    /// (the one [`Model::zeros`] would make), without their data: so a model too large for
+    /// memory can be written straight to a file, tensor by tensor, into the same bytes.
+    pub fn of_tensors<S: Into<String>>(
+        tensors: impl IntoIterator<Item = (S, DType, Vec<usize>)>,
+    ) -> Result<Self, ModelError> {
+        let shapes = shape_only(tensors)?;
+        let header = safetensors::serialize(shapes.iter().map(|(n, t)| (n, EmptyView(t))), None)
+            .map_err(|e| ModelError::Format(e.to_string()))?;
+        Self::parse(&header)
     }
 
     /// Reads the layout from the start of a blob (at least the whole header).
@@ -729,6 +749,20 @@ mod tests {
         let ints = model(1.0);
         let e = ints.add_diff(&ints).expect_err("I64");
         assert!(e.to_string().contains("F32 or F64"), "{e}");
+    }
+
+    #[test]
+    fn a_layout_of_tensors_is_the_layout_of_their_model() {
+        let specs = || {
+            [
+                ("b", DType::F32, vec![2, 3]),
+                ("a", DType::F64, vec![4]),
+                ("c", DType::I64, vec![1]),
+            ]
+        };
+        let z = Model::zeros(specs()).expect("zeros");
+        assert_eq!(Layout::of_tensors(specs()).expect("layout"), z.layout());
+        assert!(Layout::of_tensors([("x", DType::F32, vec![usize::MAX, 2])]).is_err());
     }
 
     #[test]

@@ -434,6 +434,53 @@ impl Communicator {
         }
     }
 
+    /// Files `file`, a model written on disk (a mean folded there, a model made there), as a
+    /// blob the job holds, like [`Self::publish`] without reading it into memory.
+    pub async fn publish_scratch(&self, file: crate::store::Scratch) -> Result<BlobRef, CommError> {
+        let store = self.node.store().clone();
+        let cs = self.chunk_size;
+        let m = tokio::task::spawn_blocking(move || store.adopt_held(file, cs))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: "<publish>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        self.kept(&m.id());
+        Ok(m.blob_ref())
+    }
+
+    /// The layout of a model this node's store holds whole, read from its header alone.
+    pub async fn layout_of(&self, blob: BlobRef) -> Result<flare_protocols::model::Layout, CommError> {
+        let store = self.node.store().clone();
+        let bad = move |reason: String| CommError::Task {
+            member: String::new(),
+            reason: format!("model {}: {reason}", blob.id),
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            let mut prefix = [0u8; 8];
+            store.read_at(&blob.id, &mut prefix, 0).map_err(|e| e.to_string())?;
+            let n = flare_protocols::model::Layout::header_len(prefix).map_err(|e| e.to_string())?;
+            let mut header = vec![0u8; usize::try_from(n).map_err(|e| e.to_string())?];
+            store.read_at(&blob.id, &mut header, 0).map_err(|e| e.to_string())?;
+            let layout = flare_protocols::model::Layout::parse(&header).map_err(|e| e.to_string())?;
+            match layout.len == blob.len {
+                true => Ok(layout),
+                false => Err(format!(
+                    "its header describes {} bytes, the blob has {}",
+                    layout.len, blob.len
+                )),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string());
+        read.and_then(|r| r).map_err(bad)
+    }
+
+    /// A model this node's store holds, read into memory.
+    pub async fn model_of(&self, blob: BlobRef) -> Result<Model, CommError> {
+        self.pull_model(blob, &[]).await
+    }
+
     /// Pulls a model from `from` (unless held already) and reads it into memory.
     pub async fn pull_model(&self, blob: BlobRef, from: &[PeerId]) -> Result<Model, CommError> {
         let bytes = self.pull_bytes(blob, from, FetchOptions::default().max_len).await?;

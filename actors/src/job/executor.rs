@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskKind, TaskStatus, Value};
-use flare_protocols::model::Model;
+use flare_protocols::model::{Layout, Model};
 use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -19,6 +19,7 @@ use crate::Node;
 use crate::blob::FetchOptions;
 use crate::learner::{Learner, TaskContext, TaskReply};
 use crate::lock;
+use crate::store::Scratch;
 
 /// Messages of the executor actor.
 pub enum ExecutorMsg {
@@ -295,6 +296,13 @@ async fn run(
     if task.input.is_some() && task.kind != TaskKind::Train {
         keep_transient_output(state).await?;
     }
+    if let Some(blob) = task
+        .input
+        .filter(|b| task.kind == TaskKind::Train && state.node.store().streams(b.len))
+        && state.learner.as_mut().is_some_and(|l| l.streaming().is_some())
+    {
+        return train_streaming(state, ctx, task, blob, from).await;
+    }
     let input = match task.input {
         Some(blob) => {
             let model = input_model(state, task, blob, from).await?;
@@ -356,6 +364,140 @@ async fn run(
         num_samples: reply.num_samples,
         values: reply.values,
     })
+}
+
+/// A `train` task whose model is too large for memory ([`crate::BlobStore::streams`]), run by
+/// a learner that trains tensor by tensor ([`crate::learner::TensorStream`]): the input is
+/// pulled into a scratch file (through the store, when others may pull it from here), the
+/// learner updates it in place, and the file becomes the output blob. Memory: the largest
+/// tensor and the transfer's window, whatever the model's size.
+async fn train_streaming(
+    state: &mut ExecutorState,
+    ctx: &TaskContext,
+    task: &super::Task,
+    blob: BlobRef,
+    from: PeerId,
+) -> Result<RunOutput, String> {
+    let started = std::time::Instant::now();
+    state.held_output = None;
+    let store = state.node.store().clone();
+    let file = store
+        .scratch(blob.len)
+        .map_err(|e| format!("a scratch file for the input model: {e}"))?;
+    // As in `input_model`: an input others may pull from here is kept in the store.
+    let shared = !task.input_shares.is_empty();
+    let keep = !task.input_from.is_empty() || shared;
+    let sources = match task.input_from.is_empty() {
+        true => vec![from],
+        false => task.input_from.clone(),
+    };
+    let file = if keep {
+        state.kept.input(&store, blob.id);
+        let opts = FetchOptions {
+            max_len: MAX_INPUT_MODEL,
+            ..FetchOptions::default()
+        };
+        let fetched = match shared {
+            true => state.node.fetch_shared(blob, &sources, &task.input_shares, &opts).await,
+            false => state.node.fetch(blob, &sources, &opts).await,
+        };
+        fetched.map_err(|e| format!("fetching the input model: {e}"))?;
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || copy_blob(&store, blob, file))
+            .await
+            .map_err(|e| e.to_string())??
+    } else {
+        pull_into(&state.node, blob, &sources, file).await?
+    };
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model on disk");
+    let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
+    let ctx2 = ctx.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = (|| {
+            let layout = stored_layout(&file)?;
+            let stream = learner.streaming().ok_or("the learner stopped streaming")?;
+            let (samples, metrics) = crate::learner::stream::stream_in_place(stream, &file, &layout, &ctx2)?;
+            let manifest = store
+                .adopt_held(file, DEFAULT_CHUNK_SIZE)
+                .map_err(|e| format!("storing the output model: {e}"))?;
+            Ok::<_, String>((manifest.blob_ref(), samples, metrics))
+        })();
+        (learner, r)
+    })
+    .await;
+    let (learner, r) = joined.map_err(|e| format!("learner panicked: {e}"))?;
+    state.learner = Some(learner);
+    let (output, num_samples, metrics) = r?;
+    state.kept.output_held(state.node.store(), output.id);
+    state.last_output = Some(output);
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "output model stored, streamed");
+    Ok(RunOutput {
+        output: Some(output),
+        metrics,
+        num_samples,
+        values: BTreeMap::new(),
+    })
+}
+
+/// Pulls `blob` from `from` straight into `file`, through no store file of its own.
+async fn pull_into(node: &Node, blob: BlobRef, from: &[PeerId], file: Scratch) -> Result<Scratch, String> {
+    let cs = u64::from(blob.chunk_size);
+    let file = Arc::new(file);
+    let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let (sink, fail) = (file.clone(), failed.clone());
+    let opts = FetchOptions {
+        max_len: MAX_INPUT_MODEL,
+        keep: false,
+        on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
+            if let Err(e) = sink.write_at(bytes, i * cs) {
+                lock(&fail).get_or_insert(e.to_string());
+            }
+        })),
+        ..FetchOptions::default()
+    };
+    node.fetch(blob, from, &opts)
+        .await
+        .map_err(|e| format!("fetching the input model: {e}"))?;
+    drop(opts);
+    if let Some(e) = lock(&failed).take() {
+        return Err(format!("writing the input model: {e}"));
+    }
+    Arc::try_unwrap(file).map_err(|_| "input file still shared".to_owned())
+}
+
+/// Copies whole blob `blob` from the store into `file`, a chunk at a time.
+fn copy_blob(store: &crate::BlobStore, blob: BlobRef, file: Scratch) -> Result<Scratch, String> {
+    let mut buf = vec![0u8; blob.chunk_size as usize];
+    let mut at = 0;
+    while at < blob.len {
+        let n = (blob.len - at).min(u64::from(blob.chunk_size)) as usize;
+        store
+            .read_at(&blob.id, &mut buf[..n], at)
+            .map_err(|e| format!("reading the input model: {e}"))?;
+        file.write_at(&buf[..n], at)
+            .map_err(|e| format!("writing the input model: {e}"))?;
+        at += n as u64;
+    }
+    Ok(file)
+}
+
+/// The layout of the model in `file`, read from its header.
+fn stored_layout(file: &Scratch) -> Result<Layout, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("input model: {e}");
+    let mut prefix = [0u8; 8];
+    file.read_at(&mut prefix, 0).map_err(|e| bad(&e))?;
+    let n = Layout::header_len(prefix).map_err(|e| bad(&e))?;
+    let mut header = vec![0u8; usize::try_from(n).map_err(|e| bad(&e))?];
+    file.read_at(&mut header, 0).map_err(|e| bad(&e))?;
+    let layout = Layout::parse(&header).map_err(|e| bad(&e))?;
+    if layout.len != file.len() {
+        return Err(format!(
+            "input model: its header describes {} bytes, the blob has {}",
+            layout.len,
+            file.len()
+        ));
+    }
+    Ok(layout)
 }
 
 /// What the learner is asked, by the task's kind.

@@ -261,7 +261,7 @@ impl Communicator {
                 results = contributors.len(),
                 "a result broke off midway; folding the others again"
             );
-            let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), global.chunk_size)?));
+            let acc = Arc::new(Mutex::new(self.accumulator(layout, global.chunk_size).await?));
             let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
                 .into_iter()
                 .filter_map(|o| {
@@ -283,6 +283,22 @@ impl Communicator {
                 return Ok(acc);
             }
         }
+    }
+
+    /// An empty mean of models of `layout`: in memory, or, for a model too large for memory
+    /// ([`crate::BlobStore::streams`]), in a scratch file on disk.
+    pub(crate) async fn accumulator(&self, layout: &Layout, chunk_size: u32) -> Result<Accumulator, AggregateError> {
+        let store = self.node().store().clone();
+        if !store.streams(layout.len) {
+            return Accumulator::new(layout.clone(), chunk_size);
+        }
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = store.scratch(layout.len)?;
+            Accumulator::on_disk(layout, chunk_size, file)
+        })
+        .await
+        .map_err(|e| AggregateError::Disk(e.to_string()))?
     }
 
     /// Makes `bytes`, the model this node lent to its store for the round's pulls (see

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use flare_protocols::ctl::{JobId, TaskKind, Value};
-use flare_protocols::model::Model;
+use flare_protocols::model::{DType, Model};
+
+use super::stream::TensorStream;
 
 /// What a learner knows about the task it runs.
 #[derive(Clone, Debug)]
@@ -67,6 +69,29 @@ pub trait Learner: Send + 'static {
     fn local_model(&self) -> Option<Model> {
         None
     }
+
+    /// This learner's tensor-at-a-time training step, when it has one: a `train` task whose
+    /// model is too large for memory ([`crate::BlobStore::streams`]) then runs through it,
+    /// never holding the whole model (see [`super::stream`]).
+    fn streaming(&mut self) -> Option<&mut dyn TensorStream> {
+        None
+    }
+}
+
+impl TensorStream for AddOne {
+    fn tensor(&mut self, _: &str, dtype: DType, data: &mut [u8], _: &TaskContext) -> Result<(), String> {
+        if dtype == DType::F32 {
+            for b in data.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + 1.0;
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _: &TaskContext) -> Result<(u64, BTreeMap<String, f64>), String> {
+        Ok((self.num_samples, BTreeMap::new()))
+    }
 }
 
 /// Adds 1.0 to every f32 weight: the exact-arithmetic check of every workflow.
@@ -84,6 +109,10 @@ impl Learner for AddOne {
             num_samples: self.num_samples,
             metrics: BTreeMap::new(),
         })
+    }
+
+    fn streaming(&mut self) -> Option<&mut dyn TensorStream> {
+        Some(self)
     }
 
     /// The model's mean f32 weight (`mean_weight`, exact for small integers, so a cross-site

@@ -16,6 +16,8 @@
 //! - [`recipe`]: what a kind of digits model gives the runtime (MLP here, `tch` networks in
 //!   [`torch`]).
 //! - `tch_model` (the `torch` feature): models to and from `tch` tensors, by name.
+//! - [`stream`]: learners that update a model tensor by tensor ([`TensorStream`]), for
+//!   models larger than memory.
 //! - [`split`]: split learning on vertically split digits (data parties' bottoms, the label
 //!   party's top, the central baseline).
 
@@ -28,6 +30,7 @@ mod mlp;
 mod paced;
 pub mod recipe;
 pub mod split;
+pub mod stream;
 #[cfg(feature = "torch")]
 pub mod tch_model;
 pub mod torch;
@@ -36,6 +39,7 @@ pub use api::{AddOne, Learner, TaskContext, TaskReply, TrainOutput};
 pub use keep_last::KeepLastModel;
 pub use mlp::{Eval, Mlp, MlpConfig, TrainStats};
 pub use paced::Paced;
+pub use stream::TensorStream;
 
 /// A named, shaped `f32` tensor: the unit a model is made of and the unit aggregation averages.
 ///

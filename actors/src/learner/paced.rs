@@ -44,4 +44,39 @@ impl<L: crate::learner::Learner> crate::learner::Learner for Paced<L> {
     fn local_model(&self) -> Option<flare_protocols::model::Model> {
         self.inner.local_model()
     }
+
+    fn streaming(&mut self) -> Option<&mut dyn crate::learner::TensorStream> {
+        match self.inner.streaming() {
+            Some(_) => Some(self),
+            None => None,
+        }
+    }
+}
+
+/// The inner learner's pass, then the delay.
+impl<L: crate::learner::Learner> crate::learner::TensorStream for Paced<L> {
+    fn tensor(
+        &mut self,
+        name: &str,
+        dtype: flare_protocols::model::DType,
+        data: &mut [u8],
+        ctx: &crate::learner::TaskContext,
+    ) -> Result<(), String> {
+        match self.inner.streaming() {
+            Some(s) => s.tensor(name, dtype, data, ctx),
+            None => Err("this learner does not stream".into()),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        ctx: &crate::learner::TaskContext,
+    ) -> Result<(u64, std::collections::BTreeMap<String, f64>), String> {
+        let out = match self.inner.streaming() {
+            Some(s) => s.finish(ctx),
+            None => Err("this learner does not stream".into()),
+        };
+        std::thread::sleep(self.delay);
+        out
+    }
 }

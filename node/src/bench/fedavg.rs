@@ -55,6 +55,10 @@ pub struct FedAvgArgs {
     /// listen on fixed loopback ports, written in the topology, so they can reach each other.
     #[arg(long)]
     share_upload: bool,
+    /// Models larger than this live on disk in every member (`run --stream-above`, e.g. `0`
+    /// to stream every size) [default: run's].
+    #[arg(long, value_parser = super::util::parse_size)]
+    stream_above: Option<u64>,
 }
 
 /// One child process and the lines of its stderr.
@@ -257,6 +261,7 @@ impl FedAvgArgs {
             log: None,
             max_upload: None,
             share_upload: false,
+            stream_above: None,
         }
     }
 }
@@ -332,7 +337,11 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     let p = |s: &str| dir.join(s).display().to_string();
     let args = |name: &str, topo: &str| {
         let at = names.iter().position(|n| n == name).unwrap_or(0);
-        vec![
+        let stream = a
+            .stream_above
+            .map(|b| vec!["--stream-above".to_owned(), b.to_string()])
+            .unwrap_or_default();
+        let mut v = vec![
             "run".to_owned(),
             "--topology".into(),
             p(topo),
@@ -344,7 +353,9 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
             listen[at].clone(),
             "--data-dir".into(),
             p(&format!("{name}-data")),
-        ]
+        ];
+        v.extend(stream);
+        v
     };
     let mut server_args = args("server", "server.toml");
     server_args.push("--json".into());
@@ -396,6 +407,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "bare_round_secs": bare,
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
         "controller_max_upload": a.max_upload,
+        "stream_above": a.stream_above,
         "share_upload": a.share_upload,
         "controller_bytes_sent_per_round": sent,
         "controller_models_sent_per_round": sent.map(|b| b as f64 / model_bytes as f64),

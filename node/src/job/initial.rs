@@ -8,12 +8,18 @@ use flare_actors::job::initial::initial_from;
 use flare_protocols::model::Model;
 
 use super::Setup;
-use crate::topology::Topology;
+use super::setup::add_one_model;
+use super::stored::{add_one_layout, add_one_on_disk};
+use crate::topology::{ModelSpec, Topology};
+use flare_actors::job::fedavg::GlobalModel;
 
 /// A workflow's initial model, or who to ask for it.
 pub enum Initial {
     /// Made already.
     Ready(Model),
+    /// The add-one job's seeded model, made when asked for: on disk when it is too large
+    /// for memory ([`Initial::get_global`]).
+    Seeded(ModelSpec),
     /// Asked of this member's learner by [`Initial::get`].
     From {
         /// The member `[model] from` names.
@@ -31,14 +37,29 @@ impl Initial {
                 member: member.clone(),
                 timeout: topo.round_timeout,
             },
+            None if setup.digits.is_none() && setup.split.is_none() && topo.model.file.is_none() => {
+                Self::Seeded(topo.model.clone())
+            }
             None => Self::Ready(setup.initial_model(topo)?),
         })
+    }
+
+    /// The model, for a workflow that can keep it on disk: a seeded model too large for
+    /// memory ([`flare_actors::BlobStore::streams`]) is written there, tensor by tensor.
+    pub async fn get_global(self, comm: &Communicator) -> anyhow::Result<GlobalModel> {
+        if let Self::Seeded(spec) = &self
+            && comm.node().store().streams(add_one_layout(spec)?.len)
+        {
+            return Ok(GlobalModel::Stored(add_one_on_disk(comm, spec).await?));
+        }
+        Ok(GlobalModel::Memory(self.get(comm).await?))
     }
 
     /// The model: the one made, or the named member's answer.
     pub async fn get(self, comm: &Communicator) -> anyhow::Result<Model> {
         match self {
             Self::Ready(model) => Ok(model),
+            Self::Seeded(spec) => add_one_model(&spec),
             Self::From { member, timeout } => {
                 let peer = comm
                     .peers()

@@ -25,15 +25,17 @@ use crate::topology::{CyclicOrder, Topology, Workflow};
 
 mod initial;
 mod setup;
+mod stored;
 
 pub use initial::Initial;
 pub use setup::{DigitsData, Setup};
 pub(crate) use setup::{add_one_exact, learner_name};
+pub use stored::JobModel;
 
 /// What any workflow's run leaves behind, in the shape the summary and outputs need.
 pub struct JobOutcome {
-    /// The final model.
-    pub model: Model,
+    /// The final model (on disk when too large for memory).
+    pub model: JobModel,
     /// Seconds per round.
     pub round_secs: Vec<f64>,
     /// The model's test-set metrics after each round (empty maps without a test set).
@@ -124,26 +126,31 @@ async fn run_workflow(
                 Some(dir) => resume_from(dir)?,
                 None => None,
             };
-            let o = match start {
+            let (model, rounds) = match start {
                 Some(start) => {
                     tracing::info!(round = start.next_round, "resuming from the last checkpoint");
-                    fedavg::run_from(comm, &cfg, start).await?
+                    let o = fedavg::run_from(comm, &cfg, start).await?;
+                    (JobModel::Memory(o.model), o.rounds)
                 }
-                None => fedavg::run(comm, &cfg, Initial::of(topo, setup)?.get(comm).await?).await?,
+                None => {
+                    let initial = Initial::of(topo, setup)?.get_global(comm).await?;
+                    let o = fedavg::run_global(comm, &cfg, initial).await?;
+                    (JobModel::of(comm, o.model).await?, o.rounds)
+                }
             };
             let mut extra = serde_json::Map::new();
             extra.insert(
                 "contributors_per_round".into(),
-                json!(o.rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>()),
+                json!(rounds.iter().map(|r| r.contributors.len()).collect::<Vec<_>>()),
             );
             extra.extend(embedded.unwrap_or_default());
             Ok(JobOutcome {
-                round_secs: o.rounds.iter().map(|r| r.secs).collect(),
-                global: o.rounds.iter().map(|r| r.global.clone()).collect(),
+                round_secs: rounds.iter().map(|r| r.secs).collect(),
+                global: rounds.iter().map(|r| r.global.clone()).collect(),
                 train_steps: topo.rounds,
-                rounds: json!(o.rounds),
+                rounds: json!(rounds),
                 extra,
-                model: o.model,
+                model,
                 best: None,
             })
         }
@@ -192,7 +199,7 @@ async fn run_workflow(
                 train_steps: o.steps,
                 rounds: json!(o.rounds),
                 extra,
-                model: o.model,
+                model: o.model.into(),
                 best: None,
             })
         }
@@ -222,7 +229,7 @@ async fn run_workflow(
                 train_steps: 0,
                 rounds: json!(o.epochs),
                 extra,
-                model: model_of(&o.top.params("top")).map_err(anyhow::Error::msg)?,
+                model: model_of(&o.top.params("top")).map_err(anyhow::Error::msg)?.into(),
                 best: None,
             })
         }
@@ -321,7 +328,7 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
         train_steps: o.completed,
         rounds,
         extra,
-        model: o.model,
+        model: o.model.into(),
         best: None,
     }
 }
@@ -389,7 +396,7 @@ async fn cross_site_eval(
     timeout: std::time::Duration,
     metric: &str,
 ) -> anyhow::Result<Value> {
-    let global = comm.publish(Arc::new(outcome.model.clone())).await?;
+    let global = comm.publish(Arc::new(outcome.model.memory()?.clone())).await?;
     let mut cfg = CrossSiteConfig::new(sites, Some(global));
     cfg.task_timeout = timeout;
     metric.clone_into(&mut cfg.metric);

@@ -20,7 +20,7 @@ use flare_protocols::model::{DType, Model};
 use crate::topology::{ExternalSpec, LearnerSpec, ModelSpec, SiteData, Topology, Workflow};
 
 /// The add-one job's values: seeded fractional numbers, so exactness means something.
-fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
+pub(super) fn add_one_values(seed: u64) -> impl FnMut() -> f32 {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     move || {
         x ^= x << 13;
@@ -41,7 +41,14 @@ pub fn add_one_model(spec: &ModelSpec) -> anyhow::Result<Model> {
 /// Whether every weight of `model` is the initial value plus `rounds`, computed as the
 /// clients do (adding 1.0 in f32, round after round), without a second copy of the model
 /// (but for a model file, which is read again).
-pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> bool {
+pub(crate) fn add_one_exact(model: &super::JobModel, spec: &ModelSpec, rounds: u32) -> bool {
+    let model = match model {
+        super::JobModel::Memory(m) => m,
+        super::JobModel::Stored { store, blob, layout } => {
+            // A model file's job is read into memory; only a seeded one is this large.
+            return spec.file.is_none() && super::stored::add_one_exact_stored(store, *blob, layout, spec, rounds);
+        }
+    };
     if let Some(file) = &spec.file {
         return file.load().is_ok_and(|initial| added(&initial, model, rounds));
     }
@@ -62,7 +69,7 @@ pub(crate) fn add_one_exact(model: &Model, spec: &ModelSpec, rounds: u32) -> boo
 
 /// `v` after `rounds` add-one rounds, added one at a time in f32 as the clients do (not
 /// `v + rounds`, which rounds differently for large values).
-fn plus_ones(v: f32, rounds: u32) -> f32 {
+pub(super) fn plus_ones(v: f32, rounds: u32) -> f32 {
     (0..rounds).fold(v, |w, _| w + 1.0)
 }
 

@@ -44,7 +44,7 @@ pub async fn summarize(topo: &Topology, setup: &Setup, outcome: &JobOutcome, tot
                 Some(FineTune::Full) => "full",
                 Some(FineTune::Lora { .. }) => "lora",
             },
-            "exchanged_tensors": outcome.model.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "exchanged_tensors": outcome.model.memory()?.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         });
     }
     let global = json!(

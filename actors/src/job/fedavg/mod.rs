@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::communicator::Communicator;
 use super::{Task, TaskKind, TaskOutcome};
-use crate::aggregate::Accumulator;
+use crate::aggregate::{Accumulator, Mean};
 use crate::lock;
 use crate::store::Written;
 
@@ -49,20 +49,56 @@ pub async fn run(comm: &Communicator, cfg: &FedAvgConfig, initial: Model) -> Res
 /// Runs FedAvg's rounds `start.next_round..cfg.rounds` from `start.model`: a controller
 /// restarted mid-job goes on from its last checkpoint.
 pub async fn run_from(comm: &Communicator, cfg: &FedAvgConfig, start: Start) -> Result<FedAvgOutcome, FedAvgError> {
-    let Start {
-        model: initial,
-        next_round,
-        mut reports,
-    } = start;
+    let o = rounds(
+        comm,
+        cfg,
+        GlobalModel::Memory(start.model),
+        start.next_round,
+        start.reports,
+    )
+    .await?;
+    let model = match o.model {
+        GlobalModel::Memory(m) => m,
+        // Rounds too large for memory (a disk store's choice): the caller asked for a model
+        // in memory all the same.
+        GlobalModel::Stored(blob) => comm.model_of(blob).await?,
+    };
+    Ok(FedAvgOutcome {
+        model,
+        rounds: o.rounds,
+    })
+}
+
+/// Runs FedAvg from `initial`, which may be a model too large for memory already in the
+/// store: then every round's mean is folded on disk and the final model stays there.
+pub async fn run_global(
+    comm: &Communicator,
+    cfg: &FedAvgConfig,
+    initial: GlobalModel,
+) -> Result<GlobalOutcome, FedAvgError> {
+    rounds(comm, cfg, initial, 0, Vec::new()).await
+}
+
+async fn rounds(
+    comm: &Communicator,
+    cfg: &FedAvgConfig,
+    initial: GlobalModel,
+    next_round: u32,
+    mut reports: Vec<RoundReport>,
+) -> Result<GlobalOutcome, FedAvgError> {
     let asked = cfg
         .sample
         .as_ref()
         .map_or(cfg.clients.len(), |s| s.per_round(cfg.clients.len()));
     check_min_clients(cfg.min_clients, asked).map_err(|why| FedAvgError::Config(format!("min_clients {why}")))?;
     // The global model lives in the blob store between rounds: the controller holds one
-    // model-sized buffer at a time (the accumulator during a round).
-    let layout = initial.layout();
-    let (mut blob, mut lent, mut written) = comm.publish_lent(initial).await?;
+    // model-sized buffer at a time (the accumulator during a round), or none at all when
+    // the model lives on disk.
+    let layout = match &initial {
+        GlobalModel::Memory(m) => m.layout(),
+        GlobalModel::Stored(b) => comm.layout_of(*b).await?,
+    };
+    let (mut blob, mut lent, mut written) = publish(comm, initial).await?;
     let mut checkpoints = Checkpoints::new(comm, cfg.checkpoint_dir.clone(), cfg.checkpoint_policy.clone());
     for round in next_round..cfg.rounds {
         // A sampled round asks only its picks; the rest of the configuration is the job's.
@@ -78,14 +114,10 @@ pub async fn run_from(comm: &Communicator, cfg: &FedAvgConfig, start: Start) -> 
             None => cfg,
         };
         let started = Instant::now();
-        let global = Global {
-            blob,
-            lent: Some(lent),
-            written,
-        };
+        let global = Global { blob, lent, written };
         let (model, mut report) = one_round(comm, cfg, global, &[], layout.clone(), round, None).await?;
         let used = blob;
-        (blob, lent, written) = comm.publish_lent(model).await?;
+        (blob, lent, written) = publish(comm, model).await?;
         // The round's input is needed no more (its checkpoint holds it until written).
         comm.release(&used);
         // A round's time covers publishing its result (what the next round starts from).
@@ -107,10 +139,28 @@ pub async fn run_from(comm: &Communicator, cfg: &FedAvgConfig, start: Start) -> 
     // The last model published is the outcome; its bytes are still held, and the store's own
     // hold ends with its write.
     written.wait().await;
-    let bytes = Arc::try_unwrap(lent).unwrap_or_else(|shared| (*shared).clone());
-    Ok(FedAvgOutcome {
-        model: Model::from_safetensors_vec(bytes)?,
-        rounds: reports,
+    let model = match lent {
+        Some(lent) => {
+            let bytes = Arc::try_unwrap(lent).unwrap_or_else(|shared| (*shared).clone());
+            GlobalModel::Memory(Model::from_safetensors_vec(bytes)?)
+        }
+        None => GlobalModel::Stored(blob),
+    };
+    Ok(GlobalOutcome { model, rounds: reports })
+}
+
+/// Makes a round's model the job's blob: a model in memory is lent to the store (the pulls
+/// read it from memory, see [`Communicator::publish_lent`]); a stored one is there already.
+async fn publish(
+    comm: &Communicator,
+    model: GlobalModel,
+) -> Result<(BlobRef, Option<Arc<Vec<u8>>>, Written), FedAvgError> {
+    Ok(match model {
+        GlobalModel::Memory(m) => {
+            let (blob, lent, written) = comm.publish_lent(m).await?;
+            (blob, Some(lent), written)
+        }
+        GlobalModel::Stored(blob) => (blob, None, Written::done()),
     })
 }
 
@@ -146,10 +196,10 @@ pub(crate) async fn one_round(
     layout: Layout,
     round: u32,
     sent: Option<&tokio::sync::Notify>,
-) -> Result<(Model, RoundReport), FedAvgError> {
+) -> Result<(GlobalModel, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
-    let acc = Arc::new(Mutex::new(Accumulator::new(layout.clone(), blob.chunk_size)?));
+    let acc = Arc::new(Mutex::new(comm.accumulator(&layout, blob.chunk_size).await?));
     let task = Task {
         kind: TaskKind::Train,
         round,
@@ -251,25 +301,33 @@ async fn close_round(
     mut missing: Vec<(String, String)>,
     round: u32,
     start: Instant,
-) -> Result<(Model, RoundReport), FedAvgError> {
+) -> Result<(GlobalModel, RoundReport), FedAvgError> {
     let acc = Arc::try_unwrap(acc)
         .map_err(|_| FedAvgError::Internal("accumulator still shared at the end of the round"))?
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
-    let bytes = tokio::task::spawn_blocking(move || acc.finish())
+    let mean = tokio::task::spawn_blocking(move || acc.finish_mean())
         .await
         .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
-    let model = Model::from_safetensors_vec(bytes)?;
+    let model = match mean {
+        Mean::Bytes(bytes) => GlobalModel::Memory(Model::from_safetensors_vec(bytes)?),
+        Mean::Scratch(file) => GlobalModel::Stored(comm.publish_scratch(file).await?),
+    };
     tracing::debug!(job = %comm.job(), round, secs = start.elapsed().as_secs_f64(), "mean taken");
-    let global = match &cfg.evaluate {
-        Some(f) => {
+    let global = match (&cfg.evaluate, &model) {
+        // A model on disk is not read into memory to be measured.
+        (Some(_), GlobalModel::Stored(_)) => {
+            tracing::warn!(job = %comm.job(), round, "the global model lives on disk: not evaluated");
+            BTreeMap::new()
+        }
+        (Some(f), GlobalModel::Memory(model)) => {
             let (f, m) = (f.clone(), model.clone());
             tokio::task::spawn_blocking(move || f(&m))
                 .await
                 .map_err(|_| FedAvgError::Internal("evaluation task failed"))?
                 .map_err(FedAvgError::Evaluate)?
         }
-        None => BTreeMap::new(),
+        (None, _) => BTreeMap::new(),
     };
     let total: f64 = contributors.iter().map(|o| o.num_samples as f64).sum();
     let mut metrics = BTreeMap::new();

@@ -69,6 +69,25 @@ impl Sampling {
     }
 }
 
+/// A global model: in memory, or a blob of the job in this node's store (a model too large
+/// for memory, see [`crate::BlobStore::streams`], which is never read into memory whole).
+#[derive(Clone, Debug)]
+pub enum GlobalModel {
+    /// In memory.
+    Memory(Model),
+    /// In the store, held by the job.
+    Stored(flare_protocols::BlobRef),
+}
+
+/// The end of a FedAvg job whose model may live on disk ([`super::run_global`]).
+#[derive(Clone, Debug)]
+pub struct GlobalOutcome {
+    /// The final global model.
+    pub model: GlobalModel,
+    /// One report per round.
+    pub rounds: Vec<RoundReport>,
+}
+
 /// Where a FedAvg run starts (see [`run_from`](super::run_from)).
 #[derive(Clone, Debug)]
 pub struct Start {

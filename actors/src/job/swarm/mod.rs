@@ -250,7 +250,11 @@ async fn aggregate(
         return Err(SwarmError::Crashed(round));
     };
     let (model, report) = result?;
-    let blob = comm.publish(Arc::new(model)).await?;
+    let blob = match model {
+        fedavg::GlobalModel::Memory(m) => comm.publish(Arc::new(m)).await?,
+        // Folded on disk: filed in the store already.
+        fedavg::GlobalModel::Stored(b) => b,
+    };
     let contributors: Vec<PeerId> = cfg
         .members
         .iter()
