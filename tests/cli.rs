@@ -306,6 +306,12 @@ fn topology(path: &Path, job: &str, members: &[(&str, &str, Option<&str>)]) {
 /// `dir`; the controller's outputs land in `dir/server-data`, and `dir/clients.toml` is the
 /// topology with every member's peer id (and the server's address).
 fn run_per_process(dir: &Path, job: &str, last_round: u32) {
+    run_per_process_with(dir, job, last_round, &[]);
+}
+
+/// [`run_per_process`], with `extra` arguments for every member's `run`; returns each
+/// member's whole log, the server's first.
+pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra: &[&str]) -> Vec<String> {
     let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let names = ["server", "site-1", "site-2", "site-3"];
     let ids: Vec<String> = names
@@ -316,7 +322,8 @@ fn run_per_process(dir: &Path, job: &str, last_round: u32) {
         names.iter().zip(&ids).map(|(n, i)| (*n, i.as_str(), None)).collect();
     topology(&dir.join("server.toml"), job, &no_addr);
     let listen = "/ip4/127.0.0.1/tcp/0";
-    let mut server = Running::start(&[
+    let with_extra = |args: &[&str]| [args, extra].concat();
+    let mut server = Running::start(&with_extra(&[
         "run",
         "--topology",
         &p("server.toml"),
@@ -328,7 +335,7 @@ fn run_per_process(dir: &Path, job: &str, last_round: u32) {
         listen,
         "--data-dir",
         &p("server-data"),
-    ]);
+    ]));
     let line = server.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
     let addr = line
         .split_whitespace()
@@ -341,7 +348,7 @@ fn run_per_process(dir: &Path, job: &str, last_round: u32) {
     let clients: Vec<Running> = names[1..]
         .iter()
         .map(|n| {
-            Running::start(&[
+            Running::start(&with_extra(&[
                 "run",
                 "--topology",
                 &p("clients.toml"),
@@ -353,14 +360,20 @@ fn run_per_process(dir: &Path, job: &str, last_round: u32) {
                 listen,
                 "--data-dir",
                 &p(&format!("{n}-data")),
-            ])
+            ]))
         })
         .collect();
     server.wait_for(&["round done", &format!("round={last_round}")]);
-    assert!(server.wait_exit(60), "the controller finished the job");
+    let mut logs = Vec::new();
+    let (ok, log) = server.finish(120);
+    assert!(ok, "the controller finished the job:\n{log}");
+    logs.push(log);
     for c in clients {
-        assert!(c.wait_exit(60), "a client exits once the job is over");
+        let (ok, log) = c.finish(120);
+        assert!(ok, "a client exits once the job is over:\n{log}");
+        logs.push(log);
     }
+    logs
 }
 
 #[test]

@@ -17,6 +17,7 @@ mod faults;
 mod fedavg;
 mod hostile_input;
 mod inference;
+mod massive;
 mod membership;
 mod model_file;
 mod python_torch;

@@ -373,14 +373,16 @@ async fn swarm_member(
     // others (they fail over), so it tells no one when it stops early.
     let mut ctl = host
         .start_controller(comm, vec![], move |comm| async move {
-            let initial = initial.get(&comm).await?;
-            anyhow::Ok(flare_actors::job::swarm::run(&comm, &cfg, initial).await?)
+            let initial = initial.get_global(&comm).await?;
+            let o = flare_actors::job::swarm::run(&comm, &cfg, initial).await?;
+            anyhow::Ok((crate::job::JobModel::of(&comm, o.model.clone()).await?, o))
         })
         .await
         .context("starting the controller")?;
     let outcome = ctl.outcome_unless(stop).await;
     host.leave(&job);
-    let outcome = crate::job::swarm_outcome(outcome??, &members);
+    let (model, o) = outcome??;
+    let outcome = crate::job::swarm_outcome(o, model, &members);
     let mut summary = crate::render::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
     summary["reporter"] = serde_json::json!(name);
     summary["bytes_sent_per_member"] =

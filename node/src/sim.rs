@@ -12,6 +12,7 @@ use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::ctl::JobId;
 use libp2p::identity::Keypair;
 
+use crate::job::JobModel;
 use crate::topology::Topology;
 
 /// Arguments of `flare-node sim`.
@@ -68,8 +69,9 @@ async fn swarm(
         // stops: the others fail over).
         let mut ctl = host
             .start_controller(comm, vec![], move |comm| async move {
-                let initial = initial.get(&comm).await?;
-                anyhow::Ok(swarm::run(&comm, &cfg, initial).await?)
+                let initial = initial.get_global(&comm).await?;
+                let o = swarm::run(&comm, &cfg, initial).await?;
+                anyhow::Ok((JobModel::of(&comm, o.model.clone()).await?, o))
             })
             .await
             .with_context(|| format!("starting the controller of {}", m.name))?;
@@ -94,13 +96,12 @@ async fn swarm(
     let Some((reporter, first)) = finished.first() else {
         anyhow::bail!("no member finished the swarm job");
     };
-    let agree = finished
-        .iter()
-        .all(|(_, o)| o.model.as_safetensors() == first.model.as_safetensors());
+    let agree = finished.iter().all(|(_, (model, _))| model.same_as(&first.0));
     anyhow::ensure!(agree, "the members that finished hold different final models");
     let finishers: Vec<String> = finished.iter().map(|(n, _)| n.clone()).collect();
     let reporter = reporter.clone();
-    let outcome = crate::job::swarm_outcome(finished.swap_remove(0).1, members);
+    let (model, o) = finished.swap_remove(0).1;
+    let outcome = crate::job::swarm_outcome(o, model, members);
     let mut summary = crate::render::summarize(topo, setup, &outcome, total_secs).await?;
     summary["reporter"] = serde_json::json!(reporter);
     summary["finished"] = serde_json::json!(finishers);

@@ -381,9 +381,6 @@ async fn train_streaming(
     let started = std::time::Instant::now();
     state.held_output = None;
     let store = state.node.store().clone();
-    let file = store
-        .scratch(blob.len)
-        .map_err(|e| format!("a scratch file for the input model: {e}"))?;
     // As in `input_model`: an input others may pull from here is kept in the store.
     let shared = !task.input_shares.is_empty();
     let keep = !task.input_from.is_empty() || shared;
@@ -391,7 +388,30 @@ async fn train_streaming(
         true => vec![from],
         false => task.input_from.clone(),
     };
-    let file = if keep {
+    // A result pulled once, by its controller during its round (a FedAvg round's), is needed
+    // no more: it goes before the next is written, so a member's disk holds one model. When
+    // it is this task's input too (every add-one result is), its file becomes the scratch.
+    let mut reused = None;
+    if task.transient_output
+        && let Some(old) = state.kept.output.take()
+    {
+        if state.last_output.is_some_and(|b| b.id == old) {
+            state.last_output = None;
+        }
+        if old == blob.id && !keep {
+            reused = store.take_as_scratch(&old);
+        }
+        if reused.is_none() {
+            store.release(&old);
+        }
+    }
+    let file = if let Some(file) = reused {
+        tracing::debug!("the input is this member's last result: updated in place");
+        file
+    } else if keep {
+        let file = store
+            .scratch(blob.len)
+            .map_err(|e| format!("a scratch file for the input model: {e}"))?;
         state.kept.input(&store, blob.id);
         let opts = FetchOptions {
             max_len: MAX_INPUT_MODEL,
@@ -407,6 +427,9 @@ async fn train_streaming(
             .await
             .map_err(|e| e.to_string())??
     } else {
+        let file = store
+            .scratch(blob.len)
+            .map_err(|e| format!("a scratch file for the input model: {e}"))?;
         pull_into(&state.node, blob, &sources, file).await?
     };
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model on disk");

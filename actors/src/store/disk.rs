@@ -90,6 +90,23 @@ impl DataFile {
         })
     }
 
+    /// Renames a whole blob's file to a temporary name in `dir` and opens it as a scratch
+    /// (see [`super::BlobStore::take_as_scratch`]).
+    pub(super) fn take_as_scratch(&self, dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(format!("import-{}.tmp", unique_suffix()));
+        std::fs::rename(&self.path, &path).map_err(io_err(&path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Self {
+            file,
+            path,
+            direct: None,
+        })
+    }
+
     /// Opens a whole blob's file for reading (and no more writing).
     fn open_whole(path: PathBuf) -> Result<Self, StoreError> {
         let file = OpenOptions::new()

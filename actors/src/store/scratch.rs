@@ -186,6 +186,38 @@ impl BlobStore {
         Ok(manifest)
     }
 
+    /// Takes whole blob `id` out of the store as a scratch holding its bytes (its file renamed,
+    /// nothing copied), when the caller's hold is its only one and nobody is reading it: for
+    /// a model that is updated in place into the next one (a member's last result that is
+    /// also its next input, as every add-one result is). `None` (and the blob left as it
+    /// is) otherwise.
+    pub fn take_as_scratch(&self, id: &BlobId) -> Option<Scratch> {
+        let mut blobs = lock(&self.inner.blobs);
+        let mut holds = lock(&self.inner.holds);
+        let entry = blobs.get(id)?;
+        if holds.get(id) != Some(&1) || Arc::strong_count(entry) != 1 || !entry.is_kept_whole() {
+            return None;
+        }
+        let len = entry.manifest.len;
+        let place = match (&entry.data, &self.inner.dir) {
+            (Data::Disk(file), Some(dir)) => {
+                let taken = file.take_as_scratch(dir).ok()?;
+                let _ = std::fs::remove_file(dir.join(format!("{id}.manifest")));
+                Place::File(taken)
+            }
+            (Data::Memory(mem), None) => Place::Memory(Mutex::new(std::mem::take(
+                &mut *mem.write().unwrap_or_else(|p| p.into_inner()),
+            ))),
+            _ => return None,
+        };
+        blobs.remove(id);
+        holds.remove(id);
+        Some(Scratch {
+            len,
+            place: Some(place),
+        })
+    }
+
     /// Fills `buf` with the bytes of whole blob `id` from `off`: for streaming a stored model
     /// tensor by tensor, whatever its chunks.
     pub fn read_at(&self, id: &BlobId, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
@@ -267,6 +299,32 @@ mod tests {
         let reopened = BlobStore::open(dir.path()).expect("reopen");
         let id = Manifest::of_bytes(&bytes(1050), 100).expect("m").id();
         assert_eq!(reopened.read_all(&id).expect("read"), bytes(1050));
+    }
+
+    #[test]
+    fn a_blob_held_once_becomes_a_scratch_without_a_copy() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for store in [BlobStore::memory(), BlobStore::open(dir.path()).expect("open")] {
+            let data = bytes(1050);
+            let m = store.import_bytes_held(&data, 100).expect("import");
+            store.retain(&m.id());
+            assert!(store.take_as_scratch(&m.id()).is_none(), "held twice");
+            store.release(&m.id());
+            let s = store.take_as_scratch(&m.id()).expect("held once");
+            assert!(store.manifest(&m.id()).is_none(), "gone from the store");
+            assert_eq!(store.holds_on(&m.id()), 0);
+            let mut back = vec![0; 1050];
+            s.read_at(&mut back, 0).expect("read");
+            assert_eq!(back, data);
+            s.write_at(&[9], 0).expect("write");
+            let changed = store.adopt_held(s, 100).expect("adopt");
+            assert_ne!(changed.id(), m.id());
+        }
+        let left: Vec<String> = std::fs::read_dir(dir.path().join("blobs"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "the changed blob's data and manifest only: {left:?}");
     }
 
     #[test]

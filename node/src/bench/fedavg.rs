@@ -59,6 +59,25 @@ pub struct FedAvgArgs {
     /// to stream every size) [default: run's].
     #[arg(long, value_parser = super::util::parse_size)]
     stream_above: Option<u64>,
+    /// Runs the swarm workflow instead (`swarm`): every member, `server` included, trains,
+    /// and each round's aggregator is the next in turn; every member listens on a fixed
+    /// loopback port so they can reach each other.
+    #[arg(long, value_enum, default_value_t = Workflow::Fedavg)]
+    workflow: Workflow,
+    /// Runs `site-1` in a memory cgroup with this limit (e.g. `1GiB`, page cache included),
+    /// to show a member finishing with a model larger than its memory (needs root and a
+    /// memory cgroup controller).
+    #[arg(long, value_parser = super::util::parse_size)]
+    memory_limit: Option<u64>,
+}
+
+/// Which workflow `bench fedavg` runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Workflow {
+    /// A controller (`server`) and its clients.
+    Fedavg,
+    /// Every member trains; the aggregator rotates.
+    Swarm,
 }
 
 /// One child process and the lines of its stderr.
@@ -72,13 +91,33 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, args: &[String], stdout: bool, log: Option<&str>) -> anyhow::Result<Self> {
+    /// Starts `flare-node ARGS`; in the cgroup whose `cgroup.procs` is `cgroup`, when given
+    /// (through `sh`, which moves itself there and then becomes the process).
+    fn spawn(
+        name: &str,
+        args: &[String],
+        stdout: bool,
+        log: Option<&str>,
+        cgroup: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating flare-node")?;
         let filter = match log {
             Some(extra) => format!("info,libp2p_swarm=warn,{extra}"),
             None => "info,libp2p_swarm=warn".to_owned(),
         };
-        let mut child = Command::new(exe)
+        let mut cmd = match cgroup {
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
+                    .arg("sh")
+                    .arg(procs)
+                    .arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
@@ -163,11 +202,23 @@ fn topology(
     elements: usize,
     members: &[(String, String, Option<String>)],
 ) -> anyhow::Result<()> {
+    let workflow = match a.workflow {
+        Workflow::Fedavg => format!(
+            "[job]\nname = \"bench-fedavg\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
+             [fedavg]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\nshare_upload = {}\n\n",
+            a.rounds, a.clients, a.timeout_secs, a.share_upload
+        ),
+        Workflow::Swarm => format!(
+            "[job]\nname = \"bench-swarm\"\nworkflow = \"swarm\"\n\n\
+             [swarm]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\n\n",
+            a.rounds,
+            a.clients + 1,
+            a.timeout_secs
+        ),
+    };
     let mut s = format!(
-        "[job]\nname = \"bench-fedavg\"\nworkflow = \"fedavg\"\ncontroller = \"server\"\n\n\
-         [fedavg]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\nshare_upload = {}\n\n\
-         [learner]\nkind = \"add-one\"\n\n[model]\ntensors = {}\nelements = {elements}\nseed = 1\n\n",
-        a.rounds, a.clients, a.timeout_secs, a.share_upload, a.keys
+        "{workflow}[learner]\nkind = \"add-one\"\n\n[model]\ntensors = {}\nelements = {elements}\nseed = 1\n\n",
+        a.keys
     );
     for (name, id, addr) in members {
         let addrs = addr.as_ref().map(|x| format!("\"{x}\"")).unwrap_or_default();
@@ -262,6 +313,8 @@ impl FedAvgArgs {
             max_upload: None,
             share_upload: false,
             stream_above: None,
+            workflow: Workflow::Fedavg,
+            memory_limit: None,
         }
     }
 }
@@ -309,7 +362,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
     for (i, n) in names.iter().enumerate() {
         let (_, id) = super::write_key(dir, &format!("{n}.key"))?;
         // Clients that share the upload dial each other: they listen where the topology says.
-        let addr = match a.share_upload && i > 0 {
+        let addr = match (a.share_upload && i > 0) || a.workflow == Workflow::Swarm {
             true => Some(format!("/ip4/127.0.0.1/tcp/{}", free_port()?)),
             false => None,
         };
@@ -366,7 +419,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
             super::util::fmt_bytes(cap)
         );
     }
-    let mut server = Proc::spawn("server", &server_args, true, a.log.as_deref())?;
+    let mut server = Proc::spawn("server", &server_args, true, a.log.as_deref(), None)?;
     let line = server.wait_for("listening", deadline).await?;
     let addr = line
         .split_whitespace()
@@ -375,15 +428,38 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         .to_owned();
     members[0].2 = Some(addr);
     topology(&dir.join("clients.toml"), a, elements, &members)?;
+    let capped = match a.memory_limit {
+        Some(bytes) => {
+            let group = super::cgroup::MemoryCgroup::create(&format!("flare-bench-{}", std::process::id()), bytes)?;
+            eprintln!(
+                "site-1 runs in a memory cgroup limited to {}",
+                super::util::fmt_bytes(bytes)
+            );
+            Some(group)
+        }
+        None => None,
+    };
     let clients: Vec<Proc> = names[1..]
         .iter()
-        .map(|n| Proc::spawn(n, &args(n, "clients.toml"), false, a.log.as_deref()))
+        .enumerate()
+        .map(|(i, n)| {
+            let procs = capped.as_ref().filter(|_| i == 0).map(|g| g.procs_file());
+            Proc::spawn(n, &args(n, "clients.toml"), false, a.log.as_deref(), procs.as_deref())
+        })
         .collect::<anyhow::Result<_>>()?;
     let (server_rss, summary) = server.finish(deadline).await?;
     let mut client_rss = 0;
-    for c in clients {
-        client_rss = client_rss.max(c.finish(deadline).await?.0);
+    let mut site1_rss = 0;
+    for (i, c) in clients.into_iter().enumerate() {
+        let rss = c.finish(deadline).await?.0;
+        client_rss = client_rss.max(rss);
+        if i == 0 {
+            site1_rss = rss;
+        }
     }
+    let cgroup_peak = capped.as_ref().and_then(|g| g.peak_bytes());
+    let limit_hits = capped.as_ref().and_then(|g| g.limit_hits());
+    drop(capped);
     let summary: Value = serde_json::from_str(summary.as_deref().unwrap_or_default())
         .context("the controller printed no summary JSON")?;
     let round_secs = summary["round_secs"].clone();
@@ -408,6 +484,11 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
         "controller_max_upload": a.max_upload,
         "stream_above": a.stream_above,
+        "workflow": format!("{:?}", a.workflow).to_lowercase(),
+        "memory_limit": a.memory_limit,
+        "capped_member_peak_rss_bytes": a.memory_limit.map(|_| site1_rss),
+        "capped_member_cgroup_peak_bytes": cgroup_peak,
+        "capped_member_limit_hits": limit_hits,
         "share_upload": a.share_upload,
         "controller_bytes_sent_per_round": sent,
         "controller_models_sent_per_round": sent.map(|b| b as f64 / model_bytes as f64),

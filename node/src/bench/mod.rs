@@ -36,6 +36,7 @@
 //! killed when the parent drops them and give up when their stdin closes, and every wait on
 //! either side has a timeout (`--timeout-secs`).
 
+mod cgroup;
 mod child;
 mod consortium;
 mod fedavg;

@@ -277,8 +277,9 @@ pub fn swarm_config(topo: &Topology, setup: &Setup, members: &[Member], name: &s
     }
 }
 
-/// One member's swarm run in the shape of any job's outcome.
-pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
+/// One member's swarm run in the shape of any job's outcome; `model` is its final model
+/// ([`JobModel::of`] the outcome's).
+pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> JobOutcome {
     let name = |p: &PeerId| {
         members
             .iter()
@@ -328,7 +329,7 @@ pub fn swarm_outcome(o: SwarmOutcome, members: &[Member]) -> JobOutcome {
         train_steps: o.completed,
         rounds,
         extra,
-        model: o.model.into(),
+        model,
         best: None,
     }
 }

@@ -70,6 +70,18 @@ impl JobModel {
         }
     }
 
+    /// Whether two members' final models are the same bytes.
+    pub fn same_as(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Memory(a), Self::Memory(b)) => a.as_safetensors() == b.as_safetensors(),
+            (Self::Stored { blob: a, .. }, Self::Stored { blob: b, .. }) => a == b,
+            (Self::Memory(m), Self::Stored { blob, .. }) | (Self::Stored { blob, .. }, Self::Memory(m)) => {
+                flare_protocols::Manifest::of_bytes(m.as_safetensors(), blob.chunk_size)
+                    .is_ok_and(|x| x.blob_ref() == *blob)
+            }
+        }
+    }
+
     /// Writes the model to a `.safetensors` file: a hard link to the store's file where it
     /// can be (no copy of a large model), else a copy chunk by chunk.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -27,8 +27,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fedavg::GlobalModel;
 use flare_protocols::ctl::Progress;
-use flare_protocols::model::Model;
 use libp2p::PeerId;
 use tokio::time::Instant;
 
@@ -45,16 +45,19 @@ mod types;
 use failover::{Watched, aggregator, watch_round};
 pub use types::*;
 
-/// Runs this member's part of a swarm job from `initial` (the same model on every member).
-pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Result<SwarmOutcome, SwarmError> {
+/// Runs this member's part of a swarm job from `initial` (the same model on every member;
+/// one too large for memory stays on disk, see [`fedavg::GlobalModel`]).
+pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: GlobalModel) -> Result<SwarmOutcome, SwarmError> {
     let me = comm.me();
     if !cfg.members.contains(&me) {
         return Err(SwarmError::Config("this node is not a member of the job".into()));
     }
     fedavg::check_min_clients(cfg.min_clients, cfg.members.len())
         .map_err(|why| SwarmError::Config(format!("min_clients {why}")))?;
-    let layout = initial.layout();
-    let start = comm.publish(Arc::new(initial)).await?;
+    let (layout, start) = match initial {
+        GlobalModel::Memory(m) => (m.layout(), comm.publish(Arc::new(m)).await?),
+        GlobalModel::Stored(blob) => (comm.layout_of(blob).await?, blob),
+    };
     let mut state = Progress {
         round: 0,
         model: start,
@@ -138,7 +141,13 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: Model) -> Resu
     }
     // Everyone ends with the final model; tell its holder we have it.
     let holders = state.holders.clone();
-    let model = comm.pull_model(state.model, &holders).await?;
+    let model = match comm.node().store().streams(state.model.len) {
+        true => {
+            comm.hold(state.model, &holders).await?;
+            GlobalModel::Stored(state.model)
+        }
+        false => GlobalModel::Memory(comm.pull_model(state.model, &holders).await?),
+    };
     if !holders.contains(&me) {
         let mut got = state.clone();
         got.holders = vec![me];
@@ -251,9 +260,9 @@ async fn aggregate(
     };
     let (model, report) = result?;
     let blob = match model {
-        fedavg::GlobalModel::Memory(m) => comm.publish(Arc::new(m)).await?,
+        GlobalModel::Memory(m) => comm.publish(Arc::new(m)).await?,
         // Folded on disk: filed in the store already.
-        fedavg::GlobalModel::Stored(b) => b,
+        GlobalModel::Stored(b) => b,
     };
     let contributors: Vec<PeerId> = cfg
         .members

@@ -3,7 +3,6 @@
 
 use crate::job::communicator::CommError;
 use crate::job::fedavg::{Evaluator, FedAvgError};
-use flare_protocols::model::Model;
 use libp2p::PeerId;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -55,8 +54,8 @@ pub struct SwarmRound {
 /// The end of a swarm job on one member.
 #[derive(Clone, Debug)]
 pub struct SwarmOutcome {
-    /// The final model (the same on every member).
-    pub model: Model,
+    /// The final model (the same on every member), on disk when too large for memory.
+    pub model: crate::job::fedavg::GlobalModel,
     /// The rounds this member saw completed (a member that came back misses some).
     pub rounds: Vec<SwarmRound>,
     /// Rounds behind the final model (all of them, also for a member that came back).
