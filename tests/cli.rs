@@ -309,6 +309,11 @@ fn run_per_process(dir: &Path, job: &str, last_round: u32) {
     run_per_process_with(dir, job, last_round, &[]);
 }
 
+/// `args` then `extra`.
+fn joined<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    args.iter().chain(extra).copied().collect()
+}
+
 /// [`run_per_process`], with `extra` arguments for every member's `run`; returns each
 /// member's whole log, the server's first.
 pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra: &[&str]) -> Vec<String> {
@@ -322,20 +327,23 @@ pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra
         names.iter().zip(&ids).map(|(n, i)| (*n, i.as_str(), None)).collect();
     topology(&dir.join("server.toml"), job, &no_addr);
     let listen = "/ip4/127.0.0.1/tcp/0";
-    let with_extra = |args: &[&str]| [args, extra].concat();
-    let mut server = Running::start(&with_extra(&[
-        "run",
-        "--topology",
-        &p("server.toml"),
-        "--name",
-        "server",
-        "--key",
-        &p("server.key"),
-        "--listen",
-        listen,
-        "--data-dir",
-        &p("server-data"),
-    ]));
+
+    let mut server = Running::start(&joined(
+        &[
+            "run",
+            "--topology",
+            &p("server.toml"),
+            "--name",
+            "server",
+            "--key",
+            &p("server.key"),
+            "--listen",
+            listen,
+            "--data-dir",
+            &p("server-data"),
+        ],
+        extra,
+    ));
     let line = server.wait_for(&["listening", "/ip4/127.0.0.1/tcp/"]);
     let addr = line
         .split_whitespace()
@@ -348,19 +356,22 @@ pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra
     let clients: Vec<Running> = names[1..]
         .iter()
         .map(|n| {
-            Running::start(&with_extra(&[
-                "run",
-                "--topology",
-                &p("clients.toml"),
-                "--name",
-                n,
-                "--key",
-                &p(&format!("{n}.key")),
-                "--listen",
-                listen,
-                "--data-dir",
-                &p(&format!("{n}-data")),
-            ]))
+            Running::start(&joined(
+                &[
+                    "run",
+                    "--topology",
+                    &p("clients.toml"),
+                    "--name",
+                    n,
+                    "--key",
+                    &p(&format!("{n}.key")),
+                    "--listen",
+                    listen,
+                    "--data-dir",
+                    &p(&format!("{n}-data")),
+                ],
+                extra,
+            ))
         })
         .collect();
     server.wait_for(&["round done", &format!("round={last_round}")]);

@@ -29,6 +29,7 @@ fn a_model_four_times_larger_than_any_process_peak_trains_exactly_through_disk()
     assert!(model.len() > MODEL_BYTES, "the whole model was written out");
     for (who, log) in ["server", "site-1", "site-2", "site-3"].iter().zip(&logs) {
         let peak = peak_rss(log);
+        eprintln!("{who}: peak {} MiB for a {} MiB model", peak >> 20, MODEL_BYTES >> 20);
         assert!(
             peak < MODEL_BYTES / 4,
             "{who} peaked at {peak} bytes, a model is {MODEL_BYTES}"

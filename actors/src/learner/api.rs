@@ -92,7 +92,14 @@ impl TensorStream for AddOne {
     fn finish(&mut self, _: &TaskContext) -> Result<(u64, BTreeMap<String, f64>), String> {
         Ok((self.num_samples, BTreeMap::new()))
     }
+
+    fn piece_bytes(&self) -> Option<usize> {
+        Some(PIECE_BYTES)
+    }
 }
+
+/// How much of a tensor an element-by-element learner is handed at once.
+const PIECE_BYTES: usize = 4 << 20;
 
 /// Adds 1.0 to every f32 weight: the exact-arithmetic check of every workflow.
 #[derive(Clone, Debug)]

@@ -79,4 +79,9 @@ impl<L: crate::learner::Learner> crate::learner::TensorStream for Paced<L> {
         std::thread::sleep(self.delay);
         out
     }
+
+    fn piece_bytes(&self) -> Option<usize> {
+        // Whole tensors, right for any learner (asking the inner one needs it mutably).
+        None
+    }
 }

@@ -21,26 +21,44 @@ pub trait TensorStream {
 
     /// Ends the pass over the model: the result's aggregation weight and its metrics.
     fn finish(&mut self, ctx: &TaskContext) -> Result<(u64, BTreeMap<String, f64>), String>;
+
+    /// `Some(n)` when this learner updates each element on its own (add-one, a quantiser):
+    /// it is then handed each tensor in pieces of at most `n` bytes (whole elements), and
+    /// its memory stays `n` however large the tensors are. `None`: whole tensors.
+    fn piece_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
-/// Runs `learner` over the model in `file` (laid out as `layout`), tensor by tensor, in
-/// place; returns what [`TensorStream::finish`] says.
+/// Runs `learner` over the model in `file` (laid out as `layout`), tensor by tensor (or piece
+/// by piece, see [`TensorStream::piece_bytes`]), in place; returns what
+/// [`TensorStream::finish`] says.
 pub fn stream_in_place(
     learner: &mut dyn TensorStream,
     file: &Scratch,
     layout: &Layout,
     ctx: &TaskContext,
 ) -> Result<(u64, BTreeMap<String, f64>), String> {
+    // Pieces hold whole elements of any dtype (8 bytes at most).
+    let piece = learner.piece_bytes().map(|n| (n.max(8) / 8 * 8) as u64);
     let mut buf = Vec::new();
     for r in &layout.regions {
-        let len = usize::try_from(r.bytes.end - r.bytes.start)
-            .map_err(|_| format!("tensor {:?} is too large for this machine", r.name))?;
-        buf.resize(len, 0);
-        file.read_at(&mut buf, r.bytes.start)
-            .map_err(|e| format!("reading tensor {:?}: {e}", r.name))?;
-        learner.tensor(&r.name, r.dtype, &mut buf, ctx)?;
-        file.write_at(&buf, r.bytes.start)
-            .map_err(|e| format!("writing tensor {:?}: {e}", r.name))?;
+        let step = piece.unwrap_or(r.bytes.end - r.bytes.start);
+        let mut at = r.bytes.start;
+        while at < r.bytes.end || (at == r.bytes.start && r.bytes.is_empty()) {
+            let len = usize::try_from(step.min(r.bytes.end - at))
+                .map_err(|_| format!("tensor {:?} is too large for this machine", r.name))?;
+            buf.resize(len, 0);
+            file.read_at(&mut buf, at)
+                .map_err(|e| format!("reading tensor {:?}: {e}", r.name))?;
+            learner.tensor(&r.name, r.dtype, &mut buf, ctx)?;
+            file.write_at(&buf, at)
+                .map_err(|e| format!("writing tensor {:?}: {e}", r.name))?;
+            if len == 0 {
+                break;
+            }
+            at += len as u64;
+        }
     }
     learner.finish(ctx)
 }
@@ -62,6 +80,55 @@ mod tests {
         }
     }
 
+    /// Doubles every f32, element by element, counting the pieces it is handed.
+    struct Doubler(Vec<usize>);
+
+    impl TensorStream for Doubler {
+        fn tensor(&mut self, _: &str, _: DType, data: &mut [u8], _: &TaskContext) -> Result<(), String> {
+            self.0.push(data.len());
+            for b in data.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * 2.0;
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(())
+        }
+
+        fn finish(&mut self, _: &TaskContext) -> Result<(u64, BTreeMap<String, f64>), String> {
+            Ok((1, BTreeMap::new()))
+        }
+
+        fn piece_bytes(&self) -> Option<usize> {
+            Some(13)
+        }
+    }
+
+    #[test]
+    fn an_elementwise_learner_gets_tensors_in_pieces_of_whole_elements() {
+        let values: Vec<f32> = (0..7).map(|i| i as f32).collect();
+        let model = Model::from_tensors([
+            ("a", Tensor::from_f32(vec![7], &values).expect("t")),
+            ("e", Tensor::from_f32(vec![0], &[]).expect("t")),
+        ]);
+        let file = crate::BlobStore::memory()
+            .scratch(model.as_safetensors().len() as u64)
+            .expect("scratch");
+        file.write_at(model.as_safetensors(), 0).expect("write");
+        let mut learner = Doubler(Vec::new());
+        stream_in_place(&mut learner, &file, &model.layout(), &ctx()).expect("stream");
+        // 13 bytes round down to 8: 28 bytes of "a" in 8 + 8 + 8 + 4, and the empty "e" once.
+        assert_eq!(
+            learner.0.iter().filter(|&&n| n > 0).copied().collect::<Vec<_>>(),
+            [8, 8, 8, 4]
+        );
+        let mut out = vec![0; file.len() as usize];
+        file.read_at(&mut out, 0).expect("read");
+        let doubled = Model::from_safetensors(&out).expect("model");
+        assert_eq!(
+            doubled.f32("a").expect("a"),
+            values.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+        );
+    }
+
     #[test]
     fn streaming_add_one_equals_add_one_in_memory() {
         let model = Model::from_tensors([
@@ -74,6 +141,7 @@ mod tests {
         ]);
         let mut learner = AddOne { num_samples: 3 };
         let expected = learner.train(model.clone(), &ctx()).expect("train");
+        assert!(learner.piece_bytes().is_some(), "add-one takes its tensors in pieces");
         let store = crate::BlobStore::memory();
         let file = store.scratch(model.as_safetensors().len() as u64).expect("scratch");
         file.write_at(model.as_safetensors(), 0).expect("write");

@@ -117,13 +117,15 @@ pub async fn add_one_on_disk(comm: &Communicator, spec: &ModelSpec) -> anyhow::R
         let file = store.scratch(layout.len)?;
         file.write_at(&layout.header, 0)?;
         let mut next = add_one_values(spec.seed);
-        let mut buf = Vec::new();
+        let mut buf = Vec::with_capacity(PIECE_BYTES);
         for r in &layout.regions {
-            buf.clear();
-            for _ in 0..spec.elements {
-                buf.extend_from_slice(&next().to_le_bytes());
+            for (at, len) in pieces(r) {
+                buf.clear();
+                for _ in 0..len / 4 {
+                    buf.extend_from_slice(&next().to_le_bytes());
+                }
+                file.write_at(&buf, at)?;
             }
-            file.write_at(&buf, r.bytes.start)?;
         }
         Ok::<_, anyhow::Error>(file)
     })
@@ -149,12 +151,22 @@ pub fn add_one_exact_stored(store: &BlobStore, blob: BlobRef, layout: &Layout, s
         return false;
     }
     let mut next = add_one_values(spec.seed);
-    let mut buf = Vec::new();
-    layout.regions.iter().all(|r| {
-        buf.resize((r.bytes.end - r.bytes.start) as usize, 0);
-        store.read_at(&blob.id, &mut buf, r.bytes.start).is_ok()
+    let mut buf = Vec::with_capacity(PIECE_BYTES);
+    layout.regions.iter().flat_map(pieces).all(|(at, len)| {
+        buf.resize(len, 0);
+        store.read_at(&blob.id, &mut buf, at).is_ok()
             && buf
                 .chunks_exact(4)
                 .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == plus_ones(next(), rounds).to_bits())
     })
+}
+
+/// How much of a tensor is made or checked at once: memory stays this, whatever the model.
+const PIECE_BYTES: usize = 4 << 20;
+
+/// A tensor's bytes in pieces of at most [`PIECE_BYTES`]: (offset, length).
+fn pieces(r: &flare_protocols::model::Region) -> impl Iterator<Item = (u64, usize)> + '_ {
+    (r.bytes.start..r.bytes.end)
+        .step_by(PIECE_BYTES)
+        .map(move |at| (at, (r.bytes.end - at).min(PIECE_BYTES as u64) as usize))
 }
