@@ -73,6 +73,7 @@ pub(crate) async fn standing(
     listen: Vec<Multiaddr>,
     data_dir: &std::path::Path,
     max_upload: Option<u64>,
+    stream_above: Option<u64>,
     desk: MakeDesk,
 ) -> anyhow::Result<()> {
     let me = key.public().to_peer_id();
@@ -88,7 +89,7 @@ pub(crate) async fn standing(
             data_dir: data_dir.to_owned(),
             json: false,
             max_upload,
-            stream_above: None,
+            stream_above,
         },
         Some(members),
         None,

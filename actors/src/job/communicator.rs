@@ -169,12 +169,20 @@ impl Communicator {
         let cs = self.chunk_size;
         // Held as it is stored: another job's last release of the same content must not
         // remove it in between.
-        let m = tokio::task::spawn_blocking(move || store.import_bytes_held(model.as_safetensors(), cs))
+        self.stored(move || store.import_bytes_held(model.as_safetensors(), cs))
             .await
-            .map_err(|e| StoreError::Io {
-                path: "<publish>".into(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+    }
+
+    /// Runs `store` (an import that holds what it stores) on a blocking thread and counts
+    /// its hold as the job's.
+    async fn stored(
+        &self,
+        store: impl FnOnce() -> Result<flare_protocols::Manifest, StoreError> + Send + 'static,
+    ) -> Result<BlobRef, CommError> {
+        let m = tokio::task::spawn_blocking(store).await.map_err(|e| StoreError::Io {
+            path: "<publish>".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         self.kept(&m.id());
         Ok(m.blob_ref())
     }
@@ -439,14 +447,7 @@ impl Communicator {
     pub async fn publish_scratch(&self, file: crate::store::Scratch) -> Result<BlobRef, CommError> {
         let store = self.node.store().clone();
         let cs = self.chunk_size;
-        let m = tokio::task::spawn_blocking(move || store.adopt_held(file, cs))
-            .await
-            .map_err(|e| StoreError::Io {
-                path: "<publish>".into(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
-        self.kept(&m.id());
-        Ok(m.blob_ref())
+        self.stored(move || store.adopt_held(file, cs)).await
     }
 
     /// The layout of a model this node's store holds whole, read from its header alone.

@@ -95,19 +95,10 @@ impl DataFile {
     pub(super) fn take_as_scratch(&self, dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(format!("import-{}.tmp", unique_suffix()));
         std::fs::rename(&self.path, &path).map_err(io_err(&path))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        Ok(Self {
-            file,
-            path,
-            direct: None,
-        })
+        Self::open_whole(path)
     }
 
-    /// Opens a whole blob's file for reading (and no more writing).
+    /// Opens a whole blob's file (for reading; a scratch's, for writing in place too).
     fn open_whole(path: PathBuf) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)

@@ -172,6 +172,16 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             });
         }
     }
-    let cap = site.policy.limits.max_upload_bytes_per_sec;
-    crate::run::standing(site.key, gate, site.policy.listen, &site.dir.join("store"), cap, desk).await
+    let limits = &site.policy.limits;
+    let (cap, stream_above) = (limits.max_upload_bytes_per_sec, limits.stream_above_bytes);
+    crate::run::standing(
+        site.key,
+        gate,
+        site.policy.listen,
+        &site.dir.join("store"),
+        cap,
+        stream_above,
+        desk,
+    )
+    .await
 }

@@ -82,6 +82,9 @@ pub struct Limits {
     /// Bytes a second this site uploads at most as model chunks, to all peers together
     /// (`None`: no cap): a site's uplink is shared with everything else it does.
     pub max_upload_bytes_per_sec: Option<u64>,
+    /// Models larger than this live on disk in this site's jobs, not in memory (`run
+    /// --stream-above`; `None`: the node's default, 512 MiB).
+    pub stream_above_bytes: Option<u64>,
 }
 
 /// A site's policy (see the module doc).
@@ -268,6 +271,8 @@ struct RawLimits {
     job_disk_bytes: u64,
     #[serde(default)]
     max_upload_bytes_per_sec: Option<Spanned<u64>>,
+    #[serde(default)]
+    stream_above_bytes: Option<u64>,
 }
 
 fn default_concurrent() -> Spanned<usize> {
@@ -287,6 +292,7 @@ impl Default for Limits {
             max_model_bytes: default_max_model(),
             job_disk_bytes: default_job_disk(),
             max_upload_bytes_per_sec: None,
+            stream_above_bytes: None,
         }
     }
 }
@@ -457,6 +463,7 @@ impl Policy {
                     max_model_bytes: l.max_model_bytes,
                     job_disk_bytes: l.job_disk_bytes,
                     max_upload_bytes_per_sec: l.max_upload_bytes_per_sec.map(|r| r.into_inner()),
+                    stream_above_bytes: l.stream_above_bytes,
                 }
             }
         };
@@ -578,6 +585,7 @@ max_model_bytes = 4294967296     # 4 GiB
 job_disk_bytes = 17179869184     # 16 GiB
 # max_upload_bytes_per_sec = 209715200   # 200 MiB/s: what this site sends as model chunks,
 #                                        # to all peers together (default: no cap)
+# stream_above_bytes = 536870912         # 512 MiB: larger models live on disk, not in memory
 "#,
             listen = listen.join(", ")
         )
@@ -627,10 +635,11 @@ mod tests {
         let p = policy(&format!(
             "[site]\nname = \"lab-b\"\n\n[[submitter]]\nname = \"alice\"\npeer_id = \"{alice}\"\nworkflows = [\"fedavg\"]\n\n\
              [learners]\nbuiltin = [\"mlp\"]\n\n[learner.cnn]\ncommand = [\"python3\", \"train.py\"]\n\n\
-             [dataset.digits]\npath = \"data/digits.csv\"\ntest = \"/held/out.csv\"\n\n[dataset.xray]\npath = \"xray.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\nmax_upload_bytes_per_sec = 209715200\n"
+             [dataset.digits]\npath = \"data/digits.csv\"\ntest = \"/held/out.csv\"\n\n[dataset.xray]\npath = \"xray.csv\"\n\n[limits]\nconcurrent_jobs = 2\nmax_model_bytes = 1000\nmax_upload_bytes_per_sec = 209715200\nstream_above_bytes = 0\n"
         ))
         .expect("policy");
         assert_eq!(p.limits.max_upload_bytes_per_sec, Some(200 << 20));
+        assert_eq!(p.limits.stream_above_bytes, Some(0));
         let digits = &p.datasets["digits"];
         assert_eq!(digits.path, Path::new("/site/data/digits.csv"));
         assert_eq!(digits.test.as_deref(), Some(Path::new("/held/out.csv")));
