@@ -129,7 +129,12 @@ impl Running {
 
     /// Waits (bounded) for a log line containing every one of `words`.
     pub(crate) fn wait_for(&mut self, words: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_within(words, 60)
+    }
+
+    /// [`Self::wait_for`], waiting at most `secs`.
+    pub(crate) fn wait_for_within(&mut self, words: &[&str], secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(l) => {
@@ -306,7 +311,7 @@ fn topology(path: &Path, job: &str, members: &[(&str, &str, Option<&str>)]) {
 /// `dir`; the controller's outputs land in `dir/server-data`, and `dir/clients.toml` is the
 /// topology with every member's peer id (and the server's address).
 fn run_per_process(dir: &Path, job: &str, last_round: u32) {
-    run_per_process_with(dir, job, last_round, &[]);
+    run_per_process_with(dir, job, last_round, &[], 60);
 }
 
 /// `args` then `extra`.
@@ -314,9 +319,9 @@ fn joined<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
     args.iter().chain(extra).copied().collect()
 }
 
-/// [`run_per_process`], with `extra` arguments for every member's `run`; returns each
-/// member's whole log, the server's first.
-pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra: &[&str]) -> Vec<String> {
+/// [`run_per_process`], with `extra` arguments for every member's `run` and a job that may
+/// take up to `secs`; returns each member's whole log, the server's first.
+pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra: &[&str], secs: u64) -> Vec<String> {
     let p = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let names = ["server", "site-1", "site-2", "site-3"];
     let ids: Vec<String> = names
@@ -374,7 +379,7 @@ pub(crate) fn run_per_process_with(dir: &Path, job: &str, last_round: u32, extra
             ))
         })
         .collect();
-    server.wait_for(&["round done", &format!("round={last_round}")]);
+    server.wait_for_within(&["round done", &format!("round={last_round}")], secs);
     let mut logs = Vec::new();
     let (ok, log) = server.finish(120);
     assert!(ok, "the controller finished the job:\n{log}");

@@ -5,12 +5,15 @@
 pub struct Paced<L> {
     inner: L,
     delay: std::time::Duration,
+    /// The inner learner's [`crate::learner::TensorStream::piece_bytes`], asked once.
+    piece: Option<usize>,
 }
 
-impl<L> Paced<L> {
+impl<L: crate::learner::Learner> Paced<L> {
     /// Wraps `inner`; each training step sleeps `delay` before it returns.
-    pub fn new(inner: L, delay: std::time::Duration) -> Self {
-        Self { inner, delay }
+    pub fn new(mut inner: L, delay: std::time::Duration) -> Self {
+        let piece = inner.streaming().and_then(|s| s.piece_bytes());
+        Self { inner, delay, piece }
     }
 }
 
@@ -81,7 +84,6 @@ impl<L: crate::learner::Learner> crate::learner::TensorStream for Paced<L> {
     }
 
     fn piece_bytes(&self) -> Option<usize> {
-        // Whole tensors, right for any learner (asking the inner one needs it mutably).
-        None
+        self.piece
     }
 }

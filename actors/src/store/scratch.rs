@@ -14,7 +14,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use flare_protocols::{BlobId, Manifest, ManifestBuilder};
+use flare_protocols::blob_id::ChunkHash;
+use flare_protocols::{BlobId, Manifest};
 
 use super::disk::DataFile;
 use super::residency::{Data, Entry};
@@ -154,16 +155,7 @@ impl BlobStore {
     /// finds or inserts it (see [`Self::import_bytes_held`]). Content the store already holds
     /// whole is held, and the scratch removed.
     pub fn adopt_held(&self, mut scratch: Scratch, chunk_size: u32) -> Result<Manifest, StoreError> {
-        let mut builder = ManifestBuilder::new(chunk_size)?;
-        let mut buf = vec![0u8; chunk_size as usize];
-        let mut at = 0u64;
-        while at < scratch.len {
-            let n = (scratch.len - at).min(u64::from(chunk_size)) as usize;
-            scratch.read_at(&mut buf[..n], at)?;
-            builder.push_chunk(&buf[..n]);
-            at += n as u64;
-        }
-        let manifest = builder.finish()?;
+        let manifest = hash_in_parallel(&scratch, chunk_size)?;
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
         self.retain(&id);
@@ -252,6 +244,50 @@ impl BlobStore {
             },
         }
     }
+}
+
+/// The manifest of `scratch` cut into chunks of `chunk_size`: the chunks read back and hashed
+/// on every core, a run of them each, one chunk of memory per core. A model's hashing is the
+/// last step of its round, which the machine's other work has finished by then.
+fn hash_in_parallel(scratch: &Scratch, chunk_size: u32) -> Result<Manifest, StoreError> {
+    let n = flare_protocols::blob_id::chunk_count(scratch.len, chunk_size)?;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
+    let per = n.div_ceil(cores.max(1)).max(1);
+    let cs = u64::from(chunk_size);
+    let runs: Vec<Result<Vec<ChunkHash>, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per as usize)
+            .map(|first| {
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; chunk_size as usize];
+                    (first..(first + per).min(n))
+                        .map(|i| {
+                            let at = i * cs;
+                            let len = (scratch.len - at).min(cs) as usize;
+                            scratch.read_at(&mut buf[..len], at)?;
+                            Ok(ChunkHash::of(&buf[..len]))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StoreError::Corrupt {
+                        path: scratch.path().to_owned(),
+                        reason: "a hashing thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut hashes = Vec::with_capacity(n as usize);
+    for run in runs {
+        hashes.extend(run?);
+    }
+    Ok(Manifest::new(scratch.len, chunk_size, hashes)?)
 }
 
 #[cfg(test)]
