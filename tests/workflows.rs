@@ -137,6 +137,27 @@ fn swarm_sim_fails_over_when_its_aggregator_crashes_and_stays_exact() {
     );
 }
 
+#[test]
+fn a_swarm_whose_members_share_the_pull_of_each_model_learns_and_ends_in_agreement() {
+    // The digits MLP (every member's result differs, so every round's model travels), with
+    // the pull of each announced model shared: relays between members, as fetch_shared does.
+    let dir = tempfile::tempdir().expect("tmp");
+    let original = std::fs::read_to_string(topology_file("swarm-digits.toml")).expect("topology");
+    let shared = original
+        .replace("rounds = 20", "rounds = 6")
+        .replace("crash_aggregator_in_round = 6", "share_upload = true");
+    let path = dir.path().join("swarm-shared.toml");
+    std::fs::write(&path, shared).expect("write");
+    let out = cli(&["sim", path.to_str().expect("utf8"), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(&out);
+    assert_eq!(s["aggregator_per_round"].as_array().map(Vec::len), Some(6), "{s}");
+    assert_eq!(s["failovers"], serde_json::json!([]), "{s}");
+    let accuracy = s["global"][5]["accuracy"].as_f64().expect("accuracy");
+    let local = s["local_only"]["mean_accuracy"].as_f64().expect("local-only");
+    assert!(accuracy > local, "the shared swarm beats local-only training: {s}");
+}
+
 const SWARM: &str = "[job]\nname = \"swarm-mp\"\nworkflow = \"swarm\"\n\n\
      [swarm]\nrounds = 5\nmin_clients = 2\nround_timeout_secs = 30\n\n\
      [learner]\nkind = \"add-one\"\n\n[model]\ntensors = 3\nelements = 300000\nseed = 8\n\n";

@@ -523,6 +523,17 @@ impl Communicator {
         Ok(())
     }
 
+    /// [`Self::hold`], sharing the pull with `owners`, the members pulling `blob` at the same
+    /// moment (every one of them lists the same owners, in the same order): each pulls its
+    /// share from `from` and the rest from the others ([`Node::fetch_shared`]).
+    pub async fn hold_shared(&self, blob: BlobRef, from: &[PeerId], owners: &[PeerId]) -> Result<(), CommError> {
+        self.keep(&blob.id);
+        self.node
+            .fetch_shared(blob, from, owners, &FetchOptions::default())
+            .await?;
+        Ok(())
+    }
+
     /// Lets go of a blob this job stored (published, pulled or held) once no round, checkpoint
     /// or member needs it: the node's store removes it when nothing else holds it either, so
     /// the store does not grow with the rounds. A blob this job did not store is left alone.

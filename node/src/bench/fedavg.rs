@@ -210,10 +210,11 @@ fn topology(
         ),
         Workflow::Swarm => format!(
             "[job]\nname = \"bench-swarm\"\nworkflow = \"swarm\"\n\n\
-             [swarm]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\n\n",
+             [swarm]\nrounds = {}\nmin_clients = {}\nround_timeout_secs = {}\nshare_upload = {}\n\n",
             a.rounds,
             a.clients + 1,
-            a.timeout_secs
+            a.timeout_secs,
+            a.share_upload
         ),
     };
     let mut s = format!(

@@ -274,6 +274,7 @@ pub fn swarm_config(topo: &Topology, setup: &Setup, members: &[Member], name: &s
         heartbeat: std::time::Duration::from_millis(500),
         evaluate: evaluator(setup),
         crash_in_round: None,
+        share_upload: topo.share_upload,
     }
 }
 

@@ -211,8 +211,8 @@ pub struct Topology {
     pub crash_aggregator_in_round: Option<u32>,
     /// FedAvg: the seeded sample of clients each round asks (none: every client).
     pub sample: Option<flare_actors::job::Sampling>,
-    /// FedAvg: the clients of a round share the upload of its global model
-    /// (`share_upload = true`), so the controller sends about one model a round.
+    /// FedAvg and swarm: the members pulling a round's model share the upload
+    /// (`share_upload = true`), so its source sends about one model a round.
     pub share_upload: bool,
     /// FedAvg: which checkpoints stay in the controller's checkpoint directory.
     pub checkpoints: flare_actors::job::CheckpointPolicy,

@@ -119,6 +119,9 @@ pub(super) struct RawSwarm {
     pub(super) round_timeout_secs: Spanned<f64>,
     #[serde(default)]
     pub(super) crash_aggregator_in_round: Option<u32>,
+    /// The members share the upload of each round's new model.
+    #[serde(default)]
+    pub(super) share_upload: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -271,7 +271,7 @@ pub(super) fn workflow(
                 crash_aggregator_in_round: s.crash_aggregator_in_round,
                 sample: None,
                 checkpoints: Default::default(),
-                share_upload: false,
+                share_upload: s.share_upload.unwrap_or(false),
                 workflow: Workflow::Swarm,
             })
         }

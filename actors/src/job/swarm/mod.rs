@@ -119,7 +119,15 @@ pub async fn run(comm: &Communicator, cfg: &SwarmConfig, initial: GlobalModel) -
             Watched::Announced(p) => {
                 // Pull the new model now (the next task needs it anyway): should its
                 // aggregator die before anyone else has it, a successor finds it here.
-                if let Err(e) = comm.hold(p.model, &p.holders).await {
+                let pulled = match cfg.share_upload {
+                    // Every member but the aggregator pulls it now: they share the upload.
+                    true => {
+                        let owners: Vec<PeerId> = cfg.members.iter().copied().filter(|m| *m != p.aggregator).collect();
+                        comm.hold_shared(p.model, &p.holders, &owners).await
+                    }
+                    false => comm.hold(p.model, &p.holders).await,
+                };
+                if let Err(e) = pulled {
                     tracing::debug!(job = %comm.job(), round = p.round, error = %e, "could not pull the announced model yet");
                 }
                 reports.push(SwarmRound {

@@ -31,6 +31,10 @@ pub struct SwarmConfig {
     /// aggregate this round, it drops off the network right after sending the round's
     /// tasks, like a crash (its successor then runs the round normally).
     pub crash_in_round: Option<u32>,
+    /// The members pulling a round's new model share the upload: each pulls its share from
+    /// the aggregator and the rest from the others, so the aggregator sends about one model
+    /// a round instead of one per member (as FedAvg's [`crate::job::FedAvgConfig::share_upload`]).
+    pub share_upload: bool,
 }
 
 /// One round, as this member saw it.
