@@ -24,7 +24,7 @@ for r in rows:
 W, H, L, B, T, R = 720, 420, 70, 50, 40, 170
 sizes = sorted({r["model_bytes"] for r in rows})
 ymax = max(max(r["controller_peak_rss_bytes"], r["client_peak_rss_bytes"]) for r in rows) / MiB
-ymax = max(64, 64 * (int(ymax / 64) + 1))
+ymax = max(128, 32 * (int(ymax / 32) + 1))
 
 
 def x(size):
@@ -44,7 +44,7 @@ svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-f
        f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
 for s in sizes:
     svg.append(f'<text x="{x(s):.0f}" y="{H - B + 18}" text-anchor="middle">{s / MiB:.0f} MiB</text>')
-for v in range(0, ymax + 1, max(64, ymax // 8 // 64 * 64)):
+for v in range(0, ymax + 1, max(16, ymax // 8 // 16 * 16)):
     svg.append(f'<text x="{L - 6}" y="{y(v) + 4:.0f}" text-anchor="end">{v}</text>')
     svg.append(f'<line x1="{L}" y1="{y(v):.0f}" x2="{W - R}" y2="{y(v):.0f}" stroke="#eee"/>')
 svg.append(f'<text x="16" y="{(H - B + T) / 2:.0f}" transform="rotate(-90 16 {(H - B + T) / 2:.0f})" text-anchor="middle">peak RSS (MiB)</text>')
