@@ -23,4 +23,5 @@ mod python_torch;
 mod sharing;
 mod split;
 mod torch;
+mod transport;
 mod workflows;

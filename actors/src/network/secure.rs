@@ -36,12 +36,12 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Security {
-    /// TLS 1.3 (AES-128-GCM first), then Noise.
+    /// TLS 1.3 (AES-128-GCM first), then Noise: the default.
+    #[default]
     TlsOrNoise,
     /// TLS 1.3 only.
     Tls,
-    /// Noise only (`Noise_XX_25519_ChaChaPoly_SHA256`), what earlier builds spoke: the default.
-    #[default]
+    /// Noise only (`Noise_XX_25519_ChaChaPoly_SHA256`), what earlier builds spoke.
     Noise,
 }
 
