@@ -372,7 +372,7 @@ pub enum Secured<C> {
     /// TLS 1.3.
     Tls(Box<futures_rustls::TlsStream<C>>),
     /// Noise.
-    Noise(noise::Output<C>),
+    Noise(Box<noise::Output<C>>),
 }
 
 impl<C> Secured<C> {
@@ -407,7 +407,10 @@ where
             Proto::Noise => self
                 .noise
                 .upgrade_inbound(io, "/noise")
-                .map(|r| r.map(|(p, s)| (p, Secured::Noise(s))).map_err(SecureError::from))
+                .map(|r| {
+                    r.map(|(p, s)| (p, Secured::Noise(Box::new(s))))
+                        .map_err(SecureError::from)
+                })
                 .boxed(),
             Proto::Tls => async move {
                 let mut stream = futures_rustls::TlsAcceptor::from(self.tls_server)
@@ -438,7 +441,10 @@ where
             Proto::Noise => self
                 .noise
                 .upgrade_outbound(io, "/noise")
-                .map(|r| r.map(|(p, s)| (p, Secured::Noise(s))).map_err(SecureError::from))
+                .map(|r| {
+                    r.map(|(p, s)| (p, Secured::Noise(Box::new(s))))
+                        .map_err(SecureError::from)
+                })
                 .boxed(),
             Proto::Tls => async move {
                 let mut stream = futures_rustls::TlsConnector::from(self.tls_client)
@@ -460,7 +466,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> AsyncRead for Secured<C> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Secured::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Secured::Noise(s) => Pin::new(s).poll_read(cx, buf),
+            Secured::Noise(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -469,21 +475,21 @@ impl<C: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Secured<C> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Secured::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Secured::Noise(s) => Pin::new(s).poll_write(cx, buf),
+            Secured::Noise(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Secured::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Secured::Noise(s) => Pin::new(s).poll_flush(cx),
+            Secured::Noise(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Secured::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Secured::Noise(s) => Pin::new(s).poll_close(cx),
+            Secured::Noise(s) => Pin::new(s.as_mut()).poll_close(cx),
         }
     }
 }
