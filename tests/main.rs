@@ -24,4 +24,5 @@ mod python_torch;
 mod sharing;
 mod split;
 mod torch;
+mod transport;
 mod workflows;

@@ -76,9 +76,16 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts the network and the blob server; returns once listening.
+    /// Starts the network and the blob server; returns once listening. Connections offer
+    /// the default [`network::Security`] (TLS, then Noise).
     pub async fn start(cfg: NodeConfig) -> Result<Self, NetworkError> {
-        let net = network::start(cfg.keypair, cfg.members, &cfg.listen).await?;
+        Self::start_with_security(cfg, network::Security::default()).await
+    }
+
+    /// [`Node::start`] offering `security` on its connections: a node restricted to one
+    /// protocol (to measure it, or to stand for a peer that speaks only that one).
+    pub async fn start_with_security(cfg: NodeConfig, security: network::Security) -> Result<Self, NetworkError> {
+        let net = network::start(cfg.keypair, cfg.members, &cfg.listen, security).await?;
         let mut control = net.control.clone();
         let incoming = control
             .accept(BLOB_PROTOCOL)

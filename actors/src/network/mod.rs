@@ -12,6 +12,7 @@
 
 pub mod gate;
 pub mod muxer;
+pub mod secure;
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -25,12 +26,13 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identity::Keypair, noise, ping, tcp};
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, identify, identity::Keypair, ping, tcp};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::membership::{Member, MemberTable};
 use gate::MemberGate;
+pub use secure::Security;
 
 /// Bytes read from a connection's socket at a time.
 const READ_BUFFER: usize = 256 << 10;
@@ -272,24 +274,30 @@ pub struct Network {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Builds the swarm (TCP + Noise + Yamux with frames sized to Noise's, see [`muxer`]), starts listening and waits until every listen
-/// address is bound.
-pub async fn start(keypair: Keypair, members: MemberTable, listen: &[Multiaddr]) -> Result<Network, NetworkError> {
+/// Builds the swarm (TCP, then TLS 1.3 or Noise as `security` offers (see [`secure`]), then
+/// Yamux with frames sized to the security protocol's, see [`muxer`]), starts listening and
+/// waits until every listen address is bound.
+pub async fn start(
+    keypair: Keypair,
+    members: MemberTable,
+    listen: &[Multiaddr],
+    security: Security,
+) -> Result<Network, NetworkError> {
     let peer_id = keypair.public().to_peer_id();
     let ctl_sent = Arc::new(AtomicU64::new(0));
     let codec = CtlCodec { sent: ctl_sent.clone() };
+    let secure = secure::Secure::new(&keypair, security).map_err(|e| NetworkError::Transport(e.to_string()))?;
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_other_transport(|key| {
-            let noise = noise::Config::new(key)?;
+        .with_other_transport(|_| {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                 tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    // Noise reads its frames through a codec that asks the socket for 8 KiB
-                    // at a time: a large read buffer underneath turns ~32 reads (syscalls)
-                    // into one (see docs/benchmarks.md).
+                    // Noise and rustls read their frames and records a few KiB at a time (Noise's
+                    // codec asks for 8 KiB): a large read buffer underneath turns ~32 reads
+                    // (syscalls) into one (see docs/benchmarks.md).
                     .map(|stream, _| futures::io::BufReader::with_capacity(READ_BUFFER, stream))
                     .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                    .authenticate(noise)
+                    .authenticate(secure)
                     .multiplex(muxer::Yamux::default()),
             )
         })

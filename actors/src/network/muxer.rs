@@ -12,6 +12,12 @@
 //! took a quarter off the CPU a bare libp2p stream spends per byte, deferred flushes halved
 //! the socket writes again, and four messages per frame took another tenth off a FedAvg
 //! round's CPU.
+//!
+//! The same frames suit TLS (see [`super::secure`]): rustls cuts what it is given into
+//! records of at most 16 KiB of plaintext and writes them at once (a flush changes nothing),
+//! so a frame is sixteen records, fifteen full and one of 16,304 bytes, plus a small record for
+//! yamux's 12-byte header, which is written apart. (The muxer cannot tell the two protocols
+//! apart anyway: multistream-select's `Negotiated` hides the connection beneath it.)
 
 use std::collections::VecDeque;
 use std::io;

@@ -8,12 +8,19 @@
 //! 1. **plain TCP** (`baseline_tcp_mib_per_s`): a tokio socket; the sender writes 1 MiB
 //!    buffers, the receiver reads until EOF.
 //! 2. **bare libp2p** (`baseline_libp2p_mib_per_s`): two [`flare_actors::Node`]s with the
-//!    node's own transport (TCP, Noise, Yamux), one stream of the private protocol
+//!    node's own transport (TCP, TLS or Noise, Yamux), one stream of the private protocol
 //!    `/flare/bench-raw/1`; the sender writes 1 MiB buffers and closes, the receiver reads
 //!    until EOF. No framing, no hashing, no disk.
 //! 3. **flare blob** (`mib_per_s`): the sender generates the bytes (seeded PRNG, streamed)
 //!    into its disk blob store, then the receiver pulls the blob with `Node::fetch` into its own
 //!    disk store over `/flare/blob/1`, and re-hashes what it stored (`verified`).
+//!
+//! With `--transports noise,tls` phases 2 and 3 run once per listed security (both children
+//! restricted to it, [`flare_actors::network::Security`]), one after the other in every run,
+//! so that the candidates are compared in the same sitting; the JSON's `transports` object has
+//! each one's blob rate, bare-stream rate, ratio and CPU seconds per GiB on each side. The
+//! top-level fields always describe the node's default (`default_transport`), which is measured
+//! first even when not listed.
 //!
 //! Every time is taken **on the receiver, from the moment it has a connection to the moment
 //! it holds the last byte**: TCP from `accept` to EOF; bare libp2p from the stream's accept to
@@ -52,6 +59,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Args, Subcommand};
+use flare_actors::network::Security;
 use flare_protocols::blob::{DEFAULT_WINDOW, MAX_WINDOW};
 use flare_protocols::blob_id::{MAX_CHUNK_SIZE, chunk_count};
 use libp2p::PeerId;
@@ -103,6 +111,10 @@ pub struct BlobArgs {
     /// Where to put the temporary directory [default: the system's temp dir].
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
+    /// Security protocols to measure, each with its own bare-stream baseline, in the same run
+    /// (comma-separated: tls-or-noise, tls, noise) [default: the node's default only].
+    #[arg(long, value_delimiter = ',')]
+    transports: Vec<Security>,
 }
 
 /// One process of a benchmark (`flare-node bench-peer`).
@@ -141,6 +153,8 @@ pub async fn peer(args: PeerArgs) -> anyhow::Result<()> {
 
 /// What the parent knows for every phase.
 struct Setup {
+    /// The securities measured, the node's default first.
+    transports: Vec<Security>,
     size: u64,
     chunk_size: u32,
     window: u32,
@@ -174,8 +188,11 @@ struct Phase {
 #[derive(Clone, Debug)]
 struct RunResult {
     tcp: Phase,
+    /// The default transport's (the first of `per_transport`).
     libp2p: Phase,
     blob: Phase,
+    /// Bare stream and blob transfer per measured security, in `--transports` order.
+    per_transport: Vec<(Phase, Phase)>,
 }
 
 async fn blob(args: BlobArgs) -> anyhow::Result<()> {
@@ -199,7 +216,14 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating a temporary directory in {}", base.display()))?;
     let (sender_key, sender_id) = write_key(tmp.path(), "sender.key")?;
     let (receiver_key, receiver_id) = write_key(tmp.path(), "receiver.key")?;
+    let mut transports = vec![Security::default()];
+    for t in &args.transports {
+        if !transports.contains(t) {
+            transports.push(*t);
+        }
+    }
     let setup = Setup {
+        transports,
         size: args.size,
         chunk_size,
         window: args.window,
@@ -221,12 +245,14 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             args.window
         );
         let r = one_run(&setup, run).await.with_context(|| format!("run {run}"))?;
-        eprintln!(
-            "run {run}: blob {:.0} MiB/s, bare libp2p {:.0} MiB/s, tcp {:.0} MiB/s",
-            mib_per_s(args.size, r.blob.secs),
-            mib_per_s(args.size, r.libp2p.secs),
-            mib_per_s(args.size, r.tcp.secs)
-        );
+        eprintln!("run {run}: tcp {:.0} MiB/s", mib_per_s(args.size, r.tcp.secs));
+        for (t, (bare, blob)) in setup.transports.iter().zip(&r.per_transport) {
+            eprintln!(
+                "run {run}: {t}: blob {:.0} MiB/s, bare libp2p {:.0} MiB/s",
+                mib_per_s(args.size, blob.secs),
+                mib_per_s(args.size, bare.secs)
+            );
+        }
         results.push(r);
     }
     tmp.close().context("removing the temporary directory")?;
@@ -250,9 +276,59 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
     let verified = results.iter().all(|r| r.blob.verified);
     let source_errors: u64 = results.iter().map(|r| r.blob.source_errors).sum();
 
+    let gib = args.size as f64 / f64::from(1u32 << 30);
+    let per_gib = |c: Cpu| cs((c.user + c.sys) / gib);
+    let mut per_transport = serde_json::Map::new();
+    for (i, t) in setup.transports.iter().enumerate() {
+        let phase = |r: &RunResult, bare: bool| {
+            let (b, f) = &r.per_transport[i];
+            if bare { b.clone() } else { f.clone() }
+        };
+        let medp =
+            |bare: bool, f: fn(&Phase) -> f64| median(&results.iter().map(|r| f(&phase(r, bare))).collect::<Vec<_>>());
+        let cpu = |bare: bool, sender: bool| Cpu {
+            user: medp(
+                bare,
+                if sender {
+                    |p| p.sender_cpu.user
+                } else {
+                    |p| p.receiver_cpu.user
+                },
+            ),
+            sys: medp(
+                bare,
+                if sender {
+                    |p| p.sender_cpu.sys
+                } else {
+                    |p| p.receiver_cpu.sys
+                },
+            ),
+        };
+        let blob_rate = mib_per_s(args.size, medp(false, |p| p.secs));
+        let bare_rate = mib_per_s(args.size, medp(true, |p| p.secs));
+        per_transport.insert(
+            t.name().into(),
+            json!({
+                "mib_per_s": blob_rate,
+                "baseline_libp2p_mib_per_s": bare_rate,
+                "ratio_to_libp2p": if bare_rate > 0.0 { blob_rate / bare_rate } else { 0.0 },
+                "runs_mib_per_s": results.iter().map(|r| mib_per_s(args.size, phase(r, false).secs)).collect::<Vec<_>>(),
+                "runs_baseline_libp2p_mib_per_s": results.iter().map(|r| mib_per_s(args.size, phase(r, true).secs)).collect::<Vec<_>>(),
+                "sender_cpu_secs_per_gib": per_gib(cpu(false, true)),
+                "receiver_cpu_secs_per_gib": per_gib(cpu(false, false)),
+                "baseline_libp2p_sender_cpu_secs_per_gib": per_gib(cpu(true, true)),
+                "baseline_libp2p_receiver_cpu_secs_per_gib": per_gib(cpu(true, false)),
+                "verified": results.iter().all(|r| phase(r, false).verified),
+            }),
+        );
+    }
+    let verified = verified && results.iter().all(|r| r.per_transport.iter().all(|(_, b)| b.verified));
+
     if args.json {
         let out = json!({
             "bench": "blob",
+            "default_transport": Security::default().name(),
+            "transports": per_transport,
             "bytes": args.size,
             "secs": secs,
             "mib_per_s": rate,
@@ -295,6 +371,20 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             }
         );
         println!("  bare libp2p: {libp2p_rate:.0} MiB/s   plain TCP: {tcp_rate:.0} MiB/s");
+        if setup.transports.len() > 1 {
+            for (name, t) in &per_transport {
+                println!(
+                    "  {name}: blob {:.0} MiB/s, bare {:.0} MiB/s, ratio {:.2}; CPU-s per GiB: blob sender {} receiver {}, bare sender {} receiver {}",
+                    t["mib_per_s"].as_f64().unwrap_or(0.0),
+                    t["baseline_libp2p_mib_per_s"].as_f64().unwrap_or(0.0),
+                    t["ratio_to_libp2p"].as_f64().unwrap_or(0.0),
+                    t["sender_cpu_secs_per_gib"],
+                    t["receiver_cpu_secs_per_gib"],
+                    t["baseline_libp2p_sender_cpu_secs_per_gib"],
+                    t["baseline_libp2p_receiver_cpu_secs_per_gib"],
+                );
+            }
+        }
         println!(
             "  peak RSS: sender {}, receiver {}",
             fmt_bytes(sender_rss),
@@ -317,10 +407,23 @@ pub(super) fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, Peer
 }
 
 async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
+    let tcp = tcp_phase(s).await.context("plain TCP baseline")?;
+    let mut per_transport = Vec::new();
+    for &t in &s.transports {
+        let bare = libp2p_phase(s, t)
+            .await
+            .with_context(|| format!("bare libp2p baseline ({t})"))?;
+        let blob = blob_phase(s, run, t)
+            .await
+            .with_context(|| format!("blob transfer ({t})"))?;
+        per_transport.push((bare, blob));
+    }
+    let (libp2p, blob) = per_transport[0].clone();
     Ok(RunResult {
-        tcp: tcp_phase(s).await.context("plain TCP baseline")?,
-        libp2p: libp2p_phase(s).await.context("bare libp2p baseline")?,
-        blob: blob_phase(s, run).await.context("blob transfer")?,
+        tcp,
+        libp2p,
+        blob,
+        per_transport,
     })
 }
 
@@ -334,7 +437,7 @@ fn common_args(s: &Setup, role: &str) -> Vec<String> {
     ]
 }
 
-fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String]) -> Vec<String> {
+fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String], security: Security) -> Vec<String> {
     let (key, peer) = if sender {
         (&s.sender_key, s.receiver_id)
     } else {
@@ -346,6 +449,8 @@ fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String]) -> Vec<S
         key.display().to_string(),
         "--peer".into(),
         peer.to_string(),
+        "--security".into(),
+        security.name().into(),
     ]);
     for addr in peer_addrs {
         a.extend(["--peer-addr".into(), addr.clone()]);
@@ -410,20 +515,20 @@ async fn tcp_phase(s: &Setup) -> anyhow::Result<Phase> {
     finish_phase(s, sender, receiver, deadline).await
 }
 
-async fn libp2p_phase(s: &Setup) -> anyhow::Result<Phase> {
+async fn libp2p_phase(s: &Setup, t: Security) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
-    let mut receiver = ChildProc::spawn("libp2p receiver", p2p_args(s, "raw-recv", false, &[]))?;
+    let mut receiver = ChildProc::spawn("libp2p receiver", p2p_args(s, "raw-recv", false, &[], t))?;
     let (addrs, _, _) = ready(receiver.event(deadline).await?, "libp2p receiver")?;
-    let sender = ChildProc::spawn("libp2p sender", p2p_args(s, "raw-send", true, &addrs))?;
+    let sender = ChildProc::spawn("libp2p sender", p2p_args(s, "raw-send", true, &addrs, t))?;
     finish_phase(s, sender, receiver, deadline).await
 }
 
-async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<Phase> {
+async fn blob_phase(s: &Setup, run: u32, t: Security) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
-    let mut a = p2p_args(s, "blob-send", true, &[]);
+    let mut a = p2p_args(s, "blob-send", true, &[], t);
     a.extend([
         "--dir".into(),
-        s.root.join(format!("run{run}-sender")).display().to_string(),
+        s.root.join(format!("run{run}-{t}-sender")).display().to_string(),
         "--chunk-size".into(),
         s.chunk_size.to_string(),
         "--seed".into(),
@@ -437,10 +542,10 @@ async fn blob_phase(s: &Setup, run: u32) -> anyhow::Result<Phase> {
         "the blob sender holds {blob:?}"
     );
 
-    let mut a = p2p_args(s, "blob-recv", false, &addrs);
+    let mut a = p2p_args(s, "blob-recv", false, &addrs, t);
     a.extend([
         "--dir".into(),
-        s.root.join(format!("run{run}-receiver")).display().to_string(),
+        s.root.join(format!("run{run}-{t}-receiver")).display().to_string(),
         "--blob-id".into(),
         blob.id.clone(),
         "--chunk-size".into(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Args, Subcommand};
 use flare_actors::blob::{FetchOptions, Progress};
+use flare_actors::network::Security;
 use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
 use flare_protocols::{BlobId, BlobRef};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -117,6 +118,9 @@ pub struct P2p {
     /// Blob store directory (blob roles).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The security protocols this node offers (`bench blob --transports`).
+    #[arg(long, default_value_t = Security::default())]
+    security: Security,
 }
 
 /// Where the parent stands, as read from stdin.
@@ -355,16 +359,17 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
         addrs: p.peer_addr.clone(),
     }]);
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().context("listen address")?;
-    Node::start(NodeConfig {
+    let cfg = NodeConfig {
         keypair,
         members: members.into(),
         listen: vec![listen],
         store,
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         max_upload: None,
-    })
-    .await
-    .context("starting the node")
+    };
+    Node::start_with_security(cfg, p.security)
+        .await
+        .context("starting the node")
 }
 
 fn ready(node: &Node, blob: Option<BlobSpec>, import_secs: Option<f64>) -> anyhow::Result<()> {
