@@ -10,6 +10,7 @@
 //! through here: blob streams are opened and accepted with the `libp2p_stream::Control` the
 //! network hands out, and run on their own tasks.
 
+pub mod coalesce;
 pub mod gate;
 pub mod muxer;
 pub mod secure;

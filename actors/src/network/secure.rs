@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::coalesce::Coalesce;
 use futures::future::BoxFuture;
 use futures::{AsyncRead, AsyncWrite, FutureExt};
 use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo};
@@ -369,8 +370,8 @@ fn tls_agreed(peer: &PeerId, state: &rustls::CommonState) {
 
 /// An authenticated, encrypted connection, whichever protocol was agreed.
 pub enum Secured<C> {
-    /// TLS 1.3.
-    Tls(Box<futures_rustls::TlsStream<C>>),
+    /// TLS 1.3, its small writes gathered into whole records ([`Coalesce`]).
+    Tls(Box<Coalesce<futures_rustls::TlsStream<C>>>),
     /// Noise.
     Noise(Box<noise::Output<C>>),
 }
@@ -421,7 +422,7 @@ where
                 let conn = stream.get_mut().1;
                 conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
                 tls_agreed(&peer, conn);
-                Ok((peer, Secured::Tls(Box::new(stream.into()))))
+                Ok((peer, Secured::Tls(Box::new(Coalesce::new(stream.into())))))
             }
             .boxed(),
         }
@@ -455,7 +456,7 @@ where
                 let conn = stream.get_mut().1;
                 conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
                 tls_agreed(&peer, conn);
-                Ok((peer, Secured::Tls(Box::new(stream.into()))))
+                Ok((peer, Secured::Tls(Box::new(Coalesce::new(stream.into())))))
             }
             .boxed(),
         }
