@@ -1,17 +1,20 @@
-//! A yamux data frame's header sent in the same TLS record as its body.
+//! Small yamux frames gathered into whole TLS records until a flush, as Noise gathers them.
 //!
 //! rustls (through `futures-rustls`) seals whatever one `write` hands it into records and
 //! writes them to the socket at once. yamux writes each frame's 12-byte header apart from its
-//! body, so under TLS every data frame cost two records and two socket writes, and every small
-//! control message (a request, a response) woke the peer twice: the federated round of eight
-//! clients and a 4 KiB model (W2 in docs/benchmarks.md) ran about a quarter slower than under
-//! Noise, whose own buffer gathers a frame's writes. [`Coalesce`] holds the header of a data
-//! frame whose body fits in the same record until the body comes, then the record goes at
-//! once. Every other write passes straight through: window updates, pings, frames without a
-//! body (nothing waits for a flush that yamux may put off), and bulk frames, whose header costs
-//! one small record per 256 KiB. (Sending a bulk frame's header and body in one vectored write,
-//! so that rustls cuts records across both, measured slower on the bare stream: 805 against
-//! 970 MiB/s, medians of five interleaved `bench blob --size 1GiB` runs.)
+//! body, and multistream-select writes a new stream's protocol in a frame of its own, so under
+//! TLS every small control message (a request, a response, a stream's opening) cost several
+//! records, socket writes and wake-ups of the peer, and the federated round of eight clients and
+//! a 4 KiB model (W2 in docs/benchmarks.md) ran a fifth to a quarter slower than under Noise,
+//! whose own buffer holds everything written until a flush. [`Coalesce`] does what Noise does
+//! for data frames that fit in a record: it holds them, up to a record, until the flush that
+//! yamux sends after its frames (which `DeferFlush` may put off by one poll). Two kinds pass
+//! straight through, after whatever is held: control frames (window updates, pings, go-away),
+//! so that a sender waiting for credit never waits for our flush, and bulk frames, whose
+//! records rustls writes at once anyway. Measured: holding every small write until a flush,
+//! window updates included, cut the bare stream of `bench blob` nearly in half; sending a bulk
+//! frame's header and body in one vectored write (records cut across both) cost about a sixth
+//! of it.
 
 use std::io;
 use std::pin::Pin;
@@ -25,22 +28,43 @@ pub const RECORD_PLAINTEXT: usize = 16 * 1024;
 /// Bytes of a yamux frame header: version, type, flags (2), stream id (4), length (4).
 const HEADER: usize = 12;
 
-/// The body length a write announces when it is exactly the header of a yamux data frame
-/// whose body fits in the header's record; `None` for anything else.
-fn small_data_body(buf: &[u8]) -> Option<usize> {
-    let header: &[u8; HEADER] = buf.try_into().ok()?;
-    let len = u32::from_be_bytes([header[8], header[9], header[10], header[11]]) as usize;
-    (header[0] == 0 && header[1] == 0 && len > 0 && HEADER + len <= RECORD_PLAINTEXT).then_some(len)
+/// A yamux frame, as its header tells.
+enum Kind {
+    /// A data frame of this many bytes, header included.
+    Data(usize),
+    /// A window update, ping or go-away: the header alone.
+    Control,
 }
 
-/// A writer that holds a data frame's header until its body is written.
+/// The frame whose header starts `buf`; `None` when `buf` does not start with a yamux header.
+fn frame(buf: &[u8]) -> Option<Kind> {
+    let h = buf.get(..HEADER)?;
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    match (h[0], h[1]) {
+        (0, 0) => Some(Kind::Data(HEADER + len)),
+        (0, 1..=3) => Some(Kind::Control),
+        _ => None,
+    }
+}
+
+/// Where the next byte written falls.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Next {
+    /// At the start of a frame.
+    Start,
+    /// Inside a held frame, this many bytes before its end.
+    Hold(usize),
+    /// Inside a frame passed straight through, this many bytes before its end.
+    Pass(usize),
+}
+
+/// A writer that holds small yamux data frames until a flush.
 pub struct Coalesce<W> {
     inner: W,
-    /// A header, and as much of its body as came, not yet handed to `inner`; never more than
-    /// a record.
+    /// Whole frames (and the start of one, until its rest is written), not yet handed to
+    /// `inner`; never more than a record.
     held: Vec<u8>,
-    /// Body bytes of the held frame still to come.
-    owed: usize,
+    next: Next,
 }
 
 impl<W> Coalesce<W> {
@@ -49,7 +73,7 @@ impl<W> Coalesce<W> {
         Self {
             inner,
             held: Vec::new(),
-            owed: 0,
+            next: Next::Start,
         }
     }
 }
@@ -64,8 +88,27 @@ impl<W: AsyncWrite + Unpin> Coalesce<W> {
             }
             self.held.drain(..n);
         }
-        self.owed = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes (the start of) a frame of `len` bytes straight through, after what is held.
+    fn poll_pass(&mut self, cx: &mut Context<'_>, buf: &[u8], len: usize) -> Poll<io::Result<usize>> {
+        ready!(self.poll_release(cx))?;
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..len.min(buf.len())]))?;
+        self.next = if n >= len { Next::Start } else { Next::Pass(len - n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Holds (the start of) a frame of `len` bytes, at most a record.
+    fn hold(&mut self, buf: &[u8], len: usize) -> usize {
+        let take = len.min(buf.len());
+        self.held.extend_from_slice(&buf[..take]);
+        self.next = if take == len {
+            Next::Start
+        } else {
+            Next::Hold(len - take)
+        };
+        take
     }
 }
 
@@ -78,34 +121,27 @@ impl<W: AsyncRead + Unpin> AsyncRead for Coalesce<W> {
 impl<W: AsyncWrite + Unpin> AsyncWrite for Coalesce<W> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // A whole frame whose record the socket did not take at once goes first.
-        if !this.held.is_empty() && this.owed == 0 {
-            ready!(this.poll_release(cx))?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
         }
-        if this.held.is_empty() {
-            if let Some(len) = small_data_body(buf) {
-                this.held.extend_from_slice(buf);
-                this.owed = len;
-                return Poll::Ready(Ok(buf.len()));
-            }
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        match this.next {
+            Next::Hold(left) => return Poll::Ready(Ok(this.hold(buf, left))),
+            Next::Pass(left) => return this.poll_pass(cx, buf, left),
+            Next::Start => {}
         }
-        // `buf` is (part of) the held header's body.
-        if this.held.len() + buf.len() <= RECORD_PLAINTEXT {
-            this.held.extend_from_slice(buf);
-            this.owed = this.owed.saturating_sub(buf.len());
-            if this.owed == 0 {
-                // Taken either way: what the socket cannot take now goes before the next
-                // write, or at the flush.
-                if let Poll::Ready(Err(e)) = this.poll_release(cx) {
-                    return Poll::Ready(Err(e));
+        match frame(buf) {
+            Some(Kind::Data(len)) if len <= RECORD_PLAINTEXT => {
+                // Nothing of `buf` is taken before what is held has room beside it.
+                if this.held.len() + len > RECORD_PLAINTEXT {
+                    ready!(this.poll_release(cx))?;
                 }
+                Poll::Ready(Ok(this.hold(buf, len)))
             }
-            return Poll::Ready(Ok(buf.len()));
+            Some(Kind::Data(len)) => this.poll_pass(cx, buf, len),
+            Some(Kind::Control) => this.poll_pass(cx, buf, HEADER),
+            // Not a yamux frame (yamux writes none such): straight through, as it comes.
+            None => this.poll_pass(cx, buf, buf.len()),
         }
-        // More than the header announced (yamux never does this): the held bytes go first.
-        ready!(this.poll_release(cx))?;
-        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -196,51 +232,67 @@ mod tests {
     }
 
     #[test]
-    fn a_small_frame_reaches_the_socket_as_one_write_without_waiting_for_a_flush() {
+    fn small_frames_reach_the_socket_as_one_write_at_the_flush() {
         let mut w = Coalesce::new(Recorder::new(usize::MAX));
         write_all(&mut w, &header(0, 100));
-        assert!(w.inner.writes.is_empty(), "the header waits for its body");
         write_all(&mut w, &[2; 60]);
         write_all(&mut w, &[3; 40]);
-        assert_eq!(w.inner.writes.len(), 1);
-        assert_eq!(w.inner.writes[0].len(), 112);
+        write_all(&mut w, &header(0, 0)); // flags only (a stream's FIN, say)
+        assert!(w.inner.writes.is_empty(), "held until the flush");
         flush(&mut w);
-        assert_eq!((w.inner.writes.len(), w.inner.flushes), (1, 1));
+        assert_eq!(w.inner.writes.len(), 1);
+        assert_eq!(w.inner.writes[0].len(), 12 + 100 + 12);
+        assert_eq!(w.inner.flushes, 1);
+        flush(&mut w);
+        assert_eq!(w.inner.writes.len(), 1, "an empty flush writes nothing");
     }
 
     #[test]
-    fn a_bulk_frame_passes_straight_through() {
+    fn control_frames_go_at_once_after_what_is_held() {
         let mut w = Coalesce::new(Recorder::new(usize::MAX));
+        let small = [header(0, 5), vec![1; 5]].concat();
+        write_all(&mut w, &small);
+        write_all(&mut w, &header(1, 65_536)); // a window update
+        assert_eq!(w.inner.writes, vec![small, header(1, 65_536)]);
+        assert_eq!(w.inner.flushes, 0);
+    }
+
+    #[test]
+    fn a_bulk_frame_passes_straight_through_after_what_is_held() {
+        let mut w = Coalesce::new(Recorder::new(usize::MAX));
+        let small = [header(0, 5), vec![1; 5]].concat();
         let body = vec![7; RECORD_PLAINTEXT - HEADER + 1];
         let head = header(0, body.len() as u32);
+        write_all(&mut w, &small);
         write_all(&mut w, &head);
         write_all(&mut w, &body);
-        assert_eq!(w.inner.writes, vec![head, body]);
+        assert_eq!(w.inner.writes, vec![small, head, body]);
     }
 
     #[test]
-    fn frames_without_a_body_pass_straight_through() {
+    fn held_frames_never_exceed_a_record() {
         let mut w = Coalesce::new(Recorder::new(usize::MAX));
-        write_all(&mut w, &header(1, 65_536)); // a window update
-        write_all(&mut w, &header(0, 0)); // a data frame with only flags (FIN, say)
-        assert_eq!(w.inner.writes, vec![header(1, 65_536), header(0, 0)]);
+        let frame = [header(0, 6000), vec![4; 6000]].concat();
+        for _ in 0..3 {
+            write_all(&mut w, &frame);
+        }
+        flush(&mut w);
+        let sizes: Vec<usize> = w.inner.writes.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2 * 6012, 6012]);
     }
 
     #[test]
     fn partial_writes_of_the_socket_lose_and_repeat_nothing() {
-        // A socket that takes 5,000 bytes at a time: held bytes drain over several writes,
-        // and the bytes come out in order, each once.
+        // A socket that takes 5,000 bytes at a time: held and passed frames go over several
+        // writes, and the bytes come out in order, each once.
         let mut w = Coalesce::new(Recorder::new(5000));
         let mut want = Vec::new();
-        for (i, len) in [3000usize, 40_000, 7, 16_372, 16_373, 1].into_iter().enumerate() {
+        for (i, len) in [3000usize, 40_000, 7, 16_372, 16_373, 1, 0].into_iter().enumerate() {
             let body = vec![i as u8; len];
-            for piece in [header(0, len as u32), body] {
+            for piece in [header(0, len as u32), body, header(1, 9)] {
                 write_all(&mut w, &piece);
                 want.extend_from_slice(&piece);
             }
-            let update = header(1, 9);
-            write_all(&mut w, &update);
-            want.extend_from_slice(&update);
         }
         flush(&mut w);
         assert_eq!(w.inner.writes.concat(), want);
