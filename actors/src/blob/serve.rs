@@ -193,6 +193,9 @@ impl Server {
         // Reads run ahead of the network by a few chunks, so a blob that is on disk rather
         // than in the page cache still streams at network speed.
         let mut ahead = std::collections::VecDeque::new();
+        // Buffers of chunks already sent, read into again: a fresh one would be zeroed (and,
+        // once glibc has handed the memory back, faulted in) for every chunk.
+        let mut spare: Vec<Vec<u8>> = Vec::new();
         let mut next_read = req.first;
         for index in req.first..req.end {
             while next_read < req.end && next_read < index + READ_AHEAD {
@@ -204,7 +207,7 @@ impl Server {
                         Err(_) => break,
                     }
                 };
-                ahead.push_back((self.read_ahead(blob, next_read), permit));
+                ahead.push_back((self.read_ahead(blob, next_read, spare.pop()), permit));
                 next_read += 1;
             }
             // The permit, if any, is held until the chunk is sent.
@@ -220,7 +223,7 @@ impl Server {
                     .await
             {
                 // Relaying: the chunk this node was still receiving has come.
-                chunk = self.read_ahead(blob, index).chunk().await?;
+                chunk = self.read_ahead(blob, index, spare.pop()).chunk().await?;
             }
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
@@ -241,6 +244,11 @@ impl Server {
                     write_chunk(&mut stream, index, &bytes).await?;
                     let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
                     self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if let ChunkBytes::Owned(buf) = bytes
+                        && spare.len() < READ_AHEAD as usize
+                    {
+                        spare.push(buf);
+                    }
                     if self.faults.take_cut(served) {
                         stream.flush().await.map_err(FrameError::from)?;
                         tracing::warn!(%peer, index, "fault injection: cutting the connection");
@@ -274,14 +282,14 @@ impl Server {
     }
 
     /// Chunk `index`, or a read of it under way. A chunk held in memory is a view, at once;
-    /// one on disk is read on a blocking thread into a buffer allocated here, on a runtime
-    /// worker (see [`BlobStore::read_chunk_to_send`]).
-    fn read_ahead(&self, blob: BlobRef, index: u64) -> Ahead {
+    /// one on disk is read on a blocking thread into `spare` or a buffer allocated here, on a
+    /// runtime worker (see [`BlobStore::read_chunk_to_send`]).
+    fn read_ahead(&self, blob: BlobRef, index: u64, spare: Option<Vec<u8>>) -> Ahead {
         if let Some(view) = self.store.chunk_in_memory(&blob.id, index) {
             return Ahead::Ready(Some(view));
         }
         let store = self.store.clone();
-        let buf = vec![0u8; blob.chunk_size as usize];
+        let buf = spare.unwrap_or_else(|| vec![0u8; blob.chunk_size as usize]);
         Ahead::Reading(tokio::task::spawn_blocking(move || {
             store.read_chunk_to_send(&blob.id, index, buf)
         }))
