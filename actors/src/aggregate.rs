@@ -97,10 +97,7 @@ pub enum Mean {
 impl Accumulator {
     /// An empty accumulator for blobs of `layout` cut into chunks of `chunk_size`.
     pub fn new(layout: Layout, chunk_size: u32) -> Result<Self, AggregateError> {
-        if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
-            return Err(AggregateError::ChunkSize(chunk_size));
-        }
-        Self::check_dtypes_of(&layout)?;
+        Self::check_shape(&layout, chunk_size)?;
         let mut mean = vec![0u8; layout.len as usize];
         mean[..layout.header.len()].copy_from_slice(&layout.header);
         let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
@@ -125,10 +122,7 @@ impl Accumulator {
                 layout.len
             )));
         }
-        if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
-            return Err(AggregateError::ChunkSize(chunk_size));
-        }
-        Self::check_dtypes_of(&layout)?;
+        Self::check_shape(&layout, chunk_size)?;
         file.write_at(&layout.header, 0)?;
         let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
         Ok(Self {
@@ -169,7 +163,11 @@ impl Accumulator {
         old
     }
 
-    fn check_dtypes_of(layout: &Layout) -> Result<(), AggregateError> {
+    /// What an accumulator needs of its layout and chunk size, in memory or on disk.
+    fn check_shape(layout: &Layout, chunk_size: u32) -> Result<(), AggregateError> {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(8) {
+            return Err(AggregateError::ChunkSize(chunk_size));
+        }
         match layout
             .regions
             .iter()

@@ -458,19 +458,7 @@ impl Communicator {
             reason: format!("model {}: {reason}", blob.id),
         };
         let read = tokio::task::spawn_blocking(move || {
-            let mut prefix = [0u8; 8];
-            store.read_at(&blob.id, &mut prefix, 0).map_err(|e| e.to_string())?;
-            let n = flare_protocols::model::Layout::header_len(prefix).map_err(|e| e.to_string())?;
-            let mut header = vec![0u8; usize::try_from(n).map_err(|e| e.to_string())?];
-            store.read_at(&blob.id, &mut header, 0).map_err(|e| e.to_string())?;
-            let layout = flare_protocols::model::Layout::parse(&header).map_err(|e| e.to_string())?;
-            match layout.len == blob.len {
-                true => Ok(layout),
-                false => Err(format!(
-                    "its header describes {} bytes, the blob has {}",
-                    layout.len, blob.len
-                )),
-            }
+            crate::store::read_layout(blob.len, |buf| store.read_at(&blob.id, buf, 0))
         })
         .await
         .map_err(|e| e.to_string());

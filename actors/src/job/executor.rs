@@ -506,21 +506,7 @@ fn copy_blob(store: &crate::BlobStore, blob: BlobRef, file: Scratch) -> Result<S
 
 /// The layout of the model in `file`, read from its header.
 fn stored_layout(file: &Scratch) -> Result<Layout, String> {
-    let bad = |e: &dyn std::fmt::Display| format!("input model: {e}");
-    let mut prefix = [0u8; 8];
-    file.read_at(&mut prefix, 0).map_err(|e| bad(&e))?;
-    let n = Layout::header_len(prefix).map_err(|e| bad(&e))?;
-    let mut header = vec![0u8; usize::try_from(n).map_err(|e| bad(&e))?];
-    file.read_at(&mut header, 0).map_err(|e| bad(&e))?;
-    let layout = Layout::parse(&header).map_err(|e| bad(&e))?;
-    if layout.len != file.len() {
-        return Err(format!(
-            "input model: its header describes {} bytes, the blob has {}",
-            layout.len,
-            file.len()
-        ));
-    }
-    Ok(layout)
+    crate::store::read_layout(file.len(), |buf| file.read_at(buf, 0)).map_err(|e| format!("input model: {e}"))
 }
 
 /// What the learner is asked, by the task's kind.

@@ -37,6 +37,7 @@ pub use self::disk::{DIRECT_ALIGN, aligned_buffer};
 use self::disk::{DataFile, Have, finish_if_complete, load_entry, read_full, write_manifest};
 pub use self::residency::Written;
 use self::residency::{Data, Entry};
+pub(crate) use self::scratch::read_layout;
 pub use self::scratch::{DEFAULT_STREAM_ABOVE, Scratch};
 use crate::lock;
 

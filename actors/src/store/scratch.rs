@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use flare_protocols::blob_id::ChunkHash;
+use flare_protocols::model::Layout;
 use flare_protocols::{BlobId, Manifest};
 
 use super::disk::DataFile;
@@ -244,6 +245,22 @@ impl BlobStore {
             },
         }
     }
+}
+
+/// The layout of a model of `len` bytes that `read` fills buffers from (from the model's
+/// start: a scratch, a stored blob), read from its header alone, never its data, and checked
+/// to describe `len` bytes.
+pub(crate) fn read_layout(len: u64, read: impl Fn(&mut [u8]) -> Result<(), StoreError>) -> Result<Layout, String> {
+    let mut prefix = [0u8; 8];
+    read(&mut prefix).map_err(|e| e.to_string())?;
+    let n = Layout::header_len(prefix).map_err(|e| e.to_string())?;
+    let mut header = vec![0u8; usize::try_from(n).map_err(|e| e.to_string())?];
+    read(&mut header).map_err(|e| e.to_string())?;
+    let layout = Layout::parse(&header).map_err(|e| e.to_string())?;
+    if layout.len != len {
+        return Err(format!("its header describes {} bytes, the blob has {len}", layout.len));
+    }
+    Ok(layout)
 }
 
 /// The manifest of `scratch` cut into chunks of `chunk_size`: the chunks read back and hashed
