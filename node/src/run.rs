@@ -374,16 +374,13 @@ async fn swarm_member(
     // others (they fail over), so it tells no one when it stops early.
     let mut ctl = host
         .start_controller(comm, vec![], move |comm| async move {
-            let initial = initial.get_global(&comm).await?;
-            let o = flare_actors::job::swarm::run(&comm, &cfg, initial).await?;
-            anyhow::Ok((crate::job::JobModel::of(&comm, o.model.clone()).await?, o))
+            crate::job::run_swarm(&comm, &cfg, initial).await
         })
         .await
         .context("starting the controller")?;
     let outcome = ctl.outcome_unless(stop).await;
     host.leave(&job);
-    let (model, o) = outcome??;
-    let outcome = crate::job::swarm_outcome(o, model, &members);
+    let outcome = outcome??;
     let mut summary = crate::render::summarize(topo, setup, &outcome, started.elapsed().as_secs_f64()).await?;
     summary["reporter"] = serde_json::json!(name);
     summary["bytes_sent_per_member"] =

@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use flare_actors::job::{Communicator, JobHost, swarm};
+use flare_actors::job::{Communicator, JobHost};
 use flare_actors::{BlobStore, Member, MemberTable, Members, Node, NodeConfig};
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::ctl::JobId;
 use libp2p::identity::Keypair;
 
-use crate::job::JobModel;
 use crate::topology::Topology;
 
 /// Arguments of `flare-node sim`.
@@ -69,9 +68,7 @@ async fn swarm(
         // stops: the others fail over).
         let mut ctl = host
             .start_controller(comm, vec![], move |comm| async move {
-                let initial = initial.get_global(&comm).await?;
-                let o = swarm::run(&comm, &cfg, initial).await?;
-                anyhow::Ok((JobModel::of(&comm, o.model.clone()).await?, o))
+                crate::job::run_swarm(&comm, &cfg, initial).await
             })
             .await
             .with_context(|| format!("starting the controller of {}", m.name))?;
@@ -96,12 +93,11 @@ async fn swarm(
     let Some((reporter, first)) = finished.first() else {
         anyhow::bail!("no member finished the swarm job");
     };
-    let agree = finished.iter().all(|(_, (model, _))| model.same_as(&first.0));
+    let agree = finished.iter().all(|(_, o)| o.model.same_as(&first.model));
     anyhow::ensure!(agree, "the members that finished hold different final models");
     let finishers: Vec<String> = finished.iter().map(|(n, _)| n.clone()).collect();
     let reporter = reporter.clone();
-    let (model, o) = finished.swap_remove(0).1;
-    let outcome = crate::job::swarm_outcome(o, model, members);
+    let outcome = finished.swap_remove(0).1;
     let mut summary = crate::render::summarize(topo, setup, &outcome, total_secs).await?;
     summary["reporter"] = serde_json::json!(reporter);
     summary["finished"] = serde_json::json!(finishers);

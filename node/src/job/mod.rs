@@ -13,7 +13,7 @@ use flare_actors::job::cross_site;
 use crate::render::{CrossSiteReport, summarize};
 use flare_actors::job::cyclic::{self, CyclicConfig};
 use flare_actors::job::split::{self, SplitConfig};
-use flare_actors::job::swarm::{SwarmConfig, SwarmOutcome};
+use flare_actors::job::swarm::{self, SwarmConfig, SwarmOutcome, SwarmRound};
 use flare_actors::job::{Communicator, Ending, Evaluator, FedAvgConfig, JobHost, RoundReport, embed, fedavg};
 use flare_actors::learner::digits::model_of;
 use flare_actors::learner::inference::FrozenSpec;
@@ -278,9 +278,21 @@ pub fn swarm_config(topo: &Topology, setup: &Setup, members: &[Member], name: &s
     }
 }
 
-/// One member's swarm run in the shape of any job's outcome; `model` is its final model
-/// ([`JobModel::of`] the outcome's).
-pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> JobOutcome {
+/// This member's part of a swarm job from `initial`, in the shape of any job's outcome. The
+/// final model is moved into it, not copied, and stays on disk when too large for memory.
+pub async fn run_swarm(comm: &Communicator, cfg: &SwarmConfig, initial: Initial) -> anyhow::Result<JobOutcome> {
+    let initial = initial.get_global(comm).await?;
+    let SwarmOutcome {
+        model,
+        rounds,
+        completed,
+    } = swarm::run(comm, cfg, initial).await?;
+    let model = JobModel::of(comm, model).await?;
+    Ok(swarm_outcome(&rounds, completed, model, comm.peers()))
+}
+
+/// A swarm run's rounds (`completed` of them behind `model`) in the shape of any job's outcome.
+fn swarm_outcome(rounds: &[SwarmRound], completed: u32, model: JobModel, members: &[Member]) -> JobOutcome {
     let name = |p: &PeerId| {
         members
             .iter()
@@ -290,12 +302,12 @@ pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> Jo
     let mut extra = serde_json::Map::new();
     extra.insert(
         "aggregator_per_round".into(),
-        json!(o.rounds.iter().map(|r| name(&r.aggregator)).collect::<Vec<_>>()),
+        json!(rounds.iter().map(|r| name(&r.aggregator)).collect::<Vec<_>>()),
     );
     extra.insert(
         "contributors_per_round".into(),
         json!(
-            o.rounds
+            rounds
                 .iter()
                 .map(|r| r.contributors.iter().map(name).collect::<Vec<_>>())
                 .collect::<Vec<_>>()
@@ -304,7 +316,7 @@ pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> Jo
     extra.insert(
         "failovers".into(),
         json!(
-            o.rounds
+            rounds
                 .iter()
                 .flat_map(|r| r.passed_over.iter().map(move |dead| {
                     json!({ "round": r.round, "dead": name(dead), "successor": name(&r.aggregator) })
@@ -312,8 +324,8 @@ pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> Jo
                 .collect::<Vec<_>>()
         ),
     );
-    let rounds = json!(
-        o.rounds
+    let per_round = json!(
+        rounds
             .iter()
             .map(|r| json!({
                 "round": r.round,
@@ -325,10 +337,10 @@ pub fn swarm_outcome(o: SwarmOutcome, model: JobModel, members: &[Member]) -> Jo
             .collect::<Vec<_>>()
     );
     JobOutcome {
-        round_secs: o.rounds.iter().map(|r| r.secs).collect(),
-        global: o.rounds.iter().map(|r| r.global.clone()).collect(),
-        train_steps: o.completed,
-        rounds,
+        round_secs: rounds.iter().map(|r| r.secs).collect(),
+        global: rounds.iter().map(|r| r.global.clone()).collect(),
+        train_steps: completed,
+        rounds: per_round,
         extra,
         model,
         best: None,
