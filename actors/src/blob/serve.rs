@@ -244,8 +244,8 @@ impl Server {
                     write_chunk(&mut stream, index, &bytes).await?;
                     let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
                     self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    if let ChunkBytes::Owned(buf) = bytes
-                        && spare.len() < READ_AHEAD as usize
+                    if spare.len() < READ_AHEAD as usize
+                        && let Some(buf) = bytes.into_buffer()
                     {
                         spare.push(buf);
                     }
@@ -289,7 +289,7 @@ impl Server {
             return Ahead::Ready(Some(view));
         }
         let store = self.store.clone();
-        let buf = spare.unwrap_or_else(|| vec![0u8; blob.chunk_size as usize]);
+        let buf = spare.unwrap_or_else(|| vec![0u8; blob.chunk_size as usize + crate::store::DIRECT_ALIGN]);
         Ahead::Reading(tokio::task::spawn_blocking(move || {
             store.read_chunk_to_send(&blob.id, index, buf)
         }))

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::Node;
 use crate::blob::FetchOptions;
+use crate::learner::arriving::{Arriving, Trained};
 use crate::learner::{Learner, TaskContext, TaskReply};
 use crate::lock;
 use crate::store::Scratch;
@@ -367,10 +368,12 @@ async fn run(
 }
 
 /// A `train` task whose model is too large for memory ([`crate::BlobStore::streams`]), run by
-/// a learner that trains tensor by tensor ([`crate::learner::TensorStream`]): the input is
-/// pulled into a scratch file (through the store, when others may pull it from here), the
-/// learner updates it in place, and the file becomes the output blob. Memory: the largest
-/// tensor and the transfer's window, whatever the model's size.
+/// a learner that trains tensor by tensor ([`crate::learner::TensorStream`]): the learner runs
+/// over the input as it arrives, into a scratch file that becomes the output blob, hashed as
+/// it was written ([`crate::learner::arriving`]; the input goes into the store as well when
+/// others may pull it from here); an input that is this member's last result is updated in
+/// place instead. Memory: the largest tensor and the transfer's window, whatever the model's
+/// size.
 async fn train_streaming(
     state: &mut ExecutorState,
     ctx: &TaskContext,
@@ -405,52 +408,63 @@ async fn train_streaming(
             store.release(&old);
         }
     }
-    let file = if let Some(file) = reused {
-        tracing::debug!("the input is this member's last result: updated in place");
-        file
-    } else if keep {
-        let file = store
-            .scratch(blob.len)
-            .map_err(|e| format!("a scratch file for the input model: {e}"))?;
-        state.kept.input(&store, blob.id);
-        let opts = FetchOptions {
-            max_len: MAX_INPUT_MODEL,
-            ..FetchOptions::default()
-        };
-        let fetched = match shared {
-            true => state.node.fetch_shared(blob, &sources, &task.input_shares, &opts).await,
-            false => state.node.fetch(blob, &sources, &opts).await,
-        };
-        fetched.map_err(|e| format!("fetching the input model: {e}"))?;
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || copy_blob(&store, blob, file))
-            .await
-            .map_err(|e| e.to_string())??
-    } else {
-        let file = store
-            .scratch(blob.len)
-            .map_err(|e| format!("a scratch file for the input model: {e}"))?;
-        pull_into(&state.node, blob, &sources, file).await?
+    let learner = state.learner.take().ok_or("learner lost by an earlier task")?;
+    let trained = match reused {
+        Some(file) => {
+            tracing::debug!("the input is this member's last result: updated in place");
+            train_in_place(learner, ctx, file).await?
+        }
+        None => {
+            let file = store
+                .scratch(blob.len)
+                .map_err(|e| format!("a scratch file for the input model: {e}"))?;
+            if keep {
+                state.kept.input(&store, blob.id);
+            }
+            // The learner runs over the model as it arrives (`keep`: it is stored as well,
+            // for the peers that pull it from here).
+            let arriving = Arc::new(Arriving::new(learner, ctx.clone(), file, blob));
+            let feed = arriving.clone();
+            let opts = FetchOptions {
+                max_len: MAX_INPUT_MODEL,
+                keep,
+                on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| feed.chunk(i, bytes))),
+                ..FetchOptions::default()
+            };
+            let fetched = match shared {
+                true => state.node.fetch_shared(blob, &sources, &task.input_shares, &opts).await,
+                false => state.node.fetch(blob, &sources, &opts).await,
+            };
+            drop(opts);
+            let Ok(arriving) = Arc::try_unwrap(arriving) else {
+                return Err("internal error: the input model's chunks still being handed over".into());
+            };
+            if let Err(e) = fetched {
+                state.learner = Some(arriving.into_learner());
+                return Err(format!("fetching the input model: {e}"));
+            }
+            tracing::debug!(
+                secs = started.elapsed().as_secs_f64(),
+                "input model in, trained as it came"
+            );
+            // A panic loses the learner: later tasks say so.
+            tokio::task::spawn_blocking(move || arriving.finish())
+                .await
+                .map_err(|e| format!("learner panicked: {e}"))?
+        }
     };
-    tracing::debug!(secs = started.elapsed().as_secs_f64(), "input model on disk");
-    let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
-    let ctx2 = ctx.clone();
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = (|| {
-            let layout = stored_layout(&file)?;
-            let stream = learner.streaming().ok_or("the learner stopped streaming")?;
-            let (samples, metrics) = crate::learner::stream::stream_in_place(stream, &file, &layout, &ctx2)?;
-            let manifest = store
-                .adopt_held(file, DEFAULT_CHUNK_SIZE)
-                .map_err(|e| format!("storing the output model: {e}"))?;
-            Ok::<_, String>((manifest.blob_ref(), samples, metrics))
-        })();
-        (learner, r)
-    })
-    .await;
-    let (learner, r) = joined.map_err(|e| format!("learner panicked: {e}"))?;
+    let (learner, r) = trained;
     state.learner = Some(learner);
-    let (output, num_samples, metrics) = r?;
+    let t = r?;
+    let (samples, metrics) = (t.samples, t.metrics);
+    let manifest = tokio::task::spawn_blocking(move || match t.hashes {
+        Some(hashes) => store.adopt_hashed(t.file, DEFAULT_CHUNK_SIZE, hashes),
+        None => store.adopt_held(t.file, DEFAULT_CHUNK_SIZE),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("storing the output model: {e}"))?;
+    let (output, num_samples) = (manifest.blob_ref(), samples);
     state.kept.output_held(state.node.store(), output.id);
     state.last_output = Some(output);
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "output model stored, streamed");
@@ -462,46 +476,31 @@ async fn train_streaming(
     })
 }
 
-/// Pulls `blob` from `from` straight into `file`, through no store file of its own.
-async fn pull_into(node: &Node, blob: BlobRef, from: &[PeerId], file: Scratch) -> Result<Scratch, String> {
-    let cs = u64::from(blob.chunk_size);
-    let file = Arc::new(file);
-    let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let (sink, fail) = (file.clone(), failed.clone());
-    let opts = FetchOptions {
-        max_len: MAX_INPUT_MODEL,
-        keep: false,
-        on_chunk: Some(Arc::new(move |i: u64, bytes: &[u8]| {
-            if let Err(e) = sink.write_at(bytes, i * cs) {
-                lock(&fail).get_or_insert(e.to_string());
-            }
-        })),
-        ..FetchOptions::default()
-    };
-    node.fetch(blob, from, &opts)
-        .await
-        .map_err(|e| format!("fetching the input model: {e}"))?;
-    drop(opts);
-    if let Some(e) = lock(&failed).take() {
-        return Err(format!("writing the input model: {e}"));
-    }
-    Arc::try_unwrap(file).map_err(|_| "input file still shared".to_owned())
-}
-
-/// Copies whole blob `blob` from the store into `file`, a chunk at a time.
-fn copy_blob(store: &crate::BlobStore, blob: BlobRef, file: Scratch) -> Result<Scratch, String> {
-    let mut buf = vec![0u8; blob.chunk_size as usize];
-    let mut at = 0;
-    while at < blob.len {
-        let n = (blob.len - at).min(u64::from(blob.chunk_size)) as usize;
-        store
-            .read_at(&blob.id, &mut buf[..n], at)
-            .map_err(|e| format!("reading the input model: {e}"))?;
-        file.write_at(&buf[..n], at)
-            .map_err(|e| format!("writing the input model: {e}"))?;
-        at += n as u64;
-    }
-    Ok(file)
+/// Runs `learner` over the model in `file` (this member's last result) in place; `Err`
+/// when the learner panicked (and is lost).
+async fn train_in_place(
+    mut learner: Box<dyn Learner>,
+    ctx: &TaskContext,
+    file: Scratch,
+) -> Result<(Box<dyn Learner>, Result<Trained, String>), String> {
+    let ctx = ctx.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = (|| {
+            let layout = stored_layout(&file)?;
+            let stream = learner.streaming().ok_or("the learner stopped streaming")?;
+            let (samples, metrics) = crate::learner::stream::stream_in_place(stream, &file, &layout, &ctx)?;
+            Ok::<_, String>((samples, metrics))
+        })();
+        let r = r.map(|(samples, metrics)| Trained {
+            file,
+            hashes: None,
+            samples,
+            metrics,
+        });
+        (learner, r)
+    })
+    .await;
+    joined.map_err(|e| format!("learner panicked: {e}"))
 }
 
 /// The layout of the model in `file`, read from its header.

@@ -22,6 +22,7 @@
 //!   party's top, the central baseline).
 
 mod api;
+pub mod arriving;
 pub mod digits;
 pub mod external;
 pub mod inference;

@@ -16,6 +16,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flare_protocols::blob_id::hashes_from_bytes;
 use flare_protocols::{BlobId, BlobRef, Manifest};
@@ -37,10 +38,12 @@ pub fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
     (storage, offset)
 }
 
-/// Opens `path` for direct (page-cache-bypassing) writes, when the file system allows it.
+/// Opens `path` for direct (page-cache-bypassing) reads and writes, when the file system
+/// allows it.
 fn open_direct(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
@@ -51,43 +54,44 @@ fn open_direct(path: &Path) -> Option<File> {
 pub(super) struct DataFile {
     file: File,
     path: PathBuf,
-    /// The same file opened with `O_DIRECT`, for writes whose buffer, offset and length are
-    /// block-aligned (see [`aligned_buffer`]); `None` where the file system refuses it, or
-    /// for a whole blob, which is written no more.
+    /// The same file opened with `O_DIRECT`, for reads and writes whose buffer, offset and
+    /// length are block-aligned (see [`aligned_buffer`]); `None` where the file system
+    /// refuses it.
     direct: Option<File>,
+    /// Whether any of its bytes were written through the page cache (and so may still be
+    /// there); false for a file written only past it, whose chunks are then read to be sent
+    /// past it too ([`Self::read_once`]).
+    cached: AtomicBool,
 }
 
 impl DataFile {
-    /// Creates (or reopens) a partial blob's `.data` file, sized to the blob.
-    pub(super) fn create_sized(path: PathBuf, len: u64) -> Result<Self, StoreError> {
-        let file = create_sized(&path, len)?;
-        Ok(Self {
+    fn new(file: File, path: PathBuf, cached: bool) -> Self {
+        Self {
             direct: open_direct(&path),
             file,
             path,
-        })
+            cached: AtomicBool::new(cached),
+        }
+    }
+
+    /// Creates (or reopens) a partial blob's `.data` file, sized to the blob.
+    pub(super) fn create_sized(path: PathBuf, len: u64) -> Result<Self, StoreError> {
+        Ok(Self::new(create_sized(&path, len)?, path, false))
     }
 
     /// Creates an empty temporary file in `dir` for a whole blob about to be written.
     pub(super) fn create_temp(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(format!("import-{}.tmp", unique_suffix()));
         let file = File::create(&path).map_err(io_err(&path))?;
-        Ok(Self {
-            direct: open_direct(&path),
-            file,
-            path,
-        })
+        Ok(Self::new(file, path, false))
     }
 
     /// Creates a temporary file in `dir` of `len` zero bytes (sparse) to be written and read
-    /// back in place by position, through the page cache (a [`super::Scratch`]).
+    /// back in place by position, through the page cache (a [`super::Scratch`]), except for
+    /// the first write of a region, which may bypass it ([`Self::write_at`]).
     pub(super) fn create_scratch(dir: &Path, len: u64) -> Result<Self, StoreError> {
         let path = dir.join(format!("import-{}.tmp", unique_suffix()));
-        Ok(Self {
-            file: create_sized(&path, len)?,
-            path,
-            direct: None,
-        })
+        Ok(Self::new(create_sized(&path, len)?, path, false))
     }
 
     /// Renames a whole blob's file to a temporary name in `dir` and opens it as a scratch
@@ -95,21 +99,17 @@ impl DataFile {
     pub(super) fn take_as_scratch(&self, dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(format!("import-{}.tmp", unique_suffix()));
         std::fs::rename(&self.path, &path).map_err(io_err(&path))?;
-        Self::open_whole(path)
+        Self::open_whole(path, self.cached.load(Ordering::Relaxed))
     }
 
     /// Opens a whole blob's file (for reading; a scratch's, for writing in place too).
-    fn open_whole(path: PathBuf) -> Result<Self, StoreError> {
+    fn open_whole(path: PathBuf, cached: bool) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        Ok(Self {
-            file,
-            path,
-            direct: None,
-        })
+        Ok(Self::new(file, path, cached))
     }
 
     /// The file's path.
@@ -117,28 +117,36 @@ impl DataFile {
         &self.path
     }
 
-    /// Writes `bytes` at `off`: with `O_DIRECT` when buffer, length and offset are aligned
-    /// and the file system allows it (no page-cache copy), through the page cache otherwise.
+    /// Writes `bytes` at `off`: with `O_DIRECT` when buffer and offset are aligned and the
+    /// file system allows it (no page-cache copy; a blob's last chunk ends in a part-block
+    /// that goes through the page cache), through the page cache otherwise.
     pub(super) fn write_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
-        let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
+        let whole_blocks = bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         match &self.direct {
-            Some(d) if aligned(bytes.as_ptr() as usize) && aligned(bytes.len()) && aligned(off as usize) => {
-                d.write_all_at(bytes, off).map_err(io_err(&self.path))
+            Some(d) if whole_blocks > 0 && is_aligned(bytes.as_ptr() as usize) && is_aligned(off as usize) => {
+                let (head, tail) = bytes.split_at(whole_blocks);
+                d.write_all_at(head, off).map_err(io_err(&self.path))?;
+                self.write_buffered_at(tail, off + whole_blocks as u64)
             }
-            _ => self.file.write_all_at(bytes, off).map_err(io_err(&self.path)),
+            _ => self.write_buffered_at(bytes, off),
         }
     }
 
     /// Writes `bytes` at `off` through the page cache: for a scratch, rewritten in place and
     /// read back soon, which the page cache serves.
     pub(super) fn write_buffered_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
+        // A part-block (a header, a blob's last bytes) does not make the file one to read
+        // through the page cache.
+        if bytes.len() >= DIRECT_ALIGN {
+            self.cached.store(true, Ordering::Relaxed);
+        }
         self.file.write_all_at(bytes, off).map_err(io_err(&self.path))
     }
 
     /// Whether a write of `len` bytes at `off` may take the `O_DIRECT` path (given an aligned
     /// buffer): so a caller copies into one only when it pays.
     pub(super) fn takes_direct(&self, len: usize, off: u64) -> bool {
-        self.direct.is_some() && len.is_multiple_of(DIRECT_ALIGN) && (off as usize).is_multiple_of(DIRECT_ALIGN)
+        self.direct.is_some() && is_aligned(len) && is_aligned(off as usize)
     }
 
     /// Reads `buf.len()` bytes at `off`.
@@ -146,17 +154,43 @@ impl DataFile {
         self.file.read_exact_at(buf, off).map_err(io_err(&self.path))
     }
 
+    /// Reads `buf.len()` bytes at `off` that this node will not read again soon (a chunk
+    /// about to be sent, a chunk being hashed). From a file written only past the page cache
+    /// (received chunks, imports, a result trained as it arrived), the read bypasses it too
+    /// (`O_DIRECT`, where buffer and offset are block-aligned): the page cache does not hold
+    /// those bytes, and filling fresh page-cache pages, on a VM that hands freed memory back
+    /// to its host, costs more CPU than the transfer itself (see docs/benchmarks.md). A file
+    /// written through the page cache (a mean, a result updated in place) is read through it.
+    pub(super) fn read_once(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        let whole_blocks = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        match &self.direct {
+            Some(d)
+                if !self.cached.load(Ordering::Relaxed)
+                    && whole_blocks > 0
+                    && is_aligned(buf.as_ptr() as usize)
+                    && is_aligned(off as usize) =>
+            {
+                let (head, tail) = buf.split_at_mut(whole_blocks);
+                d.read_exact_at(head, off).map_err(io_err(&self.path))?;
+                // A last chunk's tail shorter than a block.
+                self.read_at(tail, off + whole_blocks as u64)
+            }
+            _ => self.read_at(buf, off),
+        }
+    }
+
     /// Files a temporary file holding the whole blob `manifest` names as that blob's data:
     /// renamed into place first, then any stale `.have` removed, then the manifest written,
     /// so a process killed in between never leaves a manifest for bytes that are not there.
     pub(super) fn install_whole(self, dir: &Path, manifest: &Manifest) -> Result<Self, StoreError> {
         let id = manifest.id();
+        let cached = self.cached.load(Ordering::Relaxed);
         drop((self.file, self.direct));
         let path = dir.join(format!("{id}.data"));
         std::fs::rename(&self.path, &path).map_err(io_err(&path))?;
         let _ = std::fs::remove_file(dir.join(format!("{id}.have")));
         write_manifest(dir, manifest)?;
-        Self::open_whole(path)
+        Self::open_whole(path, cached)
     }
 
     /// Removes a temporary file that is not needed after all (its blob was already held, or
@@ -164,6 +198,10 @@ impl DataFile {
     pub(super) fn discard(self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+fn is_aligned(x: usize) -> bool {
+    x.is_multiple_of(DIRECT_ALIGN)
 }
 
 /// Which chunks of a blob are present, and the `.have` file that records it on disk.
@@ -314,7 +352,8 @@ pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<(DataFile, Have, Mani
     )
     .map_err(|e| corrupt(&e.to_string()))?;
     let n = manifest.chunk_count() as usize;
-    let mut data = DataFile::open_whole(dir.join(format!("{id}.data")))?;
+    // Whatever the page cache holds of it after a restart, reads past it are right.
+    let data = DataFile::open_whole(dir.join(format!("{id}.data")), false)?;
     let actual = data.file.metadata().map_err(io_err(&data.path))?.len();
     if actual != manifest.len {
         return Err(StoreError::Corrupt {
@@ -340,9 +379,5 @@ pub(super) fn load_entry(dir: &Path, id: BlobId) -> Result<(DataFile, Have, Mani
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Have::whole(n),
         Err(e) => return Err(io_err(&have_path)(e)),
     };
-    if have.file.is_some() {
-        // Partial: chunks are still to be written.
-        data.direct = open_direct(&data.path);
-    }
     Ok((data, have, manifest))
 }

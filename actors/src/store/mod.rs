@@ -110,8 +110,18 @@ impl Presence {
 /// A chunk read to be sent: its own bytes, or a view into a blob the store holds in memory.
 #[derive(Debug)]
 pub enum ChunkBytes {
-    /// Read from disk (or copied).
+    /// Copied.
     Owned(Vec<u8>),
+    /// Read from disk into the block-aligned part `buf[start..start + len]`, so that the read
+    /// could bypass the page cache ([`disk::DIRECT_ALIGN`]).
+    Read {
+        /// The buffer, handed back for the next read.
+        buf: Vec<u8>,
+        /// Where the chunk starts in it.
+        start: usize,
+        /// The chunk's length.
+        len: usize,
+    },
     /// Part of a blob held in memory.
     Held {
         /// The blob's bytes.
@@ -126,7 +136,20 @@ impl ChunkBytes {
     pub fn into_vec(self) -> Vec<u8> {
         match self {
             Self::Owned(v) => v,
+            Self::Read { mut buf, start, len } => {
+                buf.copy_within(start..start + len, 0);
+                buf.truncate(len);
+                buf
+            }
             Self::Held { bytes, range } => bytes[range].to_vec(),
+        }
+    }
+
+    /// The buffer a chunk read from disk was read into, for the next read; `None` for a view.
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            Self::Owned(buf) | Self::Read { buf, .. } => Some(buf),
+            Self::Held { .. } => None,
         }
     }
 }
@@ -137,6 +160,7 @@ impl std::ops::Deref for ChunkBytes {
     fn deref(&self) -> &[u8] {
         match self {
             Self::Owned(v) => v,
+            Self::Read { buf, start, len } => &buf[*start..*start + *len],
             Self::Held { bytes, range } => &bytes[range.clone()],
         }
     }
@@ -401,9 +425,11 @@ impl BlobStore {
                 ChunkBytes::Owned(buf)
             }
             Data::Disk(file) => {
-                buf.resize(len, 0);
-                file.read_at(&mut buf, off)?;
-                ChunkBytes::Owned(buf)
+                // Room to start the chunk at an aligned address: a reused buffer has it already.
+                buf.resize(len + DIRECT_ALIGN, 0);
+                let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                file.read_once(&mut buf[start..start + len], off)?;
+                ChunkBytes::Read { buf, start, len }
             }
             // A transient blob whose producer let go: gone.
             Data::Shared(_) | Data::Transient(_) => return Ok(None),
@@ -600,6 +626,31 @@ pub(super) mod tests {
         assert!(!dir.path().join(format!("blobs/{}.have", m.id())).exists());
         let s = BlobStore::open(dir.path()).expect("reopen");
         assert_eq!(s.read_all(&m.id()).expect("read"), data);
+        assert!(s.verify(&m.id()).expect("verify").is_empty());
+    }
+
+    #[test]
+    fn chunks_written_and_read_past_the_page_cache_end_in_part_blocks_that_are_not() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = BlobStore::open(dir.path()).expect("open");
+        // Chunks of two blocks; the last is one block and 77 bytes.
+        let cs = 2 * DIRECT_ALIGN;
+        let data = bytes(2 * cs + DIRECT_ALIGN + 77);
+        let m = Manifest::of_bytes(&data, cs as u32).expect("m");
+        s.begin(m.clone()).expect("begin");
+        let (mut storage, start) = aligned_buffer(cs);
+        for (i, c) in data.chunks(cs).enumerate() {
+            let buf = &mut storage[start..start + c.len()];
+            buf.copy_from_slice(c);
+            assert!(s.put_chunk(&m.id(), i as u64, buf).expect("put"));
+        }
+        for (i, c) in data.chunks(cs).enumerate() {
+            let chunk = s
+                .read_chunk_to_send(&m.id(), i as u64, Vec::new())
+                .expect("read")
+                .expect("held");
+            assert_eq!(&chunk[..], c, "chunk {i}");
+        }
         assert!(s.verify(&m.id()).expect("verify").is_empty());
     }
 

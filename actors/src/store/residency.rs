@@ -317,12 +317,14 @@ mod tests {
         let data = bytes(3 * 4096);
         let m = store.import_bytes(&data, 4096).expect("import");
         // The buffer is allocated by the caller (on its thread) and comes back holding the chunk.
-        let buf = vec![0u8; 4096];
+        // With room to start the chunk at a block boundary.
+        let buf = vec![0u8; 4096 + crate::store::DIRECT_ALIGN];
         let at = buf.as_ptr();
         match store.read_chunk_to_send(&m.id(), 1, buf).expect("read") {
-            Some(ChunkBytes::Owned(v)) => {
-                assert_eq!(v.as_ptr(), at, "read into the buffer given");
-                assert_eq!(v, data[4096..8192]);
+            Some(ChunkBytes::Read { buf, start, len }) => {
+                assert_eq!(buf.as_ptr(), at, "read into the buffer given");
+                assert_eq!(buf[start..start + len], data[4096..8192]);
+                assert!((buf[start..].as_ptr() as usize).is_multiple_of(crate::store::DIRECT_ALIGN));
             }
             other => panic!("expected an owned chunk, got {other:?}"),
         }
@@ -415,7 +417,7 @@ mod tests {
             .read_chunk_to_send(&m.id(), 2, Vec::new())
             .expect("read")
             .expect("chunk");
-        assert!(matches!(next, ChunkBytes::Owned(_)), "read from disk");
+        assert!(matches!(next, ChunkBytes::Read { .. }), "read from disk");
         assert_eq!(*next, [0u8; 4096]);
         drop(view);
         assert_eq!(store.read_chunk(&m.id(), 1).expect("read"), Some(vec![0u8; 4096]));

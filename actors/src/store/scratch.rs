@@ -80,6 +80,24 @@ impl Scratch {
         }
     }
 
+    /// Writes `bytes` at `off`, a region of a fresh scratch not written before: with
+    /// `O_DIRECT`, past the page cache, where buffer, length and offset are block-aligned
+    /// ([`super::aligned_buffer`]) and the file system allows it; through the page cache
+    /// otherwise. A later read of the region then comes from disk, into page-cache pages the
+    /// kernel fills by DMA, instead of this write copying into fresh pages, which on a VM that
+    /// hands freed memory back to its host costs about as much as the rest of a transfer
+    /// (see docs/benchmarks.md). For a model received into a scratch and a mean's first
+    /// contribution, each read back once or twice; rewrites go through [`Self::write_at`].
+    pub fn write_fresh_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
+        if let Some(e) = self.out_of_range(off, bytes.len()) {
+            return Err(e);
+        }
+        match &self.place {
+            Some(Place::File(f)) => f.write_at(bytes, off),
+            _ => self.write_at(bytes, off),
+        }
+    }
+
     /// Fills `buf` from `off`.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
         if let Some(e) = self.out_of_range(off, buf.len()) {
@@ -93,6 +111,18 @@ impl Scratch {
                 Ok(())
             }
             None => Ok(()),
+        }
+    }
+}
+
+impl Scratch {
+    /// Fills `buf` from `off` with bytes not read again soon (hashing a finished scratch):
+    /// past the page cache where the scratch was written past it, given a block-aligned
+    /// `buf` (see [`super::aligned_buffer`]).
+    fn read_once_at(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        match &self.place {
+            Some(Place::File(f)) if self.out_of_range(off, buf.len()).is_none() => f.read_once(buf, off),
+            _ => self.read_at(buf, off),
         }
     }
 }
@@ -155,8 +185,24 @@ impl BlobStore {
     /// back chunk by chunk (one chunk in memory), and takes a hold on it under the lock that
     /// finds or inserts it (see [`Self::import_bytes_held`]). Content the store already holds
     /// whole is held, and the scratch removed.
-    pub fn adopt_held(&self, mut scratch: Scratch, chunk_size: u32) -> Result<Manifest, StoreError> {
+    pub fn adopt_held(&self, scratch: Scratch, chunk_size: u32) -> Result<Manifest, StoreError> {
         let manifest = hash_in_parallel(&scratch, chunk_size)?;
+        self.adopt_manifest(scratch, manifest)
+    }
+
+    /// [`Self::adopt_held`] for a scratch whose chunk hashes the caller computed as it wrote
+    /// them (a streaming learner's result, [`crate::learner::arriving`]): no pass over the file.
+    pub fn adopt_hashed(
+        &self,
+        scratch: Scratch,
+        chunk_size: u32,
+        hashes: Vec<ChunkHash>,
+    ) -> Result<Manifest, StoreError> {
+        let manifest = Manifest::new(scratch.len, chunk_size, hashes)?;
+        self.adopt_manifest(scratch, manifest)
+    }
+
+    fn adopt_manifest(&self, mut scratch: Scratch, manifest: Manifest) -> Result<Manifest, StoreError> {
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
         self.retain(&id);
@@ -276,12 +322,13 @@ fn hash_in_parallel(scratch: &Scratch, chunk_size: u32) -> Result<Manifest, Stor
             .step_by(per as usize)
             .map(|first| {
                 scope.spawn(move || {
-                    let mut buf = vec![0u8; chunk_size as usize];
+                    let (mut storage, start) = super::aligned_buffer(chunk_size as usize);
+                    let buf = &mut storage[start..];
                     (first..(first + per).min(n))
                         .map(|i| {
                             let at = i * cs;
                             let len = (scratch.len - at).min(cs) as usize;
-                            scratch.read_at(&mut buf[..len], at)?;
+                            scratch.read_once_at(&mut buf[..len], at)?;
                             Ok(ChunkHash::of(&buf[..len]))
                         })
                         .collect()

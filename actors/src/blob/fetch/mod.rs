@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use self::receiver::{ReceiveError, Source};
 use crate::lock;
 use crate::network::NetworkHandle;
-use crate::store::{BlobStore, ChunkBytes, StoreError};
+use crate::store::{BlobStore, StoreError};
 
 /// Called once with every chunk of the blob (index, verified bytes), on a blocking thread, so
 /// work on the bytes (streaming aggregation) overlaps the transfer and needs no re-read.
@@ -708,10 +708,7 @@ impl Fetcher {
                 target.hand_over(i);
                 none_handed = false;
                 f(i, &chunk);
-                buf = match chunk {
-                    ChunkBytes::Owned(v) => v,
-                    ChunkBytes::Held { .. } => Vec::new(),
-                };
+                buf = chunk.into_buffer().unwrap_or_default();
             }
             Ok::<(), FetchError>(())
         })

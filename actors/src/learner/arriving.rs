@@ -1,0 +1,444 @@
+//! A streaming learner run over a model *while it arrives*: the received model is never
+//! written to disk and read back. Each chunk a fetch hands over (verified) is updated in
+//! memory by the learner ([`TensorStream`]), hashed as a chunk of the result, and written to
+//! the result's file past the page cache; when the last chunk is in, the result's manifest
+//! is known without another pass over the file.
+//!
+//! Chunks must reach the learner in blob order. A fetch from one source hands them over in
+//! order; chunks that come early (several sources, a retried range) are parked in the file
+//! until their turn. Where a model cannot be cut at chunk boundaries (a learner that wants
+//! whole tensors, an element that straddles two chunks, a header longer than a chunk), every
+//! chunk is parked and the pass runs over the whole file once it is in, as
+//! [`super::stream::stream_in_place`] does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use flare_protocols::BlobRef;
+use flare_protocols::blob_id::ChunkHash;
+use flare_protocols::model::Layout;
+
+use super::stream::stream_in_place;
+use super::{Learner, TaskContext};
+use crate::lock;
+use crate::store::{Scratch, aligned_buffer};
+
+/// See the module doc. Fed by a fetch's chunk callback ([`Self::chunk`]), then
+/// [`Self::finish`]ed.
+pub struct Arriving {
+    state: Mutex<State>,
+}
+
+/// What [`Arriving::finish`] gives back besides the learner.
+pub struct Trained {
+    /// The result, in place in the file the model arrived into.
+    pub file: Scratch,
+    /// The result's chunk hashes, when the pass went chunk by chunk; `None` when it ran over
+    /// the whole file at the end (the result is then to be hashed from the file).
+    pub hashes: Option<Vec<ChunkHash>>,
+    /// The learner's aggregation weight.
+    pub samples: u64,
+    /// The learner's metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+enum Plan {
+    /// Chunk 0 has not come yet.
+    Undecided,
+    /// Chunk by chunk, in pieces of at most `piece` bytes.
+    ByChunk { layout: Layout, piece: u64 },
+    /// Over the whole file once every chunk is in.
+    Whole,
+}
+
+struct State {
+    learner: Box<dyn Learner>,
+    ctx: TaskContext,
+    file: Scratch,
+    blob: BlobRef,
+    plan: Plan,
+    /// The next chunk the learner takes.
+    next: u64,
+    /// Chunks written to the file as they came, not yet through the learner.
+    parked: BTreeSet<u64>,
+    /// The result's chunk hashes so far (chunks `0..next`).
+    hashes: Vec<ChunkHash>,
+    /// One chunk, block-aligned (so its write bypasses the page cache): `(storage, start)`.
+    work: (Vec<u8>, usize),
+    failed: Option<String>,
+}
+
+impl Arriving {
+    /// Runs `learner` (which must stream: [`Learner::streaming`]) over blob `blob`, whose
+    /// chunks will be handed to [`Self::chunk`], into `file` (a scratch of the blob's length).
+    pub fn new(learner: Box<dyn Learner>, ctx: TaskContext, file: Scratch, blob: BlobRef) -> Self {
+        Self {
+            state: Mutex::new(State {
+                learner,
+                ctx,
+                file,
+                blob,
+                plan: Plan::Undecided,
+                next: 0,
+                parked: BTreeSet::new(),
+                hashes: Vec::new(),
+                work: aligned_buffer(blob.chunk_size as usize),
+                failed: None,
+            }),
+        }
+    }
+
+    /// Takes chunk `index` (verified): through the learner now if it is its turn, else
+    /// parked. An error is kept for [`Self::finish`].
+    pub fn chunk(&self, index: u64, bytes: &[u8]) {
+        let mut s = lock(&self.state);
+        if s.failed.is_some() {
+            return;
+        }
+        if let Err(e) = s.take(index, bytes) {
+            s.failed = Some(e);
+        }
+    }
+
+    /// Once every chunk has been handed over: the rest of the pass, the learner's weight and
+    /// metrics. The learner comes back whatever happened.
+    pub fn finish(self) -> (Box<dyn Learner>, Result<Trained, String>) {
+        let mut s = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        let r = s.finish();
+        (
+            s.learner,
+            r.map(|(hashes, samples, metrics)| Trained {
+                file: s.file,
+                hashes,
+                samples,
+                metrics,
+            }),
+        )
+    }
+
+    /// The learner back, after a fetch that failed.
+    pub fn into_learner(self) -> Box<dyn Learner> {
+        self.state.into_inner().unwrap_or_else(|p| p.into_inner()).learner
+    }
+}
+
+/// What [`State::finish`] gives: the hashes (when by chunk), weight and metrics.
+type Finished = (Option<Vec<ChunkHash>>, u64, BTreeMap<String, f64>);
+
+impl State {
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.blob.chunk_size)
+    }
+
+    fn chunk_count(&self) -> u64 {
+        self.blob.len.div_ceil(self.chunk_size().max(1))
+    }
+
+    fn chunk_len(&self, index: u64) -> usize {
+        let start = index * self.chunk_size();
+        (self.blob.len - start).min(self.chunk_size()) as usize
+    }
+
+    fn take(&mut self, index: u64, bytes: &[u8]) -> Result<(), String> {
+        if index >= self.chunk_count() || bytes.len() != self.chunk_len(index) {
+            return Err(format!("chunk {index} of {} bytes does not fit the model", bytes.len()));
+        }
+        if index == 0 && matches!(self.plan, Plan::Undecided) {
+            self.plan = self.plan_from(bytes);
+        }
+        if index != self.next || !matches!(self.plan, Plan::ByChunk { .. }) {
+            self.file
+                .write_fresh_at(bytes, index * self.chunk_size())
+                .map_err(|e| format!("writing the input model: {e}"))?;
+            self.parked.insert(index);
+            return Ok(());
+        }
+        let (storage, start) = &mut self.work;
+        storage[*start..*start + bytes.len()].copy_from_slice(bytes);
+        self.train_next()?;
+        self.drain_parked()
+    }
+
+    /// Chunk by chunk when the learner takes pieces, the header fits in chunk 0 and every
+    /// tensor's elements lie whole within chunks; else over the whole file at the end.
+    fn plan_from(&mut self, chunk0: &[u8]) -> Plan {
+        let Some(piece) = self.learner.streaming().and_then(|s| s.piece_bytes()) else {
+            return Plan::Whole;
+        };
+        let read = |buf: &mut [u8]| match chunk0.get(..buf.len()) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => Err(crate::store::StoreError::Corrupt {
+                path: "<first chunk>".into(),
+                reason: "header longer than a chunk".into(),
+            }),
+        };
+        let Ok(layout) = crate::store::read_layout(self.blob.len, read) else {
+            return Plan::Whole;
+        };
+        let cs = self.chunk_size();
+        let whole_elements = layout.regions.iter().all(|r| {
+            let size = r.dtype.size() as u64;
+            size > 0 && cs.is_multiple_of(size) && r.bytes.start.is_multiple_of(size)
+        });
+        if !whole_elements {
+            return Plan::Whole;
+        }
+        // Pieces of whole elements of any dtype (8 bytes at most), as `stream_in_place` cuts them.
+        let piece = (piece.max(8) / 8 * 8) as u64;
+        Plan::ByChunk { layout, piece }
+    }
+
+    /// Runs the learner over chunk `next` (in `work`), hashes it, writes it, moves on.
+    fn train_next(&mut self) -> Result<(), String> {
+        let Plan::ByChunk { layout, piece } = &self.plan else {
+            return Err("internal error: a chunk trained without a plan".into());
+        };
+        let index = self.next;
+        let len = self.chunk_len(index);
+        let start = index * self.chunk_size();
+        let end = start + len as u64;
+        let last = index + 1 == self.chunk_count();
+        let (storage, at) = &mut self.work;
+        let work = &mut storage[*at..*at + len];
+        let learner = self.learner.streaming().ok_or("the learner stopped streaming")?;
+        for r in &layout.regions {
+            if r.bytes.is_empty() {
+                // Handed over once, by the chunk it starts in (the last, at the blob's end).
+                if (start..end).contains(&r.bytes.start) || (last && r.bytes.start == end) {
+                    learner.tensor(&r.name, r.dtype, &mut [], &self.ctx)?;
+                }
+                continue;
+            }
+            let (from, to) = (r.bytes.start.max(start), r.bytes.end.min(end));
+            let mut p = from;
+            while p < to {
+                let n = (*piece).min(to - p);
+                let bytes = &mut work[(p - start) as usize..(p - start + n) as usize];
+                learner
+                    .tensor(&r.name, r.dtype, bytes, &self.ctx)
+                    .map_err(|e| format!("tensor {:?}: {e}", r.name))?;
+                p += n;
+            }
+        }
+        self.hashes.push(ChunkHash::of(work));
+        self.file
+            .write_fresh_at(work, start)
+            .map_err(|e| format!("writing the result: {e}"))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Trains the parked chunks whose turn has come.
+    fn drain_parked(&mut self) -> Result<(), String> {
+        while self.parked.remove(&self.next) {
+            let len = self.chunk_len(self.next);
+            let (storage, at) = &mut self.work;
+            self.file
+                .read_at(
+                    &mut storage[*at..*at + len],
+                    self.next * u64::from(self.blob.chunk_size),
+                )
+                .map_err(|e| format!("reading the input model: {e}"))?;
+            self.train_next()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Finished, String> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if matches!(self.plan, Plan::ByChunk { .. }) {
+            self.drain_parked()?;
+            if self.next != self.chunk_count() {
+                return Err(format!("chunk {} of the input model never came", self.next));
+            }
+            let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
+            let (samples, metrics) = stream.finish(&self.ctx)?;
+            return Ok((Some(std::mem::take(&mut self.hashes)), samples, metrics));
+        }
+        let file = &self.file;
+        let layout = crate::store::read_layout(file.len(), |buf| file.read_at(buf, 0))
+            .map_err(|e| format!("input model: {e}"))?;
+        let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
+        let (samples, metrics) = stream_in_place(stream, file, &layout, &self.ctx)?;
+        Ok((None, samples, metrics))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flare_protocols::Manifest;
+    use flare_protocols::ctl::{JobId, TaskKind};
+    use flare_protocols::model::{DType, Model, Tensor};
+
+    use super::*;
+    use crate::BlobStore;
+    use crate::learner::{AddOne, TensorStream};
+
+    fn ctx() -> TaskContext {
+        TaskContext {
+            job: JobId("j".into()),
+            member: "m".into(),
+            task: TaskKind::Train,
+            round: 0,
+            props: BTreeMap::new(),
+        }
+    }
+
+    fn model() -> Model {
+        let a: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
+        Model::from_tensors([
+            ("a", Tensor::from_f32(vec![3000], &a).expect("t")),
+            ("b", Tensor::new(DType::I64, vec![2], vec![7; 16]).expect("t")),
+            ("e", Tensor::from_f32(vec![0], &[]).expect("t")),
+            ("z", Tensor::from_f32(vec![1500], &a[..1500]).expect("t")),
+        ])
+    }
+
+    /// Feeds `bytes` cut in chunks of `cs` to a fresh `Arriving` in `order`, in `store`.
+    fn feed(
+        learner: Box<dyn Learner>,
+        store: &BlobStore,
+        bytes: &[u8],
+        cs: u32,
+        order: &[u64],
+    ) -> (Box<dyn Learner>, Result<Trained, String>) {
+        let blob = BlobStore::memory().import_bytes(bytes, cs).expect("import").blob_ref();
+        let file = store.scratch(blob.len).expect("scratch");
+        let arriving = Arriving::new(learner, ctx(), file, blob);
+        for &i in order {
+            let at = (i * u64::from(cs)) as usize;
+            arriving.chunk(i, &bytes[at..(at + cs as usize).min(bytes.len())]);
+        }
+        arriving.finish()
+    }
+
+    fn content(file: &Scratch) -> Vec<u8> {
+        let mut out = vec![0; file.len() as usize];
+        file.read_at(&mut out, 0).expect("read");
+        out
+    }
+
+    #[test]
+    fn chunks_in_any_order_give_add_ones_result_and_its_hashes() {
+        let m = model();
+        let expected = AddOne { num_samples: 3 }.train(m.clone(), &ctx()).expect("train").model;
+        let expected = expected.as_safetensors();
+        let dir = tempfile::tempdir().expect("tmp");
+        let stores = [BlobStore::memory(), BlobStore::open(dir.path()).expect("open")];
+        for cs in [4096u32, 64] {
+            let n = m.as_safetensors().len().div_ceil(cs as usize) as u64;
+            let in_order: Vec<u64> = (0..n).collect();
+            let reversed: Vec<u64> = (0..n).rev().collect();
+            let interleaved: Vec<u64> = (0..n).step_by(2).chain((1..n).step_by(2)).collect();
+            for store in &stores {
+                for order in [&in_order, &reversed, &interleaved] {
+                    let (_, r) = feed(
+                        Box::new(AddOne { num_samples: 3 }),
+                        store,
+                        m.as_safetensors(),
+                        cs,
+                        order,
+                    );
+                    let t = r.expect("trained");
+                    assert_eq!(t.samples, 3);
+                    assert_eq!(content(&t.file), expected, "chunk {cs}, order {order:?}");
+                    // Chunks of 64 bytes cannot hold the header: the pass then runs at the end.
+                    let Some(hashes) = t.hashes else {
+                        assert_eq!(cs, 64, "trained chunk by chunk");
+                        continue;
+                    };
+                    let want = BlobStore::memory().import_bytes(expected, cs).expect("import");
+                    let got = Manifest::new(t.file.len(), cs, hashes).expect("manifest");
+                    assert_eq!(got.id(), want.id(), "the hashes are the result's");
+                }
+            }
+        }
+    }
+
+    /// Doubles every f32 and wants each tensor whole.
+    struct WholeDoubler(Vec<String>);
+
+    impl TensorStream for WholeDoubler {
+        fn tensor(&mut self, name: &str, dtype: DType, data: &mut [u8], _: &TaskContext) -> Result<(), String> {
+            self.0.push(name.to_owned());
+            if dtype == DType::F32 {
+                for b in data.chunks_exact_mut(4) {
+                    let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * 2.0;
+                    b.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            match name {
+                "fail" => Err("refused".into()),
+                _ => Ok(()),
+            }
+        }
+
+        fn finish(&mut self, _: &TaskContext) -> Result<(u64, BTreeMap<String, f64>), String> {
+            Ok((1, BTreeMap::new()))
+        }
+    }
+
+    impl Learner for WholeDoubler {
+        fn train(&mut self, _: Model, _: &TaskContext) -> Result<crate::learner::TrainOutput, String> {
+            Err("streams only".into())
+        }
+
+        fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<BTreeMap<String, f64>, String> {
+            Err("streams only".into())
+        }
+
+        fn streaming(&mut self) -> Option<&mut dyn TensorStream> {
+            Some(self)
+        }
+    }
+
+    #[test]
+    fn a_learner_that_wants_whole_tensors_runs_over_the_whole_file_at_the_end() {
+        let m = model();
+        let n = m.as_safetensors().len().div_ceil(4096) as u64;
+        let (_, r) = feed(
+            Box::new(WholeDoubler(Vec::new())),
+            &BlobStore::memory(),
+            m.as_safetensors(),
+            4096,
+            &(0..n).collect::<Vec<_>>(),
+        );
+        let t = r.expect("trained");
+        assert!(t.hashes.is_none(), "to be hashed from the file");
+        let out = Model::from_safetensors(&content(&t.file)).expect("model");
+        let a = m.f32("a").expect("a");
+        assert_eq!(out.f32("a").expect("a"), a.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_missing_chunk_or_a_failing_learner_is_an_error_and_the_learner_comes_back() {
+        let m = model();
+        let n = m.as_safetensors().len().div_ceil(4096) as u64;
+        let (_, r) = feed(
+            Box::new(AddOne { num_samples: 1 }),
+            &BlobStore::memory(),
+            m.as_safetensors(),
+            4096,
+            &(0..n - 1).collect::<Vec<_>>(),
+        );
+        let e = r.err().expect("a chunk never came");
+        assert!(e.contains("never came"), "{e}");
+
+        let failing = Model::from_tensors([("fail", Tensor::from_f32(vec![4], &[1.0; 4]).expect("t"))]);
+        let (learner, r) = feed(
+            Box::new(WholeDoubler(Vec::new())),
+            &BlobStore::memory(),
+            failing.as_safetensors(),
+            4096,
+            &[0],
+        );
+        assert!(r.err().expect("the learner refused").contains("refused"));
+        let mut learner = learner;
+        assert!(learner.streaming().is_some(), "the same learner is handed back");
+    }
+}
