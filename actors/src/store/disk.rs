@@ -166,7 +166,7 @@ impl DataFile {
         match &self.direct {
             Some(d)
                 if !self.cached.load(Ordering::Relaxed)
-                    && whole_blocks > 0
+                    && whole_blocks >= DIRECT_READ_MIN
                     && is_aligned(buf.as_ptr() as usize)
                     && is_aligned(off as usize) =>
             {
@@ -199,6 +199,10 @@ impl DataFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// The smallest read worth sending past the page cache: a smaller one waits on the disk for
+/// a few pages whose cost in the page cache is small (a tiny model's chunks, served many times).
+const DIRECT_READ_MIN: usize = 256 << 10;
 
 fn is_aligned(x: usize) -> bool {
     x.is_multiple_of(DIRECT_ALIGN)

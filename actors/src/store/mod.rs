@@ -633,8 +633,8 @@ pub(super) mod tests {
     fn chunks_written_and_read_past_the_page_cache_end_in_part_blocks_that_are_not() {
         let dir = tempfile::tempdir().expect("tmp");
         let s = BlobStore::open(dir.path()).expect("open");
-        // Chunks of two blocks; the last is one block and 77 bytes.
-        let cs = 2 * DIRECT_ALIGN;
+        // Chunks of 512 KiB (read past the page cache); the last is one block and 77 bytes.
+        let cs = 128 * DIRECT_ALIGN;
         let data = bytes(2 * cs + DIRECT_ALIGN + 77);
         let m = Manifest::of_bytes(&data, cs as u32).expect("m");
         s.begin(m.clone()).expect("begin");
