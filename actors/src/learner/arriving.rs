@@ -272,22 +272,12 @@ impl State {
 #[cfg(test)]
 mod tests {
     use flare_protocols::Manifest;
-    use flare_protocols::ctl::{JobId, TaskKind};
     use flare_protocols::model::{DType, Model, Tensor};
 
     use super::*;
     use crate::BlobStore;
+    use crate::learner::stream::tests::ctx;
     use crate::learner::{AddOne, TensorStream};
-
-    fn ctx() -> TaskContext {
-        TaskContext {
-            job: JobId("j".into()),
-            member: "m".into(),
-            task: TaskKind::Train,
-            round: 0,
-            props: BTreeMap::new(),
-        }
-    }
 
     fn model() -> Model {
         let a: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();

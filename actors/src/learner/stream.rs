@@ -64,13 +64,14 @@ pub fn stream_in_place(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::learner::{AddOne, Learner};
     use flare_protocols::ctl::{JobId, TaskKind};
     use flare_protocols::model::{Model, Tensor};
 
-    fn ctx() -> TaskContext {
+    /// A train task's context, for learners' tests.
+    pub(crate) fn ctx() -> TaskContext {
         TaskContext {
             job: JobId("j".into()),
             member: "m".into(),
