@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskKind, TaskStatus, Value};
-use flare_protocols::model::{Layout, Model};
+use flare_protocols::model::Model;
 use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -455,16 +455,22 @@ async fn train_streaming(
     };
     let (learner, r) = trained;
     state.learner = Some(learner);
-    let t = r?;
-    let (samples, metrics) = (t.samples, t.metrics);
-    let manifest = tokio::task::spawn_blocking(move || match t.hashes {
-        Some(hashes) => store.adopt_hashed(t.file, DEFAULT_CHUNK_SIZE, hashes),
-        None => store.adopt_held(t.file, DEFAULT_CHUNK_SIZE),
+    let Trained {
+        file,
+        hashes,
+        samples: num_samples,
+        metrics,
+    } = r?;
+    // Outputs are cut in the default chunks: hashes taken in the input's other chunks do not
+    // name it, and it is hashed from the file instead.
+    let manifest = tokio::task::spawn_blocking(move || match hashes {
+        Some((cs, hashes)) if cs == DEFAULT_CHUNK_SIZE => store.adopt_hashed(file, cs, hashes),
+        _ => store.adopt_held(file, DEFAULT_CHUNK_SIZE),
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("storing the output model: {e}"))?;
-    let (output, num_samples) = (manifest.blob_ref(), samples);
+    let output = manifest.blob_ref();
     state.kept.output_held(state.node.store(), output.id);
     state.last_output = Some(output);
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "output model stored, streamed");
@@ -485,12 +491,10 @@ async fn train_in_place(
 ) -> Result<(Box<dyn Learner>, Result<Trained, String>), String> {
     let ctx = ctx.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = (|| {
-            let layout = stored_layout(&file)?;
-            let stream = learner.streaming().ok_or("the learner stopped streaming")?;
-            let (samples, metrics) = crate::learner::stream::stream_in_place(stream, &file, &layout, &ctx)?;
-            Ok::<_, String>((samples, metrics))
-        })();
+        let r = match learner.streaming() {
+            Some(stream) => crate::learner::stream::stream_file(stream, &file, &ctx),
+            None => Err("the learner stopped streaming".to_owned()),
+        };
         let r = r.map(|(samples, metrics)| Trained {
             file,
             hashes: None,
@@ -501,11 +505,6 @@ async fn train_in_place(
     })
     .await;
     joined.map_err(|e| format!("learner panicked: {e}"))
-}
-
-/// The layout of the model in `file`, read from its header.
-fn stored_layout(file: &Scratch) -> Result<Layout, String> {
-    crate::store::read_layout(file.len(), |buf| file.read_at(buf, 0)).map_err(|e| format!("input model: {e}"))
 }
 
 /// What the learner is asked, by the task's kind.

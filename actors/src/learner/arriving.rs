@@ -18,7 +18,7 @@ use flare_protocols::BlobRef;
 use flare_protocols::blob_id::ChunkHash;
 use flare_protocols::model::Layout;
 
-use super::stream::stream_in_place;
+use super::stream::{piece_len, stream_file};
 use super::{Learner, TaskContext};
 use crate::lock;
 use crate::store::{Scratch, aligned_buffer};
@@ -33,9 +33,10 @@ pub struct Arriving {
 pub struct Trained {
     /// The result, in place in the file the model arrived into.
     pub file: Scratch,
-    /// The result's chunk hashes, when the pass went chunk by chunk; `None` when it ran over
-    /// the whole file at the end (the result is then to be hashed from the file).
-    pub hashes: Option<Vec<ChunkHash>>,
+    /// The result's chunk hashes, for chunks of the input's chunk size (the first field), when
+    /// the pass went chunk by chunk; `None` when it ran over the whole file at the end (the
+    /// result is then to be hashed from the file).
+    pub hashes: Option<(u32, Vec<ChunkHash>)>,
     /// The learner's aggregation weight.
     pub samples: u64,
     /// The learner's metrics.
@@ -109,7 +110,7 @@ impl Arriving {
             s.learner,
             r.map(|(hashes, samples, metrics)| Trained {
                 file: s.file,
-                hashes,
+                hashes: hashes.map(|h| (s.blob.chunk_size, h)),
                 samples,
                 metrics,
             }),
@@ -162,7 +163,7 @@ impl State {
     /// Chunk by chunk when the learner takes pieces, the header fits in chunk 0 and every
     /// tensor's elements lie whole within chunks; else over the whole file at the end.
     fn plan_from(&mut self, chunk0: &[u8]) -> Plan {
-        let Some(piece) = self.learner.streaming().and_then(|s| s.piece_bytes()) else {
+        let Some(piece) = self.learner.streaming().and_then(|s| piece_len(s)) else {
             return Plan::Whole;
         };
         let read = |buf: &mut [u8]| match chunk0.get(..buf.len()) {
@@ -186,8 +187,6 @@ impl State {
         if !whole_elements {
             return Plan::Whole;
         }
-        // Pieces of whole elements of any dtype (8 bytes at most), as `stream_in_place` cuts them.
-        let piece = (piece.max(8) / 8 * 8) as u64;
         Plan::ByChunk { layout, piece }
     }
 
@@ -234,13 +233,11 @@ impl State {
     /// Trains the parked chunks whose turn has come.
     fn drain_parked(&mut self) -> Result<(), String> {
         while self.parked.remove(&self.next) {
-            let len = self.chunk_len(self.next);
+            let (len, off) = (self.chunk_len(self.next), self.next * self.chunk_size());
             let (storage, at) = &mut self.work;
+            // Written past the page cache when it was parked: read back past it.
             self.file
-                .read_at(
-                    &mut storage[*at..*at + len],
-                    self.next * u64::from(self.blob.chunk_size),
-                )
+                .read_once_at(&mut storage[*at..*at + len], off)
                 .map_err(|e| format!("reading the input model: {e}"))?;
             self.train_next()?;
         }
@@ -260,11 +257,8 @@ impl State {
             let (samples, metrics) = stream.finish(&self.ctx)?;
             return Ok((Some(std::mem::take(&mut self.hashes)), samples, metrics));
         }
-        let file = &self.file;
-        let layout = crate::store::read_layout(file.len(), |buf| file.read_at(buf, 0))
-            .map_err(|e| format!("input model: {e}"))?;
         let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
-        let (samples, metrics) = stream_in_place(stream, file, &layout, &self.ctx)?;
+        let (samples, metrics) = stream_file(stream, &self.file, &self.ctx)?;
         Ok((None, samples, metrics))
     }
 }
@@ -338,10 +332,11 @@ mod tests {
                     assert_eq!(t.samples, 3);
                     assert_eq!(content(&t.file), expected, "chunk {cs}, order {order:?}");
                     // Chunks of 64 bytes cannot hold the header: the pass then runs at the end.
-                    let Some(hashes) = t.hashes else {
+                    let Some((hashed_cs, hashes)) = t.hashes else {
                         assert_eq!(cs, 64, "trained chunk by chunk");
                         continue;
                     };
+                    assert_eq!(hashed_cs, cs, "hashed in the input's chunks");
                     let want = BlobStore::memory().import_bytes(expected, cs).expect("import");
                     let got = Manifest::new(t.file.len(), cs, hashes).expect("manifest");
                     assert_eq!(got.id(), want.id(), "the hashes are the result's");

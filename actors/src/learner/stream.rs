@@ -30,6 +30,24 @@ pub trait TensorStream {
     }
 }
 
+/// Runs `learner` over the model in `file`, its layout read from the file's header (see
+/// [`stream_in_place`]).
+pub fn stream_file(
+    learner: &mut dyn TensorStream,
+    file: &Scratch,
+    ctx: &TaskContext,
+) -> Result<(u64, BTreeMap<String, f64>), String> {
+    let layout =
+        crate::store::read_layout(file.len(), |buf| file.read_at(buf, 0)).map_err(|e| format!("input model: {e}"))?;
+    stream_in_place(learner, file, &layout, ctx)
+}
+
+/// The length of the pieces `learner` takes ([`TensorStream::piece_bytes`]), cut to whole
+/// elements of any dtype (8 bytes at most); `None`: whole tensors.
+pub(super) fn piece_len(learner: &dyn TensorStream) -> Option<u64> {
+    learner.piece_bytes().map(|n| (n.max(8) / 8 * 8) as u64)
+}
+
 /// Runs `learner` over the model in `file` (laid out as `layout`), tensor by tensor (or piece
 /// by piece, see [`TensorStream::piece_bytes`]), in place; returns what
 /// [`TensorStream::finish`] says.
@@ -39,8 +57,7 @@ pub fn stream_in_place(
     layout: &Layout,
     ctx: &TaskContext,
 ) -> Result<(u64, BTreeMap<String, f64>), String> {
-    // Pieces hold whole elements of any dtype (8 bytes at most).
-    let piece = learner.piece_bytes().map(|n| (n.max(8) / 8 * 8) as u64);
+    let piece = piece_len(learner);
     let mut buf = Vec::new();
     for r in &layout.regions {
         let step = piece.unwrap_or(r.bytes.end - r.bytes.start);

@@ -326,7 +326,7 @@ mod tests {
                 assert_eq!(buf[start..start + len], data[4096..8192]);
                 assert!((buf[start..].as_ptr() as usize).is_multiple_of(crate::store::DIRECT_ALIGN));
             }
-            other => panic!("expected an owned chunk, got {other:?}"),
+            other => panic!("expected a chunk read into the buffer, got {other:?}"),
         }
         assert!(store.chunk_in_memory(&m.id(), 1).is_none(), "on disk only: no view");
         let held = Arc::new(data.clone());
