@@ -450,6 +450,22 @@ impl Communicator {
         self.stored(move || store.adopt_held(file, cs)).await
     }
 
+    /// [`Self::publish_scratch`] for a model whose chunk hashes were taken as it was written
+    /// (a mean, [`crate::aggregate::Mean::Scratch`]), cut in chunks of `chunk_size`: no pass
+    /// over the file to hash it, unless the job cuts its blobs otherwise.
+    pub async fn publish_hashed(
+        &self,
+        file: crate::store::Scratch,
+        chunk_size: u32,
+        hashes: Vec<flare_protocols::blob_id::ChunkHash>,
+    ) -> Result<BlobRef, CommError> {
+        if chunk_size != self.chunk_size {
+            return self.publish_scratch(file).await;
+        }
+        let store = self.node.store().clone();
+        self.stored(move || store.adopt_hashed(file, chunk_size, hashes)).await
+    }
+
     /// The layout of a model this node's store holds whole, read from its header alone.
     pub async fn layout_of(&self, blob: BlobRef) -> Result<flare_protocols::model::Layout, CommError> {
         let store = self.node.store().clone();

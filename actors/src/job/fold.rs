@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::TaskOutcome;
 use super::communicator::Communicator;
+use super::lockstep::Lockstep;
 use crate::aggregate::{Accumulator, AggregateError, layout_difference};
 use crate::blob::FetchOptions;
 use crate::lock;
@@ -108,6 +109,7 @@ impl Communicator {
         out: BlobRef,
         global: BlobRef,
         pulls: &tokio::sync::Semaphore,
+        step: &Arc<Lockstep>,
     ) -> Result<TaskOutcome, FoldFailure> {
         let fail = |outcome, why: &str| FoldFailure {
             outcome,
@@ -132,8 +134,18 @@ impl Communicator {
         // keep that much of each (a copy of a few KiB), to describe it if it does not fit.
         let header = lock(&acc).layout().header.len() as u64;
         let prefix = Arc::new(Prefix::new(out, header.saturating_mul(2).saturating_add(4096)));
+        let Ok(_permit) = pulls.acquire().await else {
+            return Err(fail(o, "internal error: the pull limit was closed"));
+        };
+        let pull = Arc::new(step.join());
         let on_chunk = {
-            let (acc, folded, failure, prefix) = (acc.clone(), folded.clone(), failure.clone(), prefix.clone());
+            let (acc, folded, failure, prefix, pull) = (
+                acc.clone(),
+                folded.clone(),
+                failure.clone(),
+                prefix.clone(),
+                pull.clone(),
+            );
             move |i: u64, bytes: &[u8]| {
                 prefix.keep(i, bytes);
                 if lock(&failure).is_some() {
@@ -141,7 +153,10 @@ impl Communicator {
                 }
                 let r = lock(&acc).add_chunk(i, bytes, weight);
                 match r {
-                    Ok(()) => lock(&folded)[i as usize] = true,
+                    Ok(()) => {
+                        lock(&folded)[i as usize] = true;
+                        pull.folded_one();
+                    }
                     Err(e) => {
                         lock(&failure).get_or_insert(e);
                     }
@@ -156,12 +171,14 @@ impl Communicator {
             window: RESULT_WINDOW,
             // Folded and forgotten: no disk write per result.
             keep: false,
+            before_credit: Some(Arc::new(move || {
+                let pull = pull.clone();
+                Box::pin(async move { pull.in_step().await })
+            })),
             ..FetchOptions::default()
         };
-        let Ok(_permit) = pulls.acquire().await else {
-            return Err(fail(o, "internal error: the pull limit was closed"));
-        };
         let fetched = self.fetch(out, o.peer, &opts).await;
+        drop(opts); // this pull stops counting in the lockstep
         let store = self.node().store().clone();
         let done = tokio::task::spawn_blocking(move || {
             let folded = lock(&folded);
@@ -261,12 +278,14 @@ impl Communicator {
                 results = contributors.len(),
                 "a result broke off midway; folding the others again"
             );
-            let acc = Arc::new(Mutex::new(self.accumulator(layout, global.chunk_size).await?));
+            let acc = self.accumulator(layout, global.chunk_size).await?;
+            let step = Arc::new(Lockstep::for_mean(&acc));
+            let acc = Arc::new(Mutex::new(acc));
             let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
                 .into_iter()
                 .filter_map(|o| {
                     let out = o.output?;
-                    Some(self.fold_result(acc.clone(), o, out, global, pulls))
+                    Some(self.fold_result(acc.clone(), o, out, global, pulls, &step))
                 })
                 .collect();
             let mut tainted = false;

@@ -41,6 +41,12 @@ use crate::store::{BlobStore, StoreError};
 /// successful fetch, with no network for them. A failed fetch may have handed over only some.
 pub type ChunkFn = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
+/// Awaited after each chunk is stored and handed to `on_chunk`, before the source is granted
+/// the credit to send one more: lets a caller that consumes several fetches at once keep
+/// them in step (an aggregator folding results into a window of the mean, see
+/// `job::fold`). A source waits for its credits up to [`crate::blob::serve::SERVE_IDLE_TIMEOUT`].
+pub type CreditGate = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// Called as chunks are stored, for progress bars and logs.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
@@ -85,6 +91,8 @@ pub struct FetchOptions {
     pub wait_ms: u32,
     /// Only these chunks (a range of indices); `None`: the whole blob. Not with `on_chunk`.
     pub only: Option<Range<u64>>,
+    /// Paces the credits (see [`CreditGate`]).
+    pub before_credit: Option<CreditGate>,
 }
 
 impl Default for FetchOptions {
@@ -101,6 +109,7 @@ impl Default for FetchOptions {
             keep: true,
             wait_ms: 0,
             only: None,
+            before_credit: None,
         }
     }
 }
@@ -778,10 +787,7 @@ impl Fetcher {
                     cb(Progress { present: p, total });
                 }
             };
-            let r = self
-                .source(peer, opts)
-                .chunks(target, unit.clone(), opts.window, opts.on_chunk.as_ref(), on_new)
-                .await;
+            let r = self.source(peer, opts).chunks(target, unit.clone(), opts, on_new).await;
             let rest = match &r {
                 Ok(()) => Vec::new(),
                 Err(_) => match target.missing() {

@@ -32,7 +32,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, Stream};
 use tokio::sync::mpsc;
 
-use super::{ChunkFn, SourceError, Target};
+use super::{FetchOptions, SourceError, Target};
 use crate::network::NetworkHandle;
 use crate::store::{DIRECT_ALIGN, StoreError, aligned_buffer};
 
@@ -208,13 +208,13 @@ impl Source<'_> {
         &self,
         target: &Arc<Target>,
         range: Range<u64>,
-        window: u32,
-        on_chunk: Option<&ChunkFn>,
+        opts: &FetchOptions,
         on_new: impl Fn(),
     ) -> Result<(), ReceiveError> {
         let peer = self.peer;
         let manifest = &target.manifest;
-        let window = window.clamp(1, MAX_WINDOW);
+        let (on_chunk, before_credit) = (opts.on_chunk.as_ref(), opts.before_credit.as_ref());
+        let window = opts.window.clamp(1, MAX_WINDOW);
         let req = BlobRequest {
             blob: manifest.blob_ref(),
             first: range.start,
@@ -301,6 +301,9 @@ impl Source<'_> {
                             source: std::io::Error::other(e.to_string()),
                         }));
                     }
+                }
+                if let Some(gate) = before_credit {
+                    gate().await;
                 }
                 // The source may have closed after its last chunk: a lost credit is harmless.
                 let _ = write_credit(&mut wr, 1).await;

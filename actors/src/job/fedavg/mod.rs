@@ -24,6 +24,7 @@ use libp2p::PeerId;
 use tokio::time::Instant;
 
 use super::communicator::Communicator;
+use super::lockstep::Lockstep;
 use super::{Task, TaskKind, TaskOutcome};
 use crate::aggregate::{Accumulator, Mean};
 use crate::lock;
@@ -199,7 +200,10 @@ pub(crate) async fn one_round(
 ) -> Result<(GlobalModel, RoundReport), FedAvgError> {
     let start = Instant::now();
     let deadline = start + cfg.round_timeout;
-    let acc = Arc::new(Mutex::new(comm.accumulator(&layout, blob.chunk_size).await?));
+    let acc = comm.accumulator(&layout, blob.chunk_size).await?;
+    // The pulls go in step, so a mean on disk takes every contribution to a chunk in memory.
+    let step = Arc::new(Lockstep::for_mean(&acc));
+    let acc = Arc::new(Mutex::new(acc));
     let task = Task {
         kind: TaskKind::Train,
         round,
@@ -240,14 +244,15 @@ pub(crate) async fn one_round(
                     }
                     match (o.status, o.output) {
                         (TaskStatus::Ok, Some(out)) => {
-                            let (written, acc, pulls, spare) = (written.clone(), acc.clone(), &pulls, &spare);
+                            let (written, acc, pulls, spare, step) =
+                                (written.clone(), acc.clone(), &pulls, &spare, &step);
                             folds.push(async move {
                                 written.wait().await;
                                 let taken = lock(spare).take();
                                 if let Some(b) = taken {
                                     comm.reuse_for_mean(&acc, &blob.id, b, round).await;
                                 }
-                                comm.fold_result(acc, o, out, blob, pulls).await
+                                comm.fold_result(acc, o, out, blob, pulls, step).await
                             });
                         }
                         _ => missing.push((o.member.clone(), o.failure())),
@@ -306,12 +311,13 @@ async fn close_round(
         .map_err(|_| FedAvgError::Internal("accumulator still shared at the end of the round"))?
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
+    let chunk_size = acc.chunk_size();
     let mean = tokio::task::spawn_blocking(move || acc.finish_mean())
         .await
         .map_err(|_| FedAvgError::Internal("aggregation task failed"))??;
     let model = match mean {
         Mean::Bytes(bytes) => GlobalModel::Memory(Model::from_safetensors_vec(bytes)?),
-        Mean::Scratch(file) => GlobalModel::Stored(comm.publish_scratch(file).await?),
+        Mean::Scratch(file, hashes) => GlobalModel::Stored(comm.publish_hashed(file, chunk_size, hashes).await?),
     };
     tracing::debug!(job = %comm.job(), round, secs = start.elapsed().as_secs_f64(), "mean taken");
     let global = match (&cfg.evaluate, &model) {

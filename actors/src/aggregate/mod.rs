@@ -11,10 +11,15 @@
 //! again ([`Accumulator::remove_chunk`]) when a client fails mid-round after some of its
 //! chunks were folded in.
 
+mod window;
+
 use std::ops::Range;
 
+use flare_protocols::blob_id::ChunkHash;
 use flare_protocols::model::{DType, Layout, Region};
 
+use self::window::DiskMean;
+pub use self::window::WINDOW_BYTES;
 use crate::store::{Scratch, StoreError};
 
 /// Why a chunk could not be folded in, or the result is not ready.
@@ -80,9 +85,8 @@ pub struct Accumulator {
     layout: Layout,
     chunk_size: u32,
     mean: Vec<u8>,
-    /// The mean on disk instead of in `mean` (see [`Accumulator::on_disk`]), with the
-    /// chunk-sized buffer a fold reads into and writes back from.
-    file: Option<(Scratch, Vec<u8>)>,
+    /// The mean on disk instead of in `mean` (see [`Accumulator::on_disk`]).
+    file: Option<DiskMean>,
     weights: Vec<f64>,
 }
 
@@ -90,8 +94,10 @@ pub struct Accumulator {
 pub enum Mean {
     /// The averaged blob's bytes.
     Bytes(Vec<u8>),
-    /// The averaged blob, to be filed in the store ([`crate::BlobStore::adopt_held`]).
-    Scratch(Scratch),
+    /// The averaged blob, to be filed in the store under the hashes of its chunks (cut in
+    /// the accumulator's chunk size), taken as they were written
+    /// ([`crate::BlobStore::adopt_hashed`]).
+    Scratch(Scratch, Vec<ChunkHash>),
 }
 
 impl Accumulator {
@@ -111,10 +117,22 @@ impl Accumulator {
     }
 
     /// An empty accumulator whose mean lives in `file` (a scratch of the layout's length)
-    /// rather than in memory: a fold reads the chunk's part of the mean, folds, and writes it
-    /// back, so memory is one chunk whatever the model's size, and the finished mean is
-    /// filed as a blob without a copy.
+    /// rather than in memory: the chunks being folded wait in a window of [`WINDOW_BYTES`],
+    /// and each is written once, past the page cache, when the window moves on (see
+    /// `window.rs`), so memory is the window whatever the model's size, and the finished mean
+    /// is filed as a blob without a copy or a pass to hash it.
     pub fn on_disk(layout: Layout, chunk_size: u32, file: Scratch) -> Result<Self, AggregateError> {
+        let capacity = DiskMean::default_capacity(chunk_size);
+        Self::on_disk_with_window(layout, chunk_size, file, capacity)
+    }
+
+    /// [`Self::on_disk`] with a window of `chunks` chunks.
+    pub(crate) fn on_disk_with_window(
+        layout: Layout,
+        chunk_size: u32,
+        file: Scratch,
+        chunks: usize,
+    ) -> Result<Self, AggregateError> {
         if file.len() != layout.len {
             return Err(AggregateError::Disk(format!(
                 "a scratch of {} bytes for a mean of {}",
@@ -123,14 +141,14 @@ impl Accumulator {
             )));
         }
         Self::check_shape(&layout, chunk_size)?;
-        file.write_at(&layout.header, 0)?;
-        let chunks = layout.len.div_ceil(u64::from(chunk_size)) as usize;
+        // No header written here: chunk 0's first contribution carries it (`check`).
+        let n = layout.len.div_ceil(u64::from(chunk_size)) as usize;
         Ok(Self {
             layout,
             chunk_size,
             mean: Vec::new(),
-            file: Some((file, vec![0; chunk_size as usize])),
-            weights: vec![0.0; chunks],
+            file: Some(DiskMean::new(file, chunk_size, n, chunks)?),
+            weights: vec![0.0; n],
         })
     }
 
@@ -186,6 +204,16 @@ impl Accumulator {
         &self.layout
     }
 
+    /// How many chunks of a mean on disk are held in memory; `None` for a mean in memory.
+    pub fn window_chunks(&self) -> Option<usize> {
+        self.file.as_ref().map(DiskMean::capacity)
+    }
+
+    /// The chunk size of the blobs it folds.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
     /// Number of chunks of a blob of this layout.
     pub fn chunk_count(&self) -> u64 {
         self.weights.len() as u64
@@ -231,10 +259,10 @@ impl Accumulator {
             // arithmetic, the copy only writes the accumulator's fresh pages; a fold reads
             // them first, which maps the zero page and then faults again (with a TLB flush
             // on every core) when it writes.
-            match &self.file {
+            match &mut self.file {
                 // `check` found the chunk's header bytes to be the layout's, and a canonical
                 // blob has nothing but header and tensors: the chunk is the mean's chunk.
-                Some((file, _)) => file.write_at(bytes, range.start as u64)?,
+                Some(mean) => mean.put(index, bytes)?,
                 None => copy_tensors(&self.layout, &mut self.mean, range, bytes),
             }
         } else {
@@ -291,12 +319,10 @@ impl Accumulator {
     fn fold(&mut self, range: Range<usize>, bytes: &[u8], f: impl Fn(f64, f64) -> f64) -> Result<(), StoreError> {
         match &mut self.file {
             None => fold_into(&self.layout, &mut self.mean, 0, range, bytes, f),
-            Some((file, work)) => {
-                let n = range.len();
-                let work = &mut work[..n];
-                file.read_at(work, range.start as u64)?;
-                fold_into(&self.layout, work, range.start, range.clone(), bytes, f);
-                file.write_at(work, range.start as u64)?;
+            Some(mean) => {
+                let index = (range.start / self.chunk_size as usize) as u64;
+                let layout = &self.layout;
+                mean.update(index, |work| fold_into(layout, work, range.start, range, bytes, f))?;
             }
         }
         Ok(())
@@ -306,7 +332,7 @@ impl Accumulator {
     pub fn finish(self) -> Result<Vec<u8>, AggregateError> {
         match self.finish_mean()? {
             Mean::Bytes(b) => Ok(b),
-            Mean::Scratch(file) => {
+            Mean::Scratch(file, _) => {
                 let len = usize::try_from(file.len())
                     .map_err(|_| AggregateError::Disk("a mean too large for memory".into()))?;
                 let mut bytes = vec![0; len];
@@ -330,7 +356,10 @@ impl Accumulator {
             }
         }
         Ok(match self.file {
-            Some((file, _)) => Mean::Scratch(file),
+            Some(mean) => {
+                let (file, hashes) = mean.finish()?;
+                Mean::Scratch(file, hashes)
+            }
             None => Mean::Bytes(self.mean),
         })
     }
@@ -462,6 +491,7 @@ fn tensor_shapes(start: &[u8]) -> Option<std::collections::BTreeMap<String, (Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flare_protocols::Manifest;
     use flare_protocols::model::{Model, Tensor};
     use proptest::prelude::*;
 
@@ -617,13 +647,16 @@ mod tests {
         assert_eq!(acc.finish().expect("finish"), fresh, "reused midway");
     }
 
-    /// The accumulators a test runs on: in memory, and on disk in `dir`'s store.
+    /// The accumulators a test runs on: in memory, and on disk in `dir`'s store, with a
+    /// window that holds every chunk and with one that holds a single chunk (so chunks
+    /// leave it and are read back from the file).
     fn accumulators(layout: &Layout, cs: u32, dir: &std::path::Path) -> Vec<Accumulator> {
         let store = crate::BlobStore::open(dir).expect("store");
-        let file = store.scratch(layout.len).expect("scratch");
+        let file = || store.scratch(layout.len).expect("scratch");
         vec![
             Accumulator::new(layout.clone(), cs).expect("acc"),
-            Accumulator::on_disk(layout.clone(), cs, file).expect("acc on disk"),
+            Accumulator::on_disk(layout.clone(), cs, file()).expect("acc on disk"),
+            Accumulator::on_disk_with_window(layout.clone(), cs, file(), 1).expect("acc, window of 1"),
         ]
     }
 
@@ -654,7 +687,47 @@ mod tests {
             })
             .collect();
         assert_eq!(means[0], means[1]);
+        assert_eq!(means[0], means[2]);
         assert_eq!(Layout::parse(&means[1]).expect("layout"), layout);
+    }
+
+    #[test]
+    fn a_mean_through_a_small_window_is_filed_under_the_hashes_of_its_bytes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = crate::BlobStore::open(dir.path()).expect("store");
+        // Chunks of whole blocks, so the window writes and reads them past the page cache.
+        let cs = 2 * crate::store::DIRECT_ALIGN as u32;
+        let shapes = [vec![3000], vec![50, 41]];
+        let blobs: Vec<Vec<u8>> = (0..3)
+            .map(|c| {
+                let v: Vec<f32> = (0..5050).map(|i| (i % 97 + c * 5) as f32 * 0.25).collect();
+                model(&shapes, &v).to_safetensors()
+            })
+            .collect();
+        let layout = Layout::parse(&blobs[0]).expect("layout");
+        let mut mem = Accumulator::new(layout.clone(), cs).expect("acc");
+        let file = store.scratch(layout.len).expect("scratch");
+        let mut disk = Accumulator::on_disk_with_window(layout.clone(), cs, file, 2).expect("acc");
+        // Two results in step, then a third that comes after every chunk has left the window.
+        let (a, b, c) = (chunks(&blobs[0], cs), chunks(&blobs[1], cs), chunks(&blobs[2], cs));
+        for acc in [&mut mem, &mut disk] {
+            for i in 0..a.len() {
+                acc.add_chunk(i as u64, a[i], 2.0).expect("a");
+                acc.add_chunk(i as u64, b[i], 1.0).expect("b");
+            }
+            for (i, ch) in c.iter().enumerate() {
+                acc.add_chunk(i as u64, ch, 3.0).expect("c");
+            }
+        }
+        let want = mem.finish().expect("mean");
+        let Ok(Mean::Scratch(file, hashes)) = disk.finish_mean() else {
+            panic!("a mean on disk finishes in its file");
+        };
+        let manifest = store.adopt_hashed(file, cs, hashes).expect("adopt");
+        assert_eq!(manifest, Manifest::of_bytes(&want, cs).expect("manifest"));
+        let mut got = vec![0; want.len()];
+        store.read_at(&manifest.id(), &mut got, 0).expect("read");
+        assert_eq!(got, want);
     }
 
     #[test]
