@@ -58,8 +58,8 @@ struct Outbox {
 
 #[derive(Debug)]
 struct Written {
-    /// Chunks handed to the writer and not written yet.
-    queued: usize,
+    /// Chunks handed to the writer and not written yet, with how many times.
+    queued: BTreeMap<u64, usize>,
     /// Per chunk: the hash of what the file holds of it.
     hashes: Vec<Option<ChunkHash>>,
     /// Storage of chunks written, for the next ones.
@@ -76,7 +76,7 @@ impl DiskMean {
         let file = Arc::new(file);
         let out = Arc::new(Outbox {
             state: Mutex::new(Written {
-                queued: 0,
+                queued: BTreeMap::new(),
                 hashes: vec![None; chunks],
                 spare: Vec::new(),
                 error: None,
@@ -147,7 +147,7 @@ impl DiskMean {
                 let off = s.as_ptr().align_offset(DIRECT_ALIGN);
                 let part = &mut s[off..off + len];
                 if self.sent.get(index as usize).copied().unwrap_or(false) {
-                    self.drain()?;
+                    self.wait_written(Some(index))?;
                     self.file.read_once_at(part, start)?;
                 } else {
                     // Not folded into yet (a caller's slip): the scratch's zeros.
@@ -181,16 +181,17 @@ impl DiskMean {
         if let Some(e) = lock(&self.out.state).error.take() {
             return Err(e);
         }
-        lock(&self.out.state).queued += 1;
+        *lock(&self.out.state).queued.entry(index).or_default() += 1;
         self.sent[index as usize] = true;
         let tx = self.to_writer.as_ref().ok_or_else(gone)?;
         tx.send((index, s)).map_err(|_| gone())
     }
 
-    /// Waits until the writer has written every chunk handed to it; its first error, if any.
-    fn drain(&self) -> Result<(), StoreError> {
+    /// Waits until the writer has written chunk `index` (every chunk handed to it, for
+    /// `None`); its first error, if any.
+    fn wait_written(&self, index: Option<u64>) -> Result<(), StoreError> {
         let mut st = lock(&self.out.state);
-        while st.queued > 0 {
+        while index.map_or(!st.queued.is_empty(), |i| st.queued.contains_key(&i)) {
             st = self.out.wrote.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.error.take().map_or(Ok(()), Err)
@@ -201,7 +202,7 @@ impl DiskMean {
         while let Some((index, s)) = self.slots.pop_first() {
             self.send(index, s)?;
         }
-        self.drain()?;
+        self.wait_written(None)?;
         self.to_writer = None;
         if let Some(w) = self.writer.take() {
             let _ = w.join();
@@ -242,7 +243,12 @@ fn write_out(file: &Scratch, chunk_size: usize, chunks: Receiver<(u64, Vec<u8>)>
                 st.error.get_or_insert(e);
             }
         }
-        st.queued -= 1;
+        if let Some(n) = st.queued.get_mut(&index) {
+            *n -= 1;
+            if *n == 0 {
+                st.queued.remove(&index);
+            }
+        }
         if st.spare.len() < keep {
             st.spare.push(s);
         }

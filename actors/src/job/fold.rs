@@ -27,10 +27,16 @@ use crate::lock;
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
 
-/// Results pulled at once: their transfer windows are the controller's memory beyond the
-/// accumulator, so this bounds it whatever the number of clients (the pulls are CPU-bound
-/// on the controller anyway, so more at once would not finish sooner).
+/// Results pulled at once into a mean in memory: their transfer windows are the controller's
+/// memory beyond the accumulator, so this bounds it whatever the number of clients (the
+/// pulls are CPU-bound on the controller anyway, so more at once would not finish sooner).
 pub const MAX_CONCURRENT_PULLS: usize = 2;
+
+/// Results pulled at once into a mean on disk: every result pulled at once goes in step
+/// through the mean's window ([`Lockstep`]), and one that waits for a later pass reads the
+/// whole mean back from disk, so here more at once saves a pass over the disk for each pair.
+/// Each costs its transfer window ([`RESULT_WINDOW`] chunks) of memory.
+pub const MAX_CONCURRENT_PULLS_ON_DISK: usize = 8;
 
 /// The most of the start of a result kept while it is pulled: its header, so that a result of
 /// another layout can be described tensor by tensor (a header past this, some thousands of

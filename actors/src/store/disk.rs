@@ -160,7 +160,7 @@ impl DataFile {
     /// (`O_DIRECT`, where buffer and offset are block-aligned): the page cache does not hold
     /// those bytes, and filling fresh page-cache pages, on a VM that hands freed memory back
     /// to its host, costs more CPU than the transfer itself (see docs/benchmarks.md). A file
-    /// written through the page cache (a mean, a result updated in place) is read through it.
+    /// written through the page cache (a result updated in place) is read through it.
     pub(super) fn read_once(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
         let whole_blocks = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         match &self.direct {

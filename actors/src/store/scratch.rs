@@ -3,8 +3,9 @@
 //!
 //! A [`Scratch`] is a pre-sized file in the store's directory (or a buffer, in a memory
 //! store) that a round's running mean, or a received model a streaming learner updates
-//! tensor by tensor, is written into by position. Its writes go through the page cache, which
-//! the kernel sizes and evicts and which is not the process's memory. Once its content is
+//! tensor by tensor, is written into by position: through the page cache ([`Scratch::write_at`]),
+//! which the kernel sizes and evicts and which is not the process's memory, or past it
+//! ([`Scratch::write_fresh_at`]) for bytes not read again soon. Once its content is
 //! final, [`BlobStore::adopt_held`] hashes it chunk by chunk and files it as a blob under its
 //! id: a rename, not a copy. A scratch dropped unadopted removes its file.
 //!
@@ -86,8 +87,9 @@ impl Scratch {
     /// otherwise. A later read of the region then comes from disk, into page-cache pages the
     /// kernel fills by DMA, instead of this write copying into fresh pages, which on a VM that
     /// hands freed memory back to its host costs about as much as the rest of a transfer
-    /// (see docs/benchmarks.md). For a model received into a scratch and a mean's first
-    /// contribution, each read back once or twice; rewrites go through [`Self::write_at`].
+    /// (see docs/benchmarks.md). For a result trained as it arrived and a mean's chunks as
+    /// they leave its window, read back once or not at all; rewrites of a region cached
+    /// already go through [`Self::write_at`].
     pub fn write_fresh_at(&self, bytes: &[u8], off: u64) -> Result<(), StoreError> {
         if let Some(e) = self.out_of_range(off, bytes.len()) {
             return Err(e);

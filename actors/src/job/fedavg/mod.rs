@@ -31,7 +31,7 @@ use crate::lock;
 use crate::store::Written;
 
 use super::checkpoint::Checkpoints;
-pub use super::fold::{MAX_CONCURRENT_PULLS, RESULT_WINDOW};
+pub use super::fold::{MAX_CONCURRENT_PULLS, MAX_CONCURRENT_PULLS_ON_DISK, RESULT_WINDOW};
 
 mod types;
 
@@ -226,7 +226,10 @@ pub(crate) async fn one_round(
         .map(|(m, why)| (m.name, why))
         .collect();
     let mut contributors: Vec<TaskOutcome> = Vec::new();
-    let pulls = tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS);
+    let pulls = tokio::sync::Semaphore::new(match lock(&acc).window_chunks() {
+        Some(_) => MAX_CONCURRENT_PULLS_ON_DISK,
+        None => MAX_CONCURRENT_PULLS,
+    });
     // The model's bytes, once the first result is in: the first fold makes them the
     // accumulator's memory when no one else holds them any more.
     let spare: Mutex<Option<Arc<Vec<u8>>>> = Mutex::new(None);
