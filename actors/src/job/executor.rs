@@ -423,7 +423,13 @@ async fn train_streaming(
             }
             // The learner runs over the model as it arrives (`keep`: it is stored as well,
             // for the peers that pull it from here).
-            let arriving = Arc::new(Arriving::new(learner, ctx.clone(), file, blob));
+            let arriving = match Arriving::new(learner, ctx.clone(), file, blob) {
+                Ok(a) => Arc::new(a),
+                Err((learner, e)) => {
+                    state.learner = Some(learner);
+                    return Err(e);
+                }
+            };
             let feed = arriving.clone();
             let opts = FetchOptions {
                 max_len: MAX_INPUT_MODEL,

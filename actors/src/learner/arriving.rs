@@ -21,7 +21,7 @@ use flare_protocols::model::Layout;
 use super::stream::{piece_len, stream_file};
 use super::{Learner, TaskContext};
 use crate::lock;
-use crate::store::{Scratch, aligned_buffer};
+use crate::store::{ChunkWriter, DIRECT_ALIGN, Scratch};
 
 /// See the module doc. Fed by a fetch's chunk callback ([`Self::chunk`]), then
 /// [`Self::finish`]ed.
@@ -55,38 +55,46 @@ enum Plan {
 struct State {
     learner: Box<dyn Learner>,
     ctx: TaskContext,
-    file: Scratch,
+    /// Hashes and writes the trained chunks while the next ones train; `None` once finished.
+    writer: Option<ChunkWriter>,
     blob: BlobRef,
     plan: Plan,
     /// The next chunk the learner takes.
     next: u64,
     /// Chunks written to the file as they came, not yet through the learner.
     parked: BTreeSet<u64>,
-    /// The result's chunk hashes so far (chunks `0..next`).
-    hashes: Vec<ChunkHash>,
-    /// One chunk, block-aligned (so its write bypasses the page cache): `(storage, start)`.
-    work: (Vec<u8>, usize),
     failed: Option<String>,
 }
+
+/// Chunks trained and not yet written that the writer holds.
+const WRITE_DEPTH: usize = 4;
 
 impl Arriving {
     /// Runs `learner` (which must stream: [`Learner::streaming`]) over blob `blob`, whose
     /// chunks will be handed to [`Self::chunk`], into `file` (a scratch of the blob's length).
-    pub fn new(learner: Box<dyn Learner>, ctx: TaskContext, file: Scratch, blob: BlobRef) -> Self {
-        Self {
+    /// The learner comes back with the error when the file's writer cannot start.
+    pub fn new(
+        learner: Box<dyn Learner>,
+        ctx: TaskContext,
+        file: Scratch,
+        blob: BlobRef,
+    ) -> Result<Self, (Box<dyn Learner>, String)> {
+        let writer = match ChunkWriter::new(file, blob.chunk_size, WRITE_DEPTH) {
+            Ok(w) => w,
+            Err(e) => return Err((learner, format!("starting the result's writer: {e}"))),
+        };
+        Ok(Self {
             state: Mutex::new(State {
                 learner,
                 ctx,
-                file,
+                writer: Some(writer),
                 blob,
                 plan: Plan::Undecided,
                 next: 0,
                 parked: BTreeSet::new(),
-                hashes: Vec::new(),
-                work: aligned_buffer(blob.chunk_size as usize),
                 failed: None,
             }),
-        }
+        })
     }
 
     /// Takes chunk `index` (verified): through the learner now if it is its turn, else
@@ -108,8 +116,8 @@ impl Arriving {
         let r = s.finish();
         (
             s.learner,
-            r.map(|(hashes, samples, metrics)| Trained {
-                file: s.file,
+            r.map(|(file, hashes, samples, metrics)| Trained {
+                file,
                 hashes: hashes.map(|h| (s.blob.chunk_size, h)),
                 samples,
                 metrics,
@@ -123,8 +131,9 @@ impl Arriving {
     }
 }
 
-/// What [`State::finish`] gives: the hashes (when by chunk), weight and metrics.
-type Finished = (Option<Vec<ChunkHash>>, u64, BTreeMap<String, f64>);
+/// What [`State::finish`] gives: the result's file, its hashes (when by chunk), weight and
+/// metrics.
+type Finished = (Scratch, Option<Vec<ChunkHash>>, u64, BTreeMap<String, f64>);
 
 impl State {
     fn chunk_size(&self) -> u64 {
@@ -140,6 +149,12 @@ impl State {
         (self.blob.len - start).min(self.chunk_size()) as usize
     }
 
+    fn writer(&self) -> Result<&ChunkWriter, String> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| "internal error: a chunk after the end".to_owned())
+    }
+
     fn take(&mut self, index: u64, bytes: &[u8]) -> Result<(), String> {
         if index >= self.chunk_count() || bytes.len() != self.chunk_len(index) {
             return Err(format!("chunk {index} of {} bytes does not fit the model", bytes.len()));
@@ -148,15 +163,17 @@ impl State {
             self.plan = self.plan_from(bytes);
         }
         if index != self.next || !matches!(self.plan, Plan::ByChunk { .. }) {
-            self.file
+            self.writer()?
+                .file()
                 .write_fresh_at(bytes, index * self.chunk_size())
                 .map_err(|e| format!("writing the input model: {e}"))?;
             self.parked.insert(index);
             return Ok(());
         }
-        let (storage, start) = &mut self.work;
-        storage[*start..*start + bytes.len()].copy_from_slice(bytes);
-        self.train_next()?;
+        let mut storage = self.writer()?.storage();
+        let at = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        storage[at..at + bytes.len()].copy_from_slice(bytes);
+        self.train_next(storage)?;
         self.drain_parked()
     }
 
@@ -190,8 +207,9 @@ impl State {
         Plan::ByChunk { layout, piece }
     }
 
-    /// Runs the learner over chunk `next` (in `work`), hashes it, writes it, moves on.
-    fn train_next(&mut self) -> Result<(), String> {
+    /// Runs the learner over chunk `next` (in `storage`, at its aligned offset), hands it to
+    /// the writer (which hashes and writes it), moves on.
+    fn train_next(&mut self, mut storage: Vec<u8>) -> Result<(), String> {
         let Plan::ByChunk { layout, piece } = &self.plan else {
             return Err("internal error: a chunk trained without a plan".into());
         };
@@ -200,8 +218,8 @@ impl State {
         let start = index * self.chunk_size();
         let end = start + len as u64;
         let last = index + 1 == self.chunk_count();
-        let (storage, at) = &mut self.work;
-        let work = &mut storage[*at..*at + len];
+        let at = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        let work = &mut storage[at..at + len];
         let learner = self.learner.streaming().ok_or("the learner stopped streaming")?;
         for r in &layout.regions {
             if r.bytes.is_empty() {
@@ -222,9 +240,8 @@ impl State {
                 p += n;
             }
         }
-        self.hashes.push(ChunkHash::of(work));
-        self.file
-            .write_fresh_at(work, start)
+        self.writer()?
+            .send(index, storage)
             .map_err(|e| format!("writing the result: {e}"))?;
         self.next += 1;
         Ok(())
@@ -234,12 +251,15 @@ impl State {
     fn drain_parked(&mut self) -> Result<(), String> {
         while self.parked.remove(&self.next) {
             let (len, off) = (self.chunk_len(self.next), self.next * self.chunk_size());
-            let (storage, at) = &mut self.work;
+            let writer = self.writer()?;
+            let mut storage = writer.storage();
+            let at = storage.as_ptr().align_offset(DIRECT_ALIGN);
             // Written past the page cache when it was parked: read back past it.
-            self.file
-                .read_once_at(&mut storage[*at..*at + len], off)
+            writer
+                .file()
+                .read_once_at(&mut storage[at..at + len], off)
                 .map_err(|e| format!("reading the input model: {e}"))?;
-            self.train_next()?;
+            self.train_next(storage)?;
         }
         Ok(())
     }
@@ -253,13 +273,24 @@ impl State {
             if self.next != self.chunk_count() {
                 return Err(format!("chunk {} of the input model never came", self.next));
             }
-            let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
-            let (samples, metrics) = stream.finish(&self.ctx)?;
-            return Ok((Some(std::mem::take(&mut self.hashes)), samples, metrics));
         }
+        let (file, hashes) = self
+            .writer
+            .take()
+            .ok_or("internal error: finished twice")?
+            .finish()
+            .map_err(|e| format!("writing the result: {e}"))?;
         let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
-        let (samples, metrics) = stream_file(stream, &self.file, &self.ctx)?;
-        Ok((None, samples, metrics))
+        if matches!(self.plan, Plan::ByChunk { .. }) {
+            let hashes = hashes
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or("internal error: a chunk of the result was not written")?;
+            let (samples, metrics) = stream.finish(&self.ctx)?;
+            return Ok((file, Some(hashes), samples, metrics));
+        }
+        let (samples, metrics) = stream_file(stream, &file, &self.ctx)?;
+        Ok((file, None, samples, metrics))
     }
 }
 
@@ -293,7 +324,9 @@ mod tests {
     ) -> (Box<dyn Learner>, Result<Trained, String>) {
         let blob = BlobStore::memory().import_bytes(bytes, cs).expect("import").blob_ref();
         let file = store.scratch(blob.len).expect("scratch");
-        let arriving = Arriving::new(learner, ctx(), file, blob);
+        let Ok(arriving) = Arriving::new(learner, ctx(), file, blob) else {
+            panic!("the writer starts");
+        };
         for &i in order {
             let at = (i * u64::from(cs)) as usize;
             arriving.chunk(i, &bytes[at..(at + cs as usize).min(bytes.len())]);

@@ -24,6 +24,7 @@ mod disk;
 mod holds;
 mod residency;
 mod scratch;
+mod writer;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -39,6 +40,7 @@ pub use self::residency::Written;
 use self::residency::{Data, Entry};
 pub(crate) use self::scratch::read_layout;
 pub use self::scratch::{DEFAULT_STREAM_ABOVE, Scratch};
+pub use self::writer::ChunkWriter;
 use crate::lock;
 
 /// Why a store operation failed.
