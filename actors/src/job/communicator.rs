@@ -120,6 +120,11 @@ impl Communicator {
         }
     }
 
+    /// The chunk size of the blobs this job publishes.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
     /// The job.
     pub fn job(&self) -> &JobId {
         &self.job

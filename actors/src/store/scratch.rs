@@ -262,6 +262,17 @@ impl BlobStore {
     /// Fills `buf` with the bytes of whole blob `id` from `off`: for streaming a stored model
     /// tensor by tensor, whatever its chunks.
     pub fn read_at(&self, id: &BlobId, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        self.read_whole_at(id, buf, off, false)
+    }
+
+    /// [`Self::read_at`] for bytes not read again soon (checking a final model): past the page
+    /// cache where the blob was written past it, given a block-aligned `buf` and `off` (see
+    /// [`super::aligned_buffer`]), so a pass over a model larger than memory fills none.
+    pub fn read_once_at(&self, id: &BlobId, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        self.read_whole_at(id, buf, off, true)
+    }
+
+    fn read_whole_at(&self, id: &BlobId, buf: &mut [u8], off: u64, once: bool) -> Result<(), StoreError> {
         let e = self.entry(id).ok_or(StoreError::NotFound(*id))?;
         let end = off.checked_add(buf.len() as u64);
         if end.is_none_or(|end| end > e.manifest.len) {
@@ -275,6 +286,7 @@ impl BlobStore {
         }
         let at = off as usize;
         match &e.data {
+            Data::Disk(file) if once => file.read_once(buf, off),
             Data::Disk(file) => file.read_at(buf, off),
             Data::Memory(mem) => {
                 buf.copy_from_slice(&mem.read().unwrap_or_else(|p| p.into_inner())[at..at + buf.len()]);

@@ -10,6 +10,7 @@ use anyhow::Context;
 use flare_actors::BlobStore;
 use flare_actors::job::Communicator;
 use flare_actors::job::fedavg::GlobalModel;
+use flare_actors::store::{ChunkWriter, DIRECT_ALIGN, aligned_buffer};
 use flare_protocols::BlobRef;
 use flare_protocols::model::{DType, Layout, Model};
 
@@ -106,32 +107,96 @@ impl JobModel {
     }
 }
 
-/// The add-one job's seeded initial model, written tensor by tensor into a scratch file of
-/// `store` (the bytes [`super::setup::add_one_model`] makes in memory), then filed as a blob
-/// of the job.
+/// The add-one job's seeded initial model, made chunk by chunk (the bytes
+/// [`super::setup::add_one_model`] makes in memory) and written past the page cache into a
+/// scratch file of `store` by a [`ChunkWriter`], which hashes each chunk on its way, then
+/// filed as a blob of the job: no page cache filled (a swarm member capped below the model's
+/// size makes it too), no pass over the file to hash it.
 pub async fn add_one_on_disk(comm: &Communicator, spec: &ModelSpec) -> anyhow::Result<BlobRef> {
     let store = comm.node().store().clone();
     let spec = spec.clone();
-    let file = tokio::task::spawn_blocking(move || {
+    let cs = comm.chunk_size();
+    let (file, hashes) = tokio::task::spawn_blocking(move || {
         let layout = add_one_layout(&spec)?;
-        let file = store.scratch(layout.len)?;
-        file.write_at(&layout.header, 0)?;
+        let writer = ChunkWriter::new(store.scratch(layout.len)?, cs, 4)?;
+        let mut chunks = Chunks::new(&writer, cs as usize);
+        chunks.push(&layout.header)?;
         let mut next = add_one_values(spec.seed);
         let mut buf = Vec::with_capacity(PIECE_BYTES);
+        let mut at = layout.header.len() as u64;
         for r in &layout.regions {
-            for (at, len) in pieces(r) {
+            // A canonical blob has no gaps; zeros where one would be.
+            chunks.push(&vec![0; r.bytes.start.saturating_sub(at) as usize])?;
+            for (_, len) in pieces(r) {
                 buf.clear();
                 for _ in 0..len / 4 {
                     buf.extend_from_slice(&next().to_le_bytes());
                 }
-                file.write_at(&buf, at)?;
+                chunks.push(&buf)?;
             }
+            at = r.bytes.end;
         }
-        Ok::<_, anyhow::Error>(file)
+        chunks.finish()?;
+        let (file, hashes) = writer.finish()?;
+        let hashes = hashes
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .context("a chunk of the initial model was not written")?;
+        Ok::<_, anyhow::Error>((file, hashes))
     })
     .await
     .context("writing the initial model")??;
-    Ok(comm.publish_scratch(file).await?)
+    Ok(comm.publish_hashed(file, cs, hashes).await?)
+}
+
+/// Bytes cut into chunks as they come, each handed to a [`ChunkWriter`] once full.
+struct Chunks<'a> {
+    writer: &'a ChunkWriter,
+    size: usize,
+    index: u64,
+    storage: Vec<u8>,
+    filled: usize,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(writer: &'a ChunkWriter, size: usize) -> Self {
+        Self {
+            writer,
+            size,
+            index: 0,
+            storage: writer.storage(),
+            filled: 0,
+        }
+    }
+
+    /// The next `bytes` of the blob.
+    fn push(&mut self, mut bytes: &[u8]) -> anyhow::Result<()> {
+        while !bytes.is_empty() {
+            let at = self.storage.as_ptr().align_offset(DIRECT_ALIGN) + self.filled;
+            let n = (self.size - self.filled).min(bytes.len());
+            self.storage[at..at + n].copy_from_slice(&bytes[..n]);
+            (self.filled, bytes) = (self.filled + n, &bytes[n..]);
+            if self.filled == self.size {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> anyhow::Result<()> {
+        let full = std::mem::replace(&mut self.storage, self.writer.storage());
+        self.writer.send(self.index, full)?;
+        (self.index, self.filled) = (self.index + 1, 0);
+        Ok(())
+    }
+
+    /// The last, shorter chunk handed over too.
+    fn finish(mut self) -> anyhow::Result<()> {
+        if self.filled > 0 {
+            self.send()?;
+        }
+        Ok(())
+    }
 }
 
 /// The layout of the add-one job's seeded model.
@@ -142,20 +207,27 @@ pub fn add_one_layout(spec: &ModelSpec) -> anyhow::Result<Layout> {
 }
 
 /// Whether the stored model is the seeded add-one model with every weight `rounds` more,
-/// read tensor by tensor.
+/// read in block-aligned pieces past the page cache (a member capped below the model's size
+/// checks it too).
 pub fn add_one_exact_stored(store: &BlobStore, blob: BlobRef, layout: &Layout, spec: &ModelSpec, rounds: u32) -> bool {
     let Ok(expected) = add_one_layout(spec) else {
         return false;
     };
-    if expected != *layout {
+    // The values follow one another from the first tensor on, 4 bytes each, in pieces cut at
+    // multiples of 4 bytes (a safetensors header is padded to 8).
+    let first = layout.regions.first().map_or(layout.len, |r| r.bytes.start);
+    let contiguous = layout.regions.windows(2).all(|w| w[0].bytes.end == w[1].bytes.start);
+    if expected != *layout || !contiguous || !first.is_multiple_of(4) {
         return false;
     }
     let mut next = add_one_values(spec.seed);
-    let mut buf = Vec::with_capacity(PIECE_BYTES);
-    layout.regions.iter().flat_map(pieces).all(|(at, len)| {
-        buf.resize(len, 0);
-        store.read_at(&blob.id, &mut buf, at).is_ok()
-            && buf
+    let (mut storage, at) = aligned_buffer(PIECE_BYTES);
+    (0..layout.len).step_by(PIECE_BYTES).all(|off| {
+        let len = (layout.len - off).min(PIECE_BYTES as u64) as usize;
+        let buf = &mut storage[at..at + len];
+        let values = (first.saturating_sub(off) as usize).min(len);
+        store.read_once_at(&blob.id, buf, off).is_ok()
+            && buf[values..]
                 .chunks_exact(4)
                 .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == plus_ones(next(), rounds).to_bits())
     })

@@ -696,6 +696,9 @@ impl Fetcher {
             return Ok(());
         }
         let (store, target) = (self.store.clone(), target.clone());
+        // Paced like chunks from a source (several results of one content, folded from the
+        // store, go in step as pulls do).
+        let (gate, runtime) = (opts.before_credit.clone(), tokio::runtime::Handle::current());
         tokio::task::spawn_blocking(move || {
             let id = target.manifest.id();
             let mut buf = Vec::new();
@@ -718,6 +721,9 @@ impl Fetcher {
                 none_handed = false;
                 f(i, &chunk);
                 buf = chunk.into_buffer().unwrap_or_default();
+                if let Some(gate) = &gate {
+                    runtime.block_on(gate());
+                }
             }
             Ok::<(), FetchError>(())
         })
