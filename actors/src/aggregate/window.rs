@@ -24,7 +24,7 @@ use crate::store::{ChunkWriter, DIRECT_ALIGN, Scratch, StoreError};
 /// Memory the window may hold, in bytes (at least [`MIN_WINDOW_CHUNKS`] chunks): enough for
 /// the chunks in flight of the pulls folded at once, each allowed a few chunks ahead of the
 /// slowest by the round's lockstep (`job/lockstep.rs`).
-pub const WINDOW_BYTES: usize = 32 << 20;
+pub const WINDOW_BYTES: usize = 16 << 20;
 
 /// The fewest chunks a window holds, whatever the chunk size.
 const MIN_WINDOW_CHUNKS: usize = 4;
