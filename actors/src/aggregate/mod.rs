@@ -147,7 +147,7 @@ impl Accumulator {
             layout,
             chunk_size,
             mean: Vec::new(),
-            file: Some(DiskMean::new(file, chunk_size, n, chunks)?),
+            file: Some(DiskMean::new(file, chunk_size, chunks)?),
             weights: vec![0.0; n],
         })
     }

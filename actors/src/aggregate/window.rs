@@ -42,10 +42,11 @@ pub(super) struct DiskMean {
 }
 
 impl DiskMean {
-    /// A mean of `chunks` chunks of `chunk_size` bytes in `file`, at most `capacity` chunks
-    /// in memory.
-    pub(super) fn new(file: Scratch, chunk_size: u32, chunks: usize, capacity: usize) -> Result<Self, StoreError> {
+    /// A mean in `file`, cut in chunks of `chunk_size` bytes, at most `capacity` chunks in
+    /// memory.
+    pub(super) fn new(file: Scratch, chunk_size: u32, capacity: usize) -> Result<Self, StoreError> {
         let capacity = capacity.max(1);
+        let chunks = file.len().div_ceil(u64::from(chunk_size.max(1))) as usize;
         Ok(Self {
             writer: ChunkWriter::new(file, chunk_size, (capacity / 4).max(1))?,
             chunk_size: chunk_size as usize,
@@ -126,14 +127,6 @@ impl DiskMean {
         while let Some((index, s)) = self.slots.pop_first() {
             self.writer.send(index, s)?;
         }
-        let (file, hashes) = self.writer.finish()?;
-        let hashes = hashes
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| StoreError::Corrupt {
-                path: "<mean>".into(),
-                reason: "a chunk of the mean was never written".into(),
-            })?;
-        Ok((file, hashes))
+        self.writer.finish()
     }
 }

@@ -13,6 +13,6 @@ pub mod pace;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};
-pub use fetch::{ChunkFn, FetchError, FetchOptions, FetchReport, Progress, SourceError};
+pub use fetch::{ChunkFn, CreditGate, FetchError, FetchOptions, FetchReport, Progress, SourceError};
 pub use pace::UploadPace;
 pub use serve::ServeStats;

@@ -115,7 +115,7 @@ impl Communicator {
         out: BlobRef,
         global: BlobRef,
         pulls: &tokio::sync::Semaphore,
-        step: &Arc<Lockstep>,
+        step: Option<&Arc<Lockstep>>,
     ) -> Result<TaskOutcome, FoldFailure> {
         let fail = |outcome, why: &str| FoldFailure {
             outcome,
@@ -143,7 +143,7 @@ impl Communicator {
         let Ok(_permit) = pulls.acquire().await else {
             return Err(fail(o, "internal error: the pull limit was closed"));
         };
-        let pull = Arc::new(step.join());
+        let pull = step.map(|s| Arc::new(s.join()));
         let on_chunk = {
             let (acc, folded, failure, prefix, pull) = (
                 acc.clone(),
@@ -161,7 +161,9 @@ impl Communicator {
                 match r {
                     Ok(()) => {
                         lock(&folded)[i as usize] = true;
-                        pull.folded_one();
+                        if let Some(p) = &pull {
+                            p.folded_one();
+                        }
                     }
                     Err(e) => {
                         lock(&failure).get_or_insert(e);
@@ -177,14 +179,16 @@ impl Communicator {
             window: RESULT_WINDOW,
             // Folded and forgotten: no disk write per result.
             keep: false,
-            before_credit: Some(Arc::new(move || {
-                let pull = pull.clone();
-                Box::pin(async move { pull.in_step().await })
-            })),
+            before_credit: pull.map(|pull| -> crate::blob::CreditGate {
+                Arc::new(move || {
+                    let pull = pull.clone();
+                    Box::pin(async move { pull.in_step().await })
+                })
+            }),
             ..FetchOptions::default()
         };
         let fetched = self.fetch(out, o.peer, &opts).await;
-        drop(opts); // this pull stops counting in the lockstep
+        drop(opts); // this pull stops counting in the lockstep, if any
         let store = self.node().store().clone();
         let done = tokio::task::spawn_blocking(move || {
             let folded = lock(&folded);
@@ -285,13 +289,13 @@ impl Communicator {
                 "a result broke off midway; folding the others again"
             );
             let acc = self.accumulator(layout, global.chunk_size).await?;
-            let step = Arc::new(Lockstep::for_mean(&acc));
+            let step = Lockstep::for_mean(&acc).map(Arc::new);
             let acc = Arc::new(Mutex::new(acc));
             let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
                 .into_iter()
                 .filter_map(|o| {
                     let out = o.output?;
-                    Some(self.fold_result(acc.clone(), o, out, global, pulls, &step))
+                    Some(self.fold_result(acc.clone(), o, out, global, pulls, step.as_ref()))
                 })
                 .collect();
             let mut tainted = false;

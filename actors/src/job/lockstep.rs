@@ -1,7 +1,7 @@
 //! Keeps the pulls of a round's results in step, so that every contribution to a chunk of a
 //! mean on disk arrives while that chunk is in the mean's window in memory (see
-//! `aggregate/window.rs`): a pull that has folded more than [`Lockstep::lead`] chunks beyond
-//! the slowest other pull waits, before it grants its source the next credit, until the
+//! `aggregate/window.rs`): a pull that has folded more than a lead of chunks beyond the
+//! slowest other pull waits, before it grants its source the next credit, until the
 //! others catch up.
 //!
 //! Waiting costs the round nothing while the pulls are bound by the controller's CPU (they
@@ -52,9 +52,10 @@ impl Lockstep {
 
     /// The lockstep a mean needs: pulls within a quarter of its window of each other, so
     /// that the chunks of the slowest are still in the window when the fastest adds to them
-    /// (each pull also has a few chunks in flight); none for a mean in memory.
-    pub(crate) fn for_mean(acc: &Accumulator) -> Self {
-        Self::new(acc.window_chunks().map_or(u64::MAX, |w| (w as u64 / 4).max(1)))
+    /// (each pull also has a few chunks in flight); `None` for a mean in memory, which any
+    /// order suits.
+    pub(crate) fn for_mean(acc: &Accumulator) -> Option<Self> {
+        acc.window_chunks().map(|w| Self::new((w as u64 / 4).max(1)))
     }
 
     /// A pull starting now, at no chunk folded.
@@ -98,7 +99,7 @@ impl Pull {
             let Some(slowest) = step.slowest_other(self.id) else {
                 return;
             };
-            if mine <= slowest.saturating_add(step.lead) {
+            if mine <= slowest + step.lead {
                 return;
             }
             if last != Some(slowest) {

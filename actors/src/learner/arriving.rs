@@ -274,21 +274,16 @@ impl State {
                 return Err(format!("chunk {} of the input model never came", self.next));
             }
         }
-        let (file, hashes) = self
-            .writer
-            .take()
-            .ok_or("internal error: finished twice")?
-            .finish()
-            .map_err(|e| format!("writing the result: {e}"))?;
+        let writer = self.writer.take().ok_or("internal error: finished twice")?;
+        let written = |e| format!("writing the result: {e}");
         let stream = self.learner.streaming().ok_or("the learner stopped streaming")?;
         if matches!(self.plan, Plan::ByChunk { .. }) {
-            let hashes = hashes
-                .into_iter()
-                .collect::<Option<Vec<_>>>()
-                .ok_or("internal error: a chunk of the result was not written")?;
+            let (file, hashes) = writer.finish().map_err(written)?;
             let (samples, metrics) = stream.finish(&self.ctx)?;
             return Ok((file, Some(hashes), samples, metrics));
         }
+        // Every chunk was parked: the pass runs over the file, which is hashed after.
+        let file = writer.into_file().map_err(written)?;
         let (samples, metrics) = stream_file(stream, &file, &self.ctx)?;
         Ok((file, None, samples, metrics))
     }

@@ -124,9 +124,27 @@ impl ChunkWriter {
         st.error.take().map_or(Ok(()), Err)
     }
 
-    /// Every chunk handed over written: the scratch back, with the hash of each chunk written
-    /// here (`None` for the others).
-    pub fn finish(mut self) -> Result<(Scratch, Vec<Option<ChunkHash>>), StoreError> {
+    /// Every chunk handed over written: the scratch back, with every chunk's hash; an error
+    /// if some chunk of it never came through here.
+    pub fn finish(self) -> Result<(Scratch, Vec<ChunkHash>), StoreError> {
+        let (file, hashes) = self.close()?;
+        let hashes = hashes
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| StoreError::Corrupt {
+                path: "<chunk writer>".into(),
+                reason: "a chunk of the scratch was never written through its writer".into(),
+            })?;
+        Ok((file, hashes))
+    }
+
+    /// Every chunk handed over written: the scratch back, for a caller that wrote some of it
+    /// otherwise and hashes it itself.
+    pub fn into_file(self) -> Result<Scratch, StoreError> {
+        self.close().map(|(file, _)| file)
+    }
+
+    fn close(mut self) -> Result<(Scratch, Vec<Option<ChunkHash>>), StoreError> {
         self.wait_written(None)?;
         self.to_thread = None;
         if let Some(t) = self.thread.take() {
@@ -208,7 +226,7 @@ mod tests {
         }
         w.wait_written(Some(1)).expect("written");
         let (file, hashes) = w.finish().expect("finish");
-        let want: Vec<_> = bytes.chunks(cs).map(|c| Some(ChunkHash::of(c))).collect();
+        let want: Vec<_> = bytes.chunks(cs).map(ChunkHash::of).collect();
         assert_eq!(hashes, want);
         let mut got = vec![0; len];
         file.read_at(&mut got, 0).expect("read");

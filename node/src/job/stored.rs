@@ -137,12 +137,7 @@ pub async fn add_one_on_disk(comm: &Communicator, spec: &ModelSpec) -> anyhow::R
             at = r.bytes.end;
         }
         chunks.finish()?;
-        let (file, hashes) = writer.finish()?;
-        let hashes = hashes
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .context("a chunk of the initial model was not written")?;
-        Ok::<_, anyhow::Error>((file, hashes))
+        Ok::<_, anyhow::Error>(writer.finish()?)
     })
     .await
     .context("writing the initial model")??;

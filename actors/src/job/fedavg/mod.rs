@@ -202,7 +202,7 @@ pub(crate) async fn one_round(
     let deadline = start + cfg.round_timeout;
     let acc = comm.accumulator(&layout, blob.chunk_size).await?;
     // The pulls go in step, so a mean on disk takes every contribution to a chunk in memory.
-    let step = Arc::new(Lockstep::for_mean(&acc));
+    let step = Lockstep::for_mean(&acc).map(Arc::new);
     let acc = Arc::new(Mutex::new(acc));
     let task = Task {
         kind: TaskKind::Train,
@@ -226,7 +226,7 @@ pub(crate) async fn one_round(
         .map(|(m, why)| (m.name, why))
         .collect();
     let mut contributors: Vec<TaskOutcome> = Vec::new();
-    let pulls = tokio::sync::Semaphore::new(match lock(&acc).window_chunks() {
+    let pulls = tokio::sync::Semaphore::new(match step {
         Some(_) => MAX_CONCURRENT_PULLS_ON_DISK,
         None => MAX_CONCURRENT_PULLS,
     });
@@ -248,7 +248,7 @@ pub(crate) async fn one_round(
                     match (o.status, o.output) {
                         (TaskStatus::Ok, Some(out)) => {
                             let (written, acc, pulls, spare, step) =
-                                (written.clone(), acc.clone(), &pulls, &spare, &step);
+                                (written.clone(), acc.clone(), &pulls, &spare, step.as_ref());
                             folds.push(async move {
                                 written.wait().await;
                                 let taken = lock(spare).take();
