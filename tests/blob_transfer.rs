@@ -168,6 +168,37 @@ async fn every_chunk_goes_to_on_chunk_once_held_or_fetched() {
     .await;
 }
 
+/// A fetch without a consumer files a few chunks of a stream at once; one with a consumer
+/// (`on_chunk`) hands them over in order: a consumer that is slow on some chunks (here every
+/// eighth) still sees 0, 1, 2, ... from a single source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sources_chunks_are_handed_over_in_order() {
+    use std::sync::{Arc, Mutex};
+    within(60, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let data = bytes(48 << 12, 5);
+        let m = nodes[0].store().import_bytes(&data, 4 << 10).expect("import");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let sink = order.clone();
+        let opts = FetchOptions {
+            on_chunk: Some(Arc::new(move |i: u64, _: &[u8]| {
+                if i.is_multiple_of(8) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                sink.lock().expect("lock").push(i);
+            })),
+            ..FetchOptions::default()
+        };
+        nodes[1]
+            .fetch(m.blob_ref(), &[nodes[0].peer_id()], &opts)
+            .await
+            .expect("fetch");
+        let order = order.lock().expect("lock").clone();
+        assert_eq!(order, (0..48).collect::<Vec<u64>>());
+    })
+    .await;
+}
+
 /// A node's upload cap holds for all its receivers together: two peers pulling 3 MiB each at
 /// once from a node capped at 8 MiB/s take at least the 6 MiB's time at that rate (less the
 /// one burst an idle node may send). Only the lower bound is checked: a busy machine can

@@ -121,7 +121,7 @@ impl Scratch {
     /// Fills `buf` from `off` with bytes not read again soon (hashing a finished scratch):
     /// past the page cache where the scratch was written past it, given a block-aligned
     /// `buf` (see [`super::aligned_buffer`]).
-    pub(crate) fn read_once_at(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+    pub fn read_once_at(&self, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
         match &self.place {
             Some(Place::File(f)) if self.out_of_range(off, buf.len()).is_none() => f.read_once(buf, off),
             _ => self.read_at(buf, off),

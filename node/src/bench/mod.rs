@@ -46,6 +46,7 @@
 mod cgroup;
 mod child;
 mod consortium;
+mod disk;
 mod fedavg;
 mod peer;
 mod rounds;
@@ -115,6 +116,20 @@ pub struct BlobArgs {
     /// (comma-separated: tls-or-noise, tls, noise) [default: the node's default only].
     #[arg(long, value_delimiter = ',')]
     transports: Vec<Security>,
+    /// Where the sender holds the blob: `disk` (its disk store, read past the page cache as
+    /// a node serves a model above `--stream-above`) or `memory` (a memory store, as a node
+    /// serves a smaller model). The receiver always files it in a disk store.
+    #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
+    source: SourceStore,
+}
+
+/// Where `bench blob`'s sender holds the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceStore {
+    /// A disk store.
+    Disk,
+    /// A memory store.
+    Memory,
 }
 
 /// One process of a benchmark (`flare-node bench-peer`).
@@ -164,6 +179,7 @@ struct Setup {
     sender_id: PeerId,
     receiver_key: PathBuf,
     receiver_id: PeerId,
+    source: SourceStore,
 }
 
 /// What one phase measured.
@@ -188,6 +204,8 @@ struct Phase {
 #[derive(Clone, Debug)]
 struct RunResult {
     tcp: Phase,
+    /// Seconds for the disk to copy the blob's bytes past the page cache ([`disk`]).
+    disk_secs: f64,
     /// The default transport's (the first of `per_transport`).
     libp2p: Phase,
     blob: Phase,
@@ -233,6 +251,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         sender_id,
         receiver_key,
         receiver_id,
+        source: args.source,
     };
 
     let mut results = Vec::new();
@@ -245,7 +264,11 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             args.window
         );
         let r = one_run(&setup, run).await.with_context(|| format!("run {run}"))?;
-        eprintln!("run {run}: tcp {:.0} MiB/s", mib_per_s(args.size, r.tcp.secs));
+        eprintln!(
+            "run {run}: tcp {:.0} MiB/s, disk copy {:.0} MiB/s",
+            mib_per_s(args.size, r.tcp.secs),
+            mib_per_s(args.size, r.disk_secs)
+        );
         for (t, (bare, blob)) in setup.transports.iter().zip(&r.per_transport) {
             eprintln!(
                 "run {run}: {t}: blob {:.0} MiB/s, bare libp2p {:.0} MiB/s",
@@ -264,6 +287,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
     let rate = mib_per_s(args.size, secs);
     let tcp_rate = mib_per_s(args.size, tcp_secs);
     let libp2p_rate = mib_per_s(args.size, libp2p_secs);
+    let disk_rate = mib_per_s(args.size, med(|r| r.disk_secs));
     let ratio = |base: f64| if base > 0.0 { rate / base } else { 0.0 };
     // CPU times come in 1/100 s ticks: keep two decimals.
     let cs = |x: f64| (x * 100.0).round() / 100.0;
@@ -334,6 +358,9 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "mib_per_s": rate,
             "baseline_tcp_mib_per_s": tcp_rate,
             "baseline_libp2p_mib_per_s": libp2p_rate,
+            "baseline_disk_mib_per_s": disk_rate,
+            "ratio_to_disk": ratio(disk_rate),
+            "source": if args.source == SourceStore::Memory { "memory" } else { "disk" },
             "sender_peak_rss_bytes": sender_rss,
             "receiver_peak_rss_bytes": receiver_rss,
             "verified": verified,
@@ -345,6 +372,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "window": args.window,
             "runs": args.runs,
             "runs_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.blob.secs)).collect::<Vec<_>>(),
+            "runs_baseline_disk_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.disk_secs)).collect::<Vec<_>>(),
             "import_secs": med(|r| r.blob.import_secs),
             "verify_secs": med(|r| r.blob.verify_secs),
             "source_errors": source_errors,
@@ -370,7 +398,9 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
                 String::new()
             }
         );
-        println!("  bare libp2p: {libp2p_rate:.0} MiB/s   plain TCP: {tcp_rate:.0} MiB/s");
+        println!(
+            "  bare libp2p: {libp2p_rate:.0} MiB/s   plain TCP: {tcp_rate:.0} MiB/s   disk copy: {disk_rate:.0} MiB/s"
+        );
         if setup.transports.len() > 1 {
             for (name, t) in &per_transport {
                 println!(
@@ -408,6 +438,15 @@ pub(super) fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, Peer
 
 async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
     let tcp = tcp_phase(s).await.context("plain TCP baseline")?;
+    let (dir, size, piece) = (s.root.join(format!("run{run}-disk")), s.size, s.chunk_size);
+    let disk_secs = tokio::task::spawn_blocking(move || {
+        let secs = disk::copy_secs(&dir, size, piece);
+        let _ = std::fs::remove_dir_all(&dir);
+        secs
+    })
+    .await
+    .context("disk baseline task")?
+    .context("disk baseline")?;
     let mut per_transport = Vec::new();
     for &t in &s.transports {
         let bare = libp2p_phase(s, t)
@@ -421,6 +460,7 @@ async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
     let (libp2p, blob) = per_transport[0].clone();
     Ok(RunResult {
         tcp,
+        disk_secs,
         libp2p,
         blob,
         per_transport,
@@ -534,6 +574,9 @@ async fn blob_phase(s: &Setup, run: u32, t: Security) -> anyhow::Result<Phase> {
         "--seed".into(),
         rand::random::<u64>().to_string(),
     ]);
+    if s.source == SourceStore::Memory {
+        a.push("--in-memory".into());
+    }
     let mut sender = ChildProc::spawn("blob sender", a)?;
     let (addrs, blob, import_secs) = ready(sender.event(deadline).await?, "blob sender")?;
     let blob = blob.context("the blob sender did not say which blob it holds")?;

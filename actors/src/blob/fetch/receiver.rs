@@ -17,6 +17,7 @@
 //! scheduler's ([`super`]); this file only runs one stream to its end and says why it
 //! stopped, if it stopped early ([`ReceiveError`]).
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,13 @@ use tokio::sync::mpsc;
 use super::{FetchOptions, SourceError, Target};
 use crate::network::NetworkHandle;
 use crate::store::{DIRECT_ALIGN, StoreError, aligned_buffer};
+
+/// Chunks of one stream being verified and filed at once when nothing consumes them: the
+/// disk write of one overlaps the hashing of the next (measured: 2 beat 1 and 4, see
+/// docs/benchmarks.md). A fetch with a consumer (`on_chunk`: a fold, a learner on the
+/// arriving model) files one at a time, in order: its pulls already run beside others, and
+/// more threads per pull only contended for the cores there.
+const PERSIST_DEPTH: usize = 2;
 
 /// Why a receiver stopped before `Done`.
 pub(super) enum ReceiveError {
@@ -266,50 +274,68 @@ impl Source<'_> {
             }
             Ok(())
         };
+        // Chunks are verified and filed on blocking threads, up to `depth` at a time; a
+        // credit goes back for each as it lands, in order.
+        let depth = if on_chunk.is_some() { 1 } else { PERSIST_DEPTH };
+        let persist = |index: u64, buf: Vec<u8>, len: usize| {
+            let target = target.clone();
+            let on_chunk = on_chunk.cloned();
+            tokio::task::spawn_blocking(move || {
+                let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let bytes = &buf[off..off + len];
+                let new = target.put(index, bytes)?;
+                // Handed over once, even when the store had it already (from another
+                // fetch of the same blob, say): it is verified either way.
+                if let Some(f) = on_chunk
+                    && target.hand_over(index)
+                {
+                    f(index, bytes);
+                }
+                Ok::<_, StoreError>((new, buf))
+            })
+        };
         let persister = async {
-            while let Some((index, buf, len)) = rx.recv().await {
-                let target = target.clone();
-                let on_chunk = on_chunk.cloned();
-                let r = tokio::task::spawn_blocking(move || {
-                    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                    let bytes = &buf[off..off + len];
-                    let new = target.put(index, bytes)?;
-                    // Handed over once, even when the store had it already (from another
-                    // fetch of the same blob, say): it is verified either way.
-                    if let Some(f) = on_chunk
-                        && target.hand_over(index)
-                    {
-                        f(index, bytes);
-                    }
-                    Ok((new, buf))
-                })
-                .await;
-                match r {
-                    Ok(Ok((new, buf))) => {
-                        let _ = give_back.try_send(buf);
-                        if new {
-                            on_new();
+            let mut busy = VecDeque::new();
+            let mut open = true;
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    r = async {
+                        match busy.front_mut() {
+                            Some(h) => h.await,
+                            None => std::future::pending().await,
                         }
+                    }, if !busy.is_empty() => {
+                        busy.pop_front();
+                        match landed(r, peer) {
+                            Ok((new, buf)) => {
+                                let _ = give_back.try_send(buf);
+                                if new {
+                                    on_new();
+                                }
+                            }
+                            Err(e) => break Err(e),
+                        }
+                        if let Some(gate) = before_credit {
+                            gate().await;
+                        }
+                        // The source may have closed after its last chunk: a lost credit is harmless.
+                        let _ = write_credit(&mut wr, 1).await;
                     }
-                    Ok(Err(StoreError::HashMismatch { index, .. })) => {
-                        return Err(ReceiveError::Source(SourceError::HashMismatch { chunk: index, peer }));
-                    }
-                    Ok(Err(e)) => return Err(ReceiveError::Store(e)),
-                    Err(e) => {
-                        return Err(ReceiveError::Store(StoreError::Io {
-                            path: "<store task>".into(),
-                            source: std::io::Error::other(e.to_string()),
-                        }));
-                    }
+                    m = rx.recv(), if open && busy.len() < depth => match m {
+                        Some((index, buf, len)) => busy.push_back(persist(index, buf, len)),
+                        None => open = false,
+                    },
+                    else => break Ok(()),
                 }
-                if let Some(gate) = before_credit {
-                    gate().await;
-                }
-                // The source may have closed after its last chunk: a lost credit is harmless.
-                let _ = write_credit(&mut wr, 1).await;
+            };
+            // Chunks still being filed finish before the fetch says how it ended: none is
+            // handed over after.
+            for h in busy {
+                let _ = h.await;
             }
             let _ = wr.close().await;
-            Ok(())
+            outcome
         };
         tokio::pin!(reader, persister);
         let mut read_result = None;
@@ -324,5 +350,24 @@ impl Source<'_> {
                 }
             }
         }
+    }
+}
+
+/// What one filing task came back with: the buffer to reuse and whether the chunk was new, or
+/// why the stream stops.
+fn landed(
+    r: Result<Result<(bool, Vec<u8>), StoreError>, tokio::task::JoinError>,
+    peer: PeerId,
+) -> Result<(bool, Vec<u8>), ReceiveError> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(StoreError::HashMismatch { index, .. })) => {
+            Err(ReceiveError::Source(SourceError::HashMismatch { chunk: index, peer }))
+        }
+        Ok(Err(e)) => Err(ReceiveError::Store(e)),
+        Err(e) => Err(ReceiveError::Store(StoreError::Io {
+            path: "<store task>".into(),
+            source: std::io::Error::other(e.to_string()),
+        })),
     }
 }
