@@ -12,8 +12,13 @@
 //!    `/flare/bench-raw/1`; the sender writes 1 MiB buffers and closes, the receiver reads
 //!    until EOF. No framing, no hashing, no disk.
 //! 3. **flare blob** (`mib_per_s`): the sender generates the bytes (seeded PRNG, streamed)
-//!    into its disk blob store, then the receiver pulls the blob with `Node::fetch` into its own
-//!    disk store over `/flare/blob/1`, and re-hashes what it stored (`verified`).
+//!    into its disk blob store (a memory store with `--source memory`), then the receiver
+//!    pulls the blob with `Node::fetch` into its own disk store over `/flare/blob/1`, and
+//!    re-hashes what it stored (`verified`).
+//! 4. **the disk** (`baseline_disk_mib_per_s`, in this process, after plain TCP): the same
+//!    number of bytes copied from one scratch file to another past the page cache, the
+//!    store's own reads and writes on two threads ([`disk`]): the ceiling of a transfer
+//!    between two disk stores on one disk.
 //!
 //! With `--transports noise,tls` phases 2 and 3 run once per listed security (both children
 //! restricted to it, [`flare_actors::network::Security`]), one after the other in every run,
