@@ -98,6 +98,7 @@ impl Node {
             faults: faults.clone(),
             net: net.handle.clone(),
             ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
+            recent: Arc::default(),
             pace: cfg.max_upload.map(|r| Arc::new(crate::blob::UploadPace::new(r))),
         };
         let (stop_tx, stopped) = watch::channel(false);

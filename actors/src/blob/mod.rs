@@ -5,11 +5,13 @@
 //!   chunk, resuming from what is already held, and moving work away from sources that fail
 //!   (a scheduler over one receiver state machine per stream).
 //! - [`pace`]: a node's upload cap, one schedule for every chunk it serves.
+//! - [`recent`]: chunks read lately, for the other streams serving the same blob in step.
 //! - [`faults`]: switches that make a source misbehave, for tests of the above.
 
 pub mod faults;
 pub mod fetch;
 pub mod pace;
+pub mod recent;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};

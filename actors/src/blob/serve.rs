@@ -14,6 +14,7 @@ use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 
 use super::faults::ServeFaults;
+use super::recent::RecentChunks;
 use crate::network::NetworkHandle;
 use crate::store::{BlobStore, ChunkBytes, StoreError};
 
@@ -60,6 +61,8 @@ pub(crate) struct Server {
     pub ahead: Arc<tokio::sync::Semaphore>,
     /// The node's upload cap, if it has one.
     pub pace: Option<Arc<super::UploadPace>>,
+    /// Chunks read lately, while several streams serve one blob.
+    pub recent: Arc<RecentChunks>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +192,7 @@ impl Server {
         stream.flush().await.map_err(FrameError::from)?;
         tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
 
+        let serving = self.recent.serving(blob.id, req.first);
         let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
         // Reads run ahead of the network by a few chunks, so a blob that is on disk rather
         // than in the page cache still streams at network speed.
@@ -207,6 +211,14 @@ impl Server {
                         Err(_) => break,
                     }
                 };
+                if self.store.chunk_in_memory(&blob.id, next_read).is_none() {
+                    // Read from disk in step with the other streams of this blob, if any: a
+                    // read ahead too far ahead waits for the next turn, the chunk due waits.
+                    if next_read != index && serving.too_far(next_read) {
+                        break;
+                    }
+                    serving.step_to(next_read).await;
+                }
                 ahead.push_back((self.read_ahead(blob, next_read, spare.pop()), permit));
                 next_read += 1;
             }
@@ -282,16 +294,28 @@ impl Server {
     }
 
     /// Chunk `index`, or a read of it under way. A chunk held in memory is a view, at once;
-    /// one on disk is read on a blocking thread into `spare` or a buffer allocated here, on a
-    /// runtime worker (see [`BlobStore::read_chunk_to_send`]).
+    /// so is one read lately for another stream serving the same blob ([`RecentChunks`]).
+    /// Otherwise it is read on a blocking thread into `spare` or a buffer allocated here, on
+    /// a runtime worker (see [`BlobStore::read_chunk_to_send`]), and kept for the other
+    /// streams if there are any.
     fn read_ahead(&self, blob: BlobRef, index: u64, spare: Option<Vec<u8>>) -> Ahead {
         if let Some(view) = self.store.chunk_in_memory(&blob.id, index) {
             return Ahead::Ready(Some(view));
         }
-        let store = self.store.clone();
-        let buf = spare.unwrap_or_else(|| vec![0u8; blob.chunk_size as usize + crate::store::DIRECT_ALIGN]);
+        let shared = self.recent.shared(&blob.id);
+        if shared && let Some(view) = self.recent.get(&blob.id, index) {
+            return Ahead::Ready(Some(view));
+        }
+        let (store, recent) = (self.store.clone(), self.recent.clone());
+        let buf = spare
+            .or_else(|| shared.then(|| recent.buffer()).flatten())
+            .unwrap_or_else(|| vec![0u8; blob.chunk_size as usize + crate::store::DIRECT_ALIGN]);
         Ahead::Reading(tokio::task::spawn_blocking(move || {
-            store.read_chunk_to_send(&blob.id, index, buf)
+            let chunk = store.read_chunk_to_send(&blob.id, index, buf)?;
+            Ok(match chunk {
+                Some(c @ ChunkBytes::Read { .. }) if shared => Some(recent.keep(blob.id, index, c)),
+                other => other,
+            })
         }))
     }
 

@@ -1,0 +1,292 @@
+//! Chunks a source read from disk lately, for the other streams that serve the same blob, and
+//! those streams kept in step so that the chunks are still there when the others want them.
+//!
+//! A controller whose clients pull the global model from it (without relaying) serves every
+//! chunk once per client, and a model on disk is read past the page cache: left alone, each
+//! client's stream reads each chunk from disk again (measured: its streams ran 30-40 chunks
+//! apart), so the disk reads the model once per client in every round while the clients
+//! write their results to the same disk. Here, while two or more streams serve one blob, a
+//! chunk read for one of them is kept among the last [`RECENT_CHUNKS`] read, and a stream more
+//! than [`LEAD`] chunks ahead of the slowest other one waits before it reads on, so the others
+//! find their chunks in memory. A wait ends when the slowest has not moved for [`PATIENCE`]
+//! (a stalled receiver holds no one up for long). A blob served by one stream alone is read
+//! as before, into recycled buffers, and a blob's chunks leave once no stream serves it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flare_protocols::BlobId;
+use tokio::sync::Notify;
+
+use crate::lock;
+use crate::store::ChunkBytes;
+
+/// Chunks kept, over all blobs (1 MiB each at the default chunk size).
+pub const RECENT_CHUNKS: usize = 32;
+
+/// How far (in chunks) a stream may read ahead of the slowest other stream of its blob.
+pub const LEAD: u64 = 16;
+
+/// How long a stream waits for a slowest one that does not move.
+pub const PATIENCE: Duration = Duration::from_millis(500);
+
+/// Spare buffers kept for the next reads (those of chunks that left, once no view holds
+/// them any more).
+const SPARE_BUFFERS: usize = 8;
+
+/// See the module doc. Shared behind an `Arc`.
+#[derive(Default)]
+pub(crate) struct RecentChunks {
+    inner: Mutex<Recent>,
+    /// Woken whenever a stream moves or ends.
+    moved: Notify,
+    next_stream: AtomicU64,
+}
+
+#[derive(Default)]
+struct Recent {
+    /// Each blob's streams and the next chunk each will read.
+    serving: HashMap<BlobId, HashMap<u64, u64>>,
+    chunks: HashMap<(BlobId, u64), Kept>,
+    /// Oldest first.
+    order: VecDeque<(BlobId, u64)>,
+    spare: Vec<Vec<u8>>,
+}
+
+/// A chunk's bytes, shared with the views sent.
+struct Kept {
+    bytes: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl Kept {
+    fn view(&self) -> ChunkBytes {
+        ChunkBytes::Held {
+            bytes: self.bytes.clone(),
+            range: self.range.clone(),
+        }
+    }
+}
+
+/// One stream serving a blob, counted while it lives.
+pub(crate) struct Serving {
+    recent: Arc<RecentChunks>,
+    blob: BlobId,
+    stream: u64,
+}
+
+impl RecentChunks {
+    /// Counts a stream serving `blob` from chunk `first` until the returned guard is dropped.
+    pub fn serving(self: &Arc<Self>, blob: BlobId, first: u64) -> Serving {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner).serving.entry(blob).or_default().insert(stream, first);
+        self.moved.notify_waiters();
+        Serving {
+            recent: self.clone(),
+            blob,
+            stream,
+        }
+    }
+
+    /// Whether more than one stream serves `blob`: only then are its chunks kept.
+    pub fn shared(&self, blob: &BlobId) -> bool {
+        lock(&self.inner).serving.get(blob).is_some_and(|s| s.len() > 1)
+    }
+
+    /// Chunk `index` of `blob` if it was read lately: a view, no copy.
+    pub fn get(&self, blob: &BlobId, index: u64) -> Option<ChunkBytes> {
+        lock(&self.inner).chunks.get(&(*blob, index)).map(Kept::view)
+    }
+
+    /// A buffer for the next read of a shared blob, if one is spare.
+    pub fn buffer(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).spare.pop()
+    }
+
+    /// Keeps `chunk` (chunk `index` of `blob`, just read) for the other streams, and hands
+    /// back a view of it to send; the oldest chunk kept leaves when there are too many.
+    pub fn keep(&self, blob: BlobId, index: u64, chunk: ChunkBytes) -> ChunkBytes {
+        let kept = match chunk {
+            ChunkBytes::Read { buf, start, len } => Kept {
+                bytes: Arc::new(buf),
+                range: start..start + len,
+            },
+            ChunkBytes::Owned(buf) => Kept {
+                range: 0..buf.len(),
+                bytes: Arc::new(buf),
+            },
+            ChunkBytes::Held { bytes, range } => Kept { bytes, range },
+        };
+        let view = kept.view();
+        let mut r = lock(&self.inner);
+        if r.chunks.insert((blob, index), kept).is_none() {
+            r.order.push_back((blob, index));
+        }
+        while r.order.len() > RECENT_CHUNKS {
+            if let Some(key) = r.order.pop_front() {
+                r.drop_chunk(&key);
+            }
+        }
+        view
+    }
+}
+
+impl Serving {
+    /// Whether chunk `index` is more than [`LEAD`] chunks ahead of the slowest other stream.
+    pub fn too_far(&self, index: u64) -> bool {
+        self.slowest_other().is_some_and(|s| index > s + LEAD)
+    }
+
+    fn slowest_other(&self) -> Option<u64> {
+        lock(&self.recent.inner)
+            .serving
+            .get(&self.blob)
+            .and_then(|s| s.iter().filter(|(id, _)| **id != self.stream).map(|(_, at)| *at).min())
+    }
+
+    /// Says this stream will read chunk `index` next, and waits while that is more than
+    /// [`LEAD`] chunks ahead of the slowest other stream of the blob (see the module doc).
+    pub async fn step_to(&self, index: u64) {
+        let r = &self.recent;
+        if let Some(at) = lock(&r.inner)
+            .serving
+            .get_mut(&self.blob)
+            .and_then(|s| s.get_mut(&self.stream))
+        {
+            *at = index;
+        }
+        r.moved.notify_waiters();
+        let (mut last, mut deadline) = (None, tokio::time::Instant::now() + PATIENCE);
+        loop {
+            let moved = r.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            match self.slowest_other() {
+                Some(s) if index > s + LEAD => {
+                    if last != Some(s) {
+                        // The slowest moved: patience starts again.
+                        (last, deadline) = (Some(s), tokio::time::Instant::now() + PATIENCE);
+                    }
+                }
+                _ => return,
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return; // the slowest did not move: go on without it
+            }
+        }
+    }
+}
+
+impl Recent {
+    fn drop_chunk(&mut self, key: &(BlobId, u64)) {
+        if let Some(buf) = self.chunks.remove(key).and_then(|k| Arc::try_unwrap(k.bytes).ok())
+            && self.spare.len() < SPARE_BUFFERS
+        {
+            self.spare.push(buf);
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut r = lock(&self.recent.inner);
+        let left = match r.serving.get_mut(&self.blob) {
+            Some(s) => {
+                s.remove(&self.stream);
+                s.len()
+            }
+            None => 0,
+        };
+        if left == 0 {
+            r.serving.remove(&self.blob);
+            let gone: Vec<_> = r.order.iter().filter(|(b, _)| *b == self.blob).copied().collect();
+            r.order.retain(|(b, _)| *b != self.blob);
+            for key in gone {
+                r.drop_chunk(&key);
+            }
+        }
+        drop(r);
+        self.recent.moved.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(byte: u8) -> ChunkBytes {
+        ChunkBytes::Read {
+            buf: vec![byte; 8],
+            start: 2,
+            len: 4,
+        }
+    }
+
+    #[test]
+    fn chunks_are_kept_only_while_two_streams_serve_the_blob() {
+        let recent = Arc::new(RecentChunks::default());
+        let blob = BlobId([1; 32]);
+        let one = recent.serving(blob, 0);
+        assert!(!recent.shared(&blob));
+        let two = recent.serving(blob, 0);
+        assert!(recent.shared(&blob));
+        let sent = recent.keep(blob, 0, read(7));
+        assert_eq!(&*sent, &[7; 4]);
+        assert_eq!(recent.get(&blob, 0).as_deref(), Some(&[7u8; 4][..]));
+        assert!(recent.get(&blob, 1).is_none());
+        drop(two);
+        assert!(!recent.shared(&blob));
+        assert!(recent.get(&blob, 0).is_some(), "kept while a stream still serves it");
+        drop(one);
+        assert!(recent.get(&blob, 0).is_none(), "gone with the last stream");
+        drop(sent);
+        assert!(recent.buffer().is_none(), "still held by the view sent when it left");
+    }
+
+    #[test]
+    fn the_oldest_chunk_leaves_first_and_its_buffer_is_reused() {
+        let recent = Arc::new(RecentChunks::default());
+        let blob = BlobId([2; 32]);
+        let _streams = (recent.serving(blob, 0), recent.serving(blob, 0));
+        for i in 0..=RECENT_CHUNKS as u64 {
+            drop(recent.keep(blob, i, read(i as u8)));
+        }
+        assert!(recent.get(&blob, 0).is_none(), "the oldest left");
+        assert!(recent.get(&blob, 1).is_some());
+        assert!(recent.get(&blob, RECENT_CHUNKS as u64).is_some());
+        assert_eq!(recent.buffer().map(|b| b.len()), Some(8), "its buffer is spare");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ahead_waits_for_the_slowest_until_it_catches_up_or_stalls() {
+        let recent = Arc::new(RecentChunks::default());
+        let blob = BlobId([3; 32]);
+        let (fast, slow) = (recent.serving(blob, 0), recent.serving(blob, 0));
+        // Alone, or within the lead: no wait.
+        tokio::time::timeout(Duration::from_millis(1), fast.step_to(LEAD))
+            .await
+            .expect("within the lead");
+        assert!(fast.too_far(LEAD + 1));
+        // Ahead: waits until the slowest moves up.
+        let waiting = tokio::spawn(async move {
+            fast.step_to(LEAD + 5).await;
+            fast
+        });
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert!(!waiting.is_finished(), "waits for the slowest");
+        slow.step_to(5).await;
+        let fast = tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .expect("caught up")
+            .expect("task");
+        // A slowest that does not move holds it up for PATIENCE at most.
+        let t = tokio::time::Instant::now();
+        fast.step_to(LEAD * 3).await;
+        assert!(t.elapsed() >= PATIENCE && t.elapsed() < PATIENCE * 2);
+        // A stream that ends stops counting.
+        drop(slow);
+        assert!(!fast.too_far(LEAD * 10));
+    }
+}
