@@ -8,8 +8,9 @@
 //! write their results to the same disk. Here, while two or more streams serve one blob, a
 //! chunk read for one of them is kept among the last [`RECENT_CHUNKS`] read, and a stream more
 //! than [`LEAD`] chunks ahead of the slowest other one waits before it reads on, so the others
-//! find their chunks in memory. A wait ends when the slowest has not moved for [`PATIENCE`]
-//! (a stalled receiver holds no one up for long). A blob served by one stream alone is read
+//! find their chunks in memory. A stream that has not moved for [`PATIENCE`] stops counting
+//! until it moves again, so a stalled receiver (or a peer that grants no credits) holds the
+//! others up once, for the patience, not once per chunk. A blob served by one stream alone is read
 //! as before, into recycled buffers, and a blob's chunks leave once no stream serves it.
 
 use std::collections::{HashMap, VecDeque};
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use flare_protocols::BlobId;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::lock;
 use crate::store::ChunkBytes;
@@ -47,8 +49,8 @@ pub(crate) struct RecentChunks {
 
 #[derive(Default)]
 struct Recent {
-    /// Each blob's streams and the next chunk each will read.
-    serving: HashMap<BlobId, HashMap<u64, u64>>,
+    /// Each blob's streams: the next chunk each will read, and when it last moved.
+    serving: HashMap<BlobId, HashMap<u64, (u64, Instant)>>,
     chunks: HashMap<(BlobId, u64), Kept>,
     /// Oldest first.
     order: VecDeque<(BlobId, u64)>,
@@ -81,7 +83,11 @@ impl RecentChunks {
     /// Counts a stream serving `blob` from chunk `first` until the returned guard is dropped.
     pub fn serving(self: &Arc<Self>, blob: BlobId, first: u64) -> Serving {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner).serving.entry(blob).or_default().insert(stream, first);
+        lock(&self.inner)
+            .serving
+            .entry(blob)
+            .or_default()
+            .insert(stream, (first, Instant::now()));
         self.moved.notify_waiters();
         Serving {
             recent: self.clone(),
@@ -136,14 +142,21 @@ impl RecentChunks {
 impl Serving {
     /// Whether chunk `index` is more than [`LEAD`] chunks ahead of the slowest other stream.
     pub fn too_far(&self, index: u64) -> bool {
-        self.slowest_other().is_some_and(|s| index > s + LEAD)
+        self.slowest_other().is_some_and(|(s, _)| index > s + LEAD)
     }
 
-    fn slowest_other(&self) -> Option<u64> {
-        lock(&self.recent.inner)
-            .serving
-            .get(&self.blob)
-            .and_then(|s| s.iter().filter(|(id, _)| **id != self.stream).map(|(_, at)| *at).min())
+    /// The slowest other stream still moving: its next chunk, and when its patience runs out.
+    /// A stream that has not moved for [`PATIENCE`] no longer holds anyone back, for as long
+    /// as it stays where it is.
+    fn slowest_other(&self) -> Option<(u64, Instant)> {
+        let now = Instant::now();
+        lock(&self.recent.inner).serving.get(&self.blob).and_then(|s| {
+            s.iter()
+                .filter(|(id, _)| **id != self.stream)
+                .map(|(_, &(at, moved))| (at, moved + PATIENCE))
+                .filter(|&(_, until)| until > now)
+                .min_by_key(|&(at, _)| at)
+        })
     }
 
     /// Says this stream will read chunk `index` next, and waits while that is more than
@@ -154,26 +167,21 @@ impl Serving {
             .serving
             .get_mut(&self.blob)
             .and_then(|s| s.get_mut(&self.stream))
+            .filter(|at| at.0 != index)
         {
-            *at = index;
+            *at = (index, Instant::now());
         }
         r.moved.notify_waiters();
-        let (mut last, mut deadline) = (None, tokio::time::Instant::now() + PATIENCE);
         loop {
             let moved = r.moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
             match self.slowest_other() {
-                Some(s) if index > s + LEAD => {
-                    if last != Some(s) {
-                        // The slowest moved: patience starts again.
-                        (last, deadline) = (Some(s), tokio::time::Instant::now() + PATIENCE);
-                    }
+                Some((s, until)) if index > s + LEAD => {
+                    // Until it moves (and is looked at again) or its patience runs out.
+                    let _ = tokio::time::timeout_at(until, moved).await;
                 }
                 _ => return,
-            }
-            if tokio::time::timeout_at(deadline, moved).await.is_err() {
-                return; // the slowest did not move: go on without it
             }
         }
     }
@@ -285,6 +293,14 @@ mod tests {
         let t = tokio::time::Instant::now();
         fast.step_to(LEAD * 3).await;
         assert!(t.elapsed() >= PATIENCE && t.elapsed() < PATIENCE * 2);
+        // ... once: while it stays where it is, it holds no one up again.
+        assert!(!fast.too_far(LEAD * 4));
+        tokio::time::timeout(Duration::from_millis(1), fast.step_to(LEAD * 4))
+            .await
+            .expect("not held up again by a stream that stopped");
+        // Once it moves, it counts again.
+        slow.step_to(6).await;
+        assert!(fast.too_far(LEAD * 4));
         // A stream that ends stops counting.
         drop(slow);
         assert!(!fast.too_far(LEAD * 10));
