@@ -18,6 +18,7 @@ pub mod client;
 pub mod data;
 pub mod job;
 pub mod learner;
+mod lockstep;
 pub mod membership;
 pub mod network;
 pub mod node;

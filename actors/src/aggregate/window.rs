@@ -23,7 +23,7 @@ use crate::store::{ChunkWriter, DIRECT_ALIGN, Scratch, StoreError};
 
 /// Memory the window may hold, in bytes (at least [`MIN_WINDOW_CHUNKS`] chunks): enough for
 /// the chunks in flight of the pulls folded at once, each allowed a few chunks ahead of the
-/// slowest by the round's lockstep (`job/lockstep.rs`).
+/// slowest by the round's lockstep (`lockstep.rs`, `job/fold.rs`).
 pub const WINDOW_BYTES: usize = 16 << 20;
 
 /// The fewest chunks a window holds, whatever the chunk size.

@@ -8,21 +8,20 @@
 //! write their results to the same disk. Here, while two or more streams serve one blob, a
 //! chunk read for one of them is kept among the last [`RECENT_CHUNKS`] read, and a stream more
 //! than [`LEAD`] chunks ahead of the slowest other one waits before it reads on, so the others
-//! find their chunks in memory. A stream that has not moved for [`PATIENCE`] stops counting
-//! until it moves again, so a stalled receiver (or a peer that grants no credits) holds the
-//! others up once, for the patience, not once per chunk. A blob served by one stream alone is read
-//! as before, into recycled buffers, and a blob's chunks leave once no stream serves it.
+//! find their chunks in memory ([`Lockstep`]: a stream that has not moved for [`PATIENCE`]
+//! stops counting until it moves again, so a stalled receiver, or a peer that grants no
+//! credits, holds the others up once, not once per chunk). A blob served by one stream alone
+//! is read as before, into recycled buffers, and a blob's chunks leave once no stream serves
+//! it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_protocols::BlobId;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::lock;
+use crate::lockstep::{Lockstep, Member};
 use crate::store::ChunkBytes;
 
 /// Chunks kept, over all blobs (1 MiB each at the default chunk size).
@@ -42,15 +41,12 @@ const SPARE_BUFFERS: usize = 8;
 #[derive(Default)]
 pub(crate) struct RecentChunks {
     inner: Mutex<Recent>,
-    /// Woken whenever a stream moves or ends.
-    moved: Notify,
-    next_stream: AtomicU64,
 }
 
 #[derive(Default)]
 struct Recent {
-    /// Each blob's streams: the next chunk each will read, and when it last moved.
-    serving: HashMap<BlobId, HashMap<u64, (u64, Instant)>>,
+    /// Each blob's streams, by the next chunk each will read.
+    serving: HashMap<BlobId, Arc<Lockstep>>,
     chunks: HashMap<(BlobId, u64), Kept>,
     /// Oldest first.
     order: VecDeque<(BlobId, u64)>,
@@ -76,23 +72,22 @@ impl Kept {
 pub(crate) struct Serving {
     recent: Arc<RecentChunks>,
     blob: BlobId,
-    stream: u64,
+    /// `None` only once dropped.
+    member: Option<Member>,
 }
 
 impl RecentChunks {
     /// Counts a stream serving `blob` from chunk `first` until the returned guard is dropped.
     pub fn serving(self: &Arc<Self>, blob: BlobId, first: u64) -> Serving {
-        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner)
+        let member = lock(&self.inner)
             .serving
             .entry(blob)
-            .or_default()
-            .insert(stream, (first, Instant::now()));
-        self.moved.notify_waiters();
+            .or_insert_with(|| Arc::new(Lockstep::new(LEAD, PATIENCE)))
+            .join(first);
         Serving {
             recent: self.clone(),
             blob,
-            stream,
+            member: Some(member),
         }
     }
 
@@ -142,47 +137,15 @@ impl RecentChunks {
 impl Serving {
     /// Whether chunk `index` is more than [`LEAD`] chunks ahead of the slowest other stream.
     pub fn too_far(&self, index: u64) -> bool {
-        self.slowest_other().is_some_and(|(s, _)| index > s + LEAD)
-    }
-
-    /// The slowest other stream still moving: its next chunk, and when its patience runs out.
-    /// A stream that has not moved for [`PATIENCE`] no longer holds anyone back, for as long
-    /// as it stays where it is.
-    fn slowest_other(&self) -> Option<(u64, Instant)> {
-        let now = Instant::now();
-        lock(&self.recent.inner).serving.get(&self.blob).and_then(|s| {
-            s.iter()
-                .filter(|(id, _)| **id != self.stream)
-                .map(|(_, &(at, moved))| (at, moved + PATIENCE))
-                .filter(|&(_, until)| until > now)
-                .min_by_key(|&(at, _)| at)
-        })
+        self.member.as_ref().is_some_and(|m| m.too_far(index))
     }
 
     /// Says this stream will read chunk `index` next, and waits while that is more than
     /// [`LEAD`] chunks ahead of the slowest other stream of the blob (see the module doc).
     pub async fn step_to(&self, index: u64) {
-        let r = &self.recent;
-        if let Some(at) = lock(&r.inner)
-            .serving
-            .get_mut(&self.blob)
-            .and_then(|s| s.get_mut(&self.stream))
-            .filter(|at| at.0 != index)
-        {
-            *at = (index, Instant::now());
-        }
-        r.moved.notify_waiters();
-        loop {
-            let moved = r.moved.notified();
-            tokio::pin!(moved);
-            moved.as_mut().enable();
-            match self.slowest_other() {
-                Some((s, until)) if index > s + LEAD => {
-                    // Until it moves (and is looked at again) or its patience runs out.
-                    let _ = tokio::time::timeout_at(until, moved).await;
-                }
-                _ => return,
-            }
+        if let Some(m) = &self.member {
+            m.move_to(index);
+            m.in_step().await;
         }
     }
 }
@@ -199,15 +162,11 @@ impl Recent {
 
 impl Drop for Serving {
     fn drop(&mut self) {
+        // Leaves the lockstep first (waking those waiting on it), then, under the lock that
+        // new streams join under, lets the blob's chunks go if it was the last.
+        drop(self.member.take());
         let mut r = lock(&self.recent.inner);
-        let left = match r.serving.get_mut(&self.blob) {
-            Some(s) => {
-                s.remove(&self.stream);
-                s.len()
-            }
-            None => 0,
-        };
-        if left == 0 {
+        if r.serving.get(&self.blob).is_none_or(|s| s.len() == 0) {
             r.serving.remove(&self.blob);
             let gone: Vec<_> = r.order.iter().filter(|(b, _)| *b == self.blob).copied().collect();
             r.order.retain(|(b, _)| *b != self.blob);
@@ -215,8 +174,6 @@ impl Drop for Serving {
                 r.drop_chunk(&key);
             }
         }
-        drop(r);
-        self.recent.moved.notify_waiters();
     }
 }
 

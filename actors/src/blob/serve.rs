@@ -211,7 +211,8 @@ impl Server {
                         Err(_) => break,
                     }
                 };
-                if self.store.chunk_in_memory(&blob.id, next_read).is_none() {
+                let held = self.store.chunk_in_memory(&blob.id, next_read);
+                if held.is_none() {
                     // Read from disk in step with the other streams of this blob, if any: a
                     // read ahead too far ahead waits for the next turn, the chunk due waits.
                     if next_read != index && serving.too_far(next_read) {
@@ -219,7 +220,11 @@ impl Server {
                     }
                     serving.step_to(next_read).await;
                 }
-                ahead.push_back((self.read_ahead(blob, next_read, spare.pop()), permit));
+                let next = match held {
+                    Some(view) => Ahead::Ready(Some(view)),
+                    None => self.read_ahead(blob, next_read, spare.pop()),
+                };
+                ahead.push_back((next, permit));
                 next_read += 1;
             }
             // The permit, if any, is held until the chunk is sent.
@@ -293,15 +298,12 @@ impl Server {
         Ok(m)
     }
 
-    /// Chunk `index`, or a read of it under way. A chunk held in memory is a view, at once;
-    /// so is one read lately for another stream serving the same blob ([`RecentChunks`]).
+    /// Chunk `index`, not held in memory by the store, or a read of it under way. One read
+    /// lately for another stream serving the same blob ([`RecentChunks`]) is a view, at once.
     /// Otherwise it is read on a blocking thread into `spare` or a buffer allocated here, on
     /// a runtime worker (see [`BlobStore::read_chunk_to_send`]), and kept for the other
     /// streams if there are any.
     fn read_ahead(&self, blob: BlobRef, index: u64, spare: Option<Vec<u8>>) -> Ahead {
-        if let Some(view) = self.store.chunk_in_memory(&blob.id, index) {
-            return Ahead::Ready(Some(view));
-        }
         let shared = self.recent.shared(&blob.id);
         if shared && let Some(view) = self.recent.get(&blob.id, index) {
             return Ahead::Ready(Some(view));

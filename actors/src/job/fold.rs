@@ -19,10 +19,10 @@ use tokio::time::Instant;
 
 use super::TaskOutcome;
 use super::communicator::Communicator;
-use super::lockstep::Lockstep;
 use crate::aggregate::{Accumulator, AggregateError, layout_difference};
 use crate::blob::FetchOptions;
 use crate::lock;
+use crate::lockstep::Lockstep;
 
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
@@ -42,6 +42,19 @@ pub const MAX_CONCURRENT_PULLS_ON_DISK: usize = 8;
 /// another layout can be described tensor by tensor (a header past this, some thousands of
 /// tensors, gets a shorter message).
 const HEADER_CAP: u64 = 256 * 1024;
+
+/// How long a pull ahead waits for a slowest pull that does not move (see [`Lockstep`]):
+/// longer than a serving stream's, as a pull's chunks are folded, not only sent.
+pub const PULL_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The lockstep a mean needs: pulls (counted in chunks folded) within a quarter of its window
+/// of each other, so that the chunks of the slowest are still in the window when the fastest
+/// adds to them (each pull also has a few chunks in flight); `None` for a mean in memory,
+/// which any order suits.
+pub(crate) fn lockstep_for_mean(acc: &Accumulator) -> Option<Arc<Lockstep>> {
+    acc.window_chunks()
+        .map(|w| Arc::new(Lockstep::new((w as u64 / 4).max(1), PULL_PATIENCE)))
+}
 
 /// The first `cap` bytes of a result (at most [`HEADER_CAP`]), kept as its chunks arrive in
 /// any order.
@@ -143,7 +156,7 @@ impl Communicator {
         let Ok(_permit) = pulls.acquire().await else {
             return Err(fail(o, "internal error: the pull limit was closed"));
         };
-        let pull = step.map(|s| Arc::new(s.join()));
+        let pull = step.map(|s| Arc::new(s.join(0)));
         let on_chunk = {
             let (acc, folded, failure, prefix, pull) = (
                 acc.clone(),
@@ -162,7 +175,7 @@ impl Communicator {
                     Ok(()) => {
                         lock(&folded)[i as usize] = true;
                         if let Some(p) = &pull {
-                            p.folded_one();
+                            p.advance();
                         }
                     }
                     Err(e) => {
@@ -289,7 +302,7 @@ impl Communicator {
                 "a result broke off midway; folding the others again"
             );
             let acc = self.accumulator(layout, global.chunk_size).await?;
-            let step = Lockstep::for_mean(&acc).map(Arc::new);
+            let step = lockstep_for_mean(&acc);
             let acc = Arc::new(Mutex::new(acc));
             let mut folds: FuturesUnordered<_> = std::mem::take(contributors)
                 .into_iter()

@@ -29,7 +29,6 @@ pub mod fedavg;
 mod fold;
 pub mod host;
 pub mod initial;
-mod lockstep;
 mod routes;
 pub mod split;
 mod supervisor;

@@ -24,7 +24,6 @@ use libp2p::PeerId;
 use tokio::time::Instant;
 
 use super::communicator::Communicator;
-use super::lockstep::Lockstep;
 use super::{Task, TaskKind, TaskOutcome};
 use crate::aggregate::{Accumulator, Mean};
 use crate::lock;
@@ -202,7 +201,7 @@ pub(crate) async fn one_round(
     let deadline = start + cfg.round_timeout;
     let acc = comm.accumulator(&layout, blob.chunk_size).await?;
     // The pulls go in step, so a mean on disk takes every contribution to a chunk in memory.
-    let step = Lockstep::for_mean(&acc).map(Arc::new);
+    let step = super::fold::lockstep_for_mean(&acc);
     let acc = Arc::new(Mutex::new(acc));
     let task = Task {
         kind: TaskKind::Train,
