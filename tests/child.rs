@@ -53,6 +53,7 @@ fn fetch_in_child() {
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         })
         .await
         .expect("start");

@@ -209,6 +209,7 @@ fn send_tampered(key: &str, members: &str, site: &str, spec: &str) -> String {
             store: flare_actors::BlobStore::memory(),
             max_blob_streams: 4,
             max_upload: None,
+            bulk_channel: true,
         })
         .await
         .expect("node");

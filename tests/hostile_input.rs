@@ -83,6 +83,7 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
             window: 4,
             want_hashes: false,
             wait_ms: 0,
+            bulk: false,
         };
         let mut framed = Vec::new();
         write_request(&mut framed, &req).await.expect("encode");

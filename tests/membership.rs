@@ -22,6 +22,7 @@ async fn stranger_can_neither_send_control_messages_nor_fetch_blobs() {
             store: BlobStore::memory(),
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         })
         .await
         .expect("start");

@@ -27,6 +27,7 @@ async fn start(securities: &[Security]) -> Vec<Node> {
             store: BlobStore::memory(),
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         };
         nodes.push(Node::start_with_security(cfg, security).await.expect("node starts"));
     }

@@ -68,6 +68,7 @@ async fn start_configured(
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         };
         configure(i, &mut cfg);
         let node = Node::start(cfg).await.expect("node starts");

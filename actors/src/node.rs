@@ -12,6 +12,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::blob::bulk::BulkListener;
 use crate::blob::fetch::Fetcher;
 use crate::blob::serve::{Server, accept_loop};
 use crate::blob::{FetchError, FetchOptions, FetchReport, ServeFaults, ServeStats};
@@ -35,6 +36,11 @@ pub struct NodeConfig {
     /// Bytes a second this node sends at most as blob chunks, to all peers together
     /// (`--max-upload`); `None`: as fast as the network goes.
     pub max_upload: Option<u64>,
+    /// Whether blob streams of a few MiB and more may carry their chunks over a TCP
+    /// connection of their own (`flare_protocols::bulk`), served and fetched: fewer copies
+    /// per byte than a libp2p stream. Off, or where the connection cannot be made (a
+    /// firewall, NAT), chunks go over the libp2p stream.
+    pub bulk_channel: bool,
 }
 
 /// Bytes a node has sent, from its own protocol handlers (payload, not transport overhead).
@@ -90,6 +96,11 @@ impl Node {
         let incoming = control
             .accept(BLOB_PROTOCOL)
             .map_err(|e| NetworkError::Transport(e.to_string()))?;
+        let mut tasks = Vec::new();
+        let bulk = match cfg.bulk_channel {
+            true => bulk_listener(&net.listen_addrs, &mut tasks).await,
+            false => None,
+        };
         let stats = Arc::new(ServeStats::default());
         let faults = Arc::new(ServeFaults::default());
         let server = Server {
@@ -100,6 +111,7 @@ impl Node {
             ahead: Arc::new(tokio::sync::Semaphore::new(crate::blob::serve::READ_AHEAD_BUDGET)),
             recent: Arc::default(),
             pace: cfg.max_upload.map(|r| Arc::new(crate::blob::UploadPace::new(r))),
+            bulk,
         };
         let (stop_tx, stopped) = watch::channel(false);
         let net_task = net.task;
@@ -107,12 +119,12 @@ impl Node {
             let _ = net_task.await;
             stop_tx.send_replace(true);
         });
-        let tasks = vec![
-            watcher,
-            tokio::spawn(accept_loop(server, incoming, cfg.max_blob_streams)),
-        ];
+        // The watcher first: `shutdown` waits for it.
+        tasks.insert(0, watcher);
+        tasks.push(tokio::spawn(accept_loop(server, incoming, cfg.max_blob_streams)));
         Ok(Self {
-            fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone()),
+            fetcher: Fetcher::new(net.control.clone(), net.handle.clone(), cfg.store.clone())
+                .with_bulk_channel(cfg.bulk_channel),
             net: net.handle,
             store: cfg.store,
             control: net.control,
@@ -220,6 +232,26 @@ impl Node {
         self.net.shutdown();
         if let Some(t) = self.tasks.first_mut() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// The bulk channel's listener, on the address of the node's first IP listen address; `None`
+/// (streams then carry every chunk) when there is none or it cannot be bound.
+async fn bulk_listener(listen: &[Multiaddr], tasks: &mut Vec<JoinHandle<()>>) -> Option<Arc<BulkListener>> {
+    let ip = listen.iter().flat_map(|a| a.iter()).find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })?;
+    match BulkListener::bind(ip).await {
+        Ok((l, task)) => {
+            tasks.push(task);
+            Some(Arc::new(l))
+        }
+        Err(e) => {
+            tracing::warn!(%ip, error = %e, "no bulk channel: blob chunks go over libp2p streams only");
+            None
         }
     }
 }

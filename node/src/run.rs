@@ -158,6 +158,7 @@ async fn run_peer(
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: args.max_upload,
+            bulk_channel: true,
         })
         .await?,
     );

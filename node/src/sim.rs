@@ -178,6 +178,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             store: BlobStore::memory(),
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         })
         .await?;
         nodes.push(Arc::new(node));

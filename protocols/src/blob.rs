@@ -6,7 +6,7 @@
 //! version [`BLOB_VERSION`].
 //!
 //! ```text
-//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes, wait_ms }  (<= 4 KiB)
+//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk }  (<= 4 KiB)
 //! S -> R  header frame    BlobHeader::Found | NotFound | Refused { reason }       (<= 4 KiB)
 //!                         | Busy { retry_after_ms }
 //!         if Found and want_hashes:
@@ -16,6 +16,8 @@
 //!                         tag 0 = data (len = that chunk's length), tag 1 = absent (len = 0)
 //! R -> S  credit          count:u32be   (any time after the request; see flow control)
 //! ```
+//! A receiver that asks with `bulk: true` may get `FoundBulk` instead of `Found`: the chunk
+//! frames then travel sealed over a TCP connection of their own, see [`crate::bulk`].
 //! After the last chunk, `S` closes its write half; so does `R` once it has what it needs.
 //!
 //! # Flow control
@@ -56,8 +58,8 @@ pub const MAX_WINDOW: u32 = 64;
 /// Window a receiver asks for unless told otherwise: 16 chunks (16 MiB at 1 MiB chunks).
 pub const DEFAULT_WINDOW: u32 = 16;
 
-const TAG_DATA: u8 = 0;
-const TAG_ABSENT: u8 = 1;
+pub(crate) const TAG_DATA: u8 = 0;
+pub(crate) const TAG_ABSENT: u8 = 1;
 
 /// What the receiver asks of one source.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -77,6 +79,9 @@ pub struct BlobRequest {
     /// relays its share to the others as it arrives. 0 (the default): answer at once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wait_ms: u32,
+    /// Whether the receiver can take the chunks over a bulk connection ([`crate::bulk`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bulk: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -88,6 +93,9 @@ fn is_zero(v: &u32) -> bool {
 pub enum BlobHeader {
     /// Chunks follow (and the hash list first, when asked).
     Found,
+    /// As `Found`, with the chunks offered over a bulk connection (only to a request with
+    /// `bulk: true`): the receiver answers with [`write_bulk_answer`].
+    FoundBulk(crate::bulk::BulkOffer),
     /// The source does not hold this blob.
     NotFound,
     /// The request was invalid or the source will not serve it.
@@ -152,34 +160,17 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<BlobHeader,
     read_message(io, BLOB_VERSION, MAX_BLOB_MSG).await
 }
 
-/// Writes a data chunk frame (does not flush).
-pub async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, index: u64, bytes: &[u8]) -> Result<(), FrameError> {
-    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::TooLarge {
-        len: bytes.len() as u64,
-        max: u32::MAX.into(),
-    })?;
+/// A chunk frame's head.
+pub(crate) fn chunk_head(tag: u8, index: u64, len: u32) -> [u8; 13] {
     let mut head = [0u8; 13];
-    head[0] = TAG_DATA;
+    head[0] = tag;
     head[1..9].copy_from_slice(&index.to_be_bytes());
     head[9..13].copy_from_slice(&len.to_be_bytes());
-    io.write_all(&head).await?;
-    io.write_all(bytes).await?;
-    Ok(())
+    head
 }
 
-/// Writes an absent-chunk frame (does not flush).
-pub async fn write_absent<W: AsyncWrite + Unpin>(io: &mut W, index: u64) -> Result<(), FrameError> {
-    let mut head = [0u8; 13];
-    head[0] = TAG_ABSENT;
-    head[1..9].copy_from_slice(&index.to_be_bytes());
-    io.write_all(&head).await?;
-    Ok(())
-}
-
-/// Reads a chunk frame's header; the caller checks index and length, then reads the bytes.
-pub async fn read_chunk_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<ChunkFrame, FrameError> {
-    let mut head = [0u8; 13];
-    io.read_exact(&mut head).await?;
+/// What a chunk frame's head says.
+pub(crate) fn parse_chunk_head(head: &[u8; 13]) -> Result<ChunkFrame, FrameError> {
     let mut index = [0u8; 8];
     index.copy_from_slice(&head[1..9]);
     let index = u64::from_be_bytes(index);
@@ -192,6 +183,49 @@ pub async fn read_chunk_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Chunk
         tag => Err(FrameError::Malformed(format!(
             "chunk frame with tag {tag} and length {len}"
         ))),
+    }
+}
+
+/// Writes a data chunk frame (does not flush).
+pub async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, index: u64, bytes: &[u8]) -> Result<(), FrameError> {
+    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::TooLarge {
+        len: bytes.len() as u64,
+        max: u32::MAX.into(),
+    })?;
+    io.write_all(&chunk_head(TAG_DATA, index, len)).await?;
+    io.write_all(bytes).await?;
+    Ok(())
+}
+
+/// Writes an absent-chunk frame (does not flush).
+pub async fn write_absent<W: AsyncWrite + Unpin>(io: &mut W, index: u64) -> Result<(), FrameError> {
+    io.write_all(&chunk_head(TAG_ABSENT, index, 0)).await?;
+    Ok(())
+}
+
+/// Reads a chunk frame's header; the caller checks index and length, then reads the bytes.
+pub async fn read_chunk_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<ChunkFrame, FrameError> {
+    let mut head = [0u8; 13];
+    io.read_exact(&mut head).await?;
+    parse_chunk_head(&head)
+}
+
+/// The receiver's answer to a `FoundBulk` header ([`crate::bulk::BULK_CONNECTED`] or
+/// [`crate::bulk::BULK_DECLINED`]), flushed.
+pub async fn write_bulk_answer<W: AsyncWrite + Unpin>(io: &mut W, answer: u8) -> Result<(), FrameError> {
+    io.write_all(&[answer]).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Reads the receiver's answer to a `FoundBulk` header: whether it connected.
+pub async fn read_bulk_answer<R: AsyncRead + Unpin>(io: &mut R) -> Result<bool, FrameError> {
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await?;
+    match b[0] {
+        crate::bulk::BULK_CONNECTED => Ok(true),
+        crate::bulk::BULK_DECLINED => Ok(false),
+        other => Err(FrameError::Malformed(format!("bulk answer {other}"))),
     }
 }
 
@@ -227,7 +261,7 @@ mod tests {
     proptest! {
         #[test]
         fn request_round_trips(blob in any_ref(), first: u64, end: u64, window: u32, want_hashes: bool, wait_ms: u32) {
-            let req = BlobRequest { blob, first, end, window, want_hashes, wait_ms };
+            let req = BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk: wait_ms % 2 == 0 };
             let mut buf = Vec::new();
             block_on(write_request(&mut buf, &req)).expect("write");
             let back = block_on(read_request(&mut buf.as_slice())).expect("read");

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use flare_protocols::BlobRef;
 use flare_protocols::blob::{
-    BlobHeader, BlobRequest, MAX_WINDOW, read_credit, read_request, write_absent, write_chunk, write_header,
+    BlobHeader, BlobRequest, MAX_WINDOW, read_bulk_answer, read_credit, read_request, write_absent, write_chunk,
+    write_header,
 };
 use flare_protocols::frame::{FrameError, write_frame};
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 
+use super::bulk::{BULK_MIN_BYTES, BulkListener, BulkWriter};
 use super::faults::ServeFaults;
 use super::recent::RecentChunks;
 use crate::network::NetworkHandle;
@@ -63,6 +65,9 @@ pub(crate) struct Server {
     pub pace: Option<Arc<super::UploadPace>>,
     /// Chunks read lately, while several streams serve one blob.
     pub recent: Arc<RecentChunks>,
+    /// Where receivers that ask for it take a stream's chunks over a connection of their own
+    /// (`None`: this node serves every stream over libp2p).
+    pub bulk: Option<Arc<BulkListener>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,11 +190,26 @@ impl Server {
                 return Ok(());
             }
         };
-        write_header(&mut stream, &BlobHeader::Found).await?;
+        let bytes = (req.end - req.first).saturating_mul(u64::from(blob.chunk_size));
+        let offer = match &self.bulk {
+            Some(l) if req.bulk && bytes >= BULK_MIN_BYTES => Some(l.offer()?),
+            _ => None,
+        };
+        let header = match &offer {
+            Some((o, _)) => BlobHeader::FoundBulk(o.clone()),
+            None => BlobHeader::Found,
+        };
+        write_header(&mut stream, &header).await?;
         if req.want_hashes {
             write_frame(&mut stream, &manifest.hash_bytes()).await?;
         }
         stream.flush().await.map_err(FrameError::from)?;
+        let mut bulk = match offer {
+            Some((o, offered)) if idle(read_bulk_answer(&mut stream)).await? => {
+                Some(BulkWriter::new(offered.connection().await?, &o))
+            }
+            _ => None,
+        };
         tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
 
         let serving = self.recent.serving(blob.id, req.first);
@@ -255,14 +275,34 @@ impl Server {
                         }
                         bytes = ChunkBytes::Owned(v);
                     }
+                    let len = bytes.len();
                     if let Some(pace) = &self.pace {
-                        pace.wait(bytes.len()).await;
+                        pace.wait(len).await;
                     }
-                    write_chunk(&mut stream, index, &bytes).await?;
+                    let buf = match (&mut bulk, bytes) {
+                        // Sealed in place in the buffer it was read into, or in a copy when
+                        // others hold it too.
+                        (Some(w), ChunkBytes::Read { mut buf, start, len }) => {
+                            w.data(index, &mut buf[start..start + len]).await?;
+                            Some(buf)
+                        }
+                        (Some(w), ChunkBytes::Owned(mut buf)) => {
+                            w.data(index, &mut buf).await?;
+                            Some(buf)
+                        }
+                        (Some(w), bytes @ ChunkBytes::Held { .. }) => {
+                            w.shared(index, &bytes).await?;
+                            None
+                        }
+                        (None, bytes) => {
+                            write_chunk(&mut stream, index, &bytes).await?;
+                            bytes.into_buffer()
+                        }
+                    };
                     let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
                     if spare.len() < READ_AHEAD as usize
-                        && let Some(buf) = bytes.into_buffer()
+                        && let Some(buf) = buf
                     {
                         spare.push(buf);
                     }
@@ -273,9 +313,15 @@ impl Server {
                         return Ok(());
                     }
                 }
-                None => write_absent(&mut stream, index).await?,
+                None => match &mut bulk {
+                    Some(w) => w.absent(index).await?,
+                    None => write_absent(&mut stream, index).await?,
+                },
             }
             credits -= 1;
+        }
+        if let Some(w) = bulk {
+            w.close().await?;
         }
         stream.close().await.map_err(FrameError::from)?;
         Ok(())

@@ -162,12 +162,23 @@ pub struct NetworkHandle {
     actor: ActorRef<NetMsg>,
     peer_id: PeerId,
     ctl_sent: Arc<AtomicU64>,
+    peer_ips: PeerIps,
 }
+
+/// The address each connected peer's latest connection comes from.
+type PeerIps = Arc<std::sync::Mutex<HashMap<PeerId, std::net::IpAddr>>>;
 
 impl NetworkHandle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// The IP address `peer`'s latest connection comes from (its listen address when this
+    /// node dialed it), while connected: where a blob stream's bulk connection goes
+    /// ([`flare_protocols::bulk`]).
+    pub fn peer_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
+        crate::lock(&self.peer_ips).get(peer).copied()
     }
 
     /// Control-protocol bytes this node has written (requests and responses), for traffic
@@ -355,7 +366,9 @@ pub async fn start(
         pending: HashMap::new(),
         connecting: HashMap::new(),
         replies: FuturesUnordered::new(),
+        peer_ips: PeerIps::default(),
     };
+    let peer_ips = owner.peer_ips.clone();
     let (actor, task) = Actor::spawn(None, NetworkActor, owner)
         .await
         .map_err(|e| NetworkError::Transport(format!("starting the network actor: {e}")))?;
@@ -365,6 +378,7 @@ pub async fn start(
             actor,
             peer_id,
             ctl_sent,
+            peer_ips,
         },
         control,
         listen_addrs,
@@ -500,6 +514,7 @@ struct SwarmOwner {
     /// Callers of [`NetworkHandle::connect`] waiting for a dial's outcome.
     connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     replies: FuturesUnordered<PendingReply>,
+    peer_ips: PeerIps,
 }
 
 impl SwarmOwner {
@@ -588,13 +603,24 @@ impl SwarmOwner {
                     let _ = waiter.send(Ok(()));
                 }
                 self.log_connection(&peer_id, "connected");
+                let ip = endpoint.get_remote_address().iter().find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                    libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                    _ => None,
+                });
+                if let Some(ip) = ip {
+                    crate::lock(&self.peer_ips).insert(peer_id, ip);
+                }
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
                 ..
-            } => self.log_connection(&peer_id, "disconnected"),
+            } => {
+                crate::lock(&self.peer_ips).remove(&peer_id);
+                self.log_connection(&peer_id, "disconnected");
+            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer) = peer_id {
                     for waiter in self.connecting.remove(&peer).unwrap_or_default() {

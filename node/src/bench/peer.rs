@@ -375,6 +375,7 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
         store,
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         max_upload: None,
+        bulk_channel: true,
     };
     Node::start_with_security(cfg, p.security)
         .await
@@ -479,6 +480,7 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
         store: BlobStore::memory(),
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         max_upload: None,
+        bulk_channel: true,
     })
     .await
     .context("starting the node")?;

@@ -72,6 +72,7 @@ impl SiteArgs {
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: None,
+            bulk_channel: true,
         })
         .await?;
         Ok(Session {

@@ -297,6 +297,8 @@ pub struct Fetcher {
     net: NetworkHandle,
     store: BlobStore,
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
+    /// Whether to ask sources for bulk connections ([`crate::NodeConfig::bulk_channel`]).
+    bulk: bool,
 }
 
 /// The blob one fetch pulls, and where the chunks it verified go.
@@ -430,7 +432,14 @@ impl Fetcher {
             net,
             store,
             distrust: Arc::default(),
+            bulk: false,
         }
+    }
+
+    /// Asks sources to send large ranges over bulk connections (or not).
+    pub fn with_bulk_channel(mut self, bulk: bool) -> Self {
+        self.bulk = bulk;
+        self
     }
 
     /// Whether `peer` served bad data for `blob` before.
@@ -836,6 +845,7 @@ impl Fetcher {
             stall_timeout: opts.stall_timeout,
             busy_patience: opts.busy_patience,
             wait_ms: opts.wait_ms,
+            bulk: self.bulk,
         }
     }
 }

@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flare_protocols::blob::{
-    BLOB_PROTOCOL, BlobHeader, BlobRequest, ChunkFrame, MAX_WINDOW, read_chunk_header, read_header, write_credit,
-    write_request,
+    BLOB_PROTOCOL, BlobHeader, BlobRequest, ChunkFrame, MAX_WINDOW, read_chunk_header, read_header, write_bulk_answer,
+    write_credit, write_request,
 };
 use flare_protocols::blob_id::hashes_from_bytes;
+use flare_protocols::bulk::{BULK_CONNECTED, BULK_DECLINED, BulkOffer};
 use flare_protocols::frame::{FrameError, read_frame};
 use flare_protocols::{BlobRef, Manifest};
 use futures::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +35,7 @@ use libp2p::{PeerId, Stream};
 use tokio::sync::mpsc;
 
 use super::{FetchOptions, SourceError, Target};
+use crate::blob::bulk::{BULK_MIN_BYTES, BulkReader};
 use crate::network::NetworkHandle;
 use crate::store::{DIRECT_ALIGN, StoreError, aligned_buffer};
 
@@ -85,6 +87,32 @@ pub(super) struct Source<'a> {
     /// How long the source may wait for what it is still receiving itself (see
     /// [`BlobRequest::wait_ms`]).
     pub(super) wait_ms: u32,
+    /// Whether to ask for a bulk connection for large ranges.
+    pub(super) bulk: bool,
+}
+
+/// Where a stream's chunk frames come from: the libp2p stream, or its bulk connection.
+enum ChunksIn<R> {
+    Stream(R),
+    Bulk(BulkReader),
+}
+
+impl<R: futures::AsyncRead + Unpin> ChunksIn<R> {
+    /// The next frame's head.
+    async fn frame(&mut self) -> Result<ChunkFrame, FrameError> {
+        match self {
+            ChunksIn::Stream(rd) => read_chunk_header(rd).await,
+            ChunksIn::Bulk(b) => b.frame().await,
+        }
+    }
+
+    /// That frame's bytes, into `slot`.
+    async fn body(&mut self, slot: &mut [u8]) -> Result<(), FrameError> {
+        match self {
+            ChunksIn::Stream(rd) => Ok(rd.read_exact(slot).await?),
+            ChunksIn::Bulk(b) => b.body(slot).await,
+        }
+    }
 }
 
 impl Source<'_> {
@@ -118,7 +146,7 @@ impl Source<'_> {
     /// start of a round, can overflow it). A stream lost that way, before any header, is
     /// opened again after a short random pause while the connection is up, until the stall
     /// timeout; it does not count as a failure of the source.
-    async fn open(&self, req: &BlobRequest) -> Result<Stream, SourceError> {
+    async fn open(&self, req: &BlobRequest) -> Result<(Stream, Option<BulkOffer>), SourceError> {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.stall_timeout;
         let mut busy = crate::busy::Backoff::new(self.busy_patience, &crate::busy::BUSY_PULLS);
@@ -145,7 +173,7 @@ impl Source<'_> {
         }
     }
 
-    async fn try_open(&self, req: &BlobRequest) -> Result<Result<Stream, SourceError>, NoHeader> {
+    async fn try_open(&self, req: &BlobRequest) -> Result<Result<(Stream, Option<BulkOffer>), SourceError>, NoHeader> {
         let peer = self.peer;
         let stall = self.stall_timeout;
         let gone = |reason: String| Ok(Err(SourceError::PeerGone { peer, reason }));
@@ -171,7 +199,12 @@ impl Source<'_> {
             read_header(&mut stream).await
         };
         match tokio::time::timeout(stall, header).await {
-            Ok(Ok(BlobHeader::Found)) => Ok(Ok(stream)),
+            Ok(Ok(BlobHeader::Found)) => Ok(Ok((stream, None))),
+            Ok(Ok(BlobHeader::FoundBulk(offer))) if req.bulk => Ok(Ok((stream, Some(offer)))),
+            Ok(Ok(BlobHeader::FoundBulk(_))) => Ok(Err(SourceError::Protocol {
+                peer,
+                reason: "offered a bulk connection to a request without one".into(),
+            })),
             Ok(Ok(BlobHeader::NotFound)) => Ok(Err(SourceError::NotFound { peer })),
             Ok(Ok(BlobHeader::Refused { reason })) => Ok(Err(SourceError::Refused { peer, reason })),
             Ok(Ok(BlobHeader::Busy { retry_after_ms })) => {
@@ -194,8 +227,9 @@ impl Source<'_> {
             window: 1,
             want_hashes: true,
             wait_ms: self.wait_ms,
+            bulk: false,
         };
-        let mut stream = self.open(&req).await?;
+        let (mut stream, _) = self.open(&req).await?;
         // The count is known from the id's shape, so the cap is exact.
         let cap = u32::try_from(n * 32).map_err(|_| SourceError::Refused {
             peer,
@@ -230,9 +264,15 @@ impl Source<'_> {
             window,
             want_hashes: false,
             wait_ms: self.wait_ms,
+            bulk: self.bulk
+                && (range.end - range.start).saturating_mul(u64::from(manifest.chunk_size)) >= BULK_MIN_BYTES,
         };
-        let stream = self.open(&req).await?;
-        let (mut rd, mut wr) = stream.split();
+        let (stream, offer) = self.open(&req).await?;
+        let (rd, mut wr) = stream.split();
+        let mut input = match offer {
+            Some(offer) => self.take_bulk(&offer, rd, &mut wr).await?,
+            None => ChunksIn::Stream(rd),
+        };
         // Chunks travel reader -> persister in block-aligned buffers (so a disk store can
         // write them with O_DIRECT), and the buffers come back for reuse: a transfer touches
         // `window + 1` buffers however long it is.
@@ -241,7 +281,7 @@ impl Source<'_> {
 
         let reader = async move {
             for index in range {
-                let frame = self.timed(read_chunk_header(&mut rd)).await?;
+                let frame = self.timed(input.frame()).await?;
                 let len = match frame {
                     _ if frame.index() != index => {
                         return Err(ReceiveError::Source(SourceError::Protocol {
@@ -267,7 +307,7 @@ impl Source<'_> {
                 };
                 let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
                 let slot = &mut buf[off..off + len];
-                self.timed(async { Ok(rd.read_exact(slot).await?) }).await?;
+                self.timed(input.body(slot)).await?;
                 if tx.send((index, buf, len)).await.is_err() {
                     break; // the persister stopped; its error is the one that counts
                 }
@@ -350,6 +390,33 @@ impl Source<'_> {
                 }
             }
         }
+    }
+}
+
+impl Source<'_> {
+    /// Connects to the source's bulk channel as `offer` says and tells the source whether
+    /// that worked; chunks come over the connection if it did, else over the stream.
+    async fn take_bulk<R, W>(&self, offer: &BulkOffer, rd: R, wr: &mut W) -> Result<ChunksIn<R>, SourceError>
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let peer = self.peer;
+        let connected = match self.net.peer_ip(&peer) {
+            Some(ip) => BulkReader::connect(ip, offer).await.map_err(
+                |e| tracing::debug!(%peer, %ip, error = %e, "no bulk connection; chunks come over the stream"),
+            ),
+            None => Err(()),
+        };
+        let answer = if connected.is_ok() {
+            BULK_CONNECTED
+        } else {
+            BULK_DECLINED
+        };
+        self.timed(write_bulk_answer(wr, answer)).await?;
+        Ok(match connected {
+            Ok(b) => ChunksIn::Bulk(b),
+            Err(()) => ChunksIn::Stream(rd),
+        })
     }
 }
 
