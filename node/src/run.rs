@@ -50,6 +50,12 @@ pub struct RunArgs {
     /// 512MiB].
     #[arg(long, value_parser = crate::bench::util::parse_size)]
     stream_above: Option<u64>,
+    /// Sends and takes every model chunk over libp2p streams, never over a bulk connection
+    /// of its own (a TCP connection per large transfer, AES-256-GCM sealed under a key
+    /// exchanged inside the libp2p stream; see docs/architecture.md). For a peer whose
+    /// firewall lets only the libp2p port through, or to compare the two.
+    #[arg(long)]
+    no_bulk_channel: bool,
 }
 
 /// How often a running peer re-dials members it has no connection to.
@@ -90,6 +96,7 @@ pub(crate) async fn standing(
             json: false,
             max_upload,
             stream_above,
+            no_bulk_channel: false,
         },
         Some(members),
         None,
@@ -158,7 +165,7 @@ async fn run_peer(
             store,
             max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
             max_upload: args.max_upload,
-            bulk_channel: true,
+            bulk_channel: !args.no_bulk_channel,
         })
         .await?,
     );

@@ -59,6 +59,10 @@ pub struct FedAvgArgs {
     /// to stream every size) [default: run's].
     #[arg(long, value_parser = super::util::parse_size)]
     stream_above: Option<u64>,
+    /// Every member sends and takes model chunks over libp2p streams only (`run
+    /// --no-bulk-channel`), to compare with the bulk channel in one sitting.
+    #[arg(long)]
+    no_bulk_channel: bool,
     /// Runs the swarm workflow instead (`swarm`): every member, `server` included, trains,
     /// and each round's aggregator is the next in turn; every member listens on a fixed
     /// loopback port so they can reach each other.
@@ -314,6 +318,7 @@ impl FedAvgArgs {
             max_upload: None,
             share_upload: false,
             stream_above: None,
+            no_bulk_channel: false,
             workflow: Workflow::Fedavg,
             memory_limit: None,
         }
@@ -409,6 +414,9 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
             p(&format!("{name}-data")),
         ];
         v.extend(stream);
+        if a.no_bulk_channel {
+            v.push("--no-bulk-channel".into());
+        }
         v
     };
     let mut server_args = args("server", "server.toml");
@@ -485,6 +493,7 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
         "controller_max_upload": a.max_upload,
         "stream_above": a.stream_above,
+        "bulk_channel": !a.no_bulk_channel,
         "workflow": format!("{:?}", a.workflow).to_lowercase(),
         "memory_limit": a.memory_limit,
         "capped_member_peak_rss_bytes": a.memory_limit.map(|_| site1_rss),

@@ -6,7 +6,11 @@
 //! `flare-node bench-peer <role>`), one after the other:
 //!
 //! 1. **plain TCP** (`baseline_tcp_mib_per_s`): a tokio socket; the sender writes 1 MiB
-//!    buffers, the receiver reads until EOF.
+//!    buffers, the receiver reads until EOF. Then **sealed TCP** (`baseline_bulk_mib_per_s`):
+//!    the same with every 1 MiB sealed by the sender and opened by the receiver as the blob
+//!    protocol's bulk channel does ([`flare_protocols::bulk`], AES-256-GCM), the bare
+//!    transport of a blob sent over the bulk channel (the default), so `ratio_to_bulk` is
+//!    the protocol's own cost on it.
 //! 2. **bare libp2p** (`baseline_libp2p_mib_per_s`): two [`flare_actors::Node`]s with the
 //!    node's own transport (TCP, TLS or Noise, Yamux), one stream of the private protocol
 //!    `/flare/bench-raw/1`; the sender writes 1 MiB buffers and closes, the receiver reads
@@ -126,6 +130,10 @@ pub struct BlobArgs {
     /// serves a smaller model). The receiver always files it in a disk store.
     #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
     source: SourceStore,
+    /// The blob's chunks go over the libp2p stream, not a bulk connection (`run
+    /// --no-bulk-channel`): the blob phase then compares with the bare libp2p stream.
+    #[arg(long)]
+    no_bulk_channel: bool,
 }
 
 /// Where `bench blob`'s sender holds the blob.
@@ -185,6 +193,7 @@ struct Setup {
     receiver_key: PathBuf,
     receiver_id: PeerId,
     source: SourceStore,
+    no_bulk_channel: bool,
 }
 
 /// What one phase measured.
@@ -209,6 +218,8 @@ struct Phase {
 #[derive(Clone, Debug)]
 struct RunResult {
     tcp: Phase,
+    /// Plain TCP with the bulk channel's sealing.
+    sealed: Phase,
     /// Seconds for the disk to copy the blob's bytes past the page cache ([`disk`]).
     disk_secs: f64,
     /// The default transport's (the first of `per_transport`).
@@ -257,6 +268,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         receiver_key,
         receiver_id,
         source: args.source,
+        no_bulk_channel: args.no_bulk_channel,
     };
 
     let mut results = Vec::new();
@@ -270,8 +282,9 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         );
         let r = one_run(&setup, run).await.with_context(|| format!("run {run}"))?;
         eprintln!(
-            "run {run}: tcp {:.0} MiB/s, disk copy {:.0} MiB/s",
+            "run {run}: tcp {:.0} MiB/s, sealed tcp {:.0} MiB/s, disk copy {:.0} MiB/s",
             mib_per_s(args.size, r.tcp.secs),
+            mib_per_s(args.size, r.sealed.secs),
             mib_per_s(args.size, r.disk_secs)
         );
         for (t, (bare, blob)) in setup.transports.iter().zip(&r.per_transport) {
@@ -291,6 +304,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
     let libp2p_secs = med(|r| r.libp2p.secs);
     let rate = mib_per_s(args.size, secs);
     let tcp_rate = mib_per_s(args.size, tcp_secs);
+    let bulk_rate = mib_per_s(args.size, med(|r| r.sealed.secs));
     let libp2p_rate = mib_per_s(args.size, libp2p_secs);
     let disk_rate = mib_per_s(args.size, med(|r| r.disk_secs));
     let ratio = |base: f64| if base > 0.0 { rate / base } else { 0.0 };
@@ -364,6 +378,10 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "baseline_tcp_mib_per_s": tcp_rate,
             "baseline_libp2p_mib_per_s": libp2p_rate,
             "baseline_disk_mib_per_s": disk_rate,
+            "baseline_bulk_mib_per_s": bulk_rate,
+            "ratio_to_bulk": ratio(bulk_rate),
+            "bulk_channel": !args.no_bulk_channel,
+            "runs_baseline_bulk_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.sealed.secs)).collect::<Vec<_>>(),
             "ratio_to_disk": ratio(disk_rate),
             "source": if args.source == SourceStore::Memory { "memory" } else { "disk" },
             "sender_peak_rss_bytes": sender_rss,
@@ -442,7 +460,8 @@ pub(super) fn write_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, Peer
 }
 
 async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
-    let tcp = tcp_phase(s).await.context("plain TCP baseline")?;
+    let tcp = tcp_phase(s, false).await.context("plain TCP baseline")?;
+    let sealed = tcp_phase(s, true).await.context("sealed TCP baseline")?;
     let (dir, size, piece) = (s.root.join(format!("run{run}-disk")), s.size, s.chunk_size);
     let disk_secs = tokio::task::spawn_blocking(move || {
         let secs = disk::copy_secs(&dir, size, piece);
@@ -465,6 +484,7 @@ async fn one_run(s: &Setup, run: u32) -> anyhow::Result<RunResult> {
     let (libp2p, blob) = per_transport[0].clone();
     Ok(RunResult {
         tcp,
+        sealed,
         disk_secs,
         libp2p,
         blob,
@@ -497,6 +517,9 @@ fn p2p_args(s: &Setup, role: &str, sender: bool, peer_addrs: &[String], security
         "--security".into(),
         security.name().into(),
     ]);
+    if s.no_bulk_channel {
+        a.push("--no-bulk-channel".into());
+    }
     for addr in peer_addrs {
         a.extend(["--peer-addr".into(), addr.clone()]);
     }
@@ -550,11 +573,18 @@ async fn finish_phase(
     })
 }
 
-async fn tcp_phase(s: &Setup) -> anyhow::Result<Phase> {
+/// Plain TCP, or `sealed` as the bulk channel seals.
+async fn tcp_phase(s: &Setup, sealed: bool) -> anyhow::Result<Phase> {
     let deadline = Instant::now() + s.timeout;
-    let mut receiver = ChildProc::spawn("tcp receiver", common_args(s, "tcp-recv"))?;
+    let seal = |mut a: Vec<String>| {
+        if sealed {
+            a.push("--sealed".into());
+        }
+        a
+    };
+    let mut receiver = ChildProc::spawn("tcp receiver", seal(common_args(s, "tcp-recv")))?;
     let (addrs, _, _) = ready(receiver.event(deadline).await?, "tcp receiver")?;
-    let mut a = common_args(s, "tcp-send");
+    let mut a = seal(common_args(s, "tcp-send"));
     a.extend(["--connect".into(), addrs[0].clone()]);
     let sender = ChildProc::spawn("tcp sender", a)?;
     finish_phase(s, sender, receiver, deadline).await

@@ -14,6 +14,8 @@ use clap::{Args, Subcommand};
 use flare_actors::blob::{FetchOptions, Progress};
 use flare_actors::network::Security;
 use flare_actors::{BlobStore, Member, Members, Node, NodeConfig};
+use flare_protocols::blob::ChunkFrame;
+use flare_protocols::bulk::{BULK_HEAD_LEN, BulkOffer, BulkOpener, BulkSealer};
 use flare_protocols::{BlobId, BlobRef};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
@@ -103,6 +105,9 @@ pub struct Common {
     /// Upper bound on any one wait of this process, in seconds.
     #[arg(long)]
     timeout_secs: u64,
+    /// TCP roles: seal (send) or open (receive) every 1 MiB as the bulk channel does.
+    #[arg(long)]
+    sealed: bool,
 }
 
 /// Arguments of the libp2p roles.
@@ -125,6 +130,9 @@ pub struct P2p {
     /// The security protocols this node offers (`bench blob --transports`).
     #[arg(long, default_value_t = Security::default())]
     security: Security,
+    /// Blob chunks over libp2p streams only (`run --no-bulk-channel`).
+    #[arg(long)]
+    no_bulk_channel: bool,
 }
 
 /// Where the parent stands, as read from stdin.
@@ -311,7 +319,17 @@ fn send_buffer() -> Vec<u8> {
     buf
 }
 
-/// The plain TCP receiver. Measured: from `accept` returning to EOF.
+/// The key of the sealed TCP baseline: any key costs the same to seal and open with.
+fn bench_offer() -> BulkOffer {
+    BulkOffer {
+        port: 0,
+        token: [0; 16],
+        key: [7; 32],
+    }
+}
+
+/// The plain TCP receiver (`--sealed`: opening the bulk channel's frames). Measured: from
+/// `accept` returning to EOF.
 async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -327,6 +345,20 @@ async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
     let cpu0 = Cpu::now()?;
     let mut buf = vec![0u8; MIB as usize];
     let mut got = 0u64;
+    if c.sealed {
+        let mut opener = BulkOpener::new(&bench_offer());
+        let mut head = [0u8; BULK_HEAD_LEN];
+        while got < c.size {
+            within(STALL, "reading from the sender", sock.read_exact(&mut head)).await?;
+            let len = match BulkOpener::frame(&head)? {
+                ChunkFrame::Data { len, .. } if u64::from(len) <= MIB => len as usize,
+                other => bail!("unexpected frame {other:?}"),
+            };
+            within(STALL, "reading from the sender", sock.read_exact(&mut buf[..len])).await?;
+            opener.open(&head, &mut buf[..len])?;
+            got += len as u64;
+        }
+    }
     loop {
         let n = within(STALL, "reading from the sender", sock.read(&mut buf)).await?;
         if n == 0 {
@@ -348,10 +380,18 @@ async fn tcp_send(c: &Common, connect: SocketAddr, timeout: Duration) -> anyhow:
         tokio::net::TcpStream::connect(connect),
     )
     .await?;
-    let buf = send_buffer();
+    let mut buf = send_buffer();
     let mut left = c.size;
+    let mut sealer = c.sealed.then(|| BulkSealer::new(&bench_offer()));
+    let mut index = 0;
     while left > 0 {
         let n = left.min(MIB) as usize;
+        if let Some(s) = &mut sealer {
+            // Sealed in place, as a source seals the buffer it read a chunk into.
+            let head = s.seal_data(index, &mut buf[..n])?;
+            within(STALL, "writing to the receiver", sock.write_all(&head)).await?;
+            index += 1;
+        }
         within(STALL, "writing to the receiver", sock.write_all(&buf[..n])).await?;
         left -= n as u64;
     }
@@ -375,7 +415,7 @@ async fn start_node(p: &P2p, store: BlobStore) -> anyhow::Result<Node> {
         store,
         max_blob_streams: flare_actors::blob::serve::MAX_SERVING,
         max_upload: None,
-        bulk_channel: true,
+        bulk_channel: !p.no_bulk_channel,
     };
     Node::start_with_security(cfg, p.security)
         .await
