@@ -262,3 +262,85 @@ async fn a_node_that_is_its_own_source_waits_for_its_store_to_fill() {
     })
     .await;
 }
+
+fn bulk_streams(n: &flare_actors::Node) -> u64 {
+    n.serve_stats().bulk_streams.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_ranges_go_over_the_bulk_channel_and_small_ones_over_the_stream() {
+    within(60, async {
+        let dir = tempfile::tempdir().expect("tmp");
+        let nodes = start_nodes(vec![BlobStore::memory(), BlobStore::open(dir.path()).expect("disk")]).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        let large = bytes(16 * MIB + 3, 21);
+        let small = bytes(2 * MIB, 22);
+        let mut bulk = 0;
+        for (data, more) in [(&large, true), (&small, false)] {
+            let m = src.store().import_bytes(data, 1 << 20).expect("import");
+            dst.fetch(m.blob_ref(), &[src.peer_id()], &FetchOptions::default())
+                .await
+                .expect("fetch");
+            assert!(dst.store().read_all(&m.id()).expect("read") == *data);
+            // The fetch may cut a blob into several ranges: each of 4 MiB or more goes over
+            // a bulk connection of its own.
+            assert_eq!(bulk_streams(src) > bulk, more, "{} bytes", data.len());
+            bulk = bulk_streams(src);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_cannot_reach_the_bulk_port_gets_the_chunks_over_the_stream() {
+    within(60, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        src.faults().arm(flare_actors::blob::FaultPlan {
+            bulk_unreachable: true,
+            ..Default::default()
+        });
+        let data = bytes(16 * MIB, 23);
+        let m = src.store().import_bytes(&data, 1 << 20).expect("import");
+        let report = dst
+            .fetch(m.blob_ref(), &[src.peer_id()], &FetchOptions::default())
+            .await
+            .expect("fetch over the stream");
+        assert_eq!(report.fetched, 16);
+        assert!(dst.store().read_all(&m.id()).expect("read") == data);
+        assert_eq!(bulk_streams(src), 0, "no bulk connection was made");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_connection_with_an_unknown_token_is_closed_and_the_source_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(60, async {
+        let nodes = start_nodes(memory_stores(2)).await;
+        let (src, dst) = (&nodes[0], &nodes[1]);
+        let port = src.bulk_port().expect("a bulk listener");
+        // A stranger that guesses a token gets the connection closed, unread.
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        tcp.write_all(&[0x5a; 16]).await.expect("token");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("closed within the timeout");
+        assert!(
+            matches!(n, Ok(0) | Err(_)),
+            "got {n:?} from a connection with a wrong token"
+        );
+        // The source goes on serving over its bulk channel.
+        let data = bytes(16 * MIB, 24);
+        let m = src.store().import_bytes(&data, 1 << 20).expect("import");
+        dst.fetch(m.blob_ref(), &[src.peer_id()], &FetchOptions::default())
+            .await
+            .expect("fetch");
+        assert!(dst.store().read_all(&m.id()).expect("read") == data);
+        assert!(bulk_streams(src) > 0);
+    })
+    .await;
+}

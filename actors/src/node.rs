@@ -79,6 +79,7 @@ pub struct Node {
     /// Set once the network actor has stopped, for whatever reason.
     stopped: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
+    bulk_port: Option<u16>,
 }
 
 impl Node {
@@ -101,6 +102,7 @@ impl Node {
             true => bulk_listener(&net.listen_addrs, &mut tasks).await,
             false => None,
         };
+        let bulk_port = bulk.as_ref().map(|l| l.port());
         let stats = Arc::new(ServeStats::default());
         let faults = Arc::new(ServeFaults::default());
         let server = Server {
@@ -133,6 +135,7 @@ impl Node {
             faults,
             stopped,
             tasks,
+            bulk_port,
         })
     }
 
@@ -193,6 +196,11 @@ impl Node {
     /// What the blob server has sent.
     pub fn serve_stats(&self) -> &ServeStats {
         &self.stats
+    }
+
+    /// The TCP port of this node's bulk channel, if it has one (`NodeConfig::bulk_channel`).
+    pub fn bulk_port(&self) -> Option<u16> {
+        self.bulk_port
     }
 
     /// Fault injection for the blob server (tests).

@@ -67,6 +67,11 @@ impl BulkListener {
         Ok((Self { port, waiting }, task))
     }
 
+    /// The port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A fresh offer, and the wait for its connection.
     pub(crate) fn offer(&self) -> Result<(BulkOffer, Offered), FrameError> {
         let offer = BulkOffer::new(self.port)?;

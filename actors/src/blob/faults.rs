@@ -14,6 +14,8 @@ pub struct FaultPlan {
     pub cut_after: Option<u64>,
     /// Stop sending once this many chunks were served, until the plan is changed.
     pub stall_after: Option<u64>,
+    /// Offer bulk connections at a port nobody listens on (a firewall between the peers).
+    pub bulk_unreachable: bool,
 }
 
 /// A node's armed fault plan (shared with its blob server).

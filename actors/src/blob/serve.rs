@@ -50,6 +50,8 @@ pub struct ServeStats {
     pub failed_streams: AtomicU64,
     /// Streams answered `Busy` (at the stream limit), each asked again later.
     pub busy_streams: AtomicU64,
+    /// Streams whose chunks went over a bulk connection.
+    pub bulk_streams: AtomicU64,
 }
 
 /// Everything a serving task needs.
@@ -126,6 +128,14 @@ pub(crate) async fn accept_loop(server: Server, mut incoming: libp2p_stream::Inc
     }
 }
 
+/// A loopback port nobody listens on (for [`super::FaultPlan::bulk_unreachable`]): one just
+/// let go.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(1, |a| a.port())
+}
+
 /// Reads the request (so the receiver's write completes) and answers `Busy`.
 async fn answer_busy(mut stream: Stream) -> Result<(), FrameError> {
     let answer = async {
@@ -191,10 +201,15 @@ impl Server {
             }
         };
         let bytes = (req.end - req.first).saturating_mul(u64::from(blob.chunk_size));
-        let offer = match &self.bulk {
+        let mut offer = match &self.bulk {
             Some(l) if req.bulk && bytes >= BULK_MIN_BYTES => Some(l.offer()?),
             _ => None,
         };
+        if let Some((o, _)) = &mut offer
+            && self.faults.plan().bulk_unreachable
+        {
+            o.port = closed_port();
+        }
         let header = match &offer {
             Some((o, _)) => BlobHeader::FoundBulk(o.clone()),
             None => BlobHeader::Found,
@@ -206,6 +221,7 @@ impl Server {
         stream.flush().await.map_err(FrameError::from)?;
         let mut bulk = match offer {
             Some((o, offered)) if idle(read_bulk_answer(&mut stream)).await? => {
+                self.stats.bulk_streams.fetch_add(1, Ordering::Relaxed);
                 Some(BulkWriter::new(offered.connection().await?, &o))
             }
             _ => None,

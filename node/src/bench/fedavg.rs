@@ -244,18 +244,21 @@ fn free_port() -> anyhow::Result<u16> {
 /// The transport's own cost of what round 0 moves: a bare libp2p stream (TCP + Noise +
 /// Yamux, no hashing, storing or averaging) from a hub process to each of `clients` spoke
 /// processes at once, `model_bytes` each, and as many back, every spoke sending once it has
-/// received. Returns the seconds from the first stream to the last byte back.
+/// received. Returns the seconds from the first stream to the last byte back. `sealed`: the
+/// bytes go over TCP sealed as the blob protocol's bulk channel seals them (the hub tells
+/// each spoke its port on the libp2p stream), the transport round 0 uses by default.
 async fn bare_round(
     dir: &Path,
     model_bytes: u64,
     clients: usize,
     deadline: tokio::time::Instant,
+    sealed: bool,
 ) -> anyhow::Result<f64> {
     let key = |name: &str| {
         super::write_key(dir, &format!("{name}.key")).map(|(path, id)| (path.display().to_string(), id.to_string()))
     };
     let common = |role: &str| {
-        vec![
+        let mut v = vec![
             role.to_owned(),
             "--size".into(),
             model_bytes.to_string(),
@@ -265,7 +268,11 @@ async fn bare_round(
                 .as_secs()
                 .max(1)
                 .to_string(),
-        ]
+        ];
+        if sealed {
+            v.push("--sealed".into());
+        }
+        v
     };
     let (hub_key, hub_id) = key("bare-hub")?;
     let spoke_keys = (0..clients)
@@ -332,7 +339,7 @@ pub async fn run(a: FedAvgArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "fedavg: rounds {} (bare libp2p round {:.3} s), controller peak {:.2} x model, client peak {:.2} x model, verified {}",
+            "fedavg: rounds {} (bare round {:.3} s), controller peak {:.2} x model, client peak {:.2} x model, verified {}",
             out["round_secs"],
             out["bare_round_secs"].as_f64().unwrap_or(f64::NAN),
             out["controller_rss_per_model"].as_f64().unwrap_or(f64::NAN),
@@ -385,13 +392,24 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         a.clients,
         a.rounds
     );
-    let bare = bare_round(dir, model_bytes, a.clients, deadline)
+    let bare_libp2p = bare_round(dir, model_bytes, a.clients, deadline, false)
         .await
         .context("the bare libp2p round (baseline)")?;
     eprintln!(
-        "bare libp2p round (round 0's bytes, {} MiB each way per client): {bare:.3} s",
+        "bare libp2p round (round 0's bytes, {} MiB each way per client): {bare_libp2p:.3} s",
         model_bytes as f64 / (1 << 20) as f64
     );
+    let bare_bulk = bare_round(dir, model_bytes, a.clients, deadline, true)
+        .await
+        .context("the bare sealed TCP round (baseline)")?;
+    eprintln!("bare sealed TCP round (the bulk channel's transport): {bare_bulk:.3} s");
+    // Round 0 is compared with the transport its models go over: the bulk channel's unless
+    // it is off (models of 4 MiB and less go over libp2p streams either way).
+    let bare = if a.no_bulk_channel || model_bytes <= flare_actors::blob::bulk::BULK_MIN_BYTES {
+        bare_libp2p
+    } else {
+        bare_bulk
+    };
     topology(&dir.join("server.toml"), a, elements, &members)?;
     let p = |s: &str| dir.join(s).display().to_string();
     let args = |name: &str, topo: &str| {
@@ -490,6 +508,8 @@ pub(super) async fn measure(a: &FedAvgArgs) -> anyhow::Result<Value> {
         "client_rss_per_model": client_rss as f64 / model_bytes as f64,
         "verified": summary["verified"],
         "bare_round_secs": bare,
+        "bare_libp2p_round_secs": bare_libp2p,
+        "bare_bulk_round_secs": bare_bulk,
         "round0_over_bare": summary["round_secs"][0].as_f64().map(|r| r / bare),
         "controller_max_upload": a.max_upload,
         "stream_above": a.stream_above,

@@ -319,6 +319,40 @@ fn send_buffer() -> Vec<u8> {
     buf
 }
 
+/// Writes `size` bytes (`buf` over and over, sealed in place as the bulk channel seals).
+async fn sealed_send(sock: &mut tokio::net::TcpStream, size: u64, mut buf: Vec<u8>) -> anyhow::Result<()> {
+    let mut sealer = BulkSealer::new(&bench_offer());
+    let (mut left, mut index) = (size, 0);
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        let head = sealer.seal_data(index, &mut buf[..n])?;
+        within(STALL, "writing to the peer", sock.write_all(&head)).await?;
+        within(STALL, "writing to the peer", sock.write_all(&buf[..n])).await?;
+        left -= n as u64;
+        index += 1;
+    }
+    Ok(())
+}
+
+/// Reads and opens `size` bytes of sealed frames, as the bulk channel's receiver does.
+async fn sealed_recv(sock: &mut tokio::net::TcpStream, size: u64) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; MIB as usize];
+    let mut opener = BulkOpener::new(&bench_offer());
+    let mut head = [0u8; BULK_HEAD_LEN];
+    let mut got = 0;
+    while got < size {
+        within(STALL, "reading from the peer", sock.read_exact(&mut head)).await?;
+        let len = match BulkOpener::frame(&head)? {
+            ChunkFrame::Data { len, .. } if u64::from(len) <= MIB => len as usize,
+            other => bail!("unexpected frame {other:?}"),
+        };
+        within(STALL, "reading from the peer", sock.read_exact(&mut buf[..len])).await?;
+        opener.open(&head, &mut buf[..len])?;
+        got += len as u64;
+    }
+    Ok(())
+}
+
 /// The key of the sealed TCP baseline: any key costs the same to seal and open with.
 fn bench_offer() -> BulkOffer {
     BulkOffer {
@@ -346,18 +380,8 @@ async fn tcp_recv(c: &Common, timeout: Duration) -> anyhow::Result<()> {
     let mut buf = vec![0u8; MIB as usize];
     let mut got = 0u64;
     if c.sealed {
-        let mut opener = BulkOpener::new(&bench_offer());
-        let mut head = [0u8; BULK_HEAD_LEN];
-        while got < c.size {
-            within(STALL, "reading from the sender", sock.read_exact(&mut head)).await?;
-            let len = match BulkOpener::frame(&head)? {
-                ChunkFrame::Data { len, .. } if u64::from(len) <= MIB => len as usize,
-                other => bail!("unexpected frame {other:?}"),
-            };
-            within(STALL, "reading from the sender", sock.read_exact(&mut buf[..len])).await?;
-            opener.open(&head, &mut buf[..len])?;
-            got += len as u64;
-        }
+        sealed_recv(&mut sock, c.size).await?;
+        got = c.size;
     }
     loop {
         let n = within(STALL, "reading from the sender", sock.read(&mut buf)).await?;
@@ -380,20 +404,16 @@ async fn tcp_send(c: &Common, connect: SocketAddr, timeout: Duration) -> anyhow:
         tokio::net::TcpStream::connect(connect),
     )
     .await?;
-    let mut buf = send_buffer();
-    let mut left = c.size;
-    let mut sealer = c.sealed.then(|| BulkSealer::new(&bench_offer()));
-    let mut index = 0;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        if let Some(s) = &mut sealer {
-            // Sealed in place, as a source seals the buffer it read a chunk into.
-            let head = s.seal_data(index, &mut buf[..n])?;
-            within(STALL, "writing to the receiver", sock.write_all(&head)).await?;
-            index += 1;
+    let buf = send_buffer();
+    if c.sealed {
+        sealed_send(&mut sock, c.size, buf).await?;
+    } else {
+        let mut left = c.size;
+        while left > 0 {
+            let n = left.min(MIB) as usize;
+            within(STALL, "writing to the receiver", sock.write_all(&buf[..n])).await?;
+            left -= n as u64;
         }
-        within(STALL, "writing to the receiver", sock.write_all(&buf[..n])).await?;
-        left -= n as u64;
     }
     within(STALL, "closing the connection", sock.shutdown()).await?;
     emit(&Event::Sent { bytes: c.size })
@@ -537,18 +557,42 @@ async fn round_hub(c: &Common, key: &std::path::Path, spokes: &[PeerId], timeout
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Sealed: each spoke is told this port on its stream and the bytes go over TCP.
+    let sealed = match c.sealed {
+        true => Some(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding 127.0.0.1:0")?,
+        ),
+        false => None,
+    };
+    let port = match &sealed {
+        Some(l) => l.local_addr().context("local address")?.port(),
+        None => 0,
+    };
     let start = Instant::now();
     let cpu0 = Cpu::now()?;
     let buf = send_buffer();
     let one = |peer: PeerId| {
-        let (mut control, buf) = (node.stream_control(), &buf);
+        let (mut control, buf, sealed) = (node.stream_control(), &buf, &sealed);
         async move {
             let mut stream = tokio::time::timeout(timeout, control.open_stream(peer, RAW_PROTOCOL))
                 .await
                 .map_err(|_| anyhow!("no stream to {peer} within {timeout:?}"))?
                 .map_err(|e| anyhow!("opening a stream to {peer}: {e}"))?;
-            write_all_of(&mut stream, c.size, buf).await?;
-            read_all_of(&mut stream, c.size).await
+            match sealed {
+                Some(l) => {
+                    within(STALL, "telling a spoke the port", stream.write_all(&port.to_be_bytes())).await?;
+                    within(STALL, "telling a spoke the port", stream.flush()).await?;
+                    let (mut sock, _) = within(STALL, "accepting a spoke", l.accept()).await?;
+                    sealed_send(&mut sock, c.size, buf.clone()).await?;
+                    sealed_recv(&mut sock, c.size).await
+                }
+                None => {
+                    write_all_of(&mut stream, c.size, buf).await?;
+                    read_all_of(&mut stream, c.size).await
+                }
+            }
         }
     };
     futures::future::try_join_all(spokes.iter().map(|&s| one(s))).await?;
@@ -577,8 +621,21 @@ async fn round_spoke(p: &P2p, timeout: Duration) -> anyhow::Result<Node> {
         .map_err(|_| anyhow!("no stream from the hub within {timeout:?}"))?
         .context("stream control closed")?;
     ensure!(from == p.peer, "stream from unexpected peer {from}");
-    read_all_of(&mut stream, p.common.size).await?;
-    write_all_of(&mut stream, p.common.size, &send_buffer()).await?;
+    if p.common.sealed {
+        let mut port = [0u8; 2];
+        within(STALL, "reading the hub's port", stream.read_exact(&mut port)).await?;
+        let mut sock = within(
+            STALL,
+            "connecting to the hub",
+            tokio::net::TcpStream::connect(("127.0.0.1", u16::from_be_bytes(port))),
+        )
+        .await?;
+        sealed_recv(&mut sock, p.common.size).await?;
+        sealed_send(&mut sock, p.common.size, send_buffer()).await?;
+    } else {
+        read_all_of(&mut stream, p.common.size).await?;
+        write_all_of(&mut stream, p.common.size, &send_buffer()).await?;
+    }
     emit(&Event::Sent { bytes: p.common.size })?;
     Ok(node)
 }
