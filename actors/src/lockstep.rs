@@ -92,6 +92,13 @@ impl Member {
         self.step.moved.notify_waiters();
     }
 
+    /// Whether another member, moving or not, has yet to pass position `at`.
+    pub(crate) fn others_before(&self, at: u64) -> bool {
+        lock(&self.step.members)
+            .iter()
+            .any(|(id, &(pos, _))| *id != self.id && pos <= at)
+    }
+
     /// Whether position `at` is more than the lead ahead of the slowest other member that
     /// still moves.
     pub(crate) fn too_far(&self, at: u64) -> bool {

@@ -228,7 +228,7 @@ impl Server {
         };
         tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
 
-        let serving = self.recent.serving(blob.id, req.first);
+        let serving = self.recent.serving(blob.id, peer, req.first);
         let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
         // Reads run ahead of the network by a few chunks, so a blob that is on disk rather
         // than in the page cache still streams at network speed.
@@ -258,7 +258,7 @@ impl Server {
                 }
                 let next = match held {
                     Some(view) => Ahead::Ready(Some(view)),
-                    None => self.read_ahead(blob, next_read, spare.pop()),
+                    None => self.read_ahead(blob, next_read, spare.pop(), serving.others_need(next_read)),
                 };
                 ahead.push_back((next, permit));
                 next_read += 1;
@@ -276,7 +276,7 @@ impl Server {
                     .await
             {
                 // Relaying: the chunk this node was still receiving has come.
-                chunk = self.read_ahead(blob, index, spare.pop()).chunk().await?;
+                chunk = self.read_ahead(blob, index, spare.pop(), false).chunk().await?;
             }
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
@@ -364,8 +364,8 @@ impl Server {
     /// lately for another stream serving the same blob ([`RecentChunks`]) is a view, at once.
     /// Otherwise it is read on a blocking thread into `spare` or a buffer allocated here, on
     /// a runtime worker (see [`BlobStore::read_chunk_to_send`]), and kept for the other
-    /// streams if there are any.
-    fn read_ahead(&self, blob: BlobRef, index: u64, spare: Option<Vec<u8>>) -> Ahead {
+    /// streams if there are any and one of them has yet to send it (`keep`).
+    fn read_ahead(&self, blob: BlobRef, index: u64, spare: Option<Vec<u8>>, keep: bool) -> Ahead {
         let shared = self.recent.shared(&blob.id);
         if shared && let Some(view) = self.recent.get(&blob.id, index) {
             return Ahead::Ready(Some(view));
@@ -377,7 +377,7 @@ impl Server {
         Ahead::Reading(tokio::task::spawn_blocking(move || {
             let chunk = store.read_chunk_to_send(&blob.id, index, buf)?;
             Ok(match chunk {
-                Some(c @ ChunkBytes::Read { .. }) if shared => Some(recent.keep(blob.id, index, c)),
+                Some(c @ ChunkBytes::Read { .. }) if shared && keep => Some(recent.keep(blob.id, index, c)),
                 other => other,
             })
         }))
