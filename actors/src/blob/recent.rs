@@ -26,8 +26,10 @@ use crate::lock;
 use crate::lockstep::{Lockstep, Member};
 use crate::store::ChunkBytes;
 
-/// Chunks kept, over all blobs (1 MiB each at the default chunk size).
-pub const RECENT_CHUNKS: usize = 32;
+/// Chunks kept, over all blobs (1 MiB each at the default chunk size): enough for a stream
+/// [`LEAD`] chunks behind with a few read ahead (24 and 32 read a 2 GiB model once a round
+/// alike; 24 is 8 MiB less).
+pub const RECENT_CHUNKS: usize = 24;
 
 /// How far (in chunks) a stream may read ahead of the slowest other stream of its blob.
 pub const LEAD: u64 = 16;
