@@ -309,6 +309,16 @@ async fn a_receiver_that_cannot_reach_the_bulk_port_gets_the_chunks_over_the_str
         assert_eq!(report.fetched, 16);
         assert!(dst.store().read_all(&m.id()).expect("read") == data);
         assert_eq!(bulk_streams(src), 0, "no bulk connection was made");
+        // The receiver does not try that port again for a while: the next fetch goes over
+        // the stream at once, even with the port open again.
+        src.faults().arm(flare_actors::blob::FaultPlan::default());
+        let again = bytes(16 * MIB, 25);
+        let m = src.store().import_bytes(&again, 1 << 20).expect("import");
+        dst.fetch(m.blob_ref(), &[src.peer_id()], &FetchOptions::default())
+            .await
+            .expect("fetch");
+        assert!(dst.store().read_all(&m.id()).expect("read") == again);
+        assert_eq!(bulk_streams(src), 0, "not asked for a bulk connection again");
     })
     .await;
 }

@@ -20,6 +20,10 @@ use crate::lock;
 /// How long a connection may take to present its token, and a receiver to connect.
 pub const BULK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a receiver that could not reach a source's bulk port takes that source's chunks
+/// over libp2p streams before it tries the port again.
+pub const BULK_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 /// Ranges shorter than this go over the libp2p stream: a connection of their own would cost
 /// more than the copies it saves.
 pub const BULK_MIN_BYTES: u64 = 4 << 20;

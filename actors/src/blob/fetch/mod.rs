@@ -17,7 +17,7 @@
 
 mod receiver;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -299,6 +299,10 @@ pub struct Fetcher {
     distrust: Arc<Mutex<HashSet<(BlobId, PeerId)>>>,
     /// Whether to ask sources for bulk connections ([`crate::NodeConfig::bulk_channel`]).
     bulk: bool,
+    /// Sources whose bulk port could not be reached, and when: not asked again for
+    /// [`crate::blob::bulk::BULK_RETRY_AFTER`], so a firewall costs one connection timeout,
+    /// not one per range.
+    unreachable: Arc<Mutex<HashMap<PeerId, tokio::time::Instant>>>,
 }
 
 /// The blob one fetch pulls, and where the chunks it verified go.
@@ -433,6 +437,7 @@ impl Fetcher {
             store,
             distrust: Arc::default(),
             bulk: false,
+            unreachable: Arc::default(),
         }
     }
 
@@ -846,6 +851,7 @@ impl Fetcher {
             busy_patience: opts.busy_patience,
             wait_ms: opts.wait_ms,
             bulk: self.bulk,
+            unreachable: &self.unreachable,
         }
     }
 }

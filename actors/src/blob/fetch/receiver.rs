@@ -89,6 +89,8 @@ pub(super) struct Source<'a> {
     pub(super) wait_ms: u32,
     /// Whether to ask for a bulk connection for large ranges.
     pub(super) bulk: bool,
+    /// Sources whose bulk port could not be reached lately (the fetcher's).
+    pub(super) unreachable: &'a std::sync::Mutex<std::collections::HashMap<PeerId, tokio::time::Instant>>,
 }
 
 /// Where a stream's chunk frames come from: the libp2p stream, or its bulk connection.
@@ -265,7 +267,8 @@ impl Source<'_> {
             want_hashes: false,
             wait_ms: self.wait_ms,
             bulk: self.bulk
-                && (range.end - range.start).saturating_mul(u64::from(manifest.chunk_size)) >= BULK_MIN_BYTES,
+                && (range.end - range.start).saturating_mul(u64::from(manifest.chunk_size)) >= BULK_MIN_BYTES
+                && !self.bulk_unreachable(),
         };
         let (stream, offer) = self.open(&req).await?;
         let (rd, mut wr) = stream.split();
@@ -394,6 +397,20 @@ impl Source<'_> {
 }
 
 impl Source<'_> {
+    /// Whether this source's bulk port could not be reached within the last
+    /// [`crate::blob::bulk::BULK_RETRY_AFTER`].
+    fn bulk_unreachable(&self) -> bool {
+        let mut u = crate::lock(self.unreachable);
+        match u.get(&self.peer) {
+            Some(at) if at.elapsed() < crate::blob::bulk::BULK_RETRY_AFTER => true,
+            Some(_) => {
+                u.remove(&self.peer);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Connects to the source's bulk channel as `offer` says and tells the source whether
     /// that worked; chunks come over the connection if it did, else over the stream.
     async fn take_bulk<R, W>(&self, offer: &BulkOffer, rd: R, wr: &mut W) -> Result<ChunksIn<R>, SourceError>
@@ -407,6 +424,10 @@ impl Source<'_> {
             ),
             None => Err(()),
         };
+        if connected.is_err() {
+            tracing::info!(%peer, "the peer's bulk channel cannot be reached: its chunks come over libp2p streams for a while");
+            crate::lock(self.unreachable).insert(peer, tokio::time::Instant::now());
+        }
         let answer = if connected.is_ok() {
             BULK_CONNECTED
         } else {
