@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Peak memory and round times of the add-one FedAvg job against model size, every process on
-# this machine: `bench fedavg` (one process per member, a bare libp2p round measured in the
+# this machine: `bench fedavg` (one process per member, bare rounds measured in the
 # same run) for each size and client count, one JSON object a line into OUT, then a table on
 # stdout and a plot (docs/memory-vs-model-size.svg) from them.
 #
