@@ -247,11 +247,7 @@ impl Node {
 /// The bulk channel's listener, on the address of the node's first IP listen address; `None`
 /// (streams then carry every chunk) when there is none or it cannot be bound.
 async fn bulk_listener(listen: &[Multiaddr], tasks: &mut Vec<JoinHandle<()>>) -> Option<Arc<BulkListener>> {
-    let ip = listen.iter().flat_map(|a| a.iter()).find_map(|p| match p {
-        libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
-        libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
-        _ => None,
-    })?;
+    let ip = listen.iter().find_map(network::multiaddr_ip)?;
     match BulkListener::bind(ip).await {
         Ok((l, task)) => {
             tasks.push(task);

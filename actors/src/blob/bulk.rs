@@ -28,6 +28,11 @@ pub const BULK_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// more than the copies it saves.
 pub const BULK_MIN_BYTES: u64 = 4 << 20;
 
+/// Connections waiting to present their token at once; more are closed at once. The port is
+/// open to anyone (the token, not the peer's address, says who it is), so this bounds what a
+/// flood of connections that never send one can hold.
+const MAX_HANDSHAKES: usize = 256;
+
 type Waiting = Mutex<HashMap<[u8; TOKEN_LEN], oneshot::Sender<TcpStream>>>;
 
 /// A node's listener for bulk connections; its accept task is one of the node's (stopped with
@@ -53,6 +58,7 @@ impl BulkListener {
         let port = listener.local_addr()?.port();
         let waiting: Arc<Waiting> = Arc::default();
         let w = waiting.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, from)) = listener.accept().await else {
@@ -60,11 +66,16 @@ impl BulkListener {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%from, "bulk connection refused: too many waiting for their token");
+                    continue;
+                };
                 let w = w.clone();
                 tokio::spawn(async move {
                     if let Err(why) = hand_over(tcp, &w).await {
                         tracing::debug!(%from, %why, "bulk connection refused");
                     }
+                    drop(permit);
                 });
             }
         });

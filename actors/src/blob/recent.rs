@@ -11,8 +11,8 @@
 //! find their chunks in memory ([`Lockstep`]: a stream that has not moved for [`PATIENCE`]
 //! stops counting until it moves again, so a stalled receiver, or a peer that grants no
 //! credits, holds the others up once, not once per chunk). A blob served by one stream alone
-//! is read as before, into recycled buffers, and a blob's chunks leave once no stream serves
-//! it.
+//! is read as before, into recycled buffers, and a blob's chunks leave once no stream has
+//! served it for the patience (a peer between two of its ranges still counts, see `ended`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -232,8 +232,11 @@ impl Drop for Serving {
         let mut r = lock(&self.recent.inner);
         drop(r.ended.insert((self.blob, self.peer), (member, Instant::now())));
         r.purge();
+        // Something to let go of later only if chunks of the blob are kept (never for a blob
+        // served from memory): then once the patience has passed.
+        let kept = r.order.iter().any(|(b, _)| *b == self.blob);
         drop(r);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if kept && let Ok(rt) = tokio::runtime::Handle::try_current() {
             let recent = self.recent.clone();
             rt.spawn(async move {
                 tokio::time::sleep(PATIENCE).await;

@@ -275,8 +275,12 @@ impl Server {
                     .wait_for_chunk(&blob.id, index, tokio::time::Instant::now() + wait)
                     .await
             {
-                // Relaying: the chunk this node was still receiving has come.
-                chunk = self.read_ahead(blob, index, spare.pop(), false).chunk().await?;
+                // Relaying: the chunk this node was still receiving has come (a view when the
+                // blob is held in memory, as before `read_ahead` left that to its caller).
+                chunk = match self.store.chunk_in_memory(&blob.id, index) {
+                    Some(view) => Some(view),
+                    None => self.read_ahead(blob, index, spare.pop(), false).chunk().await?,
+                };
             }
             while credits == 0 {
                 credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));

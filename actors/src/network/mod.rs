@@ -603,12 +603,7 @@ impl SwarmOwner {
                     let _ = waiter.send(Ok(()));
                 }
                 self.log_connection(&peer_id, "connected");
-                let ip = endpoint.get_remote_address().iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
-                    libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
-                    _ => None,
-                });
-                if let Some(ip) = ip {
+                if let Some(ip) = multiaddr_ip(endpoint.get_remote_address()) {
                     crate::lock(&self.peer_ips).insert(peer_id, ip);
                 }
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
@@ -712,6 +707,15 @@ impl SwarmOwner {
 }
 
 /// What a node whose control queue is full answers: the sender waits and asks again.
+/// The IP address in `addr`, if it has one (`/ip4/...` or `/ip6/...`).
+pub(crate) fn multiaddr_ip(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 pub(crate) fn busy() -> CtlResponse {
     crate::busy::BUSY_ANSWERS.event();
     CtlResponse::Busy {
