@@ -52,6 +52,7 @@ async fn train_add_one(comm: &Communicator, f: &Federation, sites: &[usize]) {
         let task = Task {
             transient_output: false,
             input_shares: vec![],
+            stream_output: false,
             kind: TaskKind::Train,
             round: 0,
             input: Some(input),

@@ -1,6 +1,7 @@
 //! FedAvg over real nodes: exact add-one arithmetic, clients that vanish, too few clients.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flare_actors::BlobStore;
@@ -259,6 +260,60 @@ async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_folded_while_their_clients_make_them_are_exact_and_a_cut_one_is_folded_again() {
+    within(180, async {
+        // Every member streams the model through disk, so each client trains it as it arrives
+        // and the controller takes the result chunk by chunk as it comes out of the learner.
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tmp")).collect();
+        let stores: Vec<BlobStore> = dirs.iter().map(|d| BlobStore::open(d.path()).expect("store")).collect();
+        for s in &stores {
+            s.set_stream_above(0);
+        }
+        let f = federation_on("streamed", stores).await;
+        // site-3 cuts its connection to the controller after the first chunk it streams:
+        // part of its result is in the mean, the rest never comes that way.
+        f.hosts[3].node().faults().arm(FaultPlan {
+            cut_after: Some(1),
+            ..FaultPlan::default()
+        });
+        let comm = f.comm(DEFAULT_CHUNK_SIZE);
+        let initial = initial_model();
+        assert!(
+            initial.as_safetensors().len() > 2 * DEFAULT_CHUNK_SIZE as usize,
+            "several chunks"
+        );
+        let out = fedavg::run(&comm, &config(&f, 2, 3, Duration::from_secs(90)), initial.clone())
+            .await
+            .expect("job");
+        for r in &out.rounds {
+            let mut who = r.contributors.clone();
+            who.sort();
+            assert_eq!(
+                who,
+                ["site-1", "site-2", "site-3"],
+                "round {}: {:?}",
+                r.round,
+                r.missing
+            );
+        }
+        assert!(
+            out.model == after_rounds(initial, 2),
+            "every weight equals initial + 2, exactly"
+        );
+        assert_eq!(
+            f.hosts[3].node().faults().plan().cut_after,
+            None,
+            "site-3 cut its connection while it streamed"
+        );
+        for i in 1..4 {
+            let streamed = f.hosts[i].node().serve_stats().pending_chunks.load(Ordering::Relaxed);
+            assert!(streamed > 0, "site-{i} streamed its results");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_client_is_left_out_when_min_clients_still_holds() {
     within(120, async {
         let f = federation(3, "vanish").await;
@@ -438,6 +493,7 @@ async fn a_stopped_executor_ends_its_members_part_and_its_tasks_are_refused() {
         let task = Task {
             transient_output: false,
             input_shares: vec![],
+            stream_output: false,
             kind: TaskKind::Train,
             round: 0,
             input: None,

@@ -84,6 +84,7 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
             want_hashes: false,
             wait_ms: 0,
             bulk: false,
+            pending: false,
         };
         let mut framed = Vec::new();
         write_request(&mut framed, &req).await.expect("encode");
@@ -118,6 +119,12 @@ async fn garbage_on_both_protocols_leaves_the_node_serving_honest_peers() {
                     chunk_size: 0,
                     ..m.blob_ref()
                 },
+                ..req.clone()
+            },
+            // An output still being produced has no hash list to send.
+            BlobRequest {
+                want_hashes: true,
+                pending: true,
                 ..req.clone()
             },
         ] {

@@ -320,6 +320,7 @@ async fn relay_falls_back_when_the_newest_model_died_with_its_holder() {
     let task = Task {
         transient_output: false,
         input_shares: vec![],
+        stream_output: false,
         kind: TaskKind::Train,
         round: 0,
         input: None,

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::blob::bulk::BulkListener;
 use crate::blob::fetch::Fetcher;
 use crate::blob::serve::{Server, accept_loop};
-use crate::blob::{FetchError, FetchOptions, FetchReport, ServeFaults, ServeStats};
+use crate::blob::{FetchError, FetchOptions, FetchReport, PendingOutputs, ServeFaults, ServeStats};
 use crate::membership::{Member, MemberTable};
 use crate::network::{self, InboundCtl, NetworkError, NetworkHandle};
 use crate::store::BlobStore;
@@ -80,6 +80,7 @@ pub struct Node {
     stopped: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
     bulk_port: Option<u16>,
+    pending: Arc<PendingOutputs>,
 }
 
 impl Node {
@@ -105,6 +106,7 @@ impl Node {
         let bulk_port = bulk.as_ref().map(|l| l.port());
         let stats = Arc::new(ServeStats::default());
         let faults = Arc::new(ServeFaults::default());
+        let pending = Arc::new(PendingOutputs::default());
         let server = Server {
             store: cfg.store.clone(),
             stats: stats.clone(),
@@ -114,6 +116,7 @@ impl Node {
             recent: Arc::default(),
             pace: cfg.max_upload.map(|r| Arc::new(crate::blob::UploadPace::new(r))),
             bulk,
+            pending: pending.clone(),
         };
         let (stop_tx, stopped) = watch::channel(false);
         let net_task = net.task;
@@ -136,6 +139,7 @@ impl Node {
             stopped,
             tasks,
             bulk_port,
+            pending,
         })
     }
 
@@ -193,6 +197,12 @@ impl Node {
         self.net.subscribe_ctl()
     }
 
+    /// The outputs this node serves while they are produced (see
+    /// [`crate::blob::pending`]).
+    pub fn pending_outputs(&self) -> &Arc<PendingOutputs> {
+        &self.pending
+    }
+
     /// What the blob server has sent.
     pub fn serve_stats(&self) -> &ServeStats {
         &self.stats
@@ -216,6 +226,16 @@ impl Node {
         opts: &FetchOptions,
     ) -> Result<FetchReport, FetchError> {
         self.fetcher.fetch(blob, sources, opts).await
+    }
+
+    /// Pulls an output from `source` while it is produced (see [`Fetcher::fetch_pending`]).
+    pub async fn fetch_pending(
+        &self,
+        blob: BlobRef,
+        source: PeerId,
+        opts: &FetchOptions,
+    ) -> Result<flare_protocols::Manifest, FetchError> {
+        self.fetcher.fetch_pending(blob, source, opts).await
     }
 
     /// Whether this node distrusts `peer` for `blob` (it served data that failed its hash).

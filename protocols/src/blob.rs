@@ -6,7 +6,7 @@
 //! version [`BLOB_VERSION`].
 //!
 //! ```text
-//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk }  (<= 4 KiB)
+//! R -> S  request frame   BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk, pending }  (<= 4 KiB)
 //! S -> R  header frame    BlobHeader::Found | NotFound | Refused { reason }       (<= 4 KiB)
 //!                         | Busy { retry_after_ms }
 //!         if Found and want_hashes:
@@ -18,6 +18,10 @@
 //! ```
 //! A receiver that asks with `bulk: true` may get `FoundBulk` instead of `Found`: the chunk
 //! frames then travel sealed over a TCP connection of their own, see [`crate::bulk`].
+//! A request with `pending: true` names an output its source is still producing, by the
+//! handle the source gave in [`crate::ctl::Request::TaskStreaming`]: no hash list exists
+//! (`want_hashes` is refused), each chunk frame comes once the chunk is produced, and the
+//! receiver hashes what it gets, to check the whole against the output's id later.
 //! After the last chunk, `S` closes its write half; so does `R` once it has what it needs.
 //!
 //! # Flow control
@@ -82,6 +86,13 @@ pub struct BlobRequest {
     /// Whether the receiver can take the chunks over a bulk connection ([`crate::bulk`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bulk: bool,
+    /// `blob` is an output still being produced, named by the handle its producer gave in
+    /// [`crate::ctl::Request::TaskStreaming`]: there is no hash list (`want_hashes` is
+    /// refused), each chunk comes once it is produced (the source waits up to `wait_ms` for
+    /// it), and the receiver hashes what it gets; the source holds each chunk until it is
+    /// sent, and answers absent for one it no longer holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -261,7 +272,7 @@ mod tests {
     proptest! {
         #[test]
         fn request_round_trips(blob in any_ref(), first: u64, end: u64, window: u32, want_hashes: bool, wait_ms: u32) {
-            let req = BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk: wait_ms % 2 == 0 };
+            let req = BlobRequest { blob, first, end, window, want_hashes, wait_ms, bulk: wait_ms % 2 == 0, pending: wait_ms % 3 == 0 };
             let mut buf = Vec::new();
             block_on(write_request(&mut buf, &req)).expect("write");
             let back = block_on(read_request(&mut buf.as_slice())).expect("read");

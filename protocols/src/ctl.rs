@@ -151,6 +151,13 @@ pub struct Task {
     /// member pulls the whole input from the source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_shares: Vec<PeerId>,
+    /// The sender folds the output as it is produced: an executor whose learner trains the
+    /// input as it arrives, chunk by chunk, may say so with [`Request::TaskStreaming`] and
+    /// serve the output's chunks as they come out of the learner
+    /// ([`crate::blob::BlobRequest::pending`]), before its `TaskResult` names the output.
+    /// Absent: the output is pulled once the result names it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_output: bool,
 }
 
 impl Task {
@@ -165,6 +172,7 @@ impl Task {
             props: BTreeMap::new(),
             transient_output: false,
             input_shares: vec![],
+            stream_output: false,
         }
     }
 }
@@ -209,6 +217,20 @@ pub enum Request {
         /// large data goes in a blob.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         values: BTreeMap<String, Value>,
+    },
+    /// An executor tells the controller that the output of a task that asked for it
+    /// ([`Task::stream_output`]) is being produced and may be pulled now: its chunks as
+    /// `pending` blob `output` (an id of the executor's choosing, not a content hash: the
+    /// puller hashes what it receives and checks it against the output the `TaskResult`
+    /// names). `num_samples` is the weight the result will carry; a result that then
+    /// reports another weight or another output is not taken as streamed.
+    TaskStreaming {
+        /// The task.
+        task_id: u64,
+        /// The output's handle, length and chunk size.
+        output: BlobRef,
+        /// The aggregation weight the result will report.
+        num_samples: u64,
     },
     /// The job is over for the receiver: finished, or stopped early.
     Abort {
@@ -466,10 +488,11 @@ mod tests {
                 proptest::option::of(blob_ref()),
                 proptest::collection::vec(any::<[u8; 32]>(), 0..3),
                 proptest::collection::btree_map(".{0,6}", value(), 0..4),
+                any::<bool>(),
                 any::<bool>()
             )
                 .prop_map(
-                    |(task_id, kind, round, input, from, props, transient_output)| Request::Task {
+                    |(task_id, kind, round, input, from, props, transient_output, stream_output)| Request::Task {
                         task_id,
                         task: Task {
                             kind,
@@ -478,7 +501,8 @@ mod tests {
                             input_shares: from.iter().rev().copied().map(peer).collect(),
                             input_from: from.into_iter().map(peer).collect(),
                             props,
-                            transient_output
+                            transient_output,
+                            stream_output
                         }
                     }
                 ),
@@ -504,6 +528,13 @@ mod tests {
                         values
                     }
                 ),
+            (any::<u64>(), blob_ref(), any::<u64>()).prop_map(|(task_id, output, num_samples)| {
+                Request::TaskStreaming {
+                    task_id,
+                    output,
+                    num_samples,
+                }
+            }),
             (".{0,16}", any::<bool>()).prop_map(|(reason, failed)| Request::Abort { reason, failed }),
             Just(Request::Heartbeat),
             proptest::collection::vec(".{0,8}", 0..4).prop_map(|members| Request::Launch { members }),

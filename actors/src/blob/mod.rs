@@ -6,6 +6,7 @@
 //!   (a scheduler over one receiver state machine per stream).
 //! - [`bulk`]: the sockets of the bulk channel, a stream's chunks over a connection of their
 //!   own.
+//! - [`pending`]: outputs served while their learner produces them.
 //! - [`pace`]: a node's upload cap, one schedule for every chunk it serves.
 //! - [`recent`]: chunks read lately, for the other streams serving the same blob in step.
 //! - [`faults`]: switches that make a source misbehave, for tests of the above.
@@ -14,10 +15,12 @@ pub mod bulk;
 pub mod faults;
 pub mod fetch;
 pub mod pace;
+pub mod pending;
 pub mod recent;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};
 pub use fetch::{ChunkFn, CreditGate, FetchError, FetchOptions, FetchReport, Progress, SourceError};
 pub use pace::UploadPace;
+pub use pending::{PendingGuard, PendingOutput, PendingOutputs};
 pub use serve::ServeStats;

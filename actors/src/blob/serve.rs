@@ -52,6 +52,8 @@ pub struct ServeStats {
     pub busy_streams: AtomicU64,
     /// Streams whose chunks went over a bulk connection.
     pub bulk_streams: AtomicU64,
+    /// Data chunks sent of outputs still being produced ([`super::pending`]).
+    pub pending_chunks: AtomicU64,
 }
 
 /// Everything a serving task needs.
@@ -70,6 +72,8 @@ pub(crate) struct Server {
     /// Where receivers that ask for it take a stream's chunks over a connection of their own
     /// (`None`: this node serves every stream over libp2p).
     pub bulk: Option<Arc<BulkListener>>,
+    /// Outputs served while they are produced.
+    pub pending: Arc<super::PendingOutputs>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +186,9 @@ impl Ahead {
 impl Server {
     async fn serve(&self, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
         let req = idle(read_request(&mut stream)).await?;
+        if req.pending {
+            return self.serve_pending(peer, stream, req).await;
+        }
         let blob = req.blob;
         // Bounded here, not by the asker: a slot held waiting is a slot no one else gets.
         let wait = Duration::from_millis(u64::from(req.wait_ms.min(super::fetch::RELAY_WAIT_MS)));
@@ -200,32 +207,8 @@ impl Server {
                 return Ok(());
             }
         };
-        let bytes = (req.end - req.first).saturating_mul(u64::from(blob.chunk_size));
-        let mut offer = match &self.bulk {
-            Some(l) if req.bulk && bytes >= BULK_MIN_BYTES => Some(l.offer()?),
-            _ => None,
-        };
-        if let Some((o, _)) = &mut offer
-            && self.faults.plan().bulk_unreachable
-        {
-            o.port = closed_port();
-        }
-        let header = match &offer {
-            Some((o, _)) => BlobHeader::FoundBulk(o.clone()),
-            None => BlobHeader::Found,
-        };
-        write_header(&mut stream, &header).await?;
-        if req.want_hashes {
-            write_frame(&mut stream, &manifest.hash_bytes()).await?;
-        }
-        stream.flush().await.map_err(FrameError::from)?;
-        let mut bulk = match offer {
-            Some((o, offered)) if idle(read_bulk_answer(&mut stream)).await? => {
-                self.stats.bulk_streams.fetch_add(1, Ordering::Relaxed);
-                Some(BulkWriter::new(offered.connection().await?, &o))
-            }
-            _ => None,
-        };
+        let hashes = req.want_hashes.then(|| manifest.hash_bytes());
+        let mut bulk = self.found(&mut stream, &req, hashes).await?;
         tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving blob range");
 
         let serving = self.recent.serving(blob.id, peer, req.first);
@@ -328,6 +311,106 @@ impl Server {
                     }
                     if self.faults.take_cut(served) {
                         stream.flush().await.map_err(FrameError::from)?;
+                        tracing::warn!(%peer, index, "fault injection: cutting the connection");
+                        let _ = self.net.disconnect(peer);
+                        return Ok(());
+                    }
+                }
+                None => match &mut bulk {
+                    Some(w) => w.absent(index).await?,
+                    None => write_absent(&mut stream, index).await?,
+                },
+            }
+            credits -= 1;
+        }
+        if let Some(w) = bulk {
+            w.close().await?;
+        }
+        stream.close().await.map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Answers a request that will be served: `Found` (then the hash list, when given), or
+    /// `FoundBulk` and the receiver's answer to it; the bulk connection when it took it.
+    async fn found(
+        &self,
+        stream: &mut Stream,
+        req: &BlobRequest,
+        hashes: Option<Vec<u8>>,
+    ) -> Result<Option<BulkWriter>, ServeError> {
+        let bytes = (req.end - req.first).saturating_mul(u64::from(req.blob.chunk_size));
+        let mut offer = match &self.bulk {
+            Some(l) if req.bulk && bytes >= BULK_MIN_BYTES => Some(l.offer()?),
+            _ => None,
+        };
+        if let Some((o, _)) = &mut offer
+            && self.faults.plan().bulk_unreachable
+        {
+            o.port = closed_port();
+        }
+        let header = match &offer {
+            Some((o, _)) => BlobHeader::FoundBulk(o.clone()),
+            None => BlobHeader::Found,
+        };
+        write_header(stream, &header).await?;
+        if let Some(h) = hashes {
+            write_frame(stream, &h).await?;
+        }
+        stream.flush().await.map_err(FrameError::from)?;
+        Ok(match offer {
+            Some((o, offered)) if idle(read_bulk_answer(stream)).await? => {
+                self.stats.bulk_streams.fetch_add(1, Ordering::Relaxed);
+                Some(BulkWriter::new(offered.connection().await?, &o))
+            }
+            _ => None,
+        })
+    }
+
+    /// Serves a range of an output still being produced ([`super::pending`]): each chunk
+    /// once it is produced, sent from the producer's copy (sealed in place on a bulk
+    /// connection), absent when it is not held (taken before, or the output was abandoned).
+    async fn serve_pending(&self, peer: PeerId, mut stream: Stream, req: BlobRequest) -> Result<(), ServeError> {
+        let blob = req.blob;
+        let refused = |reason: &str| BlobHeader::Refused { reason: reason.into() };
+        let output = self.pending.get(&blob.id);
+        let n = blob.chunk_count().unwrap_or(0);
+        let answer = match &output {
+            _ if req.want_hashes => Some(refused("an output still being produced has no hash list")),
+            None => Some(BlobHeader::NotFound),
+            Some(o) if o.blob() != blob => Some(refused("length or chunk size does not match the output")),
+            Some(_) if req.first > req.end || req.end > n => Some(refused("chunk range outside the output")),
+            Some(_) => None,
+        };
+        let (Some(output), None) = (output, &answer) else {
+            let header = answer.unwrap_or(BlobHeader::NotFound);
+            tracing::debug!(%peer, blob = %blob.id, ?header, "pending output request not served");
+            write_header(&mut stream, &header).await?;
+            stream.close().await.map_err(FrameError::from)?;
+            return Ok(());
+        };
+        let mut bulk = self.found(&mut stream, &req, None).await?;
+        tracing::debug!(%peer, blob = %blob.id, first = req.first, end = req.end, "serving an output as it is produced");
+        let wait = Duration::from_millis(u64::from(req.wait_ms.min(super::pending::PENDING_WAIT_MS)));
+        let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
+        for index in req.first..req.end {
+            let chunk = output.take(index, tokio::time::Instant::now() + wait).await;
+            while credits == 0 {
+                credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
+            }
+            match chunk {
+                Some(mut bytes) => {
+                    if let Some(pace) = &self.pace {
+                        pace.wait(bytes.len()).await;
+                    }
+                    match &mut bulk {
+                        Some(w) => w.data(index, &mut bytes).await?,
+                        None => write_chunk(&mut stream, index, &bytes).await?,
+                    }
+                    let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.stats.pending_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    output.recycle(bytes);
+                    if self.faults.take_cut(served) {
                         tracing::warn!(%peer, index, "fault injection: cutting the connection");
                         let _ = self.net.disconnect(peer);
                         return Ok(());

@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
 use super::routes::ControllerInbox;
-use super::{Ending, Task, TaskOutcome};
+use super::{Ending, StreamingOutput, Task, TaskEvent, TaskOutcome};
 use crate::Node;
 use crate::blob::{FetchError, FetchOptions, FetchReport};
 use crate::membership::Member;
@@ -84,6 +84,7 @@ pub struct Communicator {
     /// (a round of 5,000 results would otherwise compare 25 million peer ids).
     index: HashMap<PeerId, usize>,
     results: Mutex<mpsc::Receiver<TaskOutcome>>,
+    streaming: Mutex<mpsc::Receiver<StreamingOutput>>,
     joins: Mutex<mpsc::UnboundedReceiver<PeerId>>,
     progress: Mutex<mpsc::Receiver<(PeerId, Progress)>>,
     state: Arc<std::sync::Mutex<Option<Progress>>>,
@@ -109,6 +110,7 @@ impl Communicator {
             index: members.iter().enumerate().map(|(i, m)| (m.peer_id, i)).collect(),
             members,
             results: Mutex::new(inbox.outcomes),
+            streaming: Mutex::new(inbox.streaming),
             joins: Mutex::new(inbox.joins),
             progress: Mutex::new(inbox.progress),
             state: inbox.state,
@@ -262,6 +264,37 @@ impl Communicator {
                     tracing::debug!(job = %self.job, task = outcome.task_id, "late or unknown result dropped");
                 }
                 Ok(None) | Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// As [`Self::next_result`], and also the word of a task of `pending` whose output is
+    /// being produced and may be pulled before its result ([`Task::stream_output`]).
+    pub async fn next_event(&self, pending: &mut Pending, deadline: Instant) -> Option<TaskEvent> {
+        let mut rx = self.results.lock().await;
+        let mut streaming = self.streaming.lock().await;
+        while !pending.waiting.is_empty() {
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.recv()) => match r {
+                    Ok(Some(mut outcome)) => {
+                        if let Some(member) = pending.waiting.remove(&outcome.task_id)
+                            && member.peer_id == outcome.peer
+                        {
+                            outcome.member = member.name;
+                            return Some(TaskEvent::Result(outcome));
+                        }
+                        tracing::debug!(job = %self.job, task = outcome.task_id, "late or unknown result dropped");
+                    }
+                    Ok(None) | Err(_) => return None,
+                },
+                Some(mut s) = streaming.recv() => match pending.waiting.get(&s.task_id) {
+                    Some(member) if member.peer_id == s.peer => {
+                        s.member = member.name.clone();
+                        return Some(TaskEvent::Streaming(s));
+                    }
+                    _ => tracing::debug!(job = %self.job, task = s.task_id, "late or unknown streaming output dropped"),
+                },
             }
         }
         None

@@ -112,6 +112,7 @@ pub async fn run(comm: &Communicator, cfg: &CyclicConfig, initial: Model) -> Res
         let task = Task {
             transient_output: false,
             input_shares: vec![],
+            stream_output: false,
             kind: TaskKind::Train,
             round,
             input: None,

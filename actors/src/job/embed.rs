@@ -91,6 +91,7 @@ pub async fn run(comm: &Communicator, cfg: &EmbedConfig, frozen: Model) -> Resul
     let task = Task {
         transient_output: false,
         input_shares: vec![],
+        stream_output: false,
         kind: TaskKind::Embed,
         round: 0,
         input: Some(blob),

@@ -10,17 +10,16 @@ use std::sync::Arc;
 
 use flare_protocols::ctl::{CtlRequest, CtlResponse, JobId, Request, TaskKind, TaskStatus, Value};
 use flare_protocols::model::Model;
-use flare_protocols::{BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
+use flare_protocols::{BlobId, BlobRef, blob_id::DEFAULT_CHUNK_SIZE};
 use libp2p::PeerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use crate::Node;
-use crate::blob::FetchOptions;
+use crate::blob::{FetchOptions, PendingGuard, PendingOutput};
 use crate::learner::arriving::{Arriving, Trained};
 use crate::learner::{Learner, TaskContext, TaskReply};
 use crate::lock;
-use crate::store::Scratch;
 
 /// Messages of the executor actor.
 pub enum ExecutorMsg {
@@ -54,6 +53,9 @@ pub struct ExecutorState {
     held_output: Option<HeldOutput>,
     /// What this executor holds in the node's store (see [`Kept`]).
     kept: Kept,
+    /// The last output served while it was produced ([`crate::blob::pending`]), until the
+    /// next task: its controller may still be taking the last chunks when the result goes.
+    streamed: Option<PendingGuard>,
 }
 
 /// Inputs kept in the store for others to pull from here, and the last output stored: held
@@ -139,6 +141,7 @@ impl Actor for Executor {
             last_output: None,
             held_output: None,
             kept: Kept::default(),
+            streamed: None,
         })
     }
 
@@ -172,7 +175,7 @@ impl Actor for Executor {
         let span =
             tracing::info_span!("task", job = %job, round = task.round, task = %task.kind, member = %state.member);
         tracing::debug!(parent: &span, from = %from, "task received");
-        let (status, out) = match run(state, &ctx, &task, from).instrument(span.clone()).await {
+        let (status, out) = match run(state, &ctx, &task, (from, task_id)).instrument(span.clone()).await {
             Ok(out) => (TaskStatus::Ok, out),
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "task failed"));
@@ -291,7 +294,7 @@ async fn run(
     state: &mut ExecutorState,
     ctx: &TaskContext,
     task: &super::Task,
-    from: PeerId,
+    (from, task_id): (PeerId, u64),
 ) -> Result<RunOutput, String> {
     let started = std::time::Instant::now();
     if task.input.is_some() && task.kind != TaskKind::Train {
@@ -302,7 +305,7 @@ async fn run(
         .filter(|b| task.kind == TaskKind::Train && state.node.store().streams(b.len))
         && state.learner.as_mut().is_some_and(|l| l.streaming().is_some())
     {
-        return train_streaming(state, ctx, task, blob, from).await;
+        return train_streaming(state, ctx, task, blob, (from, task_id)).await;
     }
     let input = match task.input {
         Some(blob) => {
@@ -379,10 +382,11 @@ async fn train_streaming(
     ctx: &TaskContext,
     task: &super::Task,
     blob: BlobRef,
-    from: PeerId,
+    (from, task_id): (PeerId, u64),
 ) -> Result<RunOutput, String> {
     let started = std::time::Instant::now();
     state.held_output = None;
+    state.streamed = None;
     let store = state.node.store().clone();
     // As in `input_model`: an input others may pull from here is kept in the store.
     let shared = !task.input_shares.is_empty();
@@ -408,11 +412,41 @@ async fn train_streaming(
             store.release(&old);
         }
     }
-    let learner = state.learner.take().ok_or("learner lost by an earlier task")?;
+    let mut learner = state.learner.take().ok_or("learner lost by an earlier task")?;
+    // Its output goes to the controller as it comes out of the learner, where the controller
+    // asked and the weight is known ahead.
+    let ahead = learner.streaming().and_then(|s| s.samples_ahead());
+    let output = match ahead {
+        Some(samples) if task.stream_output && blob.chunk_size == DEFAULT_CHUNK_SIZE => {
+            let guard = state.node.pending_outputs().register(PendingOutput::new(BlobRef {
+                id: BlobId(rand::random()),
+                ..blob
+            }));
+            announce_streaming(&state.node, ctx, guard.output().clone(), (from, task_id), samples);
+            let out = guard.output().clone();
+            state.streamed = Some(guard);
+            Some(out)
+        }
+        _ => None,
+    };
     let trained = match reused {
         Some(file) => {
             tracing::debug!("the input is this member's last result: updated in place");
-            train_in_place(learner, ctx, file).await?
+            // Chunk by chunk, as if it arrived: read past the page cache, trained, hashed
+            // and written back in place, and streamed.
+            let arriving = match Arriving::new(learner, ctx.clone(), file, blob, output) {
+                Ok(a) => a,
+                Err((learner, e)) => {
+                    state.learner = Some(learner);
+                    return Err(e);
+                }
+            };
+            tokio::task::spawn_blocking(move || {
+                arriving.feed_from_file();
+                arriving.finish()
+            })
+            .await
+            .map_err(|e| format!("learner panicked: {e}"))?
         }
         None => {
             let file = store
@@ -423,7 +457,7 @@ async fn train_streaming(
             }
             // The learner runs over the model as it arrives (`keep`: it is stored as well,
             // for the peers that pull it from here).
-            let arriving = match Arriving::new(learner, ctx.clone(), file, blob) {
+            let arriving = match Arriving::new(learner, ctx.clone(), file, blob, output) {
                 Ok(a) => Arc::new(a),
                 Err((learner, e)) => {
                     state.learner = Some(learner);
@@ -488,29 +522,47 @@ async fn train_streaming(
     })
 }
 
-/// Runs `learner` over the model in `file` (this member's last result) in place; `Err`
-/// when the learner panicked (and is lost).
-async fn train_in_place(
-    mut learner: Box<dyn Learner>,
+/// Tells the controller, once the learner has produced the first chunk of `output`, that it
+/// may pull it now ([`Request::TaskStreaming`]); nothing when the learner cannot go chunk by
+/// chunk (the output is abandoned before its first chunk) or the controller does not take
+/// the word (it pulls the output after the result, as always).
+fn announce_streaming(
+    node: &Arc<Node>,
     ctx: &TaskContext,
-    file: Scratch,
-) -> Result<(Box<dyn Learner>, Result<Trained, String>), String> {
-    let ctx = ctx.clone();
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = match learner.streaming() {
-            Some(stream) => crate::learner::stream::stream_file(stream, &file, &ctx),
-            None => Err("the learner stopped streaming".to_owned()),
-        };
-        let r = r.map(|(samples, metrics)| Trained {
-            file,
-            hashes: None,
-            samples,
-            metrics,
-        });
-        (learner, r)
-    })
-    .await;
-    joined.map_err(|e| format!("learner panicked: {e}"))
+    output: Arc<PendingOutput>,
+    (from, task_id): (PeerId, u64),
+    num_samples: u64,
+) {
+    let (node, job) = (node.clone(), ctx.job.clone());
+    tokio::spawn(
+        async move {
+            if !output.started().await {
+                return;
+            }
+            let word = CtlRequest {
+                job,
+                body: Request::TaskStreaming {
+                    task_id,
+                    output: output.blob(),
+                    num_samples,
+                },
+            };
+            match node.net().request(from, word).await {
+                Ok(CtlResponse::Ack) => {
+                    tracing::debug!(task = task_id, "output streamed to the controller as it is made")
+                }
+                Ok(other) => {
+                    tracing::debug!(?other, "the controller did not take the streamed output");
+                    output.abandon();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot announce the streamed output");
+                    output.abandon();
+                }
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
 }
 
 /// What the learner is asked, by the task's kind.

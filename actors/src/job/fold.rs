@@ -107,6 +107,15 @@ fn other_layout(expected: &flare_protocols::model::Layout, prefix: &[u8], out: B
     }
 }
 
+/// Where a result is pulled from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pull {
+    /// Its client stored it and named it in its result.
+    Stored,
+    /// Its client is making it (`Request::TaskStreaming`).
+    Streamed,
+}
+
 /// A result that was not folded in.
 pub(crate) struct FoldFailure {
     /// The result.
@@ -121,11 +130,17 @@ impl Communicator {
     /// Pulls one client's result and folds it into the mean as its chunks arrive, without
     /// storing them; on failure, takes what was folded back out where the store holds those
     /// chunks, and says so where it does not.
+    ///
+    /// `how` says whether `out` is a stored result or one its client is still making
+    /// ([`Pull::Streamed`], see [`crate::blob::pending`]): then what comes is hashed as it
+    /// comes, nothing of it is held to take back out, and the outcome comes back with the
+    /// output its chunks make (`output`), for the round to check against the one the
+    /// client's result names.
     pub(crate) async fn fold_result(
         &self,
         acc: Arc<Mutex<Accumulator>>,
-        o: TaskOutcome,
-        out: BlobRef,
+        mut o: TaskOutcome,
+        (out, how): (BlobRef, Pull),
         global: BlobRef,
         pulls: &tokio::sync::Semaphore,
         step: Option<&Arc<Lockstep>>,
@@ -200,8 +215,17 @@ impl Communicator {
             }),
             ..FetchOptions::default()
         };
-        let fetched = self.fetch(out, o.peer, &opts).await;
+        let fetched = match how {
+            Pull::Stored => self.fetch(out, o.peer, &opts).await.map(|_| None),
+            Pull::Streamed => self
+                .node()
+                .fetch_pending(out, o.peer, &opts)
+                .await
+                .map(|m| Some(m.blob_ref()))
+                .map_err(Into::into),
+        };
         drop(opts); // this pull stops counting in the lockstep, if any
+        let made = fetched.as_ref().ok().copied().flatten();
         let store = self.node().store().clone();
         let done = tokio::task::spawn_blocking(move || {
             let folded = lock(&folded);
@@ -232,7 +256,12 @@ impl Communicator {
         })
         .await;
         match done {
-            Ok((Ok(()), _)) => Ok(o),
+            Ok((Ok(()), _)) => {
+                if made.is_some() {
+                    o.output = made;
+                }
+                Ok(o)
+            }
             Ok((Err(why), tainted)) => Err(FoldFailure {
                 outcome: o,
                 why,
@@ -308,7 +337,7 @@ impl Communicator {
                 .into_iter()
                 .filter_map(|o| {
                     let out = o.output?;
-                    Some(self.fold_result(acc.clone(), o, out, global, pulls, step.as_ref()))
+                    Some(self.fold_result(acc.clone(), o, (out, Pull::Stored), global, pulls, step.as_ref()))
                 })
                 .collect();
             let mut tainted = false;

@@ -18,7 +18,7 @@ use super::supervisor::Supervisor;
 use super::communicator::Communicator;
 use super::controller::ControllerHandle;
 use super::executor::{Executor, ExecutorArgs, ExecutorMsg};
-use super::{Ending, TaskOutcome};
+use super::{Ending, StreamingOutput, TaskOutcome};
 use crate::Node;
 use crate::learner::Learner;
 use crate::lock;
@@ -173,6 +173,7 @@ impl JobHost {
     /// Hosts the controller of `job`; members that join get `spec_hash` back in `Welcome`.
     pub(crate) fn host_controller(&self, job: JobId, spec_hash: [u8; 32]) -> ControllerInbox {
         let (outcomes_tx, outcomes) = mpsc::channel(RESULT_QUEUE);
+        let (streaming_tx, streaming) = mpsc::channel(RESULT_QUEUE);
         let (joins_tx, joins) = mpsc::unbounded_channel();
         // Bounded: a member that floods announcements is refused, not queued without end.
         let (progress_tx, progress) = mpsc::channel(PROGRESS_QUEUE);
@@ -181,6 +182,7 @@ impl JobHost {
             job,
             ControllerRoute {
                 outcomes: outcomes_tx,
+                streaming: streaming_tx,
                 joins: joins_tx,
                 progress: progress_tx,
                 state: state.clone(),
@@ -189,6 +191,7 @@ impl JobHost {
         );
         ControllerInbox {
             outcomes,
+            streaming,
             joins,
             progress,
             state,
@@ -283,6 +286,27 @@ fn route(routes: &Mutex<Routes>, peer: PeerId, job: JobId, body: Request) -> Ctl
                     values,
                 };
                 match tx.try_send(outcome) {
+                    Ok(()) => CtlResponse::Ack,
+                    Err(mpsc::error::TrySendError::Full(_)) => crate::network::busy(),
+                    Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),
+                }
+            }
+            None => not_joined(&job),
+        },
+        Request::TaskStreaming {
+            task_id,
+            output,
+            num_samples,
+        } => match r.controllers.get(&job) {
+            Some(ControllerRoute { streaming: tx, .. }) => {
+                let s = StreamingOutput {
+                    peer,
+                    member: String::new(),
+                    task_id,
+                    output,
+                    num_samples,
+                };
+                match tx.try_send(s) {
                     Ok(()) => CtlResponse::Ack,
                     Err(mpsc::error::TrySendError::Full(_)) => crate::network::busy(),
                     Err(mpsc::error::TrySendError::Closed(_)) => not_joined(&job),

@@ -65,6 +65,7 @@ pub async fn initial_from(
         props: BTreeMap::new(),
         transient_output: false,
         input_shares: vec![],
+        stream_output: false,
     };
     let name = comm.name_of(&member);
     let asked_until = Instant::now() + wait;

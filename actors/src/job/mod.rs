@@ -105,6 +105,47 @@ pub struct TaskOutcome {
     pub values: BTreeMap<String, Value>,
 }
 
+/// An executor's word that a task's output is being produced and may be pulled now
+/// ([`flare_protocols::ctl::Request::TaskStreaming`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamingOutput {
+    /// The executor's peer.
+    pub peer: PeerId,
+    /// Its member name.
+    pub member: String,
+    /// The task.
+    pub task_id: u64,
+    /// The output's handle, length and chunk size.
+    pub output: BlobRef,
+    /// The weight the result will report.
+    pub num_samples: u64,
+}
+
+impl StreamingOutput {
+    /// The result this output will make if it comes whole, as far as it is known now.
+    pub fn into_outcome(self) -> TaskOutcome {
+        TaskOutcome {
+            peer: self.peer,
+            member: self.member,
+            task_id: self.task_id,
+            status: TaskStatus::Ok,
+            output: Some(self.output),
+            metrics: BTreeMap::new(),
+            num_samples: self.num_samples,
+            values: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a controller hears of the tasks it is owed.
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// A task ended.
+    Result(TaskOutcome),
+    /// A task's output is being produced and may be pulled now.
+    Streaming(StreamingOutput),
+}
+
 impl TaskOutcome {
     /// Why this task did not give what was asked, in words: the executor's own `error` when
     /// it sent one, else how the task ended. The one wording every workflow reports.

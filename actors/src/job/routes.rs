@@ -12,12 +12,14 @@ use ractor::ActorRef;
 use tokio::sync::{mpsc, watch};
 
 use super::executor::ExecutorMsg;
-use super::{Ending, TaskOutcome};
+use super::{Ending, StreamingOutput, TaskOutcome};
 
 /// What the controller of a job receives from its members.
 pub(crate) struct ControllerInbox {
     /// Task results.
     pub outcomes: mpsc::Receiver<TaskOutcome>,
+    /// Outputs being produced, that may be pulled before their results.
+    pub streaming: mpsc::Receiver<StreamingOutput>,
     /// Members that joined (sent `Join`).
     pub joins: mpsc::UnboundedReceiver<PeerId>,
     /// Progress announced by other members (jobs without a fixed controller).
@@ -29,6 +31,7 @@ pub(crate) struct ControllerInbox {
 /// Where a job's controller side takes its members' messages.
 pub(crate) struct ControllerRoute {
     pub(crate) outcomes: mpsc::Sender<TaskOutcome>,
+    pub(crate) streaming: mpsc::Sender<StreamingOutput>,
     pub(crate) joins: mpsc::UnboundedSender<PeerId>,
     pub(crate) progress: mpsc::Sender<(PeerId, Progress)>,
     pub(crate) state: Arc<Mutex<Option<Progress>>>,

@@ -96,6 +96,10 @@ impl TensorStream for AddOne {
     fn piece_bytes(&self) -> Option<usize> {
         Some(PIECE_BYTES)
     }
+
+    fn samples_ahead(&mut self) -> Option<u64> {
+        Some(self.num_samples)
+    }
 }
 
 /// How much of a tensor an element-by-element learner is handed at once.

@@ -12,7 +12,7 @@
 //! [`super::stream::stream_in_place`] does.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use flare_protocols::BlobRef;
 use flare_protocols::blob_id::ChunkHash;
@@ -20,6 +20,7 @@ use flare_protocols::model::Layout;
 
 use super::stream::{piece_len, stream_file};
 use super::{Learner, TaskContext};
+use crate::blob::PendingOutput;
 use crate::lock;
 use crate::store::{ChunkWriter, DIRECT_ALIGN, Scratch};
 
@@ -64,6 +65,9 @@ struct State {
     /// Chunks written to the file as they came, not yet through the learner.
     parked: BTreeSet<u64>,
     failed: Option<String>,
+    /// Where each trained chunk also goes, for a puller that takes the result as it is made
+    /// (see [`crate::blob::pending`]); `None` once that stopped.
+    output: Option<Arc<PendingOutput>>,
 }
 
 /// Chunks trained and not yet written that the writer holds.
@@ -71,17 +75,25 @@ const WRITE_DEPTH: usize = 4;
 
 impl Arriving {
     /// Runs `learner` (which must stream: [`Learner::streaming`]) over blob `blob`, whose
-    /// chunks will be handed to [`Self::chunk`], into `file` (a scratch of the blob's length).
-    /// The learner comes back with the error when the file's writer cannot start.
+    /// chunks will be handed to [`Self::chunk`], into `file` (a scratch of the blob's length),
+    /// and each trained chunk into `output` as well, when given (abandoned if the pass cannot
+    /// go chunk by chunk or fails). The learner comes back with the error when the file's
+    /// writer cannot start.
     pub fn new(
         learner: Box<dyn Learner>,
         ctx: TaskContext,
         file: Scratch,
         blob: BlobRef,
+        output: Option<Arc<PendingOutput>>,
     ) -> Result<Self, (Box<dyn Learner>, String)> {
         let writer = match ChunkWriter::new(file, blob.chunk_size, WRITE_DEPTH) {
             Ok(w) => w,
-            Err(e) => return Err((learner, format!("starting the result's writer: {e}"))),
+            Err(e) => {
+                if let Some(o) = output {
+                    o.abandon();
+                }
+                return Err((learner, format!("starting the result's writer: {e}")));
+            }
         };
         Ok(Self {
             state: Mutex::new(State {
@@ -93,6 +105,7 @@ impl Arriving {
                 next: 0,
                 parked: BTreeSet::new(),
                 failed: None,
+                output,
             }),
         })
     }
@@ -106,6 +119,7 @@ impl Arriving {
         }
         if let Err(e) = s.take(index, bytes) {
             s.failed = Some(e);
+            s.stop_output();
         }
     }
 
@@ -114,6 +128,11 @@ impl Arriving {
     pub fn finish(self) -> (Box<dyn Learner>, Result<Trained, String>) {
         let mut s = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
         let r = s.finish();
+        match (&r, s.output.take()) {
+            (Ok(_), Some(o)) => o.finish(),
+            (Err(_), Some(o)) => o.abandon(),
+            (_, None) => {}
+        }
         (
             s.learner,
             r.map(|(file, hashes, samples, metrics)| Trained {
@@ -125,9 +144,35 @@ impl Arriving {
         )
     }
 
+    /// Feeds the learner the model already in the file it writes to (this member's last
+    /// result, its next input), chunk by chunk as if it arrived, each read past the page cache
+    /// before its place is written over. An error is kept for [`Self::finish`].
+    pub fn feed_from_file(&self) {
+        let mut s = lock(&self.state);
+        let cs = s.chunk_size();
+        let (mut buf, at) = crate::store::aligned_buffer(cs as usize);
+        for i in 0..s.chunk_count() {
+            if s.failed.is_some() {
+                return;
+            }
+            let len = s.chunk_len(i);
+            let read = s.writer().and_then(|w| {
+                w.file()
+                    .read_once_at(&mut buf[at..at + len], i * cs)
+                    .map_err(|e| format!("reading the input model: {e}"))
+            });
+            if let Err(e) = read.and_then(|()| s.take(i, &buf[at..at + len])) {
+                s.failed = Some(e);
+                s.stop_output();
+            }
+        }
+    }
+
     /// The learner back, after a fetch that failed.
     pub fn into_learner(self) -> Box<dyn Learner> {
-        self.state.into_inner().unwrap_or_else(|p| p.into_inner()).learner
+        let mut s = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        s.stop_output();
+        s.learner
     }
 }
 
@@ -149,6 +194,13 @@ impl State {
         (self.blob.len - start).min(self.chunk_size()) as usize
     }
 
+    /// No more chunks go to the output's puller (it pulls the stored result instead).
+    fn stop_output(&mut self) {
+        if let Some(o) = self.output.take() {
+            o.abandon();
+        }
+    }
+
     fn writer(&self) -> Result<&ChunkWriter, String> {
         self.writer
             .as_ref()
@@ -161,6 +213,10 @@ impl State {
         }
         if index == 0 && matches!(self.plan, Plan::Undecided) {
             self.plan = self.plan_from(bytes);
+            if !matches!(self.plan, Plan::ByChunk { .. }) {
+                // The result is made at the end, over the whole file: nothing to stream.
+                self.stop_output();
+            }
         }
         if index != self.next || !matches!(self.plan, Plan::ByChunk { .. }) {
             self.writer()?
@@ -240,6 +296,11 @@ impl State {
                 p += n;
             }
         }
+        if let Some(o) = &self.output
+            && !o.put_copy(index, &storage[at..at + len])
+        {
+            self.output = None;
+        }
         self.writer()?
             .send(index, storage)
             .map_err(|e| format!("writing the result: {e}"))?;
@@ -317,9 +378,21 @@ mod tests {
         cs: u32,
         order: &[u64],
     ) -> (Box<dyn Learner>, Result<Trained, String>) {
+        feed_to(learner, store, bytes, cs, order, None)
+    }
+
+    /// As `feed`, each trained chunk going to `output` too.
+    fn feed_to(
+        learner: Box<dyn Learner>,
+        store: &BlobStore,
+        bytes: &[u8],
+        cs: u32,
+        order: &[u64],
+        output: Option<Arc<PendingOutput>>,
+    ) -> (Box<dyn Learner>, Result<Trained, String>) {
         let blob = BlobStore::memory().import_bytes(bytes, cs).expect("import").blob_ref();
         let file = store.scratch(blob.len).expect("scratch");
-        let Ok(arriving) = Arriving::new(learner, ctx(), file, blob) else {
+        let Ok(arriving) = Arriving::new(learner, ctx(), file, blob, output) else {
             panic!("the writer starts");
         };
         for &i in order {
@@ -408,6 +481,50 @@ mod tests {
         fn streaming(&mut self) -> Option<&mut dyn TensorStream> {
             Some(self)
         }
+    }
+
+    #[tokio::test]
+    async fn trained_chunks_go_to_the_output_in_order_whatever_order_they_came_in() {
+        let m = model();
+        let bytes = m.as_safetensors();
+        let n = bytes.len().div_ceil(4096) as u64;
+        let handle = flare_protocols::BlobRef {
+            id: flare_protocols::BlobId([1; 32]),
+            len: bytes.len() as u64,
+            chunk_size: 4096,
+        };
+        let output = PendingOutput::new(handle);
+        let reversed: Vec<u64> = (0..n).rev().collect();
+        let (_, r) = feed_to(
+            Box::new(AddOne { num_samples: 3 }),
+            &BlobStore::memory(),
+            bytes,
+            4096,
+            &reversed,
+            Some(output.clone()),
+        );
+        let t = r.expect("trained");
+        let result = content(&t.file);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut streamed = Vec::new();
+        for i in 0..n {
+            streamed.extend(output.take(i, deadline).await.expect("chunk streamed"));
+        }
+        assert_eq!(streamed, result, "the output's chunks are the result's");
+        assert_eq!(output.take(n, deadline).await, None, "finished after the last");
+
+        // A learner that wants whole tensors makes its result at the end: nothing streams.
+        let output = PendingOutput::new(handle);
+        let (_, r) = feed_to(
+            Box::new(WholeDoubler(Vec::new())),
+            &BlobStore::memory(),
+            bytes,
+            4096,
+            &(0..n).collect::<Vec<_>>(),
+            Some(output.clone()),
+        );
+        r.expect("trained");
+        assert!(!output.started().await, "abandoned before its first chunk");
     }
 
     #[test]

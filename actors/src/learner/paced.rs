@@ -86,4 +86,8 @@ impl<L: crate::learner::Learner> crate::learner::TensorStream for Paced<L> {
     fn piece_bytes(&self) -> Option<usize> {
         self.piece
     }
+
+    fn samples_ahead(&mut self) -> Option<u64> {
+        self.inner.streaming().and_then(|s| s.samples_ahead())
+    }
 }

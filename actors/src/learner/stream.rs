@@ -28,6 +28,14 @@ pub trait TensorStream {
     fn piece_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// The weight [`Self::finish`] will report, when it is known before the pass (a learner
+    /// whose sample count is its data set's size): a controller may then fold the output
+    /// while it is produced (see [`crate::blob::pending`]). `None`: the output is pulled
+    /// once the pass is over.
+    fn samples_ahead(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Runs `learner` over the model in `file`, its layout read from the file's header (see

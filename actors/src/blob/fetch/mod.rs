@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_protocols::blob::DEFAULT_WINDOW;
-use flare_protocols::blob_id::BlobIdError;
+use flare_protocols::blob_id::{BlobIdError, ChunkHash};
 use flare_protocols::{BlobId, BlobRef, Manifest};
 use libp2p::PeerId;
 use tokio::sync::Notify;
@@ -312,21 +312,79 @@ struct Target {
     /// The chunks handed to `on_chunk` so far: each is handed over once per fetch, whether it
     /// came over the network or from the store.
     handed: Mutex<Vec<bool>>,
+    /// Chunk buffers its streams are done with, for its next streams: a fresh buffer per
+    /// stream made and freed on whichever threads ran it, which glibc kept as per-thread
+    /// free memory (see [`SPARE_BUFFERS`]).
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Chunk buffers one fetch keeps for its next streams.
+const SPARE_BUFFERS: usize = 32;
 
 enum TargetKind {
     /// Into the store (and to `on_chunk`).
     Store(BlobStore),
     /// Only to `on_chunk`; which chunks arrived is kept here.
     Pass(Mutex<Vec<bool>>),
+    /// An output still being produced, `blob` its producer's handle: nothing to verify
+    /// against (the target's manifest only gives the chunks' lengths); each chunk that
+    /// arrives is hashed here, for the caller to check the whole against the output's id
+    /// once it is known. Only to `on_chunk`.
+    Pending {
+        blob: BlobRef,
+        hashes: Mutex<Vec<Option<ChunkHash>>>,
+    },
 }
 
 impl Target {
+    fn new(manifest: Arc<Manifest>, kind: TargetKind, handed: Vec<bool>) -> Self {
+        Self {
+            manifest,
+            kind,
+            handed: Mutex::new(handed),
+            spare: Mutex::default(),
+        }
+    }
+
+    /// A buffer a stream of this fetch is done with.
+    fn spare_buffer(&self) -> Option<Vec<u8>> {
+        lock(&self.spare).pop()
+    }
+
+    /// Keeps `buf` for the fetch's next chunk.
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut spare = lock(&self.spare);
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
+    /// The blob as requests name it.
+    fn request_ref(&self) -> BlobRef {
+        match &self.kind {
+            TargetKind::Pending { blob, .. } => *blob,
+            _ => self.manifest.blob_ref(),
+        }
+    }
+
+    /// Whether it is an output still being produced.
+    fn is_pending(&self) -> bool {
+        matches!(self.kind, TargetKind::Pending { .. })
+    }
+
     /// Verifies chunk `index` and files it; whether it was new.
     fn put(&self, index: u64, bytes: &[u8]) -> Result<bool, StoreError> {
         let id = self.manifest.id();
         match &self.kind {
             TargetKind::Store(store) => store.put_chunk(&id, index, bytes),
+            TargetKind::Pending { blob, hashes } => {
+                let mut hashes = lock(hashes);
+                let slot = hashes
+                    .get_mut(index as usize)
+                    .filter(|_| bytes.len() == self.manifest.chunk_len(index))
+                    .ok_or(StoreError::OutOfRange { id: blob.id, index })?;
+                Ok(slot.replace(ChunkHash::of(bytes)).is_none())
+            }
             TargetKind::Pass(have) => {
                 let slot = usize::try_from(index).map_err(|_| StoreError::OutOfRange { id, index })?;
                 if index >= self.manifest.chunk_count() {
@@ -358,6 +416,12 @@ impl Target {
     fn missing(&self) -> Result<Vec<u64>, StoreError> {
         match &self.kind {
             TargetKind::Store(store) => store.missing(&self.manifest.blob_ref()),
+            TargetKind::Pending { hashes, .. } => Ok(lock(hashes)
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.is_none())
+                .map(|(i, _)| i as u64)
+                .collect()),
             TargetKind::Pass(have) => Ok(lock(have)
                 .iter()
                 .enumerate()
@@ -536,6 +600,72 @@ impl Fetcher {
         Ok(report)
     }
 
+    /// Pulls an output from `source` while its learner produces it (`blob`: the handle,
+    /// length and chunk size of [`flare_protocols::ctl::Request::TaskStreaming`]), handing
+    /// each chunk to `opts.on_chunk` and storing nothing; the manifest of what came, whose id
+    /// the caller checks against the output the task's result names. The source waits for
+    /// each chunk up to [`crate::blob::pending::PENDING_WAIT_MS`]; a chunk it no longer
+    /// holds (an earlier stream took it and broke) ends the pull with
+    /// [`FetchError::Incomplete`]. Every chunk it sends is handed over, in order.
+    pub async fn fetch_pending(
+        &self,
+        blob: BlobRef,
+        source: PeerId,
+        opts: &FetchOptions,
+    ) -> Result<Manifest, FetchError> {
+        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+        if blob.len > opts.max_len {
+            return Err(FetchError::OverLimit {
+                len: blob.len,
+                max: opts.max_len,
+            });
+        }
+        // Lengths only: no chunk is checked against these hashes.
+        let shape = Manifest::new(blob.len, blob.chunk_size, vec![ChunkHash([0; 32]); n as usize])
+            .map_err(FetchError::TooLarge)?;
+        let target = Arc::new(Target::new(
+            Arc::new(shape),
+            TargetKind::Pending {
+                blob,
+                hashes: Mutex::new(vec![None; n as usize]),
+            },
+            vec![false; n as usize],
+        ));
+        let opts = FetchOptions {
+            wait_ms: crate::blob::pending::PENDING_WAIT_MS,
+            // Past the source's wait: a chunk not produced by then comes back absent.
+            stall_timeout: opts
+                .stall_timeout
+                .max(Duration::from_millis(u64::from(crate::blob::pending::PENDING_WAIT_MS)) + Duration::from_secs(30)),
+            keep: false,
+            only: None,
+            ..opts.clone()
+        };
+        let mut queue = units(&(0..n).collect::<Vec<_>>(), opts.max_unit_chunks.max(1));
+        let first = queue.pop_front();
+        let plan = Arc::new(Plan {
+            queue: Mutex::new((queue, usize::from(first.is_some()))),
+            changed: Notify::new(),
+        });
+        let (_, _, r) = self
+            .worker(source, &target, first, plan, Arc::new(AtomicU64::new(0)), &opts)
+            .await;
+        let errors = r?;
+        let hashes = match &target.kind {
+            TargetKind::Pending { hashes, .. } => std::mem::take(&mut *lock(hashes)),
+            _ => Vec::new(),
+        };
+        let got = hashes.iter().flatten().count() as u64;
+        match hashes.into_iter().collect::<Option<Vec<_>>>() {
+            Some(hashes) if got == n => Manifest::new(blob.len, blob.chunk_size, hashes).map_err(FetchError::TooLarge),
+            _ => Err(FetchError::Incomplete {
+                blob: blob.id,
+                missing: n - got,
+                errors,
+            }),
+        }
+    }
+
     async fn fetch_once(
         &self,
         blob: BlobRef,
@@ -584,19 +714,19 @@ impl Fetcher {
                 if keep { self.store.begin(m)? } else { Arc::new(m) }
             }
         };
-        let target = Arc::new(Target {
+        let target = Arc::new(Target::new(
             manifest,
-            kind: if keep {
+            if keep {
                 TargetKind::Store(self.store.clone())
             } else {
                 TargetKind::Pass(Mutex::new(vec![false; n as usize]))
             },
-            handed: Mutex::new(if opts.on_chunk.is_some() {
+            if opts.on_chunk.is_some() {
                 vec![false; n as usize]
             } else {
                 Vec::new()
-            }),
-        });
+            },
+        ));
         let mut missing = target.missing()?;
         missing.retain(wanted);
         let already_present = match &opts.only {

@@ -230,6 +230,7 @@ impl Source<'_> {
             want_hashes: true,
             wait_ms: self.wait_ms,
             bulk: false,
+            pending: false,
         };
         let (mut stream, _) = self.open(&req).await?;
         // The count is known from the id's shape, so the cap is exact.
@@ -260,12 +261,13 @@ impl Source<'_> {
         let (on_chunk, before_credit) = (opts.on_chunk.as_ref(), opts.before_credit.as_ref());
         let window = opts.window.clamp(1, MAX_WINDOW);
         let req = BlobRequest {
-            blob: manifest.blob_ref(),
+            blob: target.request_ref(),
             first: range.start,
             end: range.end,
             window,
             want_hashes: false,
             wait_ms: self.wait_ms,
+            pending: target.is_pending(),
             bulk: self.bulk
                 && (range.end - range.start).saturating_mul(u64::from(manifest.chunk_size)) >= BULK_MIN_BYTES
                 && !self.bulk_unreachable(),
@@ -277,10 +279,10 @@ impl Source<'_> {
             None => ChunksIn::Stream(rd),
         };
         // Chunks travel reader -> persister in block-aligned buffers (so a disk store can
-        // write them with O_DIRECT), and the buffers come back for reuse: a transfer touches
-        // `window + 1` buffers however long it is.
+        // write them with O_DIRECT), and the buffers come back for reuse by this stream and
+        // the fetch's next ones: a fetch touches about `window + 1` buffers per source however
+        // long it is.
         let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, usize)>(window as usize);
-        let (give_back, mut spare) = mpsc::channel::<Vec<u8>>(window as usize + 2);
 
         let reader = async move {
             for index in range {
@@ -304,8 +306,8 @@ impl Source<'_> {
                         ),
                     }));
                 }
-                let mut buf = match spare.try_recv() {
-                    Ok(b) if b.len() >= len + DIRECT_ALIGN => b,
+                let mut buf = match target.spare_buffer() {
+                    Some(b) if b.len() >= len + DIRECT_ALIGN => b,
                     _ => aligned_buffer(manifest.chunk_size as usize).0,
                 };
                 let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
@@ -352,7 +354,7 @@ impl Source<'_> {
                         busy.pop_front();
                         match landed(r, peer) {
                             Ok((new, buf)) => {
-                                let _ = give_back.try_send(buf);
+                                target.give_back(buf);
                                 if new {
                                     on_new();
                                 }

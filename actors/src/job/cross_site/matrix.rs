@@ -55,6 +55,7 @@ pub(super) async fn fill_matrix(
             let task = Task {
                 transient_output: false,
                 input_shares: vec![],
+                stream_output: false,
                 kind: TaskKind::Validate,
                 round: 0,
                 input: Some(blob),

@@ -249,6 +249,7 @@ async fn collect_models(
     let task = Task {
         transient_output: false,
         input_shares: vec![],
+        stream_output: false,
         kind: TaskKind::Submit,
         round: 0,
         input: None,

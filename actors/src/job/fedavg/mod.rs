@@ -12,7 +12,7 @@
 //! Between rounds the global model lives only in the blob store, so the controller holds one
 //! model-sized buffer at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use flare_protocols::BlobRef;
@@ -24,7 +24,8 @@ use libp2p::PeerId;
 use tokio::time::Instant;
 
 use super::communicator::Communicator;
-use super::{Task, TaskKind, TaskOutcome};
+use super::fold::Pull;
+use super::{Task, TaskEvent, TaskKind, TaskOutcome};
 use crate::aggregate::{Accumulator, Mean};
 use crate::lock;
 use crate::store::Written;
@@ -149,6 +150,39 @@ async fn rounds(
     Ok(GlobalOutcome { model, rounds: reports })
 }
 
+/// A result taken while its client made it, until its `TaskResult` comes.
+enum Streamed {
+    /// Being pulled; its result, if it came already.
+    Folding(Option<TaskOutcome>),
+    /// All of it folded: the outcome as folded (its `output` what the chunks made).
+    Folded(TaskOutcome),
+    /// The pull broke off (`tainted`: after part of it was folded in).
+    Failed { tainted: bool },
+}
+
+/// A streamed-in result `f` meets its client's result `o`: it counts when `o` names what was
+/// folded, with the weight it was folded with; otherwise the mean holds something the client
+/// does not stand by, and the round folds again (pulling `o`'s output, when it has one).
+fn settle(
+    f: TaskOutcome,
+    o: TaskOutcome,
+    contributors: &mut Vec<TaskOutcome>,
+    missing: &mut Vec<(String, String)>,
+    tainted: &mut bool,
+) {
+    if o.status == TaskStatus::Ok && o.output.is_some() && o.output == f.output && o.num_samples == f.num_samples {
+        tracing::debug!(member = %o.member, "result folded as it was made");
+        contributors.push(o);
+        return;
+    }
+    tracing::warn!(member = %o.member, "a result differs from what it streamed: the round folds again");
+    *tainted = true;
+    match (o.status, o.output) {
+        (TaskStatus::Ok, Some(_)) => contributors.push(o),
+        _ => missing.push((o.member.clone(), o.failure())),
+    }
+}
+
 /// Makes a round's model the job's blob: a model in memory is lent to the store (the pulls
 /// read it from memory, see [`Communicator::publish_lent`]); a stored one is there already.
 async fn publish(
@@ -215,8 +249,31 @@ pub(crate) async fn one_round(
             true => cfg.clients.clone(),
             false => vec![],
         },
+        stream_output: false,
     };
-    let mut pending = comm.broadcast(&task, &cfg.clients).await;
+    let max_pulls = match step {
+        Some(_) => MAX_CONCURRENT_PULLS_ON_DISK,
+        None => MAX_CONCURRENT_PULLS,
+    };
+    // As many clients as there are pulls at once may hand their results over while they make
+    // them (a pull each, held from their first chunk to their last); the others' are pulled
+    // once stored. Not this node's own executor (a swarm's aggregator trains too): its
+    // result is in this node's store when it is done.
+    let me = comm.node().peer_id();
+    let (mut streamers, mut others) = (Vec::new(), Vec::new());
+    for &c in &cfg.clients {
+        match c != me && streamers.len() < max_pulls {
+            true => streamers.push(c),
+            false => others.push(c),
+        }
+    }
+    let streaming = Task {
+        stream_output: true,
+        ..task.clone()
+    };
+    let (mut pending, rest) = futures::join!(comm.broadcast(&streaming, &streamers), comm.broadcast(&task, &others));
+    pending.waiting.extend(rest.waiting);
+    pending.refused.extend(rest.refused);
     if let Some(n) = sent {
         n.notify_one();
     }
@@ -225,60 +282,110 @@ pub(crate) async fn one_round(
         .map(|(m, why)| (m.name, why))
         .collect();
     let mut contributors: Vec<TaskOutcome> = Vec::new();
-    let pulls = tokio::sync::Semaphore::new(match step {
-        Some(_) => MAX_CONCURRENT_PULLS_ON_DISK,
-        None => MAX_CONCURRENT_PULLS,
-    });
+    let pulls = tokio::sync::Semaphore::new(max_pulls);
     // The model's bytes, once the first result is in: the first fold makes them the
     // accumulator's memory when no one else holds them any more.
     let spare: Mutex<Option<Arc<Vec<u8>>>> = Mutex::new(None);
     let mut folds = FuturesUnordered::new();
     let mut tainted = false;
+    // Results taken while their clients made them, by task, until the result confirms them.
+    let mut streams: HashMap<u64, Streamed> = HashMap::new();
+    let fold = |o: TaskOutcome, out: BlobRef, how: Pull| {
+        let (written, acc, pulls, spare, step) = (written.clone(), acc.clone(), &pulls, &spare, step.as_ref());
+        async move {
+            written.wait().await;
+            let taken = lock(spare).take();
+            if let Some(b) = taken {
+                comm.reuse_for_mean(&acc, &blob.id, b, round).await;
+            }
+            let task = o.task_id;
+            (task, how, comm.fold_result(acc, o, (out, how), blob, pulls, step).await)
+        }
+    };
     loop {
         tokio::select! {
-            r = comm.next_result(&mut pending, deadline), if !pending.waiting.is_empty() => match r {
-                Some(o) => {
-                    tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result announced");
-                    // The accumulator starts filling: the model goes back to being read
-                    // from disk by any client still pulling it, or becomes the accumulator.
-                    if let Some(l) = lent.take() {
-                        *lock(&spare) = Some(l);
-                    }
-                    match (o.status, o.output) {
-                        (TaskStatus::Ok, Some(out)) => {
-                            let (written, acc, pulls, spare, step) =
-                                (written.clone(), acc.clone(), &pulls, &spare, step.as_ref());
-                            folds.push(async move {
-                                written.wait().await;
-                                let taken = lock(spare).take();
-                                if let Some(b) = taken {
-                                    comm.reuse_for_mean(&acc, &blob.id, b, round).await;
-                                }
-                                comm.fold_result(acc, o, out, blob, pulls, step).await
-                            });
-                        }
-                        _ => missing.push((o.member.clone(), o.failure())),
-                    }
+            r = comm.next_event(&mut pending, deadline), if !pending.waiting.is_empty() => {
+                // The accumulator starts filling: the model goes back to being read from disk
+                // by any client still pulling it, or becomes the accumulator.
+                if r.is_some() && let Some(l) = lent.take() {
+                    *lock(&spare) = Some(l);
                 }
-                None => {
-                    for (_, m) in pending.waiting.drain() {
-                        missing.push((m.name, format!("no result within {:?}", cfg.round_timeout)));
+                match r {
+                    Some(TaskEvent::Streaming(s)) => {
+                        tracing::debug!(job = %comm.job(), round, member = %s.member, secs = start.elapsed().as_secs_f64(), "result streaming");
+                        if let std::collections::hash_map::Entry::Vacant(e) = streams.entry(s.task_id) {
+                            e.insert(Streamed::Folding(None));
+                            let out = s.output;
+                            folds.push(fold(s.into_outcome(), out, Pull::Streamed));
+                        }
+                    }
+                    Some(TaskEvent::Result(o)) => {
+                        tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result announced");
+                        match streams.remove(&o.task_id) {
+                            Some(Streamed::Folding(_)) => {
+                                streams.insert(o.task_id, Streamed::Folding(Some(o)));
+                            }
+                            Some(Streamed::Folded(f)) => settle(f, o, &mut contributors, &mut missing, &mut tainted),
+                            Some(Streamed::Failed { tainted: t }) => match (o.status, o.output) {
+                                // Part of it is in the mean: the refold pulls it whole.
+                                (TaskStatus::Ok, Some(_)) if t => contributors.push(o),
+                                (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
+                                _ => missing.push((o.member.clone(), o.failure())),
+                            },
+                            None => match (o.status, o.output) {
+                                (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
+                                _ => missing.push((o.member.clone(), o.failure())),
+                            },
+                        }
+                    }
+                    None => {
+                        for (_, m) in pending.waiting.drain() {
+                            missing.push((m.name, format!("no result within {:?}", cfg.round_timeout)));
+                        }
                     }
                 }
             },
-            Some(r) = folds.next(), if !folds.is_empty() => match r {
-                Ok(o) => {
+            Some((task, how, r)) = folds.next(), if !folds.is_empty() => match (how, r) {
+                (Pull::Stored, Ok(o)) => {
                     tracing::debug!(job = %comm.job(), round, member = %o.member, secs = start.elapsed().as_secs_f64(), "result folded");
                     contributors.push(o);
                 }
-                Err(f) => {
+                (Pull::Stored, Err(f)) => {
                     tainted |= f.tainted;
                     missing.push((f.outcome.member, f.why));
+                }
+                (Pull::Streamed, r) => {
+                    let result = match streams.remove(&task) {
+                        Some(Streamed::Folding(result)) => result,
+                        _ => None,
+                    };
+                    match (r, result) {
+                        (Ok(f), Some(o)) => settle(f, o, &mut contributors, &mut missing, &mut tainted),
+                        (Ok(f), None) => {
+                            streams.insert(task, Streamed::Folded(f));
+                        }
+                        (Err(f), result) => {
+                            tracing::debug!(job = %comm.job(), round, member = %f.outcome.member, why = %f.why, "a result streamed in broke off; its stored copy is pulled");
+                            tainted |= f.tainted;
+                            match result {
+                                Some(o) => match (o.status, o.output) {
+                                    (TaskStatus::Ok, Some(_)) if f.tainted => contributors.push(o),
+                                    (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
+                                    _ => missing.push((o.member.clone(), o.failure())),
+                                },
+                                None => {
+                                    streams.insert(task, Streamed::Failed { tainted: f.tainted });
+                                }
+                            }
+                        }
+                    }
                 }
             },
             else => break,
         }
     }
+    // A result streamed in whose client never confirmed it is part of the mean: refold.
+    tainted |= streams.values().any(|s| matches!(s, Streamed::Folded(_)));
     drop(folds);
     let acc = if tainted {
         drop(acc);
