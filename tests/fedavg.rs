@@ -9,9 +9,10 @@ use flare_actors::blob::FaultPlan;
 use flare_actors::job::{
     AddOne, Communicator, FedAvgConfig, FedAvgError, JobHost, Learner, Task, TaskContext, TaskKind, TrainOutput, fedavg,
 };
+use flare_actors::learner::TensorStream;
 use flare_protocols::Manifest;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
-use flare_protocols::model::{Model, Tensor};
+use flare_protocols::model::{DType, Model, Tensor};
 
 use crate::util::{Federation, memory_stores, start_nodes, within};
 
@@ -192,6 +193,35 @@ impl Learner for AddK {
     fn validate(&mut self, _: &Model, _: &TaskContext) -> Result<std::collections::BTreeMap<String, f64>, String> {
         Ok(Default::default())
     }
+
+    fn streaming(&mut self) -> Option<&mut dyn TensorStream> {
+        Some(self)
+    }
+}
+
+/// The same, a tensor at a time, for models that live on disk.
+impl TensorStream for AddK {
+    fn tensor(&mut self, _: &str, dtype: DType, data: &mut [u8], _: &TaskContext) -> Result<(), String> {
+        if dtype == DType::F32 {
+            for b in data.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + self.0;
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _: &TaskContext) -> Result<(u64, std::collections::BTreeMap<String, f64>), String> {
+        Ok((10, Default::default()))
+    }
+
+    fn piece_bytes(&self) -> Option<usize> {
+        Some(64 << 10)
+    }
+
+    fn samples_ahead(&mut self) -> Option<u64> {
+        Some(10)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +290,7 @@ async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn results_folded_while_their_clients_make_them_are_exact_and_a_cut_one_is_folded_again() {
+async fn results_folded_while_their_clients_make_them_are_exact_and_one_that_breaks_off_is_folded_again() {
     within(180, async {
         // Every member streams the model through disk, so each client trains it as it arrives
         // and the controller takes the result chunk by chunk as it comes out of the learner.
@@ -269,20 +299,30 @@ async fn results_folded_while_their_clients_make_them_are_exact_and_a_cut_one_is
         for s in &stores {
             s.set_stream_above(0);
         }
-        let f = federation_on("streamed", stores).await;
-        // site-3 cuts its connection to the controller after the first chunk it streams:
-        // part of its result is in the mean, the rest never comes that way.
+        let names = (0..4).map(|i| format!("site-{i}")).collect();
+        let f = Federation::start_with("streamed", names, stores).await;
+        // Three different results of equal weight: +1, +3, +5 make +3 a round, exactly, and a
+        // mean missing any part of one of them is wrong there.
+        for (i, k) in [(1, 1.0), (2, 3.0), (3, 5.0)] {
+            f.join(i, Box::new(AddK(k))).await;
+        }
+        // site-3 stops streaming after the first chunk of each result: that chunk is in the
+        // mean, the rest never comes that way, and the round folds the stored results again.
         f.hosts[3].node().faults().arm(FaultPlan {
-            cut_after: Some(1),
+            drop_pending_after: Some(1),
             ..FaultPlan::default()
         });
         let comm = f.comm(DEFAULT_CHUNK_SIZE);
-        let initial = initial_model();
-        assert!(
-            initial.as_safetensors().len() > 2 * DEFAULT_CHUNK_SIZE as usize,
-            "several chunks"
-        );
-        let out = fedavg::run(&comm, &config(&f, 2, 3, Duration::from_secs(90)), initial.clone())
+        let integers = |add: f32| {
+            let v: Vec<f32> = (0..900_000).map(|i| (i % 5000) as f32 - 2500.0 + add).collect();
+            Model::from_tensors([("w", Tensor::from_f32(vec![900_000], &v).expect("tensor"))])
+        };
+        let chunks = integers(0.0)
+            .as_safetensors()
+            .len()
+            .div_ceil(DEFAULT_CHUNK_SIZE as usize) as u64;
+        assert!(chunks > 2, "several chunks");
+        let out = fedavg::run(&comm, &config(&f, 2, 3, Duration::from_secs(90)), integers(0.0))
             .await
             .expect("job");
         for r in &out.rounds {
@@ -297,18 +337,25 @@ async fn results_folded_while_their_clients_make_them_are_exact_and_a_cut_one_is
             );
         }
         assert!(
-            out.model == after_rounds(initial, 2),
-            "every weight equals initial + 2, exactly"
-        );
-        assert_eq!(
-            f.hosts[3].node().faults().plan().cut_after,
-            None,
-            "site-3 cut its connection while it streamed"
+            out.model == integers(6.0),
+            "every weight equals initial + 2 x 3, exactly"
         );
         for i in 1..4 {
             let streamed = f.hosts[i].node().serve_stats().pending_chunks.load(Ordering::Relaxed);
             assert!(streamed > 0, "site-{i} streamed its results");
         }
+        // site-3's results were pulled once more each, whole, from its store.
+        let stats = f.hosts[3].node().serve_stats();
+        assert_eq!(
+            stats.pending_chunks.load(Ordering::Relaxed),
+            2,
+            "one chunk streamed a round"
+        );
+        assert_eq!(
+            stats.chunks.load(Ordering::Relaxed),
+            2 + 2 * chunks,
+            "and each result pulled whole from the store"
+        );
     })
     .await;
 }

@@ -16,6 +16,9 @@ pub struct FaultPlan {
     pub stall_after: Option<u64>,
     /// Offer bulk connections at a port nobody listens on (a firewall between the peers).
     pub bulk_unreachable: bool,
+    /// Stop streaming an output still being produced once this many of its chunks were
+    /// sent (its producer goes on and stores it; the rest is answered absent).
+    pub drop_pending_after: Option<u64>,
 }
 
 /// A node's armed fault plan (shared with its blob server).

@@ -406,14 +406,13 @@ impl Server {
                         Some(w) => w.data(index, &mut bytes).await?,
                         None => write_chunk(&mut stream, index, &bytes).await?,
                     }
-                    let served = self.stats.chunks.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.stats.pending_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+                    let sent = self.stats.pending_chunks.fetch_add(1, Ordering::Relaxed) + 1;
                     self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     output.recycle(bytes);
-                    if self.faults.take_cut(served) {
-                        tracing::warn!(%peer, index, "fault injection: cutting the connection");
-                        let _ = self.net.disconnect(peer);
-                        return Ok(());
+                    if self.faults.plan().drop_pending_after.is_some_and(|n| sent >= n) {
+                        tracing::warn!(%peer, index, "fault injection: the output stops streaming");
+                        output.abandon();
                     }
                 }
                 None => match &mut bulk {
