@@ -165,6 +165,32 @@ async fn idle<T, E: Into<ServeError>>(f: impl Future<Output = Result<T, E>>) -> 
         .map_err(Into::into)
 }
 
+/// Waits, when the receiver has granted no credit left, for it to grant more.
+async fn wait_for_credit(stream: &mut Stream, credits: &mut u64) -> Result<(), ServeError> {
+    while *credits == 0 {
+        *credits = credits.saturating_add(u64::from(idle(read_credit(stream)).await?));
+    }
+    Ok(())
+}
+
+/// Tells the receiver this node does not hold chunk `index`, where the range's chunks go.
+async fn send_absent(bulk: &mut Option<BulkWriter>, stream: &mut Stream, index: u64) -> Result<(), ServeError> {
+    match bulk {
+        Some(w) => w.absent(index).await?,
+        None => write_absent(stream, index).await?,
+    }
+    Ok(())
+}
+
+/// Ends a range served to its last chunk: its bulk connection, if any, then the stream.
+async fn end_range(bulk: Option<BulkWriter>, mut stream: Stream) -> Result<(), ServeError> {
+    if let Some(w) = bulk {
+        w.close().await?;
+    }
+    stream.close().await.map_err(FrameError::from)?;
+    Ok(())
+}
+
 /// A chunk the server has read ahead.
 enum Ahead {
     /// In hand (a view of bytes in memory), or known absent.
@@ -265,9 +291,7 @@ impl Server {
                     None => self.read_ahead(blob, index, spare.pop(), false).chunk().await?,
                 };
             }
-            while credits == 0 {
-                credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
-            }
+            wait_for_credit(&mut stream, &mut credits).await?;
             self.stall_if_armed().await;
             match chunk {
                 Some(mut bytes) => {
@@ -316,18 +340,11 @@ impl Server {
                         return Ok(());
                     }
                 }
-                None => match &mut bulk {
-                    Some(w) => w.absent(index).await?,
-                    None => write_absent(&mut stream, index).await?,
-                },
+                None => send_absent(&mut bulk, &mut stream, index).await?,
             }
             credits -= 1;
         }
-        if let Some(w) = bulk {
-            w.close().await?;
-        }
-        stream.close().await.map_err(FrameError::from)?;
-        Ok(())
+        end_range(bulk, stream).await
     }
 
     /// Answers a request that will be served: `Found` (then the hash list, when given), or
@@ -394,9 +411,7 @@ impl Server {
         let mut credits = u64::from(req.window.clamp(1, MAX_WINDOW));
         for index in req.first..req.end {
             let chunk = output.take(index, tokio::time::Instant::now() + wait).await;
-            while credits == 0 {
-                credits = credits.saturating_add(u64::from(idle(read_credit(&mut stream)).await?));
-            }
+            wait_for_credit(&mut stream, &mut credits).await?;
             match chunk {
                 Some(mut bytes) => {
                     if let Some(pace) = &self.pace {
@@ -415,18 +430,11 @@ impl Server {
                         output.abandon();
                     }
                 }
-                None => match &mut bulk {
-                    Some(w) => w.absent(index).await?,
-                    None => write_absent(&mut stream, index).await?,
-                },
+                None => send_absent(&mut bulk, &mut stream, index).await?,
             }
             credits -= 1;
         }
-        if let Some(w) = bulk {
-            w.close().await?;
-        }
-        stream.close().await.map_err(FrameError::from)?;
-        Ok(())
+        end_range(bulk, stream).await
     }
 
     /// Validates a request against the store; the error is the header to answer with.
