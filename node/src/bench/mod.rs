@@ -17,7 +17,8 @@
 //!    until EOF. No framing, no hashing, no disk.
 //! 3. **flare blob** (`mib_per_s`): the sender generates the bytes (seeded PRNG, streamed)
 //!    into its disk blob store (a memory store with `--source memory`), then the receiver
-//!    pulls the blob with `Node::fetch` into its own disk store over `/flare/blob/1`, and
+//!    pulls the blob with `Node::fetch` into its own disk store (a memory store with `--dest
+//!    memory`, every chunk still verified) over `/flare/blob/1`, and
 //!    re-hashes what it stored (`verified`).
 //! 4. **the disk** (`baseline_disk_mib_per_s`, in this process, after plain TCP): the same
 //!    number of bytes copied from one scratch file to another past the page cache, the
@@ -127,16 +128,21 @@ pub struct BlobArgs {
     transports: Vec<Security>,
     /// Where the sender holds the blob: `disk` (its disk store, read past the page cache as
     /// a node serves a model above `--stream-above`) or `memory` (a memory store, as a node
-    /// serves a smaller model). The receiver always files it in a disk store.
+    /// serves a smaller model).
     #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
     source: SourceStore,
+    /// Where the receiver files the blob: `disk` (its disk store, written past the page
+    /// cache) or `memory` (a memory store: the protocol itself, every chunk still verified,
+    /// against the bare stream of the same transport, without the disk's ceiling).
+    #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
+    dest: SourceStore,
     /// The blob's chunks go over the libp2p stream, not a bulk connection (`run
     /// --no-bulk-channel`): the blob phase then compares with the bare libp2p stream.
     #[arg(long)]
     no_bulk_channel: bool,
 }
 
-/// Where `bench blob`'s sender holds the blob.
+/// Where `bench blob`'s sender holds the blob, or its receiver files it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SourceStore {
     /// A disk store.
@@ -193,6 +199,7 @@ struct Setup {
     receiver_key: PathBuf,
     receiver_id: PeerId,
     source: SourceStore,
+    dest: SourceStore,
     no_bulk_channel: bool,
 }
 
@@ -268,6 +275,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
         receiver_key,
         receiver_id,
         source: args.source,
+        dest: args.dest,
         no_bulk_channel: args.no_bulk_channel,
     };
 
@@ -384,6 +392,7 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "runs_baseline_bulk_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.sealed.secs)).collect::<Vec<_>>(),
             "ratio_to_disk": ratio(disk_rate),
             "source": if args.source == SourceStore::Memory { "memory" } else { "disk" },
+            "dest": if args.dest == SourceStore::Memory { "memory" } else { "disk" },
             "sender_peak_rss_bytes": sender_rss,
             "receiver_peak_rss_bytes": receiver_rss,
             "verified": verified,
@@ -631,6 +640,9 @@ async fn blob_phase(s: &Setup, run: u32, t: Security) -> anyhow::Result<Phase> {
         "--window".into(),
         s.window.to_string(),
     ]);
+    if s.dest == SourceStore::Memory {
+        a.push("--in-memory".into());
+    }
     let mut receiver = ChildProc::spawn("blob receiver", a)?;
     ready(receiver.event(deadline).await?, "blob receiver")?;
     let mut phase = finish_phase(s, sender, receiver, deadline).await?;

@@ -80,10 +80,13 @@ pub enum Role {
         #[arg(long)]
         in_memory: bool,
     },
-    /// Blob receiver: fetches the blob into a disk store and checks it.
+    /// Blob receiver: fetches the blob into a disk store (or a memory store) and checks it.
     BlobRecv {
         #[command(flatten)]
         p2p: P2p,
+        /// File the blob in a memory store instead of a disk store.
+        #[arg(long)]
+        in_memory: bool,
         /// Blob id (64 hex digits).
         #[arg(long)]
         blob_id: String,
@@ -249,6 +252,7 @@ async fn role_main(role: Role, parent: watch::Receiver<Parent>, cancel: Arc<Atom
         } => Some(blob_send(&p2p, chunk_size, seed, in_memory, cancel).await?),
         Role::BlobRecv {
             p2p,
+            in_memory,
             blob_id,
             chunk_size,
             window,
@@ -258,7 +262,7 @@ async fn role_main(role: Role, parent: watch::Receiver<Parent>, cancel: Arc<Atom
                 len: p2p.common.size,
                 chunk_size,
             };
-            Some(blob_recv(&p2p, blob, window, timeout).await?)
+            Some(blob_recv(&p2p, blob, window, in_memory, timeout).await?)
         }
     };
     wait_stop(parent, timeout).await?;
@@ -686,8 +690,14 @@ async fn blob_send(
 
 /// The blob receiver. Measured: from just before `Node::fetch` to its return, on a
 /// connection opened beforehand (like the baselines, whose timers start on a connection).
-async fn blob_recv(p: &P2p, blob: BlobRef, window: u32, timeout: Duration) -> anyhow::Result<Node> {
-    let (store, _dir) = open_store(p)?;
+async fn blob_recv(
+    p: &P2p,
+    blob: BlobRef,
+    window: u32,
+    in_memory: bool,
+    timeout: Duration,
+) -> anyhow::Result<Node> {
+    let store = if in_memory { BlobStore::memory() } else { open_store(p)?.0 };
     let node = start_node(p, store.clone()).await?;
     ready(&node, None, None)?;
     connect(&node, p.peer, timeout).await?;

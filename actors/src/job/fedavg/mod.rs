@@ -332,16 +332,16 @@ pub(crate) async fn one_round(
                                 streams.insert(o.task_id, Streamed::Folding(Some(o)));
                             }
                             Some(Streamed::Folded(f)) => settle(f, o, &mut contributors, &mut missing, &mut tainted),
-                            Some(Streamed::Failed { tainted: t }) => match (o.status, o.output) {
-                                // Part of it is in the mean: the refold pulls it whole.
-                                (TaskStatus::Ok, Some(_)) if t => contributors.push(o),
-                                (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
-                                _ => missing.push((o.member.clone(), o.failure())),
-                            },
-                            None => match (o.status, o.output) {
-                                (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
-                                _ => missing.push((o.member.clone(), o.failure())),
-                            },
+                            Some(Streamed::Failed { tainted: t }) => {
+                                if let Some((o, out)) = unstreamed(o, t, &mut contributors, &mut missing) {
+                                    folds.push(fold(o, out, Pull::Stored));
+                                }
+                            }
+                            None => {
+                                if let Some((o, out)) = unstreamed(o, false, &mut contributors, &mut missing) {
+                                    folds.push(fold(o, out, Pull::Stored));
+                                }
+                            }
                         }
                     }
                     None => {
@@ -374,11 +374,11 @@ pub(crate) async fn one_round(
                             tracing::debug!(job = %comm.job(), round, member = %f.outcome.member, why = %f.why, "a result streamed in broke off; its stored copy is pulled");
                             tainted |= f.tainted;
                             match result {
-                                Some(o) => match (o.status, o.output) {
-                                    (TaskStatus::Ok, Some(_)) if f.tainted => contributors.push(o),
-                                    (TaskStatus::Ok, Some(out)) => folds.push(fold(o, out, Pull::Stored)),
-                                    _ => missing.push((o.member.clone(), o.failure())),
-                                },
+                                Some(o) => {
+                                    if let Some((o, out)) = unstreamed(o, f.tainted, &mut contributors, &mut missing) {
+                                        folds.push(fold(o, out, Pull::Stored));
+                                    }
+                                }
                                 None => {
                                     streams.insert(task, Streamed::Failed { tainted: f.tainted });
                                 }
@@ -409,6 +409,24 @@ pub(crate) async fn one_round(
         });
     }
     close_round(comm, cfg, acc, contributors, missing, round, start).await
+}
+
+/// What becomes of a client's result when no streamed pull of it stands (there was none, or
+/// it broke off): pulled from the client's store (returned), left to the refold when part of
+/// it is in the mean already (`partly_folded`: the refold pulls it whole), or counted missing
+/// when the client failed.
+fn unstreamed(
+    o: TaskOutcome,
+    partly_folded: bool,
+    contributors: &mut Vec<TaskOutcome>,
+    missing: &mut Vec<(String, String)>,
+) -> Option<(TaskOutcome, BlobRef)> {
+    match (o.status, o.output) {
+        (TaskStatus::Ok, Some(_)) if partly_folded => contributors.push(o),
+        (TaskStatus::Ok, Some(out)) => return Some((o, out)),
+        _ => missing.push((o.member.clone(), o.failure())),
+    }
+    None
 }
 
 /// The end of a round: the mean taken, the global model measured, the contributors' metrics
