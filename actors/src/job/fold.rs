@@ -27,6 +27,11 @@ use crate::lockstep::Lockstep;
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
 
+/// Chunks in flight per result pulled while its client makes it: its source sends each chunk
+/// as the learner makes it, slower than the pull takes them, so two keep it busy; each more
+/// is a buffer of the controller's for every such pull (they all run at once).
+const STREAMED_WINDOW: u32 = 2;
+
 /// Results pulled at once into a mean in memory: their transfer windows are the controller's
 /// memory beyond the accumulator, so this bounds it whatever the number of clients (the
 /// pulls are CPU-bound on the controller anyway, so more at once would not finish sooner).
@@ -204,7 +209,10 @@ impl Communicator {
             max_len: global.len,
             // Every client's result is pulled at once: a smaller window per pull keeps the
             // controller's buffers from growing with the number of clients.
-            window: RESULT_WINDOW,
+            window: match how {
+                Pull::Streamed => STREAMED_WINDOW,
+                Pull::Stored => RESULT_WINDOW,
+            },
             // Folded and forgotten: no disk write per result.
             keep: false,
             before_credit: pull.map(|pull| -> crate::blob::CreditGate {

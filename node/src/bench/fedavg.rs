@@ -195,7 +195,13 @@ impl Proc {
             }
             None => None,
         };
-        ensure!(status.success(), "{} failed ({status}):\n{}", self.name, self.tail());
+        if !status.success() {
+            // Why it failed comes after the peak line: take what it wrote before exiting.
+            while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(2), self.lines.recv()).await {
+                self.seen.push(l);
+            }
+            bail!("{} failed ({status}):\n{}", self.name, self.tail());
+        }
         Ok((rss, out))
     }
 }

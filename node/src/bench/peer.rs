@@ -690,14 +690,12 @@ async fn blob_send(
 
 /// The blob receiver. Measured: from just before `Node::fetch` to its return, on a
 /// connection opened beforehand (like the baselines, whose timers start on a connection).
-async fn blob_recv(
-    p: &P2p,
-    blob: BlobRef,
-    window: u32,
-    in_memory: bool,
-    timeout: Duration,
-) -> anyhow::Result<Node> {
-    let store = if in_memory { BlobStore::memory() } else { open_store(p)?.0 };
+async fn blob_recv(p: &P2p, blob: BlobRef, window: u32, in_memory: bool, timeout: Duration) -> anyhow::Result<Node> {
+    let store = if in_memory {
+        BlobStore::memory()
+    } else {
+        open_store(p)?.0
+    };
     let node = start_node(p, store.clone()).await?;
     ready(&node, None, None)?;
     connect(&node, p.peer, timeout).await?;

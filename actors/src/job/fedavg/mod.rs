@@ -150,12 +150,6 @@ async fn rounds(
     Ok(GlobalOutcome { model, rounds: reports })
 }
 
-/// Results a round takes while their clients make them. Those pulls run while the model
-/// is still being served, so each adds its buffers to the serving's: with three at once a
-/// controller on disk peaked 15-20 MiB higher than with none (512 MiB model, 3 clients, a
-/// debug build), with two 4-11 MiB higher.
-const MAX_STREAMED_RESULTS: usize = 2;
-
 /// A result taken while its client made it, until its `TaskResult` comes.
 enum Streamed {
     /// Being pulled; its result, if it came already.
@@ -261,14 +255,19 @@ pub(crate) async fn one_round(
         Some(_) => MAX_CONCURRENT_PULLS_ON_DISK,
         None => MAX_CONCURRENT_PULLS,
     };
-    // Up to `MAX_STREAMED_RESULTS` clients hand their results over while they make them (a
-    // pull each, held from their first chunk to their last); the others' are pulled once
-    // stored. Not this node's own executor (a swarm's aggregator trains too): its
-    // result is in this node's store when it is done.
+    // As many clients as the round pulls from at once hand their results over while they
+    // make them (a pull each, held from their first chunk to their last); the others' are
+    // pulled once stored. Into a mean on disk that is every client up to 8: a result pulled
+    // once stored comes after the streamed ones have left the mean's window, so each chunk
+    // of the mean is read back and written again (1 GiB, 4 clients: round 0 took 9.2-11.2 s
+    // with two streamed, 7.4-7.7 s with all four; docs/benchmarks.md). Each streamed pull
+    // adds its transfer window to the controller's memory while it still serves the model.
+    // Not this node's own executor (a swarm's aggregator trains too): its result is in this
+    // node's store when it is done.
     let me = comm.node().peer_id();
     let (mut streamers, mut others) = (Vec::new(), Vec::new());
     for &c in &cfg.clients {
-        match c != me && streamers.len() < MAX_STREAMED_RESULTS.min(max_pulls) {
+        match c != me && streamers.len() < max_pulls {
             true => streamers.push(c),
             false => others.push(c),
         }
