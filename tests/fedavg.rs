@@ -291,12 +291,26 @@ async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_folded_while_their_clients_make_them_are_exact_and_one_that_breaks_off_is_folded_again() {
+    // The controller keeps its mean in memory (the default threshold), so it pulls two
+    // results at once and streams those two: site-3's is pulled once stored.
+    streamed_results(false, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_streamed_into_a_mean_on_disk_all_stream_and_one_that_breaks_off_is_folded_again() {
+    // A mean on disk pulls (and streams) up to 8 at once: every result streams.
+    streamed_results(true, 3).await;
+}
+
+/// Three clients train a model as it arrives (each streams it through disk) and the
+/// controller takes the first `streamed` results chunk by chunk as they come out of the
+/// learner, its mean on disk or in memory; site-2 breaks off after one chunk a round.
+async fn streamed_results(mean_on_disk: bool, streamed: usize) {
     within(180, async {
-        // Every member streams the model through disk, so each client trains it as it arrives
-        // and the controller takes the result chunk by chunk as it comes out of the learner.
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tmp")).collect();
         let stores: Vec<BlobStore> = dirs.iter().map(|d| BlobStore::open(d.path()).expect("store")).collect();
-        for s in &stores {
+        let members = if mean_on_disk { &stores[..] } else { &stores[1..] };
+        for s in members {
             s.set_stream_above(0);
         }
         let names = (0..4).map(|i| format!("site-{i}")).collect();
@@ -306,9 +320,8 @@ async fn results_folded_while_their_clients_make_them_are_exact_and_one_that_bre
         for (i, k) in [(1, 1.0), (2, 3.0), (3, 5.0)] {
             f.join(i, Box::new(AddK(k))).await;
         }
-        // Two results stream (site-1's and site-2's), site-3's is pulled once stored. site-2
-        // stops streaming after the first chunk of each result: that chunk is in the mean, the
-        // rest never comes that way, and the round folds the stored results again.
+        // site-2 stops streaming after the first chunk of each result: that chunk is in the
+        // mean, the rest never comes that way, and the round folds the stored results again.
         f.hosts[2].node().faults().arm(FaultPlan {
             drop_pending_after: Some(1),
             ..FaultPlan::default()
@@ -342,8 +355,12 @@ async fn results_folded_while_their_clients_make_them_are_exact_and_one_that_bre
             "every weight equals initial + 2 x 3, exactly"
         );
         for i in 1..4 {
-            let streamed = f.hosts[i].node().serve_stats().pending_chunks.load(Ordering::Relaxed);
-            assert_eq!(streamed > 0, i < 3, "site-{i} streamed its results: {streamed} chunks");
+            let chunks_streamed = f.hosts[i].node().serve_stats().pending_chunks.load(Ordering::Relaxed);
+            assert_eq!(
+                chunks_streamed > 0,
+                i <= streamed,
+                "site-{i} streamed its results: {chunks_streamed} chunks"
+            );
         }
         // site-2's results were pulled once more each, whole, from its store.
         let stats = f.hosts[2].node().serve_stats();
