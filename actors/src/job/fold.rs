@@ -27,10 +27,17 @@ use crate::lockstep::Lockstep;
 /// Chunks in flight per result being pulled (see [`FetchOptions::window`]).
 pub const RESULT_WINDOW: u32 = 4;
 
-/// Chunks in flight per result pulled while its client makes it: its source sends each chunk
-/// as the learner makes it, slower than the pull takes them, so two keep it busy; each more
-/// is a buffer of the controller's for every such pull (they all run at once).
-const STREAMED_WINDOW: u32 = 2;
+/// Chunks in flight shared by a round's streamed pulls (each gets 2 to [`RESULT_WINDOW`]):
+/// their sources send each chunk as the learner makes it, so a pull needs few, and they all
+/// run at once while the controller still serves the model (three at 4 each put a debug
+/// controller over its test's bound; two at 2 each were 5-7 % slower than at 4 at 2 GiB;
+/// docs/benchmarks.md).
+const STREAMED_IN_FLIGHT: u32 = 8;
+
+/// The window of each of `pulls` streamed pulls.
+pub(crate) fn streamed_window(pulls: usize) -> u32 {
+    (STREAMED_IN_FLIGHT / u32::try_from(pulls.max(1)).unwrap_or(u32::MAX)).clamp(2, RESULT_WINDOW)
+}
 
 /// Results pulled at once into a mean in memory: their transfer windows are the controller's
 /// memory beyond the accumulator, so this bounds it whatever the number of clients (the
@@ -117,8 +124,9 @@ fn other_layout(expected: &flare_protocols::model::Layout, prefix: &[u8], out: B
 pub(crate) enum Pull {
     /// Its client stored it and named it in its result.
     Stored,
-    /// Its client is making it (`Request::TaskStreaming`).
-    Streamed,
+    /// Its client is making it (`Request::TaskStreaming`); `window` chunks in flight (see
+    /// [`streamed_window`]).
+    Streamed { window: u32 },
 }
 
 /// A result that was not folded in.
@@ -210,7 +218,7 @@ impl Communicator {
             // Every client's result is pulled at once: a smaller window per pull keeps the
             // controller's buffers from growing with the number of clients.
             window: match how {
-                Pull::Streamed => STREAMED_WINDOW,
+                Pull::Streamed { window } => window,
                 Pull::Stored => RESULT_WINDOW,
             },
             // Folded and forgotten: no disk write per result.
@@ -225,7 +233,7 @@ impl Communicator {
         };
         let fetched = match how {
             Pull::Stored => self.fetch(out, o.peer, &opts).await.map(|_| None),
-            Pull::Streamed => self
+            Pull::Streamed { .. } => self
                 .node()
                 .fetch_pending(out, o.peer, &opts)
                 .await

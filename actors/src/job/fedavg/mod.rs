@@ -272,6 +272,7 @@ pub(crate) async fn one_round(
             false => others.push(c),
         }
     }
+    let window = super::fold::streamed_window(streamers.len());
     let streaming = Task {
         stream_output: true,
         ..task.clone()
@@ -321,7 +322,7 @@ pub(crate) async fn one_round(
                         if let std::collections::hash_map::Entry::Vacant(e) = streams.entry(s.task_id) {
                             e.insert(Streamed::Folding(None));
                             let out = s.output;
-                            folds.push(fold(s.into_outcome(), out, Pull::Streamed));
+                            folds.push(fold(s.into_outcome(), out, Pull::Streamed { window }));
                         }
                     }
                     Some(TaskEvent::Result(o)) => {
@@ -359,7 +360,7 @@ pub(crate) async fn one_round(
                     tainted |= f.tainted;
                     missing.push((f.outcome.member, f.why));
                 }
-                (Pull::Streamed, r) => {
+                (Pull::Streamed { .. }, r) => {
                     let result = match streams.remove(&task) {
                         Some(Streamed::Folding(result)) => result,
                         _ => None,
