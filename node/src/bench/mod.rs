@@ -132,8 +132,8 @@ pub struct BlobArgs {
     #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
     source: SourceStore,
     /// Where the receiver files the blob: `disk` (its disk store, written past the page
-    /// cache) or `memory` (a memory store: the protocol itself, every chunk still verified,
-    /// against the bare stream of the same transport, without the disk's ceiling).
+    /// cache) or `memory` (a memory store, every chunk still verified: no disk ceiling, but
+    /// the receiver first-touches the blob's fresh memory as chunks land).
     #[arg(long, value_enum, default_value_t = SourceStore::Disk)]
     dest: SourceStore,
     /// The blob's chunks go over the libp2p stream, not a bulk connection (`run
@@ -149,6 +149,16 @@ pub enum SourceStore {
     Disk,
     /// A memory store.
     Memory,
+}
+
+impl SourceStore {
+    /// The name the JSON reports (the option's value).
+    fn name(self) -> &'static str {
+        match self {
+            SourceStore::Disk => "disk",
+            SourceStore::Memory => "memory",
+        }
+    }
 }
 
 /// One process of a benchmark (`flare-node bench-peer`).
@@ -391,8 +401,8 @@ async fn blob(args: BlobArgs) -> anyhow::Result<()> {
             "bulk_channel": !args.no_bulk_channel,
             "runs_baseline_bulk_mib_per_s": results.iter().map(|r| mib_per_s(args.size, r.sealed.secs)).collect::<Vec<_>>(),
             "ratio_to_disk": ratio(disk_rate),
-            "source": if args.source == SourceStore::Memory { "memory" } else { "disk" },
-            "dest": if args.dest == SourceStore::Memory { "memory" } else { "disk" },
+            "source": args.source.name(),
+            "dest": args.dest.name(),
             "sender_peak_rss_bytes": sender_rss,
             "receiver_peak_rss_bytes": receiver_rss,
             "verified": verified,
