@@ -293,19 +293,27 @@ async fn a_result_that_breaks_off_midway_is_left_out_wholly() {
 async fn results_folded_while_their_clients_make_them_are_exact_and_one_that_breaks_off_is_folded_again() {
     // The controller keeps its mean in memory (the default threshold), so it pulls two
     // results at once and streams those two: site-3's is pulled once stored.
-    streamed_results(false, 2).await;
+    streamed_results(false, 2, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_streamed_into_a_mean_on_disk_all_stream_and_one_that_breaks_off_is_folded_again() {
     // A mean on disk pulls (and streams) up to 8 at once: every result streams.
-    streamed_results(true, 3).await;
+    streamed_results(true, 3, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_trains_too_folds_its_own_result_as_it_is_made() {
+    // As a swarm's aggregator does: its own result streams first, from its learner.
+    streamed_results(true, 3, true).await;
 }
 
 /// Three clients train a model as it arrives (each streams it through disk) and the
 /// controller takes the first `streamed` results chunk by chunk as they come out of the
-/// learner, its mean on disk or in memory; site-2 breaks off after one chunk a round.
-async fn streamed_results(mean_on_disk: bool, streamed: usize) {
+/// learner, its mean on disk or in memory; site-2 breaks off after one chunk a round. With
+/// `controller_trains`, site-0 (the controller's node) is a client too and takes its own
+/// result from its learner: whole in round 0, breaking off after one chunk in round 1.
+async fn streamed_results(mean_on_disk: bool, streamed: usize, controller_trains: bool) {
     within(180, async {
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tmp")).collect();
         let stores: Vec<BlobStore> = dirs.iter().map(|d| BlobStore::open(d.path()).expect("store")).collect();
@@ -319,6 +327,9 @@ async fn streamed_results(mean_on_disk: bool, streamed: usize) {
         // mean missing any part of one of them is wrong there.
         for (i, k) in [(1, 1.0), (2, 3.0), (3, 5.0)] {
             f.join(i, Box::new(AddK(k))).await;
+        }
+        if controller_trains {
+            f.join(0, Box::new(AddK(7.0))).await;
         }
         // site-2 stops streaming after the first chunk of each result: that chunk is in the
         // mean, the rest never comes that way, and the round folds the stored results again.
@@ -336,23 +347,39 @@ async fn streamed_results(mean_on_disk: bool, streamed: usize) {
             .len()
             .div_ceil(DEFAULT_CHUNK_SIZE as usize) as u64;
         assert!(chunks > 2, "several chunks");
-        let out = fedavg::run(&comm, &config(&f, 2, 3, Duration::from_secs(90)), integers(0.0))
-            .await
-            .expect("job");
+        let mut cfg = config(&f, 2, 3, Duration::from_secs(90));
+        let mut who_all = vec!["site-1", "site-2", "site-3"];
+        // +1, +3, +5 (and +7 from site-0): +3 (+4) a round.
+        let mut each_round = 3.0;
+        if controller_trains {
+            cfg.clients.insert(0, f.members[0].peer_id);
+            who_all.insert(0, "site-0");
+            each_round = 4.0;
+            f.hosts[0].node().faults().arm(FaultPlan {
+                drop_pending_after: Some(chunks + 1),
+                ..FaultPlan::default()
+            });
+        }
+        let out = fedavg::run(&comm, &cfg, integers(0.0)).await.expect("job");
         for r in &out.rounds {
             let mut who = r.contributors.clone();
             who.sort();
-            assert_eq!(
-                who,
-                ["site-1", "site-2", "site-3"],
-                "round {}: {:?}",
-                r.round,
-                r.missing
-            );
+            assert_eq!(who, who_all, "round {}: {:?}", r.round, r.missing);
         }
         assert!(
-            out.model == integers(6.0),
-            "every weight equals initial + 2 x 3, exactly"
+            out.model == integers(2.0 * each_round),
+            "every weight equals initial + 2 rounds x the mean, exactly"
+        );
+        let mine = f.hosts[0].node().serve_stats();
+        assert_eq!(
+            mine.pending_chunks_here.load(Ordering::Relaxed),
+            if controller_trains { chunks + 1 } else { 0 },
+            "site-0's own result taken from its learner: whole in round 0, one chunk in round 1"
+        );
+        assert_eq!(
+            mine.pending_chunks.load(Ordering::Relaxed),
+            0,
+            "and none over the network"
         );
         for i in 1..4 {
             let chunks_streamed = f.hosts[i].node().serve_stats().pending_chunks.load(Ordering::Relaxed);

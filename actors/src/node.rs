@@ -235,7 +235,21 @@ impl Node {
         source: PeerId,
         opts: &FetchOptions,
     ) -> Result<flare_protocols::Manifest, FetchError> {
-        self.fetcher.fetch_pending(blob, source, opts).await
+        if source != self.peer_id() {
+            return self.fetcher.fetch_pending(blob, source, opts).await;
+        }
+        // One this node produces: taken from its learner as it comes, no stream.
+        match self.pending.get(&blob.id) {
+            Some(output) if output.blob() == blob => {
+                let sent = &self.stats.pending_chunks_here;
+                crate::blob::pending::pull_here(output, opts, source, sent, &self.faults).await
+            }
+            _ => Err(FetchError::Incomplete {
+                blob: blob.id,
+                missing: blob.chunk_count().unwrap_or(0),
+                errors: vec![crate::blob::SourceError::NotFound { peer: source }],
+            }),
+        }
     }
 
     /// Whether this node distrusts `peer` for `blob` (it served data that failed its hash).

@@ -14,12 +14,16 @@
 //! A chunk is sent once: one the pull took and lost (a broken stream) is answered absent.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use flare_protocols::{BlobId, BlobRef};
+use flare_protocols::blob_id::ChunkHash;
+use flare_protocols::{BlobId, BlobRef, Manifest};
+use libp2p::PeerId;
 use tokio::sync::Notify;
 
+use super::{FetchError, FetchOptions, ServeFaults, SourceError};
 use crate::lock;
 
 /// Chunks produced and not yet pulled that an output holds before its producer waits.
@@ -193,6 +197,77 @@ impl PendingOutput {
     }
 }
 
+/// Pulls an output that this node produces itself (a swarm's aggregator trains too) as
+/// its learner makes it: each chunk goes from [`PendingOutput::take`] to `opts.on_chunk`
+/// without a stream. A remote pull goes the same way, so the round treats both alike: the
+/// chunks are named (hashed) as they come, and the manifest returned lets the fold check
+/// them against the result the producer reports; `opts.before_credit` paces the pull.
+/// `me` names this node in errors; `sent` counts the chunks taken, for
+/// `faults.drop_pending_after` (tests) and [`super::ServeStats::pending_chunks_here`].
+pub(crate) async fn pull_here(
+    output: Arc<PendingOutput>,
+    opts: &FetchOptions,
+    me: PeerId,
+    sent: &AtomicU64,
+    faults: &ServeFaults,
+) -> Result<Manifest, FetchError> {
+    let blob = output.blob();
+    let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+    if blob.len > opts.max_len {
+        return Err(FetchError::OverLimit {
+            len: blob.len,
+            max: opts.max_len,
+        });
+    }
+    let gone = |i: u64, reason: String| {
+        output.abandon();
+        FetchError::Incomplete {
+            blob: blob.id,
+            missing: n - i,
+            errors: vec![SourceError::PeerGone { peer: me, reason }],
+        }
+    };
+    let mut hashes = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for i in 0..n {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(PENDING_WAIT_MS));
+        let Some(bytes) = output.take(i, deadline).await else {
+            return Err(gone(i, format!("its producer stopped streaming it before chunk {i}")));
+        };
+        let want = usize::try_from(blob.chunk_size)
+            .unwrap_or(usize::MAX)
+            .min(usize::try_from(blob.len - i * u64::from(blob.chunk_size)).unwrap_or(usize::MAX));
+        if bytes.len() != want {
+            return Err(gone(
+                i,
+                format!("chunk {i} came with {} bytes, not {want}", bytes.len()),
+            ));
+        }
+        let on_chunk = opts.on_chunk.clone();
+        let named = tokio::task::spawn_blocking(move || {
+            let hash = ChunkHash::of(&bytes);
+            if let Some(f) = on_chunk {
+                f(i, &bytes);
+            }
+            (hash, bytes)
+        })
+        .await;
+        let Ok((hash, bytes)) = named else {
+            return Err(gone(i, "the fold of a chunk panicked".into()));
+        };
+        hashes.push(hash);
+        output.recycle(bytes);
+        let taken = sent.fetch_add(1, Ordering::Relaxed) + 1;
+        if faults.plan().drop_pending_after.is_some_and(|d| taken >= d) {
+            tracing::warn!(index = i, "fault injection: the output stops streaming");
+            output.abandon();
+        }
+        if let Some(gate) = &opts.before_credit {
+            gate().await;
+        }
+    }
+    Manifest::new(blob.len, blob.chunk_size, hashes).map_err(FetchError::TooLarge)
+}
+
 /// The outputs a node serves while they are produced, by handle.
 #[derive(Default)]
 pub struct PendingOutputs {
@@ -277,6 +352,58 @@ mod tests {
         // Taken already, and past the end: absent at once.
         assert_eq!(out.take(1, soon()).await, None);
         assert_eq!(out.take(3, soon()).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_pull_here_hands_every_chunk_over_in_order_and_names_them() {
+        let out = PendingOutput::new(blob());
+        let data: Vec<u8> = (0..10).collect();
+        let producer = {
+            let (out, data) = (out.clone(), data.clone());
+            tokio::task::spawn_blocking(move || {
+                for (i, c) in data.chunks(4).enumerate() {
+                    assert!(out.put_copy(i as u64, c));
+                }
+                out.finish();
+            })
+        };
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let opts = FetchOptions {
+            on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| lock(&sink).push((i, b.to_vec())))),
+            ..FetchOptions::default()
+        };
+        let sent = AtomicU64::new(0);
+        let faults = ServeFaults::default();
+        let m = pull_here(out, &opts, PeerId::random(), &sent, &faults)
+            .await
+            .expect("pulled");
+        producer.await.expect("producer");
+        let want = Manifest::new(10, 4, data.chunks(4).map(ChunkHash::of).collect()).expect("manifest");
+        assert_eq!(m.id(), want.id(), "named as the producer's result");
+        let want: Vec<_> = data
+            .chunks(4)
+            .enumerate()
+            .map(|(i, c)| (i as u64, c.to_vec()))
+            .collect();
+        assert_eq!(*lock(&got), want, "each chunk once, in order");
+        assert_eq!(sent.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_pull_here_whose_producer_stops_says_what_is_missing() {
+        let out = PendingOutput::new(blob());
+        assert!(out.put(0, vec![0; 4]));
+        out.abandon();
+        let sent = AtomicU64::new(0);
+        let faults = ServeFaults::default();
+        let e = pull_here(out, &FetchOptions::default(), PeerId::random(), &sent, &faults)
+            .await
+            .expect_err("incomplete");
+        assert!(
+            matches!(e, FetchError::Incomplete { missing: 3, .. }),
+            "abandoned with its chunk held: nothing handed over: {e}"
+        );
     }
 
     #[tokio::test]

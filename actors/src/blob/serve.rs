@@ -54,6 +54,9 @@ pub struct ServeStats {
     pub bulk_streams: AtomicU64,
     /// Data chunks sent of outputs still being produced ([`super::pending`]).
     pub pending_chunks: AtomicU64,
+    /// Chunks of outputs still being produced that this node's own pulls took, with no
+    /// stream ([`super::pending::pull_here`]: a swarm aggregator's own result).
+    pub pending_chunks_here: AtomicU64,
 }
 
 /// Everything a serving task needs.

@@ -262,17 +262,20 @@ pub(crate) async fn one_round(
     // of the mean is read back and written again (1 GiB, 4 clients: round 0 took 9.2-11.2 s
     // with two streamed, 7.4-7.7 s with all four; docs/benchmarks.md). Each streamed pull
     // adds its transfer window to the controller's memory while it still serves the model.
-    // Not this node's own executor (a swarm's aggregator trains too): its result is in this
-    // node's store when it is done.
+    // This node's own executor (a swarm's aggregator trains too) streams first: its chunks
+    // come from its learner with no transfer window, and its result pulled once stored came
+    // after the others had left the mean's window (2 GiB, 3 members: the round took 13 s,
+    // the others' pulls held in step behind the read-back of this one; docs/benchmarks.md).
     let me = comm.node().peer_id();
     let (mut streamers, mut others) = (Vec::new(), Vec::new());
-    for &c in &cfg.clients {
-        match c != me && streamers.len() < max_pulls {
+    let mine = cfg.clients.iter().filter(|&&c| c == me);
+    for &c in mine.chain(cfg.clients.iter().filter(|&&c| c != me)) {
+        match streamers.len() < max_pulls {
             true => streamers.push(c),
             false => others.push(c),
         }
     }
-    let window = super::fold::streamed_window(streamers.len());
+    let window = super::fold::streamed_window(streamers.iter().filter(|&&c| c != me).count());
     let streaming = Task {
         stream_output: true,
         ..task.clone()
