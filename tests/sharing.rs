@@ -6,9 +6,9 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use flare_actors::Node;
 use flare_actors::blob::{FaultPlan, FetchError, FetchOptions, FetchReport};
 use flare_actors::job::{AddOne, Learner, fedavg};
+use flare_actors::{BlobStore, Node};
 use flare_protocols::BlobRef;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
@@ -114,9 +114,34 @@ async fn a_listed_peer_that_never_pulls_costs_its_share_from_the_source() {
 /// one model a round to four clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedavg_clients_sharing_the_upload_stay_exact_and_the_controller_sends_one_model_a_round() {
+    fedavg_sharing(false).await;
+}
+
+/// The same with every model on disk: each client's learner runs over the shared input
+/// (which it also relays to the others) and streams its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavg_clients_on_disk_sharing_the_upload_stay_exact() {
+    fedavg_sharing(true).await;
+}
+
+async fn fedavg_sharing(on_disk: bool) {
     within(120, async {
-        let clients: Vec<String> = (1..=4).map(|i| format!("site-{i}")).collect();
-        let f = Federation::start("shared", "server", clients).await;
+        let names: Vec<String> = std::iter::once("server".to_owned())
+            .chain((1..=4).map(|i| format!("site-{i}")))
+            .collect();
+        let dirs: Vec<_> = names.iter().map(|_| tempfile::tempdir().expect("tmp")).collect();
+        let stores: Vec<BlobStore> = match on_disk {
+            true => dirs
+                .iter()
+                .map(|d| {
+                    let s = BlobStore::open(d.path()).expect("store");
+                    s.set_stream_above(0);
+                    s
+                })
+                .collect(),
+            false => memory_stores(names.len()),
+        };
+        let f = Federation::start_with("shared", names, stores).await;
         f.join_all(|_| -> Box<dyn Learner> { Box::new(AddOne { num_samples: 1 }) })
             .await;
         // 8 MiB: eight chunks, two a client.

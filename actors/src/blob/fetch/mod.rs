@@ -543,6 +543,7 @@ impl Fetcher {
     /// give (it is gone, slow past the stall timeout, answers absent, or lies: a chunk that
     /// fails its hash gets the owner distrusted for this blob) is pulled from `origin` after.
     /// The blob is always stored (`opts.keep` is taken as true): others pull it from here.
+    /// `opts.on_chunk` gets every chunk once the shares are in, read back from the store.
     pub async fn fetch_shared(
         &self,
         blob: BlobRef,
@@ -560,8 +561,14 @@ impl Fetcher {
             only: None,
             ..opts.clone()
         };
+        // The last pull hands every chunk to `on_chunk`, in order, those the shares brought
+        // included (from the store): shares run side by side, in ranges of their own.
+        let last = FetchOptions {
+            on_chunk: opts.on_chunk.clone(),
+            ..base.clone()
+        };
         if k < 2 || n < k {
-            return self.fetch(blob, origin, &base).await;
+            return self.fetch(blob, origin, &last).await;
         }
         // The manifest, from the origin (an owner asked for a share before it has the
         // manifest waits for it).
@@ -594,7 +601,7 @@ impl Fetcher {
                 Err(e) => tracing::debug!(blob = %blob.id, %owner, error = %e, "a share comes from the origin instead"),
             }
         }
-        let rest = self.fetch_once(blob, origin, &base).await?;
+        let rest = self.fetch_once(blob, origin, &last).await?;
         report.merge(rest);
         report.already_present = held_before;
         Ok(report)
