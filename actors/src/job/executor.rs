@@ -56,6 +56,11 @@ pub struct ExecutorState {
     /// The last output served while it was produced ([`crate::blob::pending`]), until the
     /// next task: its controller may still be taking the last chunks when the result goes.
     streamed: Option<PendingGuard>,
+    /// The announcement of `streamed` to its controller, awaited before the result is
+    /// reported: a result that came first would have the controller pull the stored copy and
+    /// fold again when the announcement came after (a learner faster than one request, as
+    /// a controller's own executor can be).
+    announcing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Inputs kept in the store for others to pull from here, and the last output stored: held
@@ -142,6 +147,7 @@ impl Actor for Executor {
             held_output: None,
             kept: Kept::default(),
             streamed: None,
+            announcing: None,
         })
     }
 
@@ -184,6 +190,13 @@ impl Actor for Executor {
                 (TaskStatus::Failed, out)
             }
         };
+        if let Some(announcing) = state.announcing.take() {
+            if status != TaskStatus::Ok {
+                // Ends the output, so an announcement still waiting for its first chunk ends.
+                state.streamed = None;
+            }
+            let _ = announcing.await;
+        }
         let report = CtlRequest {
             job,
             body: Request::TaskResult {
@@ -422,7 +435,13 @@ async fn train_streaming(
                 id: BlobId(rand::random()),
                 ..blob
             }));
-            announce_streaming(&state.node, ctx, guard.output().clone(), (from, task_id), samples);
+            state.announcing = Some(announce_streaming(
+                &state.node,
+                ctx,
+                guard.output().clone(),
+                (from, task_id),
+                samples,
+            ));
             let out = guard.output().clone();
             state.streamed = Some(guard);
             Some(out)
@@ -525,14 +544,15 @@ async fn train_streaming(
 /// Tells the controller, once the learner has produced the first chunk of `output`, that it
 /// may pull it now ([`Request::TaskStreaming`]); nothing when the learner cannot go chunk by
 /// chunk (the output is abandoned before its first chunk) or the controller does not take
-/// the word (it pulls the output after the result, as always).
+/// the word (it pulls the output after the result, as always). The handle ends with the
+/// word's answer.
 fn announce_streaming(
     node: &Arc<Node>,
     ctx: &TaskContext,
     output: Arc<PendingOutput>,
     (from, task_id): (PeerId, u64),
     num_samples: u64,
-) {
+) -> tokio::task::JoinHandle<()> {
     let (node, job) = (node.clone(), ctx.job.clone());
     tokio::spawn(
         async move {
@@ -562,7 +582,7 @@ fn announce_streaming(
             }
         }
         .instrument(tracing::Span::current()),
-    );
+    )
 }
 
 /// What the learner is asked, by the task's kind.
