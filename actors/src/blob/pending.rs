@@ -212,13 +212,7 @@ pub(crate) async fn pull_here(
     faults: &ServeFaults,
 ) -> Result<Manifest, FetchError> {
     let blob = output.blob();
-    let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
-    if blob.len > opts.max_len {
-        return Err(FetchError::OverLimit {
-            len: blob.len,
-            max: opts.max_len,
-        });
-    }
+    let n = super::fetch::chunks_within(blob, opts.max_len)?;
     let gone = |i: u64, reason: String| {
         output.abandon();
         FetchError::Incomplete {
@@ -233,10 +227,8 @@ pub(crate) async fn pull_here(
         let Some(bytes) = output.take(i, deadline).await else {
             return Err(gone(i, format!("its producer stopped streaming it before chunk {i}")));
         };
-        let want = usize::try_from(blob.chunk_size)
-            .unwrap_or(usize::MAX)
-            .min(usize::try_from(blob.len - i * u64::from(blob.chunk_size)).unwrap_or(usize::MAX));
-        if bytes.len() != want {
+        let want = (blob.len - i * u64::from(blob.chunk_size)).min(u64::from(blob.chunk_size));
+        if bytes.len() as u64 != want {
             return Err(gone(
                 i,
                 format!("chunk {i} came with {} bytes, not {want}", bytes.len()),

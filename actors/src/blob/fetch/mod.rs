@@ -255,6 +255,19 @@ pub enum FetchError {
     LeftTheStore(BlobId),
 }
 
+/// The chunks of `blob`, after checking its shape and that it is no longer than `max_len`
+/// ([`FetchOptions::max_len`]): a blob reference can come from a peer.
+pub(crate) fn chunks_within(blob: BlobRef, max_len: u64) -> Result<u64, FetchError> {
+    let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+    if blob.len > max_len {
+        return Err(FetchError::OverLimit {
+            len: blob.len,
+            max: max_len,
+        });
+    }
+    Ok(n)
+}
+
 fn first_error(errors: &[SourceError]) -> String {
     errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
 }
@@ -620,13 +633,7 @@ impl Fetcher {
         source: PeerId,
         opts: &FetchOptions,
     ) -> Result<Manifest, FetchError> {
-        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
-        if blob.len > opts.max_len {
-            return Err(FetchError::OverLimit {
-                len: blob.len,
-                max: opts.max_len,
-            });
-        }
+        let n = chunks_within(blob, opts.max_len)?;
         // Lengths only: no chunk is checked against these hashes.
         let shape = Manifest::new(blob.len, blob.chunk_size, vec![ChunkHash([0; 32]); n as usize])
             .map_err(FetchError::TooLarge)?;
@@ -679,13 +686,7 @@ impl Fetcher {
         sources: &[PeerId],
         opts: &FetchOptions,
     ) -> Result<FetchReport, FetchError> {
-        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
-        if blob.len > opts.max_len {
-            return Err(FetchError::OverLimit {
-                len: blob.len,
-                max: opts.max_len,
-            });
-        }
+        let n = chunks_within(blob, opts.max_len)?;
         let mut errors = Vec::new();
         let mut trusted: Vec<PeerId> = Vec::new();
         for p in sources {
