@@ -4,6 +4,7 @@
 //! share is caught, distrusted, and its share comes from the source.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_actors::blob::{FaultPlan, FetchError, FetchOptions, FetchReport};
@@ -72,10 +73,10 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
     within(60, async {
         let nodes = start_capped(memory_stores(4), |_| None).await;
         let data = bytes(4 * 1024 * KIB, 9);
-        // Peer 1 owns the first share (chunks 0..5) and flips a byte of chunk 2 whenever it
-        // serves it.
+        // Peer 1 owns the first share (16 chunks dealt one by one round three owners: 0, 3,
+        // 6, ...) and flips a byte of chunk 3 whenever it serves it.
         nodes[1].faults().arm(FaultPlan {
-            corrupt_chunk: Some(2),
+            corrupt_chunk: Some(3),
             ..FaultPlan::default()
         });
         let (blob, reports) = pull_shared(&nodes, &data, 1..4).await;
@@ -86,6 +87,57 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
         for n in &nodes[2..] {
             assert!(n.distrusts(&blob.id, &nodes[1].peer_id()), "the liar is distrusted");
             assert!(!n.distrusts(&blob.id, &nodes[0].peer_id()));
+        }
+    })
+    .await;
+}
+
+/// A consumer of the chunks (a learner that trains the model as it arrives) gets every chunk
+/// once, in order, while the shares still come in: the chunks are dealt round the owners a
+/// few at a time, so they land about in order. (Before, it got them from the store once the
+/// whole blob was in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pull_hands_its_chunks_over_in_order_while_they_come() {
+    within(60, async {
+        // A source capped at 4 MiB/s: the 8 MiB blob takes two seconds at least.
+        let nodes = start_capped(memory_stores(4), |i| (i == 0).then_some(4 << 20)).await;
+        let data = bytes(8 * 1024 * KIB, 13);
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 256 << 10)
+            .expect("import")
+            .blob_ref();
+        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+        let origin = [nodes[0].peer_id()];
+        // Per puller: each chunk handed over, and how many chunks its store held then.
+        let seen: Vec<_> = (1..4).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+        let owners = &owners;
+        let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
+            let (store, seen) = (n.store().clone(), seen.clone());
+            let opts = FetchOptions {
+                on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
+                    let held = store.presence(&blob.id).map_or(0, |p| p.present);
+                    seen.lock().expect("lock").push((i, b.to_vec(), held));
+                })),
+                ..FetchOptions::default()
+            };
+            async move { n.fetch_shared(blob, &origin, owners, &opts).await }
+        });
+        for r in futures::future::join_all(pulls).await {
+            r.expect("shared fetch");
+        }
+        let n = blob.chunk_count().expect("chunks");
+        for (p, seen) in seen.iter().enumerate() {
+            let seen = seen.lock().expect("lock");
+            let got: Vec<u8> = seen.iter().flat_map(|(_, b, _)| b.iter().copied()).collect();
+            assert!(got == data, "peer {}: the bytes handed over", p + 1);
+            assert!(seen.iter().map(|(i, _, _)| *i).eq(0..n), "peer {}: order", p + 1);
+            let (_, _, held) = seen[0];
+            assert!(
+                held < n,
+                "peer {}: chunk 0 handed over only once all {n} were in",
+                p + 1
+            );
         }
     })
     .await;

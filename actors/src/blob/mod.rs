@@ -20,7 +20,7 @@ pub mod recent;
 pub mod serve;
 
 pub use faults::{FaultPlan, ServeFaults};
-pub use fetch::{ChunkFn, CreditGate, FetchError, FetchOptions, FetchReport, Progress, SourceError};
+pub use fetch::{ChunkFn, CreditGate, FetchError, FetchOptions, FetchReport, Part, Progress, SourceError};
 pub use pace::UploadPace;
 pub use pending::{PendingGuard, PendingOutput, PendingOutputs};
 pub use serve::ServeStats;

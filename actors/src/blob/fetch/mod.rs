@@ -15,6 +15,7 @@
 //!    a chunk that does not match its hash, or breaks the protocol, is reported and not
 //!    trusted for that blob again, by this fetch or any later one on this node.
 
+mod in_order;
 mod receiver;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -59,6 +60,36 @@ pub struct Progress {
     pub total: u64,
 }
 
+/// Which chunks of a blob one pull takes ([`FetchOptions::only`]): the pulls of
+/// [`Fetcher::fetch_shared`] deal the blob round its owners a few chunks at a time, so that
+/// every owner's share arrives from the first chunks to the last at once, and the chunks of
+/// the blob land about in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// No chunk: the manifest only.
+    Manifest,
+    /// Blocks of `block` chunks are dealt round `of` owners in turn; those dealt to owner
+    /// `owner` (from 0).
+    Dealt {
+        /// The owner, from 0.
+        owner: u64,
+        /// How many owners.
+        of: u64,
+        /// Chunks a block.
+        block: u64,
+    },
+}
+
+impl Part {
+    /// Whether chunk `index` is in the part.
+    pub fn contains(&self, index: u64) -> bool {
+        match *self {
+            Part::Manifest => false,
+            Part::Dealt { owner, of, block } => (index / block.max(1)) % of.max(1) == owner,
+        }
+    }
+}
+
 /// Knobs of a fetch.
 #[derive(Clone)]
 pub struct FetchOptions {
@@ -89,8 +120,9 @@ pub struct FetchOptions {
     /// absent ([`flare_protocols::blob::BlobRequest::wait_ms`]): set when pulling from peers
     /// that pull the same blob (see [`Fetcher::fetch_shared`]). 0: sources answer at once.
     pub wait_ms: u32,
-    /// Only these chunks (a range of indices); `None`: the whole blob. Not with `on_chunk`.
-    pub only: Option<Range<u64>>,
+    /// Only these chunks; `None`: the whole blob. `on_chunk` then gets every chunk of the
+    /// part.
+    pub only: Option<Part>,
     /// Paces the credits (see [`CreditGate`]).
     pub before_credit: Option<CreditGate>,
 }
@@ -549,14 +581,15 @@ impl Fetcher {
     }
 
     /// Pulls `blob` from `origin` and from `owners`, peers that pull it at the same moment,
-    /// so that `origin` sends each chunk about once whatever their number: the chunks are cut
-    /// into one contiguous share per owner (in order); this node pulls its own share (where it
-    /// is an owner) from `origin` and every other share from its owner, which relays it as it
-    /// arrives (waiting up to [`RELAY_WAIT_MS`] for each chunk). Whatever an owner does not
-    /// give (it is gone, slow past the stall timeout, answers absent, or lies: a chunk that
-    /// fails its hash gets the owner distrusted for this blob) is pulled from `origin` after.
-    /// The blob is always stored (`opts.keep` is taken as true): others pull it from here.
-    /// `opts.on_chunk` gets every chunk once the shares are in, read back from the store.
+    /// so that `origin` sends each chunk about once whatever their number: the chunks are
+    /// dealt round the owners in blocks of a few chunks ([`Part::Dealt`]); this node pulls
+    /// its own share (where it is an owner) from `origin` and every other share from its
+    /// owner, which relays it as it arrives (waiting up to [`RELAY_WAIT_MS`] for each chunk).
+    /// Whatever an owner does not give (it is gone, slow past the stall timeout, answers
+    /// absent, or lies: a chunk that fails its hash gets the owner distrusted for this blob)
+    /// is pulled from `origin` after. The blob is always stored (`opts.keep` is taken as
+    /// true): others pull it from here. `opts.on_chunk` gets every chunk in order as the
+    /// shares bring them (see `in_order`), so a learner trains beside the transfer.
     pub async fn fetch_shared(
         &self,
         blob: BlobRef,
@@ -574,14 +607,21 @@ impl Fetcher {
             only: None,
             ..opts.clone()
         };
-        // The last pull hands every chunk to `on_chunk`, in order, those the shares brought
-        // included (from the store): shares run side by side, in ranges of their own.
-        let last = FetchOptions {
-            on_chunk: opts.on_chunk.clone(),
-            ..base.clone()
-        };
-        if k < 2 || n < k {
-            return self.fetch(blob, origin, &last).await;
+        // Each owner gets a few blocks at least; a stripe (a block per owner) fits the chunks
+        // an in-order consumer keeps in memory; a block of 1 MiB chunks fills a range worth a
+        // bulk connection.
+        let block = (n / (4 * k.max(1))).clamp(1, (in_order::WINDOW / k.max(1)).clamp(4, 8));
+        if k < 2 || n.div_ceil(block) < 2 {
+            return self
+                .fetch(
+                    blob,
+                    origin,
+                    &FetchOptions {
+                        keep: true,
+                        ..opts.clone()
+                    },
+                )
+                .await;
         }
         // The manifest, from the origin (an owner asked for a share before it has the
         // manifest waits for it).
@@ -590,32 +630,86 @@ impl Fetcher {
                 blob,
                 origin,
                 &FetchOptions {
-                    only: Some(0..0),
+                    only: Some(Part::Manifest),
                     ..base.clone()
                 },
             )
             .await?;
-        let shares = owners.iter().enumerate().map(|(j, &owner)| {
-            let range = (j as u64 * n / k)..((j as u64 + 1) * n / k);
-            let (sources, wait_ms) = match owner == me {
-                true => (origin.to_vec(), 0),
-                false => (vec![owner], RELAY_WAIT_MS),
-            };
-            let o = FetchOptions {
-                only: Some(range),
-                wait_ms,
-                ..base.clone()
-            };
-            async move { (owner, self.fetch_once(blob, &sources, &o).await) }
+        let order = opts.on_chunk.as_ref().map(|_| {
+            let store = self.store.clone();
+            in_order::InOrder::new(n, |i| store.has_chunk(&blob.id, i))
         });
-        for (owner, r) in futures::future::join_all(shares).await {
-            match r {
-                Ok(r) => report.merge(r),
-                Err(e) => tracing::debug!(blob = %blob.id, %owner, error = %e, "a share comes from the origin instead"),
+        let with_order = |o: FetchOptions| FetchOptions {
+            on_chunk: order.clone().map(|order| {
+                let f: ChunkFn = Arc::new(move |i: u64, b: &[u8]| order.landed(i, b));
+                f
+            }),
+            ..o
+        };
+        let transfer = async {
+            let shares = owners.iter().enumerate().map(|(j, &owner)| {
+                let part = Part::Dealt {
+                    owner: j as u64,
+                    of: k,
+                    block,
+                };
+                let (sources, wait_ms) = match owner == me {
+                    true => (origin.to_vec(), 0),
+                    false => (vec![owner], RELAY_WAIT_MS),
+                };
+                let o = with_order(FetchOptions {
+                    only: Some(part),
+                    wait_ms,
+                    ..base.clone()
+                });
+                async move { (owner, self.fetch_once(blob, &sources, &o).await) }
+            });
+            let mut report = FetchReport {
+                blob,
+                already_present: 0,
+                fetched: 0,
+                per_source: BTreeMap::new(),
+                source_errors: Vec::new(),
+            };
+            for (owner, r) in futures::future::join_all(shares).await {
+                match r {
+                    Ok(r) => report.merge(r),
+                    Err(e) => {
+                        tracing::debug!(blob = %blob.id, %owner, error = %e, "a share comes from the origin instead")
+                    }
+                }
             }
-        }
-        let rest = self.fetch_once(blob, origin, &last).await?;
-        report.merge(rest);
+            report.merge(self.fetch_once(blob, origin, &with_order(base.clone())).await?);
+            Ok::<_, FetchError>(report)
+        };
+        let (Some(order), Some(f)) = (order.clone(), opts.on_chunk.clone()) else {
+            report.merge(transfer.await?);
+            report.already_present = held_before;
+            return Ok(report);
+        };
+        let ending = order.ending();
+        let transfer = async move {
+            let r = transfer.await;
+            if r.is_ok() {
+                ending.done();
+            }
+            r
+        };
+        let (store, gate, runtime) = (
+            self.store.clone(),
+            opts.before_credit.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let consumer =
+            tokio::task::spawn_blocking(move || order.hand_over(&store, &blob.id, n, &f, gate.as_ref(), &runtime));
+        let (transferred, handed) = tokio::join!(transfer, consumer);
+        report.merge(transferred?);
+        handed.map_err(|e| {
+            FetchError::Store(StoreError::Io {
+                path: "<store task>".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
         report.already_present = held_before;
         Ok(report)
     }
@@ -698,7 +792,7 @@ impl Fetcher {
         // what the store lacks is on its way in through another fetch (a member pulling the
         // model its own controller published while another job's pull of the same content
         // fills the store): that is waited for, a stall timeout at most.
-        let wanted = |i: &u64| opts.only.as_ref().is_none_or(|r| r.contains(i));
+        let wanted = |i: &u64| opts.only.as_ref().is_none_or(|p| p.contains(*i));
         let me = self.net.peer_id();
         if trusted.contains(&me) {
             trusted.retain(|p| *p != me);
@@ -730,7 +824,8 @@ impl Fetcher {
                 TargetKind::Pass(Mutex::new(vec![false; n as usize]))
             },
             if opts.on_chunk.is_some() {
-                vec![false; n as usize]
+                // Chunks outside the part count as handed over already.
+                (0..n).map(|i| !wanted(&i)).collect()
             } else {
                 Vec::new()
             },
@@ -739,7 +834,7 @@ impl Fetcher {
         missing.retain(wanted);
         let already_present = match &opts.only {
             None => n - missing.len() as u64,
-            Some(r) => (r.end.min(n).saturating_sub(r.start)).saturating_sub(missing.len() as u64),
+            Some(_) => ((0..n).filter(wanted).count() - missing.len()) as u64,
         };
         let mut report = FetchReport {
             blob,

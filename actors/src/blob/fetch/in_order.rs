@@ -1,0 +1,243 @@
+//! Hands a blob's chunks to a consumer in blob order while several pulls bring them in out of
+//! order: the shares of [`super::Fetcher::fetch_shared`], dealt round the owners a few chunks
+//! at a time, land a stripe at a time. A learner that trains the model as it arrives then
+//! runs beside the transfer instead of after it.
+//!
+//! Each landed chunk near the consumer's turn (within [`WINDOW`] chunks) is copied into
+//! memory as it lands; one further ahead, and one the store held before, is read back from
+//! the store when its turn comes. One thread hands them over, so the consumer sees each
+//! chunk once, in order, as [`super::FetchOptions::on_chunk`] promises.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use flare_protocols::BlobId;
+
+use super::{ChunkFn, CreditGate, FetchError};
+use crate::lock;
+use crate::store::{BlobStore, StoreError};
+
+/// Chunks kept in memory ahead of the consumer's turn (a chunk each: 1 MiB by default).
+pub(super) const WINDOW: u64 = 32;
+
+/// See the module doc. Chunks land through [`Self::landed`] (the pulls' `on_chunk`); the
+/// transfer's end is told by [`Self::end`] (or by dropping the [`Ending`] guard).
+pub(super) struct InOrder {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    /// The next chunk the consumer takes.
+    next: u64,
+    /// Chunks landed within the window, not handed over yet.
+    kept: BTreeMap<u64, Vec<u8>>,
+    /// Chunks to read from the store at their turn: held before, or landed too far ahead.
+    stored: Vec<bool>,
+    /// Buffers handed over, for the next landed chunks.
+    spare: Vec<Vec<u8>>,
+    /// `Some(true)`: every chunk is in the store; `Some(false)`: the transfer failed or was
+    /// dropped, nothing more will land.
+    end: Option<bool>,
+}
+
+/// Ends an [`InOrder`] as failed when dropped before [`Self::done`] (a transfer that failed
+/// or whose future was dropped), so its consumer thread never waits for chunks that will
+/// not come.
+pub(super) struct Ending(Arc<InOrder>);
+
+impl Ending {
+    /// The transfer brought every chunk into the store.
+    pub(super) fn done(self) {
+        self.0.end(true);
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.end(false);
+    }
+}
+
+impl InOrder {
+    /// For a blob of `n` chunks; `held` says which the store holds already.
+    pub(super) fn new(n: u64, held: impl Fn(u64) -> bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                next: 0,
+                kept: BTreeMap::new(),
+                stored: (0..n).map(held).collect(),
+                spare: Vec::new(),
+                end: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The guard that ends this when the transfer is over.
+    pub(super) fn ending(self: &Arc<Self>) -> Ending {
+        Ending(self.clone())
+    }
+
+    /// Tells the consumer what the transfer came to: after `true` it reads whatever it did
+    /// not keep from the store; after `false` it stops. The first word counts.
+    fn end(&self, ok: bool) {
+        let mut s = lock(&self.state);
+        s.end.get_or_insert(ok);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Chunk `index` (verified, stored) has landed.
+    pub(super) fn landed(&self, index: u64, bytes: &[u8]) {
+        let mut s = lock(&self.state);
+        if index < s.next || s.kept.contains_key(&index) {
+            return;
+        }
+        if index < s.next + WINDOW {
+            let mut buf = s.spare.pop().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(bytes);
+            s.kept.insert(index, buf);
+        } else if let Some(slot) = s.stored.get_mut(index as usize) {
+            *slot = true;
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Hands chunks `0..n` to `f` in order, each once its turn comes and it has landed (on
+    /// the calling thread: a blocking one), paced by `gate` as a pull's chunks are. Returns
+    /// when all are handed over, or [`FetchError::Incomplete`] when the transfer ended without
+    /// them (the transfer's own error says why).
+    pub(super) fn hand_over(
+        &self,
+        store: &BlobStore,
+        id: &BlobId,
+        n: u64,
+        f: &ChunkFn,
+        gate: Option<&CreditGate>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(), FetchError> {
+        let mut buf = Vec::new();
+        for i in 0..n {
+            let kept = {
+                let mut s = lock(&self.state);
+                loop {
+                    if let Some(b) = s.kept.remove(&i) {
+                        s.next = i + 1;
+                        break Some(b);
+                    }
+                    match s.end {
+                        Some(false) => {
+                            return Err(FetchError::Incomplete {
+                                blob: *id,
+                                missing: n - i,
+                                errors: Vec::new(),
+                            });
+                        }
+                        Some(true) => {
+                            s.next = i + 1;
+                            break None;
+                        }
+                        None if s.stored.get(i as usize).copied().unwrap_or(false) => {
+                            s.next = i + 1;
+                            break None;
+                        }
+                        // Bounded, though every landing and the end notify: a missed word
+                        // costs a second, not a hang.
+                        None => {
+                            s = self
+                                .changed
+                                .wait_timeout(s, Duration::from_secs(1))
+                                .map(|(g, _)| g)
+                                .unwrap_or_else(|p| p.into_inner().0);
+                        }
+                    }
+                }
+            };
+            match kept {
+                Some(b) => {
+                    f(i, &b);
+                    lock(&self.state).spare.push(b);
+                }
+                None => {
+                    let chunk = store
+                        .read_chunk_to_send(id, i, std::mem::take(&mut buf))?
+                        .ok_or(StoreError::NotFound(*id))?;
+                    f(i, &chunk);
+                    buf = chunk.into_buffer().unwrap_or_default();
+                }
+            }
+            if let Some(gate) = gate {
+                runtime.block_on(gate());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flare_protocols::Manifest;
+
+    fn store_with(data: &[u8], cs: u32) -> (BlobStore, Manifest) {
+        let store = BlobStore::memory();
+        let m = store.import_bytes(data, cs).expect("import");
+        (store, m)
+    }
+
+    fn recorder() -> (ChunkFn, Arc<Mutex<Vec<(u64, Vec<u8>)>>>) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let f: ChunkFn = Arc::new(move |i: u64, b: &[u8]| lock(&sink).push((i, b.to_vec())));
+        (f, got)
+    }
+
+    /// Chunks landing out of order, some far ahead of the window and some held before, reach
+    /// the consumer once each, in order, with their bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_landing_out_of_order_are_handed_over_in_order() {
+        let n = 2 * WINDOW + 5;
+        let data: Vec<u8> = (0..n * 4).map(|i| (i * 7 % 251) as u8).collect();
+        let (store, m) = store_with(&data, 4);
+        let order = Arc::new(InOrder::new(n, |i| i == 1));
+        let (f, got) = recorder();
+        let (o, s, id, rt) = (order.clone(), store.clone(), m.id(), tokio::runtime::Handle::current());
+        let consumer = tokio::task::spawn_blocking(move || o.hand_over(&s, &id, n, &f, None, &rt));
+        let ending = order.ending();
+        // Last chunks first (beyond the window: read back from the store), then the rest
+        // backwards, one twice.
+        for i in (0..n).rev().filter(|&i| i != 1) {
+            order.landed(i, &data[i as usize * 4..i as usize * 4 + 4]);
+        }
+        order.landed(3, &data[12..16]);
+        ending.done();
+        consumer.await.expect("join").expect("handed over");
+        let got = lock(&got).clone();
+        assert_eq!(got.len() as u64, n);
+        for (k, (i, b)) in got.iter().enumerate() {
+            assert_eq!(*i, k as u64);
+            assert!(m.verify_chunk(*i, b), "chunk {i}");
+        }
+    }
+
+    /// A transfer that fails (its guard dropped) stops a consumer waiting for a chunk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_transfer_stops_the_consumer() {
+        let data = vec![5u8; 40];
+        let (store, m) = store_with(&data, 4);
+        let order = Arc::new(InOrder::new(10, |_| false));
+        let (f, got) = recorder();
+        let (o, s, id, rt) = (order.clone(), store.clone(), m.id(), tokio::runtime::Handle::current());
+        let consumer = tokio::task::spawn_blocking(move || o.hand_over(&s, &id, 10, &f, None, &rt));
+        let ending = order.ending();
+        order.landed(0, &data[..4]);
+        drop(ending);
+        let r = consumer.await.expect("join");
+        assert!(matches!(r, Err(FetchError::Incomplete { missing: 9, .. })), "{r:?}");
+        assert_eq!(lock(&got).len(), 1);
+    }
+}
