@@ -189,7 +189,10 @@ mod tests {
         (store, m)
     }
 
-    fn recorder() -> (ChunkFn, Arc<Mutex<Vec<(u64, Vec<u8>)>>>) {
+    /// The chunks a consumer got, in the order it got them.
+    type Got = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+    fn recorder() -> (ChunkFn, Got) {
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
         let f: ChunkFn = Arc::new(move |i: u64, b: &[u8]| lock(&sink).push((i, b.to_vec())));
