@@ -19,7 +19,7 @@ use crate::lock;
 use crate::store::{BlobStore, StoreError};
 
 /// Chunks kept in memory ahead of the consumer's turn (a chunk each: 1 MiB by default).
-pub(super) const WINDOW: u64 = 32;
+pub(super) const WINDOW: u64 = 16;
 
 /// See the module doc. Chunks land through [`Self::landed`] (the pulls' `on_chunk`); the
 /// transfer's end is told by [`Self::end`] (or by dropping the [`Ending`] guard).

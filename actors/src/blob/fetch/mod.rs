@@ -608,8 +608,9 @@ impl Fetcher {
             ..opts.clone()
         };
         // Each owner gets a few blocks at least; a stripe (a block per owner) fits the chunks
-        // an in-order consumer keeps in memory; a block of 1 MiB chunks fills a range worth a
-        // bulk connection.
+        // an in-order consumer keeps in memory where it can; a block is 4 chunks at least
+        // once the blob is large enough (4 MiB at the default chunk size: a range worth a
+        // bulk connection).
         let block = (n / (4 * k.max(1))).clamp(1, (in_order::WINDOW / k.max(1)).clamp(4, 8));
         if k < 2 || n.div_ceil(block) < 2 {
             return self
