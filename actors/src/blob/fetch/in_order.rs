@@ -124,9 +124,8 @@ impl InOrder {
         for i in 0..n {
             let kept = {
                 let mut s = lock(&self.state);
-                loop {
+                let kept = loop {
                     if let Some(b) = s.kept.remove(&i) {
-                        s.next = i + 1;
                         break Some(b);
                     }
                     match s.end {
@@ -137,14 +136,8 @@ impl InOrder {
                                 errors: Vec::new(),
                             });
                         }
-                        Some(true) => {
-                            s.next = i + 1;
-                            break None;
-                        }
-                        None if s.stored.get(i as usize).copied().unwrap_or(false) => {
-                            s.next = i + 1;
-                            break None;
-                        }
+                        Some(true) => break None,
+                        None if s.stored.get(i as usize).copied().unwrap_or(false) => break None,
                         // Bounded, though every landing and the end notify: a missed word
                         // costs a second, not a hang.
                         None => {
@@ -155,7 +148,10 @@ impl InOrder {
                                 .unwrap_or_else(|p| p.into_inner().0);
                         }
                     }
-                }
+                };
+                // Under the same lock: a copy of chunk `i` landing now is not kept again.
+                s.next = i + 1;
+                kept
             };
             match kept {
                 Some(b) => {
