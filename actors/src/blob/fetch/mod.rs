@@ -300,6 +300,15 @@ pub(crate) fn chunks_within(blob: BlobRef, max_len: u64) -> Result<u64, FetchErr
     Ok(n)
 }
 
+/// A blocking task of the store (filing or reading chunks) that panicked or was cancelled,
+/// as the store error a fetch reports.
+fn store_task_failed(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io {
+        path: "<store task>".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
 fn first_error(errors: &[SourceError]) -> String {
     errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
 }
@@ -705,12 +714,7 @@ impl Fetcher {
             tokio::task::spawn_blocking(move || order.hand_over(&store, &blob.id, n, &f, gate.as_ref(), &runtime));
         let (transferred, handed) = tokio::join!(transfer, consumer);
         report.merge(transferred?);
-        handed.map_err(|e| {
-            FetchError::Store(StoreError::Io {
-                path: "<store task>".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })??;
+        handed.map_err(store_task_failed)??;
         report.already_present = held_before;
         Ok(report)
     }
@@ -976,12 +980,7 @@ impl Fetcher {
             Ok::<(), FetchError>(())
         })
         .await
-        .map_err(|e| {
-            FetchError::Store(StoreError::Io {
-                path: "<store task>".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })?
+        .map_err(store_task_failed)?
     }
 
     fn note(&self, blob: &BlobId, e: SourceError, errors: &mut Vec<SourceError>) {

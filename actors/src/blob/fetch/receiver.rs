@@ -455,9 +455,6 @@ fn landed(
             Err(ReceiveError::Source(SourceError::HashMismatch { chunk: index, peer }))
         }
         Ok(Err(e)) => Err(ReceiveError::Store(e)),
-        Err(e) => Err(ReceiveError::Store(StoreError::Io {
-            path: "<store task>".into(),
-            source: std::io::Error::other(e.to_string()),
-        })),
+        Err(e) => Err(ReceiveError::Store(super::store_task_failed(e))),
     }
 }
