@@ -607,7 +607,7 @@ impl Fetcher {
         opts: &FetchOptions,
     ) -> Result<FetchReport, FetchError> {
         let me = self.net.peer_id();
-        let n = blob.chunk_count().map_err(FetchError::TooLarge)?;
+        let n = chunks_within(blob, opts.max_len)?;
         let k = owners.len() as u64;
         let held_before = self.store.presence(&blob.id).map_or(0, |p| p.present);
         let base = FetchOptions {
