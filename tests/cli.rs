@@ -33,7 +33,10 @@ fn command(args: &[&str]) -> Command {
         "-q",
     ])
     .env(ENV, args.join("\u{1f}"))
-    .env("RUST_LOG", "info")
+    .env(
+        "RUST_LOG",
+        std::env::var("FLARE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    )
     .stdin(Stdio::null());
     c
 }

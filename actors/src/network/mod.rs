@@ -331,7 +331,7 @@ pub async fn start(
     for addr in listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetworkError::Listen {
             addr: addr.clone(),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         })?;
     }
     let mut listen_addrs = Vec::new();
@@ -351,7 +351,7 @@ pub async fn start(
             SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
                 return Err(NetworkError::Listen {
                     addr: listen[listen_addrs.len()].clone(),
-                    reason: error.to_string(),
+                    reason: error_chain(&error),
                 });
             }
             _ => {}
@@ -745,5 +745,32 @@ fn outbound_error(peer: PeerId, e: OutboundFailure) -> CtlError {
             peer,
             reason: e.to_string(),
         },
+    }
+}
+
+/// `e` and its sources, joined: a transport error's own message can be empty (libp2p's
+/// `TransportError::Other` says nothing of the I/O error it wraps, "address in use").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let s = e.to_string();
+        if !s.is_empty() && !parts.contains(&s) {
+            parts.push(s);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listen_error_says_what_the_transport_error_wraps() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let e: libp2p::TransportError<std::io::Error> = libp2p::TransportError::Other(io);
+        assert!(error_chain(&e).contains("address in use"), "{}", error_chain(&e));
     }
 }

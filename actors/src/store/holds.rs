@@ -54,7 +54,7 @@ impl BlobStore {
         if lock(&self.inner.holds).contains_key(id) {
             return false;
         }
-        let removed = blobs.remove(id).is_some();
+        let removed = super::residency::unfile(&mut blobs, id);
         if let Some(dir) = &self.inner.dir {
             // A shared import still being written finds its entry gone and removes what it
             // wrote itself (see `persist_shared`).

@@ -37,7 +37,7 @@ use flare_protocols::{BlobId, BlobRef, Manifest, ManifestBuilder};
 pub use self::disk::{DIRECT_ALIGN, aligned_buffer};
 use self::disk::{DataFile, Have, finish_if_complete, load_entry, read_full, write_manifest};
 pub use self::residency::Written;
-use self::residency::{Data, Entry};
+use self::residency::{Data, Entry, file};
 pub(crate) use self::scratch::read_layout;
 pub use self::scratch::{DEFAULT_STREAM_ABOVE, Scratch};
 pub use self::writer::ChunkWriter;
@@ -315,13 +315,11 @@ impl BlobStore {
                 Entry::new(Data::Disk(data), Have::empty(n, Some(have_file)), manifest)
             }
         };
-        let entry = Arc::new(entry);
-        let m = entry.manifest.clone();
         // An empty blob is complete as soon as it exists.
         if n == 0 {
             finish_if_complete(&entry.have, &entry.manifest)?;
         }
-        blobs.insert(id, entry);
+        let m = file(&mut blobs, id, entry).manifest.clone();
         self.inner.arrivals.notify_waiters();
         Ok(m)
     }
@@ -346,7 +344,7 @@ impl BlobStore {
                 buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
             }
             // A shared or transient blob is whole: its chunks were all present above.
-            Data::Shared(_) | Data::Transient(_) => return Ok(false),
+            Data::Shared(_) | Data::Transient => return Ok(false),
             Data::Disk(file) => file.write_at(bytes, off)?,
         }
         if !lock(&e.have).mark(index)? {
@@ -434,7 +432,7 @@ impl BlobStore {
                 ChunkBytes::Read { buf, start, len }
             }
             // A transient blob whose producer let go: gone.
-            Data::Shared(_) | Data::Transient(_) => return Ok(None),
+            Data::Shared(_) | Data::Transient => return Ok(None),
         };
         Ok(Some(out))
     }
@@ -503,7 +501,7 @@ impl BlobStore {
             (Some(tmp), Some(dir)) => Data::Disk(tmp.install_whole(dir, &manifest)?),
             _ => Data::Memory(RwLock::new(mem)),
         };
-        blobs.insert(id, Arc::new(Entry::complete(manifest.clone(), data)));
+        file(&mut blobs, id, Entry::complete(manifest.clone(), data));
         if hold {
             self.retain(&id);
         }
@@ -543,7 +541,7 @@ impl BlobStore {
         }
         match &e.data {
             Data::Disk(file) => Some(file.path().to_owned()),
-            Data::Memory(_) | Data::Shared(_) | Data::Transient(_) => None,
+            Data::Memory(_) | Data::Shared(_) | Data::Transient => None,
         }
     }
 

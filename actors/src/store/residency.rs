@@ -7,6 +7,7 @@
 //! storage: each path here exists to save a copy or a disk read on a hot path (see
 //! docs/benchmarks.md), and reads hand out views ([`ChunkBytes::Held`]) of those bytes.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -24,10 +25,37 @@ pub(super) enum Data {
     /// store only until the background write has put it on disk.
     Shared(Arc<Vec<u8>>),
     /// A whole blob the store serves but does not keep ([`BlobStore::import_transient`]):
-    /// there while its producer holds the bytes, gone after.
-    Transient(Weak<Vec<u8>>),
+    /// there while one of the producers that offered it ([`Entry::offered`]) holds the
+    /// bytes, gone after.
+    Transient,
     /// In its `.data` file.
     Disk(DataFile),
+}
+
+/// The producers that offered a blob as transient ([`BlobStore::import_transient`]): every
+/// one that offered the same content (two jobs on one node whose learners produce the same
+/// model, as every add-one round does), whatever else holds the blob. It is served while any
+/// of them holds its bytes, however the store came to keep it too and let go of it after:
+/// had a later offer, or a kept copy's last release, dropped the others, the blob would leave
+/// the store while a producer still reported it as here.
+#[derive(Clone, Default)]
+pub(super) struct Producers(Vec<Weak<Vec<u8>>>);
+
+impl Producers {
+    /// The bytes of a producer that still holds them.
+    pub(super) fn bytes(&self) -> Option<Arc<Vec<u8>>> {
+        self.0.iter().find_map(Weak::upgrade)
+    }
+
+    fn is_gone(&self) -> bool {
+        self.0.iter().all(|w| w.strong_count() == 0)
+    }
+
+    /// Adds the producer of `bytes`, forgetting those that let go.
+    fn add(&mut self, bytes: &Arc<Vec<u8>>) {
+        self.0.retain(|w| w.strong_count() > 0);
+        self.0.push(Arc::downgrade(bytes));
+    }
 }
 
 /// One blob the store holds, whole or in part.
@@ -39,6 +67,9 @@ pub(super) struct Entry {
     /// written to disk, or a blob [`BlobStore::lend`] was called for): reads come from there
     /// rather than the disk.
     hot: Mutex<Weak<Vec<u8>>>,
+    /// Producers that offered the blob as transient: it stays served from their bytes when
+    /// the store lets go of its own copy ([`unfile`]).
+    offered: Mutex<Producers>,
 }
 
 impl Entry {
@@ -48,6 +79,7 @@ impl Entry {
             data,
             have: Mutex::new(have),
             hot: Mutex::new(Weak::new()),
+            offered: Mutex::default(),
         }
     }
 
@@ -57,15 +89,20 @@ impl Entry {
         Self::new(data, Have::whole(n), manifest)
     }
 
-    /// A transient blob whose producer has let go of its bytes: no longer held.
+    /// A transient blob whose producers have let go of its bytes: no longer held.
     pub(super) fn is_gone(&self) -> bool {
-        matches!(&self.data, Data::Transient(w) if w.strong_count() == 0)
+        matches!(self.data, Data::Transient) && lock(&self.offered).is_gone()
     }
 
     /// Held by the store itself (in memory or on disk, or being written), not only lent to it
     /// for a while.
     pub(super) fn is_kept(&self) -> bool {
-        !matches!(self.data, Data::Transient(_))
+        !matches!(self.data, Data::Transient)
+    }
+
+    /// The bytes of a producer that offered the blob and still holds them.
+    pub(super) fn offered_bytes(&self) -> Option<Arc<Vec<u8>>> {
+        lock(&self.offered).bytes()
     }
 
     /// Held whole by the store itself: importing the same bytes again is a no-op.
@@ -78,8 +115,8 @@ impl Entry {
     pub(super) fn view(&self, index: u64) -> Option<ChunkBytes> {
         let bytes = match &self.data {
             Data::Shared(bytes) => bytes.clone(),
-            Data::Transient(w) => w.upgrade()?,
-            Data::Disk(_) => lock(&self.hot).upgrade()?,
+            Data::Transient => self.offered_bytes()?,
+            Data::Disk(_) => lock(&self.hot).upgrade().or_else(|| self.offered_bytes())?,
             Data::Memory(_) => return None,
         };
         let off = index as usize * self.manifest.chunk_size as usize;
@@ -96,6 +133,38 @@ impl Entry {
             .and_then(|i| lock(&self.have).bits.get(i).copied())
             .is_some_and(|b| b != 0)
     }
+}
+
+/// Files `entry` as blob `id`, in place of the entry there (if any), whose producers it takes
+/// over (see [`Producers`]).
+pub(super) fn file(blobs: &mut HashMap<BlobId, Arc<Entry>>, id: BlobId, entry: Entry) -> Arc<Entry> {
+    if let Some(old) = blobs.get(&id) {
+        *lock(&entry.offered) = lock(&old.offered).clone();
+    }
+    let entry = Arc::new(entry);
+    blobs.insert(id, entry.clone());
+    entry
+}
+
+/// Takes blob `id` out of `blobs`; whether the store held it. A blob that producers still
+/// offer stays as theirs: transient, served from their bytes.
+pub(super) fn unfile(blobs: &mut HashMap<BlobId, Arc<Entry>>, id: &BlobId) -> bool {
+    let Some(old) = blobs.remove(id) else {
+        return false;
+    };
+    let offered = lock(&old.offered).clone();
+    if !offered.is_gone() {
+        let left = match old.is_kept() {
+            true => {
+                let entry = Entry::complete((*old.manifest).clone(), Data::Transient);
+                *lock(&entry.offered) = offered;
+                Arc::new(entry)
+            }
+            false => old,
+        };
+        blobs.insert(*id, left);
+    }
+    true
 }
 
 /// Resolves when a [`BlobStore::import_shared`] no longer needs its bytes in memory.
@@ -144,6 +213,12 @@ impl BlobStore {
         hold: bool,
     ) -> Result<(Manifest, Written), StoreError> {
         let manifest = Manifest::of_bytes(&bytes, chunk_size)?;
+        let written = self.share(manifest.clone(), bytes, hold);
+        Ok((manifest, written))
+    }
+
+    /// [`Self::import_shared_held`] of bytes whose manifest is known.
+    fn share(&self, manifest: Manifest, bytes: Arc<Vec<u8>>, hold: bool) -> Written {
         let id = manifest.id();
         let entry = {
             let mut blobs = lock(&self.inner.blobs);
@@ -151,14 +226,16 @@ impl BlobStore {
                 self.retain(&id);
             }
             if blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
-                return Ok((manifest, Written::done()));
+                return Written::done();
             }
-            let entry = Arc::new(Entry::complete(manifest.clone(), Data::Shared(bytes.clone())));
-            blobs.insert(id, entry.clone());
-            entry
+            file(
+                &mut blobs,
+                id,
+                Entry::complete(manifest.clone(), Data::Shared(bytes.clone())),
+            )
         };
         let Some(dir) = self.inner.dir.clone() else {
-            return Ok((manifest, Written::done()));
+            return Written::done();
         };
         let (done, written) = tokio::sync::watch::channel(false);
         let store = self.clone();
@@ -173,15 +250,16 @@ impl BlobStore {
         });
         if let Err(e) = spawned {
             tracing::warn!(blob = %id, error = %e, "no thread to write a shared blob; it stays in memory");
-            return Ok((manifest, Written::done()));
+            return Written::done();
         }
-        Ok((manifest, Written(written)))
+        Written(written)
     }
 
     /// Serves a whole in-memory blob for as long as its producer holds `bytes`, without
     /// keeping it: nothing is written, and once the producer lets go (drops or takes back its
     /// last reference) the blob is gone from the store. Returns its manifest. A blob the store
-    /// already keeps stays as it is.
+    /// already keeps stays as it is (one it is still receiving is completed from `bytes`); a
+    /// blob another producer offered as transient stays while either holds its bytes.
     ///
     /// For a result that one peer pulls once, soon (a FedAvg client's update, which the
     /// controller folds and forgets): writing it would cost the member a model's worth of
@@ -190,11 +268,53 @@ impl BlobStore {
         let manifest = Manifest::of_bytes(bytes, chunk_size)?;
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        if !blobs.get(&id).is_some_and(|e| e.is_kept_whole()) {
-            let entry = Entry::complete(manifest.clone(), Data::Transient(Arc::downgrade(bytes)));
-            blobs.insert(id, Arc::new(entry));
+        let Some(e) = blobs.get(&id).filter(|e| !e.is_gone()).cloned() else {
+            let entry = file(&mut blobs, id, Entry::complete(manifest.clone(), Data::Transient));
+            lock(&entry.offered).add(bytes);
+            return Ok(manifest);
+        };
+        lock(&e.offered).add(bytes);
+        drop(blobs);
+        // Being received (another job pulls the same content): completed from these bytes,
+        // so that neither this result nor that pull waits on the other.
+        if !e.is_kept_whole() && e.is_kept() {
+            self.complete_from(&e, bytes)?;
         }
         Ok(manifest)
+    }
+
+    /// Writes the chunks of partial blob `e` that it lacks from `bytes`, its whole content.
+    fn complete_from(&self, e: &Entry, bytes: &[u8]) -> Result<(), StoreError> {
+        let id = e.manifest.id();
+        for (i, chunk) in bytes.chunks(e.manifest.chunk_size as usize).enumerate() {
+            if !e.has_chunk(i as u64) {
+                self.put_chunk(&id, i as u64, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes blob `id` the store's own when it is only lent to it by a producer
+    /// ([`Self::import_transient`]): it is then written to disk behind, served from memory
+    /// meanwhile, and stays once the producer lets go. For a pull that keeps what it pulls
+    /// (the job holds it and others pull it from here) and finds it held already, as another
+    /// job's transient result of the same content: without this, it would leave the store
+    /// with that result. Returns whether the blob is now kept (`false`: not held, or gone).
+    pub fn make_kept(&self, id: &BlobId) -> bool {
+        let Some(e) = self.entry(id) else {
+            return false;
+        };
+        let bytes = match &e.data {
+            Data::Transient => e.offered_bytes(),
+            _ => return true,
+        };
+        match bytes {
+            Some(bytes) => {
+                self.share(e.manifest.as_ref().clone(), bytes, false);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Lets reads of blob `id` come from `bytes` (the blob's content, which the caller holds in
@@ -256,14 +376,15 @@ impl BlobStore {
         let mut blobs = lock(&self.inner.blobs);
         match blobs.get(&id) {
             Some(e) if Arc::ptr_eq(e, shared) => {
-                blobs.insert(id, Arc::new(disk));
+                self::file(&mut blobs, id, disk);
             }
-            // Released while it was being written: what was written goes too.
-            None => {
+            // Released while it was being written (only producers' offers left of it, if
+            // anything): what was written goes too.
+            Some(e) if e.is_kept() => {}
+            _ => {
                 drop(disk);
                 super::disk::remove_files(dir, &id)?;
             }
-            Some(_) => {}
         }
         Ok(())
     }
@@ -375,6 +496,99 @@ mod tests {
         store.import_transient(&copy, 4096).expect("transient of a kept blob");
         drop(copy);
         assert!(store.is_complete(&m.id()));
+    }
+
+    #[test]
+    fn a_transient_blob_offered_by_two_producers_stays_while_either_holds_it() {
+        let store = BlobStore::memory();
+        let (a, b) = (Arc::new(bytes(3 * 4096)), Arc::new(bytes(3 * 4096)));
+        let m = store.import_transient(&a, 4096).expect("a");
+        store.import_transient(&b, 4096).expect("b");
+        // The first producer takes its bytes back (a next round updating them in place).
+        drop(a);
+        assert!(store.is_complete(&m.id()), "the second producer still serves it");
+        assert_eq!(
+            store.read_chunk(&m.id(), 2).expect("read"),
+            Some(bytes(3 * 4096)[8192..].to_vec())
+        );
+        drop(b);
+        assert!(!store.is_complete(&m.id()));
+        // And the other way round: the later one goes first.
+        let (a, b) = (Arc::new(bytes(3 * 4096)), Arc::new(bytes(3 * 4096)));
+        store.import_transient(&a, 4096).expect("a");
+        store.import_transient(&b, 4096).expect("b");
+        drop(b);
+        assert!(store.is_complete(&m.id()));
+        drop(a);
+        assert!(!store.is_complete(&m.id()));
+    }
+
+    #[test]
+    fn a_kept_blob_released_while_a_producer_offers_it_stays_served_from_the_producer() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for store in [BlobStore::memory(), BlobStore::open(dir.path()).expect("open")] {
+            // One job publishes a model (held); another's learner offers the same content as
+            // its transient result, before or after.
+            for offered_first in [false, true] {
+                let result = Arc::new(bytes(3 * 4096));
+                if offered_first {
+                    store.import_transient(&result, 4096).expect("transient");
+                }
+                let m = store.import_bytes_held(&bytes(3 * 4096), 4096).expect("publish");
+                if !offered_first {
+                    store.import_transient(&result, 4096).expect("transient");
+                }
+                // The first job lets go of its model: the result is still served.
+                assert!(store.release(&m.id()));
+                assert!(store.is_complete(&m.id()), "offered first: {offered_first}");
+                assert_eq!(
+                    store.read_chunk(&m.id(), 1).expect("read"),
+                    Some(bytes(3 * 4096)[4096..8192].to_vec())
+                );
+                drop(result);
+                assert!(!store.is_complete(&m.id()));
+            }
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs")).expect("dir").count(),
+            0,
+            "no file left"
+        );
+    }
+
+    #[test]
+    fn a_transient_result_completes_the_same_blob_being_received_which_stays_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096 + 10));
+        let m = Manifest::of_bytes(&data, 4096).expect("m");
+        store.begin(m.clone()).expect("begin");
+        store.put_chunk(&m.id(), 1, &data[4096..8192]).expect("put");
+        store.import_transient(&data, 4096).expect("transient");
+        drop(data);
+        assert!(store.is_complete(&m.id()), "completed, and kept without its producer");
+        assert_eq!(store.read_all(&m.id()).expect("read"), bytes(3 * 4096 + 10));
+        assert!(store.data_path(&m.id()).is_some());
+    }
+
+    #[test]
+    fn a_transient_blob_made_kept_stays_once_its_producer_lets_go() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096));
+        let m = store.import_transient(&data, 4096).expect("transient");
+        assert!(store.make_kept(&m.id()));
+        drop(data);
+        assert!(store.is_complete(&m.id()), "kept: its producer's letting go leaves it");
+        assert_eq!(store.read_all(&m.id()).expect("read"), bytes(3 * 4096));
+        // Written behind (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.data_path(&m.id()).is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(store.data_path(&m.id()).is_some(), "on disk");
+        assert!(store.make_kept(&m.id()), "kept already");
+        assert!(!store.make_kept(&BlobId([7; 32])), "not held");
     }
 
     /// A disk store holding a blob of three 4 KiB chunks, lent from the returned bytes, whose

@@ -223,7 +223,7 @@ impl BlobStore {
                 });
             }
         };
-        blobs.insert(id, Arc::new(Entry::complete(manifest.clone(), data)));
+        super::residency::file(&mut blobs, id, Entry::complete(manifest.clone(), data));
         Ok(manifest)
     }
 
@@ -251,7 +251,7 @@ impl BlobStore {
             ))),
             _ => return None,
         };
-        blobs.remove(id);
+        super::residency::unfile(&mut blobs, id);
         holds.remove(id);
         Some(Scratch {
             len,
@@ -296,7 +296,7 @@ impl BlobStore {
                 buf.copy_from_slice(&bytes[at..at + buf.len()]);
                 Ok(())
             }
-            Data::Transient(weak) => match weak.upgrade() {
+            Data::Transient => match e.offered_bytes() {
                 Some(bytes) => {
                     buf.copy_from_slice(&bytes[at..at + buf.len()]);
                     Ok(())

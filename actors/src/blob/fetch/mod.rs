@@ -812,6 +812,11 @@ impl Fetcher {
                 }
             }
         }
+        // Held only as another job's transient result: kept from now on, or it would leave
+        // with that result while this job counts on it.
+        if opts.keep {
+            self.store.make_kept(&blob.id);
+        }
         let held = self.store.manifest(&blob.id);
         let keep = opts.keep || self.store.is_complete(&blob.id);
         let manifest = match held {

@@ -179,7 +179,9 @@ fn advance(comm: &Communicator, state: &mut Progress, next: Progress) {
 }
 
 /// Meets the other members (bounded by a round timeout); a member that comes back learns
-/// from them where the job stands, and returns that instead of `state`.
+/// from them where the job stands, and returns that instead of `state`. So does a member whose
+/// executor trained while this part was still meeting: the rounds it missed were announced
+/// to it meanwhile, and a member it never met may have finished the job and left.
 async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut state: Progress) -> Progress {
     let deadline = Instant::now() + cfg.round_timeout;
     let mut met = HashSet::new();
@@ -207,7 +209,20 @@ async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut sta
             break;
         }
         if met.len() < others.len() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut until = Instant::now() + Duration::from_millis(200);
+            while let Some((from, p)) = comm.next_progress(until).await {
+                if p.round > state.round && p.round <= cfg.rounds {
+                    tracing::info!(
+                        job = %comm.job(),
+                        round = p.round,
+                        from = %comm.name_of(&from),
+                        "the job moved on while meeting its members: picking up where it stands"
+                    );
+                    state = p;
+                }
+                // What else came meanwhile, without waiting.
+                until = Instant::now();
+            }
         }
     }
     state
