@@ -92,6 +92,52 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
     .await;
 }
 
+/// The same with a consumer on every puller: the other owners' chunks then go to it alone,
+/// so a bad one is caught before it, and the consumer gets the right one from the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liars_bad_chunk_never_reaches_a_consumer_which_gets_the_right_one_from_the_source() {
+    within(60, async {
+        let nodes = start_capped(memory_stores(4), |_| None).await;
+        let data = bytes(4 * 1024 * KIB, 9);
+        nodes[1].faults().arm(FaultPlan {
+            corrupt_chunk: Some(3),
+            ..FaultPlan::default()
+        });
+        let blob = nodes[0]
+            .store()
+            .import_bytes(&data, 256 << 10)
+            .expect("import")
+            .blob_ref();
+        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+        let (origin, owners) = ([nodes[0].peer_id()], &owners);
+        let seen: Vec<_> = (1..4).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+        let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
+            let seen = seen.clone();
+            let opts = FetchOptions {
+                on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
+                    seen.lock().expect("lock").push((i, b.to_vec()));
+                })),
+                ..FetchOptions::default()
+            };
+            async move { n.fetch_shared(blob, &origin, owners, &opts).await }
+        });
+        for (i, r) in futures::future::join_all(pulls).await.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("peer {}: {e}", i + 1));
+        }
+        let n = blob.chunk_count().expect("chunks");
+        for (p, seen) in seen.iter().enumerate() {
+            let seen = seen.lock().expect("lock");
+            assert!(seen.iter().map(|(i, _)| *i).eq(0..n), "peer {}: every chunk once, in order", p + 1);
+            let got: Vec<u8> = seen.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            assert!(got == data, "peer {}: the right bytes", p + 1);
+        }
+        for n in &nodes[2..] {
+            assert!(n.distrusts(&blob.id, &nodes[1].peer_id()), "the liar is distrusted");
+        }
+    })
+    .await;
+}
+
 /// A consumer of the chunks (a learner that trains the model as it arrives) gets every chunk
 /// once, in order, while the shares still come in: the chunks are dealt round the owners a
 /// few at a time, so they land about in order. (Before, it got them from the store once the
@@ -138,6 +184,12 @@ async fn a_shared_pull_hands_its_chunks_over_in_order_while_they_come() {
                 "peer {}: chunk 0 handed over only once all {n} were in",
                 p + 1
             );
+        }
+        // The other owners' shares went to the consumer, not into the store: each puller
+        // stored its own share (for the others) and little else.
+        for (p, node) in nodes[1..].iter().enumerate() {
+            let held = node.store().presence(&blob.id).map_or(0, |p| p.present);
+            assert!(held >= n / 3 && held < n, "peer {}: {held} of {n} chunks stored", p + 1);
         }
     })
     .await;

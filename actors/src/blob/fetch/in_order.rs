@@ -5,8 +5,9 @@
 //!
 //! Each landed chunk near the consumer's turn (within [`WINDOW`] chunks) is copied into
 //! memory as it lands; one further ahead, and one the store held before, is read back from
-//! the store when its turn comes. One thread hands them over, so the consumer sees each
-//! chunk once, in order, as [`super::FetchOptions::on_chunk`] promises.
+//! the store when its turn comes (a chunk that came only for the consumer is filed into the
+//! store then, by the [`Spill`] it was given). One thread hands them over, so the consumer
+//! sees each chunk once, in order, as [`super::FetchOptions::on_chunk`] promises.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,11 +22,16 @@ use crate::store::{BlobStore, StoreError};
 /// Chunks kept in memory ahead of the consumer's turn (a chunk each: 1 MiB by default).
 pub(super) const WINDOW: u64 = 16;
 
+/// Files a landed chunk that the store may not hold (one pulled for the consumer only) into
+/// the store, for the consumer to read back at its turn; whether the store holds it now.
+pub(super) type Spill = Box<dyn Fn(u64, &[u8]) -> bool + Send + Sync>;
+
 /// See the module doc. Chunks land through [`Self::landed`] (the pulls' `on_chunk`); the
 /// transfer's end is told by [`Self::end`] (or by dropping the [`Ending`] guard).
 pub(super) struct InOrder {
     state: Mutex<State>,
     changed: Condvar,
+    spill: Option<Spill>,
 }
 
 struct State {
@@ -61,8 +67,10 @@ impl Drop for Ending {
 }
 
 impl InOrder {
-    /// For a blob of `n` chunks; `held` says which the store holds already.
-    pub(super) fn new(n: u64, held: impl Fn(u64) -> bool) -> Arc<Self> {
+    /// For a blob of `n` chunks; `held` says which the store holds already, `spill` files
+    /// a chunk landing too far ahead that may not be in the store (`None`: every chunk that
+    /// lands is stored already).
+    pub(super) fn new(n: u64, held: impl Fn(u64) -> bool, spill: Option<Spill>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 next: 0,
@@ -72,6 +80,7 @@ impl InOrder {
                 end: None,
             }),
             changed: Condvar::new(),
+            spill,
         })
     }
 
@@ -89,7 +98,7 @@ impl InOrder {
         self.changed.notify_all();
     }
 
-    /// Chunk `index` (verified, stored) has landed.
+    /// Chunk `index` (verified; stored unless it came for the consumer only) has landed.
     pub(super) fn landed(&self, index: u64, bytes: &[u8]) {
         let mut s = lock(&self.state);
         if index < s.next || s.kept.contains_key(&index) {
@@ -100,11 +109,31 @@ impl InOrder {
             buf.clear();
             buf.extend_from_slice(bytes);
             s.kept.insert(index, buf);
-        } else if let Some(slot) = s.stored.get_mut(index as usize) {
-            *slot = true;
+        } else {
+            // Filed (if need be) outside the lock: the consumer goes on meanwhile, and cannot
+            // pass this chunk, which it has not got.
+            drop(s);
+            if !self.spill.as_ref().is_none_or(|spill| spill(index, bytes)) {
+                // Not filed: it counts as not landed, and the pull from the origin that ends
+                // a shared fetch brings it again.
+                return;
+            }
+            s = lock(&self.state);
+            if let Some(slot) = s.stored.get_mut(index as usize) {
+                *slot = true;
+            }
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Which chunks have landed (handed over, kept, or in the store): what a last pull
+    /// need not bring again.
+    pub(super) fn landed_chunks(&self) -> Arc<[bool]> {
+        let s = lock(&self.state);
+        (0..s.stored.len() as u64)
+            .map(|i| i < s.next || s.kept.contains_key(&i) || s.stored[i as usize])
+            .collect()
     }
 
     /// Hands chunks `0..n` to `f` in order, each once its turn comes and it has landed (on
@@ -202,7 +231,7 @@ mod tests {
         let n = 2 * WINDOW + 5;
         let data: Vec<u8> = (0..n * 4).map(|i| (i * 7 % 251) as u8).collect();
         let (store, m) = store_with(&data, 4);
-        let order = Arc::new(InOrder::new(n, |i| i == 1));
+        let order = InOrder::new(n, |i| i == 1, None);
         let (f, got) = recorder();
         let (o, s, id, rt) = (order.clone(), store.clone(), m.id(), tokio::runtime::Handle::current());
         let consumer = tokio::task::spawn_blocking(move || o.hand_over(&s, &id, n, &f, None, &rt));
@@ -223,12 +252,52 @@ mod tests {
         }
     }
 
+    /// Chunks pulled for the consumer only (a store that holds none of them) stay out of the
+    /// store but for those that land too far ahead, which are filed and read back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_for_the_consumer_only_are_filed_when_they_land_too_far_ahead() {
+        let n = 2 * WINDOW + 5;
+        let data: Vec<u8> = (0..n * 4).map(|i| (i * 3 % 251) as u8).collect();
+        let m = Manifest::of_bytes(&data, 4).expect("m");
+        let store = BlobStore::memory();
+        store.begin(m.clone()).expect("begin");
+        let (s, id) = (store.clone(), m.id());
+        let spill: Spill = Box::new(move |i, b| s.put_chunk(&id, i, b).is_ok());
+        let order = InOrder::new(n, |_| false, Some(spill));
+        let (f, got) = recorder();
+        let (o, s, rt) = (order.clone(), store.clone(), tokio::runtime::Handle::current());
+        let consumer = tokio::task::spawn_blocking(move || o.hand_over(&s, &id, n, &f, None, &rt));
+        let ending = order.ending();
+        // The last chunk first (far ahead: filed), then the rest in order, each once the
+        // consumer has taken the one before (so none lands beyond the window).
+        order.landed(n - 1, &data[(n as usize - 1) * 4..]);
+        assert!(order.landed_chunks()[n as usize - 1]);
+        assert!(!order.landed_chunks()[0]);
+        for i in 0..n - 1 {
+            order.landed(i, &data[i as usize * 4..i as usize * 4 + 4]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while (lock(&got).len() as u64) <= i && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        ending.done();
+        consumer.await.expect("join").expect("handed over");
+        let got: Vec<u8> = lock(&got).iter().flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(got, data);
+        assert!(order.landed_chunks().iter().all(|&l| l));
+        assert_eq!(
+            store.missing(&m.blob_ref()).expect("missing").len() as u64,
+            n - 1,
+            "only the far one filed"
+        );
+    }
+
     /// A transfer that fails (its guard dropped) stops a consumer waiting for a chunk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_transfer_stops_the_consumer() {
         let data = vec![5u8; 40];
         let (store, m) = store_with(&data, 4);
-        let order = Arc::new(InOrder::new(10, |_| false));
+        let order = InOrder::new(10, |_| false, None);
         let (f, got) = recorder();
         let (o, s, id, rt) = (order.clone(), store.clone(), m.id(), tokio::runtime::Handle::current());
         let consumer = tokio::task::spawn_blocking(move || o.hand_over(&s, &id, 10, &f, None, &rt));

@@ -64,7 +64,7 @@ pub struct Progress {
 /// [`Fetcher::fetch_shared`] deal the blob round its owners a few chunks at a time, so that
 /// every owner's share arrives from the first chunks to the last at once, and the chunks of
 /// the blob land about in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Part {
     /// No chunk: the manifest only.
     Manifest,
@@ -78,14 +78,21 @@ pub enum Part {
         /// Chunks a block.
         block: u64,
     },
+    /// Every chunk but those marked: what a shared pull's consumer has not got yet (the
+    /// chunks it got from the other owners went to it, not into the store).
+    Except(Arc<[bool]>),
 }
 
 impl Part {
     /// Whether chunk `index` is in the part.
     pub fn contains(&self, index: u64) -> bool {
-        match *self {
+        match self {
             Part::Manifest => false,
-            Part::Dealt { owner, of, block } => (index / block.max(1)) % of.max(1) == owner,
+            &Part::Dealt { owner, of, block } => (index / block.max(1)) % of.max(1) == owner,
+            Part::Except(done) => !usize::try_from(index)
+                .ok()
+                .and_then(|i| done.get(i))
+                .is_some_and(|&d| d),
         }
     }
 }
@@ -596,9 +603,12 @@ impl Fetcher {
     /// owner, which relays it as it arrives (waiting up to [`RELAY_WAIT_MS`] for each chunk).
     /// Whatever an owner does not give (it is gone, slow past the stall timeout, answers
     /// absent, or lies: a chunk that fails its hash gets the owner distrusted for this blob)
-    /// is pulled from `origin` after. The blob is always stored (`opts.keep` is taken as
-    /// true): others pull it from here. `opts.on_chunk` gets every chunk in order as the
-    /// shares bring them (see `in_order`), so a learner trains beside the transfer.
+    /// is pulled from `origin` after. The blob is stored (`opts.keep` is taken as true):
+    /// others pull this node's share from here. `opts.on_chunk` gets every chunk in order as
+    /// the shares bring them (see `in_order`), so a learner trains beside the transfer; the
+    /// chunks of the other owners' shares then go to it alone, and into the store only when
+    /// they land too far ahead of it to be kept in memory (a node pulling a model as it
+    /// trains on it writes its own share, not the whole model, see docs/benchmarks.md).
     pub async fn fetch_shared(
         &self,
         blob: BlobRef,
@@ -646,8 +656,15 @@ impl Fetcher {
             )
             .await?;
         let order = opts.on_chunk.as_ref().map(|_| {
-            let store = self.store.clone();
-            in_order::InOrder::new(n, |i| store.has_chunk(&blob.id, i))
+            let (store, spilled) = (self.store.clone(), self.store.clone());
+            let spill: in_order::Spill = Box::new(move |i, bytes| {
+                spilled.has_chunk(&blob.id, i)
+                    || spilled
+                        .put_chunk(&blob.id, i, bytes)
+                        .inspect_err(|e| tracing::warn!(blob = %blob.id, chunk = i, error = %e, "filing a chunk that landed ahead failed"))
+                        .is_ok()
+            });
+            in_order::InOrder::new(n, |i| store.has_chunk(&blob.id, i), Some(spill))
         });
         let with_order = |o: FetchOptions| FetchOptions {
             on_chunk: order.clone().map(|order| {
@@ -670,6 +687,8 @@ impl Fetcher {
                 let o = with_order(FetchOptions {
                     only: Some(part),
                     wait_ms,
+                    // Another owner's share, for the consumer: nobody pulls it from here.
+                    keep: owner == me || order.is_none(),
                     ..base.clone()
                 });
                 async move { (owner, self.fetch_once(blob, &sources, &o).await) }
@@ -689,7 +708,12 @@ impl Fetcher {
                     }
                 }
             }
-            report.merge(self.fetch_once(blob, origin, &with_order(base.clone())).await?);
+            // The rest from the origin: what the store lacks, and what the consumer has not got.
+            let rest = FetchOptions {
+                only: order.as_ref().map(|o| Part::Except(o.landed_chunks())),
+                ..base.clone()
+            };
+            report.merge(self.fetch_once(blob, origin, &with_order(rest)).await?);
             Ok::<_, FetchError>(report)
         };
         let (Some(order), Some(f)) = (order.clone(), opts.on_chunk.clone()) else {
