@@ -43,6 +43,37 @@ async fn pull_shared(
     (blob, reports)
 }
 
+/// Per puller: each chunk handed to its consumer, and how many chunks its store held then.
+type Seen = Arc<Mutex<Vec<(u64, Vec<u8>, u64)>>>;
+
+/// [`pull_shared`] by every peer but the source, each with a consumer of the chunks (a
+/// learner that trains the model as it arrives).
+async fn pull_shared_consumed(
+    nodes: &[Node],
+    data: &[u8],
+) -> (BlobRef, Vec<Result<FetchReport, FetchError>>, Vec<Seen>) {
+    let blob = nodes[0]
+        .store()
+        .import_bytes(data, 256 << 10)
+        .expect("import")
+        .blob_ref();
+    let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
+    let (origin, owners) = ([nodes[0].peer_id()], &owners);
+    let seen: Vec<Seen> = nodes[1..].iter().map(|_| Arc::default()).collect();
+    let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
+        let (store, seen) = (n.store().clone(), seen.clone());
+        let opts = FetchOptions {
+            on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
+                let held = store.presence(&blob.id).map_or(0, |p| p.present);
+                seen.lock().expect("lock").push((i, b.to_vec(), held));
+            })),
+            ..FetchOptions::default()
+        };
+        async move { n.fetch_shared(blob, &origin, owners, &opts).await }
+    });
+    (blob, futures::future::join_all(pulls).await, seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_pulling_one_blob_share_the_upload_and_the_source_sends_it_about_once() {
     within(60, async {
@@ -68,17 +99,22 @@ async fn peers_pulling_one_blob_share_the_upload_and_the_source_sends_it_about_o
     .await;
 }
 
+/// A source and three owners, and a 4 MiB blob for them: peer 1 owns the first share (16
+/// chunks dealt one by one round the three owners: 0, 3, 6, ...) and flips a byte of chunk 3
+/// whenever it serves it.
+async fn three_owners_and_a_liar() -> (Vec<Node>, Vec<u8>) {
+    let nodes = start_capped(memory_stores(4), |_| None).await;
+    nodes[1].faults().arm(FaultPlan {
+        corrupt_chunk: Some(3),
+        ..FaultPlan::default()
+    });
+    (nodes, bytes(4 * 1024 * KIB, 9))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_the_source() {
     within(60, async {
-        let nodes = start_capped(memory_stores(4), |_| None).await;
-        let data = bytes(4 * 1024 * KIB, 9);
-        // Peer 1 owns the first share (16 chunks dealt one by one round three owners: 0, 3,
-        // 6, ...) and flips a byte of chunk 3 whenever it serves it.
-        nodes[1].faults().arm(FaultPlan {
-            corrupt_chunk: Some(3),
-            ..FaultPlan::default()
-        });
+        let (nodes, data) = three_owners_and_a_liar().await;
         let (blob, reports) = pull_shared(&nodes, &data, 1..4).await;
         for (i, (n, r)) in nodes[1..].iter().zip(reports).enumerate() {
             r.unwrap_or_else(|e| panic!("peer {}: {e}", i + 1));
@@ -97,38 +133,20 @@ async fn a_peer_that_relays_bad_chunks_is_distrusted_and_its_share_comes_from_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liars_bad_chunk_never_reaches_a_consumer_which_gets_the_right_one_from_the_source() {
     within(60, async {
-        let nodes = start_capped(memory_stores(4), |_| None).await;
-        let data = bytes(4 * 1024 * KIB, 9);
-        nodes[1].faults().arm(FaultPlan {
-            corrupt_chunk: Some(3),
-            ..FaultPlan::default()
-        });
-        let blob = nodes[0]
-            .store()
-            .import_bytes(&data, 256 << 10)
-            .expect("import")
-            .blob_ref();
-        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-        let (origin, owners) = ([nodes[0].peer_id()], &owners);
-        let seen: Vec<_> = (1..4).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
-        let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
-            let seen = seen.clone();
-            let opts = FetchOptions {
-                on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
-                    seen.lock().expect("lock").push((i, b.to_vec()));
-                })),
-                ..FetchOptions::default()
-            };
-            async move { n.fetch_shared(blob, &origin, owners, &opts).await }
-        });
-        for (i, r) in futures::future::join_all(pulls).await.into_iter().enumerate() {
+        let (nodes, data) = three_owners_and_a_liar().await;
+        let (blob, reports, seen) = pull_shared_consumed(&nodes, &data).await;
+        for (i, r) in reports.into_iter().enumerate() {
             r.unwrap_or_else(|e| panic!("peer {}: {e}", i + 1));
         }
         let n = blob.chunk_count().expect("chunks");
         for (p, seen) in seen.iter().enumerate() {
             let seen = seen.lock().expect("lock");
-            assert!(seen.iter().map(|(i, _)| *i).eq(0..n), "peer {}: every chunk once, in order", p + 1);
-            let got: Vec<u8> = seen.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            assert!(
+                seen.iter().map(|(i, _, _)| *i).eq(0..n),
+                "peer {}: every chunk once, in order",
+                p + 1
+            );
+            let got: Vec<u8> = seen.iter().flat_map(|(_, b, _)| b.iter().copied()).collect();
             assert!(got == data, "peer {}: the right bytes", p + 1);
         }
         for n in &nodes[2..] {
@@ -148,28 +166,8 @@ async fn a_shared_pull_hands_its_chunks_over_in_order_while_they_come() {
         // A source capped at 4 MiB/s: the 8 MiB blob takes two seconds at least.
         let nodes = start_capped(memory_stores(4), |i| (i == 0).then_some(4 << 20)).await;
         let data = bytes(8 * 1024 * KIB, 13);
-        let blob = nodes[0]
-            .store()
-            .import_bytes(&data, 256 << 10)
-            .expect("import")
-            .blob_ref();
-        let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-        let origin = [nodes[0].peer_id()];
-        // Per puller: each chunk handed over, and how many chunks its store held then.
-        let seen: Vec<_> = (1..4).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
-        let owners = &owners;
-        let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
-            let (store, seen) = (n.store().clone(), seen.clone());
-            let opts = FetchOptions {
-                on_chunk: Some(Arc::new(move |i: u64, b: &[u8]| {
-                    let held = store.presence(&blob.id).map_or(0, |p| p.present);
-                    seen.lock().expect("lock").push((i, b.to_vec(), held));
-                })),
-                ..FetchOptions::default()
-            };
-            async move { n.fetch_shared(blob, &origin, owners, &opts).await }
-        });
-        for r in futures::future::join_all(pulls).await {
+        let (blob, reports, seen) = pull_shared_consumed(&nodes, &data).await;
+        for r in reports {
             r.expect("shared fetch");
         }
         let n = blob.chunk_count().expect("chunks");

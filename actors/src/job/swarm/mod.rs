@@ -191,14 +191,8 @@ async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut sta
             match comm.join(peer, &cfg.name, cfg.spec_hash).await {
                 Ok(progress) => {
                     met.insert(peer);
-                    if let Some(p) = progress.filter(|p| p.round > state.round) {
-                        tracing::info!(
-                            job = %comm.job(),
-                            round = p.round,
-                            from = %comm.name_of(&peer),
-                            "picking up where the job stands"
-                        );
-                        state = p;
+                    if let Some(p) = progress {
+                        pick_up(comm, cfg, &mut state, p, &peer);
                     }
                 }
                 Err(e) => tracing::debug!(job = %comm.job(), %peer, error = %e, "member not there yet"),
@@ -211,21 +205,26 @@ async fn meet(comm: &Communicator, cfg: &SwarmConfig, others: &[PeerId], mut sta
         if met.len() < others.len() {
             let mut until = Instant::now() + Duration::from_millis(200);
             while let Some((from, p)) = comm.next_progress(until).await {
-                if p.round > state.round && p.round <= cfg.rounds {
-                    tracing::info!(
-                        job = %comm.job(),
-                        round = p.round,
-                        from = %comm.name_of(&from),
-                        "the job moved on while meeting its members: picking up where it stands"
-                    );
-                    state = p;
-                }
+                pick_up(comm, cfg, &mut state, p, &from);
                 // What else came meanwhile, without waiting.
                 until = Instant::now();
             }
         }
     }
     state
+}
+
+/// Takes `p`, where `from` says the job stands, as this member's `state` when it is further on.
+fn pick_up(comm: &Communicator, cfg: &SwarmConfig, state: &mut Progress, p: Progress, from: &PeerId) {
+    if p.round > state.round && p.round <= cfg.rounds {
+        tracing::info!(
+            job = %comm.job(),
+            round = p.round,
+            from = %comm.name_of(from),
+            "picking up where the job stands"
+        );
+        *state = p;
+    }
 }
 
 /// Runs round `state.round` as its aggregator; returns the new progress and the round.
