@@ -297,9 +297,19 @@ impl BlobStore {
     pub fn begin(&self, manifest: Manifest) -> Result<Arc<Manifest>, StoreError> {
         let id = manifest.id();
         let mut blobs = lock(&self.inner.blobs);
-        // A transient blob is replaced: its bytes may go at any moment.
         if let Some(e) = blobs.get(&id).filter(|e| e.is_kept()) {
             return Ok(e.manifest.clone());
+        }
+        // Offered meanwhile as a producer's transient result: kept from its bytes, whole at
+        // once (a blob only offered may go at any moment).
+        if blobs.get(&id).is_some_and(|e| !e.is_gone()) {
+            drop(blobs);
+            if self.make_kept(&id)
+                && let Some(m) = self.manifest(&id)
+            {
+                return Ok(m);
+            }
+            blobs = lock(&self.inner.blobs);
         }
         let n = manifest.chunk_count() as usize;
         let entry = match &self.inner.dir {

@@ -572,6 +572,21 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_about_to_be_received_that_a_producer_offers_meanwhile_is_kept_whole_at_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = Arc::new(bytes(3 * 4096));
+        let m = Manifest::of_bytes(&data, 4096).expect("m");
+        // A pull found no manifest, asked a source for it; meanwhile the same content is
+        // offered here as a transient result.
+        store.import_transient(&data, 4096).expect("transient");
+        store.begin(m.clone()).expect("begin");
+        drop(data);
+        assert!(store.is_complete(&m.id()), "kept whole, without the producer");
+        assert_eq!(store.read_all(&m.id()).expect("read"), bytes(3 * 4096));
+    }
+
+    #[test]
     fn a_transient_blob_made_kept_stays_once_its_producer_lets_go() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(dir.path()).expect("open");
