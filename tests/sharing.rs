@@ -13,6 +13,7 @@ use flare_actors::{BlobStore, Node};
 use flare_protocols::BlobRef;
 use flare_protocols::blob_id::DEFAULT_CHUNK_SIZE;
 use flare_protocols::model::{Model, Tensor};
+use libp2p::PeerId;
 
 use crate::util::{Federation, bytes, memory_stores, start_capped, within};
 
@@ -26,13 +27,7 @@ async fn pull_shared(
     data: &[u8],
     pullers: Range<usize>,
 ) -> (BlobRef, Vec<Result<FetchReport, FetchError>>) {
-    let blob = nodes[0]
-        .store()
-        .import_bytes(data, 256 << 10)
-        .expect("import")
-        .blob_ref();
-    let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-    let origin = [nodes[0].peer_id()];
+    let (blob, origin, owners) = publish(nodes, data);
     let opts = FetchOptions::default();
     let reports = futures::future::join_all(
         nodes[pullers]
@@ -41,6 +36,18 @@ async fn pull_shared(
     )
     .await;
     (blob, reports)
+}
+
+/// `data` stored on `nodes[0]`, the source; the source as the pulls' origin, and every other
+/// node as an owner.
+fn publish(nodes: &[Node], data: &[u8]) -> (BlobRef, [PeerId; 1], Vec<PeerId>) {
+    let blob = nodes[0]
+        .store()
+        .import_bytes(data, 256 << 10)
+        .expect("import")
+        .blob_ref();
+    let owners = nodes[1..].iter().map(|n| n.peer_id()).collect();
+    (blob, [nodes[0].peer_id()], owners)
 }
 
 /// Per puller: each chunk handed to its consumer, and how many chunks its store held then.
@@ -52,13 +59,8 @@ async fn pull_shared_consumed(
     nodes: &[Node],
     data: &[u8],
 ) -> (BlobRef, Vec<Result<FetchReport, FetchError>>, Vec<Seen>) {
-    let blob = nodes[0]
-        .store()
-        .import_bytes(data, 256 << 10)
-        .expect("import")
-        .blob_ref();
-    let owners: Vec<_> = nodes[1..].iter().map(|n| n.peer_id()).collect();
-    let (origin, owners) = ([nodes[0].peer_id()], &owners);
+    let (blob, origin, owners) = publish(nodes, data);
+    let owners = &owners;
     let seen: Vec<Seen> = nodes[1..].iter().map(|_| Arc::default()).collect();
     let pulls = nodes[1..].iter().zip(&seen).map(|(n, seen)| {
         let (store, seen) = (n.store().clone(), seen.clone());

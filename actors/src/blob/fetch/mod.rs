@@ -656,7 +656,7 @@ impl Fetcher {
             )
             .await?;
         let order = opts.on_chunk.as_ref().map(|_| {
-            let (store, spilled) = (self.store.clone(), self.store.clone());
+            let spilled = self.store.clone();
             let spill: in_order::Spill = Box::new(move |i, bytes| {
                 spilled.has_chunk(&blob.id, i)
                     || spilled
@@ -664,7 +664,7 @@ impl Fetcher {
                         .inspect_err(|e| tracing::warn!(blob = %blob.id, chunk = i, error = %e, "filing a chunk that landed ahead failed"))
                         .is_ok()
             });
-            in_order::InOrder::new(n, |i| store.has_chunk(&blob.id, i), Some(spill))
+            in_order::InOrder::new(n, |i| self.store.has_chunk(&blob.id, i), Some(spill))
         });
         let with_order = |o: FetchOptions| FetchOptions {
             on_chunk: order.clone().map(|order| {
